@@ -1,0 +1,95 @@
+"""SentencePiece tokenizer: train on the corpus, save as a directory `AutoTokenizer` loads.
+
+transformers 5.x: `LlamaTokenizer(vocab_file=...)` silently tokenizes to nothing (DESIGN §9), so the
+directory holds the SentencePiece model as `tokenizer.model` and is always loaded through
+`AutoTokenizer.from_pretrained`. Every stage encodes with `encode()` below, so training, soft labels
+and evaluation agree on the ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+# Fixed special ids: pad=0, unk=1, bos=2, eos=3 (the model config reads them from the tokenizer).
+_SPECIALS = dict(
+    pad_id=0,
+    unk_id=1,
+    bos_id=2,
+    eos_id=3,
+    pad_piece="<pad>",
+    unk_piece="<unk>",
+    bos_piece="<s>",
+    eos_piece="</s>",
+)
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path, max_sentences: int = 200_000
+) -> Path:
+    """Train a BPE SentencePiece model on `texts` and save it as an HF tokenizer directory."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,  # no <unk> on unseen characters: any text round-trips
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=1,
+        minloglevel=2,
+        **_SPECIALS,
+    )
+    spm_path = out_dir / "tokenizer.model"
+    spm_path.write_bytes(model.getvalue())
+    # A bare tokenizer.model plus this config is what AutoTokenizer converts correctly in transformers 5
+    # (constructing LlamaTokenizerFast(vocab_file=...) directly yields an empty vocabulary). Saving the
+    # loaded tokenizer adds tokenizer.json, so later loads do not convert again.
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    AutoTokenizer.from_pretrained(str(out_dir)).save_pretrained(str(out_dir))
+    return out_dir
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer directory (ours or any local Hugging Face one)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory {path} does not exist (expected a directory with tokenizer.model or tokenizer.json)"
+        )
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def encode(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids without specials; callers append EOS where a document ends."""
+    return tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def tokenizer_hash(path: str | Path) -> str:
+    """sha256 over the files that define the tokenizer (soft-label manifests record it)."""
+    h = hashlib.sha256()
+    for name in ("tokenizer.model", "tokenizer.json"):
+        f = Path(path) / name
+        if f.exists():
+            h.update(f.read_bytes())
+    return h.hexdigest()
