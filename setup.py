@@ -30,6 +30,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.19.8,<0.20",
         "transformers>=4.50",
+        "accelerate>=1.1",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 construction)
         "sentencepiece>=0.2",
         "tensorboard>=2.16",
         "safetensors>=0.4",

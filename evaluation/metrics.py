@@ -1,0 +1,139 @@
+"""Stability metrics (DESIGN §7): pure functions on texts, parsed answers and embeddings. No model, no I/O.
+
+Answer lists (`answers[i]` = the K answers to question i, as `bios.parse_answer` returns them):
+index 0 is the greedy answer, the rest are samples. `None` means "no recognisable value". The rule,
+the same in every function: None is never a value. It is a wrong greedy answer (accuracy), a sample
+that agrees with nothing (self-consistency), and it cannot contradict anything (contradiction counts
+distinct non-None values only). A question list that is empty, or a question with no answers, is an
+error: a probe that asked nothing is a bug, not a score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _ngrams(texts: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    if n < 1:
+        raise ValueError(f"n-gram order must be >= 1, got {n}")
+    grams: list[tuple[str, ...]] = []
+    for text in texts:
+        tokens = text.split()
+        grams.extend(
+            zip(*(tokens[i:] for i in range(n)), strict=False)
+        )  # shifted views: stop at the shortest
+    return grams
+
+
+def rep_n(texts: list[str], n: int) -> float:
+    """SimCTG rep-n: 100 * (1 - unique n-grams / total n-grams), in percent.
+
+    Whitespace tokens; n-grams are taken within each text and pooled over all texts (an n-gram never
+    spans two texts). 0.0 when there are no n-grams (every text shorter than n tokens).
+    """
+    grams = _ngrams(texts, n)
+    if not grams:
+        return 0.0
+    return 100.0 * (1.0 - len(set(grams)) / len(grams))
+
+
+def diversity(texts: list[str]) -> float:
+    """SimCTG diversity: prod over n = 2, 3, 4 of (1 - rep_n(texts, n) / 100), in [0, 1].
+
+    1.0 when there are no bigrams at all (each rep-n is 0.0 then).
+    """
+    return math.prod(1.0 - rep_n(texts, n) / 100.0 for n in (2, 3, 4))
+
+
+def distinct_n(samples: list[str], n: int) -> float:
+    """distinct-n of one group (the K samples of one prompt): unique n-grams / total n-grams, in [0, 1].
+
+    Whitespace tokens, n-grams within each sample, pooled over the group. 0.0 when there are none.
+    Average it over prompts yourself; pooling over prompts would measure something else.
+    """
+    grams = _ngrams(samples, n)
+    if not grams:
+        return 0.0
+    return len(set(grams)) / len(grams)
+
+
+def _check_answers(answers: Sequence[Sequence[str | None]]) -> None:
+    if not answers:
+        raise ValueError("no questions: answers is empty")
+    for i, group in enumerate(answers):
+        if not group:
+            raise ValueError(f"question {i} has no answers (need K >= 1, index 0 = greedy)")
+
+
+def accuracy(answers: list[list[str | None]], truth: list[str]) -> float:
+    """Share of questions whose greedy answer (answers[i][0]) equals truth[i] exactly.
+
+    A None greedy answer is wrong. Samples (answers[i][1:]) do not count here.
+    """
+    _check_answers(answers)
+    if len(answers) != len(truth):
+        raise ValueError(f"{len(answers)} answer groups but {len(truth)} truths")
+    return sum(group[0] == t for group, t in zip(answers, truth, strict=True)) / len(answers)
+
+
+def self_consistency(answers: list[list[str | None]]) -> float:
+    """Mean over questions of (count of the modal answer among the K answers) / K, in [0, 1].
+
+    The mode is taken over non-None answers only (ties do not matter: only the count is used); None
+    answers still count in K. A question whose answers are all None scores 0.
+    """
+    _check_answers(answers)
+    total = 0.0
+    for group in answers:
+        counts = Counter(a for a in group if a is not None)
+        total += max(counts.values(), default=0) / len(group)
+    return total / len(answers)
+
+
+def cross_contradiction(answers: list[list[str | None]]) -> float:
+    """Share of questions whose K answers give >= 2 distinct non-None values."""
+    _check_answers(answers)
+    return sum(len({a for a in group if a is not None}) >= 2 for group in answers) / len(answers)
+
+
+def intext_contradiction(extracted: list[dict[str, list[str]]]) -> float:
+    """Share of generated bios that state some attribute with >= 2 distinct values.
+
+    `extracted[j]` is `bios.extract_attributes(bio_j, name_j)`: attribute -> values stated, in order,
+    duplicates kept (a repeated identical value is not a contradiction). 0.0 for an empty list.
+    """
+    if not extracted:
+        return 0.0
+    return sum(any(len(set(v)) >= 2 for v in bio.values()) for bio in extracted) / len(extracted)
+
+
+def coherence(prefix_emb: torch.Tensor, cont_emb: torch.Tensor) -> float:
+    """Mean cosine similarity of row pairs: mean_i cos(prefix_emb[i], cont_emb[i]).
+
+    Both (N, D), N >= 1; computed in fp32 whatever the input dtype. A zero row gives cosine 0
+    (torch's eps guard).
+    """
+    if prefix_emb.dim() != 2 or prefix_emb.shape != cont_emb.shape or prefix_emb.shape[0] == 0:
+        raise ValueError(
+            f"coherence needs two (N, D) tensors of the same shape with N >= 1, "
+            f"got {tuple(prefix_emb.shape)} and {tuple(cont_emb.shape)}"
+        )
+    return F.cosine_similarity(prefix_emb.float(), cont_emb.float(), dim=-1).mean().item()  # (N,) -> ()
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    """exp(nll_sum / n_tokens): nll_sum in nats summed over n_tokens predicted tokens.
+
+    ValueError when n_tokens <= 0; inf when the exponent overflows a float.
+    """
+    if n_tokens <= 0:
+        raise ValueError(f"perplexity needs n_tokens > 0, got {n_tokens}")
+    try:
+        return math.exp(nll_sum / n_tokens)
+    except OverflowError:
+        return math.inf

@@ -1,0 +1,279 @@
+"""The experiment schema: typed dataclasses, one YAML of values, dotted `key=value` overrides.
+
+Each field's `help` is its documentation (`stablekd keys` prints them). Unknown keys, wrong types and
+missing files are `ConfigError`s naming the key and the file; the CLI turns them into one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad experiment config: the message names the key or file and what was expected."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _sub(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("quickstart", "run name; the run directory defaults to runs/<name>")
+    out_dir: str = _f(
+        "", "run directory (every stage's artifacts, checkpoints and TensorBoard logs); empty = runs/<name>"
+    )
+    seed: int = _f(0, "seed for model init, data order and sampling")
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = _f(2, "ranks per node (CPU: processes sharing the cores; GPU: one per GPU)")
+    hostfile: str = _f(
+        "", "DeepSpeed hostfile (`host slots=N` lines) for a multi-node run; empty = this node only"
+    )
+    launcher: str = _f("pdsh", "multi-node launcher of the deepspeed runner: pdsh, openmpi, mvapich, slurm")
+    no_ssh: bool = _f(
+        False, "start each node yourself (`stablekd launch` on every node with launch.node_rank)"
+    )
+    node_rank: int = _f(-1, "this node's rank with launch.no_ssh")
+    master_addr: str = _f("", "address of the first node (multi-node); empty = runner default")
+    master_port: int = _f(29500, "rendezvous port")
+    threads_per_rank: int = _f(
+        0, "torch threads per rank; 0 = CPU cores / ranks per node (oversubscription halves speed)"
+    )
+
+
+@dataclass
+class BiosConfig:
+    people: int = _f(200, "people whose biographies are trained on")
+    bios_per_person: int = _f(
+        4, "training biographies per person (templates and sentence order drawn anew each)"
+    )
+    heldout_bios_per_person: int = _f(
+        1, "held-out biographies per trained person, written with unseen template combinations"
+    )
+    unseen_people: int = _f(
+        50, "people never seen in training (probe: how consistently a model makes things up)"
+    )
+    seed: int = _f(0, "corpus seed")
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = _f(
+        [], ".txt/.jsonl(`text`)/.gz files, directories or globs; empty = the built-in bios corpus"
+    )
+    eval_paths: list[str] = _f(
+        [], "held-out text for eval loss and perplexity; empty = the bios held-out biographies"
+    )
+    bios: BiosConfig = _sub(BiosConfig, "the built-in synthetic biographies corpus (DESIGN §6)")
+    seq_len: int = _f(128, "tokens per packed training sequence")
+    num_workers: int = _f(0, "dataloader workers per rank (tokenization runs in them)")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = _f(
+        "", "an existing tokenizer directory (AutoTokenizer); empty = train SentencePiece on the corpus"
+    )
+    vocab_size: int = _f(2000, "SentencePiece vocabulary size when training one")
+    train_sentences: int = _f(200_000, "at most this many documents feed tokenizer training")
+
+
+@dataclass
+class TrainConfig:
+    """What every DeepSpeed training stage shares; `"auto"` values of its DeepSpeed JSON are filled from these."""
+
+    ds_config: str = _f("zero3.json", "DeepSpeed JSON: a file in ds_configs/ or a path")
+    max_steps: int = _f(300, "optimizer steps")
+    micro_batch_size: int = _f(8, "sequences per rank per forward")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate / peak (cosine decay)")
+    warmup_steps: int = _f(30, "linear warmup steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    grad_clip: float = _f(
+        1.0, "gradient norm clipping (set explicitly: DeepSpeed's default changed in 0.19.3)"
+    )
+    dtype: str = _f("bf16", "bf16 or fp32 (bf16 uses AMX on recent CPUs, tensor cores on GPUs)")
+    eval_every: int = _f(100, "eval loss every N steps (and at the end); 0 = only at the end")
+    eval_batches: int = _f(4, "micro-batches per rank in one eval")
+    save_every: int = _f(100, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _f(
+        2, "complete checkpoints kept; older tags are deleted once a newer one is complete"
+    )
+    log_every: int = _f(10, "TensorBoard scalars every N steps")
+
+    def __post_init__(self) -> None:
+        for key in (
+            "max_steps",
+            "micro_batch_size",
+            "grad_accum",
+            "eval_batches",
+            "save_every",
+            "keep_checkpoints",
+            "log_every",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: expected a positive integer, got {getattr(self, key)}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ConfigError(f"dtype: expected 'bf16' or 'fp32', got {self.dtype!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TeacherConfig(TrainConfig):
+    model: str = _f(
+        "teacher-s", "model preset name (model/presets.py) or a local Hugging Face model directory"
+    )
+    init_from: str = _f(
+        "", "continue from a previous teacher run directory or a local Hugging Face model directory"
+    )
+    export_hf: bool = _f(
+        True,
+        "also save the final teacher in Hugging Face format (teacher/hf); gathers the full model on each rank",
+    )
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunConfig = _sub(RunConfig, "run name, directory and seed")
+    launch: LaunchConfig = _sub(LaunchConfig, "how ranks are started")
+    data: DataConfig = _sub(DataConfig, "training text")
+    tokenizer: TokenizerConfig = _sub(TokenizerConfig, "tokenizer")
+    teacher: TeacherConfig = _sub(TeacherConfig, "teacher training stage")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir or f"runs/{self.run.name}")
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats, a string for a list of strings."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and item is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
+        raise ConfigError(f"{source}: {key}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{source}: {key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(
+                f"{source}: unknown key '{key}' (known under '{prefix or 'top level'}': {', '.join(names)})"
+            )
+        kwargs[k] = _coerce(v, hints[k], key, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {prefix + '.' if prefix else ''}{e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{p}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment (None = all defaults) and apply `key=value` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    source = str(path) if path else "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file {p} does not exist (expected a YAML experiment file, e.g. configs/quickstart.yaml)"
+            )
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(
+                f"{p}: expected a mapping of sections (run, data, teacher, ...), got {type(tree).__name__}"
+            )
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. teacher.max_steps=200")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        source = f"{source} + overrides" if "overrides" not in source else source
+    return _build(ExperimentConfig, tree, "", source)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable hash of config sections (dataclasses or plain data); DONE.json and checkpoints record it."""
+    blob = json.dumps(
+        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """`key (type, default): help` lines for every field, for `stablekd keys`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        lines.append(f"{key} ({tp}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,75 @@
+"""Rank-0 TensorBoard writer and progress bar, throughput and MFU.
+
+One x-axis for every scalar of ours: the optimizer step (`global_step`). Tokens seen are logged as a
+scalar of their own (`train/tokens`), so a tokens axis is one TensorBoard click away.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+def measure_peak_flops(device: torch.device) -> float:
+    """bf16 matmul FLOP/s of this rank, measured while every rank measures at once (so shared cores are shared)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    iters = 20 if device.type == "cuda" else 8
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory on GPU; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Monitor:
+    """TensorBoard + tqdm on rank 0; a no-op elsewhere, so call sites need no rank checks."""
+
+    def __init__(self, tb_dir: Path, total_steps: int, start_step: int, desc: str):
+        self.enabled = not dist.is_initialized() or dist.get_rank() == 0
+        self.writer = SummaryWriter(str(tb_dir)) if self.enabled else None
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, desc=desc, disable=not self.enabled, dynamic_ncols=True
+        )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def advance(self, postfix: dict[str, str]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            tqdm.write(msg)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()

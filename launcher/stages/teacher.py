@@ -1,0 +1,88 @@
+"""Stage `teacher`: train (or continue) the teacher LM with DeepSpeed ZeRO on the packed corpus stream.
+
+Leaves teacher/ckpt/<tag> (one ZeRO shard per rank, kept sharded for the soft-label stage),
+teacher/hf (Hugging Face format, unless teacher.export_hf=false) and teacher/DONE.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers.integrations import HfDeepSpeedConfig
+
+from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
+from stablekd.ds_configs.resolve import zero_stage
+from stablekd.launcher import engine, pipeline
+from stablekd.launcher.config import ExperimentConfig
+from stablekd.model.build import build_model, count_params, flops_per_token
+from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
+from stablekd.objectives.lm import nll_sum
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+    return nll_sum(logits, batch["labels"])
+
+
+def init_source(cfg: ExperimentConfig) -> str:
+    """teacher.init_from: a previous run's exported teacher, a Hugging Face directory, else the preset."""
+    src = cfg.teacher.init_from
+    if src and (Path(src) / "teacher" / "hf").is_dir():
+        return str(Path(src) / "teacher" / "hf")
+    return src or cfg.teacher.model
+
+
+def export_hf(model: torch.nn.Module, tokenizer, out: Path, zero3: bool) -> None:
+    """save_pretrained + tokenizer on rank 0; under ZeRO-3 the full parameters are gathered first."""
+    params = list(model.parameters()) if zero3 else []
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+        if dist.get_rank() == 0:
+            model.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+    dist.barrier()
+
+
+def run(cfg: ExperimentConfig) -> None:
+    rank, world = engine.setup_distributed(cfg.launch.threads_per_rank)
+    run_dir = cfg.run_dir
+    ds = json.loads((run_dir / "ds" / "teacher.json").read_text())
+    zero3 = zero_stage(ds) == 3
+    # Alive while the model is built: transformers then constructs it inside deepspeed.zero.Init.
+    hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841
+    tok_dir = pipeline.tokenizer_dir(cfg)
+    tokenizer = load_tokenizer(tok_dir)
+    seq_len, micro = cfg.data.seq_len, ds["train_micro_batch_size_per_gpu"]
+    model = build_model(init_source(cfg), tokenizer, seq_len, cfg.run.seed)
+    stream = PackedStream(
+        pipeline.train_files(cfg), tok_dir, seq_len, micro, rank, world, cfg.data.num_workers
+    )
+    evals = eval_batches(
+        pipeline.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
+    )
+    stage = engine.Stage(
+        "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model.config, seq_len)
+    )
+    result = engine.train(stage, cfg.teacher, ds, run_dir, pipeline.stage_hash(cfg, "teacher"))
+
+    produced = {
+        "checkpoint": str(run_dir / "teacher" / "ckpt" / result.checkpoint_tag),
+        "zero_stage": zero_stage(ds),
+        "world_size": world,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "eval_loss": result.eval_loss,
+        "params": count_params(model),
+    }
+    if cfg.teacher.export_hf:
+        export_hf(result.engine.module, tokenizer, run_dir / "teacher" / "hf", zero3)
+        produced["hf"] = str(run_dir / "teacher" / "hf")
+    if rank == 0:
+        inputs = {
+            "tokenizer_hash": tokenizer_hash(tok_dir),
+            "train_files": [str(f) for f in pipeline.train_files(cfg)],
+        }
+        pipeline.write_done(cfg, "teacher", produced, inputs)

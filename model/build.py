@@ -1,0 +1,90 @@
+"""Build or load the causal LMs every stage trains.
+
+Under ZeRO-3 the caller keeps a `transformers.integrations.HfDeepSpeedConfig` alive before calling
+these: `from_config`/`from_pretrained` then construct inside `deepspeed.zero.Init`, so parameters are
+partitioned as they are created and no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import deepspeed
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from stablekd.model.presets import preset
+
+
+def model_config(name: str, tokenizer: PreTrainedTokenizerBase, max_positions: int) -> LlamaConfig:
+    """Llama config for a preset with the tokenizer's vocabulary and special ids."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        **preset(name),
+    )
+
+
+def build_model(
+    name_or_dir: str, tokenizer: PreTrainedTokenizerBase, max_positions: int, seed: int
+) -> PreTrainedModel:
+    """A fresh model from a preset name, or the weights of a local Hugging Face directory."""
+    if Path(name_or_dir).is_dir():
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
+        if model.config.vocab_size < len(tokenizer):
+            raise ValueError(
+                f"{name_or_dir}: model vocab_size {model.config.vocab_size} < tokenizer size {len(tokenizer)}"
+            )
+        return model
+    model = AutoModelForCausalLM.from_config(
+        model_config(name_or_dir, tokenizer, max_positions), dtype=torch.float32
+    )
+    init_weights(model, seed)
+    return model
+
+
+def init_weights(model: PreTrainedModel, seed: int) -> None:
+    """Draw every matrix from N(0, initializer_range) with a generator seeded by (seed, parameter name).
+
+    zero.Init construction consumes the global RNG differently from a plain one, so transformers' own init
+    gives other weights under ZeRO-3 than in one process. Seeding per name makes the initial model the
+    same for any ZeRO stage and world size, which is what lets a 2-rank run be checked against a plain loop.
+    Vectors (norm weights) keep their constant init; the padding row of the embedding stays zero.
+    """
+    std = model.config.initializer_range
+    pad = model.config.pad_token_id
+    for name, p in model.named_parameters():
+        if len(getattr(p, "ds_shape", p.shape)) < 2:  # a partitioned parameter's own shape is (0,)
+            continue
+        partitioned = hasattr(p, "ds_id")
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=partitioned):
+            if not partitioned or torch.distributed.get_rank() == 0:
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                w = torch.randn(p.shape, generator=gen) * std
+                if name.endswith("embed_tokens.weight") and pad is not None:
+                    w[pad] = 0
+                with torch.no_grad():
+                    p.copy_(w.to(p.dtype))
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameter count; under ZeRO-3 a partitioned parameter reports its full size in `ds_numel`."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N for the matmuls (N without the input embedding) + 12·L·H·T for attention (PaLM appendix B)."""
+    h, layers, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    # q and o are h×h; k and v shrink with grouped-query heads; the MLP has three h×i matrices
+    per_layer = (
+        2 * h * h
+        + 2 * h * h * config.num_key_value_heads // config.num_attention_heads
+        + 3 * h * config.intermediate_size
+    )
+    n = layers * per_layer + h * v  # + LM head
+    return 6 * n + 12 * layers * h * seq_len
