@@ -7,6 +7,7 @@ DONE.json resumes (the training loop finds its last complete checkpoint).
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import os
@@ -20,7 +21,9 @@ from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash, save_config, to_dict
 from stablekd.model.tokenizer import train_tokenizer
 
-STAGES = ["teacher"]
+STAGES = ["teacher"]  # in pipeline order
+# Stages that run in the launching process (models that fit one process); the others start ranks.
+IN_PROCESS: set[str] = set()
 # Fields that change what a stage computes; logging/saving cadence may change on resume.
 _NOT_HASHED = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "export_hf"}
 
@@ -45,7 +48,8 @@ def eval_files(cfg: ExperimentConfig) -> list[Path]:
 
 def stage_hash(cfg: ExperimentConfig, stage: str) -> str:
     section = {k: v for k, v in to_dict(getattr(cfg, stage)).items() if k not in _NOT_HASHED}
-    ds = json.loads((cfg.run_dir / "ds" / f"{stage}.json").read_text())
+    ds_path = cfg.run_dir / "ds" / f"{stage}.json"
+    ds = json.loads(ds_path.read_text()) if ds_path.exists() else {}
     ds.pop("tensorboard", None)  # holds the run directory's path, not a training choice
     return config_hash(section, cfg.data, cfg.tokenizer, cfg.run.seed, ds)
 
@@ -139,7 +143,8 @@ def prepare(cfg: ExperimentConfig, stages: list[str]) -> None:
     _prepare_corpus(cfg)
     _prepare_tokenizer(cfg)
     for stage in stages:
-        prepare_ds_config(cfg, stage)
+        if hasattr(getattr(cfg, stage), "ds_config"):  # training stages
+            prepare_ds_config(cfg, stage)
 
 
 def done_path(cfg: ExperimentConfig, stage: str) -> Path:
@@ -184,7 +189,10 @@ def run(cfg: ExperimentConfig, stages: list[str]) -> None:
         if is_done(cfg, stage):
             say(f"{stage}: done already ({done_path(cfg, stage)}), skipped")
             continue
-        run_stage(cfg, stage)
+        if stage in IN_PROCESS:
+            importlib.import_module(f"stablekd.launcher.stages.{stage}").run(cfg)
+        else:
+            run_stage(cfg, stage)
         if not done_path(cfg, stage).exists():
             raise RuntimeError(f"stage {stage} exited without writing {done_path(cfg, stage)}")
         say(f"{stage}: done -> {cfg.run_dir / stage}")
