@@ -161,9 +161,15 @@ class SoftLabelsConfig:
     max_sequences: int = _f(0, "training sequences to label; 0 = one pass over the corpus")
     micro_batch_size: int = _f(8, "sequences per rank per teacher forward")
     records_per_shard: int = _f(256, "sequences per soft-label shard file")
-    fidelity_positions: int = _f(4096, "token positions per rank sampled for the top-k mass / KL fidelity record")
-    candidates: bool = _f(True, "also sample candidate groups (continuations per context) for the contrastive stage")
-    candidate_contexts: int = _f(256, "contexts to sample candidates for (bios: questions and biography starts)")
+    fidelity_positions: int = _f(
+        4096, "token positions per rank sampled for the top-k mass / KL fidelity record"
+    )
+    candidates: bool = _f(
+        True, "also sample candidate groups (continuations per context) for the contrastive stage"
+    )
+    candidate_contexts: int = _f(
+        256, "contexts to sample candidates for (bios: questions and biography starts)"
+    )
     candidates_per_context: int = _f(4, "M sampled continuations per context")
     include_gold: bool = _f(True, "add the corpus continuation as one more member of each group")
     max_new_tokens: int = _f(32, "tokens sampled per continuation")
@@ -174,7 +180,9 @@ class SoftLabelsConfig:
         if self.k < 1 or self.micro_batch_size < 1 or self.records_per_shard < 1:
             raise ConfigError("k, micro_batch_size and records_per_shard: expected positive integers")
         if self.temperature <= 0 or self.sample_temperature <= 0:
-            raise ConfigError(f"temperature: expected > 0, got {self.temperature} / {self.sample_temperature}")
+            raise ConfigError(
+                f"temperature: expected > 0, got {self.temperature} / {self.sample_temperature}"
+            )
 
 
 @dataclass
@@ -182,7 +190,9 @@ class EvaluateConfig:
     """Stability and efficiency of every model the run has (teacher, student, contrastive student)."""
 
     samples: int = _f(5, "K sampled answers per bios question (plus one greedy answer)")
-    max_prompts: int = _f(60, "at most this many (person, attribute) questions per group (trained / unseen people)")
+    max_prompts: int = _f(
+        60, "at most this many (person, attribute) questions per group (trained / unseen people)"
+    )
     free_bios: int = _f(20, "free-generated biographies per model (in-text contradiction)")
     prefixes: int = _f(40, "corpus prefixes continued for repetition, diversity and coherence")
     prefix_tokens: int = _f(16, "tokens of each prefix")
@@ -190,7 +200,9 @@ class EvaluateConfig:
     temperature: float = _f(1.0, "sampling temperature")
     top_p: float = _f(0.95, "nucleus sampling threshold")
     ppl_batches: int = _f(8, "held-out batches for perplexity")
-    coherence_encoder: str = _f("", "local sentence-transformers / HF encoder directory; empty = the teacher's mean-pooled states")
+    coherence_encoder: str = _f(
+        "", "local sentence-transformers / HF encoder directory; empty = the teacher's mean-pooled states"
+    )
     seed: int = _f(1234, "sampling seed, the same for every model")
 
 
@@ -201,7 +213,9 @@ class ExperimentConfig:
     data: DataConfig = _sub(DataConfig, "training text")
     tokenizer: TokenizerConfig = _sub(TokenizerConfig, "tokenizer")
     teacher: TeacherConfig = _sub(TeacherConfig, "teacher training stage")
-    soft_labels: SoftLabelsConfig = _sub(SoftLabelsConfig, "soft-label and candidate generation from the sharded teacher")
+    soft_labels: SoftLabelsConfig = _sub(
+        SoftLabelsConfig, "soft-label and candidate generation from the sharded teacher"
+    )
     evaluate: EvaluateConfig = _sub(EvaluateConfig, "stability evaluation and report")
 
     @property

@@ -114,7 +114,10 @@ def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
         return
     t0 = time.perf_counter()
     docs = itertools.islice(iter_documents(files), cfg.tokenizer.train_sentences)
-    train_tokenizer(docs, cfg.tokenizer.vocab_size, out)
+    try:
+        train_tokenizer(docs, cfg.tokenizer.vocab_size, out)
+    except ValueError as e:
+        raise ConfigError(f"tokenizer.vocab_size: {e}") from None
     (out / "params.json").write_text(json.dumps(params))
     say(
         f"tokenizer: SentencePiece BPE, vocab {cfg.tokenizer.vocab_size}, trained in {time.perf_counter() - t0:.1f}s -> {out}"

@@ -37,19 +37,12 @@ def train_tokenizer(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,  # no <unk> on unseen characters: any text round-trips
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=1,
-        minloglevel=2,
-        **_SPECIALS,
-    )
+    try:
+        _train(texts, model, vocab_size, max_sentences)
+    except RuntimeError as e:  # SentencePiece reports a too-small vocabulary as an INTERNAL error
+        raise ValueError(
+            f"SentencePiece could not train a vocabulary of {vocab_size}: {str(e).split('] ')[-1]}"
+        ) from None
     spm_path = out_dir / "tokenizer.model"
     spm_path.write_bytes(model.getvalue())
     # A bare tokenizer.model plus this config is what AutoTokenizer converts correctly in transformers 5
@@ -68,6 +61,26 @@ def train_tokenizer(
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     AutoTokenizer.from_pretrained(str(out_dir)).save_pretrained(str(out_dir))
     return out_dir
+
+
+def _train(texts: Iterable[str], model: io.BytesIO, vocab_size: int, max_sentences: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,  # no <unk> on unseen characters: any text round-trips
+        # No NFKC, no whitespace folding: the fast tokenizer transformers converts from this model does
+        # neither, so SentencePiece and AutoTokenizer give the same ids for every text.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=1,
+        minloglevel=2,
+        **_SPECIALS,
+    )
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

@@ -1,0 +1,103 @@
+"""Experiment schema: YAML + dotted overrides, and one-line errors (exit 2) naming the key or file."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from stablekd.launcher.cli import main
+from stablekd.launcher.config import ConfigError, ExperimentConfig, describe, load_config
+from tests.conftest import QUICKSTART, run_stablekd
+
+
+def test_quickstart_parses_and_overrides_apply():
+    cfg = load_config(
+        QUICKSTART,
+        [
+            "run.out_dir=runs/t1",
+            "launch.nproc_per_node=4",
+            "teacher.max_steps=200",
+            "teacher.ds_config=zero2.json",
+            "teacher.model=tiny",
+            "tokenizer.vocab_size=500",
+            "data.bios.people=30",
+            "data.paths=[a.txt, b.jsonl]",
+            "teacher.lr=1",
+        ],
+    )
+    assert isinstance(cfg, ExperimentConfig)
+    assert str(cfg.run_dir) == "runs/t1"
+    assert (cfg.launch.nproc_per_node, cfg.teacher.max_steps, cfg.teacher.ds_config) == (4, 200, "zero2.json")
+    assert (cfg.teacher.model, cfg.tokenizer.vocab_size, cfg.data.bios.people) == ("tiny", 500, 30)
+    assert cfg.data.paths == ["a.txt", "b.jsonl"]
+    assert cfg.teacher.lr == 1.0 and isinstance(cfg.teacher.lr, float)  # an int is accepted for a float
+    assert load_config(QUICKSTART, ["data.paths=one.txt"]).data.paths == ["one.txt"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["teacher.max_step=5"], "unknown key 'teacher.max_step'"),
+        (["nosuch.key=1"], "unknown key 'nosuch'"),
+        (["teacher.max_steps=many"], "teacher.max_steps: expected int, got str"),
+        (["launch.nproc_per_node=true"], "launch.nproc_per_node: expected int"),
+        (["teacher.dtype=fp8"], "teacher.dtype: expected 'bf16' or 'fp32'"),
+        (["teacher.micro_batch_size=0"], "teacher.micro_batch_size: expected a positive integer"),
+        (["teacher.max_steps"], "expected key=value"),
+        (["data.bios=3"], "data.bios: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")) as e:
+        load_config(QUICKSTART, overrides)
+    if "=" in overrides[0]:
+        assert str(QUICKSTART) in str(e.value)  # the file is named too
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"teacher": {"modle": "tiny"}}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'teacher\.modle'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["stage", "teacher", "nope.yaml"], "config file nope.yaml does not exist"),
+        (["stage", "teacher", str(QUICKSTART), "teacher.bogus=1"], "unknown key 'teacher.bogus'"),
+        (["stage", "teacher", str(QUICKSTART), "data.paths=/no/such/corpus.txt"], "/no/such/corpus.txt"),
+        (
+            ["stage", "teacher", str(QUICKSTART), "teacher.ds_config=zero9.json"],
+            "zero9.json is neither a file",
+        ),
+        (
+            ["stage", "teacher", str(QUICKSTART), "teacher.init_from=/no/teacher"],
+            "teacher.init_from: /no/teacher",
+        ),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(args, expected, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([*args, f"run.out_dir={tmp_path}/run"] if len(args) > 2 else args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("stablekd: error:") and expected in err
+
+
+def test_cli_error_has_no_traceback_in_a_real_process():
+    proc = run_stablekd("stage", "teacher", str(QUICKSTART), "teacher.max_steps=lots", check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "teacher.max_steps: expected int" in proc.stderr
+
+
+def test_every_key_is_documented():
+    lines = describe()
+    assert any(line.startswith("teacher.max_steps (int, default 300)") for line in lines)
+    assert all(line.split(": ", 1)[1].strip() for line in lines), "a field without help text"

@@ -1,0 +1,89 @@
+"""Shipped DeepSpeed JSONs resolve and pass DeepSpeed's config class; batch arithmetic; user values win."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stablekd.ds_configs.resolve import PACKAGE_DIR, load, resolve, validate
+from stablekd.launcher.cli import main
+from stablekd.launcher.config import ConfigError, TrainConfig
+from tests.conftest import QUICKSTART
+
+SHIPPED = sorted(p.name for p in PACKAGE_DIR.glob("*.json"))
+
+
+def test_all_four_are_shipped():
+    assert {"zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_resolves_and_validates_at_world_2(name, tmp_path):
+    raw, path = load(name)
+    ds = resolve(raw, TrainConfig(), 2, tmp_path / "tb", str(path))
+    validate(ds, 2, str(path))
+    assert ds["gradient_clipping"] == 1.0  # explicit: DeepSpeed's default changed in 0.19.3
+    assert ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["lr"] == TrainConfig().lr
+    assert ds["scheduler"]["params"]["total_num_steps"] == TrainConfig().max_steps
+    assert "auto" not in json.dumps(ds)
+
+
+@pytest.mark.parametrize(("micro", "accum", "world"), [(8, 1, 2), (4, 3, 2), (2, 2, 16), (1, 1, 1)])
+def test_batch_arithmetic(micro, accum, world, tmp_path):
+    raw, _ = load("zero3.json")
+    ds = resolve(raw, TrainConfig(micro_batch_size=micro, grad_accum=accum), world, tmp_path)
+    assert ds["train_batch_size"] == micro * accum * world
+    assert ds["train_micro_batch_size_per_gpu"] == micro and ds["gradient_accumulation_steps"] == accum
+    validate(ds, world)
+
+
+def test_user_values_win_and_drive_the_arithmetic(tmp_path):
+    raw, _ = load("zero2.json")
+    raw["train_micro_batch_size_per_gpu"] = 3
+    raw["gradient_clipping"] = 0.5
+    raw["optimizer"]["params"]["lr"] = 1e-4
+    ds = resolve(raw, TrainConfig(micro_batch_size=8, grad_accum=2, lr=3e-3), 4, tmp_path)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (3, 3 * 2 * 4)
+    assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 1e-4
+    assert ds["bf16"]["enabled"] is True and raw["bf16"]["enabled"] == "auto"  # the input is not modified
+
+
+def test_inconsistent_batch_size_is_refused(tmp_path):
+    raw, _ = load("zero2.json")
+    raw["train_batch_size"] = 7
+    with pytest.raises(ConfigError, match=r"mine\.json: train_batch_size 7 != .* × world size 2 = 16"):
+        resolve(raw, TrainConfig(), 2, tmp_path, "mine.json")
+
+
+def test_unknown_auto_and_deepspeed_rejection_name_the_file(tmp_path):
+    raw, _ = load("zero2.json")
+    raw["zero_optimization"]["reduce_bucket_size"] = "auto"
+    with pytest.raises(
+        ConfigError, match=r"mine\.json: no value to fill .* zero_optimization\.reduce_bucket_size"
+    ):
+        resolve(raw, TrainConfig(), 2, tmp_path, "mine.json")
+    raw, _ = load("zero2.json")
+    raw["zero_optimization"]["stage"] = 7
+    with pytest.raises(ConfigError, match=r"mine\.json: rejected by DeepSpeed"):
+        validate(resolve(raw, TrainConfig(), 2, tmp_path), 2, "mine.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_batch_size": "auto",,}')
+    with pytest.raises(ConfigError, match=r"bad\.json: not valid JSON: line 1"):
+        load(str(bad))
+
+
+def test_cli_show_check_estimate(tmp_path, capsys):
+    run = f"run.out_dir={tmp_path}/run"
+    main(["ds-config", "show", str(QUICKSTART), run, "teacher.micro_batch_size=4", "launch.nproc_per_node=2"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["train_batch_size"] == 8 and shown["zero_optimization"]["stage"] == 3
+    assert json.loads((tmp_path / "run/ds/teacher.json").read_text()) == shown
+    main(["ds-config", "check", str(QUICKSTART), run, "teacher.ds_config=zero2.json"])
+    assert "passes DeepSpeed's config check at world size 2" in capsys.readouterr().out
+    main(
+        ["ds-config", "estimate", str(QUICKSTART), run, "teacher.model=teacher-m", "launch.nproc_per_node=8"]
+    )
+    out = capsys.readouterr().out
+    assert "teacher-m: 28" in out and "per CPU" in out and "per GPU" in out

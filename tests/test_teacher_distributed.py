@@ -1,0 +1,170 @@
+"""Real 2-rank DeepSpeed teacher runs (gloo) through the `stablekd` CLI, checked against a plain PyTorch loop.
+
+Tolerance: fp32 runs. Per step, ZeRO sums the two ranks' gradients (ZeRO-2 all-reduce, ZeRO-3
+reduce-scatter) where the reference sums one batch: the same numbers added in another order, ~1e-7
+relative per step. AdamW's update of tiny gradients magnifies that a little over steps, so the first 6
+losses must agree to rtol 2e-4 (a wrong token count, data order, LR step or clipping moves them by >1e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+from stablekd.data_pipeline.stream import PackedStream, StreamLoader
+from stablekd.launcher.config import load_config
+from stablekd.launcher.pipeline import train_files
+from stablekd.model.build import build_model
+from stablekd.model.tokenizer import load_tokenizer
+from stablekd.objectives.lm import nll_sum
+from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd, tb_scalars
+
+pytestmark = pytest.mark.distributed
+STEPS = 6
+
+
+def reference_losses(run_dir: Path, steps: int, accum: int) -> list[float]:
+    """The same teacher trained in one plain process: both ranks' shards form each global batch."""
+    cfg = load_config(run_dir / "config.yaml")
+    t = cfg.teacher
+    tok_dir = run_dir / "tokenizer"
+    model = build_model(t.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay
+    )
+    sched = WarmupCosineLR(
+        opt,
+        total_num_steps=t.max_steps,
+        warmup_num_steps=t.warmup_steps,
+        cos_min_ratio=t.min_lr_ratio,
+        warmup_type="linear",
+    )
+    streams = [
+        iter(
+            StreamLoader(PackedStream(train_files(cfg), tok_dir, cfg.data.seq_len, t.micro_batch_size, r, 2))
+        )
+        for r in range(2)
+    ]
+    losses = []
+    for _ in range(steps):
+        batches = [next(s) for s in streams for _ in range(accum)]
+        total, count = 0.0, 0
+        opt.zero_grad()
+        for b in batches:
+            s, c = nll_sum(model(input_ids=b["input_ids"]).logits, b["labels"])
+            s.backward()
+            total, count = total + float(s.detach()), count + int(c)
+        for p in model.parameters():
+            p.grad /= count  # mean over every counted token of the global batch
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(total / count)
+    return losses
+
+
+def test_zero3_two_ranks_match_plain_pytorch(tmp_path):
+    run = tmp_path / "z3"
+    run_stablekd(
+        "stage",
+        "teacher",
+        str(QUICKSTART),
+        *TINY,
+        f"run.out_dir={run}",
+        "launch.nproc_per_node=2",
+        "teacher.ds_config=zero3.json",
+        "teacher.dtype=fp32",
+        f"teacher.max_steps={STEPS}",
+        "teacher.save_every=3",
+        "teacher.grad_accum=2",
+    )
+    # One ZeRO shard per rank, left sharded; a complete marker; DONE.json.
+    ckpt = run / "teacher" / "ckpt"
+    marker = json.loads((ckpt / "complete.json").read_text())
+    assert marker["step"] == STEPS and marker["world_size"] == 2
+    names = {p.name for p in (ckpt / marker["tag"]).iterdir()}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(2)} <= names
+    assert len([n for n in names if n.endswith("optim_states.pt")]) == 2
+    done = json.loads((run / "teacher" / "DONE.json").read_text())
+    assert done["produced"]["zero_stage"] == 3 and done["produced"]["steps"] == STEPS
+    ds = json.loads((run / "ds" / "teacher.json").read_text())
+    assert ds["train_batch_size"] == 4 * 2 * 2  # micro 4 × accum 2 × 2 ranks
+
+    got = tb_scalars(run / "tb" / "teacher", "train/loss")
+    want = reference_losses(run, STEPS, accum=2)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s] for s in range(1, STEPS + 1)] == pytest.approx(want, rel=2e-4)
+    assert got[STEPS] < got[1]
+    for tag in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "perf/step_time_s"):
+        assert tb_scalars(run / "tb" / "teacher", tag), f"{tag} missing from TensorBoard"
+
+
+def _start(run: Path, *extra: str) -> subprocess.Popen:
+    args = [
+        "stage",
+        "teacher",
+        str(QUICKSTART),
+        *TINY,
+        f"run.out_dir={run}",
+        "launch.nproc_per_node=2",
+        "teacher.ds_config=zero2.json",
+        "teacher.dtype=fp32",
+        "teacher.max_steps=10",
+        "teacher.save_every=2",
+        *extra,
+    ]
+    return subprocess.Popen(
+        stablekd_cmd(*args),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_zero2_kill_and_resume_continues_the_same_curve(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _start(full).wait(timeout=600) == 0
+    curve = tb_scalars(full / "tb" / "teacher", "train/loss")
+    assert [curve[s] for s in range(1, STEPS + 1)] == pytest.approx(
+        reference_losses(full, STEPS, 1), rel=2e-4
+    )
+
+    proc = _start(killed)
+    marker = killed / "teacher" / "ckpt" / "complete.json"
+    deadline = time.time() + 300
+    while not (marker.exists() and json.loads(marker.read_text())["step"] >= 4):
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint at step 4"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the runner, mid-training
+    proc.wait()
+    resumed_from = json.loads(marker.read_text())["step"]
+    assert resumed_from < 10 and not (killed / "teacher" / "DONE.json").exists()
+
+    out = run_stablekd(
+        "stage",
+        "teacher",
+        str(QUICKSTART),
+        *TINY,
+        f"run.out_dir={killed}",
+        "launch.nproc_per_node=2",
+        "teacher.ds_config=zero2.json",
+        "teacher.dtype=fp32",
+        "teacher.max_steps=10",
+        "teacher.save_every=2",
+    )
+    assert "resumed from" in out.stderr + out.stdout and f"at step {resumed_from}" in out.stderr + out.stdout
+    after = tb_scalars(killed / "tb" / "teacher", "train/loss")
+    # Same data position, model, optimizer, scheduler: the resumed steps repeat the uninterrupted curve.
+    steps = range(resumed_from + 1, 11)
+    assert [after[s] for s in steps] == pytest.approx([curve[s] for s in steps], rel=1e-5)
+    assert json.loads((killed / "teacher" / "DONE.json").read_text())["produced"]["steps"] == 10
