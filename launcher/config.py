@@ -111,7 +111,10 @@ class TrainConfig:
     grad_clip: float = _f(
         1.0, "gradient norm clipping (set explicitly: DeepSpeed's default changed in 0.19.3)"
     )
-    dtype: str = _f("bf16", "bf16 or fp32 (bf16 uses AMX on recent CPUs, tensor cores on GPUs)")
+    dtype: str = _f(
+        "auto",
+        "bf16, fp32, or auto: bf16 where matmuls are fast in it (GPU; CPU with AMX/AVX512-BF16), else fp32",
+    )
     eval_every: int = _f(100, "eval loss every N steps (and at the end); 0 = only at the end")
     eval_batches: int = _f(4, "micro-batches per rank in one eval")
     save_every: int = _f(100, "checkpoint every N steps (and at the end)")
@@ -132,8 +135,8 @@ class TrainConfig:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected a positive integer, got {getattr(self, key)}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise ConfigError(f"dtype: expected 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"dtype: expected 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
 

@@ -204,8 +204,8 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
     if step:
         monitor.print(f"[{stage.name}] resumed from {ckpt_dir / read_marker(ckpt_dir)['tag']} at step {step}")
 
-    peak = _all_reduce([measure_peak_flops(engine.device)])[0]  # all ranks at once: the job's bf16 peak
-    monitor.scalars(step, {"perf/peak_bf16_tflops": peak / 1e12})
+    peak = _all_reduce([measure_peak_flops(engine.device)])[0]  # all ranks at once: the job's matmul peak
+    monitor.scalars(step, {"perf/peak_tflops": peak / 1e12})
     batches = iter(stage.batches)
     window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
     losses: list[float] = []

@@ -21,7 +21,7 @@ from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash, save_config, to_dict
 from stablekd.model.tokenizer import train_tokenizer
 
-STAGES = ["teacher"]  # in pipeline order
+STAGES = ["teacher", "soft_labels"]  # in pipeline order
 # Stages that run in the launching process (models that fit one process); the others start ranks.
 IN_PROCESS: set[str] = set()
 # Fields that change what a stage computes; logging/saving cadence may change on resume.
@@ -192,8 +192,11 @@ def run(cfg: ExperimentConfig, stages: list[str]) -> None:
         if is_done(cfg, stage):
             say(f"{stage}: done already ({done_path(cfg, stage)}), skipped")
             continue
+        module = importlib.import_module(f"stablekd.launcher.stages.{stage}")
+        if hasattr(module, "preflight"):
+            module.preflight(cfg)  # what the previous stage left, checked before any rank starts
         if stage in IN_PROCESS:
-            importlib.import_module(f"stablekd.launcher.stages.{stage}").run(cfg)
+            module.run(cfg)
         else:
             run_stage(cfg, stage)
         if not done_path(cfg, stage).exists():

@@ -46,19 +46,3 @@ def run_stablekd(*args: str, check: bool = True, timeout: float = 600) -> subpro
             f"stablekd {' '.join(args)} exited {proc.returncode}\n--- stderr tail ---\n{proc.stderr[-4000:]}"
         )
     return proc
-
-
-def tb_scalars(tb_dir: Path, tag: str) -> dict[int, float]:
-    """step -> value of one scalar over every event file in `tb_dir`; a later file wins (a resumed run)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-
-    out: dict[int, float] = {}
-    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3])):
-        for event in EventFileLoader(str(f)).Load():
-            for v in event.summary.value:
-                if v.tag == tag:
-                    out[event.step] = (
-                        float(tensor_util.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
-                    )
-    return out

@@ -41,7 +41,7 @@ def test_quickstart_parses_and_overrides_apply():
         (["nosuch.key=1"], "unknown key 'nosuch'"),
         (["teacher.max_steps=many"], "teacher.max_steps: expected int, got str"),
         (["launch.nproc_per_node=true"], "launch.nproc_per_node: expected int"),
-        (["teacher.dtype=fp8"], "teacher.dtype: expected 'bf16' or 'fp32'"),
+        (["teacher.dtype=fp8"], "teacher.dtype: expected 'auto', 'bf16' or 'fp32'"),
         (["teacher.micro_batch_size=0"], "teacher.micro_batch_size: expected a positive integer"),
         (["teacher.max_steps"], "expected key=value"),
         (["data.bios=3"], "data.bios: expected a mapping"),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stablekd.ds_configs.resolve import PACKAGE_DIR, load, resolve, validate
+from stablekd.ds_configs.resolve import PACKAGE_DIR, fast_bf16, load, resolve, validate
 from stablekd.launcher.cli import main
 from stablekd.launcher.config import ConfigError, TrainConfig
 from tests.conftest import QUICKSTART
@@ -24,7 +24,7 @@ def test_shipped_config_resolves_and_validates_at_world_2(name, tmp_path):
     ds = resolve(raw, TrainConfig(), 2, tmp_path / "tb", str(path))
     validate(ds, 2, str(path))
     assert ds["gradient_clipping"] == 1.0  # explicit: DeepSpeed's default changed in 0.19.3
-    assert ds["bf16"]["enabled"] is True
+    assert ds["bf16"]["enabled"] is fast_bf16()  # dtype "auto"
     assert ds["optimizer"]["params"]["lr"] == TrainConfig().lr
     assert ds["scheduler"]["params"]["total_num_steps"] == TrainConfig().max_steps
     assert "auto" not in json.dumps(ds)
@@ -44,7 +44,7 @@ def test_user_values_win_and_drive_the_arithmetic(tmp_path):
     raw["train_micro_batch_size_per_gpu"] = 3
     raw["gradient_clipping"] = 0.5
     raw["optimizer"]["params"]["lr"] = 1e-4
-    ds = resolve(raw, TrainConfig(micro_batch_size=8, grad_accum=2, lr=3e-3), 4, tmp_path)
+    ds = resolve(raw, TrainConfig(micro_batch_size=8, grad_accum=2, lr=3e-3, dtype="bf16"), 4, tmp_path)
     assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (3, 3 * 2 * 4)
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 1e-4
     assert ds["bf16"]["enabled"] is True and raw["bf16"]["enabled"] == "auto"  # the input is not modified

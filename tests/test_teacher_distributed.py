@@ -21,11 +21,12 @@ from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.launcher.config import load_config
+from stablekd.launcher.monitor import read_scalars as tb_scalars
 from stablekd.launcher.pipeline import train_files
 from stablekd.model.build import build_model
 from stablekd.model.tokenizer import load_tokenizer
 from stablekd.objectives.lm import nll_sum
-from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd, tb_scalars
+from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd
 
 pytestmark = pytest.mark.distributed
 STEPS = 6

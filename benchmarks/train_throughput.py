@@ -1,0 +1,157 @@
+"""Teacher step throughput: stablekd's DeepSpeed loop vs a plain PyTorch loop, one process, one run.
+
+    python benchmarks/train_throughput.py [--model teacher-s] [--steps 20] [--ds zero2.json zero3.json] [--dtypes fp32 bf16]
+
+Both sides train the same preset on the same packed bios batches (seq 128, micro 8) with AdamW and
+gradient clipping, in each dtype (plain bf16 = fp32 weights under bf16 autocast; stablekd bf16 =
+DeepSpeed's bf16 mode). MFU is against the best matmul peak (bf16 or fp32) measured at start-up.
+stablekd rows come from the loop's own TensorBoard scalars (perf/tokens_per_s, first window dropped
+as warm-up); the plain row times the same number of steps after the same warm-up. Prints a table,
+writes benchmarks/results/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stablekd.data_pipeline.stream import PackedStream, StreamLoader
+from stablekd.ds_configs import resolve as ds_resolve
+from stablekd.launcher import engine, pipeline
+from stablekd.launcher.config import load_config
+from stablekd.launcher.monitor import measure_peak_flops, read_scalars
+from stablekd.launcher.stages.teacher import lm_loss
+from stablekd.model.build import build_model, count_params, flops_per_token
+from stablekd.model.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+WINDOW = 5
+
+
+def plain_loop(cfg, steps: int, dtype: str) -> float:
+    """tokens/s of a plain loop: fp32 weights (bf16 autocast for bf16), torch AdamW, clip, one process."""
+    tok_dir = pipeline.tokenizer_dir(cfg)
+    t = cfg.teacher
+    model = build_model(t.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    batches = iter(
+        StreamLoader(PackedStream(pipeline.train_files(cfg), tok_dir, cfg.data.seq_len, t.micro_batch_size))
+    )
+    tokens, elapsed = 0, 0.0
+    for step in range(WINDOW + steps):
+        t0 = time.perf_counter()
+        b = next(batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            s, c = lm_loss(model, b)
+        (s / c).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= WINDOW:  # same warm-up as the first TensorBoard window dropped below
+            elapsed += time.perf_counter() - t0
+            tokens += b["input_ids"].numel()
+    return tokens / elapsed
+
+
+def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
+    """tokens/s of stablekd's engine.train at world size 1 with the given DeepSpeed JSON."""
+    cfg.teacher.ds_config, cfg.teacher.dtype = ds_name, dtype
+    cfg.teacher.max_steps = WINDOW + steps
+    ds = pipeline.prepare_ds_config(cfg, "teacher")
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds) if ds_resolve.zero_stage(ds) == 3 else None  # noqa: F841
+    tok_dir = pipeline.tokenizer_dir(cfg)
+    model = build_model(cfg.teacher.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
+    stream = PackedStream(pipeline.train_files(cfg), tok_dir, cfg.data.seq_len, cfg.teacher.micro_batch_size)
+    stage = engine.Stage(
+        f"bench_{ds_name[:-5]}",
+        model,
+        StreamLoader(stream),
+        lm_loss,
+        [],
+        flops_per_token(model.config, cfg.data.seq_len),
+    )
+    engine.train(stage, cfg.teacher, ds, cfg.run_dir, "bench")
+    rates = read_scalars(cfg.run_dir / "tb" / stage.name, "perf/tokens_per_s")
+    return sum(v for s, v in rates.items() if s > WINDOW) / len([s for s in rates if s > WINDOW])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="teacher-s")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--ds", nargs="+", default=["zero2.json", "zero3.json"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
+    args = ap.parse_args()
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+    )
+    engine.setup_distributed(0)
+    run_dir = Path(tempfile.mkdtemp(prefix="stablekd_bench_"))
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            f"run.out_dir={run_dir}",
+            "launch.nproc_per_node=1",
+            f"teacher.model={args.model}",
+            f"teacher.log_every={WINDOW}",
+            "teacher.eval_every=0",
+            "teacher.save_every=100000",
+        ],
+    )
+    pipeline.prepare(cfg, [])
+    tok = load_tokenizer(pipeline.tokenizer_dir(cfg))
+    probe = build_model(args.model, tok, cfg.data.seq_len, 0)
+    fpt, params = flops_per_token(probe.config, cfg.data.seq_len), count_params(probe)
+    del probe
+    peak = measure_peak_flops(torch.device("cpu"))
+
+    rows = []
+    for dtype in args.dtypes:
+        rows.append((f"plain PyTorch {dtype}", plain_loop(cfg, args.steps, dtype)))
+        rows += [
+            (f"stablekd {name[:-5]} {dtype}", stablekd_loop(cfg, name, args.steps, dtype)) for name in args.ds
+        ]
+    base = rows[0][1]
+    result = {
+        "model": args.model,
+        "params": params,
+        "seq_len": cfg.data.seq_len,
+        "micro_batch_size": cfg.teacher.micro_batch_size,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "peak_tflops": peak / 1e12,
+        "rows": [
+            {"loop": name, "tokens_per_s": r, "mfu": r * fpt / peak, "vs_plain": r / base} for name, r in rows
+        ],
+    }
+    print(
+        f"\n{args.model} ({params / 1e6:.1f}M params), seq {cfg.data.seq_len} × micro {cfg.teacher.micro_batch_size}, "
+        f"{torch.get_num_threads()} threads, bf16 peak {peak / 1e12:.2f} TFLOP/s"
+    )
+    print(f"{'loop':34} {'tokens/s':>10} {'MFU':>7} {'vs plain ' + args.dtypes[0]:>14}")
+    for row in result["rows"]:
+        print(f"{row['loop']:34} {row['tokens_per_s']:10.0f} {row['mfu']:7.2%} {row['vs_plain']:14.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Stage `soft_labels`: the sharded ZeRO-3 teacher labels the training stream and samples candidate groups.
+
+    stablekd stage soft_labels configs/quickstart.yaml run.out_dir=runs/quickstart
+
+Runs on the ranks of the teacher's partitioning (the deepspeed runner, like the teacher stage) with the
+teacher's own DeepSpeed JSON `ds/teacher.json`: this section has no `ds_config` of its own, because the
+teacher is loaded from its ZeRO-3 shards rank by rank and must be partitioned as it was trained
+(launcher/teacher_shards.py; at another world size see `checkpoint_source`).
+
+Leaves (DESIGN §4):
+    soft_labels/           shard-r<rank>-<i>.safetensors + manifest.r<rank>.json while writing, manifest.json
+                           when final: per token the top-k ids (uint16 when the vocabulary allows) and
+                           float16 log-probs of softmax(logits / T), plus the token ids. meta: teacher
+                           checkpoint, tokenizer hash, vocab size, T, k, seq_len, fidelity.
+    soft_labels/candidates/  per context M sampled continuations (+ the gold one), same shard rules.
+    soft_labels/DONE.json, tb/soft_labels/ (fidelity and throughput scalars; x-axis: labelled batches).
+
+Per rank: the training stream as the teacher read it (PackedStream, not looping, rank-sharded, the
+teacher's seq_len and tokenizer), at most ceil-share of soft_labels.max_sequences sequences. A killed
+stage resumes: each rank skips the sequences (and contexts) its committed shards already hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.candidates import CandidateWriter, candidate_meta, pack_groups, trim_generated
+from stablekd.data_pipeline.contexts import bios_contexts, document_contexts, tokenize_contexts
+from stablekd.data_pipeline.online import OnlineSoftLabels, lockstep
+from stablekd.data_pipeline.shards import ShardLoader, finalize
+from stablekd.data_pipeline.soft_labels import (
+    SoftLabelWriter,
+    compress,
+    fidelity,
+    finalize_soft_labels,
+    merge_fidelity,
+    soft_label_meta,
+    soft_label_reader,
+)
+from stablekd.data_pipeline.stream import PackedStream, StreamLoader
+from stablekd.launcher import engine, pipeline
+from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.monitor import Monitor
+from stablekd.launcher.teacher_shards import (
+    ShardedTeacher,
+    checkpoint_source,
+    load_sharded_teacher,
+    teacher_ckpt_dir,
+)
+from stablekd.model.tokenizer import tokenizer_hash
+
+FIDELITY_RATE = 8  # fidelity samples one position in 8 of each batch until its budget is spent
+
+
+def out_dir(cfg: ExperimentConfig) -> Path:
+    return cfg.run_dir / "soft_labels"
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Checks the launching process runs before starting ranks: a clear one-line error instead of a rank traceback."""
+    checkpoint_source(teacher_ckpt_dir(cfg), pipeline.world_size(cfg))
+    if not (cfg.run_dir / "ds" / "teacher.json").is_file():
+        raise ConfigError(
+            f"{cfg.run_dir / 'ds' / 'teacher.json'}: missing; run `stablekd stage teacher` first"
+        )
+
+
+def rank_quota(max_sequences: int, rank: int, world: int) -> int | None:
+    """This rank's share of max_sequences (the first max % world ranks take one more); None = no bound."""
+    if max_sequences <= 0:
+        return None
+    return max_sequences // world + int(rank < max_sequences % world)
+
+
+def _rows(batches: Iterable[dict], start: int, stop: int | None) -> Iterator[torch.Tensor]:
+    """Rows [start, stop) of a stream of [B, L] batches, as slices of those batches ([b, L], b <= B)."""
+    seen = 0
+    for batch in batches:
+        if stop is not None and seen >= stop:
+            return
+        ids = batch["input_ids"]
+        lo, hi = max(start - seen, 0), ids.shape[0] if stop is None else min(stop - seen, ids.shape[0])
+        if lo < hi:
+            yield ids[lo:hi]
+        seen += ids.shape[0]
+
+
+def _fidelity_path(out: Path, rank: int) -> Path:
+    return out / f"fidelity.r{rank:03d}.json"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
+def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
+    """Write this rank's soft-label shards; rank 0 finalizes manifest.json. Returns a summary (same on all ranks).
+
+    Fidelity (DESIGN §4, issue: "fidelity on record"): top-k mass and KL(teacher ‖ top-k + uniform tail)
+    on up to soft_labels.fidelity_positions positions per rank, one in FIDELITY_RATE of each batch, drawn
+    at random, until the budget is spent.
+    """
+    sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
+    out, tok_dir, seq_len = out_dir(cfg), pipeline.tokenizer_dir(cfg), cfg.data.seq_len
+    meta = soft_label_meta(
+        teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, sl.temperature, sl.k, seq_len
+    )
+    writer = SoftLabelWriter(out, rank, meta, sl.records_per_shard, world_size=world)
+    quota = rank_quota(sl.max_sequences, rank, world)
+    fid_path = _fidelity_path(out, rank)
+    if writer.final:  # this rank finished before the stage was stopped: nothing to label
+        rows: Iterator[torch.Tensor] = iter(())
+        fid = json.loads(fid_path.read_text()) if fid_path.exists() else merge_fidelity([])
+    else:
+        stream = PackedStream(
+            pipeline.train_files(cfg), tok_dir, seq_len, sl.micro_batch_size, rank, world,
+            cfg.data.num_workers, loop=False,
+        )  # fmt: skip
+        # A resumed rank skips the sequences its committed shards hold (the stream is deterministic).
+        rows = _rows(StreamLoader(stream), writer.records_written, quota)
+        fid = merge_fidelity([])
+    todo = None if quota is None else max(0, quota - writer.records_written)
+    monitor = Monitor(
+        cfg.run_dir / "tb" / "soft_labels",
+        None if todo is None else math.ceil(todo / sl.micro_batch_size),  # type: ignore[arg-type]
+        0,
+        "soft labels",
+    )
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)
+    budget = sl.fidelity_positions - int(fid.get("tokens", 0))
+    tokens, rounds, t0 = 0, 0, time.perf_counter()
+    for ids in lockstep(rows):
+        rounds += 1
+        if ids is None:  # this rank is done; the others still gather parameters with it
+            teacher.idle_forward()
+            continue
+        logits = teacher.logits(ids)  # [b, L, V]
+        topk_ids, topk_logprobs = compress(logits, sl.k, sl.temperature)  # [b, L, k] each
+        if budget > 0:
+            take = min(budget, math.ceil(ids.numel() / FIDELITY_RATE))
+            pos = torch.randperm(ids.numel(), generator=gen)[:take]  # flat positions in [b * L]
+            flat = logits.reshape(-1, logits.shape[-1])  # [b, L, V] -> [b * L, V]
+            fid = merge_fidelity([fid, fidelity(flat[pos.to(flat.device)], sl.k, sl.temperature)])
+            budget -= take
+        writer.add_batch(ids, topk_ids.cpu(), topk_logprobs.cpu())
+        tokens += ids.numel()
+        monitor.advance({"seq": str(writer.records_written)})
+        if rounds % 10 == 0:
+            monitor.scalars(rounds, {"perf/tokens_per_s": tokens / (time.perf_counter() - t0)})
+    writer.close()
+    _write_json(fid_path, fid)
+    elapsed = time.perf_counter() - t0
+    total_tokens = engine._all_reduce([tokens])[0]
+    slowest = engine._all_reduce([elapsed], dist.ReduceOp.MAX)[0]
+    parts: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(parts, fid)  # also the barrier finalize needs: every rank has closed
+    fid_all = merge_fidelity(parts)
+    if rank == 0:
+        finalize_soft_labels(out, world, fid_all)
+    dist.barrier()
+    manifest = json.loads((out / "manifest.json").read_text())
+    summary = {
+        "dir": str(out),
+        "records": manifest["total_records"],
+        "shards": len(manifest["shards"]),
+        "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "fidelity": fid_all,
+        "tokens_this_run": int(total_tokens),
+        "tokens_per_s": total_tokens / slowest if total_tokens else 0.0,
+    }
+    monitor.scalars(
+        rounds,
+        {
+            "fidelity/topk_mass": fid_all["topk_mass"],
+            "fidelity/topk_mass_min": fid_all["topk_mass_min"],
+            "fidelity/kl_nats": fid_all["kl"],
+            "fidelity/positions": fid_all["tokens"],
+            "perf/tokens_per_s": summary["tokens_per_s"],
+            "soft_labels/records": summary["records"],
+            "soft_labels/bytes_per_token": summary["bytes"] / max(1, summary["records"] * seq_len),
+        },
+    )
+    monitor.print(
+        f"[soft_labels] {summary['records']} sequences in {summary['shards']} shards -> {out}; top-{sl.k} mass "
+        f"{fid_all['topk_mass']:.4f}, KL {fid_all['kl']:.4g} nats ({int(fid_all['tokens'])} positions)"
+    )
+    monitor.close()
+    return summary
+
+
+def candidate_contexts(cfg: ExperimentConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(context ids, gold ids) for every context of the run, the same list on every rank (data_pipeline/contexts.py)."""
+    sl = cfg.soft_labels
+    if cfg.data.paths:
+        room = (
+            cfg.data.seq_len - sl.max_new_tokens - 1
+        )  # EOS + context + continuation fit the teacher's positions
+        if room < 1:
+            raise ConfigError(
+                f"soft_labels.max_new_tokens {sl.max_new_tokens} leaves no room for a context in data.seq_len {cfg.data.seq_len}"
+            )
+        return document_contexts(pipeline.train_files(cfg), tokenizer, sl.candidate_contexts, room)
+    people, _ = bios.load_truth(cfg.run_dir / "data" / "truth.json")
+    pairs = tokenize_contexts(tokenizer, bios_contexts(people, sl.candidate_contexts, cfg.run.seed))
+    room = max(1, cfg.data.seq_len - sl.max_new_tokens)
+    # Context + continuation within the positions the teacher trained on: keep a context's last `room` ids.
+    return [(c[-room:], g) for c, g in pairs]
+
+
+def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
+    """Write this rank's candidate groups (contexts rank, rank + world, ...); rank 0 finalizes. Returns a summary.
+
+    One generate call per max(1, micro_batch_size // M) contexts, each context repeated M times
+    ([contexts × M, width] rows, left-padded). Ranks with fewer calls run idle one-token generates so
+    the number of calls matches (synced_gpus needs that, DESIGN §9).
+    """
+    sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
+    tok = teacher.tokenizer
+    out = out_dir(cfg) / "candidates"
+    contexts = candidate_contexts(cfg, tok)
+    if not contexts:
+        raise ConfigError("soft_labels.candidates: the corpus gave no context (documents of >= 2 tokens)")
+    M, T = sl.candidates_per_context, sl.max_new_tokens
+    meta = candidate_meta(
+        teacher.checkpoint_id, tokenizer_hash(pipeline.tokenizer_dir(cfg)), teacher.vocab_size, M, T,
+        sl.sample_temperature, sl.top_p, max(len(c) for c, _ in contexts), gold=sl.include_gold,
+    )  # fmt: skip
+    writer = CandidateWriter(out, rank, meta, sl.records_per_shard, world_size=world)
+    mine = contexts[rank::world]
+    todo = [] if writer.final else list(range(writer.records_written, len(mine)))
+    per_call = max(1, sl.micro_batch_size // M)
+    calls = [todo[i : i + per_call] for i in range(0, len(todo), per_call)]
+    bar = tqdm(total=len(calls), desc="candidates", disable=rank != 0, dynamic_ncols=True)
+    new_tokens, t0 = 0, time.perf_counter()
+    for call in lockstep(calls):
+        if call is None:
+            teacher.idle_generate()
+            continue
+        ctx = [mine[j][0] for j in call]
+        width = max(map(len, ctx))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(c)) + c for c in ctx])  # [b, W] left-padded
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(c) for c in ctx])[:, None]).long()
+        # Reproducible per context whatever the batching after a resume: seed from the first context.
+        torch.manual_seed(cfg.run.seed * 1_000_003 + rank * 10_007 + call[0])
+        seqs = teacher.generate(
+            ids.repeat_interleave(M, 0),  # [b * M, W]: context b's rows are b*M .. b*M + M-1
+            mask.repeat_interleave(M, 0),
+            do_sample=True,
+            temperature=sl.sample_temperature,
+            top_p=sl.top_p,
+            top_k=0,  # generate's default top_k=50 would cut the distribution before top_p
+            max_new_tokens=T,
+        )
+        cand, lens = trim_generated(seqs[:, width:].cpu(), tok.eos_token_id, T)  # [b * M, T], [b * M]
+        groups = []
+        for b, j in enumerate(call):
+            rows = [cand[b * M + m, : lens[b * M + m]].tolist() for m in range(M)]
+            groups.append(rows + [mine[j][1]] if sl.include_gold else rows)
+        writer.add_groups(**pack_groups(ctx, groups, meta["ctx_len"], T))
+        new_tokens += int(lens.sum())
+        bar.update(1)
+    bar.close()
+    writer.close()
+    elapsed = engine._all_reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
+    new_tokens = int(engine._all_reduce([new_tokens])[0])
+    dist.barrier()  # every rank has closed
+    if rank == 0:
+        finalize(out, world)
+    dist.barrier()
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "dir": str(out),
+        "groups": manifest["total_records"],
+        "group_size": M + int(sl.include_gold),
+        "sampled_tokens_this_run": new_tokens,
+        "sampled_tokens_per_s": new_tokens / elapsed if new_tokens else 0.0,
+    }
+
+
+def run(cfg: ExperimentConfig) -> ShardedTeacher:
+    """The stage on every rank; returns the loaded teacher for callers that keep using it in the same job."""
+    rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank)
+    teacher = load_sharded_teacher(cfg)
+    if rank == 0:
+        tqdm.write(
+            f"[soft_labels] teacher {teacher.checkpoint_id} loaded from its ZeRO shards (tag {teacher.tag})"
+        )
+    produced = {"teacher_checkpoint": teacher.checkpoint_id, "soft_labels": label_stream(cfg, teacher)}
+    if cfg.soft_labels.candidates:
+        produced["candidates"] = sample_candidates(cfg, teacher)
+    if rank == 0:
+        marker = engine.read_marker(teacher_ckpt_dir(cfg)) or {}
+        inputs = {
+            "teacher_checkpoint": teacher.checkpoint_id,
+            "teacher_config_hash": marker.get("config_hash"),
+            "tokenizer_hash": tokenizer_hash(pipeline.tokenizer_dir(cfg)),
+            "train_files": [str(f) for f in pipeline.train_files(cfg)],
+        }
+        pipeline.write_done(cfg, "soft_labels", produced, inputs)
+    dist.barrier()
+    return teacher
+
+
+def open_soft_labels(
+    cfg: ExperimentConfig,
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    online: bool = False,
+    teacher: ShardedTeacher | None = None,
+    follow: bool = False,
+    loop: bool = False,
+) -> ShardLoader | OnlineSoftLabels:
+    """Soft-label batches for a consumer (the distill stage): offline shards or the online teacher, one switch.
+
+    Both yield {input_ids [B, L] int32, topk_ids [B, L, k] int32, topk_logprobs [B, L, k] float16} and
+    have state_dict / load_state_dict. Offline: the shards of soft_labels/ (follow=True reads them while
+    the soft_labels stage still writes), checked against this config's tokenizer, k, T and seq_len.
+    Online: the training stream (looping if `loop`), labelled by `teacher` (load_sharded_teacher) in this
+    job, with the same k and T.
+    """
+    sl, tok_dir = cfg.soft_labels, pipeline.tokenizer_dir(cfg)
+    if online:
+        if teacher is None:
+            raise ValueError("online soft labels need the teacher: pass teacher=load_sharded_teacher(cfg)")
+        stream = PackedStream(
+            pipeline.train_files(cfg), tok_dir, cfg.data.seq_len, micro_batch_size, rank, world_size,
+            cfg.data.num_workers, loop=loop,
+        )  # fmt: skip
+        return OnlineSoftLabels(StreamLoader(stream), teacher, sl.k, sl.temperature)
+    expect = {
+        "tokenizer_hash": tokenizer_hash(tok_dir),
+        "k": sl.k,
+        "temperature": sl.temperature,
+        "seq_len": cfg.data.seq_len,
+    }
+    reader = soft_label_reader(out_dir(cfg), expect, rank, world_size, cfg.data.num_workers, follow=follow)
+    return ShardLoader(reader, micro_batch_size)

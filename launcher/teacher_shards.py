@@ -1,0 +1,211 @@
+"""The teacher loaded straight from the ZeRO-3 shards the teacher stage left: never consolidated.
+
+`load_sharded_teacher` builds the model exactly as the teacher stage did (inside `deepspeed.zero.Init`
+through `HfDeepSpeedConfig`, so each rank only ever holds its partition), makes a DeepSpeed engine from
+the teacher's resolved JSON (`ds/teacher.json`) and loads the checkpoint tag named in
+`teacher/ckpt/complete.json`.
+
+What DeepSpeed 0.19.8 does with a ZeRO-3 training checkpoint (checked here; DESIGN §9):
+- `load_checkpoint(dir, tag, load_module_only=True)` returns the tag's path and raises nothing, but loads
+  no weights: the module state in `zero_pp_rank_*_model_states.pt` holds size-0 placeholders for every
+  partitioned parameter, and the fp32 partitions are never read. The model stays as initialised.
+- `load_checkpoint(dir, tag, load_optimizer_states=False)` consolidates the full model on every rank from
+  the `latest` file (ignoring `tag`): exactly what must not happen, and we write no `latest`.
+- `load_checkpoint(dir, tag)` with optimizer states (the default) reads only this rank's
+  `*zero_pp_rank_<r>_*optim_states.pt`, copies its fp32 partition into the optimizer and the bf16/fp32
+  module partition: the real weights, partitioned. That is the call used here; an optimizer must be
+  configured (an engine without one fails, DESIGN §9). The Adam moments it restores are dropped right
+  after, and two checks make a silent no-load impossible: the engine's restored `global_steps` must equal
+  the marker's step, and this rank's parameter partition must have changed.
+- Another world size: the rigid load above refuses it. A universal checkpoint (`ds_to_universal`) loads
+  at any world size with `"checkpoint": {"load_universal": true}`; `checkpoint_source` picks
+  `<tag>_universal` when it exists and otherwise stops with the command that makes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers.integrations import HfDeepSpeedConfig
+
+from stablekd.ds_configs.resolve import zero_stage
+from stablekd.launcher import pipeline
+from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.engine import read_marker
+from stablekd.launcher.stages.teacher import init_source
+from stablekd.model.build import build_model
+from stablekd.model.tokenizer import load_tokenizer
+
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def teacher_ckpt_dir(cfg: ExperimentConfig) -> Path:
+    return cfg.run_dir / "teacher" / "ckpt"
+
+
+def checkpoint_source(ckpt_dir: Path, world_size: int) -> tuple[dict, str, bool]:
+    """(marker, tag to load, universal?) for a job of `world_size` ranks; ConfigError says what to do otherwise.
+
+    Same world size as training: the tag complete.json names, loaded rank by rank. Another world size:
+    `<tag>_universal` if `ds_to_universal` made it, else an error with the exact command.
+    """
+    marker = read_marker(ckpt_dir)
+    if marker is None:
+        raise ConfigError(
+            f"{ckpt_dir}/complete.json: missing: no complete teacher checkpoint; run `stablekd stage teacher` first"
+        )
+    tag, saved = marker["tag"], int(marker["world_size"])
+    if not (ckpt_dir / tag).is_dir():
+        raise ConfigError(f"{ckpt_dir / tag}: named in complete.json but missing")
+    if saved == world_size:
+        return marker, tag, False
+    universal = tag + UNIVERSAL_SUFFIX
+    if (ckpt_dir / universal / "zero").is_dir():
+        return marker, universal, True
+    raise ConfigError(
+        f"{ckpt_dir / tag} holds the ZeRO shards of {saved} ranks but this job has {world_size} ranks. "
+        f"Either run with {saved} ranks in all (launch.nproc_per_node × nodes = {saved}), or convert it once "
+        f"with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt_dir / tag} "
+        f"--output_folder {ckpt_dir / universal}` and run again: the stage then loads {universal} with "
+        f'"checkpoint": {{"load_universal": true}} (nothing else to set)'
+    )
+
+
+def inference_ds_config(teacher_ds: dict, world_size: int, universal: bool) -> dict:
+    """The teacher's resolved DeepSpeed JSON, made valid for this job.
+
+    Kept: ZeRO stage and partitioning, dtype, the optimizer (loading a ZeRO-3 training checkpoint needs
+    one, DESIGN §9; it never steps). Changed: train_batch_size = micro × accum × this world (DeepSpeed
+    checks the product), no DeepSpeed TensorBoard (it would write into the teacher's log directory),
+    load_universal for a universal checkpoint.
+    """
+    ds = copy.deepcopy(teacher_ds)
+    ds["train_batch_size"] = (
+        ds["train_micro_batch_size_per_gpu"] * ds.get("gradient_accumulation_steps", 1) * world_size
+    )
+    ds.pop("tensorboard", None)
+    if universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+def _local_digest(module: torch.nn.Module) -> torch.Tensor:
+    """Sum and |sum| of this rank's own parameter storage (its ZeRO-3 partition), to see that a load changed it."""
+    s = torch.zeros(2, dtype=torch.float64)
+    for p in module.parameters():
+        x = getattr(p, "ds_tensor", p).detach().double()  # ds_tensor: the partition ZeRO-3 keeps here
+        s += torch.stack([x.sum(), x.abs().sum()])
+    return s
+
+
+@dataclass
+class ShardedTeacher:
+    """A teacher whose parameters stay partitioned over the job's ranks (under ZeRO-3).
+
+    Every method runs forwards that gather parameters collectively: all ranks must call them the same
+    number of times (`data_pipeline.online.lockstep` + `idle_forward`).
+    """
+
+    engine: Any  # DeepSpeedEngine
+    tokenizer: Any
+    checkpoint_id: str  # "teacher/ckpt/<tag>": recorded in the soft-label and candidate manifests
+    tag: str  # the tag loaded (<tag>_universal at another world size)
+    step: int
+    zero3: bool
+    vocab_size: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, L, V] logits (the engine's dtype: bf16 when the teacher trained in bf16)."""
+        with torch.no_grad():
+            return self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    def idle_forward(self) -> None:
+        """One forward of a single EOS token, output discarded: this rank's share of a round it has no data for."""
+        self.logits(torch.tensor([[self.tokenizer.eos_token_id]]))
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """`generate` under ZeRO-3: synced_gpus keeps each rank forwarding until every rank has finished
+        (ranks may differ in batch size and max_new_tokens, not in the number of calls: DESIGN §9)."""
+        synced = self.zero3 and dist.get_world_size() > 1
+        with torch.no_grad():
+            return self.engine.module.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                synced_gpus=synced,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **kwargs,
+            )
+
+    def idle_generate(self) -> None:
+        """A one-token generate from EOS: this rank's share of a round of generate calls it has no data for."""
+        eos = torch.tensor([[self.tokenizer.eos_token_id]])
+        self.generate(eos, torch.ones_like(eos), do_sample=False, max_new_tokens=1)
+
+
+def load_sharded_teacher(cfg: ExperimentConfig) -> ShardedTeacher:
+    """The teacher of `cfg.run_dir`, partitioned over this job's ranks exactly as training partitioned it.
+
+    Call on every rank after `engine.setup_distributed`. Raises ConfigError when there is no complete
+    teacher checkpoint or the world size differs and no universal checkpoint exists.
+    """
+    run_dir, world = cfg.run_dir, dist.get_world_size()
+    ckpt_dir = teacher_ckpt_dir(cfg)
+    marker, tag, universal = checkpoint_source(ckpt_dir, world)
+    ds_path = run_dir / "ds" / "teacher.json"
+    if not ds_path.is_file():
+        raise ConfigError(
+            f"{ds_path}: missing: the teacher's resolved DeepSpeed JSON (written by the teacher stage)"
+        )
+    ds = inference_ds_config(json.loads(ds_path.read_text()), world, universal)
+    zero3 = zero_stage(ds) == 3
+    # Alive while the model is built: transformers then constructs it inside deepspeed.zero.Init (as teacher.py).
+    hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841
+    tokenizer = load_tokenizer(pipeline.tokenizer_dir(cfg))
+    # The initial weights are overwritten by the load; building them the teacher's way keeps shapes identical.
+    model = build_model(init_source(cfg), tokenizer, cfg.data.seq_len, cfg.run.seed)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    engine.eval()
+
+    before = _local_digest(engine.module)
+    if universal:
+        # Weights only: with load_universal DeepSpeed reads the fp32 fragments of this rank's slice.
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True)
+    else:
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+        if engine.global_steps != marker["step"]:
+            raise RuntimeError(
+                f"{ckpt_dir / tag}: DeepSpeed restored global step {engine.global_steps}, complete.json says "
+                f"{marker['step']}: the loaded state is not the tag named there"
+            )
+    if load_path is None or Path(load_path).parent.resolve() != (ckpt_dir / tag).resolve():
+        raise RuntimeError(f"{ckpt_dir}: DeepSpeed loaded {load_path}, expected a file of tag {tag}")
+    changed = torch.tensor([float(not torch.equal(before, _local_digest(engine.module)))])
+    dist.all_reduce(changed)
+    if not changed.item():
+        raise RuntimeError(f"{ckpt_dir / tag}: load_checkpoint left every rank's weights as initialised")
+    base = getattr(engine.optimizer, "optimizer", None)
+    if base is not None and hasattr(base, "state"):
+        base.state.clear()  # Adam moments: 8 bytes per parameter and rank's share, never used for inference
+
+    return ShardedTeacher(
+        engine=engine,
+        tokenizer=tokenizer,
+        checkpoint_id=f"teacher/ckpt/{marker['tag']}",
+        tag=tag,
+        step=int(marker["step"]),
+        zero3=zero3,
+        vocab_size=int(engine.module.config.vocab_size),
+    )
