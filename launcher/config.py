@@ -202,7 +202,8 @@ class EvaluateConfig:
     max_new_tokens: int = _f(48, "tokens generated per continuation")
     temperature: float = _f(1.0, "sampling temperature")
     top_p: float = _f(0.95, "nucleus sampling threshold")
-    ppl_batches: int = _f(8, "held-out batches for perplexity")
+    ppl_batches: int = _f(8, "held-out batches of 8 sequences for perplexity")
+    batch_size: int = _f(64, "sequences per generate call (prompts x samples); lower it for a large model")
     coherence_encoder: str = _f(
         "", "local sentence-transformers / HF encoder directory; empty = the teacher's mean-pooled states"
     )

@@ -30,8 +30,8 @@ def threads_per_rank(cfg: ExperimentConfig) -> int:
 
 def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     """The deepspeed runner invocation, e.g. for 2 CPU ranks on this node:
-    python -m deepspeed.launcher.runner --num_accelerators 2 --master_port P --no_local_rank
-        --module stablekd.launcher.worker teacher runs/quickstart
+    python -m deepspeed.launcher.runner --num_accelerators 2 --master_port P --log_level warning
+        --no_local_rank --module stablekd.launcher.worker teacher runs/quickstart
     """
     launch = cfg.launch
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]

@@ -21,9 +21,9 @@ from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash, save_config, to_dict
 from stablekd.model.tokenizer import train_tokenizer
 
-STAGES = ["teacher", "soft_labels"]  # in pipeline order
+STAGES = ["teacher", "soft_labels", "evaluate"]  # in pipeline order
 # Stages that run in the launching process (models that fit one process); the others start ranks.
-IN_PROCESS: set[str] = set()
+IN_PROCESS: set[str] = {"evaluate"}
 # Fields that change what a stage computes; logging/saving cadence may change on resume.
 _NOT_HASHED = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "export_hf"}
 

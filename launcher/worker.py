@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 from stablekd.launcher.config import load_config
@@ -11,6 +12,10 @@ from stablekd.launcher.config import load_config
 
 def main(argv: list[str]) -> None:
     stage, run_dir = argv
+    # DeepSpeed 0.19 still calls collectives torch 2.13 deprecated: one warning per call site and rank.
+    warnings.filterwarnings(
+        "ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     cfg = load_config(Path(run_dir) / "config.yaml")
     importlib.import_module(f"stablekd.launcher.stages.{stage}").run(cfg)
 

@@ -2,12 +2,13 @@
 
 Tolerance: fp32 runs. Per step, ZeRO sums the two ranks' gradients (ZeRO-2 all-reduce, ZeRO-3
 reduce-scatter) where the reference sums one batch: the same numbers added in another order, ~1e-7
-relative per step. AdamW's update of tiny gradients magnifies that a little over steps, so the first 6
+relative per step. AdamW's update of tiny gradients magnifies that a little over steps, so the first 10
 losses must agree to rtol 2e-4 (a wrong token count, data order, LR step or clipping moves them by >1e-2).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
+from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.launcher.config import load_config
 from stablekd.launcher.monitor import read_scalars as tb_scalars
@@ -29,7 +31,7 @@ from stablekd.objectives.lm import nll_sum
 from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd
 
 pytestmark = pytest.mark.distributed
-STEPS = 6
+STEPS = 10  # 10 × 2 micro-batches × 4 × 32 tokens per rank: more than one pass over the user corpus
 
 
 def reference_losses(run_dir: Path, steps: int, accum: int) -> list[float]:
@@ -72,21 +74,25 @@ def reference_losses(run_dir: Path, steps: int, accum: int) -> list[float]:
     return losses
 
 
+def user_corpus(root: Path) -> Path:
+    """A user's corpus: .txt with a bad-bytes line and empty lines, a .jsonl.gz with a broken record, an empty file."""
+    texts = bios.generate(20, seed=3).train
+    root.mkdir()
+    (root / "a.txt").write_bytes("\n".join(texts[:20]).encode() + b"\n\n\xff\xfe broken bytes\n\n")
+    with gzip.open(root / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts[20:40])
+        f.write('{"text": unquoted}\n')
+    (root / "empty.txt").write_text("")
+    return root
+
+
 def test_zero3_two_ranks_match_plain_pytorch(tmp_path):
     run = tmp_path / "z3"
-    run_stablekd(
-        "stage",
-        "teacher",
-        str(QUICKSTART),
-        *TINY,
-        f"run.out_dir={run}",
-        "launch.nproc_per_node=2",
-        "teacher.ds_config=zero3.json",
-        "teacher.dtype=fp32",
-        f"teacher.max_steps={STEPS}",
-        "teacher.save_every=3",
-        "teacher.grad_accum=2",
-    )
+    corpus = user_corpus(tmp_path / "corpus")
+    args = ["stage", "teacher", str(QUICKSTART), *TINY, f"run.out_dir={run}", "launch.nproc_per_node=2"]
+    args += [f"data.paths=[{corpus}]", "teacher.ds_config=zero3.json", "teacher.dtype=fp32"]
+    args += [f"teacher.max_steps={STEPS}", "teacher.save_every=3", "teacher.grad_accum=2"]
+    run_stablekd(*args)
     # One ZeRO shard per rank, left sharded; a complete marker; DONE.json.
     ckpt = run / "teacher" / "ckpt"
     marker = json.loads((ckpt / "complete.json").read_text())
@@ -96,6 +102,11 @@ def test_zero3_two_ranks_match_plain_pytorch(tmp_path):
     assert len([n for n in names if n.endswith("optim_states.pt")]) == 2
     done = json.loads((run / "teacher" / "DONE.json").read_text())
     assert done["produced"]["zero_stage"] == 3 and done["produced"]["steps"] == STEPS
+    # Bad bytes, a broken JSON record, empty lines and an empty file: skipped and counted, the run went on.
+    # (The counts cover what the stream has read: here more than one whole pass.)
+    stats = done["produced"]["data_stats"]
+    assert (stats["files"], stats["documents"], stats["bad_lines"], stats["empty_files"]) == (3, 40, 2, 1)
+    assert stats["empty_lines"] == 2
     ds = json.loads((run / "ds" / "teacher.json").read_text())
     assert ds["train_batch_size"] == 4 * 2 * 2  # micro 4 × accum 2 × 2 ranks
 
@@ -106,6 +117,14 @@ def test_zero3_two_ranks_match_plain_pytorch(tmp_path):
     assert got[STEPS] < got[1]
     for tag in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "perf/step_time_s"):
         assert tb_scalars(run / "tb" / "teacher", tag), f"{tag} missing from TensorBoard"
+
+    # The driver skips a finished stage, and refuses to mix a changed config into a finished run.
+    again = run_stablekd(*args)
+    assert "teacher: done already" in again.stderr and "skipped" in again.stderr
+    changed = run_stablekd(*args, "teacher.lr=0.1", check=False)
+    assert (
+        changed.returncode == 2 and "DONE.json: stage teacher finished with another config" in changed.stderr
+    )
 
 
 def _start(run: Path, *extra: str) -> subprocess.Popen:

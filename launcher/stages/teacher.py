@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
+from stablekd.data_pipeline.sources import SourceStats
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import engine, pipeline
@@ -57,9 +58,10 @@ def run(cfg: ExperimentConfig) -> None:
     tokenizer = load_tokenizer(tok_dir)
     seq_len, micro = cfg.data.seq_len, ds["train_micro_batch_size_per_gpu"]
     model = build_model(init_source(cfg), tokenizer, seq_len, cfg.run.seed)
-    stream = PackedStream(
-        pipeline.train_files(cfg), tok_dir, seq_len, micro, rank, world, cfg.data.num_workers
-    )
+    # Every rank reads the whole corpus (it keeps the global document index), so rank 0's counts suffice.
+    stats = SourceStats()
+    files = pipeline.train_files(cfg)
+    stream = PackedStream(files, tok_dir, seq_len, micro, rank, world, cfg.data.num_workers, stats=stats)
     evals = eval_batches(
         pipeline.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
     )
@@ -76,13 +78,16 @@ def run(cfg: ExperimentConfig) -> None:
         "tokens": result.tokens,
         "eval_loss": result.eval_loss,
         "params": count_params(model),
+        "data_stats": stats.as_dict(),  # complete once the stream has passed the end of the corpus
     }
     if cfg.teacher.export_hf:
         export_hf(result.engine.module, tokenizer, run_dir / "teacher" / "hf", zero3)
         produced["hf"] = str(run_dir / "teacher" / "hf")
     if rank == 0:
-        inputs = {
-            "tokenizer_hash": tokenizer_hash(tok_dir),
-            "train_files": [str(f) for f in pipeline.train_files(cfg)],
+        skipped = {
+            k: v for k, v in stats.as_dict().items() if k in ("empty_files", "empty_lines", "bad_lines") and v
         }
+        if skipped:
+            print(f"[teacher] data: skipped and counted {skipped}", flush=True)
+        inputs = {"tokenizer_hash": tokenizer_hash(tok_dir), "train_files": [str(f) for f in files]}
         pipeline.write_done(cfg, "teacher", produced, inputs)

@@ -1,0 +1,225 @@
+"""Stage `evaluate`: the stability and efficiency report of every model the run has (DESIGN §7).
+
+Models are the Hugging Face exports <run>/{teacher,student,contrastive}/hf, whichever exist, each loaded
+whole into this one process (fp32 on CPU, bf16 on a GPU) and evaluated with the same prompts and seeds.
+Writes eval/report.json ({"models": {name: {metric: value}}, "ratios", "notes", ...}), eval/report.md
+(one row per metric, one column per model, sample generations), TensorBoard `eval/<model>/<metric>`
+under tb/evaluate, and evaluate/DONE.json.
+
+Not here: generation from a ZeRO-3 sharded checkpoint for a teacher too big for one process; such a
+teacher must be exported (teacher.export_hf=true) first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.stream import eval_batches
+from stablekd.evaluation import report
+from stablekd.evaluation.bios_probe import HFGenerator, probe
+from stablekd.launcher import pipeline
+from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
+from stablekd.model.build import count_params
+from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
+
+MODEL_NAMES = ("teacher", "student", "contrastive")  # report column order
+
+
+def find_models(run_dir: Path) -> dict[str, Path]:
+    """name -> <run>/<name>/hf for each model exported there; a ConfigError when none can be evaluated."""
+    found: dict[str, Path] = {}
+    for name in MODEL_NAMES:
+        hf = run_dir / name / "hf"
+        if (hf / "config.json").is_file():
+            found[name] = hf
+        elif (run_dir / name / "ckpt").is_dir():
+            # A sharded-only model would silently drop out of the report (and the teacher is the
+            # default coherence encoder): stop and say how to get the export.
+            raise ConfigError(
+                f"evaluate: {name}/hf missing ({hf}) but {run_dir / name / 'ckpt'} exists: rerun the {name} "
+                f"with {name}.export_hf=true (evaluate loads Hugging Face directories; generating from "
+                "ZeRO-3 shards is not implemented)"
+            )
+    if not found:
+        paths = ", ".join(str(run_dir / n / "hf") for n in MODEL_NAMES)
+        raise ConfigError(
+            f"evaluate: no model to evaluate: none of {paths} exists (run the teacher stage first)"
+        )
+    return found
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+
+
+def _device_dtype() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # fp32 on CPU: for the small quickstart models generation is overhead-bound and bf16 was no faster
+    return torch.device("cpu"), torch.float32
+
+
+def _load(
+    path: Path, fallback_tok: Path, device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    tok_dir = path if _has_tokenizer(path) else fallback_tok
+    return model, load_tokenizer(tok_dir), tok_dir
+
+
+def _encoder_dir(src: str) -> Path:
+    """A local HF model directory, or a sentence-transformers one (its Transformer module's folder)."""
+    root = Path(src)
+    if not root.is_dir():
+        raise ConfigError(
+            f"evaluate.coherence_encoder: {src} is not a directory (expected a local Hugging Face or "
+            "sentence-transformers model directory; empty = the teacher)"
+        )
+    if not (root / "config.json").is_file() and (root / "modules.json").is_file():
+        for module in json.loads((root / "modules.json").read_text()):
+            if module.get("type", "").endswith("Transformer"):
+                root = root / module.get("path", "")
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"evaluate.coherence_encoder: {src} holds no config.json (not a model directory)")
+    return root
+
+
+def _done_hash(run_dir: Path, name: str) -> str | None:
+    done = run_dir / name / "DONE.json"
+    return json.loads(done.read_text()).get("config_hash") if done.is_file() else None
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Fail before any work when there is no model to evaluate or the coherence encoder is not a directory."""
+    find_models(cfg.run_dir)
+    if cfg.evaluate.coherence_encoder:
+        _encoder_dir(cfg.evaluate.coherence_encoder)
+    if not cfg.data.paths and not (cfg.run_dir / "data" / "truth.json").is_file():
+        raise ConfigError(
+            f"evaluate: {cfg.run_dir / 'data' / 'truth.json'} missing (the bios corpus's ground truth)"
+        )
+
+
+@torch.inference_mode()
+def run(cfg: ExperimentConfig) -> None:
+    t_start = time.perf_counter()
+    ecfg, run_dir = cfg.evaluate, cfg.run_dir
+    models = find_models(run_dir)
+    encoder_src = _encoder_dir(ecfg.coherence_encoder) if ecfg.coherence_encoder else None
+    device, dtype = _device_dtype()
+    run_tok_dir = pipeline.tokenizer_dir(cfg)
+    run_tok = load_tokenizer(run_tok_dir)
+    notes: list[str] = []
+
+    builtin = not cfg.data.paths
+    people: list[bios.Person] = []
+    unseen: list[bios.Person] = []
+    bios_heldout = run_dir / "data" / "heldout.txt"
+    if builtin:
+        people, unseen = bios.load_truth(run_dir / "data" / "truth.json")
+    else:
+        notes.append(
+            "bios_* keys absent: the run trains on a user corpus (data.paths); the bios probe needs the "
+            "built-in corpus and its ground truth"
+        )
+    held = pipeline.eval_files(cfg)
+    if not held:
+        notes.append("ppl absent: the run has no held-out text (set data.eval_paths)")
+    prefix_files = held or pipeline.train_files(cfg)
+    prefixes = report.load_prefixes(prefix_files, run_tok, ecfg.prefixes, ecfg.prefix_tokens)
+    if not held:
+        notes.append("prefixes come from the training text: no held-out text")
+    if not prefixes:
+        notes.append(
+            f"no document longer than {ecfg.prefix_tokens} tokens: degeneration and coherence absent"
+        )
+    speed_prompts = (prefixes or ["The"])[: report.SPEED_BATCH]
+
+    results: dict[str, dict[str, float]] = {}
+    samples: dict[str, dict] = {}
+    greedy: dict[str, list[str]] = {}
+    for name, path in models.items():
+        t0 = time.perf_counter()
+        meter = report.MemoryMeter(device)
+        meter.start()
+        model, tok, tok_dir = _load(path, run_tok_dir, device, dtype)
+        gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
+        m: dict[str, float] = {}
+
+        def ppl(files: list[Path], model: PreTrainedModel = model, tok_dir: Path = tok_dir) -> float:
+            batches = eval_batches(
+                files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
+            )
+            return report.perplexity(model, batches)
+
+        if held:
+            m["ppl"] = ppl(held)
+        if builtin:
+            m["bios_ppl"] = m["ppl"] if held == [bios_heldout] else ppl([bios_heldout])
+            result = probe(gen, people, unseen, ecfg)
+            m.update(result.metrics)
+            samples[name] = {"probe": result.examples}
+        if prefixes:
+            cont = report.continue_prefixes(gen, prefixes, ecfg)
+            m.update(report.degeneration(cont))
+            greedy[name] = cont.greedy
+            samples.setdefault(name, {})["continuations"] = list(
+                zip(prefixes[:3], cont.greedy[:3], strict=True)
+            )
+        m["params"] = count_params(model)
+        m["gen_tokens_per_s"] = report.generation_speed(gen, speed_prompts, ecfg.max_new_tokens)
+        m["peak_mem_mib"] = meter.peak_mib()
+        results[name] = m
+        del gen, model
+        pipeline.say(
+            f"evaluate: {name}: "
+            + ", ".join(f"{k} {v:.3g}" for k, v in m.items() if k in ("ppl", "bios_accuracy", "rep_2"))
+            + f" ({time.perf_counter() - t0:.1f}s)"
+        )
+
+    # Coherence last, with one encoder for every model, so the numbers compare across columns.
+    encoder_name = (
+        str(encoder_src) if encoder_src else ("teacher" if "teacher" in models else next(iter(models)))
+    )
+    if prefixes:
+        if encoder_src:
+            encoder = AutoModel.from_pretrained(str(encoder_src)).to(device).eval()
+            enc_tok = AutoTokenizer.from_pretrained(str(encoder_src))
+        else:
+            encoder, enc_tok, _ = _load(models[encoder_name], run_tok_dir, device, dtype)
+            if encoder_name != "teacher":
+                notes.append(f"coherence encoder: {encoder_name} (the run has no teacher/hf)")
+        for name in models:
+            results[name]["coherence"] = report.coherence(encoder, enc_tok, prefixes, greedy[name])
+        del encoder
+
+    out = {
+        "models": results,
+        "ratios": report.ratios(results),
+        "notes": notes,
+        "coherence_encoder": encoder_name,
+        "device": str(device),
+        "settings": to_dict(ecfg),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    paths = report.write_report(out, samples, run_dir / "eval", run_dir / "tb" / "evaluate")
+    produced = {"report_json": str(paths["json"]), "report_md": str(paths["md"]), "models": list(models)}
+    inputs = {
+        "models": {n: str(p) for n, p in models.items()},
+        "model_config_hashes": {n: _done_hash(run_dir, n) for n in models},
+        "tokenizer_hash": tokenizer_hash(run_tok_dir),
+    }
+    pipeline.write_done(cfg, "evaluate", produced, inputs)
+    pipeline.say(f"evaluate: report -> {paths['md']} ({out['seconds']}s)")

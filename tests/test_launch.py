@@ -1,0 +1,54 @@
+"""The deepspeed runner command: an argument list for one node, a hostfile, or one node of many."""
+
+from __future__ import annotations
+
+import sys
+
+from stablekd.launcher.config import load_config
+from stablekd.launcher.launch import runner_command, threads_per_rank, write_deepspeed_env
+from stablekd.launcher.pipeline import world_size
+from tests.conftest import QUICKSTART
+
+
+def test_single_node_command(tmp_path):
+    cfg = load_config(
+        QUICKSTART, [f"run.out_dir={tmp_path}", "launch.nproc_per_node=2", "launch.master_port=29555"]
+    )
+    cmd = runner_command(cfg, "teacher")
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert cmd[3:5] == ["--num_accelerators", "2"]  # CPU here; --num_gpus on a GPU node
+    assert cmd[cmd.index("--master_port") + 1] == "29555"
+    assert cmd[-4:] == ["--module", "stablekd.launcher.worker", "teacher", str(tmp_path)]
+    assert "--hostfile" not in cmd and all(isinstance(a, str) for a in cmd)
+    auto = runner_command(load_config(QUICKSTART, ["launch.master_port=0"]), "teacher")
+    assert 0 < int(auto[auto.index("--master_port") + 1]) < 65536  # a free port picked for us
+
+
+def test_hostfile_and_no_ssh_commands(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=4\nnode-b slots=4\n")
+    common = [
+        f"run.out_dir={tmp_path}",
+        f"launch.hostfile={hostfile}",
+        "launch.nproc_per_node=4",
+        "launch.master_addr=10.0.0.1",
+        "launch.master_port=29600",
+    ]
+    cfg = load_config(QUICKSTART, common)
+    cmd = runner_command(cfg, "teacher")
+    assert cmd[cmd.index("--hostfile") + 1] == str(hostfile) and cmd[cmd.index("--launcher") + 1] == "pdsh"
+    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and "--no_ssh" not in cmd
+    assert world_size(cfg) == 8
+    per_node = runner_command(
+        load_config(QUICKSTART, [*common, "launch.no_ssh=true", "launch.node_rank=1"]), "teacher"
+    )
+    assert per_node[per_node.index("--no_ssh") + 1 : per_node.index("--no_ssh") + 3] == ["--node_rank", "1"]
+
+
+def test_deepspeed_env_has_no_comments(tmp_path):
+    cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path}", "launch.nproc_per_node=2"])
+    path = write_deepspeed_env(cfg, {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "veth0", "HOME": "/root"})
+    assert (
+        path.read_text() == "GLOO_SOCKET_IFNAME=veth0\nOMP_NUM_THREADS=1\n"
+    )  # the runner crashes on comments
+    assert threads_per_rank(cfg) >= 1
