@@ -163,16 +163,17 @@ def _resume(engine: Any, stage: Stage, ckpt_dir: Path, cfg_hash: str) -> tuple[i
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def evaluate(engine: Any, stage: Stage) -> float:
+def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
     """Mean eval loss over every rank's eval batches.
 
     Under ZeRO-3 every rank must run the same number of forwards (parameters are gathered
-    collectively), so a rank with fewer eval batches repeats its first one and counts nothing from it.
+    collectively), so a rank with fewer eval batches runs `filler` (or its first eval batch) and counts
+    nothing from it.
     """
     n = int(_all_reduce([len(stage.eval_batches)], dist.ReduceOp.MAX)[0])
     if n == 0:
         return float("nan")
-    filler = stage.eval_batches[0] if stage.eval_batches else None
+    filler = stage.eval_batches[0] if stage.eval_batches else filler
     total, count = 0.0, 0.0
     engine.eval()
     with torch.no_grad():
@@ -222,8 +223,8 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
             engine.step()
             step_loss += float(loss_sum.detach())
         step += 1
-        step_tokens = int(_all_reduce([sum(b["input_ids"].numel() for b in micro)])[0])
-        step_loss = _all_reduce([step_loss])[0] / max(n_global, 1.0)
+        step_loss, step_tokens = _all_reduce([step_loss, sum(b["input_ids"].numel() for b in micro)])
+        step_loss, step_tokens = step_loss / max(n_global, 1.0), int(step_tokens)
         tokens += step_tokens
         losses.append(step_loss)
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
@@ -249,7 +250,7 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
             )
             window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-            eval_loss = evaluate(engine, stage)
+            eval_loss = evaluate(engine, stage, filler=micro[0])
             monitor.scalars(step, {"eval/loss": eval_loss})
             monitor.print(
                 f"[{stage.name}] step {step}: train loss {step_loss:.4f}, eval loss {eval_loss:.4f}"
