@@ -183,12 +183,41 @@ def write_done(cfg: ExperimentConfig, stage: str, produced: dict, inputs: dict) 
     os.replace(tmp, path)
 
 
+def _run_hash(cfg: ExperimentConfig) -> str:
+    """The config every node must share: all but `launch` (node_rank differs per node)."""
+    return config_hash({k: v for k, v in to_dict(cfg).items() if k != "launch"})
+
+
+def _wait_for(path: Path, what: str, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        if time.time() > deadline:
+            raise ConfigError(
+                f"waited {timeout_s:.0f}s for {what} ({path} missing): is node 0 running the same command?"
+            )
+        time.sleep(0.5)
+
+
 def run(cfg: ExperimentConfig, stages: list[str]) -> None:
     """Prepare, then launch each stage not already done (DeepSpeed runner, one job per stage)."""
     from stablekd.launcher.launch import run_stage
 
-    prepare(cfg, stages)
+    # With launch.no_ssh every node runs this command; node 0 prepares, the others wait for it
+    # (the run directory is on a filesystem every node sees) and never run in-process stages.
+    follower = cfg.launch.no_ssh and cfg.launch.node_rank > 0
+    if follower:
+        _wait_for(cfg.run_dir / "prepared.json", "node 0 to prepare the run directory")
+        prepared = json.loads((cfg.run_dir / "prepared.json").read_text())["config_hash"]
+        if prepared != _run_hash(cfg):
+            raise ConfigError(
+                f"{cfg.run_dir}: node 0 prepared another config (hash {prepared}, this node {_run_hash(cfg)})"
+            )
+    else:
+        prepare(cfg, stages)
+        (cfg.run_dir / "prepared.json").write_text(json.dumps({"config_hash": _run_hash(cfg)}))
     for stage in stages:
+        if follower and stage in IN_PROCESS:
+            continue
         if is_done(cfg, stage):
             say(f"{stage}: done already ({done_path(cfg, stage)}), skipped")
             continue
@@ -199,6 +228,8 @@ def run(cfg: ExperimentConfig, stages: list[str]) -> None:
             module.run(cfg)
         else:
             run_stage(cfg, stage)
+        if follower:  # global rank 0, on node 0, writes DONE.json after this node's ranks may have exited
+            _wait_for(done_path(cfg, stage), f"node 0 to finish stage {stage}", timeout_s=120)
         if not done_path(cfg, stage).exists():
             raise RuntimeError(f"stage {stage} exited without writing {done_path(cfg, stage)}")
         say(f"{stage}: done -> {cfg.run_dir / stage}")
