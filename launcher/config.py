@@ -53,7 +53,7 @@ class LaunchConfig:
     )
     node_rank: int = _f(-1, "this node's rank with launch.no_ssh")
     master_addr: str = _f("", "address of the first node (multi-node); empty = runner default")
-    master_port: int = _f(29500, "rendezvous port")
+    master_port: int = _f(0, "rendezvous port; 0 = a free port on one node, 29500 with a hostfile")
     threads_per_rank: int = _f(
         0, "torch threads per rank; 0 = CPU cores / ranks per node (oversubscription halves speed)"
     )
@@ -174,6 +174,11 @@ class SoftLabelsConfig:
         256, "contexts to sample candidates for (bios: questions and biography starts)"
     )
     candidates_per_context: int = _f(4, "M sampled continuations per context")
+    generate_batch_size: int = _f(
+        64,
+        "rows (contexts × M) per rank per generate call; ZeRO-3 gathers every layer once per new token, "
+        "so large calls amortise the gathers",
+    )
     include_gold: bool = _f(True, "add the corpus continuation as one more member of each group")
     max_new_tokens: int = _f(32, "tokens sampled per continuation")
     sample_temperature: float = _f(1.0, "sampling temperature for candidates")
@@ -199,7 +204,9 @@ class EvaluateConfig:
     free_bios: int = _f(20, "free-generated biographies per model (in-text contradiction)")
     prefixes: int = _f(40, "corpus prefixes continued for repetition, diversity and coherence")
     prefix_tokens: int = _f(16, "tokens of each prefix")
-    max_new_tokens: int = _f(48, "tokens generated per continuation")
+    max_new_tokens: int = _f(
+        64, "tokens per prefix continuation and free biography (a quickstart biography is ~57 tokens)"
+    )
     temperature: float = _f(1.0, "sampling temperature")
     top_p: float = _f(0.95, "nucleus sampling threshold")
     ppl_batches: int = _f(8, "held-out batches of 8 sequences for perplexity")

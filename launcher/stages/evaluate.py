@@ -24,12 +24,13 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.stream import eval_batches
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
-from stablekd.launcher import pipeline
+from stablekd.launcher import launch, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
 from stablekd.model.build import count_params
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
@@ -101,6 +102,13 @@ def _done_hash(run_dir: Path, name: str) -> str | None:
     return json.loads(done.read_text()).get("config_hash") if done.is_file() else None
 
 
+def _perplexity(model: PreTrainedModel, files: list[Path], tok_dir: Path, cfg: ExperimentConfig) -> float:
+    batches = eval_batches(
+        files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, cfg.evaluate.ppl_batches, 0, 1
+    )
+    return report.perplexity(model, batches)
+
+
 def preflight(cfg: ExperimentConfig) -> None:
     """Fail before any work when there is no model to evaluate or the coherence encoder is not a directory."""
     find_models(cfg.run_dir)
@@ -112,8 +120,26 @@ def preflight(cfg: ExperimentConfig) -> None:
         )
 
 
-@torch.inference_mode()
 def run(cfg: ExperimentConfig) -> None:
+    # One rank's share of the cores, as a training rank gets (launch.threads_per_rank; 0 = cores ÷ ranks
+    # per node); restored after, since the stage runs inside the launching process. Decoding is thousands
+    # of small ops per token, each an OpenMP barrier: on 2 cores shared with other work the quickstart
+    # teacher took 145 s with 2 threads and 28 s with 1 (1 thread was ~1.2x slower on idle cores).
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(launch.threads_per_rank(cfg))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load says nothing here
+    try:
+        with torch.inference_mode():
+            _evaluate(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _evaluate(cfg: ExperimentConfig) -> None:
     t_start = time.perf_counter()
     ecfg, run_dir = cfg.evaluate, cfg.run_dir
     models = find_models(run_dir)
@@ -147,6 +173,12 @@ def run(cfg: ExperimentConfig) -> None:
         )
     speed_prompts = (prefixes or ["The"])[: report.SPEED_BATCH]
 
+    # Warm-up outside every measurement: lazy imports, kernel set-up and allocator pools that the first
+    # model would otherwise pay for alone in peak memory and tokens/s.
+    model, tok, _ = _load(next(iter(models.values())), run_tok_dir, device, dtype)
+    HFGenerator(model, tok)(speed_prompts[:2], 2, False, 4)
+    del model, tok
+
     results: dict[str, dict[str, float]] = {}
     samples: dict[str, dict] = {}
     greedy: dict[str, list[str]] = {}
@@ -157,17 +189,11 @@ def run(cfg: ExperimentConfig) -> None:
         model, tok, tok_dir = _load(path, run_tok_dir, device, dtype)
         gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
         m: dict[str, float] = {}
-
-        def ppl(files: list[Path], model: PreTrainedModel = model, tok_dir: Path = tok_dir) -> float:
-            batches = eval_batches(
-                files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
-            )
-            return report.perplexity(model, batches)
-
         if held:
-            m["ppl"] = ppl(held)
+            m["ppl"] = _perplexity(model, held, tok_dir, cfg)
         if builtin:
-            m["bios_ppl"] = m["ppl"] if held == [bios_heldout] else ppl([bios_heldout])
+            same = held == [bios_heldout]
+            m["bios_ppl"] = m["ppl"] if same else _perplexity(model, [bios_heldout], tok_dir, cfg)
             result = probe(gen, people, unseen, ecfg)
             m.update(result.metrics)
             samples[name] = {"probe": result.examples}

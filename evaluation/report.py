@@ -1,0 +1,344 @@
+"""Perplexity, degeneration, coherence and efficiency of one model, and the report of all of them (DESIGN §7).
+
+The pieces take a model (or a `TextGenerator`) and return numbers; `launcher/stages/evaluate.py` wires
+them for every model of a run and calls `write_report`.
+
+- Perplexity: exp(mean next-token NLL) over the first `ppl_batches` packed held-out batches of
+  `PPL_MICRO_BATCH` sequences (the stream the teacher's eval loss reads, so ppl = exp(eval loss)).
+- Degeneration: each prefix (the first `prefix_tokens` tokens of a held-out document) is continued
+  greedily and K times by sampling. rep-2/3/4 and diversity are computed on the greedy continuations
+  (SimCTG's set-up: greedy decoding is where a model's loops show; sampling at T=1 hides them);
+  distinct-2 is the mean over prefixes of distinct-2 within that prefix's K samples.
+- Coherence: mean cosine between the embedding of a prefix and of its greedy continuation, each the
+  mean-pooled last hidden states of one encoder for every model (default: the teacher).
+- Efficiency: parameters; generation tokens/s on one fixed batch with a forced length; peak memory
+  while the model is loaded and evaluated (CPU: the process's peak RSS above its RSS before loading;
+  GPU: `torch.cuda.max_memory_allocated`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import itertools
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stablekd.data_pipeline.sources import iter_documents
+from stablekd.evaluation import metrics
+from stablekd.evaluation.bios_probe import HFGenerator, TextGenerator
+from stablekd.launcher.config import EvaluateConfig
+from stablekd.model.tokenizer import encode
+from stablekd.objectives.lm import nll_sum
+
+PPL_MICRO_BATCH = 8  # sequences per perplexity forward: 8 × seq_len tokens
+SPEED_BATCH = 8  # prompts in the fixed tokens/s batch
+
+# Report rows: key -> (label, how to read it). Order = row order of report.md.
+METRICS: dict[str, tuple[str, str]] = {
+    "ppl": ("perplexity, held-out text", "lower is better"),
+    "bios_ppl": ("perplexity, held-out biographies", "lower is better"),
+    "bios_accuracy": ("bios accuracy (greedy)", "trained people"),
+    "bios_answered": ("bios answered (greedy parses)", "trained people"),
+    "bios_self_consistency": ("bios self-consistency", "share of 1+K answers = modal answer"),
+    "bios_cross_contradiction": ("bios cross-sample contradiction", "share of questions with >=2 values"),
+    "bios_intext_contradiction": ("bios in-text contradiction", "share of free bios"),
+    "bios_unseen_accuracy": ("unseen: accuracy (chance level)", "people never trained on"),
+    "bios_unseen_answered": ("unseen: answered", "people never trained on"),
+    "bios_unseen_self_consistency": ("unseen: self-consistency", "consistent invention"),
+    "bios_unseen_cross_contradiction": ("unseen: cross-sample contradiction", "people never trained on"),
+    "bios_unseen_intext_contradiction": ("unseen: in-text contradiction", "people never trained on"),
+    "rep_2": ("rep-2 (%)", "greedy continuations; lower is better"),
+    "rep_3": ("rep-3 (%)", "greedy continuations; lower is better"),
+    "rep_4": ("rep-4 (%)", "greedy continuations; lower is better"),
+    "diversity": ("diversity", "prod (1 - rep-n/100); higher is better"),
+    "distinct_2": ("distinct-2 within K samples", "higher = samples differ more"),
+    "coherence": ("coherence (cosine)", "prefix vs greedy continuation"),
+    "params": ("parameters", ""),
+    "gen_tokens_per_s": ("generation tokens/s", "one fixed batch"),
+    "peak_mem_mib": ("peak memory (MiB)", "load + evaluate"),
+}
+RATIO_KEYS = ("params", "gen_tokens_per_s", "peak_mem_mib")
+
+
+# --- perplexity ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """exp(summed NLL / counted tokens) over `batches` (dicts with input_ids and labels, (B, T))."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"].to(device)).logits  # (B, T, V)
+        loss, n = nll_sum(logits, batch["labels"].to(device))
+        total, count = total + loss.item(), count + int(n)
+    return metrics.perplexity(total, count)
+
+
+# --- degeneration --------------------------------------------------------------------------------
+
+
+def load_prefixes(
+    files: Sequence[Path], tokenizer: PreTrainedTokenizerBase, n: int, prefix_tokens: int
+) -> list[str]:
+    """The first `prefix_tokens` tokens (as text) of the first `n` documents that are longer than that.
+
+    Only documents with text beyond the prefix count, so every prefix has a corpus continuation.
+    """
+    out: list[str] = []
+    for text in itertools.islice(iter_documents(files), 50 * n):  # bounded: a corpus of short lines ends it
+        ids = encode(tokenizer, [text])[0]
+        if len(ids) > prefix_tokens:
+            out.append(tokenizer.decode(ids[:prefix_tokens], skip_special_tokens=True))
+        if len(out) == n:
+            break
+    return out
+
+
+@dataclass
+class Continuations:
+    greedy: list[str]
+    """One greedy continuation per prefix."""
+    samples: list[list[str]]
+    """K sampled continuations per prefix."""
+
+
+def continue_prefixes(gen: TextGenerator, prefixes: Sequence[str], cfg: EvaluateConfig) -> Continuations:
+    greedy = [c[0] for c in gen(prefixes, 1, True, cfg.max_new_tokens)]
+    torch.manual_seed(cfg.seed + 2)  # the probe uses seed and seed + 1
+    samples = gen(prefixes, cfg.samples, False, cfg.max_new_tokens) if cfg.samples > 0 else []
+    return Continuations(greedy, samples)
+
+
+def degeneration(cont: Continuations) -> dict[str, float]:
+    """rep-2/3/4 and diversity of the greedy continuations; distinct-2 within each prefix's samples."""
+    out = {f"rep_{n}": metrics.rep_n(cont.greedy, n) for n in (2, 3, 4)}
+    out["diversity"] = metrics.diversity(cont.greedy)
+    if cont.samples:
+        out["distinct_2"] = sum(metrics.distinct_n(s, 2) for s in cont.samples) / len(cont.samples)
+    return out
+
+
+# --- coherence -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def embed(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
+    """(N, D) mean of the last hidden states over each text's tokens (causal LM or encoder alike).
+
+    An empty text (a continuation that ended at once) embeds to zeros, whose cosine with anything is 0.
+    """
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        ids = encode(tokenizer, list(texts[start : start + batch_size]))
+        width = max(1, max(len(i) for i in ids))
+        pad = tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=device)  # (b, T)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=device)  # (b, T)
+        # an all-zero mask row makes attention softmax NaN; give it one token and zero it after pooling
+        safe = mask.clone()
+        safe[:, 0] = 1
+        hidden = model(input_ids=input_ids, attention_mask=safe, output_hidden_states=True).hidden_states[-1]
+        m = mask.unsqueeze(-1).float()  # (b, T, 1)
+        rows.append((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1))  # (b, D)
+    return torch.cat(rows)
+
+
+def coherence(
+    encoder: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prefixes: Sequence[str],
+    conts: Sequence[str],
+) -> float:
+    return metrics.coherence(embed(encoder, tokenizer, prefixes), embed(encoder, tokenizer, conts))
+
+
+# --- efficiency ----------------------------------------------------------------------------------
+
+
+def generation_speed(gen: HFGenerator, prompts: Sequence[str], max_new_tokens: int) -> float:
+    """Tokens/s of one greedy batch of `prompts` forced to `max_new_tokens` new tokens each."""
+    ids = gen.encode(prompts)
+    if gen.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    gen.generate_ids(ids, 1, True, max_new_tokens, min_new_tokens=max_new_tokens)
+    if gen.device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(prompts) * max_new_tokens / (time.perf_counter() - t0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class MemoryMeter:
+    """Peak memory of what happens between `start()` and `peak_mib()`.
+
+    GPU: `max_memory_allocated` after a reset. CPU: Linux lets a process reset its peak RSS (write 5 to
+    /proc/self/clear_refs); after garbage collection and glibc's `malloc_trim` the peak above the RSS at
+    start is then this model's alone (give or take what a first model pays once, such as lazy imports). Where that is not
+    allowed, the growth of the lifetime peak (`ru_maxrss`) is used, which reads 0 for a model that needs
+    less than an earlier one.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base_kib = 0
+        self.reset_peak = False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        # Memory an earlier model freed but the allocator kept would be reused without raising RSS, and
+        # the next model would read ~0: collect it and hand it back to the OS before the baseline.
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset_peak = True
+            self.base_kib = _status_kib("VmRSS") or 0
+        except OSError:
+            self.base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak = _status_kib("VmHWM") if self.reset_peak else None
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(0, peak - self.base_kib) / 1024
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def ratios(models: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """student/teacher and contrastive/teacher for params, tokens/s and peak memory, where both exist."""
+    out: dict[str, dict[str, float]] = {}
+    teacher = models.get("teacher")
+    if not teacher:
+        return out
+    for name, values in models.items():
+        if name == "teacher":
+            continue
+        r = {k: values[k] / teacher[k] for k in RATIO_KEYS if k in values and teacher.get(k)}
+        if r:
+            out[f"{name}/teacher"] = r
+    return out
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    if key == "params":
+        return f"{value / 1e6:.2f}M"
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return str(value)
+    if key in ("ppl", "bios_ppl", "gen_tokens_per_s", "peak_mem_mib") or key.startswith("rep_"):
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def _quote(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def samples_markdown(samples: dict) -> str:
+    """One model's sample generations: probe answers, free bios, prefix continuations."""
+    lines = []
+    for ex in samples.get("probe", []):
+        if "prompt" in ex:
+            answers = " / ".join(f"`{_quote(a.strip())}`" for a in ex["answers"])
+            lines.append(f"- [{ex['group']}] *{ex['prompt']}* → {answers} (truth: {ex['truth']})")
+        else:
+            lines.append(f"- [{ex['group']} free bio] {_quote(ex['bio'])}")
+    for prefix, cont in samples.get("continuations", []):
+        lines.append(f"- [prefix] *{_quote(prefix)}* → {_quote(cont)}")
+    return "\n".join(lines)
+
+
+def markdown(report: dict, samples: dict[str, dict]) -> str:
+    """report.md: the side-by-side table (one row per metric, one column per model), ratios, samples."""
+    names = list(report["models"])
+    keys = [k for k in METRICS if any(k in report["models"][n] for n in names)]
+    keys += sorted({k for n in names for k in report["models"][n]} - set(keys))
+    out = ["# Stability report", ""]
+    out += [
+        "| metric | " + " | ".join(names) + " | note |",
+        "| --- | " + " | ".join("---:" for _ in names) + " | --- |",
+    ]
+    for k in keys:
+        label, note = METRICS.get(k, (k, ""))
+        cells = [_fmt(k, report["models"][n].get(k)) for n in names]
+        out.append(f"| {label} (`{k}`) | " + " | ".join(cells) + f" | {note} |")
+    if report.get("ratios"):
+        out += ["", "| ratio | " + " | ".join(RATIO_KEYS) + " |", "| --- |" + " ---: |" * len(RATIO_KEYS)]
+        for pair, r in report["ratios"].items():
+            out.append(
+                f"| {pair} | " + " | ".join(f"{r[k]:.3f}" if k in r else "–" for k in RATIO_KEYS) + " |"
+            )
+    if report.get("notes"):
+        out += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
+    for name in names:
+        if samples.get(name):
+            out += ["", f"## Samples: {name}", "", samples_markdown(samples[name])]
+    return "\n".join(out) + "\n"
+
+
+def write_report(report: dict, samples: dict[str, dict], eval_dir: Path, tb_dir: Path) -> dict[str, Path]:
+    """eval/report.json, eval/report.md and TensorBoard scalars `eval/<model>/<metric>` + sample text (step 0)."""
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": eval_dir / "report.json", "md": eval_dir / "report.md"}
+    for key, text in (("json", json.dumps(report, indent=2) + "\n"), ("md", markdown(report, samples))):
+        tmp = paths[key].with_name(f".{paths[key].name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, paths[key])
+    writer = SummaryWriter(str(tb_dir))
+    try:
+        for name, values in report["models"].items():
+            for k, v in values.items():
+                writer.add_scalar(f"eval/{name}/{k}", v, 0)
+            if samples.get(name):
+                writer.add_text(f"eval/{name}/samples", samples_markdown(samples[name]), 0)
+        for pair, r in report.get("ratios", {}).items():
+            for k, v in r.items():
+                writer.add_scalar(f"eval/ratio/{pair.replace('/', '_vs_')}/{k}", v, 0)
+    finally:
+        writer.flush()
+        writer.close()
+    return paths
