@@ -16,8 +16,10 @@ Leaves (DESIGN §4):
     soft_labels/DONE.json, tb/soft_labels/ (fidelity and throughput scalars; x-axis: labelled batches).
 
 Per rank: the training stream as the teacher read it (PackedStream, not looping, rank-sharded, the
-teacher's seq_len and tokenizer), at most ceil-share of soft_labels.max_sequences sequences. A killed
-stage resumes: each rank skips the sequences (and contexts) its committed shards already hold.
+teacher's seq_len and tokenizer), one pass or this rank's share of soft_labels.max_sequences
+(`rank_quota`). Candidate contexts: rank r takes contexts r, r + world, ... of one list every rank builds
+(`candidate_contexts`). A killed stage resumes: each rank skips the sequences (and contexts) its committed
+shards already hold; a rank that had finished only joins the others' forwards.
 """
 
 from __future__ import annotations
@@ -94,6 +96,12 @@ def _rows(batches: Iterable[dict], start: int, stop: int | None) -> Iterator[tor
         seen += ids.shape[0]
 
 
+def _reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
 def _fidelity_path(out: Path, rank: int) -> Path:
     return out / f"fidelity.r{rank:03d}.json"
 
@@ -161,8 +169,8 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     writer.close()
     _write_json(fid_path, fid)
     elapsed = time.perf_counter() - t0
-    total_tokens = engine._all_reduce([tokens])[0]
-    slowest = engine._all_reduce([elapsed], dist.ReduceOp.MAX)[0]
+    total_tokens = _reduce([tokens])[0]
+    slowest = _reduce([elapsed], dist.ReduceOp.MAX)[0]
     parts: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(parts, fid)  # also the barrier finalize needs: every rank has closed
     fid_all = merge_fidelity(parts)
@@ -203,9 +211,8 @@ def candidate_contexts(cfg: ExperimentConfig, tokenizer) -> list[tuple[list[int]
     """(context ids, gold ids) for every context of the run, the same list on every rank (data_pipeline/contexts.py)."""
     sl = cfg.soft_labels
     if cfg.data.paths:
-        room = (
-            cfg.data.seq_len - sl.max_new_tokens - 1
-        )  # EOS + context + continuation fit the teacher's positions
+        # EOS + context + continuation within the positions the teacher trained on
+        room = cfg.data.seq_len - sl.max_new_tokens - 1
         if room < 1:
             raise ConfigError(
                 f"soft_labels.max_new_tokens {sl.max_new_tokens} leaves no room for a context in data.seq_len {cfg.data.seq_len}"
@@ -221,7 +228,7 @@ def candidate_contexts(cfg: ExperimentConfig, tokenizer) -> list[tuple[list[int]
 def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     """Write this rank's candidate groups (contexts rank, rank + world, ...); rank 0 finalizes. Returns a summary.
 
-    One generate call per max(1, micro_batch_size // M) contexts, each context repeated M times
+    One generate call per max(1, generate_batch_size // M) contexts, each context repeated M times
     ([contexts × M, width] rows, left-padded). Ranks with fewer calls run idle one-token generates so
     the number of calls matches (synced_gpus needs that, DESIGN §9).
     """
@@ -239,7 +246,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     writer = CandidateWriter(out, rank, meta, sl.records_per_shard, world_size=world)
     mine = contexts[rank::world]
     todo = [] if writer.final else list(range(writer.records_written, len(mine)))
-    per_call = max(1, sl.micro_batch_size // M)
+    per_call = max(1, sl.generate_batch_size // M)
     calls = [todo[i : i + per_call] for i in range(0, len(todo), per_call)]
     bar = tqdm(total=len(calls), desc="candidates", disable=rank != 0, dynamic_ncols=True)
     new_tokens, t0 = 0, time.perf_counter()
@@ -251,7 +258,8 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         width = max(map(len, ctx))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(c)) + c for c in ctx])  # [b, W] left-padded
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(c) for c in ctx])[:, None]).long()
-        # Reproducible per context whatever the batching after a resume: seed from the first context.
+        # Seeded by the call's first context, not by the history: a resumed run whose calls start at the
+        # same contexts (records_per_shard a multiple of contexts per call) draws the same samples.
         torch.manual_seed(cfg.run.seed * 1_000_003 + rank * 10_007 + call[0])
         seqs = teacher.generate(
             ids.repeat_interleave(M, 0),  # [b * M, W]: context b's rows are b*M .. b*M + M-1
@@ -272,8 +280,8 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         bar.update(1)
     bar.close()
     writer.close()
-    elapsed = engine._all_reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
-    new_tokens = int(engine._all_reduce([new_tokens])[0])
+    elapsed = _reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
+    new_tokens = int(_reduce([new_tokens])[0])
     dist.barrier()  # every rank has closed
     if rank == 0:
         finalize(out, world)
