@@ -43,15 +43,8 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     if launch.master_addr:
         cmd += ["--master_addr", launch.master_addr]
     port = launch.master_port or (_free_port() if not launch.hostfile else 29500)
-    cmd += [
-        "--master_port",
-        str(port),
-        "--no_local_rank",
-        "--module",
-        "stablekd.launcher.worker",
-        stage,
-        str(cfg.run_dir),
-    ]
+    cmd += ["--master_port", str(port), "--log_level", "warning", "--no_local_rank"]
+    cmd += ["--module", "stablekd.launcher.worker", stage, str(cfg.run_dir)]
     return cmd
 
 

@@ -24,6 +24,7 @@ from stablekd.model.tokenizer import train_tokenizer
 STAGES = ["teacher", "soft_labels", "evaluate"]  # in pipeline order
 # Stages that run in the launching process (models that fit one process); the others start ranks.
 IN_PROCESS: set[str] = {"evaluate"}
+STAGE_DIRS = {"evaluate": "eval"}  # DESIGN §4 layout; other stages write <run>/<stage>/
 # Fields that change what a stage computes; logging/saving cadence may change on resume.
 _NOT_HASHED = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "export_hf"}
 
@@ -47,11 +48,18 @@ def eval_files(cfg: ExperimentConfig) -> list[Path]:
 
 
 def stage_hash(cfg: ExperimentConfig, stage: str) -> str:
+    """What a stage's result depends on: its section, data, tokenizer, seed, DeepSpeed JSON, and the
+    hashes in the DONE.json of every earlier stage present (a retrained teacher makes its soft labels stale)."""
     section = {k: v for k, v in to_dict(getattr(cfg, stage)).items() if k not in _NOT_HASHED}
     ds_path = cfg.run_dir / "ds" / f"{stage}.json"
     ds = json.loads(ds_path.read_text()) if ds_path.exists() else {}
     ds.pop("tensorboard", None)  # holds the run directory's path, not a training choice
-    return config_hash(section, cfg.data, cfg.tokenizer, cfg.run.seed, ds)
+    upstream = {
+        s: json.loads(done_path(cfg, s).read_text())["config_hash"]
+        for s in STAGES[: STAGES.index(stage)]
+        if done_path(cfg, s).exists()
+    }
+    return config_hash(section, cfg.data, cfg.tokenizer, cfg.run.seed, ds, upstream)
 
 
 def world_size(cfg: ExperimentConfig) -> int:
@@ -150,8 +158,12 @@ def prepare(cfg: ExperimentConfig, stages: list[str]) -> None:
             prepare_ds_config(cfg, stage)
 
 
+def stage_dir(cfg: ExperimentConfig, stage: str) -> Path:
+    return cfg.run_dir / STAGE_DIRS.get(stage, stage)
+
+
 def done_path(cfg: ExperimentConfig, stage: str) -> Path:
-    return cfg.run_dir / stage / "DONE.json"
+    return stage_dir(cfg, stage) / "DONE.json"
 
 
 def is_done(cfg: ExperimentConfig, stage: str) -> bool:
@@ -160,6 +172,9 @@ def is_done(cfg: ExperimentConfig, stage: str) -> bool:
         return False
     done = json.loads(path.read_text())
     if done.get("config_hash") != stage_hash(cfg, stage):
+        if stage in IN_PROCESS:  # no checkpoint to mix up: cheap to redo (e.g. evaluate after a new model)
+            say(f"{stage}: inputs or config changed since {path}, running it again")
+            return False
         raise ConfigError(
             f"{path}: stage {stage} finished with another config (hash {done.get('config_hash')}, now "
             f"{stage_hash(cfg, stage)}); use a new run.out_dir, or delete {path.parent} to redo it"
@@ -232,4 +247,4 @@ def run(cfg: ExperimentConfig, stages: list[str]) -> None:
             _wait_for(done_path(cfg, stage), f"node 0 to finish stage {stage}", timeout_s=120)
         if not done_path(cfg, stage).exists():
             raise RuntimeError(f"stage {stage} exited without writing {done_path(cfg, stage)}")
-        say(f"{stage}: done -> {cfg.run_dir / stage}")
+        say(f"{stage}: done -> {stage_dir(cfg, stage)}")

@@ -257,7 +257,7 @@ def test_evaluate_stage_report(bios_run):
         for key in REQUIRED:
             assert f"eval/{name}/{key}" in tags
     assert acc.Scalars("eval/teacher/ppl")[0].value == pytest.approx(teacher["ppl"], rel=1e-5)
-    done = json.loads((cfg.run_dir / "evaluate" / "DONE.json").read_text())
+    done = json.loads((cfg.run_dir / "eval" / "DONE.json").read_text())
     assert done["produced"]["models"] == ["teacher", "student"]
 
 

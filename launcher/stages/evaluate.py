@@ -4,7 +4,7 @@ Models are the Hugging Face exports <run>/{teacher,student,contrastive}/hf, whic
 whole into this one process (fp32 on CPU, bf16 on a GPU) and evaluated with the same prompts and seeds.
 Writes eval/report.json ({"models": {name: {metric: value}}, "ratios", "notes", ...}), eval/report.md
 (one row per metric, one column per model, sample generations), TensorBoard `eval/<model>/<metric>`
-under tb/evaluate, and evaluate/DONE.json.
+under tb/evaluate, and eval/DONE.json.
 
 Not here: generation from a ZeRO-3 sharded checkpoint for a teacher too big for one process; such a
 teacher must be exported (teacher.export_hf=true) first.
