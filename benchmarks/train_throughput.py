@@ -73,7 +73,7 @@ def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
     model = build_model(cfg.teacher.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
     stream = PackedStream(pipeline.train_files(cfg), tok_dir, cfg.data.seq_len, cfg.teacher.micro_batch_size)
     stage = engine.Stage(
-        f"bench_{ds_name[:-5]}",
+        f"bench_{ds_name[:-5]}_{dtype}",
         model,
         StreamLoader(stream),
         lm_loss,
@@ -143,7 +143,7 @@ def main() -> None:
     }
     print(
         f"\n{args.model} ({params / 1e6:.1f}M params), seq {cfg.data.seq_len} × micro {cfg.teacher.micro_batch_size}, "
-        f"{torch.get_num_threads()} threads, bf16 peak {peak / 1e12:.2f} TFLOP/s"
+        f"{torch.get_num_threads()} threads, matmul peak {peak / 1e12:.3f} TFLOP/s"
     )
     print(f"{'loop':34} {'tokens/s':>10} {'MFU':>7} {'vs plain ' + args.dtypes[0]:>14}")
     for row in result["rows"]:
