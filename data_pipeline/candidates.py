@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,15 +220,6 @@ def candidate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def candidate_reader(
-    out_dir: str | os.PathLike,
-    expect: dict | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    follow: bool = False,
-    poll_s: float = 1.0,
-    timeout_s: float | None = None,
-) -> ShardReader:
-    """ShardReader of kind "candidates"; records hold the four arrays above (+ "state")."""
-    return ShardReader(out_dir, KIND, expect, rank, world_size, num_workers, follow, poll_s, timeout_s)
+def candidate_reader(out_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> ShardReader:
+    """ShardReader of kind "candidates" (further arguments as ShardReader's after `kind`); records hold the four arrays above (+ "state")."""
+    return ShardReader(out_dir, KIND, *args, **kwargs)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -265,17 +266,8 @@ def finalize_soft_labels(out_dir: str | os.PathLike, world_size: int, fidelity: 
     return finalize(out_dir, world_size, {"fidelity": fidelity or {}})
 
 
-def soft_label_reader(
-    out_dir: str | os.PathLike,
-    expect: dict | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    follow: bool = False,
-    poll_s: float = 1.0,
-    timeout_s: float | None = None,
-) -> ShardReader:
-    """ShardReader of kind "soft_labels". Records: input_ids [L] int32, topk_ids [L, k] int32,
+def soft_label_reader(out_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> ShardReader:
+    """ShardReader of kind "soft_labels" (further arguments as ShardReader's after `kind`). Records: input_ids [L] int32, topk_ids [L, k] int32,
     topk_logprobs [L, k] float16, state. `expect`: e.g. {tokenizer_hash, vocab_size, k, temperature, seq_len}.
     """
-    return ShardReader(out_dir, KIND, expect, rank, world_size, num_workers, follow, poll_s, timeout_s)
+    return ShardReader(out_dir, KIND, *args, **kwargs)
