@@ -53,6 +53,8 @@ class HFGenerator:
     document start follows an EOS there too. Sequences per `generate` call are at most `batch_size`
     (prompts × n). Decoded text is the decode of prompt + continuation minus the decode of the prompt:
     SentencePiece drops a leading space when a continuation is decoded alone ("Boston." for " Boston.").
+    synced_gpus=True is for a model whose parameters ZeRO-3 partitions over ranks (every rank makes the
+    same calls; each keeps forwarding until all have finished).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class HFGenerator:
         top_p: float = 1.0,
         batch_size: int = 64,
         bf16: bool = False,
+        synced_gpus: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -70,6 +73,7 @@ class HFGenerator:
         self.top_p = top_p
         self.batch_size = max(1, batch_size)
         self.bf16 = bf16
+        self.synced_gpus = synced_gpus
         self.device = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -109,6 +113,7 @@ class HFGenerator:
                     min_new_tokens=min_new_tokens,
                     pad_token_id=self.pad,
                     eos_token_id=self.eos,
+                    synced_gpus=self.synced_gpus,
                     **sampling,
                 )  # (b * n, width + new), rows prompt-major: prompt 0's n samples first
             new = seqs[:, width:].tolist()

@@ -22,7 +22,8 @@ from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash,
 from stablekd.model.tokenizer import train_tokenizer
 
 STAGES = ["teacher", "soft_labels", "evaluate"]  # in pipeline order
-# Stages that run in the launching process (models that fit one process); the others start ranks.
+# Stages that run in the launching process (models that fit one process); the others start ranks. One of
+# them with a `needs_ranks(cfg)` that says True (evaluate of a teacher in ZeRO-3 shards) starts ranks too.
 IN_PROCESS: set[str] = {"evaluate"}
 STAGE_DIRS = {"evaluate": "eval"}  # DESIGN §4 layout; other stages write <run>/<stage>/
 # Fields that change what a stage computes; logging/saving cadence may change on resume.
@@ -231,15 +232,16 @@ def run(cfg: ExperimentConfig, stages: list[str]) -> None:
         prepare(cfg, stages)
         (cfg.run_dir / "prepared.json").write_text(json.dumps({"config_hash": _run_hash(cfg)}))
     for stage in stages:
-        if follower and stage in IN_PROCESS:
+        module = importlib.import_module(f"stablekd.launcher.stages.{stage}")
+        in_process = stage in IN_PROCESS and not (hasattr(module, "needs_ranks") and module.needs_ranks(cfg))
+        if follower and in_process:
             continue
         if is_done(cfg, stage):
             say(f"{stage}: done already ({done_path(cfg, stage)}), skipped")
             continue
-        module = importlib.import_module(f"stablekd.launcher.stages.{stage}")
         if hasattr(module, "preflight"):
             module.preflight(cfg)  # what the previous stage left, checked before any rank starts
-        if stage in IN_PROCESS:
+        if in_process:
             module.run(cfg)
         else:
             run_stage(cfg, stage)

@@ -7,6 +7,7 @@ import json
 import random
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,7 +281,12 @@ def test_missing_models_are_named(tmp_path):
     with pytest.raises(ConfigError, match="teacher/hf.*student/hf.*contrastive/hf"):
         find_models(tmp_path)
     (tmp_path / "teacher" / "ckpt").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="teacher/hf missing.*teacher.export_hf=true"):
+    with pytest.raises(ConfigError, match="teacher/hf missing.*no complete.json.*teacher.export_hf=true"):
+        find_models(tmp_path)
+    (tmp_path / "teacher" / "ckpt" / "complete.json").write_text("{}")
+    assert find_models(tmp_path) == {"teacher": tmp_path / "teacher" / "ckpt"}  # from its shards
+    (tmp_path / "student" / "ckpt").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="student/hf missing.*student.export_hf=true"):
         find_models(tmp_path)
 
 
@@ -294,3 +300,55 @@ def test_report_ratios_and_markdown():
     md = report.markdown({"models": models, "ratios": r, "notes": ["a note"]}, {})
     assert "| student/teacher | 0.250 | 2.500 | – |" in md and "- a note" in md
     assert report.ratios({"student": models["student"]}) == {}
+
+
+# --- a teacher in ZeRO-3 shards only (2 DeepSpeed launches: the teacher stage, the evaluate stage) ---
+
+
+@pytest.mark.distributed
+def test_evaluate_sharded_teacher(tmp_path):
+    """No teacher/hf, a complete 2-rank ZeRO-3 checkpoint: evaluate runs on 2 ranks, the teacher stays
+    partitioned, and its perplexity equals DeepSpeed's zero_to_fp32 consolidation run in this process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from stablekd.launcher.stages import evaluate
+
+    root = Path(__file__).resolve().parent.parent
+    overrides = [
+        f"run.out_dir={tmp_path / 'run'}",
+        *TINY_RUN,
+        *EVAL,
+        "teacher.model=tiny",
+        "teacher.max_steps=4",
+        "teacher.micro_batch_size=4",
+        "teacher.eval_every=0",
+        "teacher.dtype=fp32",
+        "teacher.export_hf=false",
+        "launch.nproc_per_node=2",
+    ]
+    quickstart = str(root / "configs" / "quickstart.yaml")
+    cli.main(["stage", "teacher", quickstart, *overrides])
+    cfg = load_config(root / "configs" / "quickstart.yaml", overrides)
+    assert not (cfg.run_dir / "teacher" / "hf").exists()
+    assert evaluate.needs_ranks(cfg)
+    cli.main(["stage", "evaluate", quickstart, *overrides])
+
+    out = json.loads((cfg.run_dir / "eval" / "report.json").read_text())
+    teacher = out["models"]["teacher"]
+    for key in REQUIRED + UNSEEN:
+        assert key in teacher, key
+    assert any("ZeRO-3 shards" in n for n in out["notes"])
+    done = json.loads((cfg.run_dir / "eval" / "DONE.json").read_text())
+    assert done["produced"]["models"] == ["teacher"]
+
+    ckpt = cfg.run_dir / "teacher" / "ckpt"
+    tag = json.loads((ckpt / "complete.json").read_text())["tag"]
+    tok = load_tokenizer(pipeline.tokenizer_dir(cfg))
+    model = build_model("tiny", tok, cfg.data.seq_len, seed=12345)  # all weights come from the load
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag))
+    model.eval()
+    assert teacher["params"] == count_params(model)
+    with torch.no_grad():
+        ppl = evaluate._perplexity(model, pipeline.eval_files(cfg), pipeline.tokenizer_dir(cfg), cfg)
+    print(f"sharded ppl {teacher['ppl']!r}, consolidated ppl {ppl!r}")
+    assert teacher["ppl"] == pytest.approx(ppl, rel=1e-4)

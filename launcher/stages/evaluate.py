@@ -1,18 +1,26 @@
 """Stage `evaluate`: the stability and efficiency report of every model the run has (DESIGN §7).
 
 Models are the Hugging Face exports <run>/{teacher,student,contrastive}/hf, whichever exist, each loaded
-whole into this one process (fp32 on CPU, bf16 on a GPU) and evaluated with the same prompts and seeds.
+whole (fp32 on CPU, bf16 on a GPU) and evaluated with the same prompts and seeds. When every model has
+an export the stage runs in the launching process. A teacher with a complete ZeRO-3 checkpoint
+(teacher/ckpt/complete.json) and no teacher/hf is evaluated from its shards, never consolidated: the
+stage then runs on the teacher's ranks (`needs_ranks`; the deepspeed runner, like the other stages),
+every rank loads the teacher partitioned (`teacher_shards.load_sharded_teacher`) and runs the same
+prompts, batches and seeds (so the ZeRO-3 collectives stay in lockstep; `generate` with synced_gpus),
+models with an export are loaded whole on every rank, and only rank 0 prints and writes.
 Writes eval/report.json ({"models": {name: {metric: value}}, "ratios", "notes", ...}), eval/report.md
 (one row per metric, one column per model, sample generations), TensorBoard `eval/<model>/<metric>`
 under tb/evaluate, and eval/DONE.json.
 
-Not here: generation from a ZeRO-3 sharded checkpoint for a teacher too big for one process; such a
-teacher must be exported (teacher.export_hf=true) first.
+Under ranks, peak_mem_mib is rank 0's (its share of the sharded teacher) and gen_tokens_per_s includes
+the collectives that gather the teacher's parameters at every forward.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -39,19 +47,23 @@ MODEL_NAMES = ("teacher", "student", "contrastive")  # report column order
 
 
 def find_models(run_dir: Path) -> dict[str, Path]:
-    """name -> <run>/<name>/hf for each model exported there; a ConfigError when none can be evaluated."""
+    """name -> <run>/<name>/hf for each model exported there, or <run>/teacher/ckpt for a teacher with a
+    complete ZeRO-3 checkpoint and no export; a ConfigError when none can be evaluated."""
     found: dict[str, Path] = {}
     for name in MODEL_NAMES:
-        hf = run_dir / name / "hf"
+        hf, ckpt = run_dir / name / "hf", run_dir / name / "ckpt"
         if (hf / "config.json").is_file():
             found[name] = hf
-        elif (run_dir / name / "ckpt").is_dir():
+        elif name == "teacher" and (ckpt / "complete.json").is_file():
+            found[name] = ckpt  # evaluated from its ZeRO-3 shards, on the teacher's ranks
+        elif ckpt.is_dir():
             # A sharded-only model would silently drop out of the report (and the teacher is the
             # default coherence encoder): stop and say how to get the export.
+            what = "no complete.json (no complete checkpoint)" if name == "teacher" else "exists"
             raise ConfigError(
-                f"evaluate: {name}/hf missing ({hf}) but {run_dir / name / 'ckpt'} exists: rerun the {name} "
-                f"with {name}.export_hf=true (evaluate loads Hugging Face directories; generating from "
-                "ZeRO-3 shards is not implemented)"
+                f"evaluate: {name}/hf missing ({hf}) and {ckpt} {what}: rerun the {name} with "
+                f"{name}.export_hf=true (evaluate loads Hugging Face directories, and ZeRO-3 shards only "
+                "for a teacher whose checkpoint is complete)"
             )
     if not found:
         paths = ", ".join(str(run_dir / n / "hf") for n in MODEL_NAMES)
@@ -59,6 +71,18 @@ def find_models(run_dir: Path) -> dict[str, Path]:
             f"evaluate: no model to evaluate: none of {paths} exists (run the teacher stage first)"
         )
     return found
+
+
+def _sharded(path: Path) -> bool:
+    return path.name == "ckpt"
+
+
+def needs_ranks(cfg: ExperimentConfig) -> bool:
+    """True when a model is evaluated from ZeRO-3 shards: the stage then runs on ranks, not in-process."""
+    try:
+        return any(_sharded(p) for p in find_models(cfg.run_dir).values())
+    except ConfigError:
+        return False  # nothing to evaluate: preflight says so
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -121,6 +145,21 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 
 def run(cfg: ExperimentConfig) -> None:
+    if needs_ranks(cfg):  # started by the deepspeed runner on every rank (pipeline.run)
+        from stablekd.launcher import engine
+
+        rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank)
+        if torch.cuda.is_available():  # whole models go to "cuda": this rank's device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        hf_logging.disable_progress_bar()
+        if rank != 0:  # rank 0 speaks for all
+            hf_logging.set_verbosity_error()
+            logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        # no_grad, not inference_mode: ZeRO-3 re-partitions gathered parameters in place after each forward
+        with torch.no_grad():
+            _evaluate(cfg, rank)
+        torch.distributed.barrier()
+        return
     # One rank's share of the cores, as a training rank gets (launch.threads_per_rank; 0 = cores ÷ ranks
     # per node); restored after, since the stage runs inside the launching process. Decoding is thousands
     # of small ops per token, each an OpenMP barrier: on 2 cores shared with other work the quickstart
@@ -132,15 +171,17 @@ def run(cfg: ExperimentConfig) -> None:
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load says nothing here
     try:
         with torch.inference_mode():
-            _evaluate(cfg)
+            _evaluate(cfg, 0)
     finally:
         torch.set_num_threads(threads)
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def _evaluate(cfg: ExperimentConfig) -> None:
+def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
+    """Every model of the run; under ranks (rank = this rank) every rank runs it all, rank 0 writes."""
     t_start = time.perf_counter()
+    say = pipeline.say if rank == 0 else (lambda msg: None)
     ecfg, run_dir = cfg.evaluate, cfg.run_dir
     models = find_models(run_dir)
     encoder_src = _encoder_dir(ecfg.coherence_encoder) if ecfg.coherence_encoder else None
@@ -148,6 +189,22 @@ def _evaluate(cfg: ExperimentConfig) -> None:
     run_tok_dir = pipeline.tokenizer_dir(cfg)
     run_tok = load_tokenizer(run_tok_dir)
     notes: list[str] = []
+    sharded = None  # the teacher from its shards, loaded once (its load is a DeepSpeed engine)
+
+    def load(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, Path]:
+        nonlocal sharded
+        if not _sharded(path):
+            return _load(path, run_tok_dir, device, dtype)
+        if sharded is None:
+            from stablekd.launcher.teacher_shards import load_sharded_teacher
+
+            with torch.enable_grad():  # deepspeed.initialize builds an optimizer: not under no_grad
+                sharded = load_sharded_teacher(cfg)
+            notes.append(
+                f"teacher: evaluated from its ZeRO-3 shards ({sharded.checkpoint_id}) on "
+                f"{torch.distributed.get_world_size()} ranks"
+            )
+        return sharded.engine.module, sharded.tokenizer, run_tok_dir
 
     builtin = not cfg.data.paths
     people: list[bios.Person] = []
@@ -175,9 +232,12 @@ def _evaluate(cfg: ExperimentConfig) -> None:
 
     # Warm-up outside every measurement: lazy imports, kernel set-up and allocator pools that the first
     # model would otherwise pay for alone in peak memory and tokens/s.
-    model, tok, _ = _load(next(iter(models.values())), run_tok_dir, device, dtype)
-    HFGenerator(model, tok)(speed_prompts[:2], 2, False, 4)
-    del model, tok
+    # (A sharded teacher pays it itself: its load is what would be measured.)
+    whole = [p for p in models.values() if not _sharded(p)]
+    if whole:
+        model, tok, _ = _load(whole[0], run_tok_dir, device, dtype)
+        HFGenerator(model, tok)(speed_prompts[:2], 2, False, 4)
+        del model, tok
 
     results: dict[str, dict[str, float]] = {}
     samples: dict[str, dict] = {}
@@ -186,8 +246,9 @@ def _evaluate(cfg: ExperimentConfig) -> None:
         t0 = time.perf_counter()
         meter = report.MemoryMeter(device)
         meter.start()
-        model, tok, tok_dir = _load(path, run_tok_dir, device, dtype)
-        gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
+        model, tok, tok_dir = load(path)
+        synced = _sharded(path) and sharded.zero3 and torch.distributed.get_world_size() > 1
+        gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size, synced_gpus=synced)
         m: dict[str, float] = {}
         if held:
             m["ppl"] = _perplexity(model, held, tok_dir, cfg)
@@ -209,7 +270,7 @@ def _evaluate(cfg: ExperimentConfig) -> None:
         m["peak_mem_mib"] = meter.peak_mib()
         results[name] = m
         del gen, model
-        pipeline.say(
+        say(
             f"evaluate: {name}: "
             + ", ".join(f"{k} {v:.3g}" for k, v in m.items() if k in ("ppl", "bios_accuracy", "rep_2"))
             + f" ({time.perf_counter() - t0:.1f}s)"
@@ -224,12 +285,14 @@ def _evaluate(cfg: ExperimentConfig) -> None:
             encoder = AutoModel.from_pretrained(str(encoder_src)).to(device).eval()
             enc_tok = AutoTokenizer.from_pretrained(str(encoder_src))
         else:
-            encoder, enc_tok, _ = _load(models[encoder_name], run_tok_dir, device, dtype)
+            encoder, enc_tok, _ = load(models[encoder_name])
             if encoder_name != "teacher":
                 notes.append(f"coherence encoder: {encoder_name} (the run has no teacher/hf)")
         for name in models:
             results[name]["coherence"] = report.coherence(encoder, enc_tok, prefixes, greedy[name])
         del encoder
+    if rank != 0:
+        return
 
     out = {
         "models": results,
@@ -248,4 +311,4 @@ def _evaluate(cfg: ExperimentConfig) -> None:
         "tokenizer_hash": tokenizer_hash(run_tok_dir),
     }
     pipeline.write_done(cfg, "evaluate", produced, inputs)
-    pipeline.say(f"evaluate: report -> {paths['md']} ({out['seconds']}s)")
+    say(f"evaluate: report -> {paths['md']} ({out['seconds']}s)")
