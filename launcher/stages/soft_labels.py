@@ -163,7 +163,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
             budget -= take
         writer.add_batch(ids, topk_ids.cpu(), topk_logprobs.cpu())
         tokens += ids.numel()
-        monitor.advance({"seq": str(writer.records_written)})
+        monitor.advance({"tokens": str(tokens)})  # records_written only moves when a shard is committed
         if rounds % 10 == 0:
             monitor.scalars(rounds, {"perf/tokens_per_s": tokens / (time.perf_counter() - t0)})
     writer.close()
