@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,7 +54,6 @@ class Stage:
     eval_batches: list[dict]
     flops_per_token: float
     count: Callable[[dict], int] = lm_token_count
-    extra_state: dict[str, Any] = field(default_factory=dict)  # recorded in the completion marker
 
 
 @dataclass
@@ -125,7 +124,7 @@ def _save(
     os.replace(path.with_suffix(".tmp"), path)
     dist.barrier()
     if rank == 0:
-        marker = {"tag": tag, "step": step, "world_size": world, "config_hash": cfg_hash, **stage.extra_state}
+        marker = {"tag": tag, "step": step, "world_size": world, "config_hash": cfg_hash}
         _atomic_write(ckpt_dir / "complete.json", json.dumps(marker, indent=2))
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[: max(0, len(tags) - keep)]:

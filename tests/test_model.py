@@ -1,0 +1,58 @@
+"""Model presets, the seeded per-name init, loading a local Hugging Face directory, FLOPs per token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from stablekd.launcher.config import load_config
+from stablekd.launcher.stages.teacher import init_source
+from stablekd.model.build import build_model, count_params, flops_per_token, model_config
+from stablekd.model.presets import PRESETS
+from stablekd.model.tokenizer import load_tokenizer, train_tokenizer
+from tests.conftest import QUICKSTART
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = [f"person {i} was born in city {i % 7} and works at company {i % 5}." for i in range(300)]
+    return load_tokenizer(train_tokenizer(texts, 320, tmp_path_factory.mktemp("tok")))
+
+
+def test_init_is_a_function_of_seed_and_name(tok):
+    a, b, c = (build_model("tiny", tok, 32, seed) for seed in (0, 0, 1))
+    for (name, pa), (_, pb), (_, pc) in zip(
+        a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+        if pa.dim() == 2:
+            assert not torch.equal(pa, pc), name
+            assert 0.015 < float(pa.detach().std()) < 0.025  # N(0, initializer_range = 0.02)
+    assert torch.count_nonzero(a.model.embed_tokens.weight[tok.pad_token_id]) == 0
+
+
+def test_local_directory_and_init_from(tok, tmp_path):
+    model = build_model("tiny", tok, 32, 3)
+    run = tmp_path / "previous_run"
+    model.save_pretrained(run / "teacher" / "hf")
+    loaded = build_model(str(run / "teacher" / "hf"), tok, 32, 0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), loaded.parameters(), strict=True))
+    cfg = load_config(QUICKSTART, [f"teacher.init_from={run}"])
+    assert init_source(cfg) == str(run / "teacher" / "hf")  # a previous run: its exported teacher
+    cfg = load_config(QUICKSTART, [f"teacher.init_from={run / 'teacher' / 'hf'}"])
+    assert init_source(cfg) == str(run / "teacher" / "hf")  # a Hugging Face directory as given
+    assert init_source(load_config(QUICKSTART, ["teacher.model=student-s"])) == "student-s"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_flops_per_token_is_6n_plus_attention(name, tok):
+    with torch.device("meta"):  # shapes only
+        model = AutoModelForCausalLM.from_config(model_config(name, tok, 64))
+    c = model.config
+    matmul_params = (
+        count_params(model)
+        - c.vocab_size * c.hidden_size
+        - sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    )
+    assert flops_per_token(c, 64) == 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * 64
