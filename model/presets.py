@@ -6,50 +6,18 @@ student-m 88M, teacher-m 287M, teacher-l 1.12B; a larger vocabulary adds 2 × vo
 
 from __future__ import annotations
 
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    ),
-    "student-s": dict(
-        hidden_size=128,
-        intermediate_size=320,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    ),
-    "teacher-s": dict(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-    ),
-    "student-m": dict(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-    ),
-    "teacher-m": dict(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-    ),
-    "teacher-l": dict(
-        hidden_size=2048,
-        intermediate_size=5504,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-    ),
+# fmt: off
+_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+    #              hidden  mlp   layers heads kv_heads
+    "tiny":      (32,    64,    2,    2,    2),
+    "student-s": (128,   320,   3,    4,    4),
+    "teacher-s": (256,   688,   4,    8,    8),
+    "student-m": (768,   2048,  12,   12,   12),
+    "teacher-m": (1024,  2816,  24,   16,   8),
+    "teacher-l": (2048,  5504,  24,   16,   8),
 }
+# fmt: on
 
 
 def preset(name: str) -> dict[str, int]:
@@ -58,4 +26,4 @@ def preset(name: str) -> dict[str, int]:
         raise KeyError(
             f"unknown model preset {name!r} (known: {', '.join(PRESETS)}; or a local Hugging Face directory)"
         )
-    return dict(PRESETS[name])
+    return dict(zip(_FIELDS, PRESETS[name], strict=True))
