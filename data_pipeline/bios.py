@@ -27,13 +27,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from stablekd.data_pipeline.files import atomic_write
 
 ATTRIBUTES: tuple[str, ...] = (
     "birth_date",
@@ -356,13 +357,6 @@ def generate(
     return BiosCorpus(train=train, heldout=heldout, people=trained, unseen=unseen, params=params)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A reader (or a resumed stage) never sees half a file: write aside, then rename over.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_corpus(corpus: BiosCorpus, out_dir: str | Path) -> dict[str, Path]:
     """Write train.txt, heldout.txt (one bio per line, UTF-8) and truth.json into `out_dir`.
 
@@ -374,7 +368,7 @@ def write_corpus(corpus: BiosCorpus, out_dir: str | Path) -> dict[str, Path]:
     paths = {"train": out / "train.txt", "heldout": out / "heldout.txt", "truth": out / "truth.json"}
     for key in ("train", "heldout"):
         lines: list[str] = getattr(corpus, key)
-        _write_atomic(paths[key], "".join(line + "\n" for line in lines))
+        atomic_write(paths[key], "".join(line + "\n" for line in lines))
     truth = {
         "format": TRUTH_FORMAT,
         "version": TRUTH_VERSION,
@@ -383,7 +377,7 @@ def write_corpus(corpus: BiosCorpus, out_dir: str | Path) -> dict[str, Path]:
         "people": [asdict(p) for p in corpus.people],
         "unseen": [asdict(p) for p in corpus.unseen],
     }
-    _write_atomic(paths["truth"], json.dumps(truth, indent=1, ensure_ascii=False) + "\n")
+    atomic_write(paths["truth"], json.dumps(truth, indent=1, ensure_ascii=False) + "\n")
     return paths
 
 

@@ -45,6 +45,8 @@ import safetensors.numpy as stnp
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from stablekd.data_pipeline.files import atomic_write, tmp_path
+
 FORMAT_VERSION = 1
 FINAL_MANIFEST = "manifest.json"
 
@@ -69,23 +71,8 @@ def rank_manifest_name(rank: int) -> str:
     return f"manifest.r{rank:03d}.json"
 
 
-def _tmp(path: Path) -> Path:
-    # Same directory as the target: os.replace is only atomic within one filesystem.
-    return path.with_name(path.name + ".tmp")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        # fsync before the rename: after a crash the new name must not point at unwritten blocks.
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _read_json(path: Path) -> dict:
@@ -193,7 +180,7 @@ class ShardWriter:
         prefix = f"shard-r{self.rank:03d}-"
         for p in self.out_dir.glob(f"{prefix}*.tmp"):
             p.unlink()  # a shard killed mid-write: never listed, never read
-        _tmp(self.path).unlink(missing_ok=True)  # a manifest killed mid-write: the old one is intact
+        tmp_path(self.path).unlink(missing_ok=True)  # a manifest killed mid-write: the old one is intact
         if self.path.exists():
             m = _read_json(self.path)
             for key, mine in (
@@ -289,7 +276,7 @@ class ShardWriter:
             out,
             metadata={"kind": self.kind, "rank": str(self.rank), "index": str(index), "records": str(n)},
         )
-        _atomic_write(self.out_dir / name, data)
+        atomic_write(self.out_dir / name, data)
         self.shards.append(
             {
                 "file": name,

@@ -24,7 +24,6 @@ import gc
 import itertools
 import json
 import math
-import os
 import resource
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import iter_documents
 from stablekd.evaluation import metrics
 from stablekd.evaluation.bios_probe import HFGenerator, TextGenerator
@@ -325,9 +325,7 @@ def write_report(report: dict, samples: dict[str, dict], eval_dir: Path, tb_dir:
     eval_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": eval_dir / "report.json", "md": eval_dir / "report.md"}
     for key, text in (("json", json.dumps(report, indent=2) + "\n"), ("md", markdown(report, samples))):
-        tmp = paths[key].with_name(f".{paths[key].name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, paths[key])
+        atomic_write(paths[key], text)
     writer = SummaryWriter(str(tb_dir))
     try:
         for name, values in report["models"].items():

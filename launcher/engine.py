@@ -25,6 +25,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from stablekd.data_pipeline.files import atomic_write
 from stablekd.launcher.config import ConfigError, TrainConfig
 from stablekd.launcher.monitor import Monitor, measure_peak_flops, peak_memory_bytes
 from stablekd.objectives.lm import IGNORE_INDEX, shifted_labels
@@ -76,7 +77,8 @@ def setup_distributed(threads_per_rank: int) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _all_reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+def all_reduce_values(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+    """All-reduce a few Python numbers in one float64 collective."""
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=op)
     return t.tolist()
@@ -90,12 +92,6 @@ def _to(batch: dict, device: torch.device) -> dict:
 # DeepSpeed's save is neither atomic nor barriered (DESIGN §9): every save goes to a fresh tag, then
 # after a barrier rank 0 names it in complete.json (temp file + os.replace). A tag not named there is
 # never loaded; older tags are deleted only once a newer one is complete.
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_marker(ckpt_dir: Path) -> dict | None:
@@ -125,7 +121,7 @@ def _save(
     dist.barrier()
     if rank == 0:
         marker = {"tag": tag, "step": step, "world_size": world, "config_hash": cfg_hash}
-        _atomic_write(ckpt_dir / "complete.json", json.dumps(marker, indent=2))
+        atomic_write(ckpt_dir / "complete.json", json.dumps(marker, indent=2))
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[: max(0, len(tags) - keep)]:
             if old.name != tag:
@@ -169,7 +165,7 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
     collectively), so a rank with fewer eval batches runs `filler` (or its first eval batch) and counts
     nothing from it.
     """
-    n = int(_all_reduce([len(stage.eval_batches)], dist.ReduceOp.MAX)[0])
+    n = int(all_reduce_values([len(stage.eval_batches)], dist.ReduceOp.MAX)[0])
     if n == 0:
         return float("nan")
     filler = stage.eval_batches[0] if stage.eval_batches else filler
@@ -186,7 +182,7 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
             if i < len(stage.eval_batches):
                 total, count = total + float(s), count + float(c)
     engine.train()
-    total, count = _all_reduce([total, count])
+    total, count = all_reduce_values([total, count])
     return total / count if count else float("nan")
 
 
@@ -204,7 +200,9 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
     if step:
         monitor.print(f"[{stage.name}] resumed from {ckpt_dir / read_marker(ckpt_dir)['tag']} at step {step}")
 
-    peak = _all_reduce([measure_peak_flops(engine.device)])[0]  # all ranks at once: the job's matmul peak
+    peak = all_reduce_values([measure_peak_flops(engine.device)])[
+        0
+    ]  # all ranks at once: the job's matmul peak
     monitor.scalars(step, {"perf/peak_tflops": peak / 1e12})
     batches = iter(stage.batches)
     window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
@@ -213,7 +211,7 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
-        n_global = _all_reduce([sum(stage.count(b) for b in micro)])[0]
+        n_global = all_reduce_values([sum(stage.count(b) for b in micro)])[0]
         scale = world * accum / max(n_global, 1.0)  # see module docstring
         step_loss = 0.0
         for b in micro:
@@ -222,7 +220,7 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
             engine.step()
             step_loss += float(loss_sum.detach())
         step += 1
-        step_loss, step_tokens = _all_reduce([step_loss, sum(b["input_ids"].numel() for b in micro)])
+        step_loss, step_tokens = all_reduce_values([step_loss, sum(b["input_ids"].numel() for b in micro)])
         step_loss, step_tokens = step_loss / max(n_global, 1.0), int(step_tokens)
         tokens += step_tokens
         losses.append(step_loss)
@@ -241,7 +239,7 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
                     "perf/tokens_per_s": tok_s,
                     "perf/step_time_s": window_time / window_steps,
                     "perf/mfu": tok_s * stage.flops_per_token / peak,
-                    "perf/peak_memory_gib": _all_reduce(
+                    "perf/peak_memory_gib": all_reduce_values(
                         [peak_memory_bytes(engine.device)], dist.ReduceOp.MAX
                     )[0]
                     / 2**30,

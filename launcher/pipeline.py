@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import iter_documents, resolve_paths
 from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash, save_config, to_dict
@@ -194,9 +194,7 @@ def write_done(cfg: ExperimentConfig, stage: str, produced: dict, inputs: dict) 
     }
     path = done_path(cfg, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(done, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(done, indent=2))
 
 
 def _run_hash(cfg: ExperimentConfig) -> str:

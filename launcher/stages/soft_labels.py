@@ -37,6 +37,7 @@ from tqdm import tqdm
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.candidates import CandidateWriter, candidate_meta, pack_groups, trim_generated
 from stablekd.data_pipeline.contexts import bios_contexts, document_contexts, tokenize_contexts
+from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.online import OnlineSoftLabels, lockstep
 from stablekd.data_pipeline.shards import ShardLoader, finalize
 from stablekd.data_pipeline.soft_labels import (
@@ -96,20 +97,8 @@ def _rows(batches: Iterable[dict], start: int, stop: int | None) -> Iterator[tor
         seen += ids.shape[0]
 
 
-def _reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
 def _fidelity_path(out: Path, rank: int) -> Path:
     return out / f"fidelity.r{rank:03d}.json"
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
 
 
 def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
@@ -167,10 +156,10 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         if rounds % 10 == 0:
             monitor.scalars(rounds, {"perf/tokens_per_s": tokens / (time.perf_counter() - t0)})
     writer.close()
-    _write_json(fid_path, fid)
+    atomic_write(fid_path, json.dumps(fid))
     elapsed = time.perf_counter() - t0
-    total_tokens = _reduce([tokens])[0]
-    slowest = _reduce([elapsed], dist.ReduceOp.MAX)[0]
+    total_tokens = engine.all_reduce_values([tokens])[0]
+    slowest = engine.all_reduce_values([elapsed], dist.ReduceOp.MAX)[0]
     parts: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(parts, fid)  # also the barrier finalize needs: every rank has closed
     fid_all = merge_fidelity(parts)
@@ -280,8 +269,8 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         bar.update(1)
     bar.close()
     writer.close()
-    elapsed = _reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
-    new_tokens = int(_reduce([new_tokens])[0])
+    elapsed = engine.all_reduce_values([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
+    new_tokens = int(engine.all_reduce_values([new_tokens])[0])
     dist.barrier()  # every rank has closed
     if rank == 0:
         finalize(out, world)

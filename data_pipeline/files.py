@@ -1,0 +1,26 @@
+"""Atomic file writes: every artifact a reader or a resumed stage may open is written aside, then renamed over."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def tmp_path(path: Path) -> Path:
+    """Where `atomic_write` stages `path`: `<name>.tmp` beside it (a resumed writer deletes leftovers by this name)."""
+    return path.with_name(path.name + ".tmp")
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one, never half.
+
+    The temp file sits in the same directory (os.replace is atomic only within one filesystem) and is
+    fsynced before the rename, so after a crash the new name never points at unwritten blocks.
+    """
+    path = Path(path)
+    tmp = tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
