@@ -121,11 +121,6 @@ def _encoder_dir(src: str) -> Path:
     return root
 
 
-def _done_hash(run_dir: Path, name: str) -> str | None:
-    done = run_dir / name / "DONE.json"
-    return json.loads(done.read_text()).get("config_hash") if done.is_file() else None
-
-
 def _perplexity(model: PreTrainedModel, files: list[Path], tok_dir: Path, cfg: ExperimentConfig) -> float:
     batches = eval_batches(
         files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, cfg.evaluate.ppl_batches, 0, 1
@@ -307,7 +302,11 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     produced = {"report_json": str(paths["json"]), "report_md": str(paths["md"]), "models": list(models)}
     inputs = {
         "models": {n: str(p) for n, p in models.items()},
-        "model_config_hashes": {n: _done_hash(run_dir, n) for n in models},
+        "model_config_hashes": {
+            n: json.loads(pipeline.done_path(cfg, n).read_text())["config_hash"]
+            for n in models
+            if pipeline.done_path(cfg, n).is_file()
+        },
         "tokenizer_hash": tokenizer_hash(run_tok_dir),
     }
     pipeline.write_done(cfg, "evaluate", produced, inputs)
