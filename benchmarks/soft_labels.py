@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 
+from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.soft_labels import (
+    FIDELITY_RATE,
     SoftLabelWriter,
     compress,
     fidelity,
@@ -45,10 +47,8 @@ from stablekd.data_pipeline.soft_labels import (
 from stablekd.data_pipeline.stream import PackedStream
 from stablekd.launcher import pipeline
 from stablekd.launcher.config import load_config, save_config
-from stablekd.launcher.engine import read_marker
 from stablekd.launcher.launch import run_stage
-from stablekd.launcher.stages.soft_labels import FIDELITY_RATE
-from stablekd.launcher.stages.teacher import init_source
+from stablekd.launcher.pipeline import teacher_source
 from stablekd.model.build import build_model, count_params
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -65,7 +65,7 @@ def one_process(
 
     ckpt = cfg.run_dir / "teacher" / "ckpt"
     tok_dir, sl, L = pipeline.tokenizer_dir(cfg), cfg.soft_labels, cfg.data.seq_len
-    model = build_model(init_source(cfg), load_tokenizer(tok_dir), L, cfg.run.seed)
+    model = build_model(teacher_source(cfg), load_tokenizer(tok_dir), L, cfg.run.seed)
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=read_marker(ckpt)["tag"]))
     model = model.to(dtype).eval()
     V = model.config.vocab_size
@@ -172,7 +172,7 @@ def main() -> None:
     result = {
         "teacher_run": str(src),
         "teacher_checkpoint": read_marker(src / "teacher" / "ckpt")["tag"],
-        "params": count_params(build_model(init_source(cfg), load_tokenizer(tok_dir), L, 0)),
+        "params": count_params(build_model(teacher_source(cfg), load_tokenizer(tok_dir), L, 0)),
         "vocab_size": V,
         "seq_len": L,
         "micro_batch_size": cfg.soft_labels.micro_batch_size,

@@ -27,9 +27,9 @@ from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import load_config
 from stablekd.launcher.monitor import measure_peak_flops, read_scalars
-from stablekd.launcher.stages.teacher import lm_loss
 from stablekd.model.build import build_model, count_params, flops_per_token
 from stablekd.model.tokenizer import load_tokenizer
+from stablekd.objectives.lm import nll_sum
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def plain_loop(cfg, steps: int, dtype: str) -> float:
         t0 = time.perf_counter()
         b = next(batches)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            s, c = lm_loss(model, b)
+            s, c = nll_sum(model(input_ids=b["input_ids"]).logits, b["labels"])
         (s / c).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
@@ -73,15 +73,16 @@ def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
     model = build_model(cfg.teacher.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
     stream = PackedStream(pipeline.train_files(cfg), tok_dir, cfg.data.seq_len, cfg.teacher.micro_batch_size)
     stage = engine.Stage(
-        f"bench_{ds_name[:-5]}_{dtype}",
+        "teacher",
         model,
         StreamLoader(stream),
-        lm_loss,
+        engine.lm_loss,
         [],
         flops_per_token(model.config, cfg.data.seq_len),
     )
-    engine.train(stage, cfg.teacher, ds, cfg.run_dir, "bench")
-    rates = read_scalars(cfg.run_dir / "tb" / stage.name, "perf/tokens_per_s")
+    run_dir = cfg.run_dir / f"bench_{ds_name[:-5]}_{dtype}"  # a fresh checkpoint directory per row
+    engine.train(stage, cfg.teacher, ds, run_dir, "bench")
+    rates = read_scalars(run_dir / "tb" / "teacher", "perf/tokens_per_s")
     return sum(v for s, v in rates.items() if s > WINDOW) / len([s for s in rates if s > WINDOW])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,3 +25,10 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_marker(ckpt_dir: Path) -> dict | None:
+    """A checkpoint directory's `complete.json` (the last complete tag, its step, world size and config
+    hash; launcher/engine.py writes it), or None when no checkpoint was ever completed."""
+    marker = Path(ckpt_dir) / "complete.json"
+    return json.loads(marker.read_text()) if marker.exists() else None

@@ -81,7 +81,7 @@ class OnlineSoftLabels:
     Args:
         batches: a resumable stream of {"input_ids": [B, L]} batches (a StreamLoader over the training
             PackedStream, as the offline stage reads); its state is this source's state.
-        teacher: `logits(input_ids)` and `idle_forward()` (launcher.teacher_shards.ShardedTeacher).
+        teacher: `logits(input_ids)` and `idle_forward()` (model.sharded_teacher.ShardedTeacher).
         k, temperature: as in the manifest meta of offline shards.
         in_step: run `lockstep` so every rank runs the same number of teacher forwards (ZeRO-3 needs it);
             False only when the caller already guarantees equal counts (or the teacher is not partitioned).

@@ -306,6 +306,18 @@ class ShardWriter:
         )
 
 
+def _first_unsettled(ranks: list[dict | None]) -> str | None:
+    """The shard file the ordered prefix waits for: the first (index, rank) slot a still-writing rank has
+    not committed (None when every rank is final)."""
+    i = 0
+    while any(not (m and m["final"]) for m in ranks):
+        for r, m in enumerate(ranks):
+            if i >= len(m["shards"] if m else []) and not (m and m["final"]):
+                return shard_name(r, i)
+        i += 1
+    return None
+
+
 def _ordered_prefix(ranks: list[dict | None]) -> list[dict]:
     """Shards in global order (index, rank), up to the first slot not settled yet.
 
@@ -432,6 +444,7 @@ class _View:
     complete: bool  # True once manifest.json is final: `shards` is everything
     schema: dict | None = None  # {name: {dtype, shape}} the writers declared (None before any record)
     signature: tuple = field(default=())  # changes whenever anything new is committed (follow timeout)
+    awaited: str | None = None  # follow mode: the uncommitted shard file the known prefix stops at
 
 
 def _widen(a: np.ndarray) -> np.ndarray:
@@ -496,6 +509,7 @@ class ShardReader(IterableDataset):
         self.workers = max(num_workers, 1)
         self.streams = world_size * self.workers  # C
         self._positions = self._start_positions()
+        self._next_worker = 0  # the stream worker due first when iteration starts (resume keeps the order)
         # Fail at construction, not inside a DataLoader worker: mismatches and a missing final manifest.
         self._view()
 
@@ -519,6 +533,7 @@ class ShardReader(IterableDataset):
         """Start the next iteration from `state` (as ShardLoader.state_dict()); None = from the start."""
         if state is None:
             self._positions = self._start_positions()
+            self._next_worker = 0
             return
         for key, mine in (
             ("world_size", self.world_size),
@@ -539,6 +554,7 @@ class ShardReader(IterableDataset):
                     f"reader state position {(j, r)} does not belong to stream {self.stream_id(w)}"
                 )
         self._positions = positions
+        self._next_worker = int(state.get("next_worker", 0)) % self.workers
 
     # -- what is on disk
     def _view(self) -> _View:
@@ -564,7 +580,7 @@ class ShardReader(IterableDataset):
             _check_manifest(m, p, self.kind, self.expect)
             ranks[int(mt.group(1))] = m
         if not ranks:
-            return _View([], False, None, ())
+            return _View([], False, None, (), awaited=f"{rank_manifest_name(0)} (no writer has started)")
         sizes = {m["world_size"] for m in ranks.values()}
         if len(sizes) != 1:
             raise ShardError(
@@ -574,7 +590,7 @@ class ShardReader(IterableDataset):
         by_rank = [ranks.get(r) for r in range(wws)]
         sig = tuple((len(m["shards"]), m["final"]) if m else (0, False) for m in by_rank)
         schema = next((m["schema"] for m in by_rank if m and m.get("schema") is not None), None)
-        return _View(_ordered_prefix(by_rank), False, schema, sig)
+        return _View(_ordered_prefix(by_rank), False, schema, sig, _first_unsettled(by_rank))
 
     def _open(self, entry: dict, schema: dict | None) -> dict[str, np.ndarray]:
         path = self.out_dir / entry["file"]
@@ -607,7 +623,11 @@ class ShardReader(IterableDataset):
     # -- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, n = (0, 1) if info is None else (info.id, info.num_workers)
+        # The DataLoader always asks its process 0 first; rotating ids makes the stream that was due next
+        # at save time come first after a resume, so the batch order is that of an uninterrupted run.
+        worker, n = (
+            (0, 1) if info is None else ((info.id + self._next_worker) % info.num_workers, info.num_workers)
+        )
         if n != self.workers:
             raise ShardError(
                 f"ShardReader(num_workers={self.num_workers}) is iterated by {n} worker process(es); "
@@ -646,8 +666,9 @@ class ShardReader(IterableDataset):
                 idle_since, sig = now, view.signature
             elif self.timeout_s is not None and now - idle_since > self.timeout_s:
                 raise ShardError(
-                    f"{self.out_dir}: follow mode: nothing new committed for {self.timeout_s:g}s "
-                    f"(waiting for shard ordinal {j}, {len(view.shards)} known, no final {FINAL_MANIFEST})"
+                    f"{self.out_dir}: follow mode: nothing new committed for {self.timeout_s:g}s; waiting for "
+                    f"{view.awaited} (this reader needs shard ordinal {j}, {len(view.shards)} in order so far, "
+                    f"no final {FINAL_MANIFEST}): is the writer still running?"
                 )
 
 
@@ -681,6 +702,7 @@ class ShardLoader:
         self.drop_last = drop_last
         self.dataloader_kwargs = dataloader_kwargs
         self._positions = reader.state_dict()["positions"]
+        self._next_worker = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.reader.load_state_dict(self.state_dict())
@@ -695,6 +717,7 @@ class ShardLoader:
         for batch in loader:
             st = batch.pop("state")
             self._positions[st["worker"]] = [st["shard"], st["record"]]
+            self._next_worker = (st["worker"] + 1) % self.reader.workers
             yield batch
 
     def state_dict(self) -> dict:
@@ -703,13 +726,16 @@ class ShardLoader:
             "num_workers": self.reader.num_workers,
             "rank": self.reader.rank,
             "positions": [list(p) for p in self._positions],
+            "next_worker": self._next_worker,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.reader.load_state_dict(state)  # validates world_size / num_workers / rank / streams
         self._positions = self.reader.state_dict()["positions"]
+        self._next_worker = self.reader._next_worker
 
     def reset(self) -> None:
         """Back to the start of the data (next epoch)."""
         self.reader.load_state_dict(None)
         self._positions = self.reader.state_dict()["positions"]
+        self._next_worker = 0

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from stablekd.data_pipeline.shards import ShardError, ShardReader, ShardWriter, finalize
 
 KIND = "soft_labels"
+FIDELITY_RATE = 8  # the fidelity record samples one position in 8 of each batch until its budget is spent
 _UINT16_VOCAB = 65536  # ids 0..65535 fit uint16
 _FP16_MIN = float(np.finfo(np.float16).min)  # -65504: exp() of it is 0, and 0 * it is 0 (not NaN)
 

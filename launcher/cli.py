@@ -18,6 +18,7 @@ from pathlib import Path
 from stablekd.data_pipeline.sources import DataError
 from stablekd.launcher import pipeline
 from stablekd.launcher.config import ConfigError, describe, load_config
+from stablekd.launcher.stages import NAMES, REGISTRY
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*")
     s = sub.add_parser("stage", help="run one stage")
-    s.add_argument("name", choices=pipeline.STAGES)
+    s.add_argument("name", choices=NAMES)
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
     sub.add_parser("keys", help="list every config key")
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=["show", "check", "estimate"])
     d.add_argument("config")
     d.add_argument("overrides", nargs="*")
-    d.add_argument("--stage", default="teacher", choices=["teacher"])
+    d.add_argument("--stage", default="teacher", choices=[s.name for s in REGISTRY if s.trains])
     return p
 
 
@@ -68,7 +69,7 @@ def _estimate(cfg, stage: str) -> None:
     from stablekd.ds_configs.resolve import estimate
     from stablekd.model.build import model_config
 
-    name = getattr(cfg, stage).model
+    name = cfg.teacher.model if stage == "teacher" else cfg.student.model  # later stages train the student
     vocab = cfg.tokenizer.vocab_size
 
     class _Vocab:  # the model's shape needs only the vocabulary size and special ids
@@ -103,13 +104,13 @@ def main(argv: list[str] | None = None) -> None:
             _ds_config(args)
         elif args.cmd == "quickstart":
             cfg = load_config(QUICKSTART, args.overrides)
-            pipeline.run(cfg, pipeline.STAGES)
+            pipeline.run(cfg, NAMES)
             print(
                 f"done: run directory {cfg.run_dir}\nTensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}"
             )
         elif args.cmd == "run":
             cfg = load_config(args.config, args.overrides)
-            pipeline.run(cfg, pipeline.STAGES)
+            pipeline.run(cfg, NAMES)
             print(
                 f"done: run directory {cfg.run_dir}\nTensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}"
             )

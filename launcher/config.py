@@ -194,6 +194,64 @@ class SoftLabelsConfig:
 
 
 @dataclass
+class StudentConfig:
+    model: str = _f(
+        "student-s",
+        "student preset (model/presets.py; student-s is ~1/4 of teacher-s, tiny-student ~1/4 of tiny) or a "
+        "local Hugging Face model directory with the run's vocabulary",
+    )
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """The student learns from the teacher's soft labels: alpha·KD + (1 − alpha)·CE (objectives/distill.py)."""
+
+    ds_config: str = _f("zero2.json", "DeepSpeed JSON of the student: a file in ds_configs/ or a path")
+    max_steps: int = _f(600, "optimizer steps")
+    lr: float = _f(3e-3, "peak learning rate")
+    kind: str = _f(
+        "fkl", "divergence on the top-k + tail bins: fkl, rkl, gjsd (distill.beta), tvd, skl (distill.skew)"
+    )
+    temperature: float = _f(
+        1.0, "T of the KD term (× T²); must equal soft_labels.temperature, the T the log-probs are stored at"
+    )
+    alpha: float = _f(1.0, "weight of KD; 1 − alpha goes to next-token cross-entropy on the same tokens")
+    beta: float = _f(0.5, "gjsd mixture weight: 0 = forward KL, 1 = reverse KL")
+    skew: float = _f(0.1, "skl: KL(p ‖ skew·p + (1 − skew)·q)")
+    online: bool = _f(
+        False,
+        "compute soft labels in this job from the sharded ZeRO-3 teacher instead of reading soft_labels/",
+    )
+    follow: bool = _f(False, "read soft_labels/ shards while the soft_labels stage is still writing them")
+    follow_timeout_s: float = _f(
+        600.0, "follow mode: fail when no new shard is committed for this long (naming the shard awaited)"
+    )
+    export_hf: bool = _f(
+        True, "save the final student in Hugging Face format with its tokenizer (student/hf)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kinds = ("fkl", "rkl", "gjsd", "tvd", "skl")  # mse needs full teacher logits; the stream has top-k
+        if self.kind not in kinds:
+            raise ConfigError(
+                f"kind: expected one of {', '.join(kinds)} (soft labels are top-k: mse needs full logits), "
+                f"got {self.kind!r}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: expected > 0, got {self.temperature}")
+        for key in ("alpha", "beta", "skew"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(self, key)}")
+        if self.follow and self.online:
+            raise ConfigError(
+                "follow and online: choose one source (follow reads shards, online computes them)"
+            )
+        if self.follow_timeout_s <= 0:
+            raise ConfigError(f"follow_timeout_s: expected > 0, got {self.follow_timeout_s}")
+
+
+@dataclass
 class EvaluateConfig:
     """Stability and efficiency of every model the run has (teacher, student, contrastive student)."""
 
@@ -227,6 +285,8 @@ class ExperimentConfig:
     soft_labels: SoftLabelsConfig = _sub(
         SoftLabelsConfig, "soft-label and candidate generation from the sharded teacher"
     )
+    student: StudentConfig = _sub(StudentConfig, "the student model distillation trains")
+    distill: DistillConfig = _sub(DistillConfig, "student distillation from the soft labels")
     evaluate: EvaluateConfig = _sub(EvaluateConfig, "stability evaluation and report")
 
     @property

@@ -1,11 +1,21 @@
 """The one DeepSpeed training loop every stage runs: accumulate, step, evaluate, checkpoint, resume, log.
 
-A stage supplies a `Stage` (its model, its stateful batch stream, its loss as (sum, count)); this module
-owns everything else. Read `train` top to bottom.
+A stage supplies a `Stage` (its model, its stateful batch stream, its loss as named summed terms and the
+count each term is divided by); this module owns everything else. Read `train` top to bottom.
 
-Loss scale (DESIGN §5): each micro-batch's summed loss is multiplied by world × accum / N, with N the
-counted tokens of the whole step on all ranks. DeepSpeed divides by accum (`backward`) and averages
-gradients over ranks, so the gradient is exactly that of Σ loss / N: the mean over the global batch.
+Loss normalisation (DESIGN §5), for terms with different denominators: a loss has terms t (e.g. "kd"
+and "ce" over tokens, "infonce" over anchors) with weights w_t. Before the forwards, each term's count
+is summed over the step's micro-batches on every rank: N_t (one all-reduce). The objective is
+
+    L = Σ_t w_t · (Σ over ranks and micro-batches of sum_t) / N_t
+
+i.e. every term is the mean over *its own* counted items of the *global* batch, so neither gradient
+accumulation, world size, nor how unevenly masks fall across ranks and micro-batches changes it. Each
+micro-batch backpropagates Σ_t w_t · sum_t · world × accum / N_t: DeepSpeed divides by accum (`backward`)
+and averages gradients over ranks, which leaves exactly the gradient of L. A term with N_t = 0 in a step
+contributes nothing (never NaN). TensorBoard gets L as `train/loss`, each term's mean as
+`train/<term>` when there are several, and each metric the loss reports as Σ value / Σ count over the
+log window and all ranks.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,10 +35,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from stablekd.data_pipeline.files import atomic_write
+from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.launcher.config import ConfigError, TrainConfig
 from stablekd.launcher.monitor import Monitor, measure_peak_flops, peak_memory_bytes
-from stablekd.objectives.lm import IGNORE_INDEX, shifted_labels
+from stablekd.launcher.stages import spec
+from stablekd.objectives.lm import IGNORE_INDEX, nll_sum, shifted_labels
 
 
 class Resumable(Protocol):
@@ -39,22 +50,47 @@ class Resumable(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def lm_token_count(batch: dict) -> int:
-    """Tokens a next-token loss counts in this batch (labels not -100 after the shift)."""
-    return int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())
+@dataclass
+class Loss:
+    """What a stage's loss returns for one micro-batch."""
+
+    sums: dict[str, torch.Tensor]  # term -> summed (not averaged) loss, with its graph
+    metrics: dict[str, tuple[float, float]] = field(
+        default_factory=dict
+    )  # name -> (sum, count), logged as a mean
+
+
+def lm_counts(batch: dict) -> dict[str, int]:
+    """Tokens a next-token loss counts in this batch (labels not -100 after the shift), for every term."""
+    n = int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())
+    return {"lm": n}
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> Loss:
+    """Next-token cross-entropy: the teacher's loss (term "lm")."""
+    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+    return Loss({"lm": nll_sum(logits, batch["labels"])[0]})
+
+
+def input_tokens(batch: dict) -> int:
+    """Tokens a batch feeds the model, for throughput (a stage whose batches have no input_ids says its own)."""
+    return batch["input_ids"].numel()
 
 
 @dataclass
 class Stage:
-    name: str
+    name: str  # a row of the stage registry: its directory holds ckpt/, TensorBoard goes to tb/<name>
     model: torch.nn.Module
     batches: Resumable
-    loss: Callable[
-        [torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]
-    ]  # (summed loss, counted tokens)
+    loss: Callable[[torch.nn.Module, dict], Loss]
     eval_batches: list[dict]
     flops_per_token: float
-    count: Callable[[dict], int] = lm_token_count
+    weights: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})  # w_t per loss term
+    count: Callable[[dict], dict[str, int]] = lm_counts  # N_t contribution of a batch, before its forward
+    tokens: Callable[[dict], int] = input_tokens  # tokens processed, for tokens/s and MFU
+    # Held-out batches may lack what training batches carry (a distilled student's eval text has no soft
+    # labels): then eval_loss scores them (each of its terms weighted 1, counted by lm_counts).
+    eval_loss: Callable[[torch.nn.Module, dict], Loss] | None = None
 
 
 @dataclass
@@ -92,11 +128,6 @@ def _to(batch: dict, device: torch.device) -> dict:
 # DeepSpeed's save is neither atomic nor barriered (DESIGN §9): every save goes to a fresh tag, then
 # after a barrier rank 0 names it in complete.json (temp file + os.replace). A tag not named there is
 # never loaded; older tags are deleted only once a newer one is complete.
-
-
-def read_marker(ckpt_dir: Path) -> dict | None:
-    marker = ckpt_dir / "complete.json"
-    return json.loads(marker.read_text()) if marker.exists() else None
 
 
 def _save(
@@ -158,8 +189,18 @@ def _resume(engine: Any, stage: Stage, ckpt_dir: Path, cfg_hash: str) -> tuple[i
 # --- the loop ------------------------------------------------------------------------------------
 
 
+def _objective(weights: dict[str, float], sums: dict[str, float], counts: dict[str, float]) -> float:
+    """Σ_t w_t · sum_t / N_t over terms with something counted (see the module docstring)."""
+    return sum(w * sums.get(t, 0.0) / counts[t] for t, w in weights.items() if counts.get(t, 0) > 0)
+
+
+def _reduce_named(values: dict[str, float], names: list[str]) -> dict[str, float]:
+    """All-reduce (sum) a dict's values in a fixed key order; missing keys count 0."""
+    return dict(zip(names, all_reduce_values([values.get(n, 0.0) for n in names]), strict=True))
+
+
 def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
-    """Mean eval loss over every rank's eval batches.
+    """Eval loss over every rank's eval batches: each term the mean over its own global count, weighted.
 
     Under ZeRO-3 every rank must run the same number of forwards (parameters are gathered
     collectively), so a rank with fewer eval batches runs `filler` (or its first eval batch) and counts
@@ -169,7 +210,10 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
     if n == 0:
         return float("nan")
     filler = stage.eval_batches[0] if stage.eval_batches else filler
-    total, count = 0.0, 0.0
+    loss_fn, count_fn = (stage.eval_loss, lm_counts) if stage.eval_loss else (stage.loss, stage.count)
+    weights = {"lm": 1.0} if stage.eval_loss else stage.weights
+    terms = sorted(weights)
+    sums, counts = dict.fromkeys(terms, 0.0), dict.fromkeys(terms, 0.0)
     engine.eval()
     with torch.no_grad():
         for i in range(n):
@@ -178,74 +222,106 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
                 raise RuntimeError(
                     "a rank has no eval batch to keep ZeRO-3 forwards in step; give every rank eval data"
                 )
-            s, c = stage.loss(engine, _to(batch, engine.device))
+            out = loss_fn(engine, _to(batch, engine.device))
             if i < len(stage.eval_batches):
-                total, count = total + float(s), count + float(c)
+                for t in terms:
+                    sums[t] += float(out.sums[t]) if t in out.sums else 0.0
+                for t, c in count_fn(batch).items():
+                    counts[t] += c
     engine.train()
-    total, count = all_reduce_values([total, count])
-    return total / count if count else float("nan")
+    sums, counts = _reduce_named(sums, terms), _reduce_named(counts, terms)
+    return _objective(weights, sums, counts) if any(counts.values()) else float("nan")
 
 
 def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_hash: str) -> TrainResult:
     """Train `stage` to cfg.max_steps (resuming from its last complete checkpoint); returns a summary."""
     world = dist.get_world_size()
-    ckpt_dir = run_dir / stage.name / "ckpt"
+    ckpt_dir = run_dir / spec(stage.name).out_dir / "ckpt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     engine, *_ = deepspeed.initialize(
-        model=stage.model, model_parameters=stage.model.parameters(), config=ds_config
-    )
+        model=stage.model, model_parameters=[p for p in stage.model.parameters() if p.requires_grad],
+        config=ds_config,
+    )  # fmt: skip
     accum = engine.gradient_accumulation_steps()
     step, tokens = _resume(engine, stage, ckpt_dir, cfg_hash)
     monitor = Monitor(run_dir / "tb" / stage.name, cfg.max_steps, step, stage.name)
     if step:
         monitor.print(f"[{stage.name}] resumed from {ckpt_dir / read_marker(ckpt_dir)['tag']} at step {step}")
 
-    peak = all_reduce_values([measure_peak_flops(engine.device)])[
-        0
-    ]  # all ranks at once: the job's matmul peak
+    # All ranks at once: the job's matmul peak. Its random operands must not consume the training RNG
+    # restored by the resume (dropout, sampling): run it under a forked RNG.
+    cuda = [engine.device.index or 0] if engine.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        peak = all_reduce_values([measure_peak_flops(engine.device)])[0]
     monitor.scalars(step, {"perf/peak_tflops": peak / 1e12})
     batches = iter(stage.batches)
-    window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+    terms = sorted(stage.weights)
+    window: dict[str, float] = {}  # term sums / counts and metric sums / counts of the log window
+    window_steps, window_tokens, window_time = 0, 0, 0.0
     losses: list[float] = []
     eval_loss = float("nan")
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
-        n_global = all_reduce_values([sum(stage.count(b) for b in micro)])[0]
-        scale = world * accum / max(n_global, 1.0)  # see module docstring
-        step_loss = 0.0
+        local_counts: dict[str, float] = dict.fromkeys(terms, 0.0)
         for b in micro:
-            loss_sum, _ = stage.loss(engine, _to(b, engine.device))
-            engine.backward(loss_sum * scale)
+            for t, c in stage.count(b).items():
+                local_counts[t] += c
+        n_global = _reduce_named(local_counts, terms)
+        sums: dict[str, float] = dict.fromkeys(terms, 0.0)
+        metrics: dict[str, float] = {}
+        for b in micro:
+            out = stage.loss(engine, _to(b, engine.device))
+            scaled = sum(
+                stage.weights[t] * out.sums[t] * (world * accum / n_global[t])
+                for t in out.sums
+                if n_global[t] > 0
+            )
+            # A micro-batch whose terms count nothing globally still joins the backward (ZeRO hooks).
+            engine.backward(scaled if torch.is_tensor(scaled) else _zero_loss(out))
             engine.step()
-            step_loss += float(loss_sum.detach())
+            for t, v in out.sums.items():
+                sums[t] += float(v.detach())
+            for name, (v, c) in out.metrics.items():
+                metrics[f"{name}/sum"] = metrics.get(f"{name}/sum", 0.0) + float(v)
+                metrics[f"{name}/count"] = metrics.get(f"{name}/count", 0.0) + float(c)
         step += 1
-        step_loss, step_tokens = all_reduce_values([step_loss, sum(b["input_ids"].numel() for b in micro)])
-        step_loss, step_tokens = step_loss / max(n_global, 1.0), int(step_tokens)
+        names = sorted(metrics)
+        reduced = _reduce_named({**sums, **metrics, "_tokens": sum(stage.tokens(b) for b in micro)},
+                                [*terms, *names, "_tokens"])  # fmt: skip
+        step_loss, step_tokens = _objective(stage.weights, reduced, n_global), int(reduced["_tokens"])
         tokens += step_tokens
         losses.append(step_loss)
-        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        for key, v in [*((f"{t}/sum", reduced[t]) for t in terms), *((f"{t}/count", n_global[t]) for t in terms),
+                       *((n, reduced[n]) for n in names)]:  # fmt: skip
+            window[key] = window.get(key, 0.0) + v
+        window_steps += 1
         window_tokens, window_time = window_tokens + step_tokens, window_time + time.perf_counter() - t0
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             tok_s = window_tokens / window_time
-            monitor.scalars(
-                step,
-                {
-                    "train/loss": window_loss / window_steps,
-                    "train/lr": engine.get_lr()[0],
-                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                    "train/tokens": tokens,
-                    "perf/tokens_per_s": tok_s,
-                    "perf/step_time_s": window_time / window_steps,
-                    "perf/mfu": tok_s * stage.flops_per_token / peak,
-                    "perf/peak_memory_gib": all_reduce_values(
-                        [peak_memory_bytes(engine.device)], dist.ReduceOp.MAX
-                    )[0]
-                    / 2**30,
-                },
-            )
-            window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+            term_means = {t: window[f"{t}/sum"] / window[f"{t}/count"] for t in terms if window[f"{t}/count"]}
+            scalars = {
+                "train/loss": sum(stage.weights[t] * v for t, v in term_means.items()),
+                "train/lr": engine.get_lr()[0],
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/tokens": tokens,
+                "perf/tokens_per_s": tok_s,
+                "perf/step_time_s": window_time / window_steps,
+                "perf/mfu": tok_s * stage.flops_per_token / peak,
+                "perf/peak_memory_gib": all_reduce_values(
+                    [peak_memory_bytes(engine.device)], dist.ReduceOp.MAX
+                )[0]
+                / 2**30,
+            }
+            if len(terms) > 1:
+                scalars.update({f"train/{t}": v for t, v in term_means.items()})
+            for key in window:
+                metric = key[: -len("/sum")]
+                if key.endswith("/sum") and metric not in terms and window.get(f"{metric}/count"):
+                    scalars[f"train/{metric}"] = window[key] / window[f"{metric}/count"]
+            monitor.scalars(step, scalars)
+            window, window_steps, window_tokens, window_time = {}, 0, 0, 0.0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             eval_loss = evaluate(engine, stage, filler=micro[0])
             monitor.scalars(step, {"eval/loss": eval_loss})
@@ -259,3 +335,8 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
         eval_loss = evaluate(engine, stage)
     monitor.close()
     return TrainResult(engine, step, tokens, losses, eval_loss, read_marker(ckpt_dir)["tag"])
+
+
+def _zero_loss(out: Loss) -> torch.Tensor:
+    """0 with the graph of the micro-batch's terms: backward through it gives zero gradients."""
+    return sum(v * 0.0 for v in out.sums.values())

@@ -19,13 +19,9 @@ from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import iter_documents, resolve_paths
 from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash, save_config, to_dict
-from stablekd.model.tokenizer import train_tokenizer
+from stablekd.launcher.stages import NAMES, REGISTRY, spec
+from stablekd.model.tokenizer import tokenizer_hash, train_tokenizer
 
-STAGES = ["teacher", "soft_labels", "evaluate"]  # in pipeline order
-# Stages that run in the launching process (models that fit one process); the others start ranks. One of
-# them with a `needs_ranks(cfg)` that says True (evaluate of a teacher in ZeRO-3 shards) starts ranks too.
-IN_PROCESS: set[str] = {"evaluate"}
-STAGE_DIRS = {"evaluate": "eval"}  # DESIGN §4 layout; other stages write <run>/<stage>/
 # Fields that change what a stage computes; logging/saving cadence may change on resume.
 _NOT_HASHED = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "export_hf"}
 
@@ -49,18 +45,19 @@ def eval_files(cfg: ExperimentConfig) -> list[Path]:
 
 
 def stage_hash(cfg: ExperimentConfig, stage: str) -> str:
-    """What a stage's result depends on: its section, data, tokenizer, seed, DeepSpeed JSON, and the
+    """What a stage's result depends on: its section (and the registry's `sections`), data, tokenizer, seed, DeepSpeed JSON, and the
     hashes in the DONE.json of every earlier stage present (a retrained teacher makes its soft labels stale)."""
     section = {k: v for k, v in to_dict(getattr(cfg, stage)).items() if k not in _NOT_HASHED}
+    extra = [to_dict(getattr(cfg, name)) for name in spec(stage).sections]
     ds_path = cfg.run_dir / "ds" / f"{stage}.json"
     ds = json.loads(ds_path.read_text()) if ds_path.exists() else {}
     ds.pop("tensorboard", None)  # holds the run directory's path, not a training choice
     upstream = {
         s: json.loads(done_path(cfg, s).read_text())["config_hash"]
-        for s in STAGES[: STAGES.index(stage)]
+        for s in NAMES[: NAMES.index(stage)]
         if done_path(cfg, s).exists()
     }
-    return config_hash(section, cfg.data, cfg.tokenizer, cfg.run.seed, ds, upstream)
+    return config_hash(section, *extra, cfg.data, cfg.tokenizer, cfg.run.seed, ds, upstream)
 
 
 def world_size(cfg: ExperimentConfig) -> int:
@@ -91,7 +88,9 @@ def check_files(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"launch.hostfile: {cfg.launch.hostfile} does not exist (expected lines `host slots=N`)"
         )
-    ds_resolve.locate(cfg.teacher.ds_config)
+    for s in REGISTRY:
+        if s.trains:
+            ds_resolve.locate(getattr(cfg, s.name).ds_config)
 
 
 def _prepare_corpus(cfg: ExperimentConfig) -> None:
@@ -155,12 +154,76 @@ def prepare(cfg: ExperimentConfig, stages: list[str]) -> None:
     _prepare_corpus(cfg)
     _prepare_tokenizer(cfg)
     for stage in stages:
-        if hasattr(getattr(cfg, stage), "ds_config"):  # training stages
+        if spec(stage).trains:
             prepare_ds_config(cfg, stage)
 
 
 def stage_dir(cfg: ExperimentConfig, stage: str) -> Path:
-    return cfg.run_dir / STAGE_DIRS.get(stage, stage)
+    return cfg.run_dir / spec(stage).out_dir
+
+
+def ckpt_dir(cfg: ExperimentConfig, stage: str) -> Path:
+    """Where the training loop keeps a stage's checkpoints (complete.json names the last complete tag)."""
+    return stage_dir(cfg, stage) / "ckpt"
+
+
+def teacher_source(cfg: ExperimentConfig) -> str:
+    """What the teacher is built from: teacher.init_from (a previous run's exported teacher/hf, or a Hugging
+    Face directory as given), else its preset."""
+    src = cfg.teacher.init_from
+    if src and (Path(src) / "teacher" / "hf").is_dir():
+        return str(Path(src) / "teacher" / "hf")
+    return src or cfg.teacher.model
+
+
+def sharded_teacher(cfg: ExperimentConfig):  # -> model.sharded_teacher.ShardedTeacher
+    """The run's teacher from its ZeRO-3 shards, partitioned over this job's ranks (call on every rank)."""
+    from stablekd.model.sharded_teacher import load_sharded_teacher  # deepspeed: only on ranks
+
+    return load_sharded_teacher(
+        ckpt_dir(cfg, "teacher"), cfg.run_dir / "ds" / "teacher.json", tokenizer_dir(cfg),
+        teacher_source(cfg), cfg.data.seq_len, cfg.run.seed,
+    )  # fmt: skip
+
+
+def open_soft_labels(cfg: ExperimentConfig, rank: int, world_size: int, micro_batch_size: int, teacher=None):
+    """Soft-label training batches for a consumer stage, offline or online, one interface.
+
+    Both yield {input_ids [B, L] int32, topk_ids [B, L, k] int32, topk_logprobs [B, L, k] float16} forever
+    and save/restore their position (state_dict / load_state_dict).
+    - Offline (teacher None): the shards of soft_labels/, checked against this run's tokenizer, k, T and
+      seq_len, in epochs of equal length on every rank (data_pipeline/epochs.py); with distill.follow the
+      shards are read while the soft_labels stage still writes them (a ShardError naming the shard
+      awaited after distill.follow_timeout_s without a new one).
+    - Online (`teacher` = `sharded_teacher(cfg)`): the looping training stream labelled in this job with
+      the same k and T; every rank runs one teacher forward per batch it draws, all at the same point of
+      the loop, so the teacher's ZeRO-3 gathers never meet the student's collectives.
+    """
+    from stablekd.data_pipeline.epochs import EqualEpochs
+    from stablekd.data_pipeline.online import OnlineSoftLabels
+    from stablekd.data_pipeline.shards import ShardLoader
+    from stablekd.data_pipeline.soft_labels import soft_label_reader
+    from stablekd.data_pipeline.stream import PackedStream, StreamLoader
+
+    sl, tok_dir = cfg.soft_labels, tokenizer_dir(cfg)
+    if teacher is not None:
+        stream = PackedStream(
+            train_files(cfg), tok_dir, cfg.data.seq_len, micro_batch_size, rank, world_size,
+            cfg.data.num_workers, loop=True,
+        )  # fmt: skip
+        return OnlineSoftLabels(StreamLoader(stream), teacher, sl.k, sl.temperature)
+    expect = {
+        "tokenizer_hash": tokenizer_hash(tok_dir),
+        "k": sl.k,
+        "temperature": sl.temperature,
+        "seq_len": cfg.data.seq_len,
+    }
+    out = stage_dir(cfg, "soft_labels")
+    reader = soft_label_reader(
+        out, expect, rank, world_size, cfg.data.num_workers, follow=cfg.distill.follow,
+        timeout_s=cfg.distill.follow_timeout_s,
+    )  # fmt: skip
+    return EqualEpochs(ShardLoader(reader, micro_batch_size), str(out))
 
 
 def done_path(cfg: ExperimentConfig, stage: str) -> Path:
@@ -173,7 +236,9 @@ def is_done(cfg: ExperimentConfig, stage: str) -> bool:
         return False
     done = json.loads(path.read_text())
     if done.get("config_hash") != stage_hash(cfg, stage):
-        if stage in IN_PROCESS:  # no checkpoint to mix up: cheap to redo (e.g. evaluate after a new model)
+        if not spec(
+            stage
+        ).on_ranks:  # no checkpoint to mix up: cheap to redo (e.g. evaluate after a new model)
             say(f"{stage}: inputs or config changed since {path}, running it again")
             return False
         raise ConfigError(
@@ -230,8 +295,11 @@ def run(cfg: ExperimentConfig, stages: list[str]) -> None:
         prepare(cfg, stages)
         (cfg.run_dir / "prepared.json").write_text(json.dumps({"config_hash": _run_hash(cfg)}))
     for stage in stages:
-        module = importlib.import_module(f"stablekd.launcher.stages.{stage}")
-        in_process = stage in IN_PROCESS and not (hasattr(module, "needs_ranks") and module.needs_ranks(cfg))
+        module = importlib.import_module(spec(stage).module)
+        # An in-process stage whose `needs_ranks(cfg)` says True (evaluate of a teacher in ZeRO-3 shards) starts ranks too.
+        in_process = not spec(stage).on_ranks and not (
+            hasattr(module, "needs_ranks") and module.needs_ranks(cfg)
+        )
         if follower and in_process:
             continue
         if is_done(cfg, stage):

@@ -88,3 +88,14 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     )
     n = layers * per_layer + h * v  # + LM head
     return 6 * n + 12 * layers * h * seq_len
+
+
+def export_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, zero3: bool) -> None:
+    """save_pretrained + tokenizer on rank 0 (call on every rank); under ZeRO-3 the full parameters are
+    gathered first. Plain `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(out)` load the result."""
+    params = list(model.parameters()) if zero3 else []
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+        if torch.distributed.get_rank() == 0:
+            model.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+    torch.distributed.barrier()

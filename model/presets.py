@@ -1,6 +1,6 @@
-"""Llama-style model sizes by name. `tiny` is for tests; `*-s` fit the quickstart on 2 CPU cores; larger ones are for GPUs.
+"""Llama-style model sizes by name. `tiny` and `tiny-student` are for tests; `*-s` fit the quickstart on 2 CPU cores; larger ones are for GPUs.
 
-Parameters at vocab 2,000 (embeddings untied, counted): tiny 0.15M, student-s 1.1M, teacher-s 4.2M,
+Parameters at vocab 2,000 (embeddings untied, counted): tiny 0.15M, tiny-student 0.05M, student-s 1.1M, teacher-s 4.2M,
 student-m 88M, teacher-m 287M, teacher-l 1.12B; a larger vocabulary adds 2 × vocab × hidden.
 """
 
@@ -11,6 +11,7 @@ _FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attenti
 PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     #              hidden  mlp   layers heads kv_heads
     "tiny":      (32,    64,    2,    2,    2),
+    "tiny-student": (12, 32,    1,    2,    2),
     "student-s": (128,   320,   3,    4,    4),
     "teacher-s": (256,   688,   4,    8,    8),
     "student-m": (768,   2048,  12,   12,   12),

@@ -278,7 +278,7 @@ def test_user_corpus_has_no_bios_keys(tmp_path):
 
 
 def test_missing_models_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="teacher/hf.*student/hf.*contrastive/hf"):
+    with pytest.raises(ConfigError, match="teacher/hf.*student/hf"):
         find_models(tmp_path)
     (tmp_path / "teacher" / "ckpt").mkdir(parents=True)
     with pytest.raises(ConfigError, match="teacher/hf missing.*no complete.json.*teacher.export_hf=true"):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from stablekd.launcher.config import load_config
-from stablekd.launcher.stages.teacher import init_source
+from stablekd.launcher.pipeline import teacher_source
 from stablekd.model.build import build_model, count_params, flops_per_token, model_config
 from stablekd.model.presets import PRESETS
 from stablekd.model.tokenizer import load_tokenizer, train_tokenizer
@@ -39,10 +39,10 @@ def test_local_directory_and_init_from(tok, tmp_path):
     loaded = build_model(str(run / "teacher" / "hf"), tok, 32, 0)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), loaded.parameters(), strict=True))
     cfg = load_config(QUICKSTART, [f"teacher.init_from={run}"])
-    assert init_source(cfg) == str(run / "teacher" / "hf")  # a previous run: its exported teacher
+    assert teacher_source(cfg) == str(run / "teacher" / "hf")  # a previous run: its exported teacher
     cfg = load_config(QUICKSTART, [f"teacher.init_from={run / 'teacher' / 'hf'}"])
-    assert init_source(cfg) == str(run / "teacher" / "hf")  # a Hugging Face directory as given
-    assert init_source(load_config(QUICKSTART, ["teacher.model=student-s"])) == "student-s"
+    assert teacher_source(cfg) == str(run / "teacher" / "hf")  # a Hugging Face directory as given
+    assert teacher_source(load_config(QUICKSTART, ["teacher.model=student-s"])) == "student-s"
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

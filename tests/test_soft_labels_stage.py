@@ -1,4 +1,4 @@
-"""Stage `soft_labels` (launcher/stages/soft_labels.py, launcher/teacher_shards.py, data_pipeline/{online,contexts}.py).
+"""Stage `soft_labels` (launcher/stages/soft_labels.py, model/sharded_teacher.py, data_pipeline/{online,contexts}.py).
 
 Two DeepSpeed launches in all (module fixture `run`): the teacher stage (tiny Llama, ZeRO-3, fp32, 2 ranks)
 and tests/soft_labels_worker.py (the soft_labels stage on 2 ranks + online-vs-offline on the same batch).
@@ -38,6 +38,7 @@ from stablekd.data_pipeline.soft_labels import (
 from stablekd.data_pipeline.stream import PackedStream
 from stablekd.launcher import cli, pipeline
 from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.stages import NAMES
 from stablekd.model.build import build_model
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -260,12 +261,12 @@ def test_candidates(run):
 
 
 def test_stage_is_registered():
-    assert pipeline.STAGES.index("soft_labels") == pipeline.STAGES.index("teacher") + 1
+    assert NAMES.index("soft_labels") == NAMES.index("teacher") + 1
     assert cli._parser().parse_args(["stage", "soft_labels", "c.yaml"]).name == "soft_labels"
 
 
 def test_world_size_mismatch_says_what_to_run(tmp_path):
-    from stablekd.launcher.teacher_shards import checkpoint_source, inference_ds_config
+    from stablekd.model.sharded_teacher import checkpoint_source, inference_ds_config
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(ConfigError, match="complete.json: missing"):

@@ -1,0 +1,53 @@
+"""The stage registry (DESIGN §2): every fact about a stage, written once.
+
+The pipeline driver (order, skip/resume, where DONE.json lives), the training loop (checkpoint and
+TensorBoard directories), the evaluate stage (which models the report has, in which column order), the
+CLI (`stablekd stage NAME` choices) and the file checks read this table. Adding a stage is one row here
+and one module `launcher/stages/<name>.py` with `run(cfg)` (optionally `preflight(cfg)` and, for an
+in-process stage, `needs_ranks(cfg)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # `stablekd stage NAME`, the module launcher/stages/<name>.py, tb/<name>/, ds/<name>.json
+    out_dir: str  # <run>/<out_dir>/: DONE.json, ckpt/, and hf/ for a stage that exports a model
+    on_ranks: bool  # started by the deepspeed runner; False = runs in the launching process
+    trains: bool  # a DeepSpeed training stage: the config section of its name is a TrainConfig
+    model: str = ""  # report column of the Hugging Face model it exports to <out_dir>/hf ("" = none)
+    sections: tuple[str, ...] = ()  # config sections its result depends on besides its own (in the hash)
+
+    @property
+    def module(self) -> str:
+        return f"stablekd.launcher.stages.{self.name}"
+
+
+# In pipeline order: a stage reads only what the stages before it left.
+REGISTRY: tuple[StageSpec, ...] = (
+    StageSpec("teacher", "teacher", on_ranks=True, trains=True, model="teacher"),
+    StageSpec("soft_labels", "soft_labels", on_ranks=True, trains=False),
+    StageSpec("distill", "student", on_ranks=True, trains=True, model="student", sections=("student",)),
+    StageSpec("evaluate", "eval", on_ranks=False, trains=False),
+)
+NAMES: list[str] = [s.name for s in REGISTRY]
+MODELS: list[str] = [s.model for s in REGISTRY if s.model]  # the report's columns, in this order
+
+
+def spec(name: str) -> StageSpec:
+    """The registry row of `name`; a KeyError lists the stages."""
+    for s in REGISTRY:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage {name!r} (stages: {', '.join(NAMES)})")
+
+
+def model_stage(model: str) -> StageSpec:
+    """The stage whose export is the report column `model` (teacher, student, contrastive)."""
+    for s in REGISTRY:
+        if s.model == model:
+            return s
+    raise KeyError(f"unknown model {model!r} (models: {', '.join(MODELS)})")

@@ -5,7 +5,7 @@ whole (fp32 on CPU, bf16 on a GPU) and evaluated with the same prompts and seeds
 an export the stage runs in the launching process. A teacher with a complete ZeRO-3 checkpoint
 (teacher/ckpt/complete.json) and no teacher/hf is evaluated from its shards, never consolidated: the
 stage then runs on the teacher's ranks (`needs_ranks`; the deepspeed runner, like the other stages),
-every rank loads the teacher partitioned (`teacher_shards.load_sharded_teacher`) and runs the same
+every rank loads the teacher partitioned (`pipeline.sharded_teacher`) and runs the same
 prompts, batches and seeds (so the ZeRO-3 collectives stay in lockstep; `generate` with synced_gpus),
 models with an export are loaded whole on every rank, and only rank 0 prints and writes.
 Writes eval/report.json ({"models": {name: {metric: value}}, "ratios", "notes", ...}), eval/report.md
@@ -40,18 +40,17 @@ from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.launcher import launch, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
+from stablekd.launcher.stages import MODELS, model_stage
 from stablekd.model.build import count_params
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
-
-MODEL_NAMES = ("teacher", "student", "contrastive")  # report column order
 
 
 def find_models(run_dir: Path) -> dict[str, Path]:
     """name -> <run>/<name>/hf for each model exported there, or <run>/teacher/ckpt for a teacher with a
     complete ZeRO-3 checkpoint and no export; a ConfigError when none can be evaluated."""
     found: dict[str, Path] = {}
-    for name in MODEL_NAMES:
-        hf, ckpt = run_dir / name / "hf", run_dir / name / "ckpt"
+    for name in MODELS:  # the report's column order
+        hf, ckpt = run_dir / model_stage(name).out_dir / "hf", run_dir / model_stage(name).out_dir / "ckpt"
         if (hf / "config.json").is_file():
             found[name] = hf
         elif name == "teacher" and (ckpt / "complete.json").is_file():
@@ -66,7 +65,7 @@ def find_models(run_dir: Path) -> dict[str, Path]:
                 "for a teacher whose checkpoint is complete)"
             )
     if not found:
-        paths = ", ".join(str(run_dir / n / "hf") for n in MODEL_NAMES)
+        paths = ", ".join(str(run_dir / model_stage(n).out_dir / "hf") for n in MODELS)
         raise ConfigError(
             f"evaluate: no model to evaluate: none of {paths} exists (run the teacher stage first)"
         )
@@ -191,10 +190,8 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         if not _sharded(path):
             return _load(path, run_tok_dir, device, dtype)
         if sharded is None:
-            from stablekd.launcher.teacher_shards import load_sharded_teacher
-
             with torch.enable_grad():  # deepspeed.initialize builds an optimizer: not under no_grad
-                sharded = load_sharded_teacher(cfg)
+                sharded = pipeline.sharded_teacher(cfg)
             notes.append(
                 f"teacher: evaluated from its ZeRO-3 shards ({sharded.checkpoint_id}) on "
                 f"{torch.distributed.get_world_size()} ranks"
@@ -303,9 +300,9 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     inputs = {
         "models": {n: str(p) for n, p in models.items()},
         "model_config_hashes": {
-            n: json.loads(pipeline.done_path(cfg, n).read_text())["config_hash"]
+            n: json.loads(pipeline.done_path(cfg, model_stage(n).name).read_text())["config_hash"]
             for n in models
-            if pipeline.done_path(cfg, n).is_file()
+            if pipeline.done_path(cfg, model_stage(n).name).is_file()
         },
         "tokenizer_hash": tokenizer_hash(run_tok_dir),
     }

@@ -5,7 +5,7 @@
 Runs on the ranks of the teacher's partitioning (the deepspeed runner, like the teacher stage) with the
 teacher's own DeepSpeed JSON `ds/teacher.json`: this section has no `ds_config` of its own, because the
 teacher is loaded from its ZeRO-3 shards rank by rank and must be partitioned as it was trained
-(launcher/teacher_shards.py; at another world size see `checkpoint_source`).
+(model/sharded_teacher.py; at another world size see `checkpoint_source`).
 
 Leaves (DESIGN §4):
     soft_labels/           shard-r<rank>-<i>.safetensors + manifest.r<rank>.json while writing, manifest.json
@@ -37,40 +37,29 @@ from tqdm import tqdm
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.candidates import CandidateWriter, candidate_meta, pack_groups, trim_generated
 from stablekd.data_pipeline.contexts import bios_contexts, document_contexts, tokenize_contexts
-from stablekd.data_pipeline.files import atomic_write
-from stablekd.data_pipeline.online import OnlineSoftLabels, lockstep
-from stablekd.data_pipeline.shards import ShardLoader, finalize
+from stablekd.data_pipeline.files import atomic_write, read_marker
+from stablekd.data_pipeline.online import lockstep
+from stablekd.data_pipeline.shards import finalize
 from stablekd.data_pipeline.soft_labels import (
+    FIDELITY_RATE,
     SoftLabelWriter,
     compress,
     fidelity,
     finalize_soft_labels,
     merge_fidelity,
     soft_label_meta,
-    soft_label_reader,
 )
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.monitor import Monitor
-from stablekd.launcher.teacher_shards import (
-    ShardedTeacher,
-    checkpoint_source,
-    load_sharded_teacher,
-    teacher_ckpt_dir,
-)
+from stablekd.model.sharded_teacher import ShardedTeacher, checkpoint_source
 from stablekd.model.tokenizer import tokenizer_hash
-
-FIDELITY_RATE = 8  # fidelity samples one position in 8 of each batch until its budget is spent
-
-
-def out_dir(cfg: ExperimentConfig) -> Path:
-    return cfg.run_dir / "soft_labels"
 
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Checks the launching process runs before starting ranks: a clear one-line error instead of a rank traceback."""
-    checkpoint_source(teacher_ckpt_dir(cfg), pipeline.world_size(cfg))
+    checkpoint_source(pipeline.ckpt_dir(cfg, "teacher"), pipeline.world_size(cfg))
     if not (cfg.run_dir / "ds" / "teacher.json").is_file():
         raise ConfigError(
             f"{cfg.run_dir / 'ds' / 'teacher.json'}: missing; run `stablekd stage teacher` first"
@@ -109,7 +98,11 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     at random, until the budget is spent.
     """
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
-    out, tok_dir, seq_len = out_dir(cfg), pipeline.tokenizer_dir(cfg), cfg.data.seq_len
+    out, tok_dir, seq_len = (
+        pipeline.stage_dir(cfg, "soft_labels"),
+        pipeline.tokenizer_dir(cfg),
+        cfg.data.seq_len,
+    )
     meta = soft_label_meta(
         teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, sl.temperature, sl.k, seq_len
     )
@@ -223,7 +216,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     """
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
     tok = teacher.tokenizer
-    out = out_dir(cfg) / "candidates"
+    out = pipeline.stage_dir(cfg, "soft_labels") / "candidates"
     contexts = candidate_contexts(cfg, tok)
     if not contexts:
         raise ConfigError("soft_labels.candidates: the corpus gave no context (documents of >= 2 tokens)")
@@ -288,7 +281,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
 def run(cfg: ExperimentConfig) -> ShardedTeacher:
     """The stage on every rank; returns the loaded teacher for callers that keep using it in the same job."""
     rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank)
-    teacher = load_sharded_teacher(cfg)
+    teacher = pipeline.sharded_teacher(cfg)
     if rank == 0:
         tqdm.write(
             f"[soft_labels] teacher {teacher.checkpoint_id} loaded from its ZeRO shards (tag {teacher.tag})"
@@ -297,7 +290,7 @@ def run(cfg: ExperimentConfig) -> ShardedTeacher:
     if cfg.soft_labels.candidates:
         produced["candidates"] = sample_candidates(cfg, teacher)
     if rank == 0:
-        marker = engine.read_marker(teacher_ckpt_dir(cfg)) or {}
+        marker = read_marker(pipeline.ckpt_dir(cfg, "teacher")) or {}
         inputs = {
             "teacher_checkpoint": teacher.checkpoint_id,
             "teacher_config_hash": marker.get("config_hash"),
@@ -307,40 +300,3 @@ def run(cfg: ExperimentConfig) -> ShardedTeacher:
         pipeline.write_done(cfg, "soft_labels", produced, inputs)
     dist.barrier()
     return teacher
-
-
-def open_soft_labels(
-    cfg: ExperimentConfig,
-    rank: int,
-    world_size: int,
-    micro_batch_size: int,
-    online: bool = False,
-    teacher: ShardedTeacher | None = None,
-    follow: bool = False,
-    loop: bool = False,
-) -> ShardLoader | OnlineSoftLabels:
-    """Soft-label batches for a consumer (the distill stage): offline shards or the online teacher, one switch.
-
-    Both yield {input_ids [B, L] int32, topk_ids [B, L, k] int32, topk_logprobs [B, L, k] float16} and
-    have state_dict / load_state_dict. Offline: the shards of soft_labels/ (follow=True reads them while
-    the soft_labels stage still writes), checked against this config's tokenizer, k, T and seq_len.
-    Online: the training stream (looping if `loop`), labelled by `teacher` (load_sharded_teacher) in this
-    job, with the same k and T.
-    """
-    sl, tok_dir = cfg.soft_labels, pipeline.tokenizer_dir(cfg)
-    if online:
-        if teacher is None:
-            raise ValueError("online soft labels need the teacher: pass teacher=load_sharded_teacher(cfg)")
-        stream = PackedStream(
-            pipeline.train_files(cfg), tok_dir, cfg.data.seq_len, micro_batch_size, rank, world_size,
-            cfg.data.num_workers, loop=loop,
-        )  # fmt: skip
-        return OnlineSoftLabels(StreamLoader(stream), teacher, sl.k, sl.temperature)
-    expect = {
-        "tokenizer_hash": tokenizer_hash(tok_dir),
-        "k": sl.k,
-        "temperature": sl.temperature,
-        "seq_len": cfg.data.seq_len,
-    }
-    reader = soft_label_reader(out_dir(cfg), expect, rank, world_size, cfg.data.num_workers, follow=follow)
-    return ShardLoader(reader, micro_batch_size)

@@ -7,11 +7,7 @@ teacher/hf (Hugging Face format, unless teacher.export_hf=false) and teacher/DON
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import deepspeed
-import torch
-import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline.sources import SourceStats
@@ -19,32 +15,8 @@ from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batch
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import ExperimentConfig
-from stablekd.model.build import build_model, count_params, flops_per_token
+from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
-from stablekd.objectives.lm import nll_sum
-
-
-def lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
-    return nll_sum(logits, batch["labels"])
-
-
-def init_source(cfg: ExperimentConfig) -> str:
-    """teacher.init_from: a previous run's exported teacher, a Hugging Face directory, else the preset."""
-    src = cfg.teacher.init_from
-    if src and (Path(src) / "teacher" / "hf").is_dir():
-        return str(Path(src) / "teacher" / "hf")
-    return src or cfg.teacher.model
-
-
-def export_hf(model: torch.nn.Module, tokenizer, out: Path, zero3: bool) -> None:
-    """save_pretrained + tokenizer on rank 0; under ZeRO-3 the full parameters are gathered first."""
-    params = list(model.parameters()) if zero3 else []
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
-        if dist.get_rank() == 0:
-            model.save_pretrained(out, safe_serialization=True)
-            tokenizer.save_pretrained(out)
-    dist.barrier()
 
 
 def run(cfg: ExperimentConfig) -> None:
@@ -57,7 +29,7 @@ def run(cfg: ExperimentConfig) -> None:
     tok_dir = pipeline.tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tok_dir)
     seq_len, micro = cfg.data.seq_len, ds["train_micro_batch_size_per_gpu"]
-    model = build_model(init_source(cfg), tokenizer, seq_len, cfg.run.seed)
+    model = build_model(pipeline.teacher_source(cfg), tokenizer, seq_len, cfg.run.seed)
     # Every rank reads the whole corpus (it keeps the global document index), so rank 0's counts suffice.
     stats = SourceStats()
     files = pipeline.train_files(cfg)
@@ -66,7 +38,7 @@ def run(cfg: ExperimentConfig) -> None:
         pipeline.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
     )
     stage = engine.Stage(
-        "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model.config, seq_len)
+        "teacher", model, StreamLoader(stream), engine.lm_loss, evals, flops_per_token(model.config, seq_len)
     )
     result = engine.train(stage, cfg.teacher, ds, run_dir, pipeline.stage_hash(cfg, "teacher"))
 

@@ -36,19 +36,13 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
+from stablekd.data_pipeline.files import read_marker
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import pipeline
-from stablekd.launcher.config import ConfigError, ExperimentConfig
-from stablekd.launcher.engine import read_marker
-from stablekd.launcher.stages.teacher import init_source
+from stablekd.launcher.config import ConfigError
 from stablekd.model.build import build_model
 from stablekd.model.tokenizer import load_tokenizer
 
 UNIVERSAL_SUFFIX = "_universal"
-
-
-def teacher_ckpt_dir(cfg: ExperimentConfig) -> Path:
-    return cfg.run_dir / "teacher" / "ckpt"
 
 
 def checkpoint_source(ckpt_dir: Path, world_size: int) -> tuple[dict, str, bool]:
@@ -155,16 +149,24 @@ class ShardedTeacher:
         self.generate(eos, torch.ones_like(eos), do_sample=False, max_new_tokens=1)
 
 
-def load_sharded_teacher(cfg: ExperimentConfig) -> ShardedTeacher:
-    """The teacher of `cfg.run_dir`, partitioned over this job's ranks exactly as training partitioned it.
+def load_sharded_teacher(
+    ckpt_dir: Path, ds_path: Path, tokenizer_dir: Path, source: str, seq_len: int, seed: int
+) -> ShardedTeacher:
+    """The teacher whose checkpoints are in `ckpt_dir`, partitioned over this job's ranks exactly as
+    training partitioned it.
 
-    Call on every rank after `engine.setup_distributed`. Raises ConfigError when there is no complete
-    teacher checkpoint or the world size differs and no universal checkpoint exists.
+    Args:
+        ckpt_dir: the teacher stage's checkpoint directory (complete.json names the tag to load).
+        ds_path: the teacher's resolved DeepSpeed JSON (ds/teacher.json).
+        tokenizer_dir, source, seq_len, seed: what the teacher was built from (`model_source`), so the
+            shapes match the checkpoint; the initial weights are overwritten by the load.
+
+    Call on every rank after `engine.setup_distributed` (`pipeline.sharded_teacher(cfg)` passes a run's
+    paths). Raises ConfigError when there is no complete teacher checkpoint or the world size differs
+    and no universal checkpoint exists.
     """
-    run_dir, world = cfg.run_dir, dist.get_world_size()
-    ckpt_dir = teacher_ckpt_dir(cfg)
+    world = dist.get_world_size()
     marker, tag, universal = checkpoint_source(ckpt_dir, world)
-    ds_path = run_dir / "ds" / "teacher.json"
     if not ds_path.is_file():
         raise ConfigError(
             f"{ds_path}: missing: the teacher's resolved DeepSpeed JSON (written by the teacher stage)"
@@ -173,9 +175,8 @@ def load_sharded_teacher(cfg: ExperimentConfig) -> ShardedTeacher:
     zero3 = zero_stage(ds) == 3
     # Alive while the model is built: transformers then constructs it inside deepspeed.zero.Init (as teacher.py).
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841
-    tokenizer = load_tokenizer(pipeline.tokenizer_dir(cfg))
-    # The initial weights are overwritten by the load; building them the teacher's way keeps shapes identical.
-    model = build_model(init_source(cfg), tokenizer, cfg.data.seq_len, cfg.run.seed)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(source, tokenizer, seq_len, seed)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     engine.eval()
 

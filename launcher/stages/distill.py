@@ -1,0 +1,150 @@
+"""Stage `distill`: a smaller student learns from the teacher's top-k soft labels.
+
+    stablekd stage distill configs/quickstart.yaml run.out_dir=runs/quickstart
+
+Runs on ranks with its own DeepSpeed JSON (`distill.ds_config`, any ZeRO stage; `ds/distill.json`).
+Soft labels come from (`pipeline.open_soft_labels`, one interface):
+- the shards of soft_labels/ (default), in epochs of equal length on every rank;
+- the same shards while the soft_labels stage still writes them (`distill.follow=true`);
+- the sharded ZeRO-3 teacher in this job (`distill.online=true`), loaded from its checkpoint as the
+  soft_labels stage loads it, labelling the looping training stream with the same k and T.
+Loss (objectives/distill.py): alpha · KD + (1 − alpha) · CE, each the mean over the counted tokens of the
+global batch (terms "kd" and "ce" of the shared loop); KD is the `distill.kind` divergence on the k + 1
+bins (top-k + tail) at temperature T, × T². Eval loss: next-token cross-entropy on held-out text.
+
+Leaves student/ckpt/<tag> (resumable, with each rank's reader position), student/hf (Hugging Face model +
+tokenizer) and student/DONE.json. TensorBoard tb/distill: train/loss, train/kd, train/ce,
+train/student_topk_mass, train/top1_agreement, perf/tokens_per_s, perf/mfu (student FLOPs only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig
+from transformers.integrations import HfDeepSpeedConfig
+
+from stablekd.data_pipeline.shards import read_manifest
+from stablekd.data_pipeline.soft_labels import KIND as SOFT_LABELS
+from stablekd.data_pipeline.stream import eval_batches
+from stablekd.ds_configs.resolve import zero_stage
+from stablekd.launcher import engine, pipeline
+from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
+from stablekd.model.presets import PRESETS
+from stablekd.model.sharded_teacher import checkpoint_source
+from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
+from stablekd.objectives.distill import agreement_sums, kd_sum
+from stablekd.objectives.lm import nll_sum
+
+
+def _student_vocab(cfg: ExperimentConfig) -> tuple[int, str]:
+    """(vocabulary size, tokenizer hash) of the student as configured, without building it."""
+    src, tok_dir = cfg.student.model, pipeline.tokenizer_dir(cfg)
+    if Path(src).is_dir():
+        vocab = AutoConfig.from_pretrained(src).vocab_size
+        own = (Path(src) / "tokenizer.json").is_file() or (Path(src) / "tokenizer.model").is_file()
+        return vocab, tokenizer_hash(Path(src) if own else tok_dir)
+    if src not in PRESETS:
+        raise ConfigError(
+            f"student.model: {src!r} is neither a preset ({', '.join(PRESETS)}) nor a local model directory"
+        )
+    return len(load_tokenizer(tok_dir)), tokenizer_hash(tok_dir)
+
+
+def _check_student(cfg: ExperimentConfig, vocab: int, tok_hash: str) -> None:
+    """Refuse a student that cannot read the soft labels: another vocabulary or tokenizer, another T."""
+    d, sl = cfg.distill, cfg.soft_labels
+    if d.temperature != sl.temperature:
+        raise ConfigError(
+            f"distill.temperature {d.temperature} != soft_labels.temperature {sl.temperature}: the soft "
+            "labels hold the teacher's log-probs at soft_labels.temperature; set both to the same T"
+        )
+    if d.online:
+        checkpoint_source(pipeline.ckpt_dir(cfg, "teacher"), pipeline.world_size(cfg))
+        source, src_vocab, src_hash = "the teacher", len(load_tokenizer(pipeline.tokenizer_dir(cfg))), None
+    else:
+        out = pipeline.stage_dir(cfg, "soft_labels")
+        if d.follow and not (out / "manifest.json").is_file():
+            return  # the writer may not have started: the reader checks every rank manifest as it comes
+        meta = read_manifest(out, SOFT_LABELS)["meta"]
+        source, src_vocab, src_hash = f"{out / 'manifest.json'}", meta["vocab_size"], meta["tokenizer_hash"]
+    if vocab != src_vocab or (src_hash is not None and tok_hash != src_hash):
+        raise ConfigError(
+            f"student.model {cfg.student.model}: vocabulary {vocab} (tokenizer {tok_hash}) but {source} has "
+            f"vocabulary {src_vocab} (tokenizer {src_hash or tokenizer_hash(pipeline.tokenizer_dir(cfg))}): "
+            "a student must share the teacher's tokenizer to learn from its soft labels"
+        )
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """What the launching process checks before starting ranks: a one-line error instead of a rank traceback."""
+    _check_student(cfg, *_student_vocab(cfg))
+
+
+def kd_counts(batch: dict) -> dict[str, int]:
+    """Counted tokens of a soft-label batch, for both terms: every position but the last predicts one."""
+    n = int(engine.lm_counts({"labels": batch["input_ids"]})["lm"])
+    return {"kd": n, "ce": n}
+
+
+def make_loss(cfg: ExperimentConfig):
+    d = cfg.distill
+
+    def loss(model: torch.nn.Module, batch: dict) -> engine.Loss:
+        ids = batch["input_ids"].long()  # [B, L]; labels = the ids (the model predicts position t + 1)
+        logits = model(input_ids=ids).logits  # [B, L, V]
+        teacher = (batch["topk_ids"].long(), batch["topk_logprobs"])  # [B, L, k] each
+        kd, n = kd_sum(logits, teacher, ids, d.kind, d.temperature, d.beta, d.skew)
+        ce, _ = nll_sum(logits, ids)
+        agree = agreement_sums(logits.detach(), batch["topk_ids"].long(), ids)
+        metrics = {k: (float(agree[k]), float(n)) for k in ("student_topk_mass", "top1_agreement")}
+        return engine.Loss({"kd": kd, "ce": ce}, metrics)
+
+    return loss
+
+
+def run(cfg: ExperimentConfig) -> None:
+    rank, world = engine.setup_distributed(cfg.launch.threads_per_rank)
+    d, run_dir, seq_len = cfg.distill, cfg.run_dir, cfg.data.seq_len
+    # The online teacher first: its HfDeepSpeedConfig must not be alive while the student is built.
+    teacher = pipeline.sharded_teacher(cfg) if d.online else None
+    ds = json.loads((run_dir / "ds" / "distill.json").read_text())
+    zero3 = zero_stage(ds) == 3
+    hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (student built inside zero.Init)
+    tok_dir = pipeline.tokenizer_dir(cfg)
+    tokenizer = load_tokenizer(tok_dir)
+    student = build_model(cfg.student.model, tokenizer, seq_len, cfg.run.seed)
+    _check_student(cfg, int(student.config.vocab_size), tokenizer_hash(tok_dir))
+    micro = ds["train_micro_batch_size_per_gpu"]
+    batches = pipeline.open_soft_labels(cfg, rank, world, micro, teacher)
+    evals = eval_batches(pipeline.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
+    stage = engine.Stage(
+        "distill", student, batches, make_loss(cfg), evals, flops_per_token(student.config, seq_len),
+        weights={"kd": d.alpha, "ce": 1.0 - d.alpha}, count=kd_counts, eval_loss=engine.lm_loss,
+    )  # fmt: skip
+    result = engine.train(stage, d, ds, run_dir, pipeline.stage_hash(cfg, "distill"))
+
+    out = pipeline.stage_dir(cfg, "distill")
+    produced = {
+        "checkpoint": str(out / "ckpt" / result.checkpoint_tag),
+        "zero_stage": zero_stage(ds),
+        "world_size": world,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "eval_loss": result.eval_loss,  # held-out next-token cross-entropy
+        "params": count_params(student),
+        "source": "online teacher" if d.online else str(pipeline.stage_dir(cfg, "soft_labels")),
+    }
+    if teacher is not None:
+        produced["teacher_checkpoint"] = teacher.checkpoint_id
+    if d.export_hf:
+        export_hf(result.engine.module, tokenizer, out / "hf", zero3)
+        produced["hf"] = str(out / "hf")
+    if rank == 0:
+        inputs = {"tokenizer_hash": tokenizer_hash(tok_dir), "student": cfg.student.model}
+        pipeline.write_done(cfg, "distill", produced, inputs)
+    dist.barrier()

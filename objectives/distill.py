@@ -1,0 +1,376 @@
+"""Knowledge-distillation losses: a student's logits against a teacher's full logits or top-k soft labels.
+
+DESIGN §5, conventions stated once here:
+
+- Alignment. ``student_logits[:, t]`` (B, T, V) predicts token t+1, and the teacher input at position t
+  is the teacher's distribution over that same token t+1. The counted tokens are
+  ``shifted_labels(labels) != IGNORE_INDEX`` (objectives/lm.py), exactly the tokens the CE loss counts.
+- Teacher input. Either full logits (B, T, V), or soft labels ``(topk_ids, topk_logprobs)``, each
+  (B, T, k), ``topk_logprobs = log_softmax(teacher_logits / T)`` at those ids, already at the temperature
+  T that the caller passes here (the soft-label stage stores them at its T).
+- Temperature. Both distributions are taken at T (the student's logits are divided by T) and every
+  divergence is multiplied by T² (Hinton et al. 2015), so the gradient scale does not shrink as 1/T².
+  Other tools differ: torchtune's kd_losses and TRL's ``generalized_jsd_loss`` do not multiply by T².
+- Top-k bins. Top-k soft labels are compared on k+1 bins: the k stored ids plus one tail bin holding the
+  rest of the vocabulary (teacher tail ``1 − Σ exp(topk_logprobs)``, clamped at 0; student tail
+  ``1 − Σ_k q``, computed as a logsumexp over the other ids so it does not cancel). Every divergence is
+  then exact on those bins; with k = V the tail is empty and the loss is the full-vocabulary one.
+- Zero-probability bins. ``0 · log 0 = 0``. A bin where the distribution on the *right* of a KL has zero
+  probability (true value +inf: e.g. reverse KL where the teacher's tail clamped to 0) contributes 0,
+  as torchtune's losses mask infinite logits, so a teacher that rules a token out never gives inf/NaN.
+  Stored top-k log-probs at or below the float16 floor (−65504) mean −inf (zero probability).
+- Precision. Computed in float32 whatever the input dtype (float64 stays float64 so gradcheck works).
+- Reduction. ``kd_sum`` and ``agreement_sums`` return *sums* and token counts, because the training loop
+  divides by the token count of the whole global batch (all ranks × micro-batches); ``distill_loss`` is
+  the mean over the tokens of one call.
+- Memory. Only counted rows are gathered, then processed ``chunk_tokens`` rows at a time, each chunk under
+  non-reentrant activation checkpointing, so with a 128k vocabulary only one chunk's float32
+  temporaries are alive in forward and in backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from stablekd.objectives.lm import IGNORE_INDEX, nll_sum, shifted_labels
+
+KINDS = ("fkl", "rkl", "gjsd", "tvd", "skl", "mse")
+
+# Teacher input: full logits (B, T, V), or (topk_ids, topk_logprobs), each (B, T, k).
+Teacher = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+# float16 has no finite value below this; a writer that avoids storing -inf stores this instead.
+FP16_FLOOR = torch.finfo(torch.float16).min  # -65504.0
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_params(kind: str, temperature: float, beta: float, skew: float) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown distillation kind {kind!r}; expected one of {KINDS}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0 <= skew <= 1:
+        raise ValueError(f"skew must be in [0, 1], got {skew}")
+
+
+def _check_student(student_logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits: expected shape (B, T, V), got {tuple(student_logits.shape)}")
+    B, T, _ = student_logits.shape
+    if tuple(labels.shape) != (B, T):
+        raise ValueError(f"labels: expected shape (B, T) = {(B, T)}, got {tuple(labels.shape)}")
+
+
+def _check_topk_ids(ids: torch.Tensor, student_logits: torch.Tensor) -> None:
+    B, T, V = student_logits.shape
+    if ids.dim() != 3 or tuple(ids.shape[:2]) != (B, T) or not 1 <= ids.shape[2] <= V:
+        raise ValueError(
+            f"topk_ids: expected shape (B, T, k) = ({B}, {T}, k) with 1 <= k <= V = {V}, got {tuple(ids.shape)}"
+        )
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids: expected an integer dtype, got {ids.dtype}")
+
+
+def _check(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    labels: torch.Tensor,
+    kind: str,
+    temperature: float,
+    beta: float,
+    skew: float,
+) -> bool:
+    """Raise ValueError on a bad argument; return whether the teacher is top-k."""
+    _check_params(kind, temperature, beta, skew)
+    _check_student(student_logits, labels)
+    if isinstance(teacher, torch.Tensor):
+        if teacher.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher logits: expected shape (B, T, V) = {tuple(student_logits.shape)} like "
+                f"student_logits, got {tuple(teacher.shape)}"
+            )
+        return False
+    if not (isinstance(teacher, tuple | list) and len(teacher) == 2):
+        raise ValueError("teacher: expected a logits tensor (B, T, V) or a tuple (topk_ids, topk_logprobs)")
+    if kind == "mse":
+        raise ValueError("kind 'mse' needs full teacher logits (B, T, V), not top-k soft labels")
+    ids, logprobs = teacher
+    _check_topk_ids(ids, student_logits)
+    if logprobs.shape != ids.shape:
+        raise ValueError(
+            f"topk_logprobs: expected shape {tuple(ids.shape)} like topk_ids, got {tuple(logprobs.shape)}"
+        )
+    if not logprobs.is_floating_point():
+        raise ValueError(f"topk_logprobs: expected a floating dtype, got {logprobs.dtype}")
+    return True
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # float32 for bf16/fp16/fp32 inputs; float64 stays float64 so gradcheck is meaningful.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _counted_rows(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, T) -> indices (N,) into the flattened (B*T) positions whose next token is counted."""
+    return (shifted_labels(labels) != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-domain pieces, NaN-free in forward and backward when bins hold -inf (zero probability)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)), elementwise, for log-masses x; x ≥ 0 (mass ≥ 1 after rounding) gives −inf.
+
+    Two branches (Mächler 2012): log(−expm1(x)) near 0 where 1 − e^x cancels, log1p(−e^x) further out.
+    Each branch only ever sees safe inputs, so the unused one cannot put NaN into the gradient.
+    """
+    x = x.clamp(max=0.0)
+    near = x > -math.log(2.0)
+    a = torch.log(-torch.expm1(torch.where(near, x, -1.0)))
+    b = torch.log1p(-torch.exp(torch.where(near, -1.0, x)))
+    return torch.where(near, a, b)
+
+
+def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w·e^la + (1 − w)·e^lb) elementwise; −inf where both are −inf (no NaN in the gradient)."""
+    if w == 1:
+        return la
+    if w == 0:
+        return lb
+    a = la + math.log(w)
+    b = lb + math.log1p(-w)
+    shift = torch.maximum(a, b).detach()  # the usual logsumexp shift; its value does not change the result
+    dead = torch.isneginf(shift)
+    shift = shift.masked_fill(dead, 0.0)
+    total = (a - shift).exp() + (b - shift).exp()
+    return (shift + total.masked_fill(dead, 1.0).log()).masked_fill(dead, _NEG_INF)
+
+
+def _kl(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """KL(a ‖ b) = Σ_bins e^la · (la − lb) over the last dim, from log-probs (n, bins) -> (n,).
+
+    A bin where either side is −inf contributes 0 (see the module docstring): both sides are set to 0
+    there, so its term is e^0·(0 − 0) = 0. Replacing them before the arithmetic (not masking the result
+    after) keeps 0·inf NaN out of the backward pass.
+    """
+    dead = torch.isneginf(la) | torch.isneginf(lb)
+    la = la.masked_fill(dead, 0.0)
+    lb = lb.masked_fill(dead, 0.0)
+    return (la.exp() * (la - lb)).sum(-1)
+
+
+def _divergence(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float, skew: float) -> torch.Tensor:
+    """Per-row divergence between teacher log-probs lp and student log-probs lq, both (n, bins) -> (n,)."""
+    if kind == "fkl" or (kind == "gjsd" and beta == 0):
+        return _kl(lp, lq)
+    if kind == "rkl" or (kind == "gjsd" and beta == 1):
+        return _kl(lq, lp)
+    if kind == "gjsd":
+        # TRL's generalized_jsd_loss: m = β·p + (1 − β)·q, β·KL(p‖m) + (1 − β)·KL(q‖m).
+        lm = _log_mix(lp, lq, beta)
+        return beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
+    if kind == "tvd":
+        return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    if kind == "skl":
+        # DistiLLM (Ko et al. 2024) skew forward KL: KL(p ‖ λ·p + (1 − λ)·q).
+        return _kl(lp, _log_mix(lp, lq, skew))
+    raise AssertionError(kind)  # mse and unknown kinds never get here
+
+
+def _student_topk_bins(s_lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Student log-probs (n, V) -> log-probs on k+1 bins (n, k+1): the k ids, then the tail.
+
+    The tail is a logsumexp over the ids *not* in the top-k rather than log(1 − Σ_k q), which cancels
+    when the top-k hold almost all the mass. With k = V it is logsumexp(all −inf) = −inf; the NaN its
+    backward makes on those entries is overwritten with 0 by scatter's backward (every entry is an id).
+    """
+    top = s_lp.gather(-1, ids)  # (n, k)
+    tail = s_lp.scatter(-1, ids, _NEG_INF).logsumexp(-1, keepdim=True)  # (n, 1)
+    return torch.cat([top, tail], dim=-1)
+
+
+def _teacher_topk_bins(logprobs: torch.Tensor) -> torch.Tensor:
+    """Stored teacher log-probs (n, k) -> log-probs on k+1 bins (n, k+1): the k ids, then the tail.
+
+    Tail mass 1 − Σ exp(logprobs), clamped at 0 (float16 rounding can make the sum exceed 1), as a log.
+    """
+    logprobs = logprobs.masked_fill(logprobs <= FP16_FLOOR, _NEG_INF)  # the storage floor means −inf
+    tail = _log1mexp(logprobs.logsumexp(-1, keepdim=True))  # (n, 1)
+    return torch.cat([logprobs, tail], dim=-1)
+
+
+def _chunk_kd_sum(
+    s: torch.Tensor,
+    teacher_flat: torch.Tensor,
+    ids_flat: torch.Tensor | None,
+    rows: torch.Tensor,
+    kind: str,
+    temperature: float,
+    beta: float,
+    skew: float,
+) -> torch.Tensor:
+    """Σ over one chunk of T²·divergence. s (n, V) are the student's rows; rows (n,) index them in
+    teacher_flat (B*T, V) logits or (B*T, k) top-k log-probs, and ids_flat (B*T, k) for top-k.
+
+    The teacher rows are gathered here, inside the checkpoint, so the chunk's gathered copy is
+    recomputed in backward instead of kept alive for every chunk.
+    """
+    dtype = _compute_dtype(s)
+    s = s.to(dtype) / temperature  # (n, V)
+    t = teacher_flat.index_select(0, rows).to(dtype)  # (n, V) or (n, k)
+    if kind == "mse":
+        # mean_V ((s − t)/T)² · T²: the T² scaling cancels the temperature, so mse is T-independent.
+        return ((s - t / temperature) ** 2).mean(-1).sum() * temperature**2
+    s_lp = F.log_softmax(s, dim=-1)  # (n, V)
+    if ids_flat is None:
+        lq, lp = s_lp, F.log_softmax(t / temperature, dim=-1)  # (n, V) each
+    else:
+        ids = ids_flat.index_select(0, rows).long()  # (n, k)
+        lq, lp = _student_topk_bins(s_lp, ids), _teacher_topk_bins(t)  # (n, k+1) each
+    return _divergence(lp, lq, kind, beta, skew).sum() * temperature**2
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def kd_sum(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    labels: torch.Tensor,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    chunk_tokens: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KD divergence over the counted tokens, and the number of counted tokens.
+
+    Args:
+        student_logits: (B, T, V); position t predicts token t+1.
+        teacher: full teacher logits (B, T, V), or ``(topk_ids, topk_logprobs)`` each (B, T, k) with
+            ``topk_logprobs = log_softmax(teacher_logits / temperature)`` at ``topk_ids`` (any integer
+            dtype for the ids, any float dtype for the log-probs; values ≤ −65504 mean −inf).
+        labels: (B, T) token ids, IGNORE_INDEX (-100) where nothing is learned; the counted tokens are
+            ``shifted_labels(labels) != -100``.
+        kind: one of KINDS. Per token, with p the teacher and q the student, both at temperature T:
+            "fkl" KL(p‖q); "rkl" KL(q‖p); "gjsd" TRL's generalized JSD (β=0 forward KL, β=1 reverse KL,
+            else β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q); "tvd" ½·Σ|p − q|; "skl" skew forward KL
+            KL(p ‖ λ·p + (1−λ)·q) with λ = skew (DistiLLM); "mse" (full logits only) the mean over the
+            vocabulary of (student_logits/T − teacher_logits/T)², which needs finite logits. Top-k
+            teachers use k+1 bins.
+        temperature: T > 0. Every divergence, mse included, is multiplied by T² (Hinton scaling;
+            torchtune and TRL do not scale). For mse the T² cancels the 1/T², so T has no effect.
+        beta: β of "gjsd". skew: λ of "skl".
+        chunk_tokens: counted tokens per chunk; each chunk runs under activation checkpointing when
+            grad is enabled, so its float32 (n, V) temporaries are freed in forward and in backward.
+
+    Returns:
+        (loss_sum, tokens): loss_sum a float32 scalar (float64 for float64 logits) connected to the
+        graph even when nothing is counted; tokens an int64 scalar. An all-masked batch gives (0, 0).
+    """
+    topk = _check(student_logits, teacher, labels, kind, temperature, beta, skew)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    B, T, V = student_logits.shape
+    rows = _counted_rows(labels)  # (N,)
+    # One gather of the counted rows (N, V), in the input dtype; masked tokens cost nothing from here on.
+    # split() (not slicing) so backward assembles the chunks' gradients in one cat, not one buffer each.
+    s_rows = student_logits.reshape(B * T, V).index_select(0, rows)
+    if topk:
+        ids_flat = teacher[0].reshape(B * T, -1)  # (B*T, k)
+        teacher_flat = teacher[1].reshape(B * T, -1)  # (B*T, k)
+    else:
+        ids_flat, teacher_flat = None, teacher.reshape(B * T, V)
+    fn = functools.partial(_chunk_kd_sum, kind=kind, temperature=temperature, beta=beta, skew=skew)
+    use_ckpt = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_flat.requires_grad)
+    parts = []
+    for s_chunk, r_chunk in zip(s_rows.split(chunk_tokens), rows.split(chunk_tokens), strict=True):
+        if use_ckpt:
+            # No RNG inside, so skip saving/restoring it.
+            part = checkpoint(
+                fn, s_chunk, teacher_flat, ids_flat, r_chunk, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            part = fn(s_chunk, teacher_flat, ids_flat, r_chunk)
+        parts.append(part)
+    tokens = rows.new_tensor(rows.numel())
+    if not parts:
+        # Sum over the empty (0, V) rows: 0, yet in the graph, so an all-masked micro-batch can backward.
+        return s_rows.to(_compute_dtype(student_logits)).sum(), tokens
+    return torch.stack(parts).sum(), tokens
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher: Teacher,
+    labels: torch.Tensor,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 1.0,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """α·KD + (1 − α)·CE, each the mean over this call's counted tokens; 0 (not NaN) if none is counted.
+
+    KD is ``kd_sum`` (T²-scaled, see there for shapes and kinds); CE is the next-token cross-entropy of
+    the raw student logits (T = 1) against labels (``nll_sum``). A term whose weight is 0 is not
+    computed. For training across ranks use ``kd_sum``/``nll_sum`` and divide by the global count.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check(student_logits, teacher, labels, kind, temperature, beta, skew)
+    dtype = _compute_dtype(student_logits)
+    tokens = (shifted_labels(labels) != IGNORE_INDEX).sum()
+    loss = student_logits.new_zeros((), dtype=dtype)
+    if alpha > 0:
+        loss = loss + alpha * kd_sum(student_logits, teacher, labels, kind, temperature, beta, skew)[0]
+    if alpha < 1:
+        loss = loss + (1 - alpha) * nll_sum(student_logits, labels)[0].to(dtype)
+    # clamp: an all-masked call is 0 / 1 = 0, not 0 / 0.
+    return loss / tokens.clamp(min=1)
+
+
+@torch.no_grad()
+def agreement_sums(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 2048
+) -> dict[str, torch.Tensor]:
+    """How much the student (T = 1) agrees with the teacher's top-k, summed over the counted tokens.
+
+    Args:
+        student_logits: (B, T, V). topk_ids: (B, T, k), the teacher's ids sorted by probability.
+        labels: (B, T); counted tokens as in ``kd_sum``.
+
+    Returns:
+        "student_topk_mass": float32 Σ of the student's probability on the teacher's top-k ids;
+        "top1_agreement": int64 count of tokens whose student argmax is ``topk_ids[..., 0]``;
+        "tokens": int64 count of counted tokens. Sums, so the loop can all-reduce and divide.
+    """
+    _check_student(student_logits, labels)
+    _check_topk_ids(topk_ids, student_logits)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    B, T, V = student_logits.shape
+    rows = _counted_rows(labels)  # (N,)
+    s_flat = student_logits.reshape(B * T, V)
+    ids_flat = topk_ids.reshape(B * T, -1)
+    mass = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+    top1 = torch.zeros((), dtype=torch.int64, device=student_logits.device)
+    for r in rows.split(chunk_tokens):
+        s = s_flat.index_select(0, r).float()  # (n, V)
+        ids = ids_flat.index_select(0, r).long()  # (n, k)
+        mass += F.log_softmax(s, dim=-1).gather(-1, ids).exp().sum()
+        top1 += (s.argmax(-1) == ids[:, 0]).sum()
+    return {"student_topk_mass": mass, "top1_agreement": top1, "tokens": rows.new_tensor(rows.numel())}

@@ -1,0 +1,201 @@
+"""Stage `distill` (launcher/stages/distill.py) on real 2-rank DeepSpeed launches through the CLI.
+
+Launches: the tiny teacher and its soft labels (module fixture), a 16-step ZeRO-3 distillation, the same
+run killed with SIGKILL after a checkpoint and rerun, and 2 steps with the online teacher.
+
+Checked against a plain single-process loop (`reference_losses`): the same student, AdamW, schedule and
+clipping, fed what each rank reads from the shards. The shards are uneven on purpose (7 sequences, one
+per shard: consumer rank 0 holds 4, rank 1 holds 3), so every epoch is 3 micro-batches on both ranks
+(data_pipeline/epochs.py) and a step's global batch is both ranks' micro-batches. Tolerance rel 2e-4 as
+for the teacher (fp32; the ranks' gradient sums differ from one process's only in summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.runtime.lr_schedules import WarmupCosineLR
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stablekd.data_pipeline.shards import ShardLoader
+from stablekd.data_pipeline.soft_labels import soft_label_reader
+from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.stages import distill
+from stablekd.model.build import build_model
+from stablekd.model.tokenizer import load_tokenizer
+from stablekd.objectives.distill import kd_sum
+from stablekd.objectives.lm import nll_sum
+from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd
+
+pytestmark = pytest.mark.distributed
+UPSTREAM = [
+    *TINY,
+    "launch.nproc_per_node=2",
+    "teacher.max_steps=6",
+    "teacher.dtype=fp32",
+    "soft_labels.k=8",
+    "soft_labels.temperature=2.0",
+    "soft_labels.max_sequences=7",
+    "soft_labels.records_per_shard=1",
+    "soft_labels.micro_batch_size=2",
+    "soft_labels.candidates=false",
+]
+DISTILL = [
+    "student.model=tiny-student",
+    "distill.ds_config=zero3.json",
+    "distill.dtype=fp32",
+    "distill.max_steps=16",
+    "distill.micro_batch_size=1",
+    "distill.grad_accum=2",
+    "distill.warmup_steps=2",
+    "distill.lr=0.01",
+    "distill.kind=gjsd",
+    "distill.beta=0.3",
+    "distill.temperature=2.0",
+    "distill.alpha=0.6",
+    "distill.save_every=2",
+    "distill.eval_every=0",
+    "distill.eval_batches=1",
+    "distill.log_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("distill") / "upstream"
+    for stage in ("teacher", "soft_labels"):
+        run_stablekd("stage", stage, str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM)
+    return run
+
+
+def _copy_upstream(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    return dst
+
+
+def _args(run: Path, *extra: str) -> list[str]:
+    return ["stage", "distill", str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM, *DISTILL, *extra]
+
+
+@pytest.fixture(scope="module")
+def distilled(upstream, tmp_path_factory) -> Path:
+    run = _copy_upstream(upstream, tmp_path_factory.mktemp("full") / "run")
+    run_stablekd(*_args(run))
+    return run
+
+
+def reference_losses(run: Path, steps: int) -> list[float]:
+    """One process: the student trained on both ranks' shard batches per step (epochs of min(4, 3) = 3)."""
+    cfg = load_config(run / "config.yaml")
+    d = cfg.distill
+    per_rank = [list(ShardLoader(soft_label_reader(run / "soft_labels", {}, r, 2), 1)) for r in range(2)]
+    epoch = min(map(len, per_rank))
+    model = build_model(cfg.student.model, load_tokenizer(run / "tokenizer"), cfg.data.seq_len, cfg.run.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=d.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=d.weight_decay
+    )
+    sched = WarmupCosineLR(
+        opt, total_num_steps=d.max_steps, warmup_num_steps=d.warmup_steps, cos_min_ratio=d.min_lr_ratio,
+        warmup_type="linear",
+    )  # fmt: skip
+    losses = []
+    for step in range(steps):
+        draws = range(step * d.grad_accum, (step + 1) * d.grad_accum)
+        batches = [per_rank[r][i % epoch] for r in range(2) for i in draws]
+        opt.zero_grad()
+        kd_total, ce_total, n = 0.0, 0.0, 0
+        for b in batches:
+            ids = b["input_ids"].long()
+            logits = model(input_ids=ids).logits
+            kd, c = kd_sum(
+                logits, (b["topk_ids"].long(), b["topk_logprobs"]), ids, d.kind, d.temperature, d.beta
+            )
+            ce, _ = nll_sum(logits, ids)
+            (d.alpha * kd + (1 - d.alpha) * ce).backward()
+            kd_total, ce_total, n = kd_total + float(kd.detach()), ce_total + float(ce.detach()), n + int(c)
+        for p in model.parameters():
+            p.grad /= n  # both terms count the same tokens
+        torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append((d.alpha * kd_total + (1 - d.alpha) * ce_total) / n)
+    return losses
+
+
+def test_two_ranks_match_plain_pytorch_and_export(distilled):
+    tb = distilled / "tb" / "distill"
+    curve = read_scalars(tb, "train/loss")
+    assert [curve[s] for s in range(1, 17)] == pytest.approx(reference_losses(distilled, 16), rel=2e-4)
+    for tag in ("train/kd", "train/ce", "train/top1_agreement", "train/student_topk_mass", "perf/mfu"):
+        assert len(read_scalars(tb, tag)) == 16, tag
+    mass = read_scalars(tb, "train/student_topk_mass")
+    assert 0.0 < mass[1] < mass[16] <= 1.0  # the student moves its mass onto the teacher's top-k
+    done = json.loads((distilled / "student" / "DONE.json").read_text())["produced"]
+    assert done["steps"] == 16 and done["world_size"] == 2 and done["zero_stage"] == 3
+    # Plain transformers loads the export and generates.
+    hf = distilled / "student" / "hf"
+    model, tok = AutoModelForCausalLM.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)
+    assert model.num_parameters() == done["params"]
+    ids = tok(["Anna was born"], return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape == (1, ids.shape[1] + 5)
+
+
+def test_kill_and_resume_at_the_same_reader_position(upstream, distilled, tmp_path):
+    run = _copy_upstream(upstream, tmp_path / "run")
+    proc = subprocess.Popen(
+        stablekd_cmd(*_args(run)), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    marker = run / "student" / "ckpt" / "complete.json"
+    deadline = time.time() + 300
+    while not (marker.exists() and json.loads(marker.read_text())["step"] >= 4):
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint at step 4"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = json.loads(marker.read_text())["step"]
+    assert resumed_from < 16 and not (run / "student" / "DONE.json").exists()
+    out = run_stablekd(*_args(run))
+    assert f"at step {resumed_from}" in out.stderr + out.stdout
+    # Same reader position (epoch and shard/record per rank), model, optimizer and RNG: the same curve.
+    full = read_scalars(distilled / "tb" / "distill", "train/loss")
+    after = read_scalars(run / "tb" / "distill", "train/loss")
+    steps = range(resumed_from + 1, 17)
+    assert [after[s] for s in steps] == pytest.approx([full[s] for s in steps], rel=1e-5)
+
+
+def test_online_teacher_gives_the_offline_batches(upstream, distilled, tmp_path):
+    """The online teacher labels the same rows each consumer rank reads offline (consumer r reads writer
+    r's shards): the first steps' losses are those of the offline run, a ZeRO-2 student this time."""
+    run = _copy_upstream(upstream, tmp_path / "run")
+    run_stablekd(*_args(run, "distill.online=true", "distill.max_steps=2", "distill.ds_config=zero2.json"))
+    online = read_scalars(run / "tb" / "distill", "train/loss")
+    offline = read_scalars(distilled / "tb" / "distill", "train/loss")
+    assert online[1] == pytest.approx(offline[1], rel=1e-5)  # before any update: the same batches
+    done = json.loads((run / "student" / "DONE.json").read_text())["produced"]
+    assert done["source"] == "online teacher" and done["teacher_checkpoint"].startswith("teacher/ckpt/")
+
+
+def test_student_with_another_vocabulary_is_refused(upstream, tmp_path):
+    other = tmp_path / "other"
+    cfg = load_config(QUICKSTART, [f"run.out_dir={upstream}", *UPSTREAM, *DISTILL])
+    tok = load_tokenizer(upstream / "tokenizer")
+    model = build_model("tiny-student", tok, 32, 0)
+    model.resize_token_embeddings(len(tok) + 16)
+    model.save_pretrained(other)
+    cfg.student.model = str(other)
+    with pytest.raises(ConfigError, match=rf"vocabulary {len(tok) + 16}.*vocabulary {len(tok)}"):
+        distill.preflight(cfg)
+    cfg.student.model, cfg.distill.temperature = "tiny-student", 1.0
+    with pytest.raises(ConfigError, match="distill.temperature 1.0 != soft_labels.temperature 2.0"):
+        distill.preflight(cfg)

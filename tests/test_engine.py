@@ -1,0 +1,71 @@
+"""The loop's loss normalisation (launcher/engine.py docstring) with terms of different denominators.
+
+A real 2-rank ZeRO-2 launch (tests/engine_worker.py) against a plain single-process loop that forms each
+step's objective over the whole global batch: Σ_t w_t · Σ sum_t / N_t. Masks differ across ranks and
+micro-batches (some count nothing), so a per-micro-batch or per-rank mean gives other losses; the test
+checks that too, so it can tell the two apart. Tolerance as tests/test_teacher_distributed.py: rel 2e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+from tests.conftest import REPO
+from tests.engine_worker import ACCUM, STEPS, TRAIN, WEIGHTS, counts, masked_batch, term_sums, tiny_model
+
+
+def reference(per_micro_mean: bool = False) -> list[float]:
+    """Plain PyTorch: each step's global batch is both ranks' ACCUM micro-batches (rank r's i-th is masked_batch(r, i))."""
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    sched = WarmupCosineLR(
+        opt, total_num_steps=STEPS, warmup_num_steps=TRAIN.warmup_steps, cos_min_ratio=TRAIN.min_lr_ratio,
+        warmup_type="linear",
+    )  # fmt: skip
+    losses = []
+    for step in range(STEPS):
+        micro = [masked_batch(r, step * ACCUM + i) for r in range(2) for i in range(ACCUM)]
+        n = {t: sum(counts(b)[t] for b in micro) for t in WEIGHTS}
+        opt.zero_grad()
+        total = 0.0
+        for b in micro:
+            sums = term_sums(model(input_ids=b["input_ids"]).logits, b["labels"])
+            c = counts(b)
+            if per_micro_mean:  # the convention this loop does NOT use: mean per micro-batch, then averaged
+                loss = sum(w * sums[t] / max(c[t], 1) for t, w in WEIGHTS.items()) / len(micro)
+            else:
+                loss = sum(w * sums[t] / n[t] for t, w in WEIGHTS.items())
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(total)
+    return losses
+
+
+@pytest.mark.distributed
+def test_terms_with_different_denominators_over_uneven_masks(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "losses.json"
+    cmd = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port",
+        str(port), "--no_local_rank", str(REPO / "tests" / "engine_worker.py"), str(tmp_path), str(result),
+    ]  # fmt: skip
+    subprocess.run(
+        cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, timeout=300, capture_output=True
+    )
+    losses = json.loads(result.read_text())
+    assert losses == pytest.approx(reference(), rel=2e-4)
+    # The masks are uneven enough that the other convention is far off: the check above can fail.
+    assert abs(losses[0] - reference(per_micro_mean=True)[0]) > 1e-2
