@@ -183,6 +183,12 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# No leakage (DESIGN §7): the questions a training stage asks (contrastive candidate contexts) use the
+# even-numbered templates of an attribute, the report's bios probe the odd-numbered ones, so the probe
+# scores phrasings no stage was trained to answer as a question. (Biographies use every template.)
+CONTEXT_TEMPLATES: tuple[int, ...] = (0, 2, 4, 6)
+PROBE_TEMPLATES: tuple[int, ...] = (1, 3, 5)
+
 KNOWN_VALUES: dict[str, tuple[str, ...]] = {
     "birth_city": CITIES,
     "university": UNIVERSITIES,

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stablekd.data_pipeline.shards import ShardError, ShardReader, ShardWriter
+from stablekd.data_pipeline.epochs import EqualEpochs
+from stablekd.data_pipeline.shards import ShardError, ShardLoader, ShardReader, ShardWriter
 
 KIND = "candidates"
 PAD_ID = 0
@@ -223,3 +224,27 @@ def candidate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def candidate_reader(out_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> ShardReader:
     """ShardReader of kind "candidates" (further arguments as ShardReader's after `kind`); records hold the four arrays above (+ "state")."""
     return ShardReader(out_dir, KIND, *args, **kwargs)
+
+
+def flat_candidates(batch: dict[str, torch.Tensor], first_group: int = 0) -> dict[str, torch.Tensor]:
+    """`candidate_batch` of B groups flattened to B·G rows [B·G, W], plus `group_ids` [B·G] (first_group,
+    first_group + 1, ...: make them unique across ranks to contrast a global batch)."""
+    laid = candidate_batch(batch)
+    B, G, W = laid["input_ids"].shape
+    flat = {k: v.reshape(B * G, W) for k, v in laid.items()}  # [B, G, W] -> [B·G, W]
+    flat["group_ids"] = torch.arange(first_group, first_group + B).repeat_interleave(G)  # [B·G]
+    return flat
+
+
+def training_groups(
+    out_dir: str | os.PathLike,
+    expect: dict,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int = 0,
+):
+    """Candidate groups for a training stage: batches of `micro_batch_size` groups, endless epochs of the same
+    length on every rank (data_pipeline/epochs.py), resumable (state_dict / load_state_dict)."""
+    reader = candidate_reader(out_dir, expect, rank, world_size, num_workers)
+    return EqualEpochs(ShardLoader(reader, micro_batch_size), str(out_dir))

@@ -2,7 +2,8 @@
 
 Two sources, chosen by the corpus:
 - the built-in bios corpus (`bios_contexts`): three in four contexts ask about one attribute of a trained
-  person (a probe prompt such as "Anna Rosa Abbott was born in"), one in four starts a free biography
+  person (a question such as "Anna Rosa Abbott was born in", from `bios.CONTEXT_TEMPLATES` only: the
+  report's probe asks with the others), one in four starts a free biography
   (the person's name). The gold continuation is the true value followed by more true sentences about
   the person, in corpus style, so a gold row reads like a training biography.
 - any other corpus (`document_contexts`): the first half of a document (at most `max_context` tokens),
@@ -16,10 +17,21 @@ before a biography begins.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from stablekd.data_pipeline.bios import ATTRIBUTES, TEMPLATES, Person, bio_prompt, probe_prompts, render
+from stablekd.data_pipeline.bios import (
+    ATTRIBUTES,
+    CONTEXT_TEMPLATES,
+    TEMPLATES,
+    Person,
+    bio_prompt,
+    extract_attributes,
+    parse_answer,
+    probe_prompts,
+    render,
+)
 from stablekd.data_pipeline.sources import iter_documents
 from stablekd.model.tokenizer import encode
 
@@ -47,7 +59,7 @@ def bios_contexts(people: Sequence[Person], n: int, seed: int) -> list[tuple[str
             template = rng.choice([t for t in TEMPLATES[attribute] if t.startswith("{name}")])
             prompt = bio_prompt(person)
         else:
-            t = rng.randrange(len(TEMPLATES[attribute]))
+            t = rng.choice(CONTEXT_TEMPLATES)  # never a probe template (DESIGN §7)
             template, prompt = TEMPLATES[attribute][t], probe_prompts(person, attribute)[t]
         first = render(template, person.name, person.value(attribute))
         rest = _sentences(rng, person, skip=attribute)
@@ -90,3 +102,57 @@ def document_contexts(
         c = min(len(ids) // 2, max_context)
         out.append(([eos, *ids[:c]], [*ids[c:], eos]))
     return out
+
+
+def bios_truth(people: Sequence[Person]) -> dict[str, tuple[Person, str | None]]:
+    """Context text -> (person, attribute asked; None for a biography start) for every context
+    `bios_contexts` can produce about `people` (each question template of CONTEXT_TEMPLATES, each name)."""
+    truth: dict[str, tuple[Person, str | None]] = {}
+    for person in people:
+        truth[bio_prompt(person)] = (person, None)
+        for attribute in ATTRIBUTES:
+            prompts = probe_prompts(person, attribute)
+            for t in CONTEXT_TEMPLATES:
+                truth[prompts[t]] = (person, attribute)
+    return truth
+
+
+def _answer_key(attribute: str, value: str) -> int:
+    # A stable non-negative id of (attribute, value): continuations of different contexts that state the
+    # same answer share it (false negatives of a contrastive loss).
+    return zlib.crc32(f"{attribute}\0{value}".encode())
+
+
+def judge_continuations(
+    tok, context_ids: Sequence[int], continuations: Sequence[Sequence[int]], truth: dict
+) -> tuple[list[int], list[int], int]:
+    """Verdicts of a group's continuations against the ground truth of its context, answer keys, truth key.
+
+    verdict +1: states the true value (question) / every attribute it states is true (biography);
+    −1: states another value (a contradiction: a hard negative); 0: nothing parseable or no known truth.
+    key: `_answer_key` of the (attribute, value) a question's continuation states, −1 otherwise; truth key:
+    that of the true answer of a question context, −1 otherwise.
+    Texts are decoded from ids: the continuation is decode(context + continuation) minus decode(context),
+    since SentencePiece drops a leading space when a piece is decoded alone.
+    """
+    ctx_text = tok.decode(list(context_ids), skip_special_tokens=True)
+    person, attribute = truth.get(ctx_text.strip(), (None, None))
+    verdicts, keys = [], []
+    for cont in continuations:
+        whole = tok.decode([*context_ids, *cont], skip_special_tokens=True)
+        text = whole[len(ctx_text) :]
+        verdict, key = 0, -1
+        if person is not None and attribute is not None:
+            value = parse_answer(attribute, text)
+            if value is not None:
+                verdict = 1 if value == person.value(attribute) else -1
+                key = _answer_key(attribute, value)
+        elif person is not None:
+            stated = extract_attributes(whole, person.name)
+            values = [(a, v) for a, vs in stated.items() for v in vs]
+            if values:
+                verdict = -1 if any(v != person.value(a) for a, v in values) else 1
+        verdicts.append(verdict)
+        keys.append(key)
+    truth_key = _answer_key(attribute, person.value(attribute)) if person and attribute else -1
+    return verdicts, keys, truth_key

@@ -151,11 +151,15 @@ class Question:
 
 
 def build_questions(people: Sequence[Person], max_prompts: int, seed: int) -> list[Question]:
-    """The first `max_prompts` (person, attribute) pairs after a seeded shuffle, each with a seeded prompt template."""
+    """The first `max_prompts` (person, attribute) pairs after a seeded shuffle, each with a seeded probe template."""
     rng = random.Random(seed)
     pairs = [(p, a) for p in people for a in ATTRIBUTES]
     rng.shuffle(pairs)
-    return [Question(p, a, rng.choice(bios.probe_prompts(p, a))) for p, a in pairs[:max_prompts]]
+    # Probe templates only: no training stage asks with them (DESIGN §7, bios.PROBE_TEMPLATES).
+    return [
+        Question(p, a, bios.probe_prompts(p, a)[rng.choice(bios.PROBE_TEMPLATES)])
+        for p, a in pairs[:max_prompts]
+    ]
 
 
 def ask(gen: TextGenerator, questions: Sequence[Question], samples: int, seed: int) -> list[list[str]]:

@@ -252,6 +252,51 @@ class DistillConfig(TrainConfig):
 
 
 @dataclass
+class ContrastiveConfig(TrainConfig):
+    """The distilled student fine-tuned on candidate groups: InfoNCE + lam · (KD or CE) (objectives/contrastive.py)."""
+
+    ds_config: str = _f("zero2.json", "DeepSpeed JSON of the student: a file in ds_configs/ or a path")
+    max_steps: int = _f(150, "optimizer steps")
+    micro_batch_size: int = _f(4, "candidate groups (contexts) per rank per micro-batch; LM batches the same")
+    lr: float = _f(3e-4, "peak learning rate (fine-tuning a trained student)")
+    warmup_steps: int = _f(10, "linear warmup steps")
+    scorer: str = _f(
+        "likelihood",
+        "likelihood: s = mean log p(continuation | context), a context's own continuations against other "
+        "contexts'; embedding: cosine of mean-pooled last hidden states through a projection head",
+    )
+    tau: float = _f(
+        1.0, "InfoNCE temperature (likelihood scores are nats/token; embedding cosines want ~0.1)"
+    )
+    lam: float = _f(1.0, "weight of the language-model term (lm) that keeps it a language model")
+    lm: str = _f("kd", "the lam term: kd (the soft-label stream, distill.kind at distill.temperature) or ce")
+    negatives: int = _f(8, "likelihood scorer: other contexts' continuations scored per context")
+    hard_negatives: bool = _f(
+        True, "ground truth known (bios): continuations contradicting it are negatives, not positives"
+    )
+    margin: float = _f(0.0, "SimCTG token-level term on the LM batches with this margin rho; 0 = off")
+    head_dim: int = _f(128, "embedding scorer: projection head output size")
+    export_hf: bool = _f(
+        True, "save the final model in Hugging Face format with its tokenizer (contrastive/hf)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scorer not in ("likelihood", "embedding"):
+            raise ConfigError(f"scorer: expected 'likelihood' or 'embedding', got {self.scorer!r}")
+        if self.lm not in ("kd", "ce"):
+            raise ConfigError(f"lm: expected 'kd' or 'ce', got {self.lm!r}")
+        if self.tau <= 0 or self.lam < 0 or self.margin < 0:
+            raise ConfigError(
+                f"tau > 0, lam >= 0, margin >= 0 expected, got {self.tau}, {self.lam}, {self.margin}"
+            )
+        if self.negatives < 1 or self.head_dim < 1:
+            raise ConfigError(
+                f"negatives and head_dim: expected positive integers, got {self.negatives}, {self.head_dim}"
+            )
+
+
+@dataclass
 class EvaluateConfig:
     """Stability and efficiency of every model the run has (teacher, student, contrastive student)."""
 
@@ -287,6 +332,9 @@ class ExperimentConfig:
     )
     student: StudentConfig = _sub(StudentConfig, "the student model distillation trains")
     distill: DistillConfig = _sub(DistillConfig, "student distillation from the soft labels")
+    contrastive: ContrastiveConfig = _sub(
+        ContrastiveConfig, "contrastive fine-tuning of the distilled student"
+    )
     evaluate: EvaluateConfig = _sub(EvaluateConfig, "stability evaluation and report")
 
     @property

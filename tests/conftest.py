@@ -46,3 +46,36 @@ def run_stablekd(*args: str, check: bool = True, timeout: float = 600) -> subpro
             f"stablekd {' '.join(args)} exited {proc.returncode}\n--- stderr tail ---\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+# The tiny teacher, its soft labels and candidate groups, for the distill and contrastive stage tests.
+# Uneven on purpose: 7 sequences, one per shard (consumer rank 0 reads 4, rank 1 reads 3); 6 contexts.
+UPSTREAM = [
+    *TINY,
+    "launch.nproc_per_node=2",
+    "teacher.max_steps=6",
+    "teacher.dtype=fp32",
+    "soft_labels.k=8",
+    "soft_labels.temperature=2.0",
+    "soft_labels.max_sequences=7",
+    "soft_labels.records_per_shard=1",
+    "soft_labels.micro_batch_size=2",
+    "soft_labels.candidate_contexts=6",
+    "soft_labels.candidates_per_context=2",
+    "soft_labels.generate_batch_size=4",
+    "soft_labels.max_new_tokens=8",
+]
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> Path:
+    """A run directory after the teacher and soft_labels stages (2 ranks each)."""
+    run = tmp_path_factory.mktemp("upstream") / "run"
+    for stage in ("teacher", "soft_labels"):
+        run_stablekd("stage", stage, str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM)
+    return run
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    return dst

@@ -1,6 +1,6 @@
 """Stage `distill` (launcher/stages/distill.py) on real 2-rank DeepSpeed launches through the CLI.
 
-Launches: the tiny teacher and its soft labels (module fixture), a 16-step ZeRO-3 distillation, the same
+Launches: the tiny teacher and its soft labels (conftest `upstream`), a 16-step ZeRO-3 distillation, the same
 run killed with SIGKILL after a checkpoint and rerun, and 2 steps with the online teacher.
 
 Checked against a plain single-process loop (`reference_losses`): the same student, AdamW, schedule and
@@ -33,21 +33,9 @@ from stablekd.model.build import build_model
 from stablekd.model.tokenizer import load_tokenizer
 from stablekd.objectives.distill import kd_sum
 from stablekd.objectives.lm import nll_sum
-from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd
+from tests.conftest import QUICKSTART, REPO, UPSTREAM, copy_run, run_stablekd, stablekd_cmd
 
 pytestmark = pytest.mark.distributed
-UPSTREAM = [
-    *TINY,
-    "launch.nproc_per_node=2",
-    "teacher.max_steps=6",
-    "teacher.dtype=fp32",
-    "soft_labels.k=8",
-    "soft_labels.temperature=2.0",
-    "soft_labels.max_sequences=7",
-    "soft_labels.records_per_shard=1",
-    "soft_labels.micro_batch_size=2",
-    "soft_labels.candidates=false",
-]
 DISTILL = [
     "student.model=tiny-student",
     "distill.ds_config=zero3.json",
@@ -68,26 +56,13 @@ DISTILL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("distill") / "upstream"
-    for stage in ("teacher", "soft_labels"):
-        run_stablekd("stage", stage, str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM)
-    return run
-
-
-def _copy_upstream(src: Path, dst: Path) -> Path:
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    return dst
-
-
 def _args(run: Path, *extra: str) -> list[str]:
     return ["stage", "distill", str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM, *DISTILL, *extra]
 
 
 @pytest.fixture(scope="module")
 def distilled(upstream, tmp_path_factory) -> Path:
-    run = _copy_upstream(upstream, tmp_path_factory.mktemp("full") / "run")
+    run = copy_run(upstream, tmp_path_factory.mktemp("full") / "run")
     run_stablekd(*_args(run))
     return run
 
@@ -150,7 +125,7 @@ def test_two_ranks_match_plain_pytorch_and_export(distilled):
 
 
 def test_kill_and_resume_at_the_same_reader_position(upstream, distilled, tmp_path):
-    run = _copy_upstream(upstream, tmp_path / "run")
+    run = copy_run(upstream, tmp_path / "run")
     proc = subprocess.Popen(
         stablekd_cmd(*_args(run)), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -177,7 +152,7 @@ def test_kill_and_resume_at_the_same_reader_position(upstream, distilled, tmp_pa
 def test_online_teacher_gives_the_offline_batches(upstream, distilled, tmp_path):
     """The online teacher labels the same rows each consumer rank reads offline (consumer r reads writer
     r's shards): the first steps' losses are those of the offline run, a ZeRO-2 student this time."""
-    run = _copy_upstream(upstream, tmp_path / "run")
+    run = copy_run(upstream, tmp_path / "run")
     run_stablekd(*_args(run, "distill.online=true", "distill.max_steps=2", "distill.ds_config=zero2.json"))
     online = read_scalars(run / "tb" / "distill", "train/loss")
     offline = read_scalars(distilled / "tb" / "distill", "train/loss")

@@ -31,6 +31,7 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec("teacher", "teacher", on_ranks=True, trains=True, model="teacher"),
     StageSpec("soft_labels", "soft_labels", on_ranks=True, trains=False),
     StageSpec("distill", "student", on_ranks=True, trains=True, model="student", sections=("student",)),
+    StageSpec("contrastive", "contrastive", on_ranks=True, trains=True, model="contrastive"),
     StageSpec("evaluate", "eval", on_ranks=False, trains=False),
 )
 NAMES: list[str] = [s.name for s in REGISTRY]

@@ -1,0 +1,472 @@
+"""Distillation: step cost of offline and online soft labels vs plain CE, and quality at equal tokens.
+
+    python benchmarks/distill.py --run runs/quickstart [--steps 600] [--alpha 1.0] [--student student-s]
+
+--run is a run directory with a finished teacher (teacher/ckpt/complete.json, teacher/hf) and soft
+labels (soft_labels/manifest.json). It is never written: every arm trains in its own fresh directory
+under a temp folder that links the run's config values, tokenizer/, data/ and soft_labels/ (the loop
+puts checkpoints in <arm>/student/ckpt and TensorBoard in <arm>/tb/distill, so one arm per directory).
+
+Arms, one process, DeepSpeed at world size 1 with the run's `distill.ds_config`, the same student preset
+built from the same seed, the same micro batch (8 × 128 tokens per step in the quickstart), lr and schedule:
+- `CE`: next-token cross-entropy (`engine.lm_loss`) on the packed training stream, --steps steps;
+- `KD offline`: the distill stage's loss (alpha · KD + (1 − alpha) · CE, `distill.kind` on the top-k + tail
+  bins) on top-k soft labels read from soft_labels/ (`pipeline.open_soft_labels`, teacher None), --steps steps;
+- `KD online`: the same loss on soft labels the ZeRO-3 teacher computes in this process
+  (`pipeline.sharded_teacher`), --online-steps steps, timing only. The teacher's checkpoint was written by
+  the run's ranks; at world size 1 it loads from a universal checkpoint, made once by `ds_to_universal`
+  into the temp folder (the run's teacher/ckpt is only read). If that fails the arm is skipped, with why.
+Tokens are equal by construction: every step of every arm is one micro batch of seq_len tokens.
+
+Step time: the median of the loop's own `perf/step_time_s` (logged every step; it includes drawing the
+batch, i.e. reading shards or the online teacher's forward) over the steps after --warmup. Ratios KD/CE and
+online/CE come from the same process on the same cores; the 1-minute load average before and after is
+recorded, since other work on the cores skews every time.
+
+Quality (CE and KD offline, after --steps steps each): each student is exported to Hugging Face format
+and loaded whole (fp32 on CPU, as the evaluate stage loads models), then held-out perplexity
+(`report.perplexity` over the first `evaluate.ppl_batches` held-out batches of 8) and the bios probe on
+trained people (`bios_probe.probe` with the run's `evaluate` settings and seed: accuracy of the greedy
+answer, self-consistency and cross-sample contradiction over 1 + K answers, in-text contradiction of free
+bios), and generation tokens/s on one fixed batch. The teacher's figures come from <run>/eval/report.json
+when it exists, else from teacher/hf by the same code.
+
+Goals: KD offline step / CE step <= 1.05; the KD student beats the CE student on held-out perplexity and
+on bios accuracy; KD student bios accuracy >= 0.9 x the teacher's. Prints a table, writes
+benchmarks/results/distill.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import operator
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.utils import logging as hf_logging
+
+from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.files import read_marker
+from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
+from stablekd.ds_configs.resolve import zero_stage
+from stablekd.evaluation import report
+from stablekd.evaluation.bios_probe import HFGenerator, probe
+from stablekd.launcher import engine, pipeline
+from stablekd.launcher.config import load_config, save_config
+
+# The stage's loss and counts, imported rather than copied: this benchmark times the step the distill
+# stage runs, and a copy would drift from it. (They belong in a component; see the report.)
+from stablekd.launcher.stages.distill import kd_counts, make_loss
+from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
+from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX
+from stablekd.model.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+GOAL_KD_OVER_CE = 1.05
+GOAL_TEACHER_SHARE = 0.9
+
+
+# --- arm directories -----------------------------------------------------------------------------
+
+
+def arm_config(src: Path, arm_dir: Path, args, online: bool):
+    """The run's config with out_dir = arm_dir and this benchmark's settings; arm_dir links the run's inputs."""
+    arm_dir.mkdir(parents=True)
+    for part in ("tokenizer", "data", "soft_labels"):
+        if (src / part).exists():
+            (arm_dir / part).symlink_to(src / part)  # read only
+    (arm_dir / "ds").mkdir()
+    if (src / "ds" / "teacher.json").is_file():
+        shutil.copy(src / "ds" / "teacher.json", arm_dir / "ds" / "teacher.json")
+    overrides = [
+        f"run.out_dir={arm_dir}",
+        "launch.nproc_per_node=1",
+        "launch.hostfile=",
+        "distill.log_every=1",  # perf/step_time_s for every step: the median below
+        "distill.eval_every=0",  # evaluated once, at the last step
+        "distill.save_every=1000000000",  # saved once, at the last step
+        "distill.export_hf=false",  # exported here, for the arms scored
+        "distill.follow=false",
+        f"distill.online={str(online).lower()}",
+        f"distill.alpha={args.alpha}",
+    ]
+    if args.student:
+        overrides.append(f"student.model={args.student}")
+    if args.dtype:
+        overrides.append(f"distill.dtype={args.dtype}")
+    cfg = load_config(src / "config.yaml", overrides)
+    save_config(cfg, arm_dir / "config.yaml")
+    return cfg
+
+
+def universal_teacher(src: Path, arm_dir: Path) -> str | None:
+    """Give arm_dir a teacher/ckpt loadable at world size 1; None when ready, else why not.
+
+    Same world size: the run's teacher/ is linked. Otherwise a fresh teacher/ckpt holds a copy of
+    complete.json, a link to the tag's shards and `<tag>_universal` (the run's, if it has one; else made
+    here by ds_to_universal, whose output and `latest_universal` file land in the temp folder only).
+    """
+    ckpt = src / "teacher" / "ckpt"
+    marker = read_marker(ckpt)
+    if marker is None:
+        return f"{ckpt}/complete.json missing: no complete teacher checkpoint"
+    if int(marker["world_size"]) == 1:
+        (arm_dir / "teacher").symlink_to(src / "teacher")
+        return None
+    tag, out = marker["tag"], arm_dir / "teacher" / "ckpt"
+    out.mkdir(parents=True)
+    shutil.copy(ckpt / "complete.json", out / "complete.json")
+    (out / tag).symlink_to(ckpt / tag)
+    universal = tag + UNIVERSAL_SUFFIX
+    if (ckpt / universal / "zero").is_dir():
+        (out / universal).symlink_to(ckpt / universal)
+        return None
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
+        "--output_folder", str(out / universal), "--num_extract_workers", "1", "--num_merge_workers", "1",
+    ]  # fmt: skip
+    print(
+        f"teacher checkpoint of {marker['world_size']} ranks -> universal, once: {' '.join(cmd)}", flush=True
+    )
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0 or not (out / universal / "zero").is_dir():
+        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
+        return f"ds_to_universal failed (exit {done.returncode}): " + " | ".join(tail)
+    print(f"  converted in {time.perf_counter() - t0:.1f}s", flush=True)
+    return None
+
+
+# --- training arms -------------------------------------------------------------------------------
+
+
+def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
+    """Train one arm to `steps` steps with engine.train; returns its summary and the engine."""
+    cfg.distill.max_steps = steps
+    ds = pipeline.prepare_ds_config(cfg, "distill")  # <arm>/ds/distill.json, world size 1
+    zero3 = zero_stage(ds) == 3
+    keep = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (student built inside zero.Init)
+    tok_dir, L = pipeline.tokenizer_dir(cfg), cfg.data.seq_len
+    tokenizer = load_tokenizer(tok_dir)
+    student = build_model(cfg.student.model, tokenizer, L, cfg.run.seed)  # same seed: same initial weights
+    micro, d = ds["train_micro_batch_size_per_gpu"], cfg.distill
+    evals = eval_batches(pipeline.eval_files(cfg), tok_dir, L, micro, d.eval_batches, 0, 1)
+    fpt = flops_per_token(student.config, L)
+    if kind == "ce":
+        stream = PackedStream(
+            pipeline.train_files(cfg), tok_dir, L, micro, 0, 1, cfg.data.num_workers, loop=True
+        )
+        stage = engine.Stage("distill", student, StreamLoader(stream), engine.lm_loss, evals, fpt)
+    else:
+        batches = pipeline.open_soft_labels(cfg, 0, 1, micro, teacher)
+        stage = engine.Stage(
+            "distill", student, batches, make_loss(cfg), evals, fpt,
+            weights={"kd": d.alpha, "ce": 1.0 - d.alpha}, count=kd_counts, eval_loss=engine.lm_loss,
+        )  # fmt: skip
+    t0 = time.perf_counter()
+    result = engine.train(stage, d, ds, cfg.run_dir, "bench")
+    wall = time.perf_counter() - t0
+    return {
+        "result": result,
+        "tokenizer": tokenizer,
+        "zero3": zero3,
+        "bf16": bool(ds.get("bf16", {}).get("enabled")),
+        "zero_stage": zero_stage(ds),
+        "params": count_params(student),
+        "wall_s": wall,
+    }
+
+
+def step_times(cfg, warmup: int) -> list[float]:
+    """Per-step wall times the loop logged (perf/step_time_s, log_every = 1), warm-up steps dropped."""
+    from stablekd.launcher.monitor import read_scalars
+
+    times = read_scalars(cfg.run_dir / "tb" / "distill", "perf/step_time_s")
+    return [v for s, v in sorted(times.items()) if s > warmup]
+
+
+# --- quality -------------------------------------------------------------------------------------
+
+
+def device_dtype() -> tuple[torch.device, torch.dtype]:
+    """As the evaluate stage loads models: fp32 on CPU, bf16 (else fp16) on a GPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str, float]:
+    """Held-out perplexity, bios probe on trained people, generation tokens/s of one exported model."""
+    device, dtype = device_dtype()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
+    tok_dir = pipeline.tokenizer_dir(cfg)
+    tok = load_tokenizer(tok_dir)
+    ecfg = cfg.evaluate
+    gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
+    m: dict[str, float] = {}
+    with torch.inference_mode():
+        held = pipeline.eval_files(cfg)
+        if held:
+            batches = eval_batches(
+                held, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
+            )
+            m["ppl"] = report.perplexity(model, batches)
+        if people:
+            m.update(probe(gen, people, [], ecfg).metrics)  # trained people only: what the goals are about
+        m["gen_tokens_per_s"] = report.generation_speed(gen, speed_prompts, ecfg.max_new_tokens)
+    m["params"] = count_params(model)
+    return m
+
+
+def teacher_figures(src: Path, cfg, people: list, speed_prompts: list[str]) -> tuple[dict, str]:
+    """The teacher's row: <run>/eval/report.json if the evaluate stage ran, else teacher/hf scored here."""
+    rep = src / "eval" / "report.json"
+    if rep.is_file():
+        models = json.loads(rep.read_text()).get("models", {})
+        if "teacher" in models:
+            return models["teacher"], str(rep)
+    hf = src / "teacher" / "hf"
+    if (hf / "config.json").is_file():
+        return score(hf, cfg, people, speed_prompts), f"{hf} (scored here)"
+    return {}, "none: no eval/report.json and no teacher/hf"
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def median_or_none(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--run", required=True, help="run directory with teacher/ckpt, teacher/hf and soft_labels/"
+    )
+    ap.add_argument("--steps", type=int, default=600, help="steps of the CE and KD offline arms")
+    ap.add_argument(
+        "--online-steps", type=int, default=0, help="steps of the online arm (0 = min(100, --steps))"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=10, help="first steps of each arm left out of the step time"
+    )
+    ap.add_argument("--alpha", type=float, default=1.0, help="weight of KD (1 - alpha on CE)")
+    ap.add_argument("--student", default="", help="student preset (default: the run's student.model)")
+    ap.add_argument("--dtype", default="", help="auto, fp32 or bf16 (default: the run's distill.dtype)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
+    ap.add_argument("--no-online", action="store_true", help="skip the online teacher arm")
+    ap.add_argument("--keep", action="store_true", help="keep the temp folder of the arms")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "distill.json"))
+    args = ap.parse_args()
+    online_steps = args.online_steps or min(100, args.steps)
+    if args.warmup >= min(args.steps, online_steps):
+        ap.error(f"--warmup {args.warmup} leaves no timed step of {min(args.steps, online_steps)}")
+
+    src = Path(args.run).resolve()
+    for need in ("config.yaml", "soft_labels/manifest.json", "teacher/ckpt/complete.json"):
+        if not (src / need).is_file():
+            ap.error(f"{src / need} missing: --run needs a finished teacher and soft_labels stage")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", "29534"),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+    )
+    engine.setup_distributed(args.threads)
+    hf_logging.disable_progress_bar()
+    work = Path(tempfile.mkdtemp(prefix="stablekd_bench_distill_"))
+    print(f"arms in {work}", flush=True)
+    t_start, load_before = time.perf_counter(), os.getloadavg()[0]
+
+    # (a) CE and (b) KD offline: --steps each, then exported for scoring.
+    arms: dict[str, dict] = {}
+    exports: dict[str, Path] = {}
+    for name, kind in (("CE", "ce"), ("KD offline", "kd")):
+        cfg = arm_config(src, work / kind, args, online=False)
+        arm = train_arm(cfg, kind, args.steps)
+        hf = cfg.run_dir / "student" / "hf"
+        export_hf(arm["result"].engine.module, arm["tokenizer"], hf, arm["zero3"])
+        exports[name] = hf
+        arm["times"] = step_times(cfg, args.warmup)
+        arms[name] = arm
+        del arm["result"].engine
+        gc.collect()
+
+    # (c) KD online: timing only.
+    online_skip = "--no-online" if args.no_online else None
+    if online_skip is None:
+        cfg = arm_config(src, work / "online", args, online=True)
+        online_skip = universal_teacher(src, cfg.run_dir)
+        teacher = None
+        if online_skip is None:
+            try:
+                teacher = pipeline.sharded_teacher(cfg)
+            except Exception as e:  # noqa: BLE001  (the arm is optional: say why and go on)
+                online_skip = f"the sharded teacher did not load at world size 1: {type(e).__name__}: {e}"
+        if teacher is not None:
+            arm = train_arm(cfg, "kd", online_steps, teacher)
+            arm["times"] = step_times(cfg, args.warmup)
+            arm["teacher_tag"] = teacher.tag
+            arms["KD online"] = arm
+            del arm["result"].engine, teacher
+            gc.collect()
+    if online_skip:
+        print(f"KD online arm skipped: {online_skip}", flush=True)
+
+    # Quality: the same prompts, seeds and held-out batches for every model.
+    base = arm_config(src, work / "score", args, online=False)
+    people = bios.load_truth(src / "data" / "truth.json")[0] if not base.data.paths else []
+    tok = load_tokenizer(pipeline.tokenizer_dir(base))
+    held = pipeline.eval_files(base)
+    prefixes = report.load_prefixes(
+        held or pipeline.train_files(base), tok, report.SPEED_BATCH, base.evaluate.prefix_tokens
+    )
+    speed_prompts = prefixes or ["The"]
+    warm = AutoModelForCausalLM.from_pretrained(str(exports["CE"])).eval()  # lazy imports, kernel set-up
+    with torch.inference_mode():
+        HFGenerator(warm, tok)(speed_prompts[:2], 2, False, 4)
+    del warm
+    quality = {name: score(hf, base, people, speed_prompts) for name, hf in exports.items()}
+    teacher_q, teacher_from = teacher_figures(src, base, people, speed_prompts)
+    load_after = os.getloadavg()[0]
+
+    # --- the table ---
+    ce_med = median_or_none(arms["CE"]["times"])
+    bf16 = arms["CE"]["bf16"]
+    rows = []
+    for name, arm in arms.items():
+        med = median_or_none(arm["times"])
+        q = quality.get(name, {})
+        rows.append({
+            "arm": name,
+            "steps": arm["result"].steps,
+            "tokens": arm["result"].tokens,
+            "step_time_s": med,
+            "timed_steps": len(arm["times"]),
+            "vs_ce": med / ce_med if med and ce_med else None,
+            "train_wall_s": arm["wall_s"],
+            "eval_loss": arm["result"].eval_loss,
+            "final_train_loss": arm["result"].losses[-1] if arm["result"].losses else None,
+            "params": arm["params"],
+            "ppl": q.get("ppl"),
+            "bios_accuracy": q.get("bios_accuracy"),
+            "bios_self_consistency": q.get("bios_self_consistency"),
+            "bios_cross_contradiction": q.get("bios_cross_contradiction"),
+            "bios_intext_contradiction": q.get("bios_intext_contradiction"),
+            "gen_tokens_per_s": q.get("gen_tokens_per_s"),
+        })  # fmt: skip
+    t_done = json.loads((src / "teacher" / "DONE.json").read_text())["produced"] if (
+        src / "teacher" / "DONE.json").is_file() else {}  # fmt: skip
+    if teacher_q:
+        rows.append({
+            "arm": "teacher",
+            "steps": t_done.get("steps"),
+            "tokens": t_done.get("tokens"),
+            "params": teacher_q.get("params", t_done.get("params")),
+            **{k: teacher_q.get(k) for k in ("ppl", "bios_accuracy", "bios_self_consistency",
+                                             "bios_cross_contradiction", "bios_intext_contradiction",
+                                             "gen_tokens_per_s")},
+        })  # fmt: skip
+    by = {r["arm"]: r for r in rows}
+    ce, kd, tq = by["CE"], by["KD offline"], by.get("teacher", {})
+
+    def cmp(a, b, op) -> bool | None:
+        return None if a is None or b is None else op(a, b)
+
+    goals = {
+        f"KD offline step / CE step <= {GOAL_KD_OVER_CE}": cmp(kd["vs_ce"], GOAL_KD_OVER_CE, operator.le),
+        "KD ppl < CE ppl": cmp(kd["ppl"], ce["ppl"], operator.lt),
+        "KD bios accuracy > CE bios accuracy": cmp(kd["bios_accuracy"], ce["bios_accuracy"], operator.gt),
+        f"KD bios accuracy >= {GOAL_TEACHER_SHARE} x teacher's": cmp(
+            kd["bios_accuracy"],
+            None if tq.get("bios_accuracy") is None else GOAL_TEACHER_SHARE * tq["bios_accuracy"],
+            operator.ge,
+        ),
+    }
+    cfg0 = base
+    micro = cfg0.distill.micro_batch_size
+    result = {
+        "run": str(src),
+        "student": cfg0.student.model,
+        "seq_len": cfg0.data.seq_len,
+        "micro_batch_size": micro,
+        "lr": cfg0.distill.lr,
+        "kind": cfg0.distill.kind,
+        "alpha": args.alpha,
+        "temperature": cfg0.distill.temperature,
+        "k": cfg0.soft_labels.k,
+        "dtype_path": "bf16" if bf16 else "fp32",
+        "zero_stage": arms["CE"]["zero_stage"],
+        "steps": args.steps,
+        "online_steps": online_steps if "KD online" in arms else 0,
+        "online_skipped": online_skip,
+        "warmup_steps": args.warmup,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_average": [load_before, load_after],
+        "teacher_figures_from": teacher_from,
+        "eval_settings": {
+            "ppl_batches": cfg0.evaluate.ppl_batches,
+            "ppl_micro_batch": report.PPL_MICRO_BATCH,
+            "bios_questions": min(cfg0.evaluate.max_prompts, len(bios.ATTRIBUTES) * len(people)),
+            "samples_per_question": cfg0.evaluate.samples,
+            "free_bios": cfg0.evaluate.free_bios,
+            "seed": cfg0.evaluate.seed,
+            "eval_dtype": str(device_dtype()[1]).removeprefix("torch."),
+        },
+        "rows": rows,
+        "goals": goals,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+
+    def f(v, fmt: str) -> str:
+        return "–" if v is None else format(v, fmt)
+
+    print(
+        f"\nstudent {result['student']} ({ce['params'] / 1e6:.2f}M params), seq {result['seq_len']} × micro {micro}, "
+        f"{result['dtype_path']} path (DeepSpeed ZeRO-{result['zero_stage']}, world 1), {result['threads']} threads, "
+        f"KD {result['kind']} alpha {args.alpha} T {result['temperature']} k {result['k']}; step time = median "
+        f"after {args.warmup} warm-up steps; load average {load_before:.2f} -> {load_after:.2f}"
+    )
+    head = (f"{'arm':11} {'steps':>6} {'tokens':>9} {'step s':>8} {'vs CE':>6} {'ppl':>7} {'bios acc':>8} "
+            f"{'self-cons':>9} {'contra':>7} {'gen tok/s':>9}")  # fmt: skip
+    print(head)
+    for r in rows:
+        print(
+            f"{r['arm']:11} {f(r['steps'], 'd'):>6} {f(r['tokens'], 'd'):>9} {f(r.get('step_time_s'), '.4f'):>8} "
+            f"{f(r.get('vs_ce'), '.3f'):>6} {f(r['ppl'], '.3f'):>7} {f(r['bios_accuracy'], '.3f'):>8} "
+            f"{f(r['bios_self_consistency'], '.3f'):>9} {f(r['bios_cross_contradiction'], '.3f'):>7} "
+            f"{f(r['gen_tokens_per_s'], '.0f'):>9}"
+        )
+    print(
+        f"bios: {result['eval_settings']['bios_questions']} questions on trained people, 1 greedy + "
+        f"{cfg0.evaluate.samples} samples each; ppl over {cfg0.evaluate.ppl_batches} × {report.PPL_MICRO_BATCH} "
+        f"held-out sequences; teacher figures from {teacher_from}"
+    )
+    if online_skip:
+        print(f"KD online: skipped ({online_skip})")
+    for goal, ok in goals.items():
+        print(f"goal {goal}: {'met' if ok else ('n/a' if ok is None else 'MISSED')}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out} ({result['seconds']:.0f}s)")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

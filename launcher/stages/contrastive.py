@@ -1,0 +1,289 @@
+"""Stage `contrastive`: the distilled student fine-tuned on candidate groups (DESIGN §5).
+
+    stablekd stage contrastive configs/quickstart.yaml run.out_dir=runs/quickstart
+
+Starts from student/hf (the distill stage's export) and runs on ranks with its own DeepSpeed JSON
+(`contrastive.ds_config`). A micro-batch is B candidate groups (soft_labels/candidates/: a context and its
+G = M sampled + gold continuations, data_pipeline/candidates.py) plus B sequences of the soft-label stream
+(or the plain training stream with contrastive.lm=ce). Loss terms, each the mean over its own global count:
+
+    infonce  multi-positive InfoNCE (objectives/contrastive.py), over anchors with a positive:
+             - scorer likelihood: anchor = a context; s(x, y) = mean log p(y | x) under the model for its own
+               G continuations (positives) and `negatives` continuations of other contexts of the global
+               batch (their ids are gathered; scores are computed here, so gradients stay local);
+             - scorer embedding: anchor = a continuation; f = L2-normalised projection of the mean last
+               hidden state over its tokens; positives the same context's other continuations, negatives
+               every other continuation of the global batch (features gathered with gradients).
+    lm       × contrastive.lam: KD from the soft labels (distill.kind, distill.temperature) or CE, per token.
+    simctg   with contrastive.margin > 0: SimCTG's token-level term on the LM sequences.
+
+Ground truth (built-in bios corpus): a continuation whose parsed answer contradicts the truth is a hard
+negative of its own context, never a positive; the gold continuation is a positive; another context's
+continuation stating the anchor's true answer is a false negative and leaves the denominator. Contexts ask
+with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others (no leakage, DESIGN §7).
+
+Leaves contrastive/ckpt, contrastive/hf and contrastive/DONE.json. TensorBoard tb/contrastive: train/infonce,
+train/lm, train/pos_sim, train/neg_sim, train/acc1 (a positive scores highest), perf/*.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from transformers.integrations import HfDeepSpeedConfig
+
+from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.candidates import KIND as CANDIDATES
+from stablekd.data_pipeline.candidates import candidate_batch, flat_candidates, training_groups
+from stablekd.data_pipeline.contexts import bios_truth, judge_continuations
+from stablekd.data_pipeline.shards import read_manifest
+from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
+from stablekd.ds_configs.resolve import zero_stage
+from stablekd.launcher import engine, pipeline
+from stablekd.launcher.config import ConfigError, ContrastiveConfig, ExperimentConfig
+from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
+from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
+from stablekd.objectives.contrastive import (
+    ProjectionHead,
+    continuation_logprob,
+    embedding_scores,
+    gather_no_grad,
+    pool_continuation,
+    simctg_sum,
+    supcon_sum,
+)
+from stablekd.objectives.distill import kd_sum
+from stablekd.objectives.lm import nll_sum
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """The distilled student and the candidate groups exist and match this run's tokenizer."""
+    hf = pipeline.stage_dir(cfg, "distill") / "hf"
+    if not (hf / "config.json").is_file():
+        raise ConfigError(f"{hf}: missing: run `stablekd stage distill` first (with distill.export_hf=true)")
+    cand = pipeline.stage_dir(cfg, "soft_labels") / "candidates"
+    meta = read_manifest(cand, CANDIDATES, {"tokenizer_hash": tokenizer_hash(pipeline.tokenizer_dir(cfg))})[
+        "meta"
+    ]
+    if meta["ctx_len"] + meta["max_new_tokens"] > cfg.data.seq_len:
+        raise ConfigError(
+            f"{cand}: contexts of {meta['ctx_len']} + continuations of {meta['max_new_tokens']} tokens exceed "
+            f"data.seq_len {cfg.data.seq_len}, the positions the student was trained on"
+        )
+    if cfg.contrastive.lm == "kd":
+        read_manifest(pipeline.stage_dir(cfg, "soft_labels"), "soft_labels")
+
+
+class LMWithHead(torch.nn.Module):
+    """The causal LM and the embedding scorer's projection head, one module for one DeepSpeed engine."""
+
+    def __init__(self, lm: torch.nn.Module, head_dim: int) -> None:
+        super().__init__()
+        self.lm, self.head = lm, ProjectionHead(lm.config.hidden_size, head_dim)
+
+    def forward(self, **kwargs):
+        return self.lm(**kwargs)
+
+
+class GroupsWithLM:
+    """Candidate groups (judged against the ground truth) zipped with LM batches; one resumable position."""
+
+    def __init__(self, groups, lm, tokenizer, truth: dict, hard_negatives: bool) -> None:
+        self.groups, self.lm, self.tok, self.truth, self.hard = groups, lm, tokenizer, truth, hard_negatives
+
+    def __iter__(self) -> Iterator[dict]:
+        for g, lm in zip(self.groups, self.lm, strict=True):
+            B, G, _ = g["cand_ids"].shape
+            verdicts, keys, truth_keys = torch.zeros(B, G, dtype=torch.long), torch.full((B, G), -1), []
+            for b in range(B):
+                ctx = g["context_ids"][b, -int(g["context_len"][b]) :].tolist()
+                conts = [g["cand_ids"][b, j, : int(g["cand_len"][b, j])].tolist() for j in range(G)]
+                v, k, t = judge_continuations(self.tok, ctx, conts, self.truth)
+                verdicts[b], keys[b] = torch.tensor(v), torch.tensor(k)
+                truth_keys.append(t)
+            if not self.hard:
+                verdicts.clamp_(min=0)
+            yield {
+                **g,
+                "verdict": verdicts,  # [B, G] +1 true, -1 contradiction, 0 unknown
+                "answer_key": keys,  # [B, G]
+                "truth_key": torch.tensor(truth_keys),  # [B]
+                **{f"lm_{k}": v for k, v in lm.items()},
+            }
+
+    def state_dict(self) -> dict:
+        return {"groups": self.groups.state_dict(), "lm": self.lm.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.groups.load_state_dict(state["groups"])
+        self.lm.load_state_dict(state["lm"])
+
+
+def _positive(batch: dict) -> torch.Tensor:
+    return batch["verdict"] >= 0  # [B, G]: a contradiction is never a positive
+
+
+def counts(c: ContrastiveConfig) -> Callable[[dict], dict[str, int]]:
+    def count(batch: dict) -> dict[str, int]:
+        pos = _positive(batch)
+        if c.scorer == "likelihood":  # an anchor per context with a positive
+            anchors = int(pos.any(-1).sum())
+        else:  # an anchor per continuation with another positive in its group
+            anchors = int((pos & (pos.sum(-1, keepdim=True) >= 2)).sum())
+        ids = batch["lm_input_ids"]
+        out = {"infonce": anchors, "lm": ids.shape[0] * (ids.shape[1] - 1)}
+        if c.margin > 0:
+            out["simctg"] = ids.shape[0]
+        return out
+
+    return count
+
+
+def _likelihood_scores(model, batch: dict, negatives: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scores [B, G + K] = mean log p(y | x_b) for context b's own G continuations, then K continuations of
+    other contexts drawn from the global batch; positive / valid masks of the same shape."""
+    cand, cand_len, keys = batch["cand_ids"], batch["cand_len"], batch["answer_key"]
+    B, G, T = cand.shape
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    group = (
+        torch.arange(B, device=cand.device) + rank * B
+    )  # unique in the global batch (same B on every rank)
+    pool, _ = gather_no_grad(cand.reshape(B * G, T))  # [N, T]: every continuation of the global batch
+    pool_len, _ = gather_no_grad(cand_len.reshape(B * G))
+    pool_key, _ = gather_no_grad(keys.reshape(B * G))
+    pool_group, _ = gather_no_grad(group.repeat_interleave(G))
+    picks = []
+    for b in range(B):  # K other-context rows per anchor, from the torch RNG (restored on resume)
+        others = (pool_group != group[b]).nonzero().squeeze(-1)
+        picks.append(others[torch.randperm(len(others))[:negatives]] if len(others) else others)
+    K = min(len(p) for p in picks)
+    neg = torch.stack([p[:K] for p in picks])  # [B, K]
+    rows = {
+        "context_ids": batch["context_ids"],
+        "context_len": batch["context_len"],
+        "cand_ids": torch.cat([cand, pool[neg]], 1),  # [B, G + K, T]
+        "cand_len": torch.cat([cand_len, pool_len[neg]], 1),
+    }
+    laid = candidate_batch(rows)  # [B, G + K, W] each
+    flat = {k: laid[k].flatten(0, 1) for k in ("input_ids", "attention_mask", "position_ids", "cont_mask")}
+    logits = model(
+        input_ids=flat["input_ids"], attention_mask=flat["attention_mask"], position_ids=flat["position_ids"]
+    ).logits  # [B·(G + K), W, V]
+    scores = continuation_logprob(logits, flat["input_ids"], flat["cont_mask"]).view(B, G + K)
+    positive = torch.cat([_positive(batch), torch.zeros(B, K, dtype=torch.bool, device=cand.device)], 1)
+    # Another context's continuation stating this context's true answer is not a negative.
+    false_neg = (pool_key[neg] == batch["truth_key"][:, None]) & (batch["truth_key"][:, None] >= 0)
+    valid = torch.cat([torch.ones(B, G, dtype=torch.bool, device=cand.device), ~false_neg], 1)
+    return scores, positive, valid
+
+
+def _embedding_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, G, _ = batch["cand_ids"].shape
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    flat = flat_candidates(batch, first_group=rank * B)  # [B·G, W], group ids unique in the global batch
+    out = model(
+        input_ids=flat["input_ids"], attention_mask=flat["attention_mask"], position_ids=flat["position_ids"],
+        output_hidden_states=True,
+    )  # fmt: skip
+    head = model.module.head if hasattr(model, "module") else model.head
+    features = head(pool_continuation(out.hidden_states[-1], flat["cont_mask"]))  # [B·G, D]
+    groups = flat["group_ids"].to(features.device)
+    # A contradiction gets a group of its own: nobody's positive, everybody's negative.
+    contra = ~_positive(batch).flatten()
+    own = -1 - (rank * B * G + torch.arange(B * G, device=groups.device))  # negative: never a context's id
+    groups = torch.where(contra, own, groups)
+    return embedding_scores(features, groups, batch["answer_key"].flatten())
+
+
+def make_loss(cfg: ExperimentConfig):
+    c, d = cfg.contrastive, cfg.distill
+
+    def loss(model, batch: dict) -> engine.Loss:
+        if c.scorer == "likelihood":
+            scores, positive, valid = _likelihood_scores(model, batch, c.negatives)
+        else:
+            scores, positive, valid = _embedding_scores(model, batch)
+        nce, _, stats = supcon_sum(scores, positive, valid, c.tau)
+        ids = batch["lm_input_ids"].long()  # [B, L]
+        out = model(input_ids=ids, output_hidden_states=c.margin > 0)
+        if c.lm == "kd":
+            teacher = (batch["lm_topk_ids"].long(), batch["lm_topk_logprobs"])
+            lm, _ = kd_sum(out.logits, teacher, ids, d.kind, d.temperature, d.beta, d.skew)
+        else:
+            lm, _ = nll_sum(out.logits, ids)
+        sums = {"infonce": nce, "lm": lm}
+        if c.margin > 0:
+            sums["simctg"] = simctg_sum(
+                out.hidden_states[-1], torch.ones_like(ids, dtype=torch.bool), c.margin
+            )[0]
+        anchors = float(stats["anchors"])
+        metrics = {
+            "pos_sim": (float(stats["pos_sim"]), anchors),
+            "neg_sim": (float(stats["neg_sim"]), float(stats["neg_anchors"])),
+            "acc1": (float(stats["acc1"]), anchors),
+        }
+        return engine.Loss(sums, metrics)
+
+    return loss
+
+
+def _lm_batches(cfg: ExperimentConfig, rank: int, world: int, micro: int):
+    if cfg.contrastive.lm == "kd":
+        return pipeline.open_soft_labels(cfg, rank, world, micro)
+    stream = PackedStream(
+        pipeline.train_files(cfg), pipeline.tokenizer_dir(cfg), cfg.data.seq_len, micro, rank, world,
+        cfg.data.num_workers,
+    )  # fmt: skip
+    return StreamLoader(stream)
+
+
+def run(cfg: ExperimentConfig) -> None:
+    rank, world = engine.setup_distributed(cfg.launch.threads_per_rank)
+    c, run_dir, seq_len = cfg.contrastive, cfg.run_dir, cfg.data.seq_len
+    ds = json.loads((run_dir / "ds" / "contrastive.json").read_text())
+    zero3 = zero_stage(ds) == 3
+    hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (built inside zero.Init)
+    tok_dir = pipeline.tokenizer_dir(cfg)
+    tokenizer = load_tokenizer(tok_dir)
+    start = pipeline.stage_dir(cfg, "distill") / "hf"
+    lm = build_model(str(start), tokenizer, seq_len, cfg.run.seed)
+    model = LMWithHead(lm, c.head_dim) if c.scorer == "embedding" else lm
+    micro = ds["train_micro_batch_size_per_gpu"]
+    groups = training_groups(
+        pipeline.stage_dir(cfg, "soft_labels") / "candidates", {"tokenizer_hash": tokenizer_hash(tok_dir)},
+        micro, rank, world, cfg.data.num_workers,
+    )  # fmt: skip
+    truth = {} if cfg.data.paths else bios_truth(bios.load_truth(run_dir / "data" / "truth.json")[0])
+    batches = GroupsWithLM(groups, _lm_batches(cfg, rank, world, micro), tokenizer, truth, c.hard_negatives)
+    evals = eval_batches(pipeline.eval_files(cfg), tok_dir, seq_len, micro, c.eval_batches, rank, world)
+    weights = {"infonce": 1.0, "lm": c.lam, **({"simctg": 1.0} if c.margin > 0 else {})}
+    stage = engine.Stage(
+        "contrastive", model, batches, make_loss(cfg), evals, flops_per_token(lm.config, seq_len),
+        weights=weights, count=counts(c), tokens=lambda b: b["lm_input_ids"].numel() + b["cand_ids"].numel(),
+        eval_loss=engine.lm_loss,
+    )  # fmt: skip
+    result = engine.train(stage, c, ds, run_dir, pipeline.stage_hash(cfg, "contrastive"))
+
+    out = pipeline.stage_dir(cfg, "contrastive")
+    produced = {
+        "checkpoint": str(out / "ckpt" / result.checkpoint_tag),
+        "zero_stage": zero_stage(ds),
+        "world_size": world,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "eval_loss": result.eval_loss,
+        "params": count_params(lm),
+        "scorer": c.scorer,
+    }
+    if c.export_hf:
+        module = result.engine.module
+        export_hf(module.lm if isinstance(module, LMWithHead) else module, tokenizer, out / "hf", zero3)
+        produced["hf"] = str(out / "hf")
+    if rank == 0:
+        pipeline.write_done(
+            cfg, "contrastive", produced, {"start": str(start), "tokenizer_hash": tokenizer_hash(tok_dir)}
+        )
+    dist.barrier()
