@@ -175,7 +175,7 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
             "distill", student, batches, make_loss(cfg), evals, fpt,
             weights={"kd": d.alpha, "ce": 1.0 - d.alpha}, count=kd_counts, eval_loss=engine.lm_loss,
         )  # fmt: skip
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     result = engine.train(stage, d, ds, cfg.run_dir, "bench")
     wall = time.perf_counter() - t0
     return {
@@ -186,6 +186,7 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
         "zero_stage": zero_stage(ds),
         "params": count_params(student),
         "wall_s": wall,
+        "load_average": [load0, os.getloadavg()[0]],  # 1-minute load before and after: other work skews times
     }
 
 
@@ -359,6 +360,7 @@ def main() -> None:
             "timed_steps": len(arm["times"]),
             "vs_ce": med / ce_med if med and ce_med else None,
             "train_wall_s": arm["wall_s"],
+            "load_average": arm["load_average"],
             "eval_loss": arm["result"].eval_loss,
             "final_train_loss": arm["result"].losses[-1] if arm["result"].losses else None,
             "params": arm["params"],
@@ -414,6 +416,7 @@ def main() -> None:
         "steps": args.steps,
         "online_steps": online_steps if "KD online" in arms else 0,
         "online_skipped": online_skip,
+        "online_teacher_tag": arms["KD online"]["teacher_tag"] if "KD online" in arms else None,
         "warmup_steps": args.warmup,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),

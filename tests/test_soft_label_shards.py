@@ -390,3 +390,56 @@ def test_generic_writer_context_manager_and_schema(tmp_path: Path) -> None:
     finalize(out, 1)
     got = [int(r["x"]) for r in ShardReader(out, "toy", {"v": 1})]
     assert got == [0, 1, 2, 3, 4]
+
+
+def test_resume_after_an_odd_number_of_batches_keeps_the_worker_order(written: Path) -> None:
+    """With 2 workers the DataLoader asks worker 0 first; a state saved after an odd number of batches
+    is due at worker 1, and the resumed loader must start there (ShardLoader's `next_worker`)."""
+
+    def loader() -> ShardLoader:
+        return ShardLoader(
+            soft_label_reader(written, EXPECT, rank=0, world_size=1, num_workers=2), micro_batch_size=3
+        )
+
+    full = ids_of(loader())
+    first = loader()
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(first.state_dict()))
+    it.close()
+    assert state["next_worker"] == 1
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert ids_of(head) + ids_of(resumed) == full
+
+
+def test_follow_timeout_names_the_shard_it_waits_for(tmp_path: Path) -> None:
+    out = tmp_path / "soft_labels"
+    write_rank(out, 0, list(range(8)), rps=4)  # rank 0: two shards, final
+    SoftLabelWriter(out, 1, META, records_per_shard=4, world_size=2)  # rank 1: started, nothing committed
+    reader = soft_label_reader(out, EXPECT, rank=0, world_size=1, follow=True, poll_s=0.05, timeout_s=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(ShardError, match=r"waiting for shard-r001-000000\.safetensors"):
+        list(ShardLoader(reader, micro_batch_size=2))
+    assert time.monotonic() - t0 < 5
+
+
+def test_equal_epochs_repeat_and_resume_mid_epoch(written: Path) -> None:
+    from stablekd.data_pipeline.epochs import EqualEpochs
+
+    def epochs() -> EqualEpochs:
+        return EqualEpochs(ShardLoader(soft_label_reader(written, EXPECT), micro_batch_size=5), str(written))
+
+    it = iter(epochs())
+    stream = [next(it) for _ in range(12)]  # 23 records in batches of 5: 5 batches per epoch
+    assert ids_of(stream[:5]) == ids_of(stream[5:10]) and sorted(ids_of(stream[:5])) == ALL_IDS
+    first = epochs()
+    it = iter(first)
+    for _ in range(7):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["epoch"] == 1 and state["drawn"] == 2
+    resumed = epochs()
+    resumed.load_state_dict(state)
+    rit = iter(resumed)
+    assert ids_of([next(rit) for _ in range(5)]) == ids_of(stream[7:12])

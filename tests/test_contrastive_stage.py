@@ -1,0 +1,179 @@
+"""Stage `contrastive` (launcher/stages/contrastive.py): real 2-rank launches through the CLI, and the
+ground-truth judging and no-leakage rules it relies on (no launches).
+
+Launches: a 4-step distillation from the conftest `upstream` run (the student to fine-tune), an 8-step
+likelihood-scorer run, the same run killed with SIGKILL after a checkpoint and rerun, and 2 steps of the
+embedding scorer with the SimCTG term. The 2-rank gather of the InfoNCE loss and its gradients is checked
+against one process in tests/test_contrastive_loss.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.contexts import bios_contexts, bios_truth, judge_continuations
+from stablekd.evaluation.bios_probe import build_questions
+from stablekd.launcher.monitor import read_scalars
+from stablekd.model.tokenizer import encode, load_tokenizer
+from tests.conftest import QUICKSTART, REPO, UPSTREAM, copy_run, run_stablekd, stablekd_cmd
+
+STUDENT = [
+    "student.model=tiny-student",
+    "distill.max_steps=4",
+    "distill.micro_batch_size=2",
+    "distill.eval_every=0",
+    "distill.eval_batches=1",
+    "distill.temperature=2.0",
+    "distill.dtype=fp32",
+]
+CONTRASTIVE = [
+    "contrastive.max_steps=8",
+    "contrastive.micro_batch_size=2",
+    "contrastive.negatives=3",
+    "contrastive.save_every=2",
+    "contrastive.eval_every=0",
+    "contrastive.eval_batches=1",
+    "contrastive.log_every=1",
+    "contrastive.warmup_steps=2",
+    "contrastive.dtype=fp32",
+]
+
+
+def _args(run: Path, *extra: str) -> list[str]:
+    return [
+        "stage",
+        "contrastive",
+        str(QUICKSTART),
+        f"run.out_dir={run}",
+        *UPSTREAM,
+        *STUDENT,
+        *CONTRASTIVE,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def student(upstream, tmp_path_factory) -> Path:
+    run = copy_run(upstream, tmp_path_factory.mktemp("student") / "run")
+    run_stablekd("stage", "distill", str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM, *STUDENT)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tuned(student, tmp_path_factory) -> Path:
+    run = copy_run(student, tmp_path_factory.mktemp("tuned") / "run")
+    run_stablekd(*_args(run))
+    return run
+
+
+@pytest.mark.distributed
+def test_likelihood_run_logs_and_exports(tuned):
+    tb = tuned / "tb" / "contrastive"
+    for tag in ("train/infonce", "train/lm", "train/pos_sim", "train/neg_sim", "train/acc1", "train/loss"):
+        assert len(read_scalars(tb, tag)) == 8, tag
+    nce, lm, loss = (read_scalars(tb, t) for t in ("train/infonce", "train/lm", "train/loss"))
+    assert all(loss[s] == pytest.approx(nce[s] + 1.0 * lm[s], rel=1e-6) for s in loss)  # lam = 1
+    acc = read_scalars(tb, "train/acc1")
+    assert all(0.0 <= v <= 1.0 for v in acc.values()) and len(set(acc.values())) > 1  # a real, varying share
+    done = json.loads((tuned / "contrastive" / "DONE.json").read_text())
+    assert done["produced"]["steps"] == 8 and done["produced"]["scorer"] == "likelihood"
+    assert done["inputs"]["start"].endswith("student/hf")
+    model = AutoModelForCausalLM.from_pretrained(tuned / "contrastive" / "hf")
+    start = AutoModelForCausalLM.from_pretrained(tuned / "student" / "hf")
+    assert model.num_parameters() == start.num_parameters()
+    assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), start.parameters(), strict=True))
+
+
+@pytest.mark.distributed
+def test_kill_and_resume_continues_the_same_curve(student, tuned, tmp_path):
+    run = copy_run(student, tmp_path / "run")
+    proc = subprocess.Popen(
+        stablekd_cmd(*_args(run)), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    marker = run / "contrastive" / "ckpt" / "complete.json"
+    deadline = time.time() + 300
+    while not (marker.exists() and json.loads(marker.read_text())["step"] >= 2):
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint at step 2"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = json.loads(marker.read_text())["step"]
+    assert resumed_from < 8 and not (run / "contrastive" / "DONE.json").exists()
+    out = run_stablekd(*_args(run))
+    assert f"at step {resumed_from}" in out.stderr + out.stdout
+    # Same groups position, LM stream position, negatives (torch RNG restored), model and optimizer.
+    full = read_scalars(tuned / "tb" / "contrastive", "train/loss")
+    after = read_scalars(run / "tb" / "contrastive", "train/loss")
+    steps = range(resumed_from + 1, 9)
+    assert [after[s] for s in steps] == pytest.approx([full[s] for s in steps], rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_embedding_scorer_with_simctg(student, tmp_path):
+    run = copy_run(student, tmp_path / "run")
+    extra = [
+        "contrastive.scorer=embedding",
+        "contrastive.tau=0.1",
+        "contrastive.margin=0.5",
+        "contrastive.max_steps=2",
+    ]
+    run_stablekd(*_args(run, *extra))
+    tb = run / "tb" / "contrastive"
+    sims = read_scalars(tb, "train/pos_sim"), read_scalars(tb, "train/neg_sim")
+    assert all(-1.0 <= v <= 1.0 for s in sims for v in s.values())  # cosines
+    assert len(read_scalars(tb, "train/simctg")) == 2
+    assert (run / "contrastive" / "hf" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------- no launches
+
+
+def test_contexts_never_ask_what_the_probe_asks():
+    """DESIGN §7: training contexts and the report's probe use disjoint question templates, and the
+    unseen people are never a context."""
+    corpus = bios.generate(30, 2, 1, 10, seed=5)
+    contexts = {prompt for prompt, _ in bios_contexts(corpus.people, 400, seed=0)}
+    probe = {q.prompt for q in build_questions(corpus.people + corpus.unseen, 1000, seed=1)}
+    assert contexts and probe and not contexts & probe
+    for person in corpus.unseen:
+        assert not any(person.name in c for c in contexts)
+    assert set(bios.CONTEXT_TEMPLATES).isdisjoint(bios.PROBE_TEMPLATES)
+
+
+def test_judging_marks_contradictions_and_false_negative_keys(upstream):
+    tok = load_tokenizer(upstream / "tokenizer")
+    people, _ = bios.load_truth(upstream / "data" / "truth.json")
+    anna, other = people[0], next(p for p in people[1:] if p.birth_city != people[0].birth_city)
+    prompt = bios.probe_prompts(anna, "birth_city")[bios.CONTEXT_TEMPLATES[0]]
+    ctx = [tok.eos_token_id, *encode(tok, [prompt])[0]]
+    conts = [f" {anna.birth_city}.", f" {other.birth_city}.", " the moon"]
+    ids = [encode(tok, [prompt + c])[0][len(ctx) - 1 :] for c in conts]
+    verdicts, keys, truth_key = judge_continuations(tok, ctx, ids, bios_truth(people))
+    assert verdicts == [1, -1, 0]  # true, a contradiction (hard negative), unparseable
+    assert keys[0] == truth_key >= 0 and keys[1] >= 0 and keys[1] != truth_key and keys[2] == -1
+    # Another context whose continuation states anna's city carries the same key: a false negative.
+    other_prompt = bios.probe_prompts(other, "birth_city")[bios.CONTEXT_TEMPLATES[1]]
+    octx = [tok.eos_token_id, *encode(tok, [other_prompt])[0]]
+    oids = [encode(tok, [other_prompt + f" {anna.birth_city}."])[0][len(octx) - 1 :]]
+    _, okeys, _ = judge_continuations(tok, octx, oids, bios_truth(people))
+    assert okeys[0] == truth_key
+    # A biography start: one false attribute anywhere makes it a contradiction.
+    bctx = [tok.eos_token_id, *encode(tok, [anna.name])[0]]
+    good = bios.render(bios.TEMPLATES["university"][0], anna.name, anna.university)[len(anna.name) :]
+    bad = bios.render(bios.TEMPLATES["university"][0], anna.name, other.university)[len(anna.name) :]
+    bids = [encode(tok, [anna.name + t])[0][len(bctx) - 1 :] for t in (good, bad)]
+    assert judge_continuations(tok, bctx, bids, bios_truth(people))[0] == [
+        1,
+        -1 if other.university != anna.university else 1,
+    ]
