@@ -712,6 +712,9 @@ class ShardLoader:
             num_workers=self.reader.num_workers,
             collate_fn=collate_records,
             drop_last=self.drop_last,
+            # Its own generator: a DataLoader iterator draws its base seed from the global torch RNG
+            # otherwise, and the extra draw of a resumed run would change the training's random stream.
+            generator=torch.Generator(),
             **self.dataloader_kwargs,
         )
         for batch in loader:

@@ -292,7 +292,15 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         ds = self.dataset
         ds.load_state_dict(self.state_dict())
-        loader = DataLoader(ds, batch_size=None, num_workers=ds.num_workers, pin_memory=self.pin_memory)
+        # Its own generator: the iterator's base-seed draw must not consume the global torch RNG (a resumed
+        # run creates one more iterator than the uninterrupted one; the training's sampling uses that RNG).
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=ds.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator(),
+        )
         for batch in loader:
             worker = batch["worker"]
             self._workers[str(worker)] = batch["state"]
