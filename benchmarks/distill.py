@@ -1,4 +1,4 @@
-"""Distillation: step cost of offline and online soft labels vs plain CE, and quality at equal tokens.
+"""Distillation: step cost of offline and online soft labels vs plain CE, and student quality at equal steps.
 
     python benchmarks/distill.py --run runs/quickstart [--steps 600] [--alpha 1.0] [--student student-s]
 
@@ -12,18 +12,23 @@ built from the same seed, the same micro batch (8 × 128 tokens per step in the 
 - `CE`: next-token cross-entropy (`engine.lm_loss`) on the packed training stream, --steps steps;
 - `KD offline`: the distill stage's loss (alpha · KD + (1 − alpha) · CE, `distill.kind` on the top-k + tail
   bins) on top-k soft labels read from soft_labels/ (`pipeline.open_soft_labels`, teacher None), --steps steps;
+- `CE, SL seqs` (control, --no-control skips it): the stage's loss with alpha 0, i.e. next-token
+  cross-entropy on exactly the sequences and order the KD arm reads. The soft labels are one pass of the
+  corpus packed once, replayed identically every epoch, while the CE arm's looping stream packs each epoch
+  at another offset; this row separates the effect of the objective from that of the data stream;
 - `KD online`: the same loss on soft labels the ZeRO-3 teacher computes in this process
   (`pipeline.sharded_teacher`), --online-steps steps, timing only. The teacher's checkpoint was written by
   the run's ranks; at world size 1 it loads from a universal checkpoint, made once by `ds_to_universal`
   into the temp folder (the run's teacher/ckpt is only read). If that fails the arm is skipped, with why.
-Tokens are equal by construction: every step of every arm is one micro batch of seq_len tokens.
+Tokens per step are one micro batch of seq_len tokens, except the last batch of each soft-label epoch,
+which holds the records left over (the table's tokens column counts what each arm read).
 
 Step time: the median of the loop's own `perf/step_time_s` (logged every step; it includes drawing the
 batch, i.e. reading shards or the online teacher's forward) over the steps after --warmup. Ratios KD/CE and
 online/CE come from the same process on the same cores; the 1-minute load average before and after is
 recorded, since other work on the cores skews every time.
 
-Quality (CE and KD offline, after --steps steps each): each student is exported to Hugging Face format
+Quality (CE, KD offline and the control, after --steps steps each): each student is exported to Hugging Face format
 and loaded whole (fp32 on CPU, as the evaluate stage loads models), then held-out perplexity
 (`report.perplexity` over the first `evaluate.ppl_batches` held-out batches of 8) and the bios probe on
 trained people (`bios_probe.probe` with the run's `evaluate` settings and seed: accuracy of the greedy
@@ -76,12 +81,13 @@ from stablekd.model.tokenizer import load_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 GOAL_KD_OVER_CE = 1.05
 GOAL_TEACHER_SHARE = 0.9
+CONTROL = "CE, SL seqs"  # cross-entropy on the soft-label sequences (the stage's loss at alpha 0)
 
 
 # --- arm directories -----------------------------------------------------------------------------
 
 
-def arm_config(src: Path, arm_dir: Path, args, online: bool):
+def arm_config(src: Path, arm_dir: Path, args, online: bool, alpha: float | None = None):
     """The run's config with out_dir = arm_dir and this benchmark's settings; arm_dir links the run's inputs."""
     arm_dir.mkdir(parents=True)
     for part in ("tokenizer", "data", "soft_labels"):
@@ -100,7 +106,7 @@ def arm_config(src: Path, arm_dir: Path, args, online: bool):
         "distill.export_hf=false",  # exported here, for the arms scored
         "distill.follow=false",
         f"distill.online={str(online).lower()}",
-        f"distill.alpha={args.alpha}",
+        f"distill.alpha={args.alpha if alpha is None else alpha}",
     ]
     if args.student:
         overrides.append(f"student.model={args.student}")
@@ -268,6 +274,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="", help="auto, fp32 or bf16 (default: the run's distill.dtype)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
     ap.add_argument("--no-online", action="store_true", help="skip the online teacher arm")
+    ap.add_argument("--no-control", action="store_true", help="skip CE on the soft-label sequences")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder of the arms")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "distill.json"))
     args = ap.parse_args()
@@ -293,11 +300,14 @@ def main() -> None:
     print(f"arms in {work}", flush=True)
     t_start, load_before = time.perf_counter(), os.getloadavg()[0]
 
-    # (a) CE and (b) KD offline: --steps each, then exported for scoring.
+    # (a) CE, (b) KD offline and the control: --steps each, then exported for scoring.
     arms: dict[str, dict] = {}
     exports: dict[str, Path] = {}
-    for name, kind in (("CE", "ce"), ("KD offline", "kd")):
-        cfg = arm_config(src, work / kind, args, online=False)
+    plan = [("CE", "ce", "ce", None), ("KD offline", "kd", "kd", None)]
+    if not args.no_control:
+        plan.append((CONTROL, "kd", "control", 0.0))
+    for name, kind, folder, alpha in plan:
+        cfg = arm_config(src, work / folder, args, online=False, alpha=alpha)
         arm = train_arm(cfg, kind, args.steps)
         hf = cfg.run_dir / "student" / "hf"
         export_hf(arm["result"].engine.module, arm["tokenizer"], hf, arm["zero3"])
@@ -399,7 +409,17 @@ def main() -> None:
             operator.ge,
         ),
     }
-    cfg0 = base
+    # Informational: the objective alone, both students on the very sequences the soft labels cover.
+    control = {}
+    if CONTROL in by:
+        c = by[CONTROL]
+        control = {
+            "KD ppl < CE-on-SL-seqs ppl": cmp(kd["ppl"], c["ppl"], operator.lt),
+            "KD bios accuracy > CE-on-SL-seqs bios accuracy": cmp(
+                kd["bios_accuracy"], c["bios_accuracy"], operator.gt
+            ),
+        }
+    cfg0 = base  # the run's settings with this benchmark's overrides
     micro = cfg0.distill.micro_batch_size
     result = {
         "run": str(src),
@@ -433,6 +453,7 @@ def main() -> None:
         },
         "rows": rows,
         "goals": goals,
+        "control": control,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 
@@ -445,12 +466,12 @@ def main() -> None:
         f"KD {result['kind']} alpha {args.alpha} T {result['temperature']} k {result['k']}; step time = median "
         f"after {args.warmup} warm-up steps; load average {load_before:.2f} -> {load_after:.2f}"
     )
-    head = (f"{'arm':11} {'steps':>6} {'tokens':>9} {'step s':>8} {'vs CE':>6} {'ppl':>7} {'bios acc':>8} "
+    head = (f"{'arm':12} {'steps':>6} {'tokens':>9} {'step s':>8} {'vs CE':>6} {'ppl':>7} {'bios acc':>8} "
             f"{'self-cons':>9} {'contra':>7} {'gen tok/s':>9}")  # fmt: skip
     print(head)
     for r in rows:
         print(
-            f"{r['arm']:11} {f(r['steps'], 'd'):>6} {f(r['tokens'], 'd'):>9} {f(r.get('step_time_s'), '.4f'):>8} "
+            f"{r['arm']:12} {f(r['steps'], 'd'):>6} {f(r['tokens'], 'd'):>9} {f(r.get('step_time_s'), '.4f'):>8} "
             f"{f(r.get('vs_ce'), '.3f'):>6} {f(r['ppl'], '.3f'):>7} {f(r['bios_accuracy'], '.3f'):>8} "
             f"{f(r['bios_self_consistency'], '.3f'):>9} {f(r['bios_cross_contradiction'], '.3f'):>7} "
             f"{f(r['gen_tokens_per_s'], '.0f'):>9}"
@@ -462,8 +483,15 @@ def main() -> None:
     )
     if online_skip:
         print(f"KD online: skipped ({online_skip})")
+    if CONTROL in by:
+        print(
+            f"{CONTROL}: cross-entropy (the stage's loss at alpha 0, KD still computed) on the soft-label "
+            "sequences, which repeat with the same packing every epoch; CE reads a looping stream packed anew"
+        )
     for goal, ok in goals.items():
         print(f"goal {goal}: {'met' if ok else ('n/a' if ok is None else 'MISSED')}")
+    for what, ok in control.items():
+        print(f"control {what}: {'yes' if ok else ('n/a' if ok is None else 'no')}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out} ({result['seconds']:.0f}s)")
