@@ -227,7 +227,8 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
                 for t in terms:
                     sums[t] += float(out.sums[t]) if t in out.sums else 0.0
                 for t, c in count_fn(batch).items():
-                    counts[t] += c
+                    if t in counts:
+                        counts[t] += c
     engine.train()
     sums, counts = _reduce_named(sums, terms), _reduce_named(counts, terms)
     return _objective(weights, sums, counts) if any(counts.values()) else float("nan")
@@ -266,7 +267,8 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
         local_counts: dict[str, float] = dict.fromkeys(terms, 0.0)
         for b in micro:
             for t, c in stage.count(b).items():
-                local_counts[t] += c
+                if t in local_counts:  # a term the stage weights (a count for an unused one is ignored)
+                    local_counts[t] += c
         n_global = _reduce_named(local_counts, terms)
         sums: dict[str, float] = dict.fromkeys(terms, 0.0)
         metrics: dict[str, float] = {}

@@ -231,7 +231,7 @@ def test_two_rank_gather_matches_single_process(tmp_path):
             p.kill()
         err = tmp_path / f"error{r}.txt"
         assert p.exitcode == 0, err.read_text() if err.exists() else f"rank {r} exit code {p.exitcode}"
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     # One process, the whole batch, masks built by hand (not through embedding_scores).
     x, lin = batch_and_model()

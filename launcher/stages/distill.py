@@ -13,7 +13,7 @@ global batch (terms "kd" and "ce" of the shared loop); KD is the `distill.kind` 
 bins (top-k + tail) at temperature T, × T². Eval loss: next-token cross-entropy on held-out text.
 
 Leaves student/ckpt/<tag> (resumable, with each rank's reader position), student/hf (Hugging Face model +
-tokenizer) and student/DONE.json. TensorBoard tb/distill: train/loss, train/kd, train/ce,
+tokenizer) and student/DONE.json. TensorBoard tb/distill: train/loss, train/kd, train/ce (alpha < 1),
 train/student_topk_mass, train/top1_agreement, perf/tokens_per_s, perf/mfu (student FLOPs only).
 """
 
@@ -99,10 +99,12 @@ def make_loss(cfg: ExperimentConfig):
         logits = model(input_ids=ids).logits  # [B, L, V]
         teacher = (batch["topk_ids"].long(), batch["topk_logprobs"])  # [B, L, k] each
         kd, n = kd_sum(logits, teacher, ids, d.kind, d.temperature, d.beta, d.skew)
-        ce, _ = nll_sum(logits, ids)
+        sums = {"kd": kd}
+        if d.alpha < 1.0:  # a zero-weight CE term would cost a full log-softmax and its backward per step
+            sums["ce"] = nll_sum(logits, ids)[0]
         agree = agreement_sums(logits.detach(), batch["topk_ids"].long(), ids)
         metrics = {k: (float(agree[k]), float(n)) for k in ("student_topk_mass", "top1_agreement")}
-        return engine.Loss({"kd": kd, "ce": ce}, metrics)
+        return engine.Loss(sums, metrics)
 
     return loss
 
@@ -124,7 +126,8 @@ def run(cfg: ExperimentConfig) -> None:
     evals = eval_batches(pipeline.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
     stage = engine.Stage(
         "distill", student, batches, make_loss(cfg), evals, flops_per_token(student.config, seq_len),
-        weights={"kd": d.alpha, "ce": 1.0 - d.alpha}, count=kd_counts, eval_loss=engine.lm_loss,
+        weights={"kd": d.alpha, **({"ce": 1.0 - d.alpha} if d.alpha < 1.0 else {})}, count=kd_counts,
+        eval_loss=engine.lm_loss,
     )  # fmt: skip
     result = engine.train(stage, d, ds, run_dir, pipeline.stage_hash(cfg, "distill"))
 
