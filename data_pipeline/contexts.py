@@ -20,6 +20,7 @@ import random
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from stablekd.data_pipeline.bios import (
     ATTRIBUTES,
@@ -123,9 +124,16 @@ def _answer_key(attribute: str, value: str) -> int:
     return zlib.crc32(f"{attribute}\0{value}".encode())
 
 
+class Judgement(NamedTuple):
+    verdicts: list[int]  # per continuation: +1 true, -1 contradiction, 0 nothing verifiable
+    keys: list[int]  # per continuation: answer key of a question's stated answer, -1 otherwise
+    truth_key: int  # answer key of a question context's true answer, -1 otherwise
+    known: bool  # the context's person is in the ground truth: verdict 0 means "unverifiable"
+
+
 def judge_continuations(
     tok, context_ids: Sequence[int], continuations: Sequence[Sequence[int]], truth: dict
-) -> tuple[list[int], list[int], int]:
+) -> Judgement:
     """Verdicts of a group's continuations against the ground truth of its context, answer keys, truth key.
 
     verdict +1: states the true value (question) / every attribute it states is true (biography);
@@ -155,4 +163,4 @@ def judge_continuations(
         verdicts.append(verdict)
         keys.append(key)
     truth_key = _answer_key(attribute, person.value(attribute)) if person and attribute else -1
-    return verdicts, keys, truth_key
+    return Judgement(verdicts, keys, truth_key, person is not None)

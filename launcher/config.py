@@ -161,7 +161,11 @@ class SoftLabelsConfig:
 
     k: int = _f(32, "top-k ids and log-probs stored per token")
     temperature: float = _f(1.0, "teacher temperature T of the stored log-probs")
-    max_sequences: int = _f(0, "training sequences to label; 0 = one pass over the corpus")
+    max_sequences: int = _f(
+        0,
+        "training sequences to label; 0 = one pass over the corpus; more than a pass repeats the corpus, "
+        "each pass cut into blocks at other offsets (a student replaying one pass overfits it)",
+    )
     micro_batch_size: int = _f(8, "sequences per rank per teacher forward")
     records_per_shard: int = _f(256, "sequences per soft-label shard file")
     fidelity_positions: int = _f(
@@ -272,7 +276,9 @@ class ContrastiveConfig(TrainConfig):
     lm: str = _f("kd", "the lam term: kd (the soft-label stream, distill.kind at distill.temperature) or ce")
     negatives: int = _f(8, "likelihood scorer: other contexts' continuations scored per context")
     hard_negatives: bool = _f(
-        True, "ground truth known (bios): continuations contradicting it are negatives, not positives"
+        True,
+        "ground truth known (bios): continuations contradicting it are negatives, only those stating it are "
+        "positives, unverifiable ones are left out; false = every continuation of a context is a positive",
     )
     margin: float = _f(0.0, "SimCTG token-level term on the LM batches with this margin rho; 0 = off")
     head_dim: int = _f(128, "embedding scorer: projection head output size")

@@ -23,9 +23,11 @@ DESIGN §5, conventions stated once here:
 - Reduction. ``kd_sum`` and ``agreement_sums`` return *sums* and token counts, because the training loop
   divides by the token count of the whole global batch (all ranks × micro-batches); ``distill_loss`` is
   the mean over the tokens of one call.
-- Memory. Only counted rows are gathered, then processed ``chunk_tokens`` rows at a time, each chunk under
-  non-reentrant activation checkpointing, so with a 128k vocabulary only one chunk's float32
-  temporaries are alive in forward and in backward.
+- Memory. Only counted rows are gathered, then processed ``chunk_tokens`` rows at a time. A chunk of at
+  least ``CHECKPOINT_ELEMENTS`` float32 values (n × V) runs under non-reentrant activation checkpointing,
+  so with a 128k vocabulary only one chunk's float32 temporaries are alive in forward and in backward;
+  smaller chunks keep theirs (a few MB), since recomputing them in backward would cost a second
+  log-softmax per step for no memory worth saving.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ KINDS = ("fkl", "rkl", "gjsd", "tvd", "skl", "mse")
 
 # Teacher input: full logits (B, T, V), or (topk_ids, topk_logprobs), each (B, T, k).
 Teacher = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+# Chunks of at least this many float32 values (64 MiB) are recomputed in backward instead of kept.
+CHECKPOINT_ELEMENTS = 1 << 24
 
 # float16 has no finite value below this; a writer that avoids storing -inf stores this instead.
 FP16_FLOOR = torch.finfo(torch.float16).min  # -65504.0
@@ -274,8 +279,9 @@ def kd_sum(
         temperature: T > 0. Every divergence, mse included, is multiplied by T² (Hinton scaling;
             torchtune and TRL do not scale). For mse the T² cancels the 1/T², so T has no effect.
         beta: β of "gjsd". skew: λ of "skl".
-        chunk_tokens: counted tokens per chunk; each chunk runs under activation checkpointing when
-            grad is enabled, so its float32 (n, V) temporaries are freed in forward and in backward.
+        chunk_tokens: counted tokens per chunk; with grad enabled, a chunk of at least
+            CHECKPOINT_ELEMENTS values runs under activation checkpointing, so its float32 (n, V)
+            temporaries are freed in forward and in backward.
 
     Returns:
         (loss_sum, tokens): loss_sum a float32 scalar (float64 for float64 logits) connected to the
@@ -295,10 +301,10 @@ def kd_sum(
     else:
         ids_flat, teacher_flat = None, teacher.reshape(B * T, V)
     fn = functools.partial(_chunk_kd_sum, kind=kind, temperature=temperature, beta=beta, skew=skew)
-    use_ckpt = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_flat.requires_grad)
+    grad = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_flat.requires_grad)
     parts = []
     for s_chunk, r_chunk in zip(s_rows.split(chunk_tokens), rows.split(chunk_tokens), strict=True):
-        if use_ckpt:
+        if grad and s_chunk.numel() >= CHECKPOINT_ELEMENTS:
             # No RNG inside, so skip saving/restoring it.
             part = checkpoint(
                 fn, s_chunk, teacher_flat, ids_flat, r_chunk, use_reentrant=False, preserve_rng_state=False
@@ -345,13 +351,19 @@ def distill_loss(
 
 @torch.no_grad()
 def agreement_sums(
-    student_logits: torch.Tensor, topk_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 2048
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = 2048,
+    max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """How much the student (T = 1) agrees with the teacher's top-k, summed over the counted tokens.
 
     Args:
         student_logits: (B, T, V). topk_ids: (B, T, k), the teacher's ids sorted by probability.
         labels: (B, T); counted tokens as in ``kd_sum``.
+        max_tokens: measure on at most this many counted tokens, evenly spaced (a training metric need
+            not cost another full log-softmax per step); None = all of them.
 
     Returns:
         "student_topk_mass": float32 Σ of the student's probability on the teacher's top-k ids;
@@ -364,6 +376,8 @@ def agreement_sums(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     B, T, V = student_logits.shape
     rows = _counted_rows(labels)  # (N,)
+    if max_tokens is not None and rows.numel() > max_tokens:
+        rows = rows[:: math.ceil(rows.numel() / max_tokens)]
     s_flat = student_logits.reshape(B * T, V)
     ids_flat = topk_ids.reshape(B * T, -1)
     mass = torch.zeros((), dtype=torch.float32, device=student_logits.device)

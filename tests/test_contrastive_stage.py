@@ -162,14 +162,14 @@ def test_judging_marks_contradictions_and_false_negative_keys(upstream):
     ctx = [tok.eos_token_id, *encode(tok, [prompt])[0]]
     conts = [f" {anna.birth_city}.", f" {other.birth_city}.", " the moon"]
     ids = [encode(tok, [prompt + c])[0][len(ctx) - 1 :] for c in conts]
-    verdicts, keys, truth_key = judge_continuations(tok, ctx, ids, bios_truth(people))
-    assert verdicts == [1, -1, 0]  # true, a contradiction (hard negative), unparseable
+    verdicts, keys, truth_key, known = judge_continuations(tok, ctx, ids, bios_truth(people))
+    assert known and verdicts == [1, -1, 0]  # true, a contradiction (hard negative), unparseable
     assert keys[0] == truth_key >= 0 and keys[1] >= 0 and keys[1] != truth_key and keys[2] == -1
     # Another context whose continuation states anna's city carries the same key: a false negative.
     other_prompt = bios.probe_prompts(other, "birth_city")[bios.CONTEXT_TEMPLATES[1]]
     octx = [tok.eos_token_id, *encode(tok, [other_prompt])[0]]
     oids = [encode(tok, [other_prompt + f" {anna.birth_city}."])[0][len(octx) - 1 :]]
-    _, okeys, _ = judge_continuations(tok, octx, oids, bios_truth(people))
+    _, okeys, _, _ = judge_continuations(tok, octx, oids, bios_truth(people))
     assert okeys[0] == truth_key
     # A biography start: one false attribute anywhere makes it a contradiction.
     bctx = [tok.eos_token_id, *encode(tok, [anna.name])[0]]
@@ -180,3 +180,23 @@ def test_judging_marks_contradictions_and_false_negative_keys(upstream):
         1,
         -1 if other.university != anna.university else 1,
     ]
+
+
+def test_positives_only_verified_where_the_truth_is_known():
+    import torch
+
+    from stablekd.launcher.config import ContrastiveConfig
+    from stablekd.launcher.stages.contrastive import _positive, _unverifiable, counts
+
+    # Context 0's truth is known: a true, a contradicting and an unverifiable continuation.
+    # Context 1 has no known truth (a user corpus): every continuation is a positive.
+    batch = {
+        "verdict": torch.tensor([[1, -1, 0], [0, 0, 0]]),
+        "known": torch.tensor([True, False]),
+        "lm_input_ids": torch.zeros(2, 5, dtype=torch.long),
+    }
+    assert _positive(batch).tolist() == [[True, False, False], [True, True, True]]
+    assert _unverifiable(batch).tolist() == [[False, False, True], [False, False, False]]
+    # likelihood: one anchor per context with a positive; embedding: per continuation with a group-mate
+    assert counts(ContrastiveConfig(scorer="likelihood"))(batch)["infonce"] == 2
+    assert counts(ContrastiveConfig(scorer="embedding"))(batch)["infonce"] == 3

@@ -364,6 +364,32 @@ def test_agreement_sums_hand_built():
         assert got["student_topk_mass"].item() == pytest.approx(1.125, rel=1e-6)
         assert got["top1_agreement"].item() == 1
         assert got["tokens"].item() == 2
+    # max_tokens=1 measures the first counted position only (every ceil(2 / 1) = 2nd row from the first)
+    got = agreement_sums(logits, topk_ids, labels, max_tokens=1)
+    assert got["student_topk_mass"].item() == pytest.approx(0.625, rel=1e-6)
+    assert got["top1_agreement"].item() == 1 and got["tokens"].item() == 1
+
+
+def test_checkpointed_chunks_give_the_same_loss_and_gradient(monkeypatch):
+    # Small chunks are not checkpointed (CHECKPOINT_ELEMENTS); forcing every chunk under checkpointing
+    # must not change the loss or the gradient.
+    import stablekd.objectives.distill as distill_mod
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11, dtype=torch.float64)
+    t_logits = torch.randn(2, 6, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, 3] = -100
+    out = {}
+    for threshold in (distill_mod.CHECKPOINT_ELEMENTS, 1):
+        monkeypatch.setattr(distill_mod, "CHECKPOINT_ELEMENTS", threshold)
+        x = logits.clone().requires_grad_()
+        loss, _ = kd_sum(x, t_logits, labels, "gjsd", 2.0, chunk_tokens=3)
+        loss.backward()
+        out[threshold] = (loss.detach(), x.grad)
+    (l1, g1), (l2, g2) = out.values()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,9 +17,12 @@ G = M sampled + gold continuations, data_pipeline/candidates.py) plus B sequence
     lm       × contrastive.lam: KD from the soft labels (distill.kind, distill.temperature) or CE, per token.
     simctg   with contrastive.margin > 0: SimCTG's token-level term on the LM sequences.
 
-Ground truth (built-in bios corpus): a continuation whose parsed answer contradicts the truth is a hard
-negative of its own context, never a positive; the gold continuation is a positive; another context's
-continuation stating the anchor's true answer is a false negative and leaves the denominator. Contexts ask
+Ground truth (built-in bios corpus, contrastive.hard_negatives): a continuation whose parsed answer
+contradicts the truth is a hard negative of its own context; only continuations that state the truth
+(the gold one among them) are positives; one that states nothing verifiable (no parseable answer) is
+left out of its own context's scores, since rewarding it would train the model to answer nothing; another
+context's continuation stating the anchor's true answer is a false negative and leaves the denominator.
+Without ground truth every continuation of a context is its positive. Contexts ask
 with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others (no leakage, DESIGN §7).
 
 Leaves contrastive/ckpt, contrastive/hf and contrastive/DONE.json. TensorBoard tb/contrastive: train/infonce,
@@ -97,20 +100,23 @@ class GroupsWithLM:
     def __iter__(self) -> Iterator[dict]:
         for g, lm in zip(self.groups, self.lm, strict=True):
             B, G, _ = g["cand_ids"].shape
-            verdicts, keys, truth_keys = torch.zeros(B, G, dtype=torch.long), torch.full((B, G), -1), []
+            verdicts, keys = torch.zeros(B, G, dtype=torch.long), torch.full((B, G), -1)
+            truth_keys, known = torch.full((B,), -1), torch.zeros(B, dtype=torch.bool)
             for b in range(B):
                 ctx = g["context_ids"][b, -int(g["context_len"][b]) :].tolist()
                 conts = [g["cand_ids"][b, j, : int(g["cand_len"][b, j])].tolist() for j in range(G)]
-                v, k, t = judge_continuations(self.tok, ctx, conts, self.truth)
-                verdicts[b], keys[b] = torch.tensor(v), torch.tensor(k)
-                truth_keys.append(t)
-            if not self.hard:
-                verdicts.clamp_(min=0)
+                judged = judge_continuations(self.tok, ctx, conts, self.truth)
+                verdicts[b], keys[b] = torch.tensor(judged.verdicts), torch.tensor(judged.keys)
+                truth_keys[b], known[b] = judged.truth_key, judged.known
+            if not self.hard:  # ground truth unused: every continuation of a context is its positive
+                verdicts.zero_()
+                known.zero_()
             yield {
                 **g,
-                "verdict": verdicts,  # [B, G] +1 true, -1 contradiction, 0 unknown
+                "verdict": verdicts,  # [B, G] +1 true, -1 contradiction, 0 nothing verifiable
+                "known": known,  # [B] the context's truth is known: verdict 0 = unverifiable
                 "answer_key": keys,  # [B, G]
-                "truth_key": torch.tensor(truth_keys),  # [B]
+                "truth_key": truth_keys,  # [B]
                 **{f"lm_{k}": v for k, v in lm.items()},
             }
 
@@ -123,7 +129,14 @@ class GroupsWithLM:
 
 
 def _positive(batch: dict) -> torch.Tensor:
-    return batch["verdict"] >= 0  # [B, G]: a contradiction is never a positive
+    """[B, G]: states the truth where it is known, else any continuation that is not a contradiction."""
+    v = batch["verdict"]
+    return torch.where(batch["known"][:, None], v > 0, v >= 0)
+
+
+def _unverifiable(batch: dict) -> torch.Tensor:
+    """[B, G]: the context's truth is known but the continuation states nothing that can be checked."""
+    return batch["known"][:, None] & (batch["verdict"] == 0)
 
 
 def counts(c: ContrastiveConfig) -> Callable[[dict], dict[str, int]]:
@@ -176,7 +189,7 @@ def _likelihood_scores(model, batch: dict, negatives: int) -> tuple[torch.Tensor
     positive = torch.cat([_positive(batch), torch.zeros(B, K, dtype=torch.bool, device=cand.device)], 1)
     # Another context's continuation stating this context's true answer is not a negative.
     false_neg = (pool_key[neg] == batch["truth_key"][:, None]) & (batch["truth_key"][:, None] >= 0)
-    valid = torch.cat([torch.ones(B, G, dtype=torch.bool, device=cand.device), ~false_neg], 1)
+    valid = torch.cat([~_unverifiable(batch), ~false_neg], 1)
     return scores, positive, valid
 
 
@@ -191,7 +204,7 @@ def _embedding_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, t
     head = model.module.head if hasattr(model, "module") else model.head
     features = head(pool_continuation(out.hidden_states[-1], flat["cont_mask"]))  # [B·G, D]
     groups = flat["group_ids"].to(features.device)
-    # A contradiction gets a group of its own: nobody's positive, everybody's negative.
+    # A contradiction (or an unverifiable row) gets a group of its own: nobody's positive, everybody's negative.
     contra = ~_positive(batch).flatten()
     own = -1 - (rank * B * G + torch.arange(B * G, device=groups.device))  # negative: never a context's id
     groups = torch.where(contra, own, groups)

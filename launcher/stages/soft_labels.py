@@ -15,9 +15,10 @@ Leaves (DESIGN §4):
     soft_labels/candidates/  per context M sampled continuations (+ the gold one), same shard rules.
     soft_labels/DONE.json, tb/soft_labels/ (fidelity and throughput scalars; x-axis: labelled batches).
 
-Per rank: the training stream as the teacher read it (PackedStream, not looping, rank-sharded, the
-teacher's seq_len and tokenizer), one pass or this rank's share of soft_labels.max_sequences
-(`rank_quota`). Candidate contexts: rank r takes contexts r, r + world, ... of one list every rank builds
+Per rank: the training stream as the teacher read it (PackedStream, rank-sharded, the teacher's seq_len
+and tokenizer): one pass, or this rank's share of soft_labels.max_sequences (`rank_quota`) from the
+looping stream. Later passes pack the same documents at other block offsets, so a student that trains
+for many epochs sees more distinct sequences than one pass holds. Candidate contexts: rank r takes contexts r, r + world, ... of one list every rank builds
 (`candidate_contexts`). A killed stage resumes: each rank skips the sequences (and contexts) its committed
 shards already hold; a rank that had finished only joins the others' forwards.
 """
@@ -115,7 +116,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     else:
         stream = PackedStream(
             pipeline.train_files(cfg), tok_dir, seq_len, sl.micro_batch_size, rank, world,
-            cfg.data.num_workers, loop=False,
+            cfg.data.num_workers, loop=quota is not None,
         )  # fmt: skip
         # A resumed rank skips the sequences its committed shards hold (the stream is deterministic).
         rows = _rows(StreamLoader(stream), writer.records_written, quota)
