@@ -9,7 +9,7 @@ puts checkpoints in <arm>/student/ckpt and TensorBoard in <arm>/tb/distill, so o
 
 Arms, one process, DeepSpeed at world size 1 with the run's `distill.ds_config`, the same student preset
 built from the same seed, the same micro batch (8 × 128 tokens per step in the quickstart), lr and schedule:
-- `CE`: next-token cross-entropy (`engine.lm_loss`) on the packed training stream, --steps steps;
+- `CE`: next-token cross-entropy (`lm_loss`) on the packed training stream, --steps steps;
 - `KD offline`: the distill stage's loss (alpha · KD + (1 − alpha) · CE, `distill.kind` on the top-k + tail
   bins) on top-k soft labels read from soft_labels/ (`pipeline.open_soft_labels`, teacher None), --steps steps;
 - `CE, SL seqs` (control, --no-control skips it): the stage's loss with alpha 0, i.e. next-token
@@ -70,13 +70,11 @@ from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import load_config, save_config
-
-# The stage's loss and counts, imported rather than copied: this benchmark times the step the distill
-# stage runs, and a copy would drift from it. (They belong in a component; see the report.)
-from stablekd.launcher.stages.distill import kd_counts, make_loss
 from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
 from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX
 from stablekd.model.tokenizer import load_tokenizer
+from stablekd.objectives.distill import soft_label_counts, soft_label_loss, soft_label_weights
+from stablekd.objectives.lm import lm_loss
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL_KD_OVER_CE = 1.05
@@ -174,12 +172,13 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
         stream = PackedStream(
             pipeline.train_files(cfg), tok_dir, L, micro, 0, 1, cfg.data.num_workers, loop=True
         )
-        stage = engine.Stage("distill", student, StreamLoader(stream), engine.lm_loss, evals, fpt)
+        stage = engine.Stage("distill", student, StreamLoader(stream), lm_loss, evals, fpt)
     else:
         batches = pipeline.open_soft_labels(cfg, 0, 1, micro, teacher)
         stage = engine.Stage(
-            "distill", student, batches, make_loss(cfg), evals, fpt,
-            weights={"kd": d.alpha, "ce": 1.0 - d.alpha}, count=kd_counts, eval_loss=engine.lm_loss,
+            "distill", student, batches, soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha),
+            evals, fpt, weights=soft_label_weights(d.alpha), count=soft_label_counts,
+            eval_loss=lm_loss,
         )  # fmt: skip
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     result = engine.train(stage, d, ds, cfg.run_dir, "bench")

@@ -29,7 +29,7 @@ from stablekd.launcher.config import load_config
 from stablekd.launcher.monitor import measure_peak_flops, read_scalars
 from stablekd.model.build import build_model, count_params, flops_per_token
 from stablekd.model.tokenizer import load_tokenizer
-from stablekd.objectives.lm import nll_sum
+from stablekd.objectives.lm import lm_loss, nll_sum
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
         "teacher",
         model,
         StreamLoader(stream),
-        engine.lm_loss,
+        lm_loss,
         [],
         flops_per_token(model.config, cfg.data.seq_len),
     )

@@ -321,22 +321,49 @@ def markdown(report: dict, samples: dict[str, dict]) -> str:
 
 
 def write_report(report: dict, samples: dict[str, dict], eval_dir: Path, tb_dir: Path) -> dict[str, Path]:
-    """eval/report.json, eval/report.md and TensorBoard scalars `eval/<model>/<metric>` + sample text (step 0)."""
+    """eval/report.json, eval/report.md, and the same report in TensorBoard under `tb_dir` (`write_tensorboard`)."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": eval_dir / "report.json", "md": eval_dir / "report.md"}
     for key, text in (("json", json.dumps(report, indent=2) + "\n"), ("md", markdown(report, samples))):
         atomic_write(paths[key], text)
-    writer = SummaryWriter(str(tb_dir))
-    try:
-        for name, values in report["models"].items():
-            for k, v in values.items():
-                writer.add_scalar(f"eval/{name}/{k}", v, 0)
-            if samples.get(name):
-                writer.add_text(f"eval/{name}/samples", samples_markdown(samples[name]), 0)
-        for pair, r in report.get("ratios", {}).items():
-            for k, v in r.items():
-                writer.add_scalar(f"eval/ratio/{pair.replace('/', '_vs_')}/{k}", v, 0)
-    finally:
-        writer.flush()
-        writer.close()
+    write_tensorboard(report, samples, tb_dir)
     return paths
+
+
+def tensorboard_tag(metric: str) -> str:
+    """The tag of a report metric: `efficiency/<metric>` for parameters, speed and memory, else `stability/<metric>`."""
+    return f"{'efficiency' if metric in RATIO_KEYS else 'stability'}/{metric}"
+
+
+def write_tensorboard(report: dict, samples: dict[str, dict], tb_dir: Path) -> None:
+    """The report as TensorBoard shows it best: one run per model, the same tags in every run.
+
+    `tb_dir`/<model>/ holds that model's metrics at step 0 under `tensorboard_tag(metric)` and, for the
+    models other than the teacher, `efficiency/<key>_vs_teacher` (the report's ratios). Runs that share a
+    tag are drawn in one chart, so each metric is one chart with a point per model (teacher, student,
+    contrastive). TEXT tab: `samples` in each model's run (its sample generations) and `report` in
+    `tb_dir` itself (the report.md table, ratios and notes).
+
+    The event files of an earlier evaluation are deleted first: a re-run (the stage repeats when a model
+    changed) would otherwise leave two points per model at step 0, the stale one beside the new.
+    """
+    for old in tb_dir.rglob("events.out.tfevents.*"):
+        old.unlink()
+    writers: list[SummaryWriter] = []
+    try:
+        summary = SummaryWriter(str(tb_dir))
+        writers.append(summary)
+        summary.add_text("report", markdown(report, {}), 0)  # no samples: they are in each model's run
+        for name, values in report["models"].items():
+            run = SummaryWriter(str(tb_dir / name))
+            writers.append(run)
+            for k, v in values.items():
+                run.add_scalar(tensorboard_tag(k), v, 0)
+            for k, v in report.get("ratios", {}).get(f"{name}/teacher", {}).items():
+                run.add_scalar(f"efficiency/{k}_vs_teacher", v, 0)
+            if samples.get(name):
+                run.add_text("samples", samples_markdown(samples[name]), 0)
+    finally:
+        for w in writers:
+            w.flush()
+            w.close()

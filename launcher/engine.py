@@ -39,7 +39,7 @@ from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.launcher.config import ConfigError, TrainConfig
 from stablekd.launcher.monitor import Monitor, measure_peak_flops, peak_memory_bytes
 from stablekd.launcher.stages import spec
-from stablekd.objectives.lm import IGNORE_INDEX, nll_sum, shifted_labels
+from stablekd.objectives.lm import Loss, lm_counts
 
 
 class Resumable(Protocol):
@@ -48,28 +48,6 @@ class Resumable(Protocol):
     def __iter__(self) -> Iterator[dict]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-@dataclass
-class Loss:
-    """What a stage's loss returns for one micro-batch."""
-
-    sums: dict[str, torch.Tensor]  # term -> summed (not averaged) loss, with its graph
-    metrics: dict[str, tuple[float, float]] = field(
-        default_factory=dict
-    )  # name -> (sum, count), logged as a mean
-
-
-def lm_counts(batch: dict) -> dict[str, int]:
-    """Tokens a next-token loss counts in this batch (labels not -100 after the shift), for every term."""
-    n = int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())
-    return {"lm": n}
-
-
-def lm_loss(model: torch.nn.Module, batch: dict) -> Loss:
-    """Next-token cross-entropy: the teacher's loss (term "lm")."""
-    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
-    return Loss({"lm": nll_sum(logits, batch["labels"])[0]})
 
 
 def input_tokens(batch: dict) -> int:

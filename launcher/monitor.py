@@ -2,6 +2,10 @@
 
 One x-axis for every scalar of ours: the optimizer step (`global_step`). Tokens seen are logged as a
 scalar of their own (`train/tokens`), so a tokens axis is one TensorBoard click away.
+
+Each stage is one TensorBoard run (`tb/<stage>`). Every Monitor also writes `LAYOUT`, the CUSTOM SCALARS
+tab: TensorBoard merges the layouts of all runs and drops the duplicates, so the tab is there from the
+teacher's first step and stays one layout as later stages add their runs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,18 @@ import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+# CUSTOM SCALARS: {category: {chart title: ["Multiline", [tag regexes]]}}; a regex matches in every run,
+# so each chart draws the tag of every stage that logs it (teacher, distill, contrastive).
+LAYOUT: dict[str, dict[str, list]] = {
+    "stages": {
+        "train/loss: teacher CE, distill α·KD + (1−α)·CE, contrastive InfoNCE + λ·LM": [
+            "Multiline",
+            [r"^train/loss$"],
+        ],
+        "eval/loss": ["Multiline", [r"^eval/loss$"]],
+    }
+}
 
 
 def measure_peak_flops(device: torch.device) -> float:
@@ -71,6 +87,8 @@ class Monitor:
     def __init__(self, tb_dir: Path, total_steps: int, start_step: int, desc: str):
         self.enabled = not dist.is_initialized() or dist.get_rank() == 0
         self.writer = SummaryWriter(str(tb_dir)) if self.enabled else None
+        if self.writer:
+            self.writer.add_custom_scalars(LAYOUT)
         self.bar = tqdm(
             total=total_steps, initial=start_step, desc=desc, disable=not self.enabled, dynamic_ncols=True
         )

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from stablekd.objectives.lm import IGNORE_INDEX, nll_sum, shifted_labels
+from stablekd.objectives.lm import IGNORE_INDEX, Loss, nll_sum, shifted_labels
 
 KINDS = ("fkl", "rkl", "gjsd", "tvd", "skl", "mse")
 
@@ -388,3 +389,43 @@ def agreement_sums(
         mass += F.log_softmax(s, dim=-1).gather(-1, ids).exp().sum()
         top1 += (s.argmax(-1) == ids[:, 0]).sum()
     return {"student_topk_mass": mass, "top1_agreement": top1, "tokens": rows.new_tensor(rows.numel())}
+
+
+# Tokens per micro-batch the agreement metrics are measured on: enough for a smooth curve, a fraction of
+# the cost of the KD term itself.
+AGREEMENT_TOKENS = 256
+
+
+def soft_label_counts(batch: dict) -> dict[str, int]:
+    """Counted tokens of a soft-label batch (input_ids, topk_ids, topk_logprobs) for the terms "kd" and
+    "ce": every position but the last of each row predicts one."""
+    ids = batch["input_ids"]
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    return {"kd": n, "ce": n}
+
+
+def soft_label_weights(alpha: float) -> dict[str, float]:
+    """The loop's term weights for ``soft_label_loss``: alpha · KD + (1 − alpha) · CE (no CE term at alpha 1)."""
+    return {"kd": alpha, **({"ce": 1.0 - alpha} if alpha < 1.0 else {})}
+
+
+def soft_label_loss(
+    kind: str = "fkl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1, alpha: float = 1.0
+) -> Callable[[torch.nn.Module, dict], Loss]:
+    """The training loop's loss on soft-label batches: terms "kd" (``kd_sum``) and, when alpha < 1, "ce"
+    (the loop weighs them alpha and 1 − alpha); metrics student_topk_mass and top1_agreement."""
+    _check_params(kind, temperature, beta, skew)
+
+    def loss(model: torch.nn.Module, batch: dict) -> Loss:
+        ids = batch["input_ids"].long()  # (B, T); labels = the ids (the model predicts position t + 1)
+        logits = model(input_ids=ids).logits  # (B, T, V)
+        topk_ids = batch["topk_ids"].long()  # (B, T, k)
+        kd, _ = kd_sum(logits, (topk_ids, batch["topk_logprobs"]), ids, kind, temperature, beta, skew)
+        sums = {"kd": kd}
+        if alpha < 1.0:  # a zero-weight CE term would cost a full log-softmax and its backward per step
+            sums["ce"] = nll_sum(logits, ids)[0]
+        agree = agreement_sums(logits.detach(), topk_ids, ids, max_tokens=AGREEMENT_TOKENS)
+        seen = float(agree["tokens"])
+        return Loss(sums, {k: (float(agree[k]), seen) for k in ("student_topk_mass", "top1_agreement")})
+
+    return loss

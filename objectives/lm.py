@@ -6,6 +6,8 @@ batch (all micro-batches of a step on all ranks), so neither accumulation nor wo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -27,3 +29,25 @@ def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
         logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss, (targets != IGNORE_INDEX).sum()
+
+
+@dataclass
+class Loss:
+    """What a stage's loss returns for one micro-batch."""
+
+    sums: dict[str, torch.Tensor]  # term -> summed (not averaged) loss, with its graph
+    metrics: dict[str, tuple[float, float]] = field(
+        default_factory=dict
+    )  # name -> (sum, count), logged as a mean
+
+
+def lm_counts(batch: dict) -> dict[str, int]:
+    """Tokens a next-token loss counts in this batch (labels not -100 after the shift), for every term."""
+    n = int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())
+    return {"lm": n}
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> Loss:
+    """Next-token cross-entropy: the teacher's loss (term "lm")."""
+    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+    return Loss({"lm": nll_sum(logits, batch["labels"])[0]})

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,19 @@ def upstream(tmp_path_factory) -> Path:
 def copy_run(src: Path, dst: Path) -> Path:
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     return dst
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, stage_dir: Path, step: int, timeout: float = 300) -> int:
+    """SIGKILL the whole process group of `proc` (runner and every rank, started with
+    start_new_session=True) once `stage_dir`/ckpt/complete.json names a step >= `step`; returns the step
+    the rerun must resume from. Fails if the run ends first or no such checkpoint comes in time."""
+    marker = stage_dir / "ckpt" / "complete.json"
+    deadline = time.time() + timeout
+    while not (marker.exists() and json.loads(marker.read_text())["step"] >= step):
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline, f"no checkpoint at step {step}"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (stage_dir / "DONE.json").exists()
+    return json.loads(marker.read_text())["step"]

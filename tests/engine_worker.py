@@ -24,7 +24,7 @@ from stablekd.launcher import engine
 from stablekd.launcher.config import TrainConfig
 from stablekd.model.build import init_weights
 from stablekd.model.presets import preset
-from stablekd.objectives.lm import IGNORE_INDEX, shifted_labels
+from stablekd.objectives.lm import IGNORE_INDEX, Loss, shifted_labels
 
 VOCAB, LEN, MICRO, ACCUM, STEPS = 50, 12, 2, 2, 6
 WEIGHTS = {"tok": 0.7, "seq": 0.3}
@@ -92,7 +92,7 @@ def main(run_dir: str, result: str) -> None:
     ds = ds_resolve.resolve(raw, TRAIN, world, Path(run_dir) / "tb", str(path))
     stage = engine.Stage(
         "teacher", tiny_model(), Batches(rank),
-        lambda m, b: engine.Loss(term_sums(m(input_ids=b["input_ids"]).logits, b["labels"])),
+        lambda m, b: Loss(term_sums(m(input_ids=b["input_ids"]).logits, b["labels"])),
         [], 1.0, weights=WEIGHTS, count=counts,
     )  # fmt: skip
     out = engine.train(stage, TRAIN, ds, Path(run_dir), "h")

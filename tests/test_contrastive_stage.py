@@ -10,10 +10,7 @@ against one process in tests/test_contrastive_loss.py.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,15 @@ from stablekd.data_pipeline.contexts import bios_contexts, bios_truth, judge_con
 from stablekd.evaluation.bios_probe import build_questions
 from stablekd.launcher.monitor import read_scalars
 from stablekd.model.tokenizer import encode, load_tokenizer
-from tests.conftest import QUICKSTART, REPO, UPSTREAM, copy_run, run_stablekd, stablekd_cmd
+from tests.conftest import (
+    QUICKSTART,
+    REPO,
+    UPSTREAM,
+    copy_run,
+    kill_after_checkpoint,
+    run_stablekd,
+    stablekd_cmd,
+)
 
 STUDENT = [
     "student.model=tiny-student",
@@ -103,16 +108,8 @@ def test_kill_and_resume_continues_the_same_curve(student, tuned, tmp_path):
         stablekd_cmd(*_args(run)), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    marker = run / "contrastive" / "ckpt" / "complete.json"
-    deadline = time.time() + 300
-    while not (marker.exists() and json.loads(marker.read_text())["step"] >= 2):
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint at step 2"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed_from = json.loads(marker.read_text())["step"]
-    assert resumed_from < 8 and not (run / "contrastive" / "DONE.json").exists()
+    resumed_from = kill_after_checkpoint(proc, run / "contrastive", 2)
+    assert resumed_from < 8
     out = run_stablekd(*_args(run))
     assert f"at step {resumed_from}" in out.stderr + out.stdout
     # Same groups position, LM stream position, negatives (torch RNG restored), model and optimizer.

@@ -13,10 +13,7 @@ for the teacher (fp32; the ranks' gradient sums differ from one process's only i
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +30,15 @@ from stablekd.model.build import build_model
 from stablekd.model.tokenizer import load_tokenizer
 from stablekd.objectives.distill import kd_sum
 from stablekd.objectives.lm import nll_sum
-from tests.conftest import QUICKSTART, REPO, UPSTREAM, copy_run, run_stablekd, stablekd_cmd
+from tests.conftest import (
+    QUICKSTART,
+    REPO,
+    UPSTREAM,
+    copy_run,
+    kill_after_checkpoint,
+    run_stablekd,
+    stablekd_cmd,
+)
 
 pytestmark = pytest.mark.distributed
 DISTILL = [
@@ -130,16 +135,8 @@ def test_kill_and_resume_at_the_same_reader_position(upstream, distilled, tmp_pa
         stablekd_cmd(*_args(run)), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    marker = run / "student" / "ckpt" / "complete.json"
-    deadline = time.time() + 300
-    while not (marker.exists() and json.loads(marker.read_text())["step"] >= 4):
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint at step 4"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed_from = json.loads(marker.read_text())["step"]
-    assert resumed_from < 16 and not (run / "student" / "DONE.json").exists()
+    resumed_from = kill_after_checkpoint(proc, run / "student", 4)
+    assert resumed_from < 16
     out = run_stablekd(*_args(run))
     assert f"at step {resumed_from}" in out.stderr + out.stdout
     # Same reader position (epoch and shard/record per rank), model, optimizer and RNG: the same curve.

@@ -251,13 +251,16 @@ def test_evaluate_stage_report(bios_run):
         assert any(f"(`{key}`)" in row for row in rows), key
     assert "## Samples: teacher" in md and "## Samples: student" in md
 
-    acc = EventAccumulator(str(cfg.run_dir / "tb" / "evaluate"))
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
+    # TensorBoard: one run per model (tb/evaluate/<model>), the same tags in each: one chart per metric.
     for name in ("teacher", "student"):
+        acc = EventAccumulator(str(cfg.run_dir / "tb" / "evaluate" / name))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
         for key in REQUIRED:
-            assert f"eval/{name}/{key}" in tags
-    assert acc.Scalars("eval/teacher/ppl")[0].value == pytest.approx(teacher["ppl"], rel=1e-5)
+            group = "efficiency" if key in ("params", "gen_tokens_per_s") else "stability"
+            assert f"{group}/{key}" in tags, key
+        (ppl,) = acc.Scalars("stability/ppl")
+        assert ppl.step == 0 and ppl.value == pytest.approx(out["models"][name]["ppl"], rel=1e-5)
     done = json.loads((cfg.run_dir / "eval" / "DONE.json").read_text())
     assert done["produced"]["models"] == ["teacher", "student"]
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ from stablekd.launcher.pipeline import train_files
 from stablekd.model.build import build_model
 from stablekd.model.tokenizer import load_tokenizer
 from stablekd.objectives.lm import nll_sum
-from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd
+from tests.conftest import QUICKSTART, REPO, TINY, kill_after_checkpoint, run_stablekd, stablekd_cmd
 
 pytestmark = pytest.mark.distributed
 STEPS = 10  # 10 × 2 micro-batches × 4 × 32 tokens per rank: more than one pass over the user corpus
@@ -159,16 +156,8 @@ def test_zero2_kill_and_resume_continues_the_same_curve(tmp_path):
     )
 
     proc = _start(killed)
-    marker = killed / "teacher" / "ckpt" / "complete.json"
-    deadline = time.time() + 300
-    while not (marker.exists() and json.loads(marker.read_text())["step"] >= 4):
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint at step 4"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the runner, mid-training
-    proc.wait()
-    resumed_from = json.loads(marker.read_text())["step"]
-    assert resumed_from < 10 and not (killed / "teacher" / "DONE.json").exists()
+    resumed_from = kill_after_checkpoint(proc, killed / "teacher", 4)
+    assert resumed_from < 10
 
     out = run_stablekd(
         "stage",

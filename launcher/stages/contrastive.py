@@ -59,7 +59,7 @@ from stablekd.objectives.contrastive import (
     supcon_sum,
 )
 from stablekd.objectives.distill import kd_sum
-from stablekd.objectives.lm import nll_sum
+from stablekd.objectives.lm import Loss, lm_loss, nll_sum
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -214,7 +214,7 @@ def _embedding_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, t
 def make_loss(cfg: ExperimentConfig):
     c, d = cfg.contrastive, cfg.distill
 
-    def loss(model, batch: dict) -> engine.Loss:
+    def loss(model, batch: dict) -> Loss:
         if c.scorer == "likelihood":
             scores, positive, valid = _likelihood_scores(model, batch, c.negatives)
         else:
@@ -238,7 +238,7 @@ def make_loss(cfg: ExperimentConfig):
             "neg_sim": (float(stats["neg_sim"]), float(stats["neg_anchors"])),
             "acc1": (float(stats["acc1"]), anchors),
         }
-        return engine.Loss(sums, metrics)
+        return Loss(sums, metrics)
 
     return loss
 
@@ -276,7 +276,7 @@ def run(cfg: ExperimentConfig) -> None:
     stage = engine.Stage(
         "contrastive", model, batches, make_loss(cfg), evals, flops_per_token(lm.config, seq_len),
         weights=weights, count=counts(c), tokens=lambda b: b["lm_input_ids"].numel() + b["cand_ids"].numel(),
-        eval_loss=engine.lm_loss,
+        eval_loss=lm_loss,
     )  # fmt: skip
     result = engine.train(stage, c, ds, run_dir, pipeline.stage_hash(cfg, "contrastive"))
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
@@ -37,8 +36,8 @@ from stablekd.model.build import build_model, count_params, export_hf, flops_per
 from stablekd.model.presets import PRESETS
 from stablekd.model.sharded_teacher import checkpoint_source
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
-from stablekd.objectives.distill import agreement_sums, kd_sum
-from stablekd.objectives.lm import nll_sum
+from stablekd.objectives.distill import soft_label_counts, soft_label_loss, soft_label_weights
+from stablekd.objectives.lm import lm_loss
 
 
 def _student_vocab(cfg: ExperimentConfig) -> tuple[int, str]:
@@ -85,36 +84,6 @@ def preflight(cfg: ExperimentConfig) -> None:
     _check_student(cfg, *_student_vocab(cfg))
 
 
-# Tokens per micro-batch the agreement metrics are measured on: enough for a smooth curve, a fraction of
-# the cost of the KD term itself.
-AGREEMENT_TOKENS = 256
-
-
-def kd_counts(batch: dict) -> dict[str, int]:
-    """Counted tokens of a soft-label batch, for both terms: every position but the last predicts one."""
-    n = int(engine.lm_counts({"labels": batch["input_ids"]})["lm"])
-    return {"kd": n, "ce": n}
-
-
-def make_loss(cfg: ExperimentConfig):
-    d = cfg.distill
-
-    def loss(model: torch.nn.Module, batch: dict) -> engine.Loss:
-        ids = batch["input_ids"].long()  # [B, L]; labels = the ids (the model predicts position t + 1)
-        logits = model(input_ids=ids).logits  # [B, L, V]
-        teacher = (batch["topk_ids"].long(), batch["topk_logprobs"])  # [B, L, k] each
-        kd, _ = kd_sum(logits, teacher, ids, d.kind, d.temperature, d.beta, d.skew)
-        sums = {"kd": kd}
-        if d.alpha < 1.0:  # a zero-weight CE term would cost a full log-softmax and its backward per step
-            sums["ce"] = nll_sum(logits, ids)[0]
-        agree = agreement_sums(logits.detach(), batch["topk_ids"].long(), ids, max_tokens=AGREEMENT_TOKENS)
-        seen = float(agree["tokens"])
-        metrics = {k: (float(agree[k]), seen) for k in ("student_topk_mass", "top1_agreement")}
-        return engine.Loss(sums, metrics)
-
-    return loss
-
-
 def run(cfg: ExperimentConfig) -> None:
     rank, world = engine.setup_distributed(cfg.launch.threads_per_rank)
     d, run_dir, seq_len = cfg.distill, cfg.run_dir, cfg.data.seq_len
@@ -131,9 +100,10 @@ def run(cfg: ExperimentConfig) -> None:
     batches = pipeline.open_soft_labels(cfg, rank, world, micro, teacher)
     evals = eval_batches(pipeline.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
     stage = engine.Stage(
-        "distill", student, batches, make_loss(cfg), evals, flops_per_token(student.config, seq_len),
-        weights={"kd": d.alpha, **({"ce": 1.0 - d.alpha} if d.alpha < 1.0 else {})}, count=kd_counts,
-        eval_loss=engine.lm_loss,
+        "distill", student, batches, soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha), evals,
+        flops_per_token(student.config, seq_len),
+        weights=soft_label_weights(d.alpha), count=soft_label_counts,
+        eval_loss=lm_loss,
     )  # fmt: skip
     result = engine.train(stage, d, ds, run_dir, pipeline.stage_hash(cfg, "distill"))
 

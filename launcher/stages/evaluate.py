@@ -9,8 +9,9 @@ every rank loads the teacher partitioned (`pipeline.sharded_teacher`) and runs t
 prompts, batches and seeds (so the ZeRO-3 collectives stay in lockstep; `generate` with synced_gpus),
 models with an export are loaded whole on every rank, and only rank 0 prints and writes.
 Writes eval/report.json ({"models": {name: {metric: value}}, "ratios", "notes", ...}), eval/report.md
-(one row per metric, one column per model, sample generations), TensorBoard `eval/<model>/<metric>`
-under tb/evaluate, and eval/DONE.json.
+(one row per metric, one column per model, sample generations), TensorBoard runs tb/evaluate/<model>
+with the same tags for every model (`stability/<metric>`, `efficiency/<metric>`: one chart per metric,
+one point per model; `report.write_tensorboard`), and eval/DONE.json.
 
 Under ranks, peak_mem_mib is rank 0's (its share of the sharded teacher) and gen_tokens_per_s includes
 the collectives that gather the teacher's parameters at every forward.

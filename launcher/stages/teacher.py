@@ -17,6 +17,7 @@ from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import ExperimentConfig
 from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
+from stablekd.objectives.lm import lm_loss
 
 
 def run(cfg: ExperimentConfig) -> None:
@@ -38,7 +39,7 @@ def run(cfg: ExperimentConfig) -> None:
         pipeline.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
     )
     stage = engine.Stage(
-        "teacher", model, StreamLoader(stream), engine.lm_loss, evals, flops_per_token(model.config, seq_len)
+        "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model.config, seq_len)
     )
     result = engine.train(stage, cfg.teacher, ds, run_dir, pipeline.stage_hash(cfg, "teacher"))
 
