@@ -1,10 +1,20 @@
-"""`stablekd` command line: quickstart, run, stage, keys, ds-config show|check|estimate.
+"""`stablekd` command line: quickstart, run, stage, status, keys, ds-config show|check|estimate.
 
     stablekd quickstart [key=value ...]                  the embedded default pipeline (configs/quickstart.yaml)
     stablekd run CONFIG [key=value ...]                  every stage of the pipeline, skipping finished ones
+    stablekd run CONFIG --stages teacher,distill         only those stages (always in pipeline order)
     stablekd stage NAME CONFIG [key=value ...]           one stage (resumes from its last complete checkpoint)
+    stablekd status RUN_DIR                              per stage: done / resumable at step N / not started
     stablekd keys                                        every config key with its type, default and meaning
     stablekd ds-config show|check|estimate CONFIG [--stage teacher] [key=value ...]
+
+quickstart, run and stage take:
+    --dry-run   print each command they would start (one shell line each) and the stages they would skip
+                as done; start nothing, write nothing
+    --verbose   show every line of DeepSpeed, PyTorch and the ranks; by default those go only to
+                runs/<name>/logs/<stage>.log and the terminal shows one line as each stage starts, one as it
+                ends (wall time, headline figures) and rank 0's progress bar
+After quickstart or run with the evaluate stage, the report's table is printed (eval/report.md).
 Config errors print one line naming the key or file and exit with status 2.
 """
 
@@ -17,8 +27,9 @@ from pathlib import Path
 
 from stablekd.data_pipeline.sources import DataError
 from stablekd.launcher import pipeline
-from stablekd.launcher.config import ConfigError, describe, load_config
+from stablekd.launcher.config import ConfigError, ExperimentConfig, describe, load_config
 from stablekd.launcher.stages import NAMES, REGISTRY
+from stablekd.launcher.status import format_status, report_table, run_status
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -37,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name", choices=NAMES)
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
+    for cmd in (q, r):
+        cmd.add_argument(
+            "--stages",
+            help=f"comma-separated subset of {','.join(NAMES)} (run in that order whatever the order given)",
+        )
+    for cmd in (q, r, s):
+        cmd.add_argument("--dry-run", action="store_true", help="print the commands; start and write nothing")
+        cmd.add_argument(
+            "--verbose", action="store_true", help="every DeepSpeed/PyTorch line on the terminal"
+        )
+    st = sub.add_parser("status", help="where each stage of a run directory stands")
+    st.add_argument("run_dir")
     sub.add_parser("keys", help="list every config key")
     d = sub.add_parser("ds-config", help="show, check or estimate a stage's resolved DeepSpeed config")
     d.add_argument("action", choices=["show", "check", "estimate"])
@@ -95,29 +118,58 @@ def _estimate(cfg, stage: str) -> None:
     estimate(total, largest, cfg.launch.nproc_per_node, nodes)
 
 
+def select_stages(arg: str | None) -> list[str]:
+    """`--stages a,b` as registry names in pipeline order (None: every stage); a ConfigError names unknown ones."""
+    if arg is None:
+        return list(NAMES)
+    asked = [a.strip() for a in arg.split(",") if a.strip()]
+    unknown = [a for a in asked if a not in NAMES]
+    if unknown or not asked:
+        raise ConfigError(
+            f"--stages: unknown stage(s) {', '.join(map(repr, unknown)) or '(none given)'} (stages: {', '.join(NAMES)})"
+        )
+    return [n for n in NAMES if n in asked]
+
+
+def _pipeline(cfg: ExperimentConfig, stages: list[str], args: argparse.Namespace) -> None:
+    """run / quickstart / stage: the dry run's lines, or the run and where its results are."""
+    if args.dry_run:
+        print("\n".join(pipeline.dry_run(cfg, stages)))
+        return
+    pipeline.run(cfg, stages, verbose=args.verbose)
+    table = report_table(cfg.run_dir) if "evaluate" in stages else None
+    if table:
+        print(f"{table}\n\nreport: {cfg.run_dir / 'eval' / 'report.md'}")
+    elif args.cmd == "stage":
+        print(f"done: {pipeline.stage_dir(cfg, args.name)}")
+    else:
+        print(f"done: run directory {cfg.run_dir}")
+    print(f"tensorboard --logdir {cfg.run_dir / 'tb'}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may follow an option (`run C --stages teacher a=b`): argparse leaves them over.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         if args.cmd == "keys":
             print("\n".join(describe()))
         elif args.cmd == "ds-config":
             _ds_config(args)
+        elif args.cmd == "status":
+            if not Path(args.run_dir).is_dir():
+                raise ConfigError(f"status: {args.run_dir} is not a directory (expected a run directory)")
+            print(format_status(Path(args.run_dir), run_status(Path(args.run_dir))))
         elif args.cmd == "quickstart":
-            cfg = load_config(QUICKSTART, args.overrides)
-            pipeline.run(cfg, NAMES)
-            print(
-                f"done: run directory {cfg.run_dir}\nTensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}"
-            )
+            _pipeline(load_config(QUICKSTART, args.overrides), select_stages(args.stages), args)
         elif args.cmd == "run":
-            cfg = load_config(args.config, args.overrides)
-            pipeline.run(cfg, NAMES)
-            print(
-                f"done: run directory {cfg.run_dir}\nTensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}"
-            )
+            _pipeline(load_config(args.config, args.overrides), select_stages(args.stages), args)
         elif args.cmd == "stage":
-            cfg = load_config(args.config, args.overrides)
-            pipeline.run(cfg, [args.name])
-            print(f"done: {cfg.run_dir / args.name}\nTensorBoard: tensorboard --logdir {cfg.run_dir / 'tb'}")
+            _pipeline(load_config(args.config, args.overrides), [args.name], args)
     except (ConfigError, DataError) as e:
         print(f"stablekd: error: {e}", file=sys.stderr)
         sys.exit(2)

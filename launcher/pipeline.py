@@ -1,8 +1,10 @@
 """Stage order, run-directory layout, preparation (corpus, tokenizer, DeepSpeed JSON), DONE.json skip/resume.
 
-Layout (DESIGN §4): runs/<name>/{config.yaml, ds/<stage>.json, data/, tokenizer/, teacher/, tb/<stage>/}.
-A stage whose DONE.json carries the current config hash is skipped; one with a checkpoint but no
-DONE.json resumes (the training loop finds its last complete checkpoint).
+Layout (DESIGN §4): runs/<name>/{config.yaml, ds/<stage>.json, data/, tokenizer/, teacher/, tb/<stage>/,
+logs/<stage>.log}. A stage whose DONE.json carries the current config hash is skipped; one with a
+checkpoint but no DONE.json resumes (the training loop finds its last complete checkpoint). `run` says
+one line when a stage starts and one when it ends (wall time, headline figures of its DONE.json);
+`dry_run` lists what `run` would start, starting and writing nothing.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import time
 from pathlib import Path
 
 from stablekd.data_pipeline import bios
-from stablekd.data_pipeline.files import atomic_write
+from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.sources import iter_documents, resolve_paths
 from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash, save_config, to_dict
 from stablekd.launcher.stages import NAMES, REGISTRY, spec
+from stablekd.launcher.status import headline, wall
 from stablekd.model.tokenizer import tokenizer_hash, train_tokenizer
 
 # Fields that change what a stage computes; logging/saving cadence may change on resume.
@@ -44,14 +47,16 @@ def eval_files(cfg: ExperimentConfig) -> list[Path]:
     return [] if cfg.data.paths else [cfg.run_dir / "data" / "heldout.txt"]
 
 
-def stage_hash(cfg: ExperimentConfig, stage: str) -> str:
+def stage_hash(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> str:
     """What a stage's result depends on: its section (and the registry's `sections`), data, tokenizer, seed, DeepSpeed JSON, and the
-    hashes in the DONE.json of every earlier stage present (a retrained teacher makes its soft labels stale)."""
+    hashes in the DONE.json of every earlier stage present (a retrained teacher makes its soft labels stale).
+    `ds`: the stage's resolved DeepSpeed JSON when it is not written yet (a dry run); else ds/<stage>.json."""
     section = {k: v for k, v in to_dict(getattr(cfg, stage)).items() if k not in _NOT_HASHED}
     extra = [to_dict(getattr(cfg, name)) for name in spec(stage).sections]
     ds_path = cfg.run_dir / "ds" / f"{stage}.json"
-    ds = json.loads(ds_path.read_text()) if ds_path.exists() else {}
-    ds.pop("tensorboard", None)  # holds the run directory's path, not a training choice
+    if ds is None:
+        ds = json.loads(ds_path.read_text()) if ds_path.exists() else {}
+    ds = {k: v for k, v in ds.items() if k != "tensorboard"}  # the run directory's path: no training choice
     upstream = {
         s: json.loads(done_path(cfg, s).read_text())["config_hash"]
         for s in NAMES[: NAMES.index(stage)]
@@ -93,12 +98,21 @@ def check_files(cfg: ExperimentConfig) -> None:
             ds_resolve.locate(getattr(cfg, s.name).ds_config)
 
 
+def _is_current(out: Path, params: dict) -> bool:
+    """`out` was made from `params` (its params.json says so): nothing to redo."""
+    return (out / "params.json").exists() and json.loads((out / "params.json").read_text()) == params
+
+
+def _tokenizer_params(cfg: ExperimentConfig) -> dict:
+    return {"vocab_size": cfg.tokenizer.vocab_size, "files": [str(f) for f in train_files(cfg)]}
+
+
 def _prepare_corpus(cfg: ExperimentConfig) -> None:
     if cfg.data.paths:
         return
     out = cfg.run_dir / "data"
     params = to_dict(cfg.data.bios)
-    if (out / "params.json").exists() and json.loads((out / "params.json").read_text()) == params:
+    if _is_current(out, params):
         return
     corpus = bios.generate(
         cfg.data.bios.people,
@@ -116,12 +130,11 @@ def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
     if cfg.tokenizer.path:
         return
     out = tokenizer_dir(cfg)
-    files = train_files(cfg)
-    params = {"vocab_size": cfg.tokenizer.vocab_size, "files": [str(f) for f in files]}
-    if (out / "params.json").exists() and json.loads((out / "params.json").read_text()) == params:
+    params = _tokenizer_params(cfg)
+    if _is_current(out, params):
         return
     t0 = time.perf_counter()
-    docs = itertools.islice(iter_documents(files), cfg.tokenizer.train_sentences)
+    docs = itertools.islice(iter_documents(train_files(cfg)), cfg.tokenizer.train_sentences)
     try:
         train_tokenizer(docs, cfg.tokenizer.vocab_size, out)
     except ValueError as e:
@@ -132,14 +145,20 @@ def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
     )
 
 
-def prepare_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
-    """Resolve the stage's DeepSpeed JSON, validate it with DeepSpeed's config class, write ds/<stage>.json."""
+def resolve_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
+    """The stage's DeepSpeed JSON with "auto" filled, validated with DeepSpeed's config class (not written)."""
     train_cfg = getattr(cfg, stage)
     raw, path = ds_resolve.load(train_cfg.ds_config)
     ds = ds_resolve.resolve(
         raw, train_cfg, world_size(cfg), cfg.run_dir / "tb" / stage / "deepspeed", str(path)
     )
     ds_resolve.validate(ds, world_size(cfg), str(path))
+    return ds
+
+
+def prepare_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
+    """Resolve the stage's DeepSpeed JSON, validate it with DeepSpeed's config class, write ds/<stage>.json."""
+    ds = resolve_ds_config(cfg, stage)
     out = cfg.run_dir / "ds" / f"{stage}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(ds, indent=2))
@@ -230,12 +249,14 @@ def done_path(cfg: ExperimentConfig, stage: str) -> Path:
     return stage_dir(cfg, stage) / "DONE.json"
 
 
-def is_done(cfg: ExperimentConfig, stage: str) -> bool:
+def is_done(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> bool:
+    """DONE.json matches the current config (`ds`: see stage_hash); a training stage that finished with
+    another config is a ConfigError (its checkpoints would mix), an in-process one just runs again."""
     path = done_path(cfg, stage)
     if not path.exists():
         return False
     done = json.loads(path.read_text())
-    if done.get("config_hash") != stage_hash(cfg, stage):
+    if done.get("config_hash") != stage_hash(cfg, stage, ds):
         if not spec(
             stage
         ).on_ranks:  # no checkpoint to mix up: cheap to redo (e.g. evaluate after a new model)
@@ -277,13 +298,37 @@ def _wait_for(path: Path, what: str, timeout_s: float = 600) -> None:
         time.sleep(0.5)
 
 
-def run(cfg: ExperimentConfig, stages: list[str]) -> None:
-    """Prepare, then launch each stage not already done (DeepSpeed runner, one job per stage)."""
-    from stablekd.launcher.launch import run_stage
+def _follower(cfg: ExperimentConfig) -> bool:
+    """With launch.no_ssh every node runs the command; node 0 prepares and runs in-process stages."""
+    return cfg.launch.no_ssh and cfg.launch.node_rank > 0
+
+
+def _in_process(cfg: ExperimentConfig, stage: str) -> bool:
+    """The stage runs in the launching process: not on ranks, and not an in-process stage whose
+    `needs_ranks(cfg)` says True (evaluate of a teacher in ZeRO-3 shards starts ranks too)."""
+    module = importlib.import_module(spec(stage).module)
+    return not spec(stage).on_ranks and not (hasattr(module, "needs_ranks") and module.needs_ranks(cfg))
+
+
+def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None:
+    """Prepare, then launch each stage not already done (DeepSpeed runner, one job per stage).
+
+    `verbose`: every line of DeepSpeed, PyTorch and the ranks on the terminal; else those go only to
+    logs/<stage>.log (this process's own to logs/pipeline.log) and the terminal gets our own lines and
+    the progress bar (launch.ConsoleFilter).
+    """
+    from stablekd.launcher.launch import driver_log
+
+    with driver_log(cfg, "pipeline", verbose):
+        _run(cfg, stages, verbose)
+
+
+def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
+    from stablekd.launcher.launch import driver_log, run_stage
 
     # With launch.no_ssh every node runs this command; node 0 prepares, the others wait for it
     # (the run directory is on a filesystem every node sees) and never run in-process stages.
-    follower = cfg.launch.no_ssh and cfg.launch.node_rank > 0
+    follower = _follower(cfg)
     if follower:
         _wait_for(cfg.run_dir / "prepared.json", "node 0 to prepare the run directory")
         prepared = json.loads((cfg.run_dir / "prepared.json").read_text())["config_hash"]
@@ -295,24 +340,79 @@ def run(cfg: ExperimentConfig, stages: list[str]) -> None:
         prepare(cfg, stages)
         (cfg.run_dir / "prepared.json").write_text(json.dumps({"config_hash": _run_hash(cfg)}))
     for stage in stages:
-        module = importlib.import_module(spec(stage).module)
-        # An in-process stage whose `needs_ranks(cfg)` says True (evaluate of a teacher in ZeRO-3 shards) starts ranks too.
-        in_process = not spec(stage).on_ranks and not (
-            hasattr(module, "needs_ranks") and module.needs_ranks(cfg)
-        )
+        in_process = _in_process(cfg, stage)
         if follower and in_process:
             continue
         if is_done(cfg, stage):
             say(f"{stage}: done already ({done_path(cfg, stage)}), skipped")
             continue
+        module = importlib.import_module(spec(stage).module)
         if hasattr(module, "preflight"):
             module.preflight(cfg)  # what the previous stage left, checked before any rank starts
+        marker = read_marker(ckpt_dir(cfg, stage))
+        say(f"[{stage}] started" + (f", resuming from step {marker['step']}" if marker else ""))
+        t0 = time.perf_counter()
         if in_process:
-            module.run(cfg)
+            with driver_log(cfg, stage, verbose):
+                module.run(cfg)
         else:
-            run_stage(cfg, stage)
+            run_stage(cfg, stage, verbose)
         if follower:  # global rank 0, on node 0, writes DONE.json after this node's ranks may have exited
             _wait_for(done_path(cfg, stage), f"node 0 to finish stage {stage}", timeout_s=120)
         if not done_path(cfg, stage).exists():
             raise RuntimeError(f"stage {stage} exited without writing {done_path(cfg, stage)}")
-        say(f"{stage}: done -> {stage_dir(cfg, stage)}")
+        done = json.loads(done_path(cfg, stage).read_text())
+        say(
+            f"[{stage}] done in {wall(time.perf_counter() - t0)}: "
+            f"{headline(stage, done, stage_dir(cfg, stage))} -> {stage_dir(cfg, stage)}"
+        )
+
+
+def dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
+    """What `run` would do with the run directory as it stands: a `#` line per step and each job's command
+    as one shell line (its environment, then the runner's argument list, shell-quoted).
+
+    Starts nothing and writes nothing: the DeepSpeed JSONs are resolved and checked in memory. Stages are
+    judged as the directory is now; one after a stage that would run may be judged again once it has.
+    """
+    from stablekd.launcher.launch import diverted
+
+    with diverted(sys.stderr, python_warnings=False):  # stdout: only the plan
+        return _dry_run(cfg, stages)
+
+
+def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
+    from stablekd.launcher.launch import display_command
+
+    check_files(cfg)
+    lines = [f"# stablekd dry run of {cfg.run_dir}: nothing is started or written"]
+    follower = _follower(cfg)
+    if follower:
+        lines.append(
+            f"# node {cfg.launch.node_rank}: wait for node 0 to prepare {cfg.run_dir} (prepared.json)"
+        )
+    else:
+        todo = ["config.yaml"]
+        if not cfg.data.paths and not _is_current(cfg.run_dir / "data", to_dict(cfg.data.bios)):
+            todo.append("data/ (bios corpus)")
+        if not cfg.tokenizer.path and not _is_current(tokenizer_dir(cfg), _tokenizer_params(cfg)):
+            todo.append("tokenizer/ (SentencePiece)")
+        todo += [f"ds/{s}.json" for s in stages if spec(s).trains]
+        lines.append(f"# prepare {cfg.run_dir}: " + ", ".join(todo))
+    ds = {s: resolve_ds_config(cfg, s) for s in stages if spec(s).trains}
+    for stage in stages:
+        in_process = _in_process(cfg, stage)
+        if follower and in_process:
+            lines.append(f"# {stage}: runs on node 0 only")
+            continue
+        if is_done(cfg, stage, ds.get(stage)):
+            lines.append(f"# {stage}: done already ({done_path(cfg, stage)}), would be skipped")
+            continue
+        marker = read_marker(ckpt_dir(cfg, stage))
+        resume = f", resuming from step {marker['step']}" if marker else ""
+        if in_process:
+            lines.append(f"# {stage}: would run in this process{resume} (no command)")
+        else:
+            lines.append(f"# {stage}: would run on {world_size(cfg)} ranks{resume}")
+            lines.append(display_command(cfg, stage))
+    return lines
