@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -351,6 +352,10 @@ class ExperimentConfig:
 # --- loading -------------------------------------------------------------------------------------
 
 
+# A decimal number as users write it in YAML or key=value: 3e-4, 1E5, -2.5e+3, .5, 10.
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats, a string for a list of strings."""
     origin = typing.get_origin(tp)
@@ -369,6 +374,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (float, int) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        # PyYAML (YAML 1.1) reads 3e-4 and 1e5 as strings (it wants a dot: 3.0e-4): take them as users mean
+        # them. An int key takes one only when it is a whole number (1e5, not 1.5e0).
+        number = float(value)
+        if tp is float:
+            return number
+        if number.is_integer():
+            return int(number)
+        raise ConfigError(f"{source}: {key}: expected int, got {value!r} (not a whole number)")
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
         raise ConfigError(f"{source}: {key}: expected {tp.__name__}, got {value!r}")
     if not isinstance(value, tp):

@@ -34,6 +34,20 @@ def test_quickstart_parses_and_overrides_apply():
     assert load_config(QUICKSTART, ["data.paths=one.txt"]).data.paths == ["one.txt"]
 
 
+def test_numbers_as_users_write_them(tmp_path):
+    # PyYAML reads 3e-4 and 1e5 (no dot) as strings; a float key takes them, an int key a whole one.
+    f = tmp_path / "exp.yaml"
+    f.write_text("teacher:\n  lr: 3e-4\n  max_steps: 1e3\ndistill:\n  lr: 5E-5\n")
+    cfg = load_config(f, ["contrastive.lr=1e-4", "soft_labels.max_sequences=2e3"])
+    assert (cfg.teacher.lr, cfg.distill.lr, cfg.contrastive.lr) == (3e-4, 5e-5, 1e-4)
+    assert cfg.teacher.max_steps == 1000 and isinstance(cfg.teacher.max_steps, int)
+    assert cfg.soft_labels.max_sequences == 2000
+    with pytest.raises(ConfigError, match=r"teacher\.max_steps: expected int, got '1\.5e0' \(not a whole"):
+        load_config(f, ["teacher.max_steps=1.5e0"])
+    with pytest.raises(ConfigError, match=r"teacher\.lr: expected float, got str '3e-4x'"):
+        load_config(f, ["teacher.lr=3e-4x"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
