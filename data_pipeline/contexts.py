@@ -129,6 +129,7 @@ class Judgement(NamedTuple):
     keys: list[int]  # per continuation: answer key of a question's stated answer, -1 otherwise
     truth_key: int  # answer key of a question context's true answer, -1 otherwise
     known: bool  # the context's person is in the ground truth: verdict 0 means "unverifiable"
+    attribute: int  # index in bios.ATTRIBUTES of what a question context asks, -1 otherwise
 
 
 def judge_continuations(
@@ -163,4 +164,5 @@ def judge_continuations(
         verdicts.append(verdict)
         keys.append(key)
     truth_key = _answer_key(attribute, person.value(attribute)) if person and attribute else -1
-    return Judgement(verdicts, keys, truth_key, person is not None)
+    asked = ATTRIBUTES.index(attribute) if attribute is not None else -1
+    return Judgement(verdicts, keys, truth_key, person is not None, asked)

@@ -276,6 +276,16 @@ class ContrastiveConfig(TrainConfig):
     lam: float = _f(1.0, "weight of the language-model term (lm) that keeps it a language model")
     lm: str = _f("kd", "the lam term: kd (the soft-label stream, distill.kind at distill.temperature) or ce")
     negatives: int = _f(8, "likelihood scorer: other contexts' continuations scored per context")
+    similar_negatives: bool = _f(
+        True,
+        "likelihood scorer: draw negatives from contexts asking about the same attribute first (bios), "
+        "the other people's answers a model confuses with the truth; false = uniformly from the batch",
+    )
+    score_tokens: int = _f(
+        0,
+        "likelihood scorer: score the first N tokens of each continuation (where a question's answer is); "
+        "0 = every token",
+    )
     hard_negatives: bool = _f(
         True,
         "ground truth known (bios): continuations contradicting it are negatives, only those stating it are "
@@ -297,6 +307,8 @@ class ContrastiveConfig(TrainConfig):
             raise ConfigError(
                 f"tau > 0, lam >= 0, margin >= 0 expected, got {self.tau}, {self.lam}, {self.margin}"
             )
+        if self.score_tokens < 0:
+            raise ConfigError(f"score_tokens: expected >= 0, got {self.score_tokens}")
         if self.negatives < 1 or self.head_dim < 1:
             raise ConfigError(
                 f"negatives and head_dim: expected positive integers, got {self.negatives}, {self.head_dim}"

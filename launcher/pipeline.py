@@ -283,6 +283,35 @@ def write_done(cfg: ExperimentConfig, stage: str, produced: dict, inputs: dict) 
     atomic_write(path, json.dumps(done, indent=2))
 
 
+def finish_training(
+    cfg: ExperimentConfig, stage: str, result, lm, tokenizer, ds: dict, produced: dict, inputs: dict
+) -> None:
+    """The end every training stage shares, on every rank: the Hugging Face export of `lm` with its
+    tokenizer (`<stage dir>/hf`, when the section's export_hf), then DONE.json on rank 0 with the loop's
+    figures (checkpoint, steps, tokens, held-out eval loss, parameters) plus the stage's own `produced`."""
+    import torch.distributed as dist
+
+    from stablekd.model.build import count_params, export_hf
+
+    out = stage_dir(cfg, stage)
+    done = {
+        "checkpoint": str(out / "ckpt" / result.checkpoint_tag),
+        "zero_stage": ds_resolve.zero_stage(ds),
+        "world_size": dist.get_world_size(),
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "eval_loss": result.eval_loss,  # held-out next-token cross-entropy
+        "params": count_params(lm),
+        **produced,
+    }
+    if getattr(cfg, stage).export_hf:
+        export_hf(lm, tokenizer, out / "hf", ds_resolve.zero_stage(ds) == 3)
+        done["hf"] = str(out / "hf")
+    if dist.get_rank() == 0:
+        write_done(cfg, stage, done, inputs)
+    dist.barrier()
+
+
 def _run_hash(cfg: ExperimentConfig) -> str:
     """The config every node must share: all but `launch` (node_rank differs per node)."""
     return config_hash({k: v for k, v in to_dict(cfg).items() if k != "launch"})

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from stablekd.data_pipeline import bios
@@ -99,9 +101,6 @@ def test_likelihood_run_logs_and_exports(tuned):
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(
-    reason="known defect: resumed contrastive losses differ by ~0.4% (random stream not yet found)"
-)
 def test_kill_and_resume_continues_the_same_curve(student, tuned, tmp_path):
     run = copy_run(student, tmp_path / "run")
     proc = subprocess.Popen(
@@ -159,14 +158,16 @@ def test_judging_marks_contradictions_and_false_negative_keys(upstream):
     ctx = [tok.eos_token_id, *encode(tok, [prompt])[0]]
     conts = [f" {anna.birth_city}.", f" {other.birth_city}.", " the moon"]
     ids = [encode(tok, [prompt + c])[0][len(ctx) - 1 :] for c in conts]
-    verdicts, keys, truth_key, known = judge_continuations(tok, ctx, ids, bios_truth(people))
-    assert known and verdicts == [1, -1, 0]  # true, a contradiction (hard negative), unparseable
+    verdicts, keys, truth_key, known, asked = judge_continuations(tok, ctx, ids, bios_truth(people))
+    assert (
+        known and asked == bios.ATTRIBUTES.index("birth_city") and verdicts == [1, -1, 0]
+    )  # true, a contradiction (hard negative), unparseable
     assert keys[0] == truth_key >= 0 and keys[1] >= 0 and keys[1] != truth_key and keys[2] == -1
     # Another context whose continuation states anna's city carries the same key: a false negative.
     other_prompt = bios.probe_prompts(other, "birth_city")[bios.CONTEXT_TEMPLATES[1]]
     octx = [tok.eos_token_id, *encode(tok, [other_prompt])[0]]
     oids = [encode(tok, [other_prompt + f" {anna.birth_city}."])[0][len(octx) - 1 :]]
-    _, okeys, _, _ = judge_continuations(tok, octx, oids, bios_truth(people))
+    _, okeys, *_ = judge_continuations(tok, octx, oids, bios_truth(people))
     assert okeys[0] == truth_key
     # A biography start: one false attribute anywhere makes it a contradiction.
     bctx = [tok.eos_token_id, *encode(tok, [anna.name])[0]]
@@ -197,3 +198,66 @@ def test_positives_only_verified_where_the_truth_is_known():
     # likelihood: one anchor per context with a positive; embedding: per continuation with a group-mate
     assert counts(ContrastiveConfig(scorer="likelihood"))(batch)["infonce"] == 2
     assert counts(ContrastiveConfig(scorer="embedding"))(batch)["infonce"] == 3
+
+
+class _TokenLM(torch.nn.Module):
+    """logits[t] depend on input_ids[t] only: enough to tell which tokens a score reads."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return SimpleNamespace(logits=self.table(input_ids))
+
+
+def _groups(attributes: list[int], G: int = 2, C: int = 3, T: int = 6) -> dict:
+    B = len(attributes)
+    torch.manual_seed(0)
+    return {
+        "context_ids": torch.randint(1, 50, (B, C)),
+        "context_len": torch.full((B,), C),
+        "cand_ids": torch.randint(1, 50, (B, G, T)),
+        "cand_len": torch.full((B, G), T),
+        "verdict": torch.ones(B, G, dtype=torch.long),
+        "known": torch.ones(B, dtype=torch.bool),
+        "answer_key": torch.arange(B * G).view(B, G),
+        "truth_key": torch.full((B,), -1),
+        "attribute": torch.tensor(attributes),
+    }
+
+
+def test_negatives_ask_the_same_question_first():
+    from stablekd.launcher.stages.contrastive import pick_negatives
+
+    # 6 contexts x 2 continuations; contexts 0, 2, 4 ask attribute 1, contexts 1, 3 attribute 2, 5 is a
+    # biography start (-1).
+    attr = torch.tensor([1, 2, 1, 2, 1, -1])
+    pool_group, pool_attr = torch.arange(6).repeat_interleave(2), attr.repeat_interleave(2)
+    torch.manual_seed(0)
+    neg = pick_negatives(pool_group, pool_attr, torch.arange(6), attr, 5, similar=True)
+    assert neg.shape == (6, 5)
+    for b in range(6):
+        assert (pool_group[neg[b]] != b).all()  # never its own context
+    # Context 0 has 4 same-question rows (contexts 2, 4): they come first; context 1 has 2 (context 3).
+    assert set(pool_group[neg[0, :4]].tolist()) == {2, 4}
+    assert set(pool_group[neg[1, :2]].tolist()) == {3}
+    uniform = pick_negatives(pool_group, pool_attr, torch.arange(6), attr, 10, similar=False)
+    assert uniform.shape == (6, 10)  # every other-context row, in random order
+
+
+def test_score_tokens_score_only_the_start_of_each_continuation():
+    from stablekd.launcher.config import ContrastiveConfig
+    from stablekd.launcher.stages.contrastive import _likelihood_scores
+
+    model = _TokenLM(50)
+    batch = _groups([1, 2, 1, 2])
+    changed = {**batch, "cand_ids": batch["cand_ids"].clone()}
+    changed["cand_ids"][..., 2:] = 7  # every continuation token after the second
+    out = {}
+    for n in (2, 0):
+        for name, b in (("same", batch), ("changed", changed)):
+            torch.manual_seed(1)  # the same negatives
+            out[n, name] = _likelihood_scores(model, b, ContrastiveConfig(negatives=2, score_tokens=n))[0]
+    torch.testing.assert_close(out[2, "same"], out[2, "changed"])
+    assert not torch.allclose(out[0, "same"], out[0, "changed"])

@@ -47,7 +47,7 @@ from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batch
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import ConfigError, ContrastiveConfig, ExperimentConfig
-from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
+from stablekd.model.build import build_model, flops_per_token
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.objectives.contrastive import (
     ProjectionHead,
@@ -101,13 +101,14 @@ class GroupsWithLM:
         for g, lm in zip(self.groups, self.lm, strict=True):
             B, G, _ = g["cand_ids"].shape
             verdicts, keys = torch.zeros(B, G, dtype=torch.long), torch.full((B, G), -1)
-            truth_keys, known = torch.full((B,), -1), torch.zeros(B, dtype=torch.bool)
+            truth_keys, asked = torch.full((B,), -1), torch.full((B,), -1)
+            known = torch.zeros(B, dtype=torch.bool)
             for b in range(B):
                 ctx = g["context_ids"][b, -int(g["context_len"][b]) :].tolist()
                 conts = [g["cand_ids"][b, j, : int(g["cand_len"][b, j])].tolist() for j in range(G)]
                 judged = judge_continuations(self.tok, ctx, conts, self.truth)
                 verdicts[b], keys[b] = torch.tensor(judged.verdicts), torch.tensor(judged.keys)
-                truth_keys[b], known[b] = judged.truth_key, judged.known
+                truth_keys[b], known[b], asked[b] = judged.truth_key, judged.known, judged.attribute
             if not self.hard:  # ground truth unused: every continuation of a context is its positive
                 verdicts.zero_()
                 known.zero_()
@@ -117,6 +118,7 @@ class GroupsWithLM:
                 "known": known,  # [B] the context's truth is known: verdict 0 = unverifiable
                 "answer_key": keys,  # [B, G]
                 "truth_key": truth_keys,  # [B]
+                "attribute": asked,  # [B] what a question context asks (bios.ATTRIBUTES index), -1 otherwise
                 **{f"lm_{k}": v for k, v in lm.items()},
             }
 
@@ -155,11 +157,41 @@ def counts(c: ContrastiveConfig) -> Callable[[dict], dict[str, int]]:
     return count
 
 
-def _likelihood_scores(model, batch: dict, negatives: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scores [B, G + K] = mean log p(y | x_b) for context b's own G continuations, then K continuations of
-    other contexts drawn from the global batch; positive / valid masks of the same shape."""
-    cand, cand_len, keys = batch["cand_ids"], batch["cand_len"], batch["answer_key"]
-    B, G, T = cand.shape
+def pick_negatives(
+    pool_group: torch.Tensor,
+    pool_attr: torch.Tensor,
+    group: torch.Tensor,
+    attribute: torch.Tensor,
+    k: int,
+    similar: bool,
+) -> torch.Tensor:
+    """[B, K] rows of the pool (group ids, attributes: [N]) as negatives of each anchor (group, attribute:
+    [B]): K = min(k, fewest other-context rows of any anchor), drawn in random order (the torch RNG, which
+    a resume restores); with `similar`, rows asking about the anchor's attribute (>= 0) come first."""
+    picks = []
+    for g, a in zip(group.tolist(), attribute.tolist(), strict=True):
+        others = (pool_group != g).nonzero().squeeze(-1)
+        others = others[torch.randperm(len(others))]
+        if similar and a >= 0:
+            # Another person's answer to the same question is what a model confuses with the truth.
+            same = pool_attr[others] == a
+            others = torch.cat([others[same], others[~same]])
+        picks.append(others[:k])
+    K = min(len(p) for p in picks)
+    return torch.stack([p[:K] for p in picks])
+
+
+def _likelihood_scores(
+    model, batch: dict, c: ContrastiveConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scores [B, G + K] = mean log p(y | x_b) over the first `c.score_tokens` tokens of context b's own G
+    continuations, then of K = `c.negatives` continuations of other contexts drawn from the global batch
+    (with `c.similar_negatives`, those asking about the same attribute first); positive / valid masks of
+    the same shape."""
+    T = c.score_tokens or batch["cand_ids"].shape[-1]
+    cand, cand_len = batch["cand_ids"][..., :T], batch["cand_len"].clamp(max=T)
+    keys = batch["answer_key"]
+    B, G = cand.shape[:2]
     rank = dist.get_rank() if dist.is_initialized() else 0
     group = (
         torch.arange(B, device=cand.device) + rank * B
@@ -168,12 +200,9 @@ def _likelihood_scores(model, batch: dict, negatives: int) -> tuple[torch.Tensor
     pool_len, _ = gather_no_grad(cand_len.reshape(B * G))
     pool_key, _ = gather_no_grad(keys.reshape(B * G))
     pool_group, _ = gather_no_grad(group.repeat_interleave(G))
-    picks = []
-    for b in range(B):  # K other-context rows per anchor, from the torch RNG (restored on resume)
-        others = (pool_group != group[b]).nonzero().squeeze(-1)
-        picks.append(others[torch.randperm(len(others))[:negatives]] if len(others) else others)
-    K = min(len(p) for p in picks)
-    neg = torch.stack([p[:K] for p in picks])  # [B, K]
+    pool_attr, _ = gather_no_grad(batch["attribute"].repeat_interleave(G))
+    neg = pick_negatives(pool_group, pool_attr, group, batch["attribute"], c.negatives, c.similar_negatives)
+    K = neg.shape[1]
     rows = {
         "context_ids": batch["context_ids"],
         "context_len": batch["context_len"],
@@ -216,7 +245,7 @@ def make_loss(cfg: ExperimentConfig):
 
     def loss(model, batch: dict) -> Loss:
         if c.scorer == "likelihood":
-            scores, positive, valid = _likelihood_scores(model, batch, c.negatives)
+            scores, positive, valid = _likelihood_scores(model, batch, c)
         else:
             scores, positive, valid = _embedding_scores(model, batch)
         nce, _, stats = supcon_sum(scores, positive, valid, c.tau)
@@ -255,6 +284,7 @@ def _lm_batches(cfg: ExperimentConfig, rank: int, world: int, micro: int):
 
 def run(cfg: ExperimentConfig) -> None:
     rank, world = engine.setup_distributed(cfg.launch.threads_per_rank)
+    engine.seed_rng(cfg.run.seed)  # the negatives' draws (and the embedding head's init) repeat run to run
     c, run_dir, seq_len = cfg.contrastive, cfg.run_dir, cfg.data.seq_len
     ds = json.loads((run_dir / "ds" / "contrastive.json").read_text())
     zero3 = zero_stage(ds) == 3
@@ -280,23 +310,8 @@ def run(cfg: ExperimentConfig) -> None:
     )  # fmt: skip
     result = engine.train(stage, c, ds, run_dir, pipeline.stage_hash(cfg, "contrastive"))
 
-    out = pipeline.stage_dir(cfg, "contrastive")
-    produced = {
-        "checkpoint": str(out / "ckpt" / result.checkpoint_tag),
-        "zero_stage": zero_stage(ds),
-        "world_size": world,
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "eval_loss": result.eval_loss,
-        "params": count_params(lm),
-        "scorer": c.scorer,
-    }
-    if c.export_hf:
-        module = result.engine.module
-        export_hf(module.lm if isinstance(module, LMWithHead) else module, tokenizer, out / "hf", zero3)
-        produced["hf"] = str(out / "hf")
-    if rank == 0:
-        pipeline.write_done(
-            cfg, "contrastive", produced, {"start": str(start), "tokenizer_hash": tokenizer_hash(tok_dir)}
-        )
-    dist.barrier()
+    module = result.engine.module
+    pipeline.finish_training(
+        cfg, "contrastive", result, module.lm if isinstance(module, LMWithHead) else module, tokenizer, ds,
+        {"scorer": c.scorer}, {"start": str(start), "tokenizer_hash": tokenizer_hash(tok_dir)},
+    )  # fmt: skip

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch.distributed as dist
 from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -32,7 +31,7 @@ from stablekd.data_pipeline.stream import eval_batches
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig
-from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
+from stablekd.model.build import build_model, flops_per_token
 from stablekd.model.presets import PRESETS
 from stablekd.model.sharded_teacher import checkpoint_source
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
@@ -107,23 +106,10 @@ def run(cfg: ExperimentConfig) -> None:
     )  # fmt: skip
     result = engine.train(stage, d, ds, run_dir, pipeline.stage_hash(cfg, "distill"))
 
-    out = pipeline.stage_dir(cfg, "distill")
-    produced = {
-        "checkpoint": str(out / "ckpt" / result.checkpoint_tag),
-        "zero_stage": zero_stage(ds),
-        "world_size": world,
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "eval_loss": result.eval_loss,  # held-out next-token cross-entropy
-        "params": count_params(student),
-        "source": "online teacher" if d.online else str(pipeline.stage_dir(cfg, "soft_labels")),
-    }
+    produced = {"source": "online teacher" if d.online else str(pipeline.stage_dir(cfg, "soft_labels"))}
     if teacher is not None:
         produced["teacher_checkpoint"] = teacher.checkpoint_id
-    if d.export_hf:
-        export_hf(result.engine.module, tokenizer, out / "hf", zero3)
-        produced["hf"] = str(out / "hf")
-    if rank == 0:
-        inputs = {"tokenizer_hash": tokenizer_hash(tok_dir), "student": cfg.student.model}
-        pipeline.write_done(cfg, "distill", produced, inputs)
-    dist.barrier()
+    pipeline.finish_training(
+        cfg, "distill", result, result.engine.module, tokenizer, ds, produced,
+        {"tokenizer_hash": tokenizer_hash(tok_dir), "student": cfg.student.model},
+    )  # fmt: skip

@@ -15,7 +15,7 @@ from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batch
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import ExperimentConfig
-from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
+from stablekd.model.build import build_model, flops_per_token
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.objectives.lm import lm_loss
 
@@ -43,24 +43,14 @@ def run(cfg: ExperimentConfig) -> None:
     )
     result = engine.train(stage, cfg.teacher, ds, run_dir, pipeline.stage_hash(cfg, "teacher"))
 
-    produced = {
-        "checkpoint": str(run_dir / "teacher" / "ckpt" / result.checkpoint_tag),
-        "zero_stage": zero_stage(ds),
-        "world_size": world,
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "eval_loss": result.eval_loss,
-        "params": count_params(model),
-        "data_stats": stats.as_dict(),  # complete once the stream has passed the end of the corpus
-    }
-    if cfg.teacher.export_hf:
-        export_hf(result.engine.module, tokenizer, run_dir / "teacher" / "hf", zero3)
-        produced["hf"] = str(run_dir / "teacher" / "hf")
     if rank == 0:
         skipped = {
             k: v for k, v in stats.as_dict().items() if k in ("empty_files", "empty_lines", "bad_lines") and v
         }
         if skipped:
             print(f"[teacher] data: skipped and counted {skipped}", flush=True)
-        inputs = {"tokenizer_hash": tokenizer_hash(tok_dir), "train_files": [str(f) for f in files]}
-        pipeline.write_done(cfg, "teacher", produced, inputs)
+    pipeline.finish_training(
+        cfg, "teacher", result, result.engine.module, tokenizer, ds,
+        {"data_stats": stats.as_dict()},  # complete once the stream has passed the end of the corpus
+        {"tokenizer_hash": tokenizer_hash(tok_dir), "train_files": [str(f) for f in files]},
+    )  # fmt: skip
