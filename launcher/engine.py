@@ -91,6 +91,21 @@ def setup_distributed(threads_per_rank: int) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def seed_rng(seed: int) -> None:
+    """Seed this rank's global random streams (torch on every device, Python's `random`) from the run seed.
+
+    A fresh process's torch generator may start from a nondeterministic seed (this torch 2.13 build's
+    does), so a stage whose training draws from it (contrastive negatives, dropout) must seed it: else two
+    runs of one config draw differently, and a killed-and-resumed run, whose streams the checkpoint
+    restores exactly, cannot continue the curve of an uninterrupted one. Ranks get distinct streams. Call
+    it after `setup_distributed`, before anything draws (a freshly initialised head); `train` then
+    restores the checkpointed streams on resume.
+    """
+    s = seed * 1_000_003 + dist.get_rank()
+    torch.manual_seed(s)
+    random.seed(s)
+
+
 def all_reduce_values(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
     """All-reduce a few Python numbers in one float64 collective."""
     t = torch.tensor(values, dtype=torch.float64)
