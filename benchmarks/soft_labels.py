@@ -135,6 +135,8 @@ def main() -> None:
             f"run.out_dir={work}",
             f"tokenizer.path={tok_dir}",
             f"data.paths={json.dumps(paths)}",
+            # the bios train.txt as the run read it: one biography per line, nothing held out
+            *([] if base.data.paths else ["data.text_unit=line", "data.eval_fraction=0"]),
             f"launch.nproc_per_node={args.ranks}",
             f"soft_labels.max_sequences={args.sequences}",
             "soft_labels.candidates=false",

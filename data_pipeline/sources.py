@@ -1,5 +1,12 @@
 """Read user corpora: `.txt` / `.jsonl` (field `text`) files, optionally gzipped, named as files,
-directories or glob patterns (DESIGN §6, `data.paths`).
+directories or glob patterns (DESIGN §6, `data.paths`), as documents and splits.
+
+A `Corpus` says what a reader sees: its files, what one document of a `.txt` file is (`text_unit`:
+paragraph, line or file; a `.jsonl` record is always one document), and which split (all, train, eval).
+The split is by a hash of each document's text (`is_heldout`), so it needs no index, does not move when
+files are added or reordered, and puts identical documents on the same side. Every reader (packed
+streams, eval batches, candidate contexts, report prefixes, tokenizer training) goes through
+`iter_documents`, so a `Corpus` with split "train" holds the eval share out of all of them.
 
 A bad line never stops a run: it is skipped and counted in `SourceStats`, and the caller reports the
 counts. Files are read as bytes and decoded line by line, so one undecodable byte costs one line, and
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import os
 import zlib
@@ -18,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+TEXT_UNITS = ("paragraph", "line", "file")
+SPLITS = ("all", "train", "eval")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -27,16 +37,84 @@ class DataError(ValueError):
 
 @dataclass
 class SourceStats:
-    """Counters filled while documents are read (one full read of the corpus)."""
+    """Counters filled while documents are read (one full read of the corpus).
+
+    Each skipped thing is counted once, in the unit it would have been read in: with text_unit "line"
+    a blank line is an empty line; with "paragraph" or "file" blank lines separate paragraphs or belong
+    to the text, so they count nothing, and a file of nothing but blank lines counts as an empty file.
+    """
 
     files: int = 0
-    documents: int = 0
-    empty_files: int = 0  # files with no bytes at all (after decompression)
-    empty_lines: int = 0  # blank / whitespace-only lines, and jsonl records whose text is blank
+    documents: int = 0  # documents yielded (of the corpus's split)
+    empty_files: int = 0  # no bytes at all (after decompression); paragraph/file unit: only blank lines
+    empty_lines: int = 0  # line unit: blank / whitespace-only lines; .jsonl: blank lines and blank "text"
     bad_lines: int = 0  # undecodable UTF-8, invalid JSON, missing / non-string "text", truncated .gz
+    other_split: int = 0  # documents read but left to the other split (a train reader: the held-out share)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the held-out share `fraction` (0 <= fraction <= 1).
+
+    The first 8 bytes of BLAKE2b(text, UTF-8) read as an integer h in [0, 2^64): held out iff
+    h < fraction * 2^64. It depends on the text alone, so a document stays on its side whatever else
+    the corpus holds; about `fraction` of distinct documents are held out (binomial spread).
+    """
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+@dataclass(frozen=True)
+class Corpus(Sequence[Path]):
+    """Files plus how to read them: what a `.txt` document is and which split of the documents to yield.
+
+    A sequence of its files (len, iteration, indexing), so code that lists or hashes the files keeps
+    working; the readers (`iter_documents`, `PackedStream`, `eval_batches`) also honour `text_unit`,
+    `split` and `eval_fraction`. A plain list of paths reads as Corpus(files) (one document per line,
+    every document).
+    - text_unit: "paragraph" (a block between blank lines; its lines, stripped, joined with one space:
+      hard wraps are layout), "line" (one document per non-blank line, as written), "file" (the whole
+      file with its newlines, leading/trailing blank lines dropped). `.jsonl` files give one document
+      per record's "text" whatever the unit.
+    - split: "all"; "train" (documents not held out); "eval" (the held-out share, `is_heldout`).
+    """
+
+    files: tuple[Path, ...]
+    text_unit: str = "line"
+    split: str = "all"
+    eval_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "files", tuple(Path(f) for f in self.files))
+        if self.text_unit not in TEXT_UNITS:
+            raise DataError(f"text_unit: expected one of {', '.join(TEXT_UNITS)}, got {self.text_unit!r}")
+        if self.split not in SPLITS:
+            raise DataError(f"split: expected one of {', '.join(SPLITS)}, got {self.split!r}")
+        if not 0.0 <= self.eval_fraction <= 1.0:
+            raise DataError(f"eval_fraction: expected a value in [0, 1], got {self.eval_fraction}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.files[i]
+
+    def keeps(self, text: str) -> bool:
+        """Whether a document of the corpus belongs to this split."""
+        if self.split == "all":
+            return True
+        return is_heldout(text, self.eval_fraction) == (self.split == "eval")
+
+
+def as_corpus(source: Corpus | Sequence[str | Path]) -> Corpus:
+    """`source` itself, or a plain file list as Corpus(files) (one document per line, every document)."""
+    if isinstance(source, Corpus):
+        return source
+    if isinstance(source, (str, Path)):
+        source = [source]
+    return Corpus(tuple(Path(f) for f in source))
 
 
 def _supported(path: Path) -> bool:
@@ -107,40 +185,101 @@ def _raw_lines(path: Path, stats: SourceStats) -> Iterator[bytes]:
         stats.empty_files += 1
 
 
-def iter_documents(files: Sequence[Path], stats: SourceStats | None = None) -> Iterator[str]:
-    """Documents of `files` in order: one per non-blank `.txt` line, one per `.jsonl` record's "text".
+def _lines(path: Path, stats: SourceStats) -> Iterator[str]:
+    """Decoded lines of one file without their line ending; an undecodable line is counted and skipped."""
+    for lineno, raw in enumerate(_raw_lines(path, stats), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError:
+            stats.bad_lines += 1
+            continue
+        yield line.rstrip("\r\n")
 
-    Trailing `\\n` / `\\r\\n` is removed; the rest of a line is kept as is. A UTF-8 BOM at the start of a
-    file is dropped. Skipped lines are counted in `stats` (see `SourceStats`).
-    """
-    stats = stats if stats is not None else SourceStats()
-    for path in files:
-        path = Path(path)
-        stats.files += 1
-        is_json = path.name.endswith((".jsonl", ".jsonl.gz"))
-        for lineno, raw in enumerate(_raw_lines(path, stats), start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                stats.bad_lines += 1
-                continue
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                stats.empty_lines += 1
-                continue
-            if is_json:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    stats.bad_lines += 1
-                    continue
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    stats.bad_lines += 1
-                    continue
-                if not text.strip():
-                    stats.empty_lines += 1
-                    continue
-                line = text
-            stats.documents += 1
+
+def _jsonl_documents(lines: Iterator[str], stats: SourceStats) -> Iterator[str]:
+    for line in lines:
+        if not line.strip():
+            stats.empty_lines += 1
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            stats.bad_lines += 1
+            continue
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            stats.bad_lines += 1
+            continue
+        if not text.strip():
+            stats.empty_lines += 1
+            continue
+        yield text
+
+
+def _line_documents(lines: Iterator[str], stats: SourceStats) -> Iterator[str]:
+    for line in lines:
+        if line.strip():
             yield line
+        else:
+            stats.empty_lines += 1
+
+
+def _paragraph_documents(lines: Iterator[str], stats: SourceStats) -> Iterator[str]:
+    # Hard wraps in prose are layout: a paragraph's lines join with one space (edges stripped), so the
+    # model never learns wrap points and a word after a wrap tokenizes as after any space.
+    block: list[str] = []
+    seen = found = False
+    for line in lines:
+        seen = True
+        if line.strip():
+            block.append(line.strip())
+        elif block:
+            found = True
+            yield " ".join(block)
+            block = []
+    if block:
+        found = True
+        yield " ".join(block)
+    if seen and not found:
+        stats.empty_files += 1  # only blank lines (a file of no bytes is counted by _raw_lines)
+
+
+def _file_documents(lines: Iterator[str], stats: SourceStats) -> Iterator[str]:
+    text = list(lines)
+    first = next((i for i, line in enumerate(text) if line.strip()), None)
+    if first is None:
+        if text:
+            stats.empty_files += 1
+        return
+    last = max(i for i, line in enumerate(text) if line.strip())
+    yield "\n".join(text[first : last + 1])
+
+
+_UNIT_READERS = {"paragraph": _paragraph_documents, "line": _line_documents, "file": _file_documents}
+
+
+def iter_documents(source: Corpus | Sequence[Path], stats: SourceStats | None = None) -> Iterator[str]:
+    """Documents of `source` (a `Corpus`, or a plain file list: one document per line) in file order.
+
+    `.txt`: by the corpus's text_unit (see `Corpus`); `.jsonl`: one per record's "text". Line endings
+    (`\\n`, `\\r\\n`) are removed; a paragraph's lines are joined with one space, a file's with `\\n`;
+    the rest of a line is kept as is (a paragraph's lines lose their edge whitespace). A UTF-8 BOM at
+    the start of a file is dropped. An undecodable line is left out of its paragraph or file (the rest
+    is kept). Documents of the other split are skipped. Everything skipped is counted in `stats` (see
+    `SourceStats`).
+    """
+    corpus = as_corpus(source)
+    stats = stats if stats is not None else SourceStats()
+    for path in corpus.files:
+        stats.files += 1
+        lines = _lines(path, stats)
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            docs = _jsonl_documents(lines, stats)
+        else:
+            docs = _UNIT_READERS[corpus.text_unit](lines, stats)
+        for doc in docs:
+            if not corpus.keeps(doc):
+                stats.other_split += 1
+                continue
+            stats.documents += 1
+            yield doc

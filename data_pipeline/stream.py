@@ -1,6 +1,8 @@
 """Streaming tokenize + pack into fixed-length blocks, sharded over (rank, dataloader worker), resumable.
 
-Corpus order is `resolve_paths` order and documents are numbered 0, 1, ... across all files, per epoch.
+Corpus order is `resolve_paths` order and documents are numbered 0, 1, ... across all files, per epoch
+(documents of the stream's `Corpus`: its text unit, and only its split, so a train stream never sees the
+held-out share and an eval stream sees nothing else).
 With W = max(num_workers, 1) the stream has S = world_size * W shards; shard s = rank * W + worker owns
 the documents with index % S == s. Each shard concatenates its documents, each followed by EOS, and cuts
 consecutive `seq_len` blocks (documents span block boundaries). Example: world 2 x 2 workers, seq_len
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stablekd.data_pipeline.sources import DataError, SourceStats, iter_documents
+from stablekd.data_pipeline.sources import Corpus, DataError, SourceStats, as_corpus, iter_documents
 from stablekd.model.tokenizer import encode, load_tokenizer
 
 _TOKENIZE_BATCH = 64  # documents per tokenizer call: amortises the call, keeps memory small
@@ -71,7 +73,7 @@ class PackedStream(IterableDataset):
 
     def __init__(
         self,
-        files: Sequence[Path],
+        files: Corpus | Sequence[Path],
         tokenizer_dir: str | Path,
         seq_len: int,
         micro_batch_size: int,
@@ -88,7 +90,8 @@ class PackedStream(IterableDataset):
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         if num_workers < 0:
             raise DataError(f"num_workers must be >= 0, got {num_workers}")
-        self.files = [Path(f) for f in files]
+        self.corpus = as_corpus(files)  # a plain file list: one document per line, every document
+        self.files = list(self.corpus.files)
         self.tokenizer_dir = str(tokenizer_dir)
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
@@ -176,7 +179,7 @@ class PackedStream(IterableDataset):
         while True:
             pending: list[tuple[int, str]] = []
             owned = total = 0
-            for i, text in enumerate(iter_documents(self.files, stats)):
+            for i, text in enumerate(iter_documents(self.corpus, stats)):
                 total += 1
                 if i < start or i % n_shards != shard:
                     continue
@@ -195,7 +198,8 @@ class PackedStream(IterableDataset):
                 raise DataError(
                     f"shard {shard} of {n_shards} (world_size {self.world_size} x {self.shards_per_rank} "
                     f"worker(s)) gets no documents: the corpus ({len(self.files)} files) has {total} "
-                    f"documents; use fewer ranks/workers or more data"
+                    f"documents ({self.corpus.split} split, text_unit {self.corpus.text_unit}); use fewer "
+                    "ranks/workers or more data"
                 )
             epoch, start = epoch + 1, 0
 
@@ -311,7 +315,7 @@ class StreamLoader:
 
 
 def eval_batches(
-    files: Sequence[Path],
+    files: Corpus | Sequence[Path],
     tokenizer_dir: str | Path,
     seq_len: int,
     micro_batch_size: int,
@@ -321,6 +325,8 @@ def eval_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """The first `max_batches` batches of this rank's shard, no looping (for eval loss).
 
+    `files`: the held-out text as a `Corpus` (pipeline.eval_files: the eval share of data.paths, or
+    data.eval_paths, or the bios held-out biographies). An empty result means no held-out text here.
     Ranks may get different counts (and the last batch fewer rows) when the corpus is small; callers
     that all-reduce must agree on a count first.
     """

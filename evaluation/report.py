@@ -69,7 +69,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "gen_tokens_per_s": ("generation tokens/s", "one fixed batch"),
     "peak_mem_mib": ("peak memory (MiB)", "load + evaluate"),
 }
-RATIO_KEYS = ("params", "gen_tokens_per_s", "peak_mem_mib")
+EFFICIENCY_KEYS = ("params", "gen_tokens_per_s", "peak_mem_mib")
+# Student/teacher ratios in the report (issue: "ratios of parameters, accuracy, contradiction, perplexity
+# and generation speed"): what the smaller model costs and what it keeps.
+RATIO_KEYS = (*EFFICIENCY_KEYS, "bios_accuracy", "bios_cross_contradiction", "ppl")
 
 
 # --- perplexity ----------------------------------------------------------------------------------
@@ -248,7 +251,7 @@ class MemoryMeter:
 
 
 def ratios(models: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """student/teacher and contrastive/teacher for params, tokens/s and peak memory, where both exist."""
+    """student/teacher and contrastive/teacher of each RATIO_KEYS metric, where both exist (and the teacher's is not 0)."""
     out: dict[str, dict[str, float]] = {}
     teacher = models.get("teacher")
     if not teacher:
@@ -269,7 +272,9 @@ def _fmt(key: str, value: float | None) -> str:
         return f"{value / 1e6:.2f}M"
     if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
         return str(value)
-    if key in ("ppl", "bios_ppl", "gen_tokens_per_s", "peak_mem_mib") or key.startswith("rep_"):
+    if key in ("ppl", "bios_ppl"):
+        return f"{value:.3f}"  # a 2 % change of a perplexity near 3 must show
+    if key in ("gen_tokens_per_s", "peak_mem_mib") or key.startswith("rep_"):
         return f"{value:.1f}"
     return f"{value:.3f}"
 
@@ -332,14 +337,14 @@ def write_report(report: dict, samples: dict[str, dict], eval_dir: Path, tb_dir:
 
 def tensorboard_tag(metric: str) -> str:
     """The tag of a report metric: `efficiency/<metric>` for parameters, speed and memory, else `stability/<metric>`."""
-    return f"{'efficiency' if metric in RATIO_KEYS else 'stability'}/{metric}"
+    return f"{'efficiency' if metric in EFFICIENCY_KEYS else 'stability'}/{metric}"
 
 
 def write_tensorboard(report: dict, samples: dict[str, dict], tb_dir: Path) -> None:
     """The report as TensorBoard shows it best: one run per model, the same tags in every run.
 
     `tb_dir`/<model>/ holds that model's metrics at step 0 under `tensorboard_tag(metric)` and, for the
-    models other than the teacher, `efficiency/<key>_vs_teacher` (the report's ratios). Runs that share a
+    models other than the teacher, `<tag>_vs_teacher` (the report's ratios, e.g. `efficiency/params_vs_teacher`). Runs that share a
     tag are drawn in one chart, so each metric is one chart with a point per model (teacher, student,
     contrastive). TEXT tab: `samples` in each model's run (its sample generations) and `report` in
     `tb_dir` itself (the report.md table, ratios and notes).
@@ -360,7 +365,7 @@ def write_tensorboard(report: dict, samples: dict[str, dict], tb_dir: Path) -> N
             for k, v in values.items():
                 run.add_scalar(tensorboard_tag(k), v, 0)
             for k, v in report.get("ratios", {}).get(f"{name}/teacher", {}).items():
-                run.add_scalar(f"efficiency/{k}_vs_teacher", v, 0)
+                run.add_scalar(f"{tensorboard_tag(k)}_vs_teacher", v, 0)
             if samples.get(name):
                 run.add_text("samples", samples_markdown(samples[name]), 0)
     finally:

@@ -6,7 +6,8 @@
     stablekd stage NAME CONFIG [key=value ...]           one stage (resumes from its last complete checkpoint)
     stablekd status RUN_DIR                              per stage: done / resumable at step N / not started
     stablekd keys                                        every config key with its type, default and meaning
-    stablekd ds-config show|check|estimate CONFIG [--stage teacher] [key=value ...]
+    stablekd ds-config show|check|estimate CONFIG [--stage teacher] [--out PATH] [key=value ...]
+                                                          resolved in memory: writes nothing unless --out
 
 quickstart, run and stage take:
     --dry-run   print each command they would start (one shell line each) and the stages they would skip
@@ -25,6 +26,7 @@ import json
 import sys
 from pathlib import Path
 
+from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import DataError
 from stablekd.launcher import pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig, describe, load_config
@@ -66,19 +68,32 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("config")
     d.add_argument("overrides", nargs="*")
     d.add_argument("--stage", default="teacher", choices=[s.name for s in REGISTRY if s.trains])
+    d.add_argument(
+        "--out",
+        metavar="PATH",
+        help="also write the resolved JSON to PATH (without it nothing is written, not even into the run "
+        "directory, whose ds/<stage>.json only `run`/`stage` write)",
+    )
     return p
 
 
 def _ds_config(args: argparse.Namespace) -> None:
+    """Resolve and validate in memory; never touch the run directory. A finished stage's ds/<stage>.json is
+    what later stages load its checkpoint with (the soft-label stage reads teacher.json), so a `show` with
+    another ds_config must not overwrite it."""
     cfg = load_config(args.config, args.overrides)
-    ds = pipeline.prepare_ds_config(
-        cfg, args.stage
-    )  # resolves, validates with DeepSpeed, writes ds/<stage>.json
+    ds = pipeline.resolve_ds_config(cfg, args.stage)
+    source = getattr(cfg, args.stage).ds_config
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, json.dumps(ds, indent=2) + "\n")
+        print(f"stablekd: wrote {out}", file=sys.stderr)
     if args.action == "show":
         print(json.dumps(ds, indent=2))
     elif args.action == "check":
         print(
-            f"ok: {cfg.run_dir / 'ds' / (args.stage + '.json')} passes DeepSpeed's config check at world size "
+            f"ok: {args.stage}'s {source} (resolved) passes DeepSpeed's config check at world size "
             f"{pipeline.world_size(cfg)} (train_batch_size {ds['train_batch_size']})"
         )
     else:

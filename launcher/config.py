@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from stablekd.data_pipeline.sources import TEXT_UNITS
+
 
 class ConfigError(ValueError):
     """A bad experiment config: the message names the key or file and what was expected."""
@@ -78,14 +80,40 @@ class BiosConfig:
 @dataclass
 class DataConfig:
     paths: list[str] = _f(
-        [], ".txt/.jsonl(`text`)/.gz files, directories or globs; empty = the built-in bios corpus"
+        [],
+        ".txt/.jsonl(`text`)/.gz files, directories or globs (documents: data.text_unit, held-out share: "
+        "data.eval_fraction); empty = the built-in bios corpus",
+    )
+    text_unit: str = _f(
+        "paragraph",
+        "what one document of a .txt file is: paragraph (a block between blank lines, its lines joined "
+        "with a single space: hard wraps are layout), line (each non-blank line), file (the whole file, "
+        "newlines kept); a .jsonl record is one document whatever this says; the built-in bios corpus is "
+        "always one biography per line",
     )
     eval_paths: list[str] = _f(
-        [], "held-out text for eval loss and perplexity; empty = the bios held-out biographies"
+        [],
+        "held-out text for eval loss, perplexity and the report's prefixes; empty = a share of data.paths "
+        "(data.eval_fraction), or the bios held-out biographies",
+    )
+    eval_fraction: float = _f(
+        0.02,
+        "with data.paths and no data.eval_paths: share of the documents held out of every training stage "
+        "(teacher, tokenizer, soft labels, distill, contrastive) for eval loss, perplexity and report "
+        "prefixes, chosen by a hash of each document's text (stable when files are added or reordered; "
+        "identical documents land together); 0 = train on everything and skip eval loss",
     )
     bios: BiosConfig = _sub(BiosConfig, "the built-in synthetic biographies corpus (DESIGN §6)")
     seq_len: int = _f(128, "tokens per packed training sequence")
     num_workers: int = _f(0, "dataloader workers per rank (tokenization runs in them)")
+
+    def __post_init__(self) -> None:
+        if self.text_unit not in TEXT_UNITS:
+            raise ConfigError(f"text_unit: expected one of {', '.join(TEXT_UNITS)}, got {self.text_unit!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(
+                f"eval_fraction: expected a value in [0, 1) (0 = no held-out share), got {self.eval_fraction}"
+            )
 
 
 @dataclass

@@ -77,7 +77,7 @@ class TrainResult:
     steps: int
     tokens: int
     losses: list[float]  # global mean train loss of each step run in this process
-    eval_loss: float
+    eval_loss: float | None  # None: no held-out text (never NaN)
     checkpoint_tag: str
 
 
@@ -192,8 +192,12 @@ def _reduce_named(values: dict[str, float], names: list[str]) -> dict[str, float
     return dict(zip(names, all_reduce_values([values.get(n, 0.0) for n in names]), strict=True))
 
 
-def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
+NO_EVAL = "[{stage}] no held-out text: eval loss skipped (set data.eval_paths or data.eval_fraction)"
+
+
+def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float | None:
     """Eval loss over every rank's eval batches: each term the mean over its own global count, weighted.
+    None (never NaN) when no rank has an eval batch or nothing in them counts: there is no held-out text.
 
     Under ZeRO-3 every rank must run the same number of forwards (parameters are gathered
     collectively), so a rank with fewer eval batches runs `filler` (or its first eval batch) and counts
@@ -201,7 +205,7 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
     """
     n = int(all_reduce_values([len(stage.eval_batches)], dist.ReduceOp.MAX)[0])
     if n == 0:
-        return float("nan")
+        return None
     filler = stage.eval_batches[0] if stage.eval_batches else filler
     loss_fn, count_fn = (stage.eval_loss, lm_counts) if stage.eval_loss else (stage.loss, stage.count)
     weights = {"lm": 1.0} if stage.eval_loss else stage.weights
@@ -224,7 +228,7 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float:
                         counts[t] += c
     engine.train()
     sums, counts = _reduce_named(sums, terms), _reduce_named(counts, terms)
-    return _objective(weights, sums, counts) if any(counts.values()) else float("nan")
+    return _objective(weights, sums, counts) if any(counts.values()) else None
 
 
 def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_hash: str) -> TrainResult:
@@ -253,7 +257,8 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
     window: dict[str, float] = {}  # term sums / counts and metric sums / counts of the log window
     window_steps, window_tokens, window_time = 0, 0, 0.0
     losses: list[float] = []
-    eval_loss = float("nan")
+    eval_loss: float | None = None
+    said_no_eval = False
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
@@ -319,10 +324,13 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
             window, window_steps, window_tokens, window_time = {}, 0, 0, 0.0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             eval_loss = evaluate(engine, stage, filler=micro[0])
-            monitor.scalars(step, {"eval/loss": eval_loss})
-            monitor.print(
-                f"[{stage.name}] step {step}: train loss {step_loss:.4f}, eval loss {eval_loss:.4f}"
-            )
+            if eval_loss is not None:
+                monitor.scalars(step, {"eval/loss": eval_loss})
+            elif not said_no_eval:
+                said_no_eval = True
+                monitor.print(NO_EVAL.format(stage=stage.name))
+            line = f"[{stage.name}] step {step}: train loss {step_loss:.4f}"
+            monitor.print(line + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             _save(engine, stage, ckpt_dir, step, tokens, cfg_hash, cfg.keep_checkpoints)
         monitor.advance({"loss": f"{step_loss:.3f}"})

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.files import atomic_write, read_marker
-from stablekd.data_pipeline.sources import iter_documents, resolve_paths
+from stablekd.data_pipeline.sources import Corpus, iter_documents, resolve_paths
 from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash, save_config, to_dict
 from stablekd.launcher.stages import NAMES, REGISTRY, spec
@@ -37,14 +37,56 @@ def tokenizer_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.tokenizer.path) if cfg.tokenizer.path else cfg.run_dir / "tokenizer"
 
 
-def train_files(cfg: ExperimentConfig) -> list[Path]:
-    return resolve_paths(cfg.data.paths) if cfg.data.paths else [cfg.run_dir / "data" / "train.txt"]
+def _holds_out(cfg: ExperimentConfig) -> float:
+    """The share of data.paths held out for eval: data.eval_fraction with a user corpus and no
+    data.eval_paths, else 0 (the bios corpus has its own held-out file; eval_paths replace the share)."""
+    return cfg.data.eval_fraction if cfg.data.paths and not cfg.data.eval_paths else 0.0
 
 
-def eval_files(cfg: ExperimentConfig) -> list[Path]:
+def train_files(cfg: ExperimentConfig) -> Corpus:
+    """What every training reader sees (teacher stream, tokenizer, soft labels, candidate contexts, the LM
+    streams of distill and contrastive): data.paths read by data.text_unit without the held-out share,
+    or the built-in bios corpus's train.txt (one biography per line, whatever data.text_unit says: the
+    unit describes the user's files, and a bios file has no blank lines between biographies)."""
+    if not cfg.data.paths:
+        return Corpus((cfg.run_dir / "data" / "train.txt",), text_unit="line")
+    fraction = _holds_out(cfg)
+    return Corpus(
+        tuple(resolve_paths(cfg.data.paths)), cfg.data.text_unit, "train" if fraction else "all", fraction
+    )
+
+
+def eval_files(cfg: ExperimentConfig) -> Corpus:
+    """Held-out text for eval loss, perplexity and the report's prefixes: data.eval_paths (every
+    document), else the held-out share of data.paths (`train_files` leaves it out), else the bios
+    held-out biographies. No files (falsy) when a user corpus has data.eval_fraction 0 and no eval_paths;
+    the share itself may hold no document on a small corpus (eval_batches then returns none)."""
     if cfg.data.eval_paths:
-        return resolve_paths(cfg.data.eval_paths)
-    return [] if cfg.data.paths else [cfg.run_dir / "data" / "heldout.txt"]
+        return Corpus(tuple(resolve_paths(cfg.data.eval_paths)), cfg.data.text_unit)
+    if not cfg.data.paths:
+        return Corpus((cfg.run_dir / "data" / "heldout.txt",), text_unit="line")
+    fraction = _holds_out(cfg)
+    if not fraction:
+        return Corpus(())
+    return Corpus(tuple(resolve_paths(cfg.data.paths)), cfg.data.text_unit, "eval", fraction)
+
+
+def _new_reading(cfg: ExperimentConfig) -> dict:
+    """data.text_unit and the held-out share as far as they change what is read: text_unit only for user
+    files read other than line by line, eval_fraction only when a share is held out. Empty for a run that
+    reads what every run read before these keys existed (bios corpus; user files, line unit, no share),
+    so such a run directory keeps its hashes."""
+    out: dict = {}
+    if (cfg.data.paths or cfg.data.eval_paths) and cfg.data.text_unit != "line":
+        out["text_unit"] = cfg.data.text_unit
+    if _holds_out(cfg):
+        out["eval_fraction"] = _holds_out(cfg)
+    return out
+
+
+def _data_hashed(cfg: ExperimentConfig) -> dict:
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("text_unit", "eval_fraction")}
+    return {**data, **_new_reading(cfg)}
 
 
 def stage_hash(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> str:
@@ -62,7 +104,7 @@ def stage_hash(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> str
         for s in NAMES[: NAMES.index(stage)]
         if done_path(cfg, s).exists()
     }
-    return config_hash(section, *extra, cfg.data, cfg.tokenizer, cfg.run.seed, ds, upstream)
+    return config_hash(section, *extra, _data_hashed(cfg), cfg.tokenizer, cfg.run.seed, ds, upstream)
 
 
 def world_size(cfg: ExperimentConfig) -> int:
@@ -104,7 +146,12 @@ def _is_current(out: Path, params: dict) -> bool:
 
 
 def _tokenizer_params(cfg: ExperimentConfig) -> dict:
-    return {"vocab_size": cfg.tokenizer.vocab_size, "files": [str(f) for f in train_files(cfg)]}
+    """What the trained tokenizer depends on: its size and the training documents (never the held-out share)."""
+    params = {"vocab_size": cfg.tokenizer.vocab_size, "files": [str(f) for f in train_files(cfg)]}
+    reading = _new_reading(cfg)
+    if not cfg.data.paths:
+        reading.pop("text_unit", None)  # it shapes only data.eval_paths then
+    return {**params, **reading}
 
 
 def _prepare_corpus(cfg: ExperimentConfig) -> None:

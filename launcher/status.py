@@ -51,7 +51,7 @@ def headline(stage: str, done: dict, stage_dir: Path) -> str:
     """The figures a stage's DONE.json (and, for evaluate, its report.json) says most about it."""
     p = done.get("produced", {})
     parts = []
-    if "eval_loss" in p:
+    if p.get("eval_loss") is not None:  # null: the stage had no held-out text
         parts.append(f"eval loss {p['eval_loss']:.4f}")
     if "steps" in p:
         parts.append(f"{p['steps']} steps, {_si(p.get('tokens', 0))} tokens")

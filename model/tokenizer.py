@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -38,7 +39,7 @@ def train_tokenizer(
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     try:
-        _train(texts, model, vocab_size, max_sentences)
+        _train(_pieces(texts), model, vocab_size, max_sentences)
     except RuntimeError as e:  # SentencePiece reports a too-small vocabulary as an INTERNAL error
         raise ValueError(
             f"SentencePiece could not train a vocabulary of {vocab_size}: {str(e).split('] ')[-1]}"
@@ -61,6 +62,38 @@ def train_tokenizer(
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     AutoTokenizer.from_pretrained(str(out_dir)).save_pretrained(str(out_dir))
     return out_dir
+
+
+# SentencePiece skips a training sentence longer than its max_sentence_length (4,192 bytes by default):
+# a whole-file document (data.text_unit=file) or a long .jsonl record would teach it nothing.
+_MAX_PIECE_BYTES = 4096
+_WORD = re.compile(r"\S*\s*")  # a word and the whitespace after it (newlines included)
+
+
+def _pieces(texts: Iterable[str], limit: int = _MAX_PIECE_BYTES) -> Iterator[str]:
+    """`texts` for the trainer: a text of at most `limit` UTF-8 bytes as it is (so a corpus of short
+    documents trains exactly as before), a longer one cut between words into pieces of at most `limit`
+    bytes (a single longer word by characters)."""
+    for text in texts:
+        if len(text.encode("utf-8", "surrogatepass")) <= limit:
+            yield text
+            continue
+        piece, size = [], 0
+        for word in _WORD.findall(text):
+            n = len(word.encode("utf-8", "surrogatepass"))
+            if size + n > limit and piece:
+                yield "".join(piece)
+                piece, size = [], 0
+            while n > limit:  # no whitespace for `limit` bytes: cut by characters
+                head = word[: limit // 4]  # <= 4 bytes a character
+                yield head
+                word = word[len(head) :]
+                n = len(word.encode("utf-8", "surrogatepass"))
+            if word:
+                piece.append(word)
+                size += n
+        if piece:
+            yield "".join(piece)
 
 
 def _train(texts: Iterable[str], model: io.BytesIO, vocab_size: int, max_sentences: int) -> None:

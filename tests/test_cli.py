@@ -174,7 +174,7 @@ def test_report_table_aligns_the_main_table(tmp_path, monkeypatch, capsys):
     assert set(rows[1]) <= set("|-: ")
     assert len({len(r) for r in rows}) == 1  # aligned
     cells = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:5]] for r in rows[2:]}
-    assert cells["perplexity, held-out text (`ppl`)"] == ["3.0", "4.2", "4.5"]
+    assert cells["perplexity, held-out text (`ppl`)"] == ["3.000", "4.250", "4.500"]
     assert cells["bios accuracy (greedy) (`bios_accuracy`)"] == ["0.950", "0.500", "–"]
     assert cells["parameters (`params`)"] == ["4.20M", "1.10M", "1.10M"]
     assert report_table(tmp_path / "nothing") is None

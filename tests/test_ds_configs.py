@@ -79,7 +79,6 @@ def test_cli_show_check_estimate(tmp_path, capsys):
     main(["ds-config", "show", str(QUICKSTART), run, "teacher.micro_batch_size=4", "launch.nproc_per_node=2"])
     shown = json.loads(capsys.readouterr().out)
     assert shown["train_batch_size"] == 8 and shown["zero_optimization"]["stage"] == 3
-    assert json.loads((tmp_path / "run/ds/teacher.json").read_text()) == shown
     main(["ds-config", "check", str(QUICKSTART), run, "teacher.ds_config=zero2.json"])
     assert "passes DeepSpeed's config check at world size 2" in capsys.readouterr().out
     main(
@@ -87,3 +86,33 @@ def test_cli_show_check_estimate(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "teacher-m: 28" in out and "per CPU" in out and "per GPU" in out
+    assert not (tmp_path / "run").exists()  # resolved in memory: nothing written anywhere
+
+
+def test_cli_leaves_an_existing_runs_ds_json_alone(tmp_path, capsys):
+    """A run's ds/teacher.json is what later stages load the ZeRO-3 teacher with: `ds-config` with another
+    ds_config must not overwrite it; --out writes the resolved JSON where it is told, and only there."""
+    run_dir = tmp_path / "run"
+    run = f"run.out_dir={run_dir}"
+    before = (run_dir / "ds" / "teacher.json", run_dir / "ds" / "distill.json")
+    for path, text in zip(before, ('{"zero_optimization": {"stage": 3}}\n', "{}"), strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    snapshot = {p: p.read_bytes() for p in before}
+    listing = sorted(run_dir.rglob("*"))
+    for action in ("show", "check", "estimate"):
+        main(
+            ["ds-config", action, str(QUICKSTART), run, "teacher.ds_config=zero2.json", "teacher.model=tiny"]
+        )
+        main(
+            ["ds-config", action, str(QUICKSTART), run, "--stage", "distill", "distill.ds_config=zero1.json"]
+        )
+    capsys.readouterr()
+    assert {p: p.read_bytes() for p in before} == snapshot
+    assert sorted(run_dir.rglob("*")) == listing
+
+    out = tmp_path / "elsewhere" / "teacher_zero2.json"
+    main(["ds-config", "show", str(QUICKSTART), run, "teacher.ds_config=zero2.json", "--out", str(out)])
+    shown = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == shown and shown["zero_optimization"]["stage"] == 2
+    assert {p: p.read_bytes() for p in before} == snapshot

@@ -69,3 +69,35 @@ def test_terms_with_different_denominators_over_uneven_masks(tmp_path):
     assert losses == pytest.approx(reference(), rel=2e-4)
     # The masks are uneven enough that the other convention is far off: the check above can fail.
     assert abs(losses[0] - reference(per_micro_mean=True)[0]) > 1e-2
+
+
+def test_evaluate_without_held_out_text_is_none_not_nan(tmp_path):
+    """No rank has an eval batch, or nothing in them counts: `evaluate` says None (train() then prints one
+    line and logs no eval/loss scalar), never NaN. One gloo process, no DeepSpeed launch."""
+    import torch.distributed as dist
+
+    from stablekd.launcher import engine
+    from stablekd.objectives.lm import lm_loss
+
+    class Wrapped(torch.nn.Module):  # what evaluate uses of a DeepSpeed engine: device, eval/train, forward
+        def __init__(self):
+            super().__init__()
+            self.module = tiny_model()
+            self.device = torch.device("cpu")
+
+        def forward(self, **kw):
+            return self.module(**kw)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = Wrapped()
+        stage = engine.Stage("teacher", model, None, lm_loss, [], 0.0)
+        assert engine.evaluate(model, stage) is None
+        ids = masked_batch(0, 0)["input_ids"]
+        stage.eval_batches = [{"input_ids": ids, "labels": torch.full_like(ids, -100)}]
+        assert engine.evaluate(model, stage) is None
+        stage.eval_batches = [masked_batch(0, 0)]
+        loss = engine.evaluate(model, stage)
+        assert loss is not None and 0 < loss < 20
+    finally:
+        dist.destroy_process_group()

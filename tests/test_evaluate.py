@@ -271,6 +271,7 @@ def test_user_corpus_has_no_bios_keys(tmp_path):
     (tmp_path / "train.txt").write_text("\n".join(text.train) + "\n")
     (tmp_path / "held.txt").write_text("\n".join(text.heldout) + "\n")
     extra = [f"data.paths=[{tmp_path / 'train.txt'}]", f"data.eval_paths=[{tmp_path / 'held.txt'}]"]
+    extra.append("data.text_unit=line")  # one biography per line
     cfg, _ = _tiny_run(tmp_path, extra)
     pipeline.run(cfg, ["evaluate"])
     out = json.loads((cfg.run_dir / "eval" / "report.json").read_text())
@@ -299,9 +300,9 @@ def test_report_ratios_and_markdown():
         "student": {"params": 1e6, "gen_tokens_per_s": 250.0, "ppl": 4.0},
     }
     r = report.ratios(models)
-    assert r == {"student/teacher": {"params": 0.25, "gen_tokens_per_s": 2.5}}
+    assert r == {"student/teacher": {"params": 0.25, "gen_tokens_per_s": 2.5, "ppl": pytest.approx(4 / 3)}}
     md = report.markdown({"models": models, "ratios": r, "notes": ["a note"]}, {})
-    assert "| student/teacher | 0.250 | 2.500 | – |" in md and "- a note" in md
+    assert "| student/teacher | 0.250 | 2.500 | – | – | – | 1.333 |" in md and "- a note" in md
     assert report.ratios({"student": models["student"]}) == {}
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from stablekd.data_pipeline.sources import DataError, SourceStats, iter_documents, resolve_paths
+from stablekd.data_pipeline.sources import Corpus, DataError, SourceStats, iter_documents, resolve_paths
 
 
 def _write(path, data: bytes):
@@ -54,7 +54,9 @@ def test_documents_of_every_format_in_order(tmp_path):
     stats = SourceStats()
     docs = list(iter_documents(resolve_paths([tmp_path]), stats))
     assert docs == ["alpha one", "alpha two", "beta", "delta", "gamma"]
-    assert stats.as_dict() == dict(files=4, documents=5, empty_files=0, empty_lines=0, bad_lines=0)
+    assert stats.as_dict() == dict(
+        files=4, documents=5, empty_files=0, empty_lines=0, bad_lines=0, other_split=0
+    )
 
 
 def test_bad_input_is_skipped_and_counted_exactly(tmp_path):
@@ -105,9 +107,144 @@ def test_bad_input_is_skipped_and_counted_exactly(tmp_path):
         empty_files=2,
         empty_lines=2 + 2,
         bad_lines=1 + 4 + 1,
+        other_split=0,
     )
 
 
 def test_stats_are_optional(tmp_path):
     f = _write(tmp_path / "x.txt", b"one\n\xff\ntwo\n")
     assert list(iter_documents([f])) == ["one", "two"]
+
+
+# --- splits --------------------------------------------------------------------------------------
+
+
+def _numbered(path, start: int, n: int):
+    """A .txt of n distinct one-line documents, doc<start> ... doc<start + n - 1>."""
+    return _write(path, "".join(f"doc {i} of the corpus\n" for i in range(start, start + n)).encode())
+
+
+def _split(files, fraction, split, stats=None):
+    return list(iter_documents(Corpus(tuple(files), "line", split, fraction), stats))
+
+
+def test_split_is_deterministic_disjoint_complete_and_near_the_fraction(tmp_path):
+    files = [_numbered(tmp_path / f"{k}.txt", 10_000 * k, 8_000) for k in range(3)]  # 24,000 documents
+    everything = list(iter_documents(files))
+    train_stats, eval_stats = SourceStats(), SourceStats()
+    train = _split(files, 0.1, "train", train_stats)
+    held = _split(files, 0.1, "eval", eval_stats)
+    assert not set(train) & set(held)
+    assert sorted(train + held) == sorted(everything)
+    # Binomial(24,000, 0.1): mean 2,400, sd 46.5; 5 sd either side.
+    assert abs(len(held) - 2_400) < 5 * 46.5
+    assert (train_stats.documents, train_stats.other_split) == (len(train), len(held))
+    assert (eval_stats.documents, eval_stats.other_split) == (len(held), len(train))
+    # The same text gives the same split in another read, and a larger fraction only adds to the share.
+    assert _split(files, 0.1, "eval") == held
+    assert set(held) < set(_split(files, 0.2, "eval"))
+    assert _split(files, 0.0, "eval") == [] and _split(files, 0.0, "train") == everything
+    assert _split(files, 0.1, "all") == everything
+
+
+def test_split_does_not_move_when_files_are_added_reordered_or_a_document_moves(tmp_path):
+    a, b = _numbered(tmp_path / "a.txt", 0, 3_000), _numbered(tmp_path / "b.txt", 3_000, 3_000)
+    held = set(_split([a, b], 0.05, "eval"))
+    assert held  # ~150 expected
+    c = _numbered(tmp_path / "0_first.txt", 6_000, 3_000)  # sorts before a.txt: every document index shifts
+    grown = resolve_paths([tmp_path])
+    assert grown[0] == c
+    grown_held = set(_split(grown, 0.05, "eval"))
+    assert grown_held - set(iter_documents([c])) == held
+    assert set(_split([b, a], 0.05, "eval")) == held
+    # A held-out document moved to another file stays held out; a training one stays in training.
+    lines = a.read_text().splitlines(keepends=True)
+    moved_held = next(x for x in lines if x.rstrip("\n") in held)
+    moved_train = next(x for x in lines if x.rstrip("\n") not in held)
+    a.write_text("".join(x for x in lines if x not in (moved_held, moved_train)))
+    b.write_text(b.read_text() + moved_held + moved_train)
+    assert set(_split([a, b], 0.05, "eval")) == held
+
+
+def test_corpus_is_a_file_sequence_and_rejects_unknown_settings(tmp_path):
+    f = _numbered(tmp_path / "x.txt", 0, 2)
+    corpus = Corpus((f,), "paragraph", "train", 0.5)
+    assert (
+        list(corpus) == [f] and len(corpus) == 1 and corpus[0] == f and [str(p) for p in corpus] == [str(f)]
+    )
+    assert not Corpus(())
+    with pytest.raises(DataError, match=r"text_unit: expected one of paragraph, line, file, got 'sentence'"):
+        Corpus((f,), "sentence")
+    with pytest.raises(DataError, match=r"split: expected one of all, train, eval"):
+        Corpus((f,), "line", "test")
+    with pytest.raises(DataError, match=r"eval_fraction: expected a value in \[0, 1\]"):
+        Corpus((f,), "line", "train", 1.5)
+
+
+# --- text units ----------------------------------------------------------------------------------
+
+
+def test_text_units_on_a_txt_with_multi_line_paragraphs(tmp_path):
+    txt = _write(
+        tmp_path / "a.txt",
+        b"\xef\xbb\xbfTitle line\r\n"  # BOM and CRLF are not part of the document
+        b"second line of the first paragraph\n"
+        b"\n\n   \n"  # one paragraph break written as 3 blank lines
+        b"Second paragraph, one line\n"
+        b"\n"
+        b"  indented third paragraph\n"
+        b"bad \xff line inside it\n"  # undecodable: left out of its paragraph, counted
+        b"its last line, no newline",
+    )
+    blank = _write(tmp_path / "b_blank.txt", b"\n  \n\n")
+    jsonl = _write(
+        tmp_path / "c.jsonl", json.dumps({"text": "one record\n\nwith a blank line"}).encode() + b"\n"
+    )
+    empty = _write(tmp_path / "d_empty.txt", b"")
+    files = [txt, blank, jsonl, empty]
+    record = "one record\n\nwith a blank line"  # .jsonl: one document per record whatever the unit
+
+    def read(unit):
+        stats = SourceStats()
+        return list(iter_documents(Corpus(tuple(files), unit), stats)), stats.as_dict()
+
+    docs, stats = read("paragraph")
+    assert docs == [
+        "Title line second line of the first paragraph",
+        "Second paragraph, one line",
+        "indented third paragraph its last line, no newline",
+        record,
+    ]
+    # Blank lines separate paragraphs (not counted); a file of blank lines gives nothing: an empty file.
+    assert stats == dict(files=4, documents=4, empty_files=2, empty_lines=0, bad_lines=1, other_split=0)
+
+    docs, stats = read("line")
+    assert docs == [
+        "Title line",
+        "second line of the first paragraph",
+        "Second paragraph, one line",
+        "  indented third paragraph",
+        "its last line, no newline",
+        record,
+    ]
+    assert stats == dict(files=4, documents=6, empty_files=1, empty_lines=4 + 3, bad_lines=1, other_split=0)
+
+    docs, stats = read("file")
+    assert docs == [
+        "Title line\nsecond line of the first paragraph\n\n\n   \nSecond paragraph, one line\n\n"
+        "  indented third paragraph\nits last line, no newline",
+        record,
+    ]
+    assert stats == dict(files=4, documents=2, empty_files=2, empty_lines=0, bad_lines=1, other_split=0)
+
+    # A plain file list reads line by line, as before text units existed.
+    assert list(iter_documents([txt])) == read("line")[0][:5]
+
+
+def test_file_unit_drops_leading_and_trailing_blank_lines_and_splits_by_whole_text(tmp_path):
+    f = _write(tmp_path / "f.txt", b"\n\n  first\n\nsecond\n\n\n")
+    assert list(iter_documents(Corpus((f,), "file"))) == ["  first\n\nsecond"]
+    # The split hashes the document as read: a whole file goes to one side.
+    held = list(iter_documents(Corpus((f,), "file", "eval", 0.5)))
+    train = list(iter_documents(Corpus((f,), "file", "train", 0.5)))
+    assert sorted([*held, *train]) == ["  first\n\nsecond"] and len(held) + len(train) == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stablekd.data_pipeline.sources import DataError, SourceStats, iter_documents
+from stablekd.data_pipeline.sources import Corpus, DataError, SourceStats, iter_documents
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.model.tokenizer import encode, load_tokenizer, train_tokenizer
 
@@ -170,3 +170,23 @@ def test_misuse_is_reported(tok_dir, corpus, tmp_path):
     ds = PackedStream(files, tok_dir, 32, 2)
     next(iter(ds))
     assert len(pickle.dumps(ds)) < 2_000  # the loaded tokenizer is not shipped to workers
+
+
+def test_train_stream_and_eval_batches_read_disjoint_shares_of_the_same_files(tok_dir, corpus):
+    files, docs = corpus
+    train = Corpus(tuple(files), "line", "train", 0.3)
+    held = Corpus(tuple(files), "line", "eval", 0.3)
+    train_docs, held_docs = list(iter_documents(train)), list(iter_documents(held))
+    assert sorted(train_docs + held_docs) == sorted(docs) and not set(train_docs) & set(held_docs)
+    assert 50 < len(held_docs) < 130  # Binomial(300, 0.3): mean 90, sd 7.9
+    for rank in range(2):
+        # seq_len 1 keeps every token: each rank's stream is exactly its share of the training documents.
+        ds = PackedStream(train, tok_dir, 1, 64, rank=rank, world_size=2, loop=False)
+        got = [t for b in ds for t in b["input_ids"].flatten().tolist()]
+        assert got == _shard_tokens(tok_dir, train_docs, rank, 2, 1)
+        evals = eval_batches(held, tok_dir, 1, 64, 10_000, rank, 2)
+        assert [t for b in evals for t in b["input_ids"].flatten().tolist()] == _shard_tokens(
+            tok_dir, held_docs, rank, 2, 1
+        )
+    # No held-out share (fraction 0): no eval batch, so the caller reports no eval loss (never NaN).
+    assert eval_batches(Corpus(tuple(files), "line", "eval", 0.0), tok_dir, 16, 4, 4, 0, 1) == []

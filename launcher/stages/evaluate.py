@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -121,11 +122,14 @@ def _encoder_dir(src: str) -> Path:
     return root
 
 
-def _perplexity(model: PreTrainedModel, files: list[Path], tok_dir: Path, cfg: ExperimentConfig) -> float:
+def _perplexity(
+    model: PreTrainedModel, files: Sequence[Path], tok_dir: Path, cfg: ExperimentConfig
+) -> float | None:
+    """Perplexity on the first evaluate.ppl_batches held-out batches; None when `files` yield no batch."""
     batches = eval_batches(
         files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, cfg.evaluate.ppl_batches, 0, 1
     )
-    return report.perplexity(model, batches)
+    return report.perplexity(model, batches) if batches else None
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -210,13 +214,14 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             "bios_* keys absent: the run trains on a user corpus (data.paths); the bios probe needs the "
             "built-in corpus and its ground truth"
         )
+    # Held-out text (pipeline.eval_files): data.eval_paths, the share of data.paths every training stage
+    # left out (data.eval_fraction), or the bios held-out biographies. It may hold no document at all.
     held = pipeline.eval_files(cfg)
-    if not held:
-        notes.append("ppl absent: the run has no held-out text (set data.eval_paths)")
-    prefix_files = held or pipeline.train_files(cfg)
-    prefixes = report.load_prefixes(prefix_files, run_tok, ecfg.prefixes, ecfg.prefix_tokens)
-    if not held:
-        notes.append("prefixes come from the training text: no held-out text")
+    prefixes = report.load_prefixes(held, run_tok, ecfg.prefixes, ecfg.prefix_tokens) if held else []
+    if not prefixes:
+        why = f"no held-out document longer than {ecfg.prefix_tokens} tokens" if held else "no held-out text"
+        notes.append(f"prefixes come from the training text: {why}")
+        prefixes = report.load_prefixes(pipeline.train_files(cfg), run_tok, ecfg.prefixes, ecfg.prefix_tokens)
     if not prefixes:
         notes.append(
             f"no document longer than {ecfg.prefix_tokens} tokens: degeneration and coherence absent"
@@ -233,6 +238,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         del model, tok
 
     results: dict[str, dict[str, float]] = {}
+    no_ppl: list[str] = []
     samples: dict[str, dict] = {}
     greedy: dict[str, list[str]] = {}
     for name, path in models.items():
@@ -243,11 +249,16 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         synced = _sharded(path) and sharded.zero3 and torch.distributed.get_world_size() > 1
         gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size, synced_gpus=synced)
         m: dict[str, float] = {}
-        if held:
-            m["ppl"] = _perplexity(model, held, tok_dir, cfg)
+        ppl = _perplexity(model, held, tok_dir, cfg) if held else None
+        if ppl is not None:
+            m["ppl"] = ppl
+        else:
+            no_ppl.append(name)
         if builtin:
-            same = held == [bios_heldout]
-            m["bios_ppl"] = m["ppl"] if same else _perplexity(model, [bios_heldout], tok_dir, cfg)
+            same = not cfg.data.eval_paths  # held is then the bios held-out file itself
+            bios_ppl = ppl if same else _perplexity(model, [bios_heldout], tok_dir, cfg)
+            if bios_ppl is not None:
+                m["bios_ppl"] = bios_ppl
             result = probe(gen, people, unseen, ecfg)
             m.update(result.metrics)
             samples[name] = {"probe": result.examples}
@@ -267,6 +278,12 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             f"evaluate: {name}: "
             + ", ".join(f"{k} {v:.3g}" for k, v in m.items() if k in ("ppl", "bios_accuracy", "rep_2"))
             + f" ({time.perf_counter() - t0:.1f}s)"
+        )
+
+    if no_ppl:
+        notes.append(
+            f"ppl absent for {', '.join(no_ppl)}: no held-out text (set data.eval_paths, or "
+            "data.eval_fraction > 0 for a share of data.paths)"
         )
 
     # Coherence last, with one encoder for every model, so the numbers compare across columns.

@@ -22,6 +22,7 @@ from stablekd.objectives.lm import lm_loss
 
 def run(cfg: ExperimentConfig) -> None:
     rank, world = engine.setup_distributed(cfg.launch.threads_per_rank)
+    engine.seed_rng(cfg.run.seed)  # runs of one config draw the same (dropout, any sampling)
     run_dir = cfg.run_dir
     ds = json.loads((run_dir / "ds" / "teacher.json").read_text())
     zero3 = zero_stage(ds) == 3
@@ -49,6 +50,12 @@ def run(cfg: ExperimentConfig) -> None:
         }
         if skipped:
             print(f"[teacher] data: skipped and counted {skipped}", flush=True)
+        if stats.other_split:  # the eval share of data.paths (pipeline.train_files)
+            print(
+                f"[teacher] data: {stats.other_split} documents held out for eval "
+                f"(data.eval_fraction {files.eval_fraction}), {stats.documents} trained on",
+                flush=True,
+            )
     pipeline.finish_training(
         cfg, "teacher", result, result.engine.module, tokenizer, ds,
         {"data_stats": stats.as_dict()},  # complete once the stream has passed the end of the corpus
