@@ -135,7 +135,8 @@ class Judgement(NamedTuple):
 def judge_continuations(
     tok, context_ids: Sequence[int], continuations: Sequence[Sequence[int]], truth: dict
 ) -> Judgement:
-    """Verdicts of a group's continuations against the ground truth of its context, answer keys, truth key.
+    """A `Judgement` of a group's continuations against the ground truth of its context: verdicts, answer
+    keys, the truth key, whether the truth is known and which attribute a question asks.
 
     verdict +1: states the true value (question) / every attribute it states is true (biography);
     −1: states another value (a contradiction: a hard negative); 0: nothing parseable or no known truth.

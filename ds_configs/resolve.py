@@ -35,7 +35,11 @@ def locate(name_or_path: str) -> Path:
 def load(name_or_path: str) -> tuple[dict, Path]:
     path = locate(name_or_path)
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte at offset {e.start}); expected a DeepSpeed JSON file"
+        ) from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(ds, dict):

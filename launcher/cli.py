@@ -82,6 +82,7 @@ def _ds_config(args: argparse.Namespace) -> None:
     what later stages load its checkpoint with (the soft-label stage reads teacher.json), so a `show` with
     another ds_config must not overwrite it."""
     cfg = load_config(args.config, args.overrides)
+    pipeline.check_files(cfg)  # what `run` refuses up front (a missing corpus, hostfile, ds JSON) too
     ds = pipeline.resolve_ds_config(cfg, args.stage)
     source = getattr(cfg, args.stage).ds_config
     if args.out:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from stablekd.data_pipeline.sources import TEXT_UNITS
+from stablekd.model.presets import PRESETS
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,35 @@ def _f(default: Any, help: str) -> Any:
 
 def _sub(cls: type, help: str) -> Any:
     return field(default_factory=cls, metadata={"help": help})
+
+
+def _at_least(section: Any, low: int, *keys: str) -> None:
+    """Each of `keys` (int fields of `section`) is >= low; the error names the key, the bound and the value."""
+    for key in keys:
+        if getattr(section, key) < low:
+            raise ConfigError(f"{key}: expected an integer >= {low}, got {getattr(section, key)}")
+
+
+def _probability(section: Any, *keys: str) -> None:
+    """Each of `keys` is a probability mass threshold in (0, 1] (top_p: 1 = no nucleus cut)."""
+    for key in keys:
+        if not 0.0 < getattr(section, key) <= 1.0:
+            raise ConfigError(f"{key}: expected a value in (0, 1], got {getattr(section, key)}")
+
+
+def _positive(section: Any, *keys: str) -> None:
+    """Each of `keys` (temperatures, rates) is > 0."""
+    for key in keys:
+        if not getattr(section, key) > 0:
+            raise ConfigError(f"{key}: expected a value > 0, got {getattr(section, key)}")
+
+
+def _model(key: str, name: str) -> None:
+    """A model name is a preset (model/presets.py) or a local Hugging Face model directory."""
+    if name not in PRESETS and not Path(name).is_dir():
+        raise ConfigError(
+            f"{key}: {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model directory"
+        )
 
 
 @dataclass
@@ -61,6 +91,12 @@ class LaunchConfig:
         0, "torch threads per rank; 0 = CPU cores / ranks per node (oversubscription halves speed)"
     )
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "nproc_per_node")
+        _at_least(self, 0, "master_port", "threads_per_rank")
+        if self.master_port > 65535:
+            raise ConfigError(f"master_port: expected a TCP port in [0, 65535], got {self.master_port}")
+
 
 @dataclass
 class BiosConfig:
@@ -75,6 +111,10 @@ class BiosConfig:
         50, "people never seen in training (probe: how consistently a model makes things up)"
     )
     seed: int = _f(0, "corpus seed")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "people", "bios_per_person")
+        _at_least(self, 0, "heldout_bios_per_person", "unseen_people")
 
 
 @dataclass
@@ -108,6 +148,8 @@ class DataConfig:
     num_workers: int = _f(0, "dataloader workers per rank (tokenization runs in them)")
 
     def __post_init__(self) -> None:
+        _at_least(self, 2, "seq_len")  # a next-token label needs a second position
+        _at_least(self, 0, "num_workers")
         if self.text_unit not in TEXT_UNITS:
             raise ConfigError(f"text_unit: expected one of {', '.join(TEXT_UNITS)}, got {self.text_unit!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -123,6 +165,9 @@ class TokenizerConfig:
     )
     vocab_size: int = _f(2000, "SentencePiece vocabulary size when training one")
     train_sentences: int = _f(200_000, "at most this many documents feed tokenizer training")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "vocab_size", "train_sentences")
 
 
 @dataclass
@@ -164,6 +209,12 @@ class TrainConfig:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected a positive integer, got {getattr(self, key)}")
+        _at_least(self, 0, "warmup_steps", "eval_every")
+        _positive(self, "lr")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(
+                f"weight_decay and grad_clip: expected values >= 0, got {self.weight_decay}, {self.grad_clip}"
+            )
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype: expected 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -182,6 +233,10 @@ class TeacherConfig(TrainConfig):
         True,
         "also save the final teacher in Hugging Face format (teacher/hf); gathers the full model on each rank",
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _model("model", self.model)
 
 
 @dataclass
@@ -218,12 +273,11 @@ class SoftLabelsConfig:
     top_p: float = _f(0.95, "nucleus sampling threshold for candidates")
 
     def __post_init__(self) -> None:
-        if self.k < 1 or self.micro_batch_size < 1 or self.records_per_shard < 1:
-            raise ConfigError("k, micro_batch_size and records_per_shard: expected positive integers")
-        if self.temperature <= 0 or self.sample_temperature <= 0:
-            raise ConfigError(
-                f"temperature: expected > 0, got {self.temperature} / {self.sample_temperature}"
-            )
+        _at_least(self, 1, "k", "micro_batch_size", "records_per_shard", "candidate_contexts")
+        _at_least(self, 1, "candidates_per_context", "generate_batch_size", "max_new_tokens")
+        _at_least(self, 0, "max_sequences", "fidelity_positions")
+        _positive(self, "temperature", "sample_temperature")
+        _probability(self, "top_p")
 
 
 @dataclass
@@ -233,6 +287,9 @@ class StudentConfig:
         "student preset (model/presets.py; student-s is ~1/4 of teacher-s, tiny-student ~1/4 of tiny) or a "
         "local Hugging Face model directory with the run's vocabulary",
     )
+
+    def __post_init__(self) -> None:
+        _model("model", self.model)
 
 
 @dataclass
@@ -317,7 +374,8 @@ class ContrastiveConfig(TrainConfig):
     hard_negatives: bool = _f(
         True,
         "ground truth known (bios): continuations contradicting it are negatives, only those stating it are "
-        "positives, unverifiable ones are left out; false = every continuation of a context is a positive",
+        "positives, unverifiable ones are left out (likelihood) or negatives (embedding); false = every "
+        "continuation of a context is a positive",
     )
     margin: float = _f(0.0, "SimCTG token-level term on the LM batches with this margin rho; 0 = off")
     head_dim: int = _f(128, "embedding scorer: projection head output size")
@@ -366,6 +424,13 @@ class EvaluateConfig:
     )
     seed: int = _f(1234, "sampling seed, the same for every model")
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "samples", "max_prompts", "prefix_tokens", "max_new_tokens", "ppl_batches")
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "free_bios", "prefixes")
+        _positive(self, "temperature")
+        _probability(self, "top_p")
+
 
 @dataclass
 class ExperimentConfig:
@@ -383,6 +448,14 @@ class ExperimentConfig:
         ContrastiveConfig, "contrastive fine-tuning of the distilled student"
     )
     evaluate: EvaluateConfig = _sub(EvaluateConfig, "stability evaluation and report")
+
+    def __post_init__(self) -> None:
+        # With a tokenizer trained here its size is known now (an existing one is checked by the stage).
+        if not self.tokenizer.path and self.soft_labels.k > self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"soft_labels.k: expected at most tokenizer.vocab_size ({self.tokenizer.vocab_size}) ids per "
+                f"token, got {self.soft_labels.k}"
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -468,7 +541,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
                 f"config file {p} does not exist (expected a YAML experiment file, e.g. configs/quickstart.yaml)"
             )
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); expected a UTF-8 "
+                "YAML experiment file"
+            ) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}".splitlines()[0]) from None
         if not isinstance(tree, dict):

@@ -14,7 +14,8 @@ accumulation, world size, nor how unevenly masks fall across ranks and micro-bat
 micro-batch backpropagates Σ_t w_t · sum_t · world × accum / N_t: DeepSpeed divides by accum (`backward`)
 and averages gradients over ranks, which leaves exactly the gradient of L. A term with N_t = 0 in a step
 contributes nothing (never NaN). TensorBoard gets L as `train/loss`, each term's mean as
-`train/<term>` when there are several, and each metric the loss reports as Σ value / Σ count over the
+`train/<term>` (also a single term such as distill's `kd` at alpha 1; not the plain LM loss `lm`
+alone, which is `train/loss` itself), and each metric the loss reports as Σ value / Σ count over the
 log window and all ranks.
 """
 
@@ -314,7 +315,7 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
                 )[0]
                 / 2**30,
             }
-            if len(terms) > 1:
+            if terms != ["lm"]:
                 scalars.update({f"train/{t}": v for t, v in term_means.items()})
             for key in window:
                 metric = key[: -len("/sum")]

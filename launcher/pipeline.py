@@ -2,7 +2,8 @@
 
 Layout (DESIGN §4): runs/<name>/{config.yaml, ds/<stage>.json, data/, tokenizer/, teacher/, tb/<stage>/,
 logs/<stage>.log}. A stage whose DONE.json carries the current config hash is skipped; one with a
-checkpoint but no DONE.json resumes (the training loop finds its last complete checkpoint). `run` says
+checkpoint but no DONE.json resumes (the training loop finds its last complete checkpoint); a stage
+starts only when every stage it reads (registry `needs`/`uses`) has such a DONE.json. `run` says
 one line when a stage starts and one when it ends (wall time, headline figures of its DONE.json);
 `dry_run` lists what `run` would start, starting and writing nothing.
 """
@@ -15,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.files import atomic_write, read_marker
@@ -24,6 +26,12 @@ from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash,
 from stablekd.launcher.stages import NAMES, REGISTRY, spec
 from stablekd.launcher.status import headline, wall
 from stablekd.model.tokenizer import tokenizer_hash, train_tokenizer
+
+if TYPE_CHECKING:  # annotations only: the driver process does not import torch/DeepSpeed to plan a run
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from stablekd.launcher import engine
 
 # Fields that change what a stage computes; logging/saving cadence may change on resume.
 _NOT_HASHED = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "export_hf"}
@@ -137,7 +145,10 @@ def check_files(cfg: ExperimentConfig) -> None:
         )
     for s in REGISTRY:
         if s.trains:
-            ds_resolve.locate(getattr(cfg, s.name).ds_config)
+            try:
+                ds_resolve.locate(getattr(cfg, s.name).ds_config)
+            except ConfigError as e:  # "ds_config: ..." of which stage: name the key in full
+                raise ConfigError(f"{s.name}.{e}") from None
 
 
 def _is_current(out: Path, params: dict) -> bool:
@@ -316,6 +327,50 @@ def is_done(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> bool:
     return True
 
 
+def upstream(cfg: ExperimentConfig, stage: str) -> dict[str, bool]:
+    """The earlier stages `stage` reads (registry `needs` and `uses`) -> whether each must be finished.
+
+    A `uses` stage counts only once its directory exists. distill.online reads the teacher instead of
+    soft_labels/; distill.follow reads soft_labels/ while it is still written (required only to match
+    when it has finished)."""
+    row = spec(stage)
+    needs = {s: True for s in row.needs}
+    needs |= {s: True for s in row.uses if stage_dir(cfg, s).is_dir()}
+    if stage == "distill" and cfg.distill.online:
+        needs = {"teacher": True}
+    elif stage == "distill" and cfg.distill.follow:
+        needs["soft_labels"] = False
+    return needs
+
+
+def check_upstream(cfg: ExperimentConfig, stage: str) -> None:
+    """In the launching process, before any rank starts: every stage `stage` reads has finished with the
+    config it would have now (its DONE.json carries `stage_hash`), as the driver judges a stage done. A
+    checkpoint alone is not enough: a stage killed (or still running) after its last checkpoint has no
+    DONE.json. A ConfigError names the DONE.json and the command that finishes that stage."""
+    finish = f"`stablekd stage {{s}} CONFIG run.out_dir={cfg.run_dir}`"
+    for s, required in upstream(cfg, stage).items():
+        path = done_path(cfg, s)
+        if not path.exists():
+            if not required:
+                continue
+            raise ConfigError(
+                f"{stage}: {path} missing: stage {s} has not finished (killed, still running or never "
+                f"started); run {finish.format(s=s)} to finish it"
+            )
+        try:
+            done = json.loads(path.read_text()).get("config_hash")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            done = None
+        now = stage_hash(cfg, s)
+        if done != now:
+            raise ConfigError(
+                f"{stage}: {path} has config hash {done}, but stage {s} would have {now} with this config "
+                f"(its section, data, tokenizer, seed, DeepSpeed JSON or an earlier stage changed): use the "
+                f"config it finished with, or redo {s} in a new run.out_dir"
+            )
+
+
 def write_done(cfg: ExperimentConfig, stage: str, produced: dict, inputs: dict) -> None:
     """The stage's last act: what it produced, its config hash, and hashes of what it read."""
     done = {
@@ -331,7 +386,14 @@ def write_done(cfg: ExperimentConfig, stage: str, produced: dict, inputs: dict) 
 
 
 def finish_training(
-    cfg: ExperimentConfig, stage: str, result, lm, tokenizer, ds: dict, produced: dict, inputs: dict
+    cfg: ExperimentConfig,
+    stage: str,
+    result: engine.TrainResult,
+    lm: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    ds: dict,
+    produced: dict,
+    inputs: dict,
 ) -> None:
     """The end every training stage shares, on every rank: the Hugging Face export of `lm` with its
     tokenizer (`<stage dir>/hf`, when the section's export_hf), then DONE.json on rank 0 with the loop's
@@ -422,6 +484,7 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
         if is_done(cfg, stage):
             say(f"{stage}: done already ({done_path(cfg, stage)}), skipped")
             continue
+        check_upstream(cfg, stage)  # what it reads finished with this config (DONE.json), before any rank
         module = importlib.import_module(spec(stage).module)
         if hasattr(module, "preflight"):
             module.preflight(cfg)  # what the previous stage left, checked before any rank starts

@@ -115,3 +115,78 @@ def test_every_key_is_documented():
     lines = describe()
     assert any(line.startswith("teacher.max_steps (int, default 300)") for line in lines)
     assert all(line.split(": ", 1)[1].strip() for line in lines), "a field without help text"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.seq_len=-1", "data.seq_len: expected an integer >= 2, got -1"),
+        ("data.bios.people=0", "data.bios.people: expected an integer >= 1, got 0"),
+        ("launch.nproc_per_node=0", "launch.nproc_per_node: expected an integer >= 1, got 0"),
+        ("launch.master_port=70000", "launch.master_port: expected a TCP port in [0, 65535], got 70000"),
+        ("tokenizer.vocab_size=0", "tokenizer.vocab_size: expected an integer >= 1, got 0"),
+        ("teacher.warmup_steps=-1", "teacher.warmup_steps: expected an integer >= 0, got -1"),
+        ("teacher.lr=0", "teacher.lr: expected a value > 0, got 0.0"),
+        ("soft_labels.top_p=1.5", "soft_labels.top_p: expected a value in (0, 1], got 1.5"),
+        ("soft_labels.top_p=0", "soft_labels.top_p: expected a value in (0, 1], got 0.0"),
+        ("soft_labels.sample_temperature=0", "soft_labels.sample_temperature: expected a value > 0, got 0.0"),
+        (
+            "soft_labels.candidates_per_context=0",
+            "soft_labels.candidates_per_context: expected an integer >= 1",
+        ),
+        (
+            "soft_labels.k=2001",
+            "soft_labels.k: expected at most tokenizer.vocab_size (2000) ids per token, got 2001",
+        ),
+        ("evaluate.top_p=1.01", "evaluate.top_p: expected a value in (0, 1], got 1.01"),
+        ("evaluate.temperature=-1", "evaluate.temperature: expected a value > 0, got -1.0"),
+        ("evaluate.samples=0", "evaluate.samples: expected an integer >= 1, got 0"),
+        ("teacher.model=nosuch", "teacher.model: 'nosuch' is neither a preset (tiny, "),
+        ("student.model=/no/such/dir", "student.model: '/no/such/dir' is neither a preset"),
+    ],
+)
+def test_ranges_are_checked_up_front(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(QUICKSTART, [override])
+    assert expected in str(e.value) and str(QUICKSTART) in str(e.value)
+
+
+def test_edges_that_are_allowed(tmp_path):
+    cfg = load_config(
+        QUICKSTART,
+        [
+            "soft_labels.top_p=1",
+            "soft_labels.k=2000",
+            "data.bios.unseen_people=0",
+            f"student.model={tmp_path}",
+        ],
+    )
+    assert (cfg.soft_labels.top_p, cfg.soft_labels.k, cfg.student.model) == (1.0, 2000, str(tmp_path))
+    tok = tmp_path / "tok"
+    tok.mkdir()  # an existing tokenizer's size is not known here: k is checked against it by the stage
+    assert load_config(QUICKSTART, [f"tokenizer.path={tok}", "soft_labels.k=5000"]).soft_labels.k == 5000
+
+
+def test_non_utf8_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"run:\n  name: \xff\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{bad}: not UTF-8 text \(byte 0xff at offset 13\); expected a UTF-8"
+    ):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.paths=/no/such/corpus.txt", "/no/such/corpus.txt: no such file"),
+        ("distill.ds_config=zero9.json", "distill.ds_config: zero9.json is neither a file"),
+        ("launch.hostfile=/no/hosts", "launch.hostfile: /no/hosts does not exist"),
+    ],
+)
+def test_ds_config_check_checks_files_too(override, expected, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["ds-config", "check", str(QUICKSTART), f"run.out_dir={tmp_path}/run", override])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err

@@ -193,6 +193,7 @@ def _tiny_run(root, extra=()):
     hf = cfg.run_dir / "teacher" / "hf"
     build_model("tiny", tok, cfg.data.seq_len, seed=0).save_pretrained(hf)
     tok.save_pretrained(hf)
+    pipeline.write_done(cfg, "teacher", {"hf": str(hf)}, {})  # evaluate reads only finished stages
     return cfg, tok
 
 
@@ -222,6 +223,7 @@ def test_hf_generator_left_padding_and_seeding(bios_run):
 def test_evaluate_stage_report(bios_run):
     cfg, _ = bios_run
     shutil.copytree(cfg.run_dir / "teacher" / "hf", cfg.run_dir / "student" / "hf")
+    pipeline.write_done(cfg, "distill", {"hf": str(cfg.run_dir / "student" / "hf")}, {})
     cli.main(["stage", "evaluate", str(cfg.run_dir / "config.yaml")])
 
     out = json.loads((cfg.run_dir / "eval" / "report.json").read_text())

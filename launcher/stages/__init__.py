@@ -2,7 +2,8 @@
 
 The pipeline driver (order, skip/resume, where DONE.json lives), the training loop (checkpoint and
 TensorBoard directories), the evaluate stage (which models the report has, in which column order), the
-CLI (`stablekd stage NAME` choices) and the file checks read this table. Adding a stage is one row here
+CLI (`stablekd stage NAME` choices), the file checks and the upstream check (what a stage reads has
+finished: `pipeline.check_upstream`) read this table. Adding a stage is one row here
 and one module `launcher/stages/<name>.py` with `run(cfg)` (optionally `preflight(cfg)` and, for an
 in-process stage, `needs_ranks(cfg)`).
 """
@@ -20,6 +21,12 @@ class StageSpec:
     trains: bool  # a DeepSpeed training stage: the config section of its name is a TrainConfig
     model: str = ""  # report column of the Hugging Face model it exports to <out_dir>/hf ("" = none)
     sections: tuple[str, ...] = ()  # config sections its result depends on besides its own (in the hash)
+    # Earlier stages whose output it reads: each must have finished with its current config (DONE.json
+    # with the hash it would have now) before this one starts (pipeline.check_upstream).
+    needs: tuple[str, ...] = ()
+    # Earlier stages whose output it reads when they exist (evaluate: every model the run has): checked
+    # like `needs` once the stage's directory exists, ignored while it does not.
+    uses: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -29,10 +36,26 @@ class StageSpec:
 # In pipeline order: a stage reads only what the stages before it left.
 REGISTRY: tuple[StageSpec, ...] = (
     StageSpec("teacher", "teacher", on_ranks=True, trains=True, model="teacher"),
-    StageSpec("soft_labels", "soft_labels", on_ranks=True, trains=False),
-    StageSpec("distill", "student", on_ranks=True, trains=True, model="student", sections=("student",)),
-    StageSpec("contrastive", "contrastive", on_ranks=True, trains=True, model="contrastive"),
-    StageSpec("evaluate", "eval", on_ranks=False, trains=False),
+    StageSpec("soft_labels", "soft_labels", on_ranks=True, trains=False, needs=("teacher",)),
+    # distill.online reads the teacher instead; distill.follow reads soft labels still being written
+    StageSpec(
+        "distill",
+        "student",
+        on_ranks=True,
+        trains=True,
+        model="student",
+        sections=("student",),
+        needs=("soft_labels",),
+    ),
+    StageSpec(
+        "contrastive",
+        "contrastive",
+        on_ranks=True,
+        trains=True,
+        model="contrastive",
+        needs=("soft_labels", "distill"),
+    ),
+    StageSpec("evaluate", "eval", on_ranks=False, trains=False, uses=("teacher", "distill", "contrastive")),
 )
 NAMES: list[str] = [s.name for s in REGISTRY]
 MODELS: list[str] = [s.model for s in REGISTRY if s.model]  # the report's columns, in this order

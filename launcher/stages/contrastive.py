@@ -20,7 +20,8 @@ G = M sampled + gold continuations, data_pipeline/candidates.py) plus B sequence
 Ground truth (built-in bios corpus, contrastive.hard_negatives): a continuation whose parsed answer
 contradicts the truth is a hard negative of its own context; only continuations that state the truth
 (the gold one among them) are positives; one that states nothing verifiable (no parseable answer) is
-left out of its own context's scores, since rewarding it would train the model to answer nothing; another
+left out of its own context's scores by the likelihood scorer (the embedding scorer makes it a negative
+of every anchor), since rewarding it would train the model to answer nothing; another
 context's continuation stating the anchor's true answer is a false negative and leaves the denominator.
 Without ground truth every continuation of a context is its positive. Contexts ask
 with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others (no leakage, DESIGN §7).
@@ -188,8 +189,9 @@ def _likelihood_scores(
     continuations, then of K = `c.negatives` continuations of other contexts drawn from the global batch
     (with `c.similar_negatives`, those asking about the same attribute first); positive / valid masks of
     the same shape."""
-    T = c.score_tokens or batch["cand_ids"].shape[-1]
-    cand, cand_len = batch["cand_ids"][..., :T], batch["cand_len"].clamp(max=T)
+    cand = batch["cand_ids"][..., : c.score_tokens or None]  # [B, G, T], T <= the stored width
+    T = cand.shape[-1]
+    cand_len = batch["cand_len"].clamp(max=T)
     keys = batch["answer_key"]
     B, G = cand.shape[:2]
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -293,7 +295,9 @@ def run(cfg: ExperimentConfig) -> None:
     tokenizer = load_tokenizer(tok_dir)
     start = pipeline.stage_dir(cfg, "distill") / "hf"
     lm = build_model(str(start), tokenizer, seq_len, cfg.run.seed)
-    model = LMWithHead(lm, c.head_dim) if c.scorer == "embedding" else lm
+    with torch.random.fork_rng():  # one head on every rank: seed_rng gave each rank its own stream
+        torch.manual_seed(cfg.run.seed)
+        model = LMWithHead(lm, c.head_dim) if c.scorer == "embedding" else lm
     micro = ds["train_micro_batch_size_per_gpu"]
     groups = training_groups(
         pipeline.stage_dir(cfg, "soft_labels") / "candidates", {"tokenizer_hash": tokenizer_hash(tok_dir)},
