@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from stablekd.launcher.config import load_config
@@ -45,10 +46,16 @@ def test_hostfile_and_no_ssh_commands(tmp_path):
     assert per_node[per_node.index("--no_ssh") + 1 : per_node.index("--no_ssh") + 3] == ["--node_rank", "1"]
 
 
-def test_deepspeed_env_has_no_comments(tmp_path):
+def test_deepspeed_env_has_no_comments(tmp_path, monkeypatch):
     cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path}", "launch.nproc_per_node=2"])
     path = write_deepspeed_env(cfg, {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "veth0", "HOME": "/root"})
     assert (
         path.read_text() == "GLOO_SOCKET_IFNAME=veth0\nOMP_NUM_THREADS=1\n"
     )  # the runner crashes on comments
-    assert threads_per_rank(cfg) >= 1
+    assert threads_per_rank(cfg) == max(1, (os.cpu_count() or 1) // 2)  # cores ÷ the 2 local ranks
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert threads_per_rank(cfg) == 8  # the same on any machine: 16 cores ÷ 2 ranks
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one core assumed
+    assert threads_per_rank(cfg) == 1
+    assert threads_per_rank(load_config(QUICKSTART, ["launch.nproc_per_node=4096"])) == 1  # never 0
+    assert threads_per_rank(load_config(QUICKSTART, ["launch.threads_per_rank=3"])) == 3  # set: used as is

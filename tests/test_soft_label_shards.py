@@ -340,7 +340,12 @@ def test_add_logits_and_fp16_clip(tmp_path: Path) -> None:
     finalize_soft_labels(tmp_path / "a", 1, merge_fidelity([w.fidelity]))
     recs = list(soft_label_reader(tmp_path / "a", {"k": 3}))
     assert recs[0]["topk_ids"][0].tolist() == [2, 1, 0] and torch.isfinite(recs[1]["topk_logprobs"]).all()
-    assert w.fidelity["tokens"] == 2.0 and 0 < w.fidelity["topk_mass"] <= 1
+    # by hand, k=3, T=1: row 0 has all its mass on 3 ids (mass 1); row 1 is [3, 0 x 5]: top-3 mass
+    # (e^3 + 2) / (e^3 + 5), and both tails are flat (or empty), so KL(p || q) is exactly 0
+    e3 = math.exp(3.0)
+    assert w.fidelity["tokens"] == 2.0 and w.fidelity["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert w.fidelity["topk_mass"] == pytest.approx((1.0 + (e3 + 2) / (e3 + 5)) / 2, rel=1e-6)
+    assert w.fidelity["topk_mass_min"] == pytest.approx((e3 + 2) / (e3 + 5), rel=1e-6)
 
 
 def test_candidates_roundtrip_and_layout(tmp_path: Path) -> None:
