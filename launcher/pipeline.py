@@ -87,8 +87,8 @@ def _new_reading(cfg: ExperimentConfig) -> dict:
     out: dict = {}
     if (cfg.data.paths or cfg.data.eval_paths) and cfg.data.text_unit != "line":
         out["text_unit"] = cfg.data.text_unit
-    if _holds_out(cfg):
-        out["eval_fraction"] = _holds_out(cfg)
+    if fraction := _holds_out(cfg):
+        out["eval_fraction"] = fraction
     return out
 
 
@@ -107,11 +107,7 @@ def stage_hash(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> str
     if ds is None:
         ds = json.loads(ds_path.read_text()) if ds_path.exists() else {}
     ds = {k: v for k, v in ds.items() if k != "tensorboard"}  # the run directory's path: no training choice
-    upstream = {
-        s: json.loads(done_path(cfg, s).read_text())["config_hash"]
-        for s in NAMES[: NAMES.index(stage)]
-        if done_path(cfg, s).exists()
-    }
+    upstream = {s: h for s in NAMES[: NAMES.index(stage)] if (h := done_hash(cfg, s)) is not None}
     return config_hash(section, *extra, _data_hashed(cfg), cfg.tokenizer, cfg.run.seed, ds, upstream)
 
 
@@ -307,22 +303,30 @@ def done_path(cfg: ExperimentConfig, stage: str) -> Path:
     return stage_dir(cfg, stage) / "DONE.json"
 
 
+def done_hash(cfg: ExperimentConfig, stage: str) -> str | None:
+    """The config hash in a stage's DONE.json; None when it has none (not finished, or unreadable)."""
+    try:
+        return json.loads(done_path(cfg, stage).read_text()).get("config_hash")
+    except (OSError, ValueError, AttributeError):  # missing, not JSON / not UTF-8, not a mapping
+        return None
+
+
 def is_done(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> bool:
     """DONE.json matches the current config (`ds`: see stage_hash); a training stage that finished with
     another config is a ConfigError (its checkpoints would mix), an in-process one just runs again."""
     path = done_path(cfg, stage)
     if not path.exists():
         return False
-    done = json.loads(path.read_text())
-    if done.get("config_hash") != stage_hash(cfg, stage, ds):
+    done, now = done_hash(cfg, stage), stage_hash(cfg, stage, ds)
+    if done != now:
         if not spec(
             stage
         ).on_ranks:  # no checkpoint to mix up: cheap to redo (e.g. evaluate after a new model)
             say(f"{stage}: inputs or config changed since {path}, running it again")
             return False
         raise ConfigError(
-            f"{path}: stage {stage} finished with another config (hash {done.get('config_hash')}, now "
-            f"{stage_hash(cfg, stage)}); use a new run.out_dir, or delete {path.parent} to redo it"
+            f"{path}: stage {stage} finished with another config (hash {done}, now {now}); use a new "
+            f"run.out_dir, or delete {path.parent} to redo it"
         )
     return True
 
@@ -358,11 +362,7 @@ def check_upstream(cfg: ExperimentConfig, stage: str) -> None:
                 f"{stage}: {path} missing: stage {s} has not finished (killed, still running or never "
                 f"started); run {finish.format(s=s)} to finish it"
             )
-        try:
-            done = json.loads(path.read_text()).get("config_hash")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            done = None
-        now = stage_hash(cfg, s)
+        done, now = done_hash(cfg, s), stage_hash(cfg, s)
         if done != now:
             raise ConfigError(
                 f"{stage}: {path} has config hash {done}, but stage {s} would have {now} with this config "
