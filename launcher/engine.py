@@ -89,7 +89,30 @@ def setup_distributed(threads_per_rank: int) -> tuple[int, int]:
     torch.set_num_threads(threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed()
+    _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed shared-memory buffer (its mapping stays).
+
+    On a single node DeepSpeed's CPU communicator creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<master
+    addr>_<master port>_<rank> (64 MiB) and never unlinks it: every run, killed or not, leaks one per rank
+    until /dev/shm (RAM) is full and the OOM killer ends some later job. A rank returns from
+    `init_distributed` only once it has mapped every peer's buffer, so after a barrier no one opens them by
+    name again and the names can go; the memory is freed when the last rank mapping it exits.
+    """
+    dist.barrier()
+    name = "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(dist.get_rank()),
+        ]
+    )
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def seed_rng(seed: int) -> None:

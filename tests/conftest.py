@@ -79,6 +79,11 @@ def upstream(tmp_path_factory) -> Path:
     return run
 
 
+def deepspeed_shm_buffers() -> set[str]:
+    """Names of this user's DeepSpeed CPU all-reduce buffers in /dev/shm (see engine._unlink_shm_buffer)."""
+    return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     return dst

@@ -25,7 +25,15 @@ from stablekd.launcher.pipeline import train_files
 from stablekd.model.build import build_model
 from stablekd.model.tokenizer import load_tokenizer
 from stablekd.objectives.lm import nll_sum
-from tests.conftest import QUICKSTART, REPO, TINY, kill_after_checkpoint, run_stablekd, stablekd_cmd
+from tests.conftest import (
+    QUICKSTART,
+    REPO,
+    TINY,
+    deepspeed_shm_buffers,
+    kill_after_checkpoint,
+    run_stablekd,
+    stablekd_cmd,
+)
 
 pytestmark = pytest.mark.distributed
 STEPS = 10  # 10 × 2 micro-batches × 4 × 32 tokens per rank: more than one pass over the user corpus
@@ -157,6 +165,7 @@ def _start(run: Path, *extra: str) -> subprocess.Popen:
 
 def test_zero2_kill_and_resume_continues_the_same_curve(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
+    shm_before = deepspeed_shm_buffers()
     assert _start(full).wait(timeout=600) == 0
     curve = tb_scalars(full / "tb" / "teacher", "train/loss")
     assert [curve[s] for s in range(1, STEPS + 1)] == pytest.approx(
@@ -185,3 +194,5 @@ def test_zero2_kill_and_resume_continues_the_same_curve(tmp_path):
     steps = range(resumed_from + 1, 11)
     assert [after[s] for s in steps] == pytest.approx([curve[s] for s in steps], rel=1e-5)
     assert json.loads((killed / "teacher" / "DONE.json").read_text())["produced"]["steps"] == 10
+    # Neither the finished, the killed nor the resumed run left its ranks' 64 MiB buffers in /dev/shm.
+    assert deepspeed_shm_buffers() <= shm_before
