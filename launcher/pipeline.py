@@ -462,6 +462,7 @@ def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None
 
 
 def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
+    from stablekd.launcher import data_order
     from stablekd.launcher.launch import driver_log, run_stage
 
     # With launch.no_ssh every node runs this command; node 0 prepares, the others wait for it
@@ -475,6 +476,9 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
                 f"{cfg.run_dir}: node 0 prepared another config (hash {prepared}, this node {_run_hash(cfg)})"
             )
     else:
+        for stage in stages:  # before anything is written: a resume on other data is refused
+            if spec(stage).on_ranks:
+                data_order.check(cfg, stage)
         prepare(cfg, stages)
         (cfg.run_dir / "prepared.json").write_text(json.dumps({"config_hash": _run_hash(cfg)}))
     for stage in stages:
@@ -488,6 +492,8 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
         module = importlib.import_module(spec(stage).module)
         if hasattr(module, "preflight"):
             module.preflight(cfg)  # what the previous stage left, checked before any rank starts
+        if spec(stage).on_ranks and not follower:
+            data_order.record(cfg, stage)  # what it starts on, for the check of a later resume
         marker = read_marker(ckpt_dir(cfg, stage))
         say(f"[{stage}] started" + (f", resuming from step {marker['step']}" if marker else ""))
         t0 = time.perf_counter()
@@ -521,6 +527,7 @@ def dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
 
 
 def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
+    from stablekd.launcher import data_order
     from stablekd.launcher.launch import display_command
 
     check_files(cfg)
@@ -547,6 +554,8 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
         if is_done(cfg, stage, ds.get(stage)):
             lines.append(f"# {stage}: done already ({done_path(cfg, stage)}), would be skipped")
             continue
+        if spec(stage).on_ranks:
+            data_order.check(cfg, stage)
         marker = read_marker(ckpt_dir(cfg, stage))
         resume = f", resuming from step {marker['step']}" if marker else ""
         if in_process:

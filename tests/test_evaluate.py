@@ -7,7 +7,6 @@ import json
 import random
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from stablekd.launcher.stages import evaluate as evaluate_stage
 from stablekd.launcher.stages.evaluate import find_models
 from stablekd.model.build import build_model, count_params
 from stablekd.model.tokenizer import load_tokenizer
+from tests.conftest import QUICKSTART, UPSTREAM, copy_run
 
 REQUIRED = [
     "ppl",
@@ -324,32 +324,20 @@ def test_report_ratios_and_markdown():
 
 
 @pytest.mark.distributed
-def test_evaluate_sharded_teacher(tmp_path):
-    """No teacher/hf, a complete 2-rank ZeRO-3 checkpoint: evaluate runs on 2 ranks, the teacher stays
-    partitioned, and its perplexity equals DeepSpeed's zero_to_fp32 consolidation run in this process."""
+def test_evaluate_sharded_teacher(upstream, tmp_path):
+    """No teacher/hf, a complete 2-rank ZeRO-3 checkpoint (the session's tiny upstream run): evaluate runs
+    on 2 ranks, the teacher stays partitioned, and its perplexity equals DeepSpeed's zero_to_fp32
+    consolidation run in this process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from stablekd.launcher.stages import evaluate
 
-    root = Path(__file__).resolve().parent.parent
-    overrides = [
-        f"run.out_dir={tmp_path / 'run'}",
-        *TINY_RUN,
-        *EVAL,
-        "teacher.model=tiny",
-        "teacher.max_steps=4",
-        "teacher.micro_batch_size=4",
-        "teacher.eval_every=0",
-        "teacher.dtype=fp32",
-        "teacher.export_hf=false",
-        "launch.nproc_per_node=2",
-    ]
-    quickstart = str(root / "configs" / "quickstart.yaml")
-    cli.main(["stage", "teacher", quickstart, *overrides])
-    cfg = load_config(root / "configs" / "quickstart.yaml", overrides)
+    run = copy_run(upstream, tmp_path / "run")
+    overrides = [f"run.out_dir={run}", *UPSTREAM, *EVAL]
+    cfg = load_config(QUICKSTART, overrides)
     assert not (cfg.run_dir / "teacher" / "hf").exists()
     assert evaluate.needs_ranks(cfg)
-    cli.main(["stage", "evaluate", quickstart, *overrides])
+    cli.main(["stage", "evaluate", str(QUICKSTART), *overrides])
 
     out = json.loads((cfg.run_dir / "eval" / "report.json").read_text())
     teacher = out["models"]["teacher"]

@@ -176,7 +176,7 @@ def test_zero2_kill_and_resume_continues_the_same_curve(tmp_path):
     resumed_from = kill_after_checkpoint(proc, killed / "teacher", 4)
     assert resumed_from < 10
 
-    out = run_stablekd(
+    rerun = [
         "stage",
         "teacher",
         str(QUICKSTART),
@@ -187,7 +187,14 @@ def test_zero2_kill_and_resume_continues_the_same_curve(tmp_path):
         "teacher.dtype=fp32",
         "teacher.max_steps=10",
         "teacher.save_every=2",
-    )
+    ]
+    # Another reading order would repeat or skip samples: refused before any rank starts, by name.
+    config = (killed / "config.yaml").read_text()
+    refused = run_stablekd(*rerun, "data.num_workers=1", check=False)
+    assert refused.returncode == 2 and "data.num_workers: 0 then, 1 now" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert (killed / "config.yaml").read_text() == config  # nothing rewritten
+    out = run_stablekd(*rerun)
     assert "resumed from" in out.stderr + out.stdout and f"at step {resumed_from}" in out.stderr + out.stdout
     after = tb_scalars(killed / "tb" / "teacher", "train/loss")
     # Same data position, model, optimizer, scheduler: the resumed steps repeat the uninterrupted curve.

@@ -27,6 +27,9 @@ class StageSpec:
     # Earlier stages whose output it reads when they exist (evaluate: every model the run has): checked
     # like `needs` once the stage's directory exists, ignored while it does not.
     uses: tuple[str, ...] = ()
+    # Config keys besides the shared ones (launcher/data_order.py) that fix the order of what it reads:
+    # a resume with another value is refused.
+    order: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -36,7 +39,15 @@ class StageSpec:
 # In pipeline order: a stage reads only what the stages before it left.
 REGISTRY: tuple[StageSpec, ...] = (
     StageSpec("teacher", "teacher", on_ranks=True, trains=True, model="teacher"),
-    StageSpec("soft_labels", "soft_labels", on_ranks=True, trains=False, needs=("teacher",)),
+    StageSpec(
+        "soft_labels",
+        "soft_labels",
+        on_ranks=True,
+        trains=False,
+        needs=("teacher",),
+        # which contexts a rank samples and the seed of each generate call
+        order=("soft_labels.candidate_contexts", "soft_labels.generate_batch_size"),
+    ),
     # distill.online reads the teacher instead; distill.follow reads soft labels still being written
     StageSpec(
         "distill",

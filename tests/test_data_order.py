@@ -1,0 +1,80 @@
+"""A stage resumed on other data, or reading it in another order, is refused before any rank starts
+(launcher/data_order.py); one that has not started or has finished is not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stablekd.launcher import data_order
+from stablekd.launcher.config import ConfigError, load_config
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.txt").write_text("First paragraph.\n\nSecond paragraph.\n")
+    (d / "b.txt").write_text("Third paragraph.\n")
+    return d
+
+
+def _cfg(tmp_path, corpus, *overrides):
+    return load_config(None, [f"run.out_dir={tmp_path / 'run'}", f"data.paths={corpus}", *overrides])
+
+
+def _killed_after_a_checkpoint(cfg, stage="teacher"):
+    ckpt = cfg.run_dir / stage / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "complete.json").write_text(json.dumps({"tag": "step0000004", "step": 4}))
+
+
+def test_a_resume_on_changed_files_or_keys_is_refused_naming_them(tmp_path, corpus):
+    cfg = _cfg(tmp_path, corpus)
+    data_order.check(cfg, "teacher")  # first start: nothing recorded, nothing to resume
+    data_order.record(cfg, "teacher")
+    recorded = json.loads((cfg.run_dir / "teacher" / "data_order.json").read_text())
+    assert recorded["data.num_workers"] == 0 and recorded["teacher.micro_batch_size"] == 8
+    assert recorded[f"file {(corpus / 'a.txt').resolve()}"].startswith("sha256:")
+    _killed_after_a_checkpoint(cfg)
+    data_order.check(cfg, "teacher")  # the same inputs: resumes
+
+    for overrides, named in (
+        (["data.num_workers=2"], "data.num_workers: 0 then, 2 now"),
+        (["teacher.micro_batch_size=4"], "teacher.micro_batch_size: 8 then, 4 now"),
+        (["run.seed=7"], "run.seed: 0 then, 7 now"),
+    ):
+        with pytest.raises(ConfigError, match=named):
+            data_order.check(_cfg(tmp_path, corpus, *overrides), "teacher")
+
+    # One file's contents edited: named with both digests; a file added: named as absent then.
+    before = recorded[f"file {(corpus / 'b.txt').resolve()}"]
+    (corpus / "b.txt").write_text("Third paragraph, edited.\n")
+    with pytest.raises(ConfigError) as e:
+        data_order.check(cfg, "teacher")
+    after = data_order.file_digest(corpus / "b.txt")
+    assert f"b.txt: {before!r} then, {after!r} now" in str(e.value) and "a.txt" not in str(e.value)
+    (corpus / "b.txt").write_text("Third paragraph.\n")
+    (corpus / "c.txt").write_text("A new file.\n")
+    with pytest.raises(ConfigError, match=r"c\.txt: '\(absent\)' then"):
+        data_order.check(cfg, "teacher")
+    (corpus / "c.txt").unlink()
+
+    # Finished: DONE.json judges it, there is nothing to resume.
+    (cfg.run_dir / "teacher" / "DONE.json").write_text("{}")
+    data_order.check(_cfg(tmp_path, corpus, "data.num_workers=2"), "teacher")
+
+
+def test_soft_labels_order_includes_the_candidate_keys_and_rank_manifests_count_as_progress(tmp_path, corpus):
+    cfg = _cfg(tmp_path, corpus)
+    data_order.record(cfg, "soft_labels")
+    # Before any rank manifest there is nothing to resume: a change is simply recorded.
+    changed = _cfg(tmp_path, corpus, "soft_labels.generate_batch_size=4")
+    data_order.check(changed, "soft_labels")
+    data_order.record(changed, "soft_labels")
+    (cfg.run_dir / "soft_labels" / "candidates").mkdir(parents=True)
+    (cfg.run_dir / "soft_labels" / "candidates" / "manifest.r001.json").write_text("{}")
+    with pytest.raises(ConfigError, match="soft_labels.candidate_contexts: 256 then, 8 now"):
+        data_order.check(_cfg(tmp_path, corpus, "soft_labels.generate_batch_size=4",
+                              "soft_labels.candidate_contexts=8"), "soft_labels")  # fmt: skip
