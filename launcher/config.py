@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import TEXT_UNITS
 from stablekd.model.presets import PRESETS
 
@@ -90,9 +91,15 @@ class LaunchConfig:
     threads_per_rank: int = _f(
         0, "torch threads per rank; 0 = CPU cores / ranks per node (oversubscription halves speed)"
     )
+    timeout_s: float = _f(
+        1800.0,
+        "seconds any collective or wait may take before the job fails naming who is missing: "
+        "torch.distributed ops, the no_ssh node handshake (on master_port + 1)",
+    )
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "nproc_per_node")
+        _positive(self, "timeout_s")
         _at_least(self, 0, "master_port", "threads_per_rank")
         if self.master_port > 65535:
             raise ConfigError(f"master_port: expected a TCP port in [0, 65535], got {self.master_port}")
@@ -568,7 +575,7 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))  # ranks and other nodes read it
 
 
 def config_hash(*parts: Any) -> str:

@@ -29,6 +29,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,13 +83,16 @@ class TrainResult:
     checkpoint_tag: str
 
 
-def setup_distributed(threads_per_rank: int) -> tuple[int, int]:
-    """Join the process group DeepSpeed's runner set up (gloo on CPU, NCCL on GPU); returns (rank, world)."""
+def setup_distributed(threads_per_rank: int, timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Join the process group DeepSpeed's runner set up (gloo on CPU, NCCL on GPU); returns (rank, world).
+
+    `timeout_s` (launch.timeout_s) bounds every collective: a rank whose peer died or hangs fails with an
+    error after it instead of waiting forever (NCCL: with its async error handling, on by default)."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
     # Ranks on one node share its cores: more threads than cores/ranks oversubscribes (DESIGN §9).
     torch.set_num_threads(threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
 

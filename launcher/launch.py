@@ -29,6 +29,7 @@ from typing import TextIO
 
 import torch
 
+from stablekd.launcher import nodes, ranks
 from stablekd.launcher.config import ExperimentConfig
 from stablekd.launcher.stages import NAMES
 
@@ -218,6 +219,7 @@ def run_stage(cfg: ExperimentConfig, stage: str, verbose: bool = False) -> None:
         cols, lines = shutil.get_terminal_size()
         env.update(COLUMNS=str(cols), LINES=str(lines))
     cmd = runner_command(cfg, stage)
+    started = time.time()
     log = log_path(cfg, stage)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as f:  # a resumed stage appends: the log keeps every attempt
@@ -231,7 +233,8 @@ def run_stage(cfg: ExperimentConfig, stage: str, verbose: bool = False) -> None:
                 proc.kill()
                 raise
         if proc.returncode != 0:
-            why = f": {console.first_error}" if console.first_error else ""
+            lost = ranks.lost(cfg.run_dir, stage, started, nodes.host_names(cfg), cfg.launch.nproc_per_node)
+            why = f": {lost or console.first_error}" if lost or console.first_error else ""
             raise SystemExit(
                 f"stablekd: stage {stage} failed (exit {proc.returncode}){why}; full output: {log}"
             )

@@ -22,6 +22,7 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.sources import Corpus, iter_documents, resolve_paths
 from stablekd.ds_configs import resolve as ds_resolve
+from stablekd.launcher import nodes
 from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash, save_config, to_dict
 from stablekd.launcher.stages import NAMES, REGISTRY, spec
 from stablekd.launcher.status import headline, wall
@@ -112,14 +113,11 @@ def stage_hash(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> str
 
 
 def world_size(cfg: ExperimentConfig) -> int:
-    if not cfg.launch.hostfile:
-        return cfg.launch.nproc_per_node
-    hosts = [
-        line.split()
-        for line in Path(cfg.launch.hostfile).read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    return sum(min(int(h[1].split("=")[1]), cfg.launch.nproc_per_node) for h in hosts if len(h) > 1)
+    """Ranks of the job: launch.nproc_per_node on this node, or on each hostfile node (at most its slots)."""
+    return (
+        sum(min(slots, cfg.launch.nproc_per_node) for _, slots in nodes.hosts(cfg))
+        or cfg.launch.nproc_per_node
+    )
 
 
 def check_files(cfg: ExperimentConfig) -> None:
@@ -176,7 +174,7 @@ def _prepare_corpus(cfg: ExperimentConfig) -> None:
         cfg.data.bios.seed,
     )
     bios.write_corpus(corpus, out)
-    (out / "params.json").write_text(json.dumps(params))
+    atomic_write(out / "params.json", json.dumps(params))  # written last: marks it complete
     say(f"bios corpus: {len(corpus.train)} training biographies of {len(corpus.people)} people -> {out}")
 
 
@@ -193,7 +191,7 @@ def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
         train_tokenizer(docs, cfg.tokenizer.vocab_size, out)
     except ValueError as e:
         raise ConfigError(f"tokenizer.vocab_size: {e}") from None
-    (out / "params.json").write_text(json.dumps(params))
+    atomic_write(out / "params.json", json.dumps(params))  # written last: marks it complete
     say(
         f"tokenizer: SentencePiece BPE, vocab {cfg.tokenizer.vocab_size}, trained in {time.perf_counter() - t0:.1f}s -> {out}"
     )
@@ -215,7 +213,7 @@ def prepare_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
     ds = resolve_ds_config(cfg, stage)
     out = cfg.run_dir / "ds" / f"{stage}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(ds, indent=2))
+    atomic_write(out, json.dumps(ds, indent=2))  # other nodes' ranks read it
     return ds
 
 
@@ -426,12 +424,12 @@ def _run_hash(cfg: ExperimentConfig) -> str:
     return config_hash({k: v for k, v in to_dict(cfg).items() if k != "launch"})
 
 
-def _wait_for(path: Path, what: str, timeout_s: float = 600) -> None:
+def _wait_for(path: Path, what: str, timeout_s: float) -> None:
     deadline = time.time() + timeout_s
     while not path.exists():
         if time.time() > deadline:
             raise ConfigError(
-                f"waited {timeout_s:.0f}s for {what} ({path} missing): is node 0 running the same command?"
+                f"waited {timeout_s:.0f}s (launch.timeout_s) for {what} ({path} missing): is node 0 running?"
             )
         time.sleep(0.5)
 
@@ -469,18 +467,14 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
     # (the run directory is on a filesystem every node sees) and never run in-process stages.
     follower = _follower(cfg)
     if follower:
-        _wait_for(cfg.run_dir / "prepared.json", "node 0 to prepare the run directory")
-        prepared = json.loads((cfg.run_dir / "prepared.json").read_text())["config_hash"]
-        if prepared != _run_hash(cfg):
-            raise ConfigError(
-                f"{cfg.run_dir}: node 0 prepared another config (hash {prepared}, this node {_run_hash(cfg)})"
-            )
+        nodes.follow(cfg, _run_hash(cfg))  # node 0 has prepared this launch, with this config
     else:
         for stage in stages:  # before anything is written: a resume on other data is refused
             if spec(stage).on_ranks:
                 data_order.check(cfg, stage)
         prepare(cfg, stages)
-        (cfg.run_dir / "prepared.json").write_text(json.dumps({"config_hash": _run_hash(cfg)}))
+        if cfg.launch.no_ssh:
+            nodes.lead(cfg, _run_hash(cfg))  # the other nodes read the run directory from here on
     for stage in stages:
         in_process = _in_process(cfg, stage)
         if follower and in_process:
@@ -503,7 +497,7 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
         else:
             run_stage(cfg, stage, verbose)
         if follower:  # global rank 0, on node 0, writes DONE.json after this node's ranks may have exited
-            _wait_for(done_path(cfg, stage), f"node 0 to finish stage {stage}", timeout_s=120)
+            _wait_for(done_path(cfg, stage), f"node 0 to finish stage {stage}", cfg.launch.timeout_s)
         if not done_path(cfg, stage).exists():
             raise RuntimeError(f"stage {stage} exited without writing {done_path(cfg, stage)}")
         done = json.loads(done_path(cfg, stage).read_text())
@@ -535,7 +529,7 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
     follower = _follower(cfg)
     if follower:
         lines.append(
-            f"# node {cfg.launch.node_rank}: wait for node 0 to prepare {cfg.run_dir} (prepared.json)"
+            f"# node {cfg.launch.node_rank}: wait for node 0 to prepare {cfg.run_dir} (handshake on master_port + 1)"
         )
     else:
         todo = ["config.yaml"]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 from stablekd.launcher.config import load_config
+from stablekd.launcher.ranks import RankStatus
 
 
 def main(argv: list[str]) -> None:
@@ -17,7 +20,18 @@ def main(argv: list[str]) -> None:
         "ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
     cfg = load_config(Path(run_dir) / "config.yaml")
-    importlib.import_module(f"stablekd.launcher.stages.{stage}").run(cfg)
+    status = RankStatus(cfg.run_dir, stage, int(os.environ["RANK"]))  # set by DeepSpeed's launcher
+    try:
+        importlib.import_module(f"stablekd.launcher.stages.{stage}").run(cfg)
+    except BaseException as e:
+        status.end(f"failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}")
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Leave at once: an ordinary exit would wait for the broken process group's pending work, one
+        # launch.timeout_s per queued collective, before the launcher can end the job.
+        os._exit(1)
+    status.end("done")
 
 
 if __name__ == "__main__":

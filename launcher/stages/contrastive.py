@@ -285,7 +285,7 @@ def _lm_batches(cfg: ExperimentConfig, rank: int, world: int, micro: int):
 
 
 def run(cfg: ExperimentConfig) -> None:
-    rank, world = engine.setup_distributed(cfg.launch.threads_per_rank)
+    rank, world = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
     engine.seed_rng(cfg.run.seed)  # the negatives' draws (and the embedding head's init) repeat run to run
     c, run_dir, seq_len = cfg.contrastive, cfg.run_dir, cfg.data.seq_len
     ds = json.loads((run_dir / "ds" / "contrastive.json").read_text())

@@ -84,7 +84,7 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 
 def run(cfg: ExperimentConfig) -> None:
-    rank, world = engine.setup_distributed(cfg.launch.threads_per_rank)
+    rank, world = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
     engine.seed_rng(cfg.run.seed)  # runs of one config draw the same (dropout, any sampling)
     d, run_dir, seq_len = cfg.distill, cfg.run_dir, cfg.data.seq_len
     # The online teacher first: its HfDeepSpeedConfig must not be alive while the student is built.

@@ -147,7 +147,7 @@ def run(cfg: ExperimentConfig) -> None:
     if needs_ranks(cfg):  # started by the deepspeed runner on every rank (pipeline.run)
         from stablekd.launcher import engine
 
-        rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank)
+        rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
         if torch.cuda.is_available():  # whole models go to "cuda": this rank's device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         hf_logging.disable_progress_bar()

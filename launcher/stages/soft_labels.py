@@ -281,7 +281,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
 
 def run(cfg: ExperimentConfig) -> ShardedTeacher:
     """The stage on every rank; returns the loaded teacher for callers that keep using it in the same job."""
-    rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank)
+    rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
     teacher = pipeline.sharded_teacher(cfg)
     if rank == 0:
         tqdm.write(

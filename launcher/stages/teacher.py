@@ -21,7 +21,7 @@ from stablekd.objectives.lm import lm_loss
 
 
 def run(cfg: ExperimentConfig) -> None:
-    rank, world = engine.setup_distributed(cfg.launch.threads_per_rank)
+    rank, world = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
     engine.seed_rng(cfg.run.seed)  # runs of one config draw the same (dropout, any sampling)
     run_dir = cfg.run_dir
     ds = json.loads((run_dir / "ds" / "teacher.json").read_text())
