@@ -73,6 +73,11 @@ class RunConfig:
         "", "run directory (every stage's artifacts, checkpoints and TensorBoard logs); empty = runs/<name>"
     )
     seed: int = _f(0, "seed for model init, data order and sampling")
+    trace_samples: bool = _f(
+        False,
+        "append a hash of every training micro-batch to logs/samples/<stage>.r<rank>.tsv (benchmarks/faults.py "
+        "checks with it that kills lose or repeat no sample)",
+    )
 
 
 @dataclass

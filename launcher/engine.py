@@ -21,6 +21,7 @@ log window and all ranks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -259,8 +260,24 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float | N
     return _objective(weights, sums, counts) if any(counts.values()) else None
 
 
-def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_hash: str) -> TrainResult:
-    """Train `stage` to cfg.max_steps (resuming from its last complete checkpoint); returns a summary."""
+def batch_digest(batch: dict) -> str:
+    """sha256 (16 hex digits) of a batch's tensors, by key: what identifies a sample in a trace."""
+    h = hashlib.sha256()
+    for key in sorted(batch):
+        if torch.is_tensor(batch[key]):
+            h.update(
+                key.encode() + batch[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            )
+    return h.hexdigest()[:16]
+
+
+def train(
+    stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_hash: str, trace_samples: bool = False
+) -> TrainResult:
+    """Train `stage` to cfg.max_steps (resuming from its last complete checkpoint); returns a summary.
+
+    `trace_samples` (run.trace_samples): each rank appends `step, micro-batch, batch_digest` lines to
+    logs/samples/<stage>.r<rank>.tsv as it draws them (a resumed run appends the steps it redoes)."""
     world = dist.get_world_size()
     ckpt_dir = run_dir / spec(stage.name).out_dir / "ckpt"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +298,11 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
         peak = all_reduce_values([measure_peak_flops(engine.device)])[0]
     monitor.scalars(step, {"perf/peak_tflops": peak / 1e12})
     batches = iter(stage.batches)
+    trace = None
+    if trace_samples:
+        trace_path = run_dir / "logs" / "samples" / f"{stage.name}.r{dist.get_rank():05d}.tsv"
+        trace_path.parent.mkdir(parents=True, exist_ok=True)
+        trace = open(trace_path, "a")  # noqa: SIM115  (closed when the loop ends)
     terms = sorted(stage.weights)
     window: dict[str, float] = {}  # term sums / counts and metric sums / counts of the log window
     window_steps, window_tokens, window_time = 0, 0, 0.0
@@ -290,6 +312,9 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
+        if trace:
+            trace.write("".join(f"{step + 1}\t{i}\t{batch_digest(b)}\n" for i, b in enumerate(micro)))
+            trace.flush()
         local_counts: dict[str, float] = dict.fromkeys(terms, 0.0)
         for b in micro:
             for t, c in stage.count(b).items():
@@ -365,6 +390,8 @@ def train(stage: Stage, cfg: TrainConfig, ds_config: dict, run_dir: Path, cfg_ha
     if not losses:  # resumed at max_steps: nothing left to train
         eval_loss = evaluate(engine, stage)
     monitor.close()
+    if trace:
+        trace.close()
     return TrainResult(engine, step, tokens, losses, eval_loss, read_marker(ckpt_dir)["tag"])
 
 

@@ -312,7 +312,9 @@ def run(cfg: ExperimentConfig) -> None:
         weights=weights, count=counts(c), tokens=lambda b: b["lm_input_ids"].numel() + b["cand_ids"].numel(),
         eval_loss=lm_loss,
     )  # fmt: skip
-    result = engine.train(stage, c, ds, run_dir, pipeline.stage_hash(cfg, "contrastive"))
+    result = engine.train(
+        stage, c, ds, run_dir, pipeline.stage_hash(cfg, "contrastive"), cfg.run.trace_samples
+    )
 
     module = result.engine.module
     pipeline.finish_training(

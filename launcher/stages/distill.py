@@ -105,7 +105,7 @@ def run(cfg: ExperimentConfig) -> None:
         weights=soft_label_weights(d.alpha), count=soft_label_counts,
         eval_loss=lm_loss,
     )  # fmt: skip
-    result = engine.train(stage, d, ds, run_dir, pipeline.stage_hash(cfg, "distill"))
+    result = engine.train(stage, d, ds, run_dir, pipeline.stage_hash(cfg, "distill"), cfg.run.trace_samples)
 
     produced = {"source": "online teacher" if d.online else str(pipeline.stage_dir(cfg, "soft_labels"))}
     if teacher is not None:

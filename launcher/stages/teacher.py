@@ -42,7 +42,9 @@ def run(cfg: ExperimentConfig) -> None:
     stage = engine.Stage(
         "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model.config, seq_len)
     )
-    result = engine.train(stage, cfg.teacher, ds, run_dir, pipeline.stage_hash(cfg, "teacher"))
+    result = engine.train(
+        stage, cfg.teacher, ds, run_dir, pipeline.stage_hash(cfg, "teacher"), cfg.run.trace_samples
+    )
 
     if rank == 0:
         skipped = {
