@@ -232,10 +232,16 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float | N
     collectively), so a rank with fewer eval batches runs `filler` (or its first eval batch) and counts
     nothing from it.
     """
-    n = int(all_reduce_values([len(stage.eval_batches)], dist.ReduceOp.MAX)[0])
+    filler = stage.eval_batches[0] if stage.eval_batches else filler
+    # One collective decides for every rank: a rank raising alone would leave the others in ZeRO-3 gathers.
+    n, short = all_reduce_values([len(stage.eval_batches), float(filler is None)], dist.ReduceOp.MAX)
+    n = int(n)
     if n == 0:
         return None
-    filler = stage.eval_batches[0] if stage.eval_batches else filler
+    if short:
+        raise RuntimeError(
+            "a rank has no eval batch to keep ZeRO-3 forwards in step; give every rank eval data"
+        )
     loss_fn, count_fn = (stage.eval_loss, lm_counts) if stage.eval_loss else (stage.loss, stage.count)
     weights = {"lm": 1.0} if stage.eval_loss else stage.weights
     terms = sorted(weights)
@@ -244,10 +250,6 @@ def evaluate(engine: Any, stage: Stage, filler: dict | None = None) -> float | N
     with torch.no_grad():
         for i in range(n):
             batch = stage.eval_batches[i] if i < len(stage.eval_batches) else filler
-            if batch is None:
-                raise RuntimeError(
-                    "a rank has no eval batch to keep ZeRO-3 forwards in step; give every rank eval data"
-                )
             out = loss_fn(engine, _to(batch, engine.device))
             if i < len(stage.eval_batches):
                 for t in terms:

@@ -6,7 +6,8 @@
 `engine.train` on a stage whose loss has two terms with different denominators ("tok": next-token NLL
 over counted tokens; "seq": per-sequence mean NLL over sequences with a counted token), weights 0.7 / 0.3,
 on batches whose -100 masks differ across ranks and micro-batches (`masked_batch`: some micro-batches
-count nothing at all). Rank 0 writes the per-step global losses to <result.json>.
+count nothing at all). Rank 0 writes the per-step global losses to <result.json>, and which ranks
+raised when only rank 0 has held-out batches and there is no filler (all must).
 """
 
 from __future__ import annotations
@@ -96,8 +97,18 @@ def main(run_dir: str, result: str) -> None:
         [], 1.0, weights=WEIGHTS, count=counts,
     )  # fmt: skip
     out = engine.train(stage, TRAIN, ds, Path(run_dir), "h")
+    # Rank 0 has held-out batches, rank 1 none and no filler: every rank must raise, at the same point,
+    # none may go on into collectives the others never join.
+    stage.eval_batches = [masked_batch(0, 0)] if rank == 0 else []
+    try:
+        engine.evaluate(out.engine, stage, filler=None)
+        raised = False
+    except RuntimeError:
+        raised = True
+    everyone: list = [None] * world
+    torch.distributed.all_gather_object(everyone, raised)
     if rank == 0:
-        Path(result).write_text(json.dumps(out.losses))
+        Path(result).write_text(json.dumps({"losses": out.losses, "eval_raised": everyone}))
 
 
 if __name__ == "__main__":
