@@ -38,10 +38,14 @@ ANSWER_TOKENS = 12
 class TextGenerator(Protocol):
     """What the probe and the report need from a model: text continuations of text prompts."""
 
-    def __call__(self, prompts: Sequence[str], n: int, greedy: bool, max_new_tokens: int) -> list[list[str]]:
+    def __call__(
+        self, prompts: Sequence[str], n: int, greedy: bool, max_new_tokens: int, min_new_tokens: int = 0
+    ) -> list[list[str]]:
         """n continuations (text after the prompt, specials removed) per prompt, in prompt order.
 
         greedy=True means deterministic decoding and n == 1; otherwise samples from the torch RNG.
+        min_new_tokens: end-of-text is not generated before that many tokens (a fixed length when equal
+        to max_new_tokens).
         """
         ...
 
@@ -121,9 +125,11 @@ class HFGenerator:
                 out.append([_cut_at(new[i * n + j], self.eos) for j in range(n)])
         return out
 
-    def __call__(self, prompts: Sequence[str], n: int, greedy: bool, max_new_tokens: int) -> list[list[str]]:
+    def __call__(
+        self, prompts: Sequence[str], n: int, greedy: bool, max_new_tokens: int, min_new_tokens: int = 0
+    ) -> list[list[str]]:
         prompt_ids = self.encode(prompts)
-        generated = self.generate_ids(prompt_ids, n, greedy, max_new_tokens)
+        generated = self.generate_ids(prompt_ids, n, greedy, max_new_tokens, min_new_tokens)
         texts = []
         for p, samples in zip(prompt_ids, generated, strict=True):
             head = self.tokenizer.decode(p, skip_special_tokens=True)
@@ -185,6 +191,8 @@ class ProbeResult:
     """bios_* keys for trained people, bios_unseen_* for unseen ones (absent when there are none)."""
     examples: list[dict] = field(default_factory=list)
     """A few questions (prompt, truth, raw answers) and free biographies, for the report."""
+    sizes: dict[str, str] = field(default_factory=dict)
+    """What each metric was computed on ("60 questions × 4 answers"), for the report's sample column."""
 
 
 def probe(
@@ -212,6 +220,11 @@ def probe(
         m[f"{group}_answered"] = sum(a[0] is not None for a in answers) / len(answers)
         m[f"{group}_self_consistency"] = metrics.self_consistency(answers)
         m[f"{group}_cross_contradiction"] = metrics.cross_contradiction(answers)
+        asked = f"{len(questions)} questions"
+        for key in ("accuracy", "answered"):
+            result.sizes[f"{group}_{key}"] = asked
+        for key in ("self_consistency", "cross_contradiction"):
+            result.sizes[f"{group}_{key}"] = f"{asked} × {1 + cfg.samples} answers"
         result.examples += [
             {"group": group, "prompt": q.prompt, "truth": q.truth, "answers": r}
             for q, r in zip(questions[:3], raw[:3], strict=True)
@@ -222,5 +235,8 @@ def probe(
             texts = free_bios(gen, writers, cfg.max_new_tokens, seed)
             extracted = [bios.extract_attributes(t, p.name) for t, p in zip(texts, writers, strict=True)]
             m[f"{group}_intext_contradiction"] = metrics.intext_contradiction(extracted)
+            result.sizes[f"{group}_intext_contradiction"] = (
+                f"{len(writers)} free bios × {cfg.max_new_tokens} tokens"
+            )
             result.examples += [{"group": group, "bio": t} for t in texts[:2]]
     return result

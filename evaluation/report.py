@@ -119,10 +119,38 @@ class Continuations:
 
 
 def continue_prefixes(gen: TextGenerator, prefixes: Sequence[str], cfg: EvaluateConfig) -> Continuations:
-    greedy = [c[0] for c in gen(prefixes, 1, True, cfg.max_new_tokens)]
+    """Every continuation exactly `max_new_tokens` long (end-of-text is not generated before): a model
+    that stops early would otherwise show fewer n-grams, hence fewer repeats, for less text."""
+    n = cfg.max_new_tokens
+    greedy = [c[0] for c in gen(prefixes, 1, True, n, min_new_tokens=n)]
     torch.manual_seed(cfg.seed + 2)  # the probe uses seed and seed + 1
-    samples = gen(prefixes, cfg.samples, False, cfg.max_new_tokens) if cfg.samples > 0 else []
+    samples = gen(prefixes, cfg.samples, False, n, min_new_tokens=n) if cfg.samples > 0 else []
     return Continuations(greedy, samples)
+
+
+# Below these, a figure moves by more than its differences between models: shown missing, with why.
+MIN_CONTINUATION_TOKENS = 256  # rep-n, diversity, distinct-2: one repeated 4-gram in 256 tokens is 0.4 points
+MIN_PREFIXES = 8  # coherence: a mean cosine over fewer prefixes
+MIN_PPL_TOKENS = 256  # perplexity
+
+
+def continuation_sizes(n_prefixes: int, cfg: EvaluateConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """(sample size, reason it is missing) of the degeneration and coherence rows, for `n_prefixes`
+    held-out prefixes continued to evaluate.max_new_tokens tokens."""
+    tokens = n_prefixes * cfg.max_new_tokens
+    greedy = f"{n_prefixes} held-out prefixes × {cfg.max_new_tokens} tokens"
+    sizes = {k: greedy for k in ("rep_2", "rep_3", "rep_4", "diversity", "coherence")}
+    sizes["distinct_2"] = f"{n_prefixes} prefixes × {cfg.samples} samples × {cfg.max_new_tokens} tokens"
+    missing = {}
+    if tokens < MIN_CONTINUATION_TOKENS:
+        why = (
+            f"{tokens} generated tokens < {MIN_CONTINUATION_TOKENS} (raise evaluate.prefixes or "
+            "evaluate.max_new_tokens, or give more held-out text)"
+        )
+        missing = {k: why for k in ("rep_2", "rep_3", "rep_4", "diversity", "distinct_2")}
+    if n_prefixes < MIN_PREFIXES:
+        missing["coherence"] = f"{n_prefixes} held-out prefixes < {MIN_PREFIXES}"
+    return sizes, missing
 
 
 def degeneration(cont: Continuations) -> dict[str, float]:
@@ -300,17 +328,21 @@ def samples_markdown(samples: dict) -> str:
 def markdown(report: dict, samples: dict[str, dict]) -> str:
     """report.md: the side-by-side table (one row per metric, one column per model), ratios, samples."""
     names = list(report["models"])
-    keys = [k for k in METRICS if any(k in report["models"][n] for n in names)]
-    keys += sorted({k for n in names for k in report["models"][n]} - set(keys))
+    sizes, missing = report.get("sizes", {}), report.get("missing", {})
+    shown = {k for n in names for k in report["models"][n]} | set(missing)
+    keys = [k for k in METRICS if k in shown]
+    keys += sorted(shown - set(keys))
     out = ["# Stability report", ""]
     out += [
-        "| metric | " + " | ".join(names) + " | note |",
-        "| --- | " + " | ".join("---:" for _ in names) + " | --- |",
+        "| metric | " + " | ".join(names) + " | computed on | note |",
+        "| --- | " + " | ".join("---:" for _ in names) + " | --- | --- |",
     ]
     for k in keys:
         label, note = METRICS.get(k, (k, ""))
+        if k in missing:
+            note = f"missing: {missing[k]}"
         cells = [_fmt(k, report["models"][n].get(k)) for n in names]
-        out.append(f"| {label} (`{k}`) | " + " | ".join(cells) + f" | {note} |")
+        out.append(f"| {label} (`{k}`) | " + " | ".join(cells) + f" | {sizes.get(k, '')} | {note} |")
     if report.get("ratios"):
         out += ["", "| ratio | " + " | ".join(RATIO_KEYS) + " |", "| --- |" + " ---: |" * len(RATIO_KEYS)]
         for pair, r in report["ratios"].items():

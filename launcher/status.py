@@ -204,17 +204,21 @@ def report_table(run_dir: Path) -> str | None:
 
     rows = [
         [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
-        for line in markdown({"models": json.loads(path.read_text())["models"]}, {}).splitlines()
+        for line in markdown(
+            {k: v for k, v in json.loads(path.read_text()).items() if k in ("models", "sizes", "missing")}, {}
+        ).splitlines()
         if line.startswith("|")
     ]
     rows = [r for r in rows if not set("".join(r)) <= set("-: ")]  # the |---| row, made anew below
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     last = len(widths) - 1
 
-    def cell(i: int, text: str) -> str:  # label and note left, figures right
-        return text.ljust(widths[i]) if i in (0, last) else text.rjust(widths[i])
+    text = (0, last - 1, last)  # label, what it was computed on and note left, figures right
 
-    rule = ["-" * w if i in (0, last) else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
+    def cell(i: int, t: str) -> str:
+        return t.ljust(widths[i]) if i in text else t.rjust(widths[i])
+
+    rule = ["-" * w if i in text else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
     lines = ["| " + " | ".join(cell(i, t) for i, t in enumerate(r)) + " |" for r in rows]
     lines.insert(1, "| " + " | ".join(rule) + " |")
     return "\n".join(lines)

@@ -162,21 +162,33 @@ def test_report_table_aligns_the_main_table(tmp_path, monkeypatch, capsys):
         "student": {"ppl": 4.25, "bios_accuracy": 0.5, "params": 1.1e6},
         "contrastive": {"ppl": 4.5, "params": 1.1e6},
     }
-    (tmp_path / "eval" / "report.json").write_text(json.dumps({"models": models, "ratios": {}, "notes": []}))
+    sizes = {"ppl": "1984 held-out tokens", "bios_accuracy": "60 questions"}
+    missing = {"rep_4": "96 generated tokens < 256 (raise evaluate.prefixes)"}
+    report = {"models": models, "ratios": {}, "notes": [], "sizes": sizes, "missing": missing}
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(report))
     rows = report_table(tmp_path).splitlines()
     assert [c.strip() for c in rows[0].strip("|").split("|")] == [
         "metric",
         "teacher",
         "student",
         "contrastive",
+        "computed on",
         "note",
     ]
     assert set(rows[1]) <= set("|-: ")
     assert len({len(r) for r in rows}) == 1  # aligned
-    cells = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:5]] for r in rows[2:]}
-    assert cells["perplexity, held-out text (`ppl`)"] == ["3.000", "4.250", "4.500"]
-    assert cells["bios accuracy (greedy) (`bios_accuracy`)"] == ["0.950", "0.500", "–"]
-    assert cells["parameters (`params`)"] == ["4.20M", "1.10M", "1.10M"]
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:7]] for r in rows[2:]}
+    assert cells["perplexity, held-out text (`ppl`)"] == [
+        "3.000",
+        "4.250",
+        "4.500",
+        sizes["ppl"],
+        "lower is better",
+    ]
+    assert cells["bios accuracy (greedy) (`bios_accuracy`)"][:4] == ["0.950", "0.500", "–", "60 questions"]
+    assert cells["parameters (`params`)"][:3] == ["4.20M", "1.10M", "1.10M"]
+    # A figure computed on too little text is a row of dashes that says why.
+    assert cells["rep-4 (%) (`rep_4`)"] == ["–", "–", "–", "", f"missing: {missing['rep_4']}"]
     assert report_table(tmp_path / "nothing") is None
     done = {"produced": {"report_json": "eval/report.json", "models": list(models)}}
     assert headline("evaluate", done, tmp_path / "eval") == "bios accuracy teacher 0.950, student 0.500"

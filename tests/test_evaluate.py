@@ -171,9 +171,9 @@ EVAL = [
     "evaluate.samples=2",
     "evaluate.max_prompts=4",
     "evaluate.free_bios=2",
-    "evaluate.prefixes=4",
+    "evaluate.prefixes=8",  # × 32 tokens: the least a degeneration figure is shown for (MIN_CONTINUATION_TOKENS)
     "evaluate.prefix_tokens=8",
-    "evaluate.max_new_tokens=8",
+    "evaluate.max_new_tokens=32",
     "evaluate.ppl_batches=2",
 ]
 TINY_RUN = [
@@ -257,6 +257,13 @@ def test_evaluate_stage_report(bios_run):
         if key not in ("gen_tokens_per_s", "peak_mem_mib"):
             assert student[key] == pytest.approx(teacher[key]), key
     assert out["ratios"]["student/teacher"]["params"] == 1.0
+    # Every figure says what it was computed on; nothing was too small to show here.
+    sizes = out["sizes"]
+    assert sizes["rep_4"] == sizes["coherence"] == "8 held-out prefixes × 32 tokens" and out["missing"] == {}
+    assert sizes["ppl"].endswith(" held-out tokens") and int(sizes["ppl"].split()[0]) >= report.MIN_PPL_TOKENS
+    assert sizes["bios_accuracy"].endswith(" questions") and sizes["bios_cross_contradiction"].endswith(
+        "answers"
+    )
 
     md = (cfg.run_dir / "eval" / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and "(`" in line]
@@ -293,6 +300,27 @@ def test_user_corpus_has_no_bios_keys(tmp_path):
     assert not [k for k in values if k.startswith("bios")]
     assert {"ppl", "rep_2", "diversity", "coherence", "params", "gen_tokens_per_s"} <= set(values)
     assert "bios_* keys absent" in (cfg.run_dir / "eval" / "report.md").read_text()
+
+
+def test_too_little_held_out_text_shows_figures_missing_with_the_reason(tmp_path):
+    """Three held-out prefixes × 32 tokens: degeneration and coherence would rest on 96 generated tokens;
+    the report shows them missing and says why, and never falls back to continuing training text."""
+    text = bios.generate(people=20, bios_per_person=2, heldout_bios_per_person=1, unseen_people=0)
+    (tmp_path / "train.txt").write_text("\n".join(text.train) + "\n")
+    (tmp_path / "held.txt").write_text("\n".join(text.heldout[:3]) + "\n")
+    extra = [f"data.paths=[{tmp_path / 'train.txt'}]", f"data.eval_paths=[{tmp_path / 'held.txt'}]"]
+    cfg, _ = _tiny_run(tmp_path, [*extra, "data.text_unit=line"])
+    pipeline.run(cfg, ["evaluate"])
+    out = json.loads((cfg.run_dir / "eval" / "report.json").read_text())
+    values, missing = out["models"]["teacher"], out["missing"]
+    assert set(missing) == {"rep_2", "rep_3", "rep_4", "diversity", "distinct_2", "coherence"}
+    assert not set(missing) & set(values)
+    assert (
+        missing["rep_4"].startswith("96 generated tokens < 256")
+        and missing["coherence"] == "3 held-out prefixes < 8"
+    )
+    md = (cfg.run_dir / "eval" / "report.md").read_text()
+    assert f"missing: {missing['rep_4']}" in md and "training text" not in md
 
 
 def test_missing_models_are_named(tmp_path):

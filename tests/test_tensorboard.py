@@ -48,7 +48,7 @@ def test_report_is_one_chart_per_metric_with_a_run_per_model(tmp_path: Path) -> 
     (ratio,) = _events(tb / "student").Scalars("efficiency/params_vs_teacher")
     assert ratio.value == pytest.approx(0.25)
     table = _text(_events(tb), "report")
-    assert "| metric | teacher | student | contrastive | note |" in table and "a note" in table
+    assert "| metric | teacher | student | contrastive | computed on | note |" in table and "a note" in table
     assert "born (" not in table  # samples live in the models' runs, not beside the table
 
     # A second evaluation replaces the first: one point per model, the new value, no stale run.

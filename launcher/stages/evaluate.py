@@ -45,6 +45,7 @@ from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
 from stablekd.launcher.stages import MODELS, model_stage
 from stablekd.model.build import count_params
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
+from stablekd.objectives.lm import IGNORE_INDEX, shifted_labels
 
 
 def find_models(run_dir: Path) -> dict[str, Path]:
@@ -124,12 +125,18 @@ def _encoder_dir(src: str) -> Path:
 
 def _perplexity(
     model: PreTrainedModel, files: Sequence[Path], tok_dir: Path, cfg: ExperimentConfig
-) -> float | None:
-    """Perplexity on the first evaluate.ppl_batches held-out batches; None when `files` yield no batch."""
+) -> tuple[float, int] | None:
+    """(perplexity, tokens scored) on the first evaluate.ppl_batches held-out batches; None when `files`
+    yield no batch."""
     batches = eval_batches(
         files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, cfg.evaluate.ppl_batches, 0, 1
     )
-    return report.perplexity(model, batches) if batches else None
+    if not batches:
+        return None
+    scored = sum(
+        int((shifted_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in batches
+    )  # as nll_sum counts
+    return report.perplexity(model, batches), scored
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -217,15 +224,12 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     # Held-out text (pipeline.eval_files): data.eval_paths, the share of data.paths every training stage
     # left out (data.eval_fraction), or the bios held-out biographies. It may hold no document at all.
     held = pipeline.eval_files(cfg)
+    # Prefixes from held-out text only: a continuation of training text measures recall, not generation.
     prefixes = report.load_prefixes(held, run_tok, ecfg.prefixes, ecfg.prefix_tokens) if held else []
+    sizes, missing = report.continuation_sizes(len(prefixes), ecfg)
     if not prefixes:
         why = f"no held-out document longer than {ecfg.prefix_tokens} tokens" if held else "no held-out text"
-        notes.append(f"prefixes come from the training text: {why}")
-        prefixes = report.load_prefixes(pipeline.train_files(cfg), run_tok, ecfg.prefixes, ecfg.prefix_tokens)
-    if not prefixes:
-        notes.append(
-            f"no document longer than {ecfg.prefix_tokens} tokens: degeneration and coherence absent"
-        )
+        missing = dict.fromkeys(sizes, why)
     speed_prompts = (prefixes or ["The"])[: report.SPEED_BATCH]
 
     # Warm-up outside every measurement: lazy imports, kernel set-up and allocator pools that the first
@@ -251,16 +255,21 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         m: dict[str, float] = {}
         ppl = _perplexity(model, held, tok_dir, cfg) if held else None
         if ppl is not None:
-            m["ppl"] = ppl
+            m["ppl"] = ppl[0]
+            sizes["ppl"] = f"{ppl[1]} held-out tokens"
+            if ppl[1] < report.MIN_PPL_TOKENS:
+                missing["ppl"] = f"{ppl[1]} held-out tokens < {report.MIN_PPL_TOKENS}"
         else:
             no_ppl.append(name)
         if builtin:
             same = not cfg.data.eval_paths  # held is then the bios held-out file itself
             bios_ppl = ppl if same else _perplexity(model, [bios_heldout], tok_dir, cfg)
             if bios_ppl is not None:
-                m["bios_ppl"] = bios_ppl
+                m["bios_ppl"] = bios_ppl[0]
+                sizes["bios_ppl"] = f"{bios_ppl[1]} held-out biography tokens"
             result = probe(gen, people, unseen, ecfg)
             m.update(result.metrics)
+            sizes.update(result.sizes)
             samples[name] = {"probe": result.examples}
         if prefixes:
             cont = report.continue_prefixes(gen, prefixes, ecfg)
@@ -269,6 +278,8 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             samples.setdefault(name, {})["continuations"] = list(
                 zip(prefixes[:3], cont.greedy[:3], strict=True)
             )
+        for key in missing:
+            m.pop(key, None)
         m["params"] = count_params(model)
         m["gen_tokens_per_s"] = report.generation_speed(gen, speed_prompts, ecfg.max_new_tokens)
         m["peak_mem_mib"] = meter.peak_mib()
@@ -290,7 +301,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     encoder_name = (
         str(encoder_src) if encoder_src else ("teacher" if "teacher" in models else next(iter(models)))
     )
-    if prefixes:
+    if prefixes and "coherence" not in missing:
         if encoder_src:
             encoder = AutoModel.from_pretrained(str(encoder_src)).to(device).eval()
             enc_tok = AutoTokenizer.from_pretrained(str(encoder_src))
@@ -307,6 +318,8 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     out = {
         "models": results,
         "ratios": report.ratios(results),
+        "sizes": sizes,  # what each figure was computed on
+        "missing": missing,  # figures not shown, and why
         "notes": notes,
         "coherence_encoder": encoder_name,
         "device": str(device),
