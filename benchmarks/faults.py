@@ -13,8 +13,8 @@ compared with the reference:
 - training stages: the sample trace (logs/samples/<stage>.r*.tsv, the last attempt's record of each
   step and micro-batch) must equal the reference's: samples lost = in the reference and not here,
   repeated = here more often than there; every train/loss in TensorBoard within --rtol of the reference;
-- soft_labels: every shard of the soft labels and of the candidate groups bit-identical (sha256), and
-  the row hashes of both in manifest order equal (lost/repeated counted from those rows).
+- soft_labels: every shard of the soft labels and of the candidate groups identical (name, metadata and
+  arrays bit for bit), and the row hashes of both in manifest order equal (lost/repeated from those rows).
 A kill "during save" found a checkpoint tag not yet named by complete.json, or a temp file of a shard or
 manifest. Prints a table and writes JSON (--json); exits 1 if any round lost, repeated or deviated.
 """
@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy as stnp
+from safetensors import safe_open
 
 from stablekd.launcher.monitor import read_scalars
 from stablekd.launcher.stages import NAMES, spec
@@ -103,22 +103,27 @@ def trace(run: Path, stage: str) -> list[str]:
 
 
 def shard_rows(run: Path) -> tuple[list[str], list[str]]:
-    """(sha256 of every shard file, hash of every row) of soft_labels/ and its candidates/, in manifest order."""
-    files, rows = [], []
+    """(digest of every shard's contents, hash of every row) of soft_labels/ and its candidates/, in
+    manifest order. A shard's digest covers its name, metadata and arrays, not its bytes: safetensors
+    writes the metadata keys in a per-process random order, so equal shards differ in sha256."""
+    shards, rows = [], []
     for d in (run / "soft_labels", run / "soft_labels" / "candidates"):
         for entry in json.loads((d / "manifest.json").read_text())["shards"]:
-            data = (d / entry["file"]).read_bytes()
-            files.append(f"{d.name}/{entry['file']}:{hashlib.sha256(data).hexdigest()}")
-            arrays = stnp.load(data)
-            key = sorted(arrays)[0]
-            n = len(arrays[key])
+            with safe_open(str(d / entry["file"]), "np") as f:
+                meta = sorted(f.metadata().items())
+                arrays = {k: f.get_tensor(k) for k in sorted(f.keys())}
+            h = hashlib.sha256(f"{d.name}/{entry['file']}{meta}".encode())
+            for k, a in arrays.items():
+                h.update(k.encode() + str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
+            shards.append(h.hexdigest())
+            n = len(next(iter(arrays.values())))
             rows += [
                 hashlib.sha256(
-                    b"".join(np.ascontiguousarray(arrays[k][i]).tobytes() for k in sorted(arrays))
+                    b"".join(np.ascontiguousarray(a[i]).tobytes() for a in arrays.values())
                 ).hexdigest()
                 for i in range(n)
             ]
-    return files, rows
+    return shards, rows
 
 
 def lost_repeated(want: list[str], got: list[str]) -> tuple[int, int]:
