@@ -326,7 +326,9 @@ class DistillConfig(TrainConfig):
     )
     follow: bool = _f(False, "read soft_labels/ shards while the soft_labels stage is still writing them")
     follow_timeout_s: float = _f(
-        600.0, "follow mode: fail when no new shard is committed for this long (naming the shard awaited)"
+        600.0,
+        "follow mode: fail when no new shard is committed for this long (naming the shard awaited); "
+        "at most launch.timeout_s",
     )
     export_hf: bool = _f(
         True, "save the final student in Hugging Face format with its tokenizer (student/hf)"

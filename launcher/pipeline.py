@@ -292,7 +292,7 @@ def open_soft_labels(cfg: ExperimentConfig, rank: int, world_size: int, micro_ba
     out = stage_dir(cfg, "soft_labels")
     reader = soft_label_reader(
         out, expect, rank, world_size, cfg.data.num_workers, follow=cfg.distill.follow,
-        timeout_s=cfg.distill.follow_timeout_s,
+        timeout_s=min(cfg.distill.follow_timeout_s, cfg.launch.timeout_s),
     )  # fmt: skip
     return EqualEpochs(ShardLoader(reader, micro_batch_size), str(out))
 
