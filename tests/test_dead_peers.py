@@ -1,6 +1,6 @@
 """A rank that stops answering never leaves the others hanging: with launch.timeout_s the survivors' next
-collective fails after it, the job exits non-zero naming the lost rank, and the same command resumes
-from the last complete checkpoint. (A killed node of the two-namespace job: tests/test_multinode.py.)"""
+collective fails after it and the job exits non-zero naming the lost rank. (A killed node of the
+two-namespace job, and the rerun resuming from the last complete checkpoint: tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import time
 import pytest
 
 from stablekd.launcher.ranks import status_path
-from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd
+from tests.conftest import QUICKSTART, REPO, TINY, stablekd_cmd
 
 pytestmark = pytest.mark.distributed
 TIMEOUT_S = 15
 STEPS = 12
 
 
-def test_a_hung_rank_fails_the_job_within_the_timeout_and_the_rerun_resumes(tmp_path):
+def test_a_hung_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
     run = tmp_path / "run"
     args = ["stage", "teacher", str(QUICKSTART), *TINY, f"run.out_dir={run}", "launch.nproc_per_node=2",
             f"launch.timeout_s={TIMEOUT_S}", f"teacher.max_steps={STEPS}", "teacher.save_every=2"]  # fmt: skip
@@ -50,8 +50,4 @@ def test_a_hung_rank_fails_the_job_within_the_timeout_and_the_rerun_resumes(tmp_
     assert took < TIMEOUT_S + 30 + 15, f"the job took {took:.0f}s to give up on rank 1"
     assert f"lost rank 1 (pid {rank1['pid']}" in out, out[-2000:]
     assert not (run / "teacher" / "DONE.json").exists()
-
-    resumed = run_stablekd(*args)
-    step = json.loads(marker.read_text())
-    assert "resuming from step" in resumed.stderr and step["step"] == STEPS
-    assert json.loads((run / "teacher" / "DONE.json").read_text())["produced"]["steps"] == STEPS
+    # The rerun after a lost peer resumes from the last complete checkpoint: tests/test_multinode.py.
