@@ -79,15 +79,15 @@ RATIO_KEYS = (*EFFICIENCY_KEYS, "bios_accuracy", "bios_cross_contradiction", "pp
 
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]]) -> float:
-    """exp(summed NLL / counted tokens) over `batches` (dicts with input_ids and labels, (B, T))."""
+def perplexity(model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """(exp(summed NLL / counted tokens), counted tokens) over `batches` (dicts with input_ids and labels, (B, T))."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in batches:
         logits = model(input_ids=batch["input_ids"].to(device)).logits  # (B, T, V)
         loss, n = nll_sum(logits, batch["labels"].to(device))
         total, count = total + loss.item(), count + int(n)
-    return metrics.perplexity(total, count)
+    return metrics.perplexity(total, count), count
 
 
 # --- degeneration --------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
 from stablekd.launcher.stages import MODELS, model_stage
 from stablekd.model.build import count_params
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
-from stablekd.objectives.lm import IGNORE_INDEX, shifted_labels
 
 
 def find_models(run_dir: Path) -> dict[str, Path]:
@@ -133,10 +132,7 @@ def _perplexity(
     )
     if not batches:
         return None
-    scored = sum(
-        int((shifted_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in batches
-    )  # as nll_sum counts
-    return report.perplexity(model, batches), scored
+    return report.perplexity(model, batches)
 
 
 def preflight(cfg: ExperimentConfig) -> None:
