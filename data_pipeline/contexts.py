@@ -6,8 +6,9 @@ Two sources, chosen by the corpus:
   report's probe asks with the others), one in four starts a free biography
   (the person's name). The gold continuation is the true value followed by more true sentences about
   the person, in corpus style, so a gold row reads like a training biography.
-- any other corpus (`document_contexts`): the first half of a document (at most `max_context` tokens),
-  gold = what follows.
+- any other corpus (`document_contexts`): a task record's prompt, gold = its (first) response
+  (data_pipeline/tasks.py); a plain document's first half (at most `max_context` tokens), gold = what
+  follows.
 
 `tokenize_contexts` turns text pairs into token lists. Every context starts with EOS: in the packed
 training stream a document always follows the previous one's EOS, so that is what the teacher has seen
@@ -33,7 +34,8 @@ from stablekd.data_pipeline.bios import (
     probe_prompts,
     render,
 )
-from stablekd.data_pipeline.sources import iter_documents
+from stablekd.data_pipeline.sources import read_documents
+from stablekd.data_pipeline.tasks import encode_documents
 from stablekd.model.tokenizer import encode
 
 QUESTION_SHARE = 4  # every 4th context starts a biography, the other three ask a question
@@ -88,17 +90,25 @@ def tokenize_contexts(tok, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[
 def document_contexts(
     files: Sequence[Path], tok, n: int, max_context: int
 ) -> list[tuple[list[int], list[int]]]:
-    """The first n documents of at least 2 tokens, each split in half: ([EOS] + first half, second half + [EOS]).
+    """The first n documents of at least 2 tokens as ([EOS] + context, gold + [EOS]).
 
-    The context keeps at most `max_context` tokens of the first half (its start); the rest is gold.
+    A task record: context = the tokens before its first learned token (the prompt, its last
+    `max_context` tokens), gold = the first run of learned tokens (the response). A plain document (or a
+    task record learned from its first token): split in half, the context keeps at most `max_context`
+    tokens of the first half (its start) and the rest is gold.
     """
     eos = tok.eos_token_id
     out: list[tuple[list[int], list[int]]] = []
-    for text in iter_documents(files):
+    for doc in read_documents(files):
         if len(out) == n:
             break
-        ids = encode(tok, [text])[0]
+        ids, learned = encode_documents(tok, [doc])[0]
         if len(ids) < 2:
+            continue
+        start = learned.index(True) if doc.is_task and True in learned else 0
+        if start > 0:
+            end = learned.index(False, start) if False in learned[start:] else len(ids)
+            out.append(([eos, *ids[:start][-max_context:]], [*ids[start:end], eos]))
             continue
         c = min(len(ids) // 2, max_context)
         out.append(([eos, *ids[:c]], [*ids[c:], eos]))

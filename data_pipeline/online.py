@@ -6,6 +6,7 @@ interface of `ShardLoader(soft_label_reader(...))`: iterate it for batches
     input_ids      int32   [B, L]
     topk_ids       int32   [B, L, k]
     topk_logprobs  float16 [B, L, k]   log_softmax(teacher_logits / T), top k, sorted descending
+    loss_mask      int32   [B, L]      1 = learned, 0 = context (task prompts)
 
 with the very values the offline writer would have stored for the same sequences (the same `compress`
 and the same float16 cast), and save/restore its position with `state_dict` / `load_state_dict`.
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from stablekd.data_pipeline.soft_labels import compress
+from stablekd.objectives.lm import IGNORE_INDEX
 
 T = TypeVar("T")
 _FP16_MIN = float(np.finfo(np.float16).min)  # the writer's clip: -inf log-probs become -65504
@@ -64,14 +66,16 @@ def lockstep(items: Iterable[T]) -> Iterator[T | None]:
 
 
 def storage_cast(
-    input_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor
+    input_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """What a soft-label shard stores and a ShardLoader returns: int32 ids, float16 log-probs in [-65504, 0]."""
+    """What a soft-label shard stores and a ShardLoader returns: int32 ids, float16 log-probs in [-65504, 0],
+    int32 loss_mask (1 where `labels` is not -100)."""
     return {
         "input_ids": input_ids.to(torch.int32),
         # uint16 on disk, widened to int32 by the reader: int32 either way for the consumer
         "topk_ids": topk_ids.to(torch.int32),
         "topk_logprobs": topk_logprobs.float().clamp(_FP16_MIN, 0.0).to(torch.float16),
+        "loss_mask": (labels != IGNORE_INDEX).to(torch.int32),
     }
 
 
@@ -79,7 +83,7 @@ class OnlineSoftLabels:
     """Soft labels for a token stream, computed by `teacher` as batches are drawn.
 
     Args:
-        batches: a resumable stream of {"input_ids": [B, L]} batches (a StreamLoader over the training
+        batches: a resumable stream of {"input_ids": [B, L], "labels": [B, L]} batches (a StreamLoader over the training
             PackedStream, as the offline stage reads); its state is this source's state.
         teacher: `logits(input_ids)` and `idle_forward()` (model.sharded_teacher.ShardedTeacher).
         k, temperature: as in the manifest meta of offline shards.
@@ -107,7 +111,7 @@ class OnlineSoftLabels:
             with torch.no_grad():
                 logits = self.teacher.logits(ids)  # [B, L, V]
                 topk_ids, topk_logprobs = compress(logits, self.k, self.temperature)  # [B, L, k] each
-            yield storage_cast(ids, topk_ids.cpu(), topk_logprobs.cpu())
+            yield storage_cast(ids, topk_ids.cpu(), topk_logprobs.cpu(), batch["labels"])
 
     def state_dict(self) -> dict:
         return {"online": True, "stream": self.batches.state_dict()}

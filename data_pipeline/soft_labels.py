@@ -5,6 +5,10 @@ One record = one training sequence of `seq_len` tokens (DESIGN §4):
     input_ids      int32   [seq_len]
     topk_ids       uint16  [seq_len, k]   (int32 when vocab_size > 65,536; see `topk_dtype`)
     topk_logprobs  float16 [seq_len, k]   log_softmax(teacher_logits / T), top k, sorted descending
+    loss_mask      uint8   [seq_len]      1 where the token is learned, 0 where it is context (the prompt
+                                          of a task record, data_pipeline/tasks.py); sets written before
+                                          it existed have no such array (meta without "loss_mask"): every
+                                          token is learned
 
 The tail mass 1 - sum(exp(topk_logprobs)) is derived (`tail_mass`), never stored. Readers get topk_ids
 as int32 whatever the storage dtype (ShardReader widens uint16).
@@ -65,17 +69,21 @@ def soft_label_meta(
         "temperature": float(temperature),
         "k": int(k),
         "seq_len": int(seq_len),
+        "loss_mask": True,
     }
 
 
 def soft_label_schema(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """{array name: (storage dtype, per-record shape)} for a soft-label meta."""
     L, k = meta["seq_len"], meta["k"]
-    return {
+    schema = {
         "input_ids": (np.dtype(np.int32), (L,)),
         "topk_ids": (topk_dtype(meta["vocab_size"]), (L, k)),
         "topk_logprobs": (np.dtype(np.float16), (L, k)),
     }
+    if meta.get("loss_mask"):
+        schema["loss_mask"] = (np.dtype(np.uint8), (L,))
+    return schema
 
 
 # ----------------------------------------------------------------------------------- compression maths
@@ -233,15 +241,19 @@ class SoftLabelWriter(ShardWriter):
         input_ids: torch.Tensor | np.ndarray,
         topk_ids: torch.Tensor | np.ndarray,
         topk_logprobs: torch.Tensor | np.ndarray,
+        loss_mask: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """Cast and buffer B records: input_ids [B, L], topk_ids [B, L, k], topk_logprobs [B, L, k]."""
+        """Cast and buffer B records: input_ids [B, L], topk_ids [B, L, k], topk_logprobs [B, L, k],
+        loss_mask [B, L] (truthy = learned; None = every token)."""
         L, k, V = self.meta["seq_len"], self.meta["k"], self.meta["vocab_size"]
         ids, tids, tlp = _np(input_ids), _np(topk_ids), _np(topk_logprobs)
         B = ids.shape[0] if ids.ndim else -1
+        mask = np.ones((B, L), np.uint8) if loss_mask is None else _np(loss_mask)
         for name, a, shape in (
             ("input_ids", ids, (B, L)),
             ("topk_ids", tids, (B, L, k)),
             ("topk_logprobs", tlp, (B, L, k)),
+            ("loss_mask", mask, (B, L)),
         ):
             if a.shape != shape:
                 raise ShardError(f"{self.path}: {name} has shape {a.shape}, expected {shape} (B, seq_len, k)")
@@ -252,14 +264,20 @@ class SoftLabelWriter(ShardWriter):
             topk_ids=tids.astype(topk_dtype(V)),
             # Log-probs are <= 0; -inf (masked vocabulary) becomes the most negative finite fp16.
             topk_logprobs=np.clip(tlp.astype(np.float32), _FP16_MIN, 0.0).astype(np.float16),
+            **({"loss_mask": (mask != 0).astype(np.uint8)} if self.meta.get("loss_mask") else {}),
         )
 
-    def add_logits(self, input_ids: torch.Tensor | np.ndarray, logits: torch.Tensor) -> None:
+    def add_logits(
+        self,
+        input_ids: torch.Tensor | np.ndarray,
+        logits: torch.Tensor,
+        loss_mask: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
         """Compress teacher logits [B, L, V] at the meta's k and T, then `add_batch`; updates `fidelity`."""
         k, T = self.meta["k"], self.meta["temperature"]
         topk_ids, topk_logprobs = compress(logits, k, T)
         self.fidelity = merge_fidelity([self.fidelity, fidelity(logits, k, T)])
-        self.add_batch(input_ids, topk_ids, topk_logprobs)
+        self.add_batch(input_ids, topk_ids, topk_logprobs, loss_mask)
 
 
 def finalize_soft_labels(out_dir: str | os.PathLike, world_size: int, fidelity: dict | None = None) -> dict:
@@ -269,6 +287,6 @@ def finalize_soft_labels(out_dir: str | os.PathLike, world_size: int, fidelity: 
 
 def soft_label_reader(out_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> ShardReader:
     """ShardReader of kind "soft_labels" (further arguments as ShardReader's after `kind`). Records: input_ids [L] int32, topk_ids [L, k] int32,
-    topk_logprobs [L, k] float16, state. `expect`: e.g. {tokenizer_hash, vocab_size, k, temperature, seq_len}.
+    topk_logprobs [L, k] float16, loss_mask [L] int32 (sets that have it), state. `expect`: e.g. {tokenizer_hash, vocab_size, k, temperature, seq_len}.
     """
     return ShardReader(out_dir, KIND, *args, **kwargs)

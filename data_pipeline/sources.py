@@ -1,4 +1,4 @@
-"""Read user corpora: `.txt` / `.jsonl` (field `text`) files, optionally gzipped, named as files,
+"""Read user corpora: `.txt` / `.jsonl` (field `text`, or task records: data_pipeline/tasks.py) files, optionally gzipped, named as files,
 directories or glob patterns (DESIGN §6, `data.paths`), as documents and splits.
 
 A `Corpus` says what a reader sees: its files, what one document of a `.txt` file is (`text_unit`:
@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from stablekd.data_pipeline.tasks import Document, parse_record
+
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 TEXT_UNITS = ("paragraph", "line", "file")
 SPLITS = ("all", "train", "eval")
@@ -48,7 +50,8 @@ class SourceStats:
     documents: int = 0  # documents yielded (of the corpus's split)
     empty_files: int = 0  # no bytes at all (after decompression); paragraph/file unit: only blank lines
     empty_lines: int = 0  # line unit: blank / whitespace-only lines; .jsonl: blank lines and blank "text"
-    bad_lines: int = 0  # undecodable UTF-8, invalid JSON, missing / non-string "text", truncated .gz
+    bad_lines: int = 0  # undecodable UTF-8, invalid JSON, a record of no known form (tasks.py), truncated .gz
+    task_records: int = 0  # documents that are prompt/response or chat records (learned: responses only)
     other_split: int = 0  # documents read but left to the other split (a train reader: the held-out share)
 
     def as_dict(self) -> dict[str, int]:
@@ -196,24 +199,22 @@ def _lines(path: Path, stats: SourceStats) -> Iterator[str]:
         yield line.rstrip("\r\n")
 
 
-def _jsonl_documents(lines: Iterator[str], stats: SourceStats) -> Iterator[str]:
+def _jsonl_documents(lines: Iterator[str], stats: SourceStats) -> Iterator[Document]:
     for line in lines:
         if not line.strip():
             stats.empty_lines += 1
             continue
         try:
-            record = json.loads(line)
+            doc = parse_record(json.loads(line))
         except json.JSONDecodeError:
+            doc = None
+        if doc is None:
             stats.bad_lines += 1
             continue
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            stats.bad_lines += 1
-            continue
-        if not text.strip():
+        if not doc.text.strip():
             stats.empty_lines += 1
             continue
-        yield text
+        yield doc
 
 
 def _line_documents(lines: Iterator[str], stats: SourceStats) -> Iterator[str]:
@@ -258,15 +259,16 @@ def _file_documents(lines: Iterator[str], stats: SourceStats) -> Iterator[str]:
 _UNIT_READERS = {"paragraph": _paragraph_documents, "line": _line_documents, "file": _file_documents}
 
 
-def iter_documents(source: Corpus | Sequence[Path], stats: SourceStats | None = None) -> Iterator[str]:
+def read_documents(source: Corpus | Sequence[Path], stats: SourceStats | None = None) -> Iterator[Document]:
     """Documents of `source` (a `Corpus`, or a plain file list: one document per line) in file order.
 
-    `.txt`: by the corpus's text_unit (see `Corpus`); `.jsonl`: one per record's "text". Line endings
+    `.txt`: by the corpus's text_unit (see `Corpus`); `.jsonl`: one per record (its "text", or a task
+    record whose learned spans say what a training reader learns, data_pipeline/tasks.py). Line endings
     (`\\n`, `\\r\\n`) are removed; a paragraph's lines are joined with one space, a file's with `\\n`;
     the rest of a line is kept as is (a paragraph's lines lose their edge whitespace). A UTF-8 BOM at
     the start of a file is dropped. An undecodable line is left out of its paragraph or file (the rest
-    is kept). Documents of the other split are skipped. Everything skipped is counted in `stats` (see
-    `SourceStats`).
+    is kept). Documents of the other split (by their text) are skipped. Everything skipped is counted in
+    `stats` (see `SourceStats`).
     """
     corpus = as_corpus(source)
     stats = stats if stats is not None else SourceStats()
@@ -274,12 +276,18 @@ def iter_documents(source: Corpus | Sequence[Path], stats: SourceStats | None = 
         stats.files += 1
         lines = _lines(path, stats)
         if path.name.endswith((".jsonl", ".jsonl.gz")):
-            docs = _jsonl_documents(lines, stats)
+            docs: Iterator[Document] = _jsonl_documents(lines, stats)
         else:
-            docs = _UNIT_READERS[corpus.text_unit](lines, stats)
+            docs = map(Document, _UNIT_READERS[corpus.text_unit](lines, stats))
         for doc in docs:
-            if not corpus.keeps(doc):
+            if not corpus.keeps(doc.text):
                 stats.other_split += 1
                 continue
             stats.documents += 1
+            stats.task_records += doc.is_task
             yield doc
+
+
+def iter_documents(source: Corpus | Sequence[Path], stats: SourceStats | None = None) -> Iterator[str]:
+    """The texts of `read_documents` (a task record's whole text: prompt and response)."""
+    return (doc.text for doc in read_documents(source, stats))

@@ -12,8 +12,12 @@ consecutive `seq_len` blocks (documents span block boundaries). Example: world 2
 Every shard reads the whole corpus (to count document indices) but tokenizes only its own documents;
 tokenizing dominates, so the extra reading is cheap next to it.
 
+Labels: a token's own id where it is learned, -100 where it is context (the prompt of a task record,
+data_pipeline/tasks.py); a plain document is learned throughout. The EOS after a document is learned when
+its last token is.
+
 Resume position per worker: {"epoch", "doc_index" (next global index to consider), "buffer" (tokens
-carried over)}. The buffer holds at most the untaken tail of one document, because documents after it
+carried over), "labels" (their labels; absent = the tokens themselves)}. The buffer holds at most the untaken tail of one document, because documents after it
 are re-read and re-tokenized on resume rather than stored.
 """
 
@@ -29,8 +33,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stablekd.data_pipeline.sources import Corpus, DataError, SourceStats, as_corpus, iter_documents
-from stablekd.model.tokenizer import encode, load_tokenizer
+from stablekd.data_pipeline.sources import Corpus, DataError, SourceStats, as_corpus, read_documents
+from stablekd.data_pipeline.tasks import Document, encode_documents
+from stablekd.model.tokenizer import load_tokenizer
+from stablekd.objectives.lm import IGNORE_INDEX
 
 _TOKENIZE_BATCH = 64  # documents per tokenizer call: amortises the call, keeps memory small
 
@@ -40,6 +46,7 @@ class _Segment:
     """One document's tokens (+EOS) in the packing buffer, or the carried-over buffer of a resumed state."""
 
     tokens: list[int]
+    labels: list[int]  # tokens, with IGNORE_INDEX where a token is context, not learned
     epoch: int
     index: int | None  # global document index; None for a resumed buffer (not a whole document)
     after: tuple[int, int]  # (epoch, doc_index) right after this segment
@@ -57,8 +64,9 @@ def _fresh_state() -> dict[str, Any]:
 
 
 class PackedStream(IterableDataset):
-    """Yields micro-batches dict(input_ids=[B, seq_len] long, labels=same values, worker=int, state=dict)
-    (+ stats=dict when `stats` is given). `labels` equals `input_ids`: the HF model shifts them.
+    """Yields micro-batches dict(input_ids=[B, seq_len] long, labels=[B, seq_len] long, worker=int,
+    state=dict) (+ stats=dict when `stats` is given). `labels` equals `input_ids` except at the context
+    tokens of task records (-100); the HF model shifts them.
 
     loop=True repeats the corpus (epoch in the state) and always yields full batches. loop=False stops
     after the last document; its last batch may have fewer than B rows, and only the final partial
@@ -172,19 +180,25 @@ class PackedStream(IterableDataset):
         tok = self._tokenizer()
         eos = tok.eos_token_id
 
-        def tokenize(pending: list[tuple[int, str]], e: int) -> list[_Segment]:
-            ids = encode(tok, [text for _, text in pending])
-            return [_Segment(t + [eos], e, i, (e, i + 1)) for (i, _), t in zip(pending, ids, strict=True)]
+        def tokenize(pending: list[tuple[int, Document]], e: int) -> list[_Segment]:
+            out = []
+            for (i, _), (ids, learned) in zip(
+                pending, encode_documents(tok, [d for _, d in pending]), strict=True
+            ):
+                labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, learned, strict=True)]
+                end = eos if not learned or learned[-1] else IGNORE_INDEX
+                out.append(_Segment(ids + [eos], labels + [end], e, i, (e, i + 1)))
+            return out
 
         while True:
-            pending: list[tuple[int, str]] = []
+            pending: list[tuple[int, Document]] = []
             owned = total = 0
-            for i, text in enumerate(iter_documents(self.corpus, stats)):
+            for i, doc in enumerate(read_documents(self.corpus, stats)):
                 total += 1
                 if i < start or i % n_shards != shard:
                     continue
                 owned += 1
-                pending.append((i, text))
+                pending.append((i, doc))
                 if len(pending) == _TOKENIZE_BATCH:
                     yield tokenize(pending, epoch)
                     pending = []
@@ -213,13 +227,15 @@ class PackedStream(IterableDataset):
         avail = 0  # tokens in segs not yet cut
         consumed = (int(st["epoch"]), int(st["doc_index"]))  # position after the last fully cut segment
         if st["buffer"]:
-            segs.append(_Segment(list(st["buffer"]), consumed[0], None, consumed))
+            labels = list(st.get("labels", st["buffer"]))
+            segs.append(_Segment(list(st["buffer"]), labels, consumed[0], None, consumed))
             avail = len(st["buffer"])
         read_stats = SourceStats()
         chunks = self._documents(shard, n_shards, *consumed, read_stats)
 
         while True:
             rows: list[list[int]] = []
+            row_labels: list[list[int]] = []
             while len(rows) < B:
                 while avail < L:
                     chunk = next(chunks, None)
@@ -230,10 +246,12 @@ class PackedStream(IterableDataset):
                 if avail < L:
                     break  # end of a non-looping stream: the partial block is dropped
                 block: list[int] = []
+                block_labels: list[int] = []
                 while len(block) < L:
                     seg = segs[0]
                     take = min(L - len(block), len(seg.tokens) - offset)
                     block.extend(seg.tokens[offset : offset + take])
+                    block_labels.extend(seg.labels[offset : offset + take])
                     offset += take
                     if offset == len(seg.tokens):
                         segs.popleft()
@@ -241,6 +259,7 @@ class PackedStream(IterableDataset):
                         consumed = seg.after
                 avail -= L
                 rows.append(block)
+                row_labels.append(block_labels)
             if self.stats is not None:
                 _merge_max(self.stats, read_stats.as_dict())
             if not rows:
@@ -252,8 +271,11 @@ class PackedStream(IterableDataset):
             else:
                 head = segs[0]
                 state = {"epoch": head.after[0], "doc_index": head.after[1], "buffer": head.tokens[offset:]}
+                if head.labels != head.tokens:  # a task record cut at a block boundary
+                    state["labels"] = head.labels[offset:]
             ids = torch.tensor(rows, dtype=torch.long)  # [B, L]
-            batch = {"input_ids": ids, "labels": ids.clone(), "worker": worker, "state": state}
+            labels = torch.tensor(row_labels, dtype=torch.long)  # [B, L]
+            batch = {"input_ids": ids, "labels": labels, "worker": worker, "state": state}
             if self.stats is not None:
                 batch["stats"] = read_stats.as_dict()
             yield batch

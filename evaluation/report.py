@@ -59,6 +59,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "bios_unseen_self_consistency": ("unseen: self-consistency", "consistent invention"),
     "bios_unseen_cross_contradiction": ("unseen: cross-sample contradiction", "people never trained on"),
     "bios_unseen_intext_contradiction": ("unseen: in-text contradiction", "people never trained on"),
+    "task_exact_match": ("task: exact match", "greedy answer vs the reference response (normalised)"),
+    "task_agreement": ("task: agreement", "share of 1 + K answers equal to the modal one"),
+    "task_contradiction": ("task: contradiction", "prompts whose answers take >= 2 values"),
+    "task_rep_2": ("task: rep-2 (%)", "within sampled answers; lower is better"),
+    "task_rep_3": ("task: rep-3 (%)", "within sampled answers; lower is better"),
     "rep_2": ("rep-2 (%)", "greedy continuations; lower is better"),
     "rep_3": ("rep-3 (%)", "greedy continuations; lower is better"),
     "rep_4": ("rep-4 (%)", "greedy continuations; lower is better"),
@@ -302,7 +307,7 @@ def _fmt(key: str, value: float | None) -> str:
         return str(value)
     if key in ("ppl", "bios_ppl"):
         return f"{value:.3f}"  # a 2 % change of a perplexity near 3 must show
-    if key in ("gen_tokens_per_s", "peak_mem_mib") or key.startswith("rep_"):
+    if key in ("gen_tokens_per_s", "peak_mem_mib") or "rep_" in key:
         return f"{value:.1f}"
     return f"{value:.3f}"
 
@@ -317,7 +322,9 @@ def samples_markdown(samples: dict) -> str:
     for ex in samples.get("probe", []):
         if "prompt" in ex:
             answers = " / ".join(f"`{_quote(a.strip())}`" for a in ex["answers"])
-            lines.append(f"- [{ex['group']}] *{ex['prompt']}* → {answers} (truth: {ex['truth']})")
+            lines.append(
+                f"- [{ex['group']}] *{_quote(ex['prompt'])}* → {answers} (truth: {_quote(ex['truth'])})"
+            )
         else:
             lines.append(f"- [{ex['group']} free bio] {_quote(ex['bio'])}")
     for prefix, cont in samples.get("continuations", []):

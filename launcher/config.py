@@ -425,6 +425,9 @@ class EvaluateConfig:
     )
     free_bios: int = _f(20, "free-generated biographies per model (in-text contradiction)")
     prefixes: int = _f(40, "corpus prefixes continued for repetition, diversity and coherence")
+    task_prompts: int = _f(
+        40, "held-out task records (prompt/response, chat) whose prompts the task probe asks (task_* keys)"
+    )
     prefix_tokens: int = _f(16, "tokens of each prefix")
     max_new_tokens: int = _f(
         64, "tokens per prefix continuation and free biography (a quickstart biography is ~57 tokens)"
@@ -441,7 +444,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _at_least(self, 1, "samples", "max_prompts", "prefix_tokens", "max_new_tokens", "ppl_batches")
         _at_least(self, 1, "batch_size")
-        _at_least(self, 0, "free_bios", "prefixes")
+        _at_least(self, 0, "free_bios", "prefixes", "task_prompts")
         _positive(self, "temperature")
         _probability(self, "top_p")
 

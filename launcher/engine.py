@@ -42,6 +42,7 @@ from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.launcher.config import ConfigError, TrainConfig
 from stablekd.launcher.monitor import Monitor, measure_peak_flops, peak_memory_bytes
 from stablekd.launcher.stages import spec
+from stablekd.model.sharded_teacher import load_initial_weights
 from stablekd.objectives.lm import Loss, lm_counts
 
 
@@ -72,6 +73,9 @@ class Stage:
     # Held-out batches may lack what training batches carry (a distilled student's eval text has no soft
     # labels): then eval_loss scores them (each of its terms weighted 1, counted by lm_counts).
     eval_loss: Callable[[torch.nn.Module, dict], Loss] | None = None
+    # Another run's ZeRO checkpoint directory whose weights a fresh run starts from (teacher.init_from);
+    # a run with a checkpoint of its own resumes from that instead.
+    init_checkpoint: Path | None = None
 
 
 @dataclass
@@ -292,6 +296,11 @@ def train(
     monitor = Monitor(run_dir / "tb" / stage.name, cfg.max_steps, step, stage.name)
     if step:
         monitor.print(f"[{stage.name}] resumed from {ckpt_dir / read_marker(ckpt_dir)['tag']} at step {step}")
+    elif stage.init_checkpoint is not None:
+        init = load_initial_weights(engine, stage.init_checkpoint)
+        monitor.print(
+            f"[{stage.name}] weights from {stage.init_checkpoint / init['tag']} (its step {init['step']})"
+        )
 
     # All ranks at once: the job's matmul peak. Its random operands must not consume the training RNG
     # restored by the resume (dropout, sampling): run it under a forked RNG.

@@ -23,7 +23,14 @@ from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.sources import Corpus, iter_documents, resolve_paths
 from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher import nodes
-from stablekd.launcher.config import ConfigError, ExperimentConfig, config_hash, save_config, to_dict
+from stablekd.launcher.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_hash,
+    load_config,
+    save_config,
+    to_dict,
+)
 from stablekd.launcher.stages import NAMES, REGISTRY, spec
 from stablekd.launcher.status import headline, wall
 from stablekd.model.tokenizer import tokenizer_hash, train_tokenizer
@@ -42,8 +49,30 @@ def say(msg: str) -> None:
     print(f"stablekd: {msg}", file=sys.stderr, flush=True)
 
 
+def _previous_run(cfg: ExperimentConfig) -> ExperimentConfig | None:
+    """The config of the teacher run teacher.init_from names (a run directory: it has config.yaml), else None."""
+    src = cfg.teacher.init_from
+    if not (src and (Path(src) / "config.yaml").is_file()):
+        return None
+    return load_config(Path(src) / "config.yaml")
+
+
 def tokenizer_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.tokenizer.path) if cfg.tokenizer.path else cfg.run_dir / "tokenizer"
+    """tokenizer.path; else the tokenizer of what teacher.init_from names (a previous run's, or a Hugging
+    Face directory's own): a model continues with the ids it learned; else this run's trained one."""
+    if cfg.tokenizer.path:
+        return Path(cfg.tokenizer.path)
+    if (prev := _previous_run(cfg)) is not None:
+        return Path(prev.tokenizer.path) if prev.tokenizer.path else Path(cfg.teacher.init_from) / "tokenizer"
+    src = Path(cfg.teacher.init_from) if cfg.teacher.init_from else None
+    if src is not None and any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return src
+    return cfg.run_dir / "tokenizer"
+
+
+def trains_tokenizer(cfg: ExperimentConfig) -> bool:
+    """Whether the run trains its own SentencePiece tokenizer (no tokenizer.path, nothing to inherit)."""
+    return tokenizer_dir(cfg) == cfg.run_dir / "tokenizer"
 
 
 def _holds_out(cfg: ExperimentConfig) -> float:
@@ -129,10 +158,17 @@ def check_files(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"tokenizer.path: {cfg.tokenizer.path} is not a directory (expected a tokenizer AutoTokenizer can load)"
         )
-    if cfg.teacher.init_from and not Path(cfg.teacher.init_from).is_dir():
-        raise ConfigError(
-            f"teacher.init_from: {cfg.teacher.init_from} is not a directory (expected a teacher run or a Hugging Face model)"
-        )
+    if src := cfg.teacher.init_from:
+        expected = "expected a teacher run directory (config.yaml, teacher/ckpt/) or a Hugging Face model (config.json)"
+        if not Path(src).is_dir():
+            raise ConfigError(f"teacher.init_from: {src} is not a directory ({expected})")
+        if _previous_run(cfg) is not None:
+            if read_marker(Path(src) / "teacher" / "ckpt") is None:
+                raise ConfigError(f"teacher.init_from: {src}/teacher/ckpt has no complete checkpoint")
+        elif not (Path(src) / "config.json").is_file():
+            raise ConfigError(
+                f"teacher.init_from: {src} has neither config.yaml nor config.json ({expected})"
+            )
     if cfg.launch.hostfile and not Path(cfg.launch.hostfile).is_file():
         raise ConfigError(
             f"launch.hostfile: {cfg.launch.hostfile} does not exist (expected lines `host slots=N`)"
@@ -179,7 +215,7 @@ def _prepare_corpus(cfg: ExperimentConfig) -> None:
 
 
 def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
-    if cfg.tokenizer.path:
+    if not trains_tokenizer(cfg):
         return
     out = tokenizer_dir(cfg)
     params = _tokenizer_params(cfg)
@@ -239,12 +275,19 @@ def ckpt_dir(cfg: ExperimentConfig, stage: str) -> Path:
 
 
 def teacher_source(cfg: ExperimentConfig) -> str:
-    """What the teacher is built from: teacher.init_from (a previous run's exported teacher/hf, or a Hugging
-    Face directory as given), else its preset."""
-    src = cfg.teacher.init_from
-    if src and (Path(src) / "teacher" / "hf").is_dir():
-        return str(Path(src) / "teacher" / "hf")
-    return src or cfg.teacher.model
+    """What the teacher is built from (its shapes; the weights of a Hugging Face directory): teacher.init_from
+    as given when it is a Hugging Face directory; for a previous run, what that run built its teacher from
+    (its weights then come from its ZeRO checkpoint, `teacher_init_checkpoint`); else teacher.model."""
+    if (prev := _previous_run(cfg)) is not None:
+        return teacher_source(prev)
+    return cfg.teacher.init_from or cfg.teacher.model
+
+
+def teacher_init_checkpoint(cfg: ExperimentConfig) -> Path | None:
+    """The ZeRO checkpoint directory of the previous teacher run teacher.init_from names, else None."""
+    if _previous_run(cfg) is None:
+        return None
+    return Path(cfg.teacher.init_from) / spec("teacher").out_dir / "ckpt"
 
 
 def sharded_teacher(cfg: ExperimentConfig):  # -> model.sharded_teacher.ShardedTeacher
@@ -535,7 +578,7 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
         todo = ["config.yaml"]
         if not cfg.data.paths and not _is_current(cfg.run_dir / "data", to_dict(cfg.data.bios)):
             todo.append("data/ (bios corpus)")
-        if not cfg.tokenizer.path and not _is_current(tokenizer_dir(cfg), _tokenizer_params(cfg)):
+        if trains_tokenizer(cfg) and not _is_current(tokenizer_dir(cfg), _tokenizer_params(cfg)):
             todo.append("tokenizer/ (SentencePiece)")
         todo += [f"ds/{s}.json" for s in stages if spec(s).trains]
         lines.append(f"# prepare {cfg.run_dir}: " + ", ".join(todo))

@@ -91,7 +91,7 @@ def inference_ds_config(teacher_ds: dict, world_size: int, universal: bool) -> d
     return ds
 
 
-def _local_digest(module: torch.nn.Module) -> torch.Tensor:
+def local_digest(module: torch.nn.Module) -> torch.Tensor:
     """Sum and |sum| of this rank's own parameter storage (its ZeRO-3 partition), to see that a load changed it."""
     s = torch.zeros(2, dtype=torch.float64)
     for p in module.parameters():
@@ -180,7 +180,7 @@ def load_sharded_teacher(
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     engine.eval()
 
-    before = _local_digest(engine.module)
+    before = local_digest(engine.module)
     if universal:
         # Weights only: with load_universal DeepSpeed reads the fp32 fragments of this rank's slice.
         load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True)
@@ -193,7 +193,7 @@ def load_sharded_teacher(
             )
     if load_path is None or Path(load_path).parent.resolve() != (ckpt_dir / tag).resolve():
         raise RuntimeError(f"{ckpt_dir}: DeepSpeed loaded {load_path}, expected a file of tag {tag}")
-    changed = torch.tensor([float(not torch.equal(before, _local_digest(engine.module)))])
+    changed = torch.tensor([float(not torch.equal(before, local_digest(engine.module)))])
     dist.all_reduce(changed)
     if not changed.item():
         raise RuntimeError(f"{ckpt_dir / tag}: load_checkpoint left every rank's weights as initialised")
@@ -210,3 +210,45 @@ def load_sharded_teacher(
         zero3=zero3,
         vocab_size=int(engine.module.config.vocab_size),
     )
+
+
+def load_initial_weights(engine: Any, ckpt_dir: Path) -> dict:
+    """Start a training engine from the weights of another run's ZeRO checkpoint (the tag its complete.json
+    names), partitioned as they were saved; returns that marker. Call on every rank.
+
+    The load is the optimizer-state one that restores the real partition (module docstring); what makes it
+    a start rather than a resume comes after: the Adam moments are dropped, the optimizer keeps this run's
+    hyperparameters (lr, weight decay; the schedule was not loaded), and DeepSpeed's step and sample
+    counters restart at 0. Same world size and ZeRO stage as the saved run (`pipeline` checks the stage
+    before ranks start); another world size is a ConfigError naming the exported model as the way out.
+    """
+    marker = read_marker(ckpt_dir)
+    if marker is None:
+        raise ConfigError(f"{ckpt_dir}/complete.json: missing: no complete checkpoint to start from")
+    world = dist.get_world_size()
+    if int(marker["world_size"]) != world:
+        raise ConfigError(
+            f"{ckpt_dir / marker['tag']} holds the ZeRO shards of {marker['world_size']} ranks but this job has "
+            f"{world}: run with {marker['world_size']} ranks, or start from the exported model "
+            f"(teacher.init_from={ckpt_dir.parent / 'hf'}), which loads at any world size"
+        )
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    before = local_digest(engine.module)
+    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=marker["tag"], load_lr_scheduler_states=False)
+    if load_path is None or Path(load_path).parent.resolve() != (ckpt_dir / marker["tag"]).resolve():
+        raise RuntimeError(
+            f"{ckpt_dir}: DeepSpeed loaded {load_path}, expected a file of tag {marker['tag']}"
+        )
+    changed = torch.tensor([float(not torch.equal(before, local_digest(engine.module)))])
+    dist.all_reduce(changed)
+    if not changed.item():
+        raise RuntimeError(
+            f"{ckpt_dir / marker['tag']}: load_checkpoint left every rank's weights as initialised"
+        )
+    base = getattr(engine.optimizer, "optimizer", None)
+    if base is not None and hasattr(base, "state"):
+        base.state.clear()  # fresh Adam moments: a fine-tuning run starts its own optimisation
+    for group, saved in zip(engine.optimizer.param_groups, groups, strict=True):
+        group.update(saved)
+    engine.global_steps = engine.global_samples = 0
+    return marker

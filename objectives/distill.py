@@ -7,7 +7,14 @@ DESIGN §5, conventions stated once here:
   ``shifted_labels(labels) != IGNORE_INDEX`` (objectives/lm.py), exactly the tokens the CE loss counts.
 - Teacher input. Either full logits (B, T, V), or soft labels ``(topk_ids, topk_logprobs)``, each
   (B, T, k), ``topk_logprobs = log_softmax(teacher_logits / T)`` at those ids, already at the temperature
-  T that the caller passes here (the soft-label stage stores them at its T).
+  T that the caller passes here (the soft-label stage stores them at its T), or ``SampledLabels`` (the
+  `sampled` encoding, data_pipeline/encodings.py). An entry at j > 0 that repeats the row's first id is
+  padding (a `topp` position with fewer than k entries) and counts as absent on both sides.
+- Sampled soft labels (Anshumann et al., ACL 2025, "Random Sampling KD"): weights w_i with E[w_i] = p_i at
+  the drawn ids; the loss is T² · (−Σ_i w_i log q_i), an unbiased estimate of T² · H(p, q), whose gradient
+  in the student is an unbiased estimate of the forward-KL gradient (H(p, q) = KL(p‖q) + H(p), and H(p)
+  does not depend on the student). Its value is therefore a cross-entropy, not a KL (it does not go to 0);
+  only kind "fkl" is defined for it.
 - Temperature. Both distributions are taken at T (the student's logits are divided by T) and every
   divergence is multiplied by T² (Hinton et al. 2015), so the gradient scale does not shrink as 1/T².
   Other tools differ: torchtune's kd_losses and TRL's ``generalized_jsd_loss`` do not multiply by T².
@@ -35,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +52,17 @@ from stablekd.objectives.lm import IGNORE_INDEX, Loss, nll_sum, shifted_labels
 
 KINDS = ("fkl", "rkl", "gjsd", "tvd", "skl", "mse")
 
-# Teacher input: full logits (B, T, V), or (topk_ids, topk_logprobs), each (B, T, k).
-Teacher = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+class SampledLabels(NamedTuple):
+    """Sampled soft labels: ids (B, T, N) drawn from the teacher (padding: weight 0) and weights (B, T, N)
+    with E[w_i] = p_i (data_pipeline/encodings.py)."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+
+# Teacher input: full logits (B, T, V), (topk_ids, topk_logprobs) each (B, T, k), or SampledLabels.
+Teacher = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | SampledLabels
 
 # Chunks of at least this many float32 values (64 MiB) are recomputed in backward instead of kept.
 CHECKPOINT_ELEMENTS = 1 << 24
@@ -107,6 +124,13 @@ def _check(
                 f"student_logits, got {tuple(teacher.shape)}"
             )
         return False
+    if isinstance(teacher, SampledLabels):
+        if kind != "fkl":
+            raise ValueError(f"kind {kind!r}: sampled soft labels estimate the forward KL only (kind 'fkl')")
+        _check_topk_ids(teacher.ids, student_logits)
+        if teacher.weights.shape != teacher.ids.shape or not teacher.weights.is_floating_point():
+            raise ValueError(f"sampled weights: expected a float tensor of shape {tuple(teacher.ids.shape)}")
+        return True
     if not (isinstance(teacher, tuple | list) and len(teacher) == 2):
         raise ValueError("teacher: expected a logits tensor (B, T, V) or a tuple (topk_ids, topk_logprobs)")
     if kind == "mse":
@@ -202,9 +226,16 @@ def _student_topk_bins(s_lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     when the top-k hold almost all the mass. With k = V it is logsumexp(all −inf) = −inf; the NaN its
     backward makes on those entries is overwritten with 0 by scatter's backward (every entry is an id).
     """
-    top = s_lp.gather(-1, ids)  # (n, k)
+    top = s_lp.gather(-1, ids).masked_fill(~_entries(ids), _NEG_INF)  # (n, k); padding: absent
     tail = s_lp.scatter(-1, ids, _NEG_INF).logsumexp(-1, keepdim=True)  # (n, 1)
     return torch.cat([top, tail], dim=-1)
+
+
+def _entries(ids: torch.Tensor) -> torch.Tensor:
+    """(n, k) ids -> bool (n, k): a real entry, not padding (a repeat of the row's first id at j > 0)."""
+    real = ids != ids[:, :1]
+    real[:, 0] = True
+    return real
 
 
 def _teacher_topk_bins(logprobs: torch.Tensor) -> torch.Tensor:
@@ -226,8 +257,9 @@ def _chunk_kd_sum(
     temperature: float,
     beta: float,
     skew: float,
+    sampled: bool = False,
 ) -> torch.Tensor:
-    """Σ over one chunk of T²·divergence. s (n, V) are the student's rows; rows (n,) index them in
+    """Σ over one chunk of T²·divergence (or, sampled, of the cross-entropy estimate). s (n, V) are the student's rows; rows (n,) index them in
     teacher_flat (B*T, V) logits or (B*T, k) top-k log-probs, and ids_flat (B*T, k) for top-k.
 
     The teacher rows are gathered here, inside the checkpoint, so the chunk's gathered copy is
@@ -236,6 +268,9 @@ def _chunk_kd_sum(
     dtype = _compute_dtype(s)
     s = s.to(dtype) / temperature  # (n, V)
     t = teacher_flat.index_select(0, rows).to(dtype)  # (n, V) or (n, k)
+    if sampled:  # t: the weights of the drawn ids (module docstring)
+        ids = ids_flat.index_select(0, rows).long()  # (n, N)
+        return -(t * F.log_softmax(s, dim=-1).gather(-1, ids)).sum() * temperature**2
     if kind == "mse":
         # mean_V ((s − t)/T)² · T²: the T² scaling cancels the temperature, so mse is T-independent.
         return ((s - t / temperature) ** 2).mean(-1).sum() * temperature**2
@@ -268,7 +303,8 @@ def kd_sum(
         student_logits: (B, T, V); position t predicts token t+1.
         teacher: full teacher logits (B, T, V), or ``(topk_ids, topk_logprobs)`` each (B, T, k) with
             ``topk_logprobs = log_softmax(teacher_logits / temperature)`` at ``topk_ids`` (any integer
-            dtype for the ids, any float dtype for the log-probs; values ≤ −65504 mean −inf).
+            dtype for the ids, any float dtype for the log-probs; values ≤ −65504 mean −inf), or
+            ``SampledLabels`` (kind "fkl" only; the module docstring says what the value is).
         labels: (B, T) token ids, IGNORE_INDEX (-100) where nothing is learned; the counted tokens are
             ``shifted_labels(labels) != -100``.
         kind: one of KINDS. Per token, with p the teacher and q the student, both at temperature T:
@@ -301,7 +337,10 @@ def kd_sum(
         teacher_flat = teacher[1].reshape(B * T, -1)  # (B*T, k)
     else:
         ids_flat, teacher_flat = None, teacher.reshape(B * T, V)
-    fn = functools.partial(_chunk_kd_sum, kind=kind, temperature=temperature, beta=beta, skew=skew)
+    fn = functools.partial(
+        _chunk_kd_sum, kind=kind, temperature=temperature, beta=beta, skew=skew,
+        sampled=isinstance(teacher, SampledLabels),
+    )  # fmt: skip
     grad = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_flat.requires_grad)
     parts = []
     for s_chunk, r_chunk in zip(s_rows.split(chunk_tokens), rows.split(chunk_tokens), strict=True):
@@ -386,7 +425,7 @@ def agreement_sums(
     for r in rows.split(chunk_tokens):
         s = s_flat.index_select(0, r).float()  # (n, V)
         ids = ids_flat.index_select(0, r).long()  # (n, k)
-        mass += F.log_softmax(s, dim=-1).gather(-1, ids).exp().sum()
+        mass += F.log_softmax(s, dim=-1).gather(-1, ids).exp().masked_fill(~_entries(ids), 0.0).sum()
         top1 += (s.argmax(-1) == ids[:, 0]).sum()
     return {"student_topk_mass": mass, "top1_agreement": top1, "tokens": rows.new_tensor(rows.numel())}
 
@@ -396,11 +435,26 @@ def agreement_sums(
 AGREEMENT_TOKENS = 256
 
 
+def soft_label_targets(batch: dict) -> torch.Tensor:
+    """(B, T) labels of a soft-label batch: its input_ids, IGNORE_INDEX where `loss_mask` (when the batch
+    has one) says a token is context, not learned (the prompt of a task record)."""
+    ids = batch["input_ids"].long()
+    mask = batch.get("loss_mask")
+    return ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
+
+
+def soft_label_teacher(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | SampledLabels:
+    """The teacher input ``kd_sum`` takes from a decoded soft-label batch (data_pipeline/encodings.decode):
+    SampledLabels for the sampled encoding, else (topk_ids, topk_logprobs); ids as int64."""
+    if "sample_ids" in batch:
+        return SampledLabels(batch["sample_ids"].long(), batch["sample_weights"])
+    return batch["topk_ids"].long(), batch["topk_logprobs"]
+
+
 def soft_label_counts(batch: dict) -> dict[str, int]:
-    """Counted tokens of a soft-label batch (input_ids, topk_ids, topk_logprobs) for the terms "kd" and
-    "ce": every position but the last of each row predicts one."""
-    ids = batch["input_ids"]
-    n = ids.shape[0] * (ids.shape[1] - 1)
+    """Counted tokens of a soft-label batch for the terms "kd" and "ce": the positions whose next token
+    is learned (every position but the last of each row, without a loss_mask)."""
+    n = int((shifted_labels(soft_label_targets(batch)) != IGNORE_INDEX).sum())
     return {"kd": n, "ce": n}
 
 
@@ -417,14 +471,14 @@ def soft_label_loss(
     _check_params(kind, temperature, beta, skew)
 
     def loss(model: torch.nn.Module, batch: dict) -> Loss:
-        ids = batch["input_ids"].long()  # (B, T); labels = the ids (the model predicts position t + 1)
-        logits = model(input_ids=ids).logits  # (B, T, V)
-        topk_ids = batch["topk_ids"].long()  # (B, T, k)
-        kd, _ = kd_sum(logits, (topk_ids, batch["topk_logprobs"]), ids, kind, temperature, beta, skew)
+        labels = soft_label_targets(batch)  # (B, T); the model predicts position t + 1
+        logits = model(input_ids=batch["input_ids"].long()).logits  # (B, T, V)
+        teacher = soft_label_teacher(batch)
+        kd, _ = kd_sum(logits, teacher, labels, kind, temperature, beta, skew)
         sums = {"kd": kd}
         if alpha < 1.0:  # a zero-weight CE term would cost a full log-softmax and its backward per step
-            sums["ce"] = nll_sum(logits, ids)[0]
-        agree = agreement_sums(logits.detach(), topk_ids, ids, max_tokens=AGREEMENT_TOKENS)
+            sums["ce"] = nll_sum(logits, labels)[0]
+        agree = agreement_sums(logits.detach(), teacher[0], labels, max_tokens=AGREEMENT_TOKENS)
         seen = float(agree["tokens"])
         return Loss(sums, {k: (float(agree[k]), seen) for k in ("student_topk_mass", "top1_agreement")})
 

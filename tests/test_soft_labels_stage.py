@@ -217,7 +217,7 @@ def test_online_equals_offline(run):
     _, parts = run
     assert [p["rank"] for p in parts] == [0, 1]
     for p in parts:
-        assert p["keys"][0] == p["keys"][1] == ["input_ids", "topk_ids", "topk_logprobs"]
+        assert p["keys"][0] == p["keys"][1] == ["input_ids", "loss_mask", "topk_ids", "topk_logprobs"]
         assert p["dtypes"][0] == p["dtypes"][1] and p["shapes"][0] == p["shapes"][1]
         assert p["shapes"][0]["topk_ids"] == [2, 32, 8]
         assert p["input_ids_equal"] and p["topk_ids_equal"]
@@ -305,10 +305,12 @@ def test_rank_quota_and_rows():
 
     assert [rank_quota(5, r, 2) for r in (0, 1)] == [3, 2]
     assert rank_quota(0, 0, 2) is None
-    batches = [{"input_ids": torch.arange(i * 3, i * 3 + 3)[:, None]} for i in range(4)]  # rows 0..11
-    got = torch.cat(list(_rows(batches, 4, 10))).flatten().tolist()
-    assert got == list(range(4, 10))
-    assert torch.cat(list(_rows(batches, 0, None))).flatten().tolist() == list(range(12))
+    rows = [torch.arange(i * 3, i * 3 + 3)[:, None] for i in range(4)]  # rows 0..11
+    batches = [{"input_ids": r, "labels": -r} for r in rows]
+    got = list(_rows(batches, 4, 10))
+    assert torch.cat([ids for ids, _ in got]).flatten().tolist() == list(range(4, 10))
+    assert torch.cat([labels for _, labels in got]).flatten().tolist() == [-i for i in range(4, 10)]
+    assert torch.cat([ids for ids, _ in _rows(batches, 0, None)]).flatten().tolist() == list(range(12))
 
 
 def test_lockstep_without_process_group():
@@ -358,6 +360,8 @@ def test_online_source_stores_what_the_writer_stores(tmp_path):
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, V, (3, 16), generator=g)} for _ in range(2)]
+    for b in batches:  # a task record's prompt: its first tokens are context, not learned
+        b["labels"] = b["input_ids"].masked_fill(torch.arange(16) < 5, -100)
     teacher = _PlainTeacher(model)
     online = OnlineSoftLabels(_Batches(batches), teacher, k=5, temperature=0.5)
     got = list(online)
@@ -366,7 +370,7 @@ def test_online_source_stores_what_the_writer_stores(tmp_path):
     meta = soft_label_meta("x", "h", V, 0.5, 5, 16)
     w = SoftLabelWriter(tmp_path / "sl", 0, meta, records_per_shard=4)
     for b in batches:
-        w.add_logits(b["input_ids"], teacher.logits(b["input_ids"]))
+        w.add_logits(b["input_ids"], teacher.logits(b["input_ids"]), b["labels"] != -100)
     w.close()
     finalize_soft_labels(tmp_path / "sl", 1)
     offline = list(ShardLoader(soft_label_reader(tmp_path / "sl"), 3))

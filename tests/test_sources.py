@@ -55,7 +55,7 @@ def test_documents_of_every_format_in_order(tmp_path):
     docs = list(iter_documents(resolve_paths([tmp_path]), stats))
     assert docs == ["alpha one", "alpha two", "beta", "delta", "gamma"]
     assert stats.as_dict() == dict(
-        files=4, documents=5, empty_files=0, empty_lines=0, bad_lines=0, other_split=0
+        files=4, documents=5, empty_files=0, empty_lines=0, bad_lines=0, other_split=0, task_records=0
     )
 
 
@@ -108,6 +108,7 @@ def test_bad_input_is_skipped_and_counted_exactly(tmp_path):
         empty_lines=2 + 2,
         bad_lines=1 + 4 + 1,
         other_split=0,
+        task_records=0,
     )
 
 
@@ -216,7 +217,9 @@ def test_text_units_on_a_txt_with_multi_line_paragraphs(tmp_path):
         record,
     ]
     # Blank lines separate paragraphs (not counted); a file of blank lines gives nothing: an empty file.
-    assert stats == dict(files=4, documents=4, empty_files=2, empty_lines=0, bad_lines=1, other_split=0)
+    assert stats == dict(
+        files=4, documents=4, empty_files=2, empty_lines=0, bad_lines=1, other_split=0, task_records=0
+    )
 
     docs, stats = read("line")
     assert docs == [
@@ -227,7 +230,9 @@ def test_text_units_on_a_txt_with_multi_line_paragraphs(tmp_path):
         "its last line, no newline",
         record,
     ]
-    assert stats == dict(files=4, documents=6, empty_files=1, empty_lines=4 + 3, bad_lines=1, other_split=0)
+    assert stats == dict(
+        files=4, documents=6, empty_files=1, empty_lines=4 + 3, bad_lines=1, other_split=0, task_records=0
+    )
 
     docs, stats = read("file")
     assert docs == [
@@ -235,7 +240,9 @@ def test_text_units_on_a_txt_with_multi_line_paragraphs(tmp_path):
         "  indented third paragraph\nits last line, no newline",
         record,
     ]
-    assert stats == dict(files=4, documents=2, empty_files=2, empty_lines=0, bad_lines=1, other_split=0)
+    assert stats == dict(
+        files=4, documents=2, empty_files=2, empty_lines=0, bad_lines=1, other_split=0, task_records=0
+    )
 
     # A plain file list reads line by line, as before text units existed.
     assert list(iter_documents([txt])) == read("line")[0][:5]

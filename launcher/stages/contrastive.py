@@ -59,8 +59,8 @@ from stablekd.objectives.contrastive import (
     simctg_sum,
     supcon_sum,
 )
-from stablekd.objectives.distill import kd_sum
-from stablekd.objectives.lm import Loss, lm_loss, nll_sum
+from stablekd.objectives.distill import kd_sum, soft_label_targets, soft_label_teacher
+from stablekd.objectives.lm import IGNORE_INDEX, Loss, lm_loss, nll_sum, shifted_labels
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -142,6 +142,17 @@ def _unverifiable(batch: dict) -> torch.Tensor:
     return batch["known"][:, None] & (batch["verdict"] == 0)
 
 
+def _lm_batch(batch: dict) -> dict:
+    """The LM term's own batch (its keys without the "lm_" prefix): a packed-stream batch (CE) or a
+    decoded soft-label batch (KD)."""
+    return {k[3:]: v for k, v in batch.items() if k.startswith("lm_")}
+
+
+def _lm_labels(lm: dict) -> torch.Tensor:
+    """[B, L] labels of the LM term: the packed stream's (CE), or the soft labels' ids and loss mask (KD)."""
+    return lm["labels"].long() if "labels" in lm else soft_label_targets(lm)
+
+
 def counts(c: ContrastiveConfig) -> Callable[[dict], dict[str, int]]:
     def count(batch: dict) -> dict[str, int]:
         pos = _positive(batch)
@@ -149,10 +160,10 @@ def counts(c: ContrastiveConfig) -> Callable[[dict], dict[str, int]]:
             anchors = int(pos.any(-1).sum())
         else:  # an anchor per continuation with another positive in its group
             anchors = int((pos & (pos.sum(-1, keepdim=True) >= 2)).sum())
-        ids = batch["lm_input_ids"]
-        out = {"infonce": anchors, "lm": ids.shape[0] * (ids.shape[1] - 1)}
+        lm = int((shifted_labels(_lm_labels(_lm_batch(batch))) != IGNORE_INDEX).sum())
+        out = {"infonce": anchors, "lm": lm}
         if c.margin > 0:
-            out["simctg"] = ids.shape[0]
+            out["simctg"] = batch["lm_input_ids"].shape[0]
         return out
 
     return count
@@ -251,13 +262,14 @@ def make_loss(cfg: ExperimentConfig):
         else:
             scores, positive, valid = _embedding_scores(model, batch)
         nce, _, stats = supcon_sum(scores, positive, valid, c.tau)
-        ids = batch["lm_input_ids"].long()  # [B, L]
+        lm_batch = _lm_batch(batch)
+        ids, labels = lm_batch["input_ids"].long(), _lm_labels(lm_batch)  # [B, L] each
         out = model(input_ids=ids, output_hidden_states=c.margin > 0)
         if c.lm == "kd":
-            teacher = (batch["lm_topk_ids"].long(), batch["lm_topk_logprobs"])
-            lm, _ = kd_sum(out.logits, teacher, ids, d.kind, d.temperature, d.beta, d.skew)
+            teacher = soft_label_teacher(lm_batch)
+            lm, _ = kd_sum(out.logits, teacher, labels, d.kind, d.temperature, d.beta, d.skew)
         else:
-            lm, _ = nll_sum(out.logits, ids)
+            lm, _ = nll_sum(out.logits, labels)
         sums = {"infonce": nce, "lm": lm}
         if c.margin > 0:
             sums["simctg"] = simctg_sum(

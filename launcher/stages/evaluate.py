@@ -40,6 +40,7 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.stream import eval_batches
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
+from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
 from stablekd.launcher import launch, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
 from stablekd.launcher.stages import MODELS, model_stage
@@ -135,6 +136,14 @@ def _perplexity(
     return report.perplexity(model, batches)
 
 
+def _trained_task_records(cfg: ExperimentConfig) -> int:
+    """Task records the teacher trained on (its DONE.json data counts; 0 when it has none)."""
+    done = pipeline.done_path(cfg, "teacher")
+    if not done.is_file():
+        return 0
+    return int(json.loads(done.read_text()).get("produced", {}).get("data_stats", {}).get("task_records", 0))
+
+
 def preflight(cfg: ExperimentConfig) -> None:
     """Fail before any work when there is no model to evaluate or the coherence encoder is not a directory."""
     find_models(cfg.run_dir)
@@ -227,6 +236,9 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         why = f"no held-out document longer than {ecfg.prefix_tokens} tokens" if held else "no held-out text"
         missing = dict.fromkeys(sizes, why)
     speed_prompts = (prefixes or ["The"])[: report.SPEED_BATCH]
+    tasks = held_out_tasks(held, ecfg.task_prompts) if held else []
+    if not tasks and _trained_task_records(cfg):
+        notes.append("task_* keys absent: the training data has task records but the held-out text has none")
 
     # Warm-up outside every measurement: lazy imports, kernel set-up and allocator pools that the first
     # model would otherwise pay for alone in peak memory and tokens/s.
@@ -267,6 +279,12 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             m.update(result.metrics)
             sizes.update(result.sizes)
             samples[name] = {"probe": result.examples}
+        if tasks:
+            asked = probe_tasks(gen, tok, tasks, ecfg)
+            m.update(asked.metrics)
+            sizes.update(asked.sizes)
+            missing.update(asked.missing)
+            samples.setdefault(name, {}).setdefault("probe", []).extend(asked.examples)
         if prefixes:
             cont = report.continue_prefixes(gen, prefixes, ecfg)
             m.update(report.degeneration(cont))

@@ -56,6 +56,7 @@ from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.monitor import Monitor
 from stablekd.model.sharded_teacher import ShardedTeacher, checkpoint_source
 from stablekd.model.tokenizer import tokenizer_hash
+from stablekd.objectives.lm import IGNORE_INDEX
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -74,8 +75,10 @@ def rank_quota(max_sequences: int, rank: int, world: int) -> int | None:
     return max_sequences // world + int(rank < max_sequences % world)
 
 
-def _rows(batches: Iterable[dict], start: int, stop: int | None) -> Iterator[torch.Tensor]:
-    """Rows [start, stop) of a stream of [B, L] batches, as slices of those batches ([b, L], b <= B)."""
+def _rows(
+    batches: Iterable[dict], start: int, stop: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Rows [start, stop) of a stream of [B, L] batches as (input_ids, labels) slices ([b, L], b <= B)."""
     seen = 0
     for batch in batches:
         if stop is not None and seen >= stop:
@@ -83,7 +86,7 @@ def _rows(batches: Iterable[dict], start: int, stop: int | None) -> Iterator[tor
         ids = batch["input_ids"]
         lo, hi = max(start - seen, 0), ids.shape[0] if stop is None else min(stop - seen, ids.shape[0])
         if lo < hi:
-            yield ids[lo:hi]
+            yield ids[lo:hi], batch["labels"][lo:hi]
         seen += ids.shape[0]
 
 
@@ -111,7 +114,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     quota = rank_quota(sl.max_sequences, rank, world)
     fid_path = _fidelity_path(out, rank)
     if writer.final:  # this rank finished before the stage was stopped: nothing to label
-        rows: Iterator[torch.Tensor] = iter(())
+        rows: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
         fid = json.loads(fid_path.read_text()) if fid_path.exists() else merge_fidelity([])
     else:
         stream = PackedStream(
@@ -131,11 +134,12 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)
     budget = sl.fidelity_positions - int(fid.get("tokens", 0))
     tokens, rounds, t0 = 0, 0, time.perf_counter()
-    for ids in lockstep(rows):
+    for row in lockstep(rows):
         rounds += 1
-        if ids is None:  # this rank is done; the others still gather parameters with it
+        if row is None:  # this rank is done; the others still gather parameters with it
             teacher.idle_forward()
             continue
+        ids, labels = row
         logits = teacher.logits(ids)  # [b, L, V]
         topk_ids, topk_logprobs = compress(logits, sl.k, sl.temperature)  # [b, L, k] each
         if budget > 0:
@@ -144,7 +148,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
             flat = logits.reshape(-1, logits.shape[-1])  # [b, L, V] -> [b * L, V]
             fid = merge_fidelity([fid, fidelity(flat[pos.to(flat.device)], sl.k, sl.temperature)])
             budget -= take
-        writer.add_batch(ids, topk_ids.cpu(), topk_logprobs.cpu())
+        writer.add_batch(ids, topk_ids.cpu(), topk_logprobs.cpu(), labels != IGNORE_INDEX)
         tokens += ids.numel()
         monitor.advance({"tokens": str(tokens)})  # records_written only moves when a shard is committed
         if rounds % 10 == 0:

@@ -1,5 +1,10 @@
 """Stage `teacher`: train (or continue) the teacher LM with DeepSpeed ZeRO on the packed corpus stream.
 
+With teacher.init_from a previous teacher run, training starts from that run's ZeRO checkpoint (loaded rank
+by rank, never consolidated; same world size and ZeRO stage) and its tokenizer; with a Hugging Face
+directory, from its weights and tokenizer. A task dataset (.jsonl prompt/response or chat records in
+data.paths) then fine-tunes it with loss on the responses only (data_pipeline/tasks.py).
+
 Leaves teacher/ckpt/<tag> (one ZeRO shard per rank, kept sharded for the soft-label stage),
 teacher/hf (Hugging Face format, unless teacher.export_hf=false) and teacher/DONE.json.
 """
@@ -14,10 +19,34 @@ from stablekd.data_pipeline.sources import SourceStats
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import engine, pipeline
-from stablekd.launcher.config import ExperimentConfig
+from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.objectives.lm import lm_loss
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """A previous run to start from must have been trained as this one trains: same ZeRO stage and dtype
+    (DeepSpeed lays out and names its checkpoint files by both)."""
+    init = pipeline.teacher_init_checkpoint(cfg)
+    if init is None:
+        return
+    theirs_path = init.parent.parent / "ds" / "teacher.json"
+    if not theirs_path.is_file():
+        raise ConfigError(
+            f"teacher.init_from: {theirs_path} missing (the previous run's resolved DeepSpeed JSON)"
+        )
+    theirs, ours = json.loads(theirs_path.read_text()), pipeline.resolve_ds_config(cfg, "teacher")
+    for what, a, b in (
+        ("ZeRO stage", zero_stage(theirs), zero_stage(ours)),
+        ("bf16", theirs.get("bf16", {}).get("enabled"), ours.get("bf16", {}).get("enabled")),
+    ):
+        if a != b:
+            raise ConfigError(
+                f"teacher.init_from: {init} was saved with {what} {a}, this run has {b}; use the same "
+                f"teacher.ds_config / teacher.dtype, or start from the exported model "
+                f"(teacher.init_from={init.parent / 'hf'})"
+            )
 
 
 def run(cfg: ExperimentConfig) -> None:
@@ -40,8 +69,9 @@ def run(cfg: ExperimentConfig) -> None:
         pipeline.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
     )
     stage = engine.Stage(
-        "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model.config, seq_len)
-    )
+        "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model.config, seq_len),
+        init_checkpoint=pipeline.teacher_init_checkpoint(cfg),
+    )  # fmt: skip
     result = engine.train(
         stage, cfg.teacher, ds, run_dir, pipeline.stage_hash(cfg, "teacher"), cfg.run.trace_samples
     )
@@ -52,6 +82,12 @@ def run(cfg: ExperimentConfig) -> None:
         }
         if skipped:
             print(f"[teacher] data: skipped and counted {skipped}", flush=True)
+        if stats.task_records:
+            print(
+                f"[teacher] data: {stats.task_records} of {stats.documents} documents are task records "
+                "(loss on their responses only)",
+                flush=True,
+            )
         if stats.other_split:  # the eval share of data.paths (pipeline.train_files)
             print(
                 f"[teacher] data: {stats.other_split} documents held out for eval "

@@ -1,0 +1,96 @@
+"""The task probe: how a model answers held-out task prompts (prompt/response or chat records, DESIGN §7).
+
+Per held-out task record: its prompt (what precedes the first learned span, rendered as training renders
+it: the tokenizer's chat template for chat records where it has one) is answered once greedily and K times
+sampled (evaluate.samples, evaluate.temperature, evaluate.top_p), each answer ending at end-of-text or
+after evaluate.max_new_tokens. Answers are compared after `normalize` (case, whitespace, the punctuation
+at either end), so "Paris." and " paris" agree.
+
+Keys: task_exact_match (greedy answer == the record's reference response), task_agreement (share of the
+1 + K answers that agree with their modal answer, averaged over prompts), task_contradiction (share of
+prompts whose answers take >= 2 values), task_rep_2 / task_rep_3 (SimCTG rep-n of the sampled answers:
+loops within an answer). Each has its sample size; rep-n over fewer than MIN_CONTINUATION_TOKENS words is
+missing with the reason.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from stablekd.data_pipeline.sources import Corpus, read_documents
+from stablekd.data_pipeline.tasks import Document, render
+from stablekd.evaluation import metrics
+from stablekd.evaluation.bios_probe import TextGenerator
+from stablekd.evaluation.report import MIN_CONTINUATION_TOKENS
+from stablekd.launcher.config import EvaluateConfig
+
+_EDGES = string.whitespace + string.punctuation
+
+
+def normalize(text: str) -> str:
+    """Lower case, runs of whitespace as one space, whitespace and punctuation stripped from both ends."""
+    return " ".join(text.lower().split()).strip(_EDGES)
+
+
+def held_out_tasks(files: Corpus, n: int) -> list[Document]:
+    """The first `n` task records of the held-out text (pipeline.eval_files)."""
+    out: list[Document] = []
+    for doc in read_documents(files):
+        if doc.is_task:
+            out.append(doc)
+            if len(out) == n:
+                break
+    return out
+
+
+@dataclass
+class TaskProbeResult:
+    metrics: dict[str, float]
+    sizes: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+
+
+def probe_tasks(gen: TextGenerator, tok, docs: Sequence[Document], cfg: EvaluateConfig) -> TaskProbeResult:
+    """Ask every record's prompt (greedy + evaluate.samples samples) and score the answers; see the module doc."""
+    pairs = []
+    for doc in docs:
+        text, spans = render(tok, doc)
+        pairs.append((text[: spans[0][0]], text[slice(*spans[0])]))
+    prompts = [p for p, _ in pairs]
+    greedy = gen(prompts, 1, True, cfg.max_new_tokens)
+    torch.manual_seed(cfg.seed + 3)  # the bios probe uses seed and seed + 1, the prefixes seed + 2
+    sampled = (
+        gen(prompts, cfg.samples, False, cfg.max_new_tokens) if cfg.samples > 0 else [[] for _ in prompts]
+    )
+    raw = [g + s for g, s in zip(greedy, sampled, strict=True)]
+    answers: list[list[str | None]] = [[normalize(a) for a in r] for r in raw]
+    truth = [normalize(ref) for _, ref in pairs]
+    result = TaskProbeResult(
+        {
+            "task_exact_match": metrics.accuracy(answers, truth),
+            "task_agreement": metrics.self_consistency(answers),
+            "task_contradiction": metrics.cross_contradiction(answers),
+        }
+    )
+    asked = f"{len(docs)} held-out prompts"
+    result.sizes["task_exact_match"] = asked
+    for key in ("task_agreement", "task_contradiction"):
+        result.sizes[key] = f"{asked} × {1 + cfg.samples} answers"
+    texts = [a for r in sampled for a in r]
+    words = sum(len(t.split()) for t in texts)
+    for n in (2, 3):
+        key = f"task_rep_{n}"
+        result.metrics[key] = metrics.rep_n(texts, n)
+        result.sizes[key] = f"{len(texts)} sampled answers, {words} words"
+        if words < MIN_CONTINUATION_TOKENS:
+            result.missing[key] = f"{words} words of sampled answers < {MIN_CONTINUATION_TOKENS}"
+    result.examples = [
+        {"group": "task", "prompt": p, "truth": ref, "answers": r}
+        for (p, ref), r in zip(pairs[:3], raw[:3], strict=True)
+    ]
+    return result

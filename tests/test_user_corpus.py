@@ -1,0 +1,137 @@
+"""A corpus the project did not generate, end to end (tests/data/README.md): public-domain prose read by
+paragraph plus a prompt/response task file, through teacher → soft labels → evaluate with `stablekd run`
+on 2 ranks; then a second teacher run that starts from the first one's ZeRO-3 checkpoint and fine-tunes
+on the task records alone, with loss on the responses only."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy as stnp
+import torch
+from transformers import AutoModelForCausalLM
+
+from stablekd.data_pipeline.sources import Corpus, iter_documents
+from stablekd.data_pipeline.stream import eval_batches
+from stablekd.launcher.monitor import read_scalars
+from stablekd.objectives.lm import IGNORE_INDEX, nll_sum
+from tests.conftest import QUICKSTART, REPO, run_stablekd
+
+PROSE = REPO / "tests" / "data" / "kjv_genesis_exodus.txt"
+
+COMMON = [
+    "launch.nproc_per_node=2",
+    "data.seq_len=64",
+    "data.eval_fraction=0.05",
+    "tokenizer.vocab_size=800",
+    "teacher.model=tiny",
+    "teacher.dtype=fp32",
+    "teacher.micro_batch_size=4",
+    "teacher.warmup_steps=2",
+    "teacher.log_every=1",
+    "teacher.eval_batches=2",
+]
+
+
+def _task_file(path: Path) -> Path:
+    """Prompt/response records cut from the prose: a sentence, and the one that follows it."""
+    records = []
+    for para in iter_documents(Corpus((PROSE,), "paragraph")):
+        sentences = re.split(r"(?<=[.:;]) ", para)
+        if len(sentences) >= 2:
+            records.append({"prompt": f"After: {sentences[0]}\nComes:", "response": f" {sentences[1]}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:300]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prose_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prose")
+    tasks = _task_file(tmp / "tasks.jsonl")
+    run = tmp / "run"
+    args = [
+        f"run.out_dir={run}",
+        f"data.paths=[{PROSE}, {tasks}]",
+        *COMMON,
+        "teacher.max_steps=40",
+        "teacher.eval_every=20",
+        "soft_labels.k=8",
+        "soft_labels.max_sequences=16",
+        "soft_labels.records_per_shard=4",
+        "soft_labels.micro_batch_size=4",
+        "soft_labels.candidate_contexts=4",
+        "soft_labels.candidates_per_context=2",
+        "soft_labels.generate_batch_size=4",
+        "soft_labels.max_new_tokens=8",
+        "evaluate.prefixes=8",
+        "evaluate.max_new_tokens=32",
+        "evaluate.samples=2",
+        "evaluate.ppl_batches=2",
+        "evaluate.task_prompts=4",
+    ]
+    run_stablekd("run", str(QUICKSTART), "--stages", "teacher,soft_labels,evaluate", *args)
+    return run, tasks
+
+
+@pytest.mark.distributed
+def test_prose_and_tasks_teacher_soft_labels_report(prose_run):
+    run, _ = prose_run
+    evals = read_scalars(run / "tb" / "teacher", "eval/loss")
+    assert sorted(evals) == [20, 40] and evals[40] < evals[20]  # the held-out loss falls
+    done = json.loads((run / "teacher" / "DONE.json").read_text())["produced"]
+    stats = done["data_stats"]
+    assert stats["task_records"] > 250 and stats["other_split"] > 10  # the held-out share of both files
+    # The soft labels keep the task prompts out of the loss: some tokens learned, some not.
+    masks = np.concatenate(
+        [stnp.load_file(str(f))["loss_mask"].ravel() for f in sorted((run / "soft_labels").glob("shard-*"))]
+    )
+    assert 0 < masks.mean() < 1
+
+    report = json.loads((run / "eval" / "report.json").read_text())
+    teacher = report["models"]["teacher"]
+    for key in ("ppl", "rep_2", "rep_4", "diversity", "coherence", "task_exact_match", "task_agreement"):
+        assert key in teacher and key not in report["missing"], key
+    assert "held-out tokens" in report["sizes"]["ppl"]
+    assert report["sizes"]["rep_4"] == "8 held-out prefixes × 32 tokens"
+    assert report["sizes"]["task_agreement"] == "4 held-out prompts × 3 answers"
+    assert "task_rep_2" in report["missing"]  # 4 prompts' short answers: too few words, shown missing
+    assert "| task: exact match (`task_exact_match`) |" in (run / "eval" / "report.md").read_text()
+
+
+@pytest.mark.distributed
+def test_fine_tune_starts_from_the_zero_checkpoint_and_learns_responses_only(prose_run, tmp_path):
+    first, tasks = prose_run
+    run = tmp_path / "ft"
+    proc = run_stablekd(
+        "stage", "teacher", str(QUICKSTART), f"run.out_dir={run}", f"teacher.init_from={first}",
+        f"data.paths=[{tasks}]", *COMMON, "teacher.max_steps=2", "teacher.eval_every=0", "teacher.lr=1e-9",
+    )  # fmt: skip
+    assert re.search(r"weights from .*teacher/ckpt/step0000040 \(its step 40\)", proc.stderr + proc.stdout)
+    assert not (run / "tokenizer").exists()  # the previous run's tokenizer: the ids it learned
+    # lr 1e-9: the export is the first teacher's weights, loaded rank by rank from its ZeRO-3 shards.
+    a = AutoModelForCausalLM.from_pretrained(first / "teacher" / "hf", dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(run / "teacher" / "hf", dtype=torch.float32)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+    # Its held-out loss is the first teacher's cross-entropy on the held-out responses only.
+    done = json.loads((run / "teacher" / "DONE.json").read_text())["produced"]
+    held = Corpus((tasks,), "paragraph", "eval", 0.05)
+    masked = plain = (0.0, 0)
+    with torch.no_grad():
+        for rank in (0, 1):
+            for batch in eval_batches(held, first / "tokenizer", 64, 4, 2, rank, 2):
+                logits = a(input_ids=batch["input_ids"]).logits
+                assert (batch["labels"] == IGNORE_INDEX).any()
+                s, n = nll_sum(logits, batch["labels"])
+                masked = (masked[0] + float(s), masked[1] + int(n))
+                s, n = nll_sum(logits, batch["input_ids"])
+                plain = (plain[0] + float(s), plain[1] + int(n))
+    assert done["eval_loss"] == pytest.approx(masked[0] / masked[1], rel=1e-4)
+    assert abs(done["eval_loss"] - plain[0] / plain[1]) > 0.05
+    stats = done["data_stats"]
+    assert stats["task_records"] == stats["documents"] > 0  # every document read is a task record
