@@ -35,15 +35,9 @@ from pathlib import Path
 
 import torch
 
+from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import read_marker
-from stablekd.data_pipeline.soft_labels import (
-    FIDELITY_RATE,
-    SoftLabelWriter,
-    compress,
-    fidelity,
-    merge_fidelity,
-    soft_label_meta,
-)
+from stablekd.data_pipeline.soft_labels import FIDELITY_RATE, SoftLabelWriter, soft_label_meta
 from stablekd.data_pipeline.stream import PackedStream
 from stablekd.launcher import pipeline
 from stablekd.launcher.config import load_config, save_config
@@ -79,20 +73,19 @@ def one_process(
     best, kept = 0.0, []
     for r in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
-        writer = SoftLabelWriter(out, 0, meta, sl.records_per_shard)
+        writer = SoftLabelWriter(out, 0, meta, sl.records_per_shard, seed=cfg.run.seed)
         gen = torch.Generator().manual_seed(0)
         budget, fid = sl.fidelity_positions, merge_fidelity([])
         t0 = time.perf_counter()
         for ids in batches:  # [b, L]
             with torch.no_grad():
                 logits = model(input_ids=ids, use_cache=False).logits  # [b, L, V]
-            topk_ids, topk_logprobs = compress(logits, sl.k, sl.temperature)
             if budget > 0:  # the stage's fidelity sample, so both sides do the same work
                 take = min(budget, -(-ids.numel() // FIDELITY_RATE))
                 pos = torch.randperm(ids.numel(), generator=gen)[:take]
-                fid = merge_fidelity([fid, fidelity(logits.reshape(-1, V)[pos], sl.k, sl.temperature)])
+                fid = merge_fidelity([fid, fidelity(logits.reshape(-1, V)[pos], meta)])
                 budget -= take
-            writer.add_batch(ids, topk_ids, topk_logprobs)
+            writer.add_logits(ids, logits)
             if r == 0:
                 kept.append(logits.float())
         writer.close()
@@ -165,10 +158,11 @@ def main() -> None:
     T, V = cfg.soft_labels.temperature, logits.shape[-1]
     fid_rows = []
     for k in KS:
-        f = fidelity(logits, k, T)
-        # per token on disk: k uint16 ids (int32 above 65,536 ids) + k float16 log-probs + one int32 token id
+        f = fidelity(logits, {"encoding": "topk", "k": k, "temperature": T, "vocab_size": V})
+        # per token on disk: k uint16 ids (int32 above 65,536 ids) + k float16 log-probs + the token id
+        # (uint16) + its loss mask (uint8)
         fid_rows.append(
-            {"k": k, "topk_mass": f["topk_mass"], "kl_nats": f["kl"], "bytes_per_token": k * 4 + 4}
+            {"k": k, "topk_mass": f["topk_mass"], "kl_nats": f["kl"], "bytes_per_token": k * 4 + 3}
         )
     shard_bytes = done["bytes"]
     result = {

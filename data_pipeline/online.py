@@ -1,15 +1,11 @@
-"""Online soft labels: the top-k of a teacher running inside the consuming job, batch by batch.
+"""Online soft labels: the encoded distribution of a teacher running inside the consuming job, batch by batch.
 
 For data too big to store as shards (DESIGN §1, "online: in the same job"). `OnlineSoftLabels` has the
-interface of `ShardLoader(soft_label_reader(...))`: iterate it for batches
+interface of `Decoded(ShardLoader(soft_label_reader(...)), meta)`: iterate it for decoded batches
+(encodings.decode: input_ids, loss_mask, and topk_ids / topk_logprobs or sample_ids / sample_weights)
 
-    input_ids      int32   [B, L]
-    topk_ids       int32   [B, L, k]
-    topk_logprobs  float16 [B, L, k]   log_softmax(teacher_logits / T), top k, sorted descending
-    loss_mask      int32   [B, L]      1 = learned, 0 = context (task prompts)
-
-with the very values the offline writer would have stored for the same sequences (the same `compress`
-and the same float16 cast), and save/restore its position with `state_dict` / `load_state_dict`.
+decoded from the very arrays the offline writer would have stored for the same sequences (the same
+`encodings.encode`, the same casts), and save/restore its position with `state_dict` / `load_state_dict`.
 
 ZeRO-3 gathers each layer's parameters collectively, so every rank must run the same number of teacher
 forwards. `lockstep` keeps them together: once a rank's stream is exhausted it runs an idle forward for
@@ -22,15 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from stablekd.data_pipeline.soft_labels import compress
+from stablekd.data_pipeline import encodings
+from stablekd.data_pipeline.shards import widen
 from stablekd.objectives.lm import IGNORE_INDEX
 
 T = TypeVar("T")
-_FP16_MIN = float(np.finfo(np.float16).min)  # the writer's clip: -inf log-probs become -65504
 
 
 class Teacher(Protocol):
@@ -65,41 +60,27 @@ def lockstep(items: Iterable[T]) -> Iterator[T | None]:
         yield item
 
 
-def storage_cast(
-    input_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, labels: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """What a soft-label shard stores and a ShardLoader returns: int32 ids, float16 log-probs in [-65504, 0],
-    int32 loss_mask (1 where `labels` is not -100)."""
-    return {
-        "input_ids": input_ids.to(torch.int32),
-        # uint16 on disk, widened to int32 by the reader: int32 either way for the consumer
-        "topk_ids": topk_ids.to(torch.int32),
-        "topk_logprobs": topk_logprobs.float().clamp(_FP16_MIN, 0.0).to(torch.float16),
-        "loss_mask": (labels != IGNORE_INDEX).to(torch.int32),
-    }
-
-
 class OnlineSoftLabels:
     """Soft labels for a token stream, computed by `teacher` as batches are drawn.
 
     Args:
-        batches: a resumable stream of {"input_ids": [B, L], "labels": [B, L]} batches (a StreamLoader over the training
-            PackedStream, as the offline stage reads); its state is this source's state.
+        batches: a resumable stream of {"input_ids": [B, L], "labels": [B, L]} batches (a StreamLoader
+            over the training PackedStream, as the offline stage reads); its state is this source's state.
         teacher: `logits(input_ids)` and `idle_forward()` (model.sharded_teacher.ShardedTeacher).
-        k, temperature: as in the manifest meta of offline shards.
+        meta: a soft-label meta (`soft_label_meta`: encoding, its parameters, T, vocabulary): each batch is
+            encoded and decoded exactly as a shard would store and a reader would return it.
         in_step: run `lockstep` so every rank runs the same number of teacher forwards (ZeRO-3 needs it);
             False only when the caller already guarantees equal counts (or the teacher is not partitioned).
+    The `sampled` encoding draws with a seed taken from the global torch RNG, which the training loop
+    saves and restores, so a resumed run draws what an uninterrupted one would.
     """
 
-    def __init__(
-        self, batches: Any, teacher: Teacher, k: int, temperature: float, in_step: bool = True
-    ) -> None:
-        if not 1 <= k <= teacher.vocab_size:
-            raise ValueError(f"k must be in [1, vocab_size={teacher.vocab_size}], got {k}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.batches, self.teacher = batches, teacher
-        self.k, self.temperature, self.in_step = k, temperature, in_step
+    def __init__(self, batches: Any, teacher: Teacher, meta: dict, in_step: bool = True) -> None:
+        if meta.get("encoding", "topk") != "sampled" and not 1 <= meta["k"] <= teacher.vocab_size:
+            raise ValueError(f"k must be in [1, vocab_size={teacher.vocab_size}], got {meta['k']}")
+        if not meta["temperature"] > 0:
+            raise ValueError(f"temperature must be > 0, got {meta['temperature']}")
+        self.batches, self.teacher, self.meta, self.in_step = batches, teacher, meta, in_step
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rounds = lockstep(self.batches) if self.in_step else iter(self.batches)
@@ -110,8 +91,12 @@ class OnlineSoftLabels:
             ids = batch["input_ids"]  # [B, L]
             with torch.no_grad():
                 logits = self.teacher.logits(ids)  # [B, L, V]
-                topk_ids, topk_logprobs = compress(logits, self.k, self.temperature)  # [B, L, k] each
-            yield storage_cast(ids, topk_ids.cpu(), topk_logprobs.cpu(), batch["labels"])
+            seed = int(torch.randint(0, 2**62, ()))
+            stored = encodings.encode(logits.cpu(), self.meta, seed)
+            stored = {k: torch.from_numpy(widen(v)) for k, v in stored.items()}
+            stored["input_ids"] = ids.to(torch.int32)
+            stored["loss_mask"] = (batch["labels"] != IGNORE_INDEX).to(torch.int32)
+            yield encodings.decode(stored, self.meta)
 
     def state_dict(self) -> dict:
         return {"online": True, "stream": self.batches.state_dict()}

@@ -447,7 +447,7 @@ class _View:
     awaited: str | None = None  # follow mode: the uncommitted shard file the known prefix stops at
 
 
-def _widen(a: np.ndarray) -> np.ndarray:
+def widen(a: np.ndarray) -> np.ndarray:
     # torch has little support for unsigned 16/32-bit ints (no stack/gather on CUDA); int32 holds
     # every uint16 id losslessly, and ids > 65535 are stored as int32 already.
     if a.dtype == np.uint16 or a.dtype == np.uint8:
@@ -642,7 +642,7 @@ class ShardReader(IterableDataset):
         while True:
             if j < len(view.shards):
                 entry = view.shards[j]
-                arrays = {k: _widen(a) for k, a in self._open(entry, view.schema).items()}
+                arrays = {k: widen(a) for k, a in self._open(entry, view.schema).items()}
                 n = entry["records"]
                 if r > n:
                     raise ShardError(

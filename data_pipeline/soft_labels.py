@@ -1,206 +1,103 @@
-"""Top-k soft labels: compression of teacher logits, fidelity of that compression, the shard format.
+"""The soft-label shard format: manifest meta, the writer and the reader (DESIGN §4).
 
-One record = one training sequence of `seq_len` tokens (DESIGN §4):
-
-    input_ids      int32   [seq_len]
-    topk_ids       uint16  [seq_len, k]   (int32 when vocab_size > 65,536; see `topk_dtype`)
-    topk_logprobs  float16 [seq_len, k]   log_softmax(teacher_logits / T), top k, sorted descending
-    loss_mask      uint8   [seq_len]      1 where the token is learned, 0 where it is context (the prompt
-                                          of a task record, data_pipeline/tasks.py); sets written before
-                                          it existed have no such array (meta without "loss_mask"): every
-                                          token is learned
-
-The tail mass 1 - sum(exp(topk_logprobs)) is derived (`tail_mass`), never stored. Readers get topk_ids
-as int32 whatever the storage dtype (ShardReader widens uint16).
+One record = one training sequence of `seq_len` tokens: `input_ids` (uint16 when the vocabulary fits, else
+int32), `loss_mask` (uint8: 1 where the token is learned, 0 where it is context, the prompt of a task
+record, data_pipeline/tasks.py) and what the encoding stores of the teacher's distribution at
+temperature T (`soft_labels.encoding`, data_pipeline/encodings.py: topk, topp, sampled; log-probs in
+16 or 8 bits). The manifest meta names the encoding and its parameters; a set written before encodings
+existed (meta without "encoding") is read as topk with int32 input_ids, and one without "loss_mask" as
+every token learned. Readers widen stored ids and codes to int32 (ShardReader).
 
 Stage code, per writer rank (the mechanics are in shards.py):
 
-    meta = soft_label_meta(ckpt_id, tok_hash, vocab_size, temperature=T, k=32, seq_len=L)
-    w = SoftLabelWriter(out_dir, rank, meta, records_per_shard=256, world_size=world)
-    for input_ids in sequences[w.records_written:]:           # resume: skip what is committed
-        w.add_logits(input_ids, teacher(input_ids).logits)    # compress + cast + buffer + fidelity
+    meta = soft_label_meta(ckpt_id, tok_hash, vocab_size, T, k, L, **encoding params)
+    w = SoftLabelWriter(out_dir, rank, meta, records_per_shard=256, world_size=world, seed=seed)
+    for input_ids, labels in sequences[w.records_written:]:     # resume: skip what is committed
+        w.add_logits(input_ids, teacher(input_ids).logits, labels != -100)
     w.close()
-    barrier(); parts = all_gather_object(w.fidelity)
-    if rank == 0: finalize_soft_labels(out_dir, world, merge_fidelity(parts))
+    barrier()
+    if rank == 0: finalize_soft_labels(out_dir, world, fidelity_summary)
 
-and a consumer: `ShardLoader(soft_label_reader(out_dir, expect, rank, world, num_workers), micro_bs)`.
+and a consumer: `Decoded(ShardLoader(soft_label_reader(out_dir, expect, rank, world, workers), micro_bs), meta)`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from stablekd.data_pipeline import encodings
 from stablekd.data_pipeline.shards import ShardError, ShardReader, ShardWriter, finalize
 
 KIND = "soft_labels"
-FIDELITY_RATE = 8  # the fidelity record samples one position in 8 of each batch until its budget is spent
-_UINT16_VOCAB = 65536  # ids 0..65535 fit uint16
-_FP16_MIN = float(np.finfo(np.float16).min)  # -65504: exp() of it is 0, and 0 * it is 0 (not NaN)
-
-
-def topk_dtype(vocab_size: int) -> np.dtype:
-    """Storage dtype of topk_ids: uint16 when every id (0 .. vocab_size-1) fits, else int32."""
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    return np.dtype(np.uint16) if vocab_size <= _UINT16_VOCAB else np.dtype(np.int32)
+FIDELITY_RATE = (
+    8  # the stage's fidelity record samples one position in 8 of each batch until its budget is spent
+)
+_PARAMS = {  # the meta keys of each encoding besides the shared ones
+    "topk": ("k",),
+    "topp": ("k", "mass", "mean_entries"),
+    "sampled": ("draws", "proposal_temperature"),
+}
 
 
 def soft_label_meta(
-    teacher_checkpoint: str, tokenizer_hash: str, vocab_size: int, temperature: float, k: int, seq_len: int
+    teacher_checkpoint: str,
+    tokenizer_hash: str,
+    vocab_size: int,
+    temperature: float,
+    k: int,
+    seq_len: int,
+    encoding: str = "topk",
+    mass: float = 0.9,
+    mean_entries: int = 8,
+    draws: int = 12,
+    proposal_temperature: float = 0.0,
+    logprob_bits: int = 16,
 ) -> dict:
-    """Manifest meta of a soft-label set; readers check any subset of it against their config."""
-    if not 1 <= k <= vocab_size:
+    """Manifest meta of a soft-label set: the shared keys and the encoding's own (data_pipeline/encodings.py);
+    readers check any subset of it against their config (`encoding_meta`)."""
+    if encoding not in _PARAMS:
+        raise ValueError(f"encoding must be one of {', '.join(_PARAMS)}, got {encoding!r}")
+    if encoding != "sampled" and not 1 <= k <= vocab_size:
         raise ValueError(f"k must be in [1, vocab_size={vocab_size}], got {k}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if logprob_bits not in (8, 16):
+        raise ValueError(f"logprob_bits must be 8 or 16, got {logprob_bits}")
+    params = {"k": int(k), "mass": float(mass), "mean_entries": int(mean_entries), "draws": int(draws)}
+    params["proposal_temperature"] = float(proposal_temperature)
     return {
         "teacher_checkpoint": str(teacher_checkpoint),
         "tokenizer_hash": str(tokenizer_hash),
         "vocab_size": int(vocab_size),
         "temperature": float(temperature),
-        "k": int(k),
         "seq_len": int(seq_len),
         "loss_mask": True,
+        "encoding": encoding,
+        "logprob_bits": int(logprob_bits),
+        **{key: params[key] for key in _PARAMS[encoding]},
+    }
+
+
+def encoding_meta(sl: Any, seq_len: int) -> dict:
+    """The meta keys a run's soft_labels section fixes (what a reader expects of a manifest)."""
+    return {
+        "temperature": float(sl.temperature),
+        "seq_len": int(seq_len),
+        "encoding": sl.encoding,
+        "logprob_bits": int(sl.logprob_bits),
+        **{key: getattr(sl, key) for key in _PARAMS[sl.encoding]},
     }
 
 
 def soft_label_schema(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """{array name: (storage dtype, per-record shape)} for a soft-label meta."""
-    L, k = meta["seq_len"], meta["k"]
-    schema = {
-        "input_ids": (np.dtype(np.int32), (L,)),
-        "topk_ids": (topk_dtype(meta["vocab_size"]), (L, k)),
-        "topk_logprobs": (np.dtype(np.float16), (L, k)),
-    }
-    if meta.get("loss_mask"):
-        schema["loss_mask"] = (np.dtype(np.uint8), (L,))
-    return schema
-
-
-# ----------------------------------------------------------------------------------- compression maths
-
-
-def _rows(logits: torch.Tensor, chunk: int) -> Iterable[torch.Tensor]:
-    flat = logits.reshape(-1, logits.shape[-1])  # [..., V] -> [N, V]
-    for s in range(0, flat.shape[0], chunk):
-        yield flat[s : s + chunk]
-
-
-def compress(
-    logits: torch.Tensor, k: int, temperature: float, chunk: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of the teacher distribution at temperature T.
-
-    Args:
-        logits: [..., V] raw teacher logits (any float dtype; computed in fp32).
-        k: entries kept per token.
-        temperature: T; the distribution is softmax(logits / T).
-        chunk: rows processed at once, bounding the fp32 [chunk, V] temporaries.
-
-    Returns:
-        topk_ids [..., k] int64 and topk_logprobs [..., k] fp32 = log_softmax(logits / T) at those ids,
-        sorted descending.
-    """
-    V = logits.shape[-1]
-    if not 1 <= k <= V:
-        raise ValueError(f"k must be in [1, V={V}], got {k}")
-    ids, vals = [], []
-    for x in _rows(logits, chunk):
-        logp = F.log_softmax(x.float() / temperature, dim=-1)  # [n, V]
-        v, i = logp.topk(k, dim=-1, sorted=True)  # [n, k]
-        ids.append(i)
-        vals.append(v)
-    shape = (*logits.shape[:-1], k)
-    if not ids:  # zero tokens
-        return torch.empty(shape, dtype=torch.long), torch.empty(shape, dtype=torch.float32)
-    return torch.cat(ids).reshape(shape), torch.cat(vals).reshape(shape)
-
-
-def tail_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """[..., k] -> [...]: teacher probability outside the top k, 1 - sum(exp(topk_logprobs)), in fp32.
-
-    Clamped at 0: fp16 rounding of the stored log-probs can push the sum a hair above 1.
-    """
-    return (1.0 - topk_logprobs.float().exp().sum(-1)).clamp_min(0.0)
-
-
-def fidelity(
-    logits: torch.Tensor,
-    k: int,
-    temperature: float,
-    mask: torch.Tensor | None = None,
-    chunk: int = 4096,
-) -> dict[str, float]:
-    """How much of the teacher distribution top-k compression keeps, averaged over tokens.
-
-    With p = softmax(logits / T) over V ids, K = its top-k ids and tail = 1 - sum_{i in K} p_i, the
-    compressed distribution q keeps the top-k probabilities and spreads the tail uniformly:
-        q_i = p_i                   for i in K
-        q_j = tail / (V - k)        for j not in K
-    (when k == V, q = p). Then KL(p || q) = sum_{j not in K} p_j * (log p_j - log(tail / (V - k))),
-    in nats; 0 when the tail is flat. q is the maximum-entropy distribution consistent with what is
-    stored (top-k probabilities + tail mass), so KL measures the tail shape the soft labels drop.
-
-    Args:
-        logits: [..., V] teacher logits.
-        k, temperature: as in `compress`.
-        mask: optional bool [...]: tokens to count (default all).
-
-    Returns:
-        {"topk_mass": mean sum_{i in K} p_i, "topk_mass_min": its minimum, "kl": mean KL(p || q),
-         "tokens": number of tokens counted} (floats; combine across batches/ranks with merge_fidelity).
-    """
-    V = logits.shape[-1]
-    if not 1 <= k <= V:
-        raise ValueError(f"k must be in [1, V={V}], got {k}")
-    if mask is not None:
-        logits = logits[mask.bool()]  # [N, V]
-    mass_sum, kl_sum, n, mass_min = 0.0, 0.0, 0, math.inf
-    for x in _rows(logits, chunk):
-        logp = F.log_softmax(x.float() / temperature, dim=-1)  # [n, V]
-        top_logp, top_ids = logp.topk(k, dim=-1)  # [n, k]
-        mass = top_logp.exp().sum(-1)  # [n]
-        if k < V:
-            tail_logp = logp.scatter(-1, top_ids, -math.inf)  # [n, V], top-k removed
-            # Tail mass from the tail itself (logsumexp), not 1 - mass: no cancellation when mass ~ 1.
-            log_tail = torch.logsumexp(tail_logp, dim=-1)  # [n]
-            tail_p = tail_logp.exp()
-            plogp = torch.where(tail_p > 0, tail_p * tail_logp, torch.zeros_like(tail_p)).sum(-1)  # [n]
-            kl = plogp - log_tail.exp() * (log_tail - math.log(V - k))
-            kl = torch.where(torch.isfinite(log_tail), kl, torch.zeros_like(kl)).clamp_min(0.0)
-        else:
-            kl = torch.zeros_like(mass)
-        mass_sum += mass.sum().item()
-        kl_sum += kl.sum().item()
-        n += mass.numel()
-        if mass.numel():
-            mass_min = min(mass_min, mass.min().item())
-    if n == 0:
-        return {"topk_mass": 0.0, "topk_mass_min": 0.0, "kl": 0.0, "tokens": 0.0}
-    return {"topk_mass": mass_sum / n, "topk_mass_min": mass_min, "kl": kl_sum / n, "tokens": float(n)}
-
-
-def merge_fidelity(parts: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Token-weighted combination of `fidelity` results (batches, ranks)."""
-    parts = [p for p in parts if p and p.get("tokens", 0) > 0]
-    n = sum(p["tokens"] for p in parts)
-    if n == 0:
-        return {"topk_mass": 0.0, "topk_mass_min": 0.0, "kl": 0.0, "tokens": 0.0}
-    return {
-        "topk_mass": sum(p["topk_mass"] * p["tokens"] for p in parts) / n,
-        "topk_mass_min": min(p["topk_mass_min"] for p in parts),
-        "kl": sum(p["kl"] * p["tokens"] for p in parts) / n,
-        "tokens": float(n),
-    }
+    return encodings.schema(meta)
 
 
 # ------------------------------------------------------------------------------------------ the format
@@ -211,10 +108,10 @@ def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 class SoftLabelWriter(ShardWriter):
-    """ShardWriter with kind "soft_labels" and the schema fixed by the meta.
+    """ShardWriter with kind "soft_labels" and the schema fixed by the meta (its encoding, encodings.py).
 
-    `fidelity` accumulates `fidelity()` over the batches given to `add_logits` in this process (after a
-    resume it covers only the records written since; it is an estimate, reported in manifest meta).
+    `seed` fixes the `sampled` encoding's draws: record i of this rank is drawn with `seed_of(i)`, so a
+    resumed writer stores what an uninterrupted one would, however the records were batched.
     """
 
     def __init__(
@@ -224,6 +121,7 @@ class SoftLabelWriter(ShardWriter):
         meta: dict,
         records_per_shard: int,
         world_size: int = 1,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             out_dir,
@@ -234,7 +132,26 @@ class SoftLabelWriter(ShardWriter):
             world_size=world_size,
             schema=soft_label_schema(meta),
         )
-        self.fidelity: dict[str, float] = merge_fidelity([])
+        self.seed = seed
+        self.records_added = self.records_written  # committed + buffered: the next record's index
+
+    def seed_of(self, record: int) -> int:
+        return self.seed * 1_000_003 + self.rank * 100_003 + record
+
+    def _add(self, input_ids: Any, loss_mask: Any, arrays: dict[str, np.ndarray]) -> None:
+        L, V = self.meta["seq_len"], self.meta["vocab_size"]
+        ids = _np(input_ids)
+        B = ids.shape[0] if ids.ndim else -1
+        mask = np.ones((B, L), np.uint8) if loss_mask is None else _np(loss_mask)
+        for name, a in (("input_ids", ids), ("loss_mask", mask)):
+            if a.shape != (B, L):
+                raise ShardError(f"{self.path}: {name} has shape {a.shape}, expected {(B, L)} (B, seq_len)")
+        if ids.size and (ids.min() < 0 or ids.max() >= V):
+            raise ShardError(f"{self.path}: input_ids outside [0, vocab_size={V})")
+        dtype = soft_label_schema(self.meta)["input_ids"][0]
+        mask_arrays = {"loss_mask": (mask != 0).astype(np.uint8)} if self.meta.get("loss_mask") else {}
+        self.add(input_ids=ids.astype(dtype), **mask_arrays, **arrays)
+        self.records_added += B
 
     def add_batch(
         self,
@@ -243,29 +160,27 @@ class SoftLabelWriter(ShardWriter):
         topk_logprobs: torch.Tensor | np.ndarray,
         loss_mask: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """Cast and buffer B records: input_ids [B, L], topk_ids [B, L, k], topk_logprobs [B, L, k],
-        loss_mask [B, L] (truthy = learned; None = every token)."""
+        """Buffer B records of the topk encoding from their values: input_ids [B, L], topk_ids [B, L, k],
+        topk_logprobs [B, L, k] (-inf allowed), loss_mask [B, L] (truthy = learned; None = every token)."""
+        if self.meta.get("encoding", "topk") != "topk":
+            raise ShardError(
+                f"{self.path}: add_batch takes top-k values; this set is {self.meta['encoding']}"
+            )
         L, k, V = self.meta["seq_len"], self.meta["k"], self.meta["vocab_size"]
-        ids, tids, tlp = _np(input_ids), _np(topk_ids), _np(topk_logprobs)
-        B = ids.shape[0] if ids.ndim else -1
-        mask = np.ones((B, L), np.uint8) if loss_mask is None else _np(loss_mask)
-        for name, a, shape in (
-            ("input_ids", ids, (B, L)),
-            ("topk_ids", tids, (B, L, k)),
-            ("topk_logprobs", tlp, (B, L, k)),
-            ("loss_mask", mask, (B, L)),
-        ):
-            if a.shape != shape:
-                raise ShardError(f"{self.path}: {name} has shape {a.shape}, expected {shape} (B, seq_len, k)")
+        tids, tlp = _np(topk_ids), torch.as_tensor(_np(topk_logprobs))
+        B = _np(input_ids).shape[0] if _np(input_ids).ndim else -1
+        for name, shape in (("topk_ids", tids.shape), ("topk_logprobs", tuple(tlp.shape))):
+            if shape != (B, L, k):
+                raise ShardError(
+                    f"{self.path}: {name} has shape {shape}, expected {(B, L, k)} (B, seq_len, k)"
+                )
         if tids.size and (tids.min() < 0 or tids.max() >= V):
             raise ShardError(f"{self.path}: topk_ids outside [0, vocab_size={V})")
-        self.add(
-            input_ids=ids.astype(np.int32),
-            topk_ids=tids.astype(topk_dtype(V)),
-            # Log-probs are <= 0; -inf (masked vocabulary) becomes the most negative finite fp16.
-            topk_logprobs=np.clip(tlp.astype(np.float32), _FP16_MIN, 0.0).astype(np.float16),
-            **({"loss_mask": (mask != 0).astype(np.uint8)} if self.meta.get("loss_mask") else {}),
-        )
+        stored = {
+            "topk_ids": tids.astype(encodings.id_dtype(V)),
+            "topk_logprobs": encodings.store_logprobs(tlp, self.meta.get("logprob_bits", 16)),
+        }
+        self._add(input_ids, loss_mask, stored)
 
     def add_logits(
         self,
@@ -273,11 +188,10 @@ class SoftLabelWriter(ShardWriter):
         logits: torch.Tensor,
         loss_mask: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """Compress teacher logits [B, L, V] at the meta's k and T, then `add_batch`; updates `fidelity`."""
-        k, T = self.meta["k"], self.meta["temperature"]
-        topk_ids, topk_logprobs = compress(logits, k, T)
-        self.fidelity = merge_fidelity([self.fidelity, fidelity(logits, k, T)])
-        self.add_batch(input_ids, topk_ids, topk_logprobs, loss_mask)
+        """Encode teacher logits [B, L, V] as the meta says (encodings.encode) and buffer the B records."""
+        self._add(
+            input_ids, loss_mask, encodings.encode(logits.cpu(), self.meta, self.seed_of(self.records_added))
+        )
 
 
 def finalize_soft_labels(out_dir: str | os.PathLike, world_size: int, fidelity: dict | None = None) -> dict:
@@ -286,7 +200,9 @@ def finalize_soft_labels(out_dir: str | os.PathLike, world_size: int, fidelity: 
 
 
 def soft_label_reader(out_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> ShardReader:
-    """ShardReader of kind "soft_labels" (further arguments as ShardReader's after `kind`). Records: input_ids [L] int32, topk_ids [L, k] int32,
-    topk_logprobs [L, k] float16, loss_mask [L] int32 (sets that have it), state. `expect`: e.g. {tokenizer_hash, vocab_size, k, temperature, seq_len}.
+    """ShardReader of kind "soft_labels" (further arguments as ShardReader's after `kind`). Records hold
+    the stored arrays (ids and codes widened to int32, encodings.py) and state; `encodings.Decoded` turns
+    batches of them into what the losses read. `expect`: e.g. `encoding_meta(cfg.soft_labels, seq_len)`
+    plus tokenizer_hash and vocab_size.
     """
     return ShardReader(out_dir, KIND, *args, **kwargs)

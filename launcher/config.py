@@ -22,6 +22,10 @@ from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import TEXT_UNITS
 from stablekd.model.presets import PRESETS
 
+# soft_labels.encoding values (data_pipeline/encodings.py implements them; it needs torch, which the
+# launching process does not import to plan a run).
+ENCODINGS = ("topk", "topp", "sampled")
+
 
 class ConfigError(ValueError):
     """A bad experiment config: the message names the key or file and what was expected."""
@@ -253,9 +257,24 @@ class TeacherConfig(TrainConfig):
 
 @dataclass
 class SoftLabelsConfig:
-    """The sharded ZeRO-3 teacher labels the training stream (top-k) and samples candidate groups."""
+    """The sharded ZeRO-3 teacher labels the training stream and samples candidate groups."""
 
-    k: int = _f(32, "top-k ids and log-probs stored per token")
+    encoding: str = _f(
+        "topk",
+        "what a record stores per token (data_pipeline/encodings.py): topk (k ids + log-probs), topp "
+        "(ids until their mass reaches soft_labels.mass, at most k, within mean_entries per token on "
+        "average), sampled (soft_labels.draws ids drawn from the teacher, with counts: unbiased, fkl only)",
+    )
+    k: int = _f(32, "top-k ids and log-probs stored per token (topp: the most entries a token keeps)")
+    mass: float = _f(0.9, "topp: a token's entries stop once they hold this much teacher probability")
+    mean_entries: int = _f(
+        8, "topp: room per token, on average over a sequence (the least probable entries go first)"
+    )
+    draws: int = _f(12, "sampled: ids drawn per token (stored unique, with counts)")
+    proposal_temperature: float = _f(
+        0.0, "sampled: draw from softmax(logits / this) and store importance weights; 0 = the teacher at T"
+    )
+    logprob_bits: int = _f(16, "16 (float16) or 8 (one byte: round(255·sqrt(p)), encodings.py) per log-prob")
     temperature: float = _f(1.0, "teacher temperature T of the stored log-probs")
     max_sequences: int = _f(
         0,
@@ -286,6 +305,22 @@ class SoftLabelsConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "k", "micro_batch_size", "records_per_shard", "candidate_contexts")
+        _at_least(self, 1, "mean_entries", "draws")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"encoding: expected one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.logprob_bits not in (8, 16):
+            raise ConfigError(f"logprob_bits: expected 8 or 16, got {self.logprob_bits}")
+        for key in ("k", "draws"):  # counts are stored in one byte
+            if self.encoding != "topk" and getattr(self, key) > 255:
+                raise ConfigError(
+                    f"{key}: at most 255 with encoding {self.encoding}, got {getattr(self, key)}"
+                )
+        if not 0.0 < self.mass <= 1.0:
+            raise ConfigError(f"mass: expected a value in (0, 1], got {self.mass}")
+        if self.proposal_temperature < 0:
+            raise ConfigError(
+                f"proposal_temperature: expected >= 0 (0 = the teacher), got {self.proposal_temperature}"
+            )
         _at_least(self, 1, "candidates_per_context", "generate_batch_size", "max_new_tokens")
         _at_least(self, 0, "max_sequences", "fidelity_positions")
         _positive(self, "temperature", "sample_temperature")
@@ -472,6 +507,11 @@ class ExperimentConfig:
             raise ConfigError(
                 f"soft_labels.k: expected at most tokenizer.vocab_size ({self.tokenizer.vocab_size}) ids per "
                 f"token, got {self.soft_labels.k}"
+            )
+        if self.soft_labels.encoding == "sampled" and self.distill.kind != "fkl":
+            raise ConfigError(
+                f"distill.kind: sampled soft labels estimate the forward KL only (kind fkl), got "
+                f"{self.distill.kind!r}; use soft_labels.encoding topk or topp for other divergences"
             )
 
     @property

@@ -303,41 +303,44 @@ def sharded_teacher(cfg: ExperimentConfig):  # -> model.sharded_teacher.ShardedT
 def open_soft_labels(cfg: ExperimentConfig, rank: int, world_size: int, micro_batch_size: int, teacher=None):
     """Soft-label training batches for a consumer stage, offline or online, one interface.
 
-    Both yield {input_ids [B, L] int32, topk_ids [B, L, k] int32, topk_logprobs [B, L, k] float16} forever
-    and save/restore their position (state_dict / load_state_dict).
-    - Offline (teacher None): the shards of soft_labels/, checked against this run's tokenizer, k, T and
-      seq_len, in epochs of equal length on every rank (data_pipeline/epochs.py); with distill.follow the
+    Both yield decoded batches forever (data_pipeline/encodings.py `decode`: input_ids, loss_mask, and
+    topk_ids / topk_logprobs or sample_ids / sample_weights) and save/restore their position
+    (state_dict / load_state_dict).
+    - Offline (teacher None): the shards of soft_labels/, checked against this run's tokenizer, encoding
+      (and its parameters), T and seq_len, in epochs of equal length on every rank
+      (data_pipeline/epochs.py); with distill.follow the
       shards are read while the soft_labels stage still writes them (a ShardError naming the shard
       awaited after distill.follow_timeout_s without a new one).
     - Online (`teacher` = `sharded_teacher(cfg)`): the looping training stream labelled in this job with
       the same k and T; every rank runs one teacher forward per batch it draws, all at the same point of
       the loop, so the teacher's ZeRO-3 gathers never meet the student's collectives.
     """
+    from stablekd.data_pipeline.encodings import Decoded
     from stablekd.data_pipeline.epochs import EqualEpochs
     from stablekd.data_pipeline.online import OnlineSoftLabels
     from stablekd.data_pipeline.shards import ShardLoader
-    from stablekd.data_pipeline.soft_labels import soft_label_reader
+    from stablekd.data_pipeline.soft_labels import encoding_meta, soft_label_meta, soft_label_reader
     from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 
-    sl, tok_dir = cfg.soft_labels, tokenizer_dir(cfg)
+    sl, tok_dir, seq_len = cfg.soft_labels, tokenizer_dir(cfg), cfg.data.seq_len
     if teacher is not None:
         stream = PackedStream(
-            train_files(cfg), tok_dir, cfg.data.seq_len, micro_batch_size, rank, world_size,
-            cfg.data.num_workers, loop=True,
+            train_files(cfg), tok_dir, seq_len, micro_batch_size, rank, world_size, cfg.data.num_workers,
+            loop=True,
         )  # fmt: skip
-        return OnlineSoftLabels(StreamLoader(stream), teacher, sl.k, sl.temperature)
-    expect = {
-        "tokenizer_hash": tokenizer_hash(tok_dir),
-        "k": sl.k,
-        "temperature": sl.temperature,
-        "seq_len": cfg.data.seq_len,
-    }
+        params = {k: v for k, v in to_dict(sl).items() if k in ("mass", "mean_entries", "draws")}
+        meta = soft_label_meta(
+            teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, sl.temperature, sl.k, seq_len,
+            sl.encoding, proposal_temperature=sl.proposal_temperature, logprob_bits=sl.logprob_bits, **params,
+        )  # fmt: skip
+        return OnlineSoftLabels(StreamLoader(stream), teacher, meta)
+    meta = encoding_meta(sl, seq_len)
     out = stage_dir(cfg, "soft_labels")
     reader = soft_label_reader(
-        out, expect, rank, world_size, cfg.data.num_workers, follow=cfg.distill.follow,
-        timeout_s=min(cfg.distill.follow_timeout_s, cfg.launch.timeout_s),
+        out, {"tokenizer_hash": tokenizer_hash(tok_dir), **meta}, rank, world_size, cfg.data.num_workers,
+        follow=cfg.distill.follow, timeout_s=min(cfg.distill.follow_timeout_s, cfg.launch.timeout_s),
     )  # fmt: skip
-    return EqualEpochs(ShardLoader(reader, micro_batch_size), str(out))
+    return Decoded(EqualEpochs(ShardLoader(reader, micro_batch_size), str(out)), meta)
 
 
 def done_path(cfg: ExperimentConfig, stage: str) -> Path:

@@ -40,7 +40,7 @@ def main(out_dir: str, meta_json: str, shards: int, marker: str) -> None:
         writer.add_batch(*record(i, meta))
     Path(marker).touch()
     writer.close()
-    finalize_soft_labels(out_dir, 1, writer.fidelity)
+    finalize_soft_labels(out_dir, 1)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_reader_follows_a_running_writer_process(tmp_path: Path) -> None:
         assert got == list(range(SHARDS * RECORDS_PER_SHARD))  # every record, once, in the order written
         # The epoch ends only once the writer's final manifest is read; the next one starts over.
         again = next(batches)
-        assert source.epoch == 1 and _ids(again) == got[:MICRO]
+        assert source.batches.epoch == 1 and _ids(again) == got[:MICRO]
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()

@@ -27,6 +27,7 @@ import torch
 
 from stablekd.data_pipeline.candidates import candidate_reader, group_size
 from stablekd.data_pipeline.contexts import bios_contexts, document_contexts, tokenize_contexts
+from stablekd.data_pipeline.encodings import Decoded
 from stablekd.data_pipeline.online import OnlineSoftLabels, lockstep
 from stablekd.data_pipeline.shards import ShardLoader, read_manifest
 from stablekd.data_pipeline.soft_labels import (
@@ -348,7 +349,8 @@ class _Batches:
         self.pos = state["pos"]
 
 
-def test_online_source_stores_what_the_writer_stores(tmp_path):
+@pytest.mark.parametrize("encoding", [{}, {"encoding": "topp", "mean_entries": 2, "logprob_bits": 8}])
+def test_online_source_stores_what_the_writer_stores(tmp_path, encoding):
     """Same logits -> the online batch equals the offline record bit for bit (cast, clip, widening)."""
     tok_dir = tmp_path / "tok"
     from stablekd.model.tokenizer import train_tokenizer
@@ -363,22 +365,22 @@ def test_online_source_stores_what_the_writer_stores(tmp_path):
     for b in batches:  # a task record's prompt: its first tokens are context, not learned
         b["labels"] = b["input_ids"].masked_fill(torch.arange(16) < 5, -100)
     teacher = _PlainTeacher(model)
-    online = OnlineSoftLabels(_Batches(batches), teacher, k=5, temperature=0.5)
+    meta = soft_label_meta("x", "h", V, 0.5, 5, 16, **encoding)
+    online = OnlineSoftLabels(_Batches(batches), teacher, meta)
     got = list(online)
     assert online.state_dict() == {"online": True, "stream": {"pos": 2}}
 
-    meta = soft_label_meta("x", "h", V, 0.5, 5, 16)
     w = SoftLabelWriter(tmp_path / "sl", 0, meta, records_per_shard=4)
     for b in batches:
         w.add_logits(b["input_ids"], teacher.logits(b["input_ids"]), b["labels"] != -100)
     w.close()
     finalize_soft_labels(tmp_path / "sl", 1)
-    offline = list(ShardLoader(soft_label_reader(tmp_path / "sl"), 3))
+    offline = list(Decoded(ShardLoader(soft_label_reader(tmp_path / "sl"), 3), meta))
     for a, b in zip(got, offline, strict=True):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    again = OnlineSoftLabels(_Batches(batches), teacher, k=5, temperature=0.5)
+    again = OnlineSoftLabels(_Batches(batches), teacher, meta)
     again.load_state_dict({"online": True, "stream": {"pos": 1}})
     assert len(list(again)) == 1
     with pytest.raises(ValueError, match="offline"):

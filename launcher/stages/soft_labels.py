@@ -9,9 +9,10 @@ teacher is loaded from its ZeRO-3 shards rank by rank and must be partitioned as
 
 Leaves (DESIGN §4):
     soft_labels/           shard-r<rank>-<i>.safetensors + manifest.r<rank>.json while writing, manifest.json
-                           when final: per token the top-k ids (uint16 when the vocabulary allows) and
-                           float16 log-probs of softmax(logits / T), plus the token ids. meta: teacher
-                           checkpoint, tokenizer hash, vocab size, T, k, seq_len, fidelity.
+                           when final: per token the token id, its loss mask and what
+                           soft_labels.encoding keeps of softmax(logits / T) (topk, topp, sampled;
+                           data_pipeline/encodings.py). meta: teacher checkpoint, tokenizer hash, vocab
+                           size, T, seq_len, the encoding and its parameters, fidelity.
     soft_labels/candidates/  per context M sampled continuations (+ the gold one), same shard rules.
     soft_labels/DONE.json, tb/soft_labels/ (fidelity and throughput scalars; x-axis: labelled batches).
 
@@ -38,16 +39,14 @@ from tqdm import tqdm
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.candidates import CandidateWriter, candidate_meta, pack_groups, trim_generated
 from stablekd.data_pipeline.contexts import bios_contexts, document_contexts, tokenize_contexts
+from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.online import lockstep
 from stablekd.data_pipeline.shards import finalize
 from stablekd.data_pipeline.soft_labels import (
     FIDELITY_RATE,
     SoftLabelWriter,
-    compress,
-    fidelity,
     finalize_soft_labels,
-    merge_fidelity,
     soft_label_meta,
 )
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
@@ -97,8 +96,8 @@ def _fidelity_path(out: Path, rank: int) -> Path:
 def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     """Write this rank's soft-label shards; rank 0 finalizes manifest.json. Returns a summary (same on all ranks).
 
-    Fidelity (DESIGN §4, issue: "fidelity on record"): top-k mass and KL(teacher ‖ top-k + uniform tail)
-    on up to soft_labels.fidelity_positions positions per rank, one in FIDELITY_RATE of each batch, drawn
+    Fidelity (DESIGN §4): kept mass and KL(teacher ‖ what the encoding stores + uniform tail),
+    encodings.fidelity, on up to soft_labels.fidelity_positions positions per rank, one in FIDELITY_RATE of each batch, drawn
     at random, until the budget is spent.
     """
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
@@ -108,9 +107,10 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         cfg.data.seq_len,
     )
     meta = soft_label_meta(
-        teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, sl.temperature, sl.k, seq_len
-    )
-    writer = SoftLabelWriter(out, rank, meta, sl.records_per_shard, world_size=world)
+        teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, sl.temperature, sl.k, seq_len,
+        sl.encoding, sl.mass, sl.mean_entries, sl.draws, sl.proposal_temperature, sl.logprob_bits,
+    )  # fmt: skip
+    writer = SoftLabelWriter(out, rank, meta, sl.records_per_shard, world_size=world, seed=cfg.run.seed)
     quota = rank_quota(sl.max_sequences, rank, world)
     fid_path = _fidelity_path(out, rank)
     if writer.final:  # this rank finished before the stage was stopped: nothing to label
@@ -141,14 +141,13 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
             continue
         ids, labels = row
         logits = teacher.logits(ids)  # [b, L, V]
-        topk_ids, topk_logprobs = compress(logits, sl.k, sl.temperature)  # [b, L, k] each
         if budget > 0:
             take = min(budget, math.ceil(ids.numel() / FIDELITY_RATE))
             pos = torch.randperm(ids.numel(), generator=gen)[:take]  # flat positions in [b * L]
             flat = logits.reshape(-1, logits.shape[-1])  # [b, L, V] -> [b * L, V]
-            fid = merge_fidelity([fid, fidelity(flat[pos.to(flat.device)], sl.k, sl.temperature)])
+            fid = merge_fidelity([fid, fidelity(flat[pos.to(flat.device)].cpu(), meta)])
             budget -= take
-        writer.add_batch(ids, topk_ids.cpu(), topk_logprobs.cpu(), labels != IGNORE_INDEX)
+        writer.add_logits(ids, logits, labels != IGNORE_INDEX)
         tokens += ids.numel()
         monitor.advance({"tokens": str(tokens)})  # records_written only moves when a shard is committed
         if rounds % 10 == 0:
@@ -170,6 +169,9 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         "records": manifest["total_records"],
         "shards": len(manifest["shards"]),
         "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "bytes_per_token": sum(s["bytes"] for s in manifest["shards"])
+        / max(1, manifest["total_records"] * seq_len),
+        "encoding": manifest["meta"]["encoding"],
         "fidelity": fid_all,
         "tokens_this_run": int(total_tokens),
         "tokens_per_s": total_tokens / slowest if total_tokens else 0.0,
@@ -179,16 +181,18 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         {
             "fidelity/topk_mass": fid_all["topk_mass"],
             "fidelity/topk_mass_min": fid_all["topk_mass_min"],
-            "fidelity/kl_nats": fid_all["kl"],
+            **({} if fid_all["kl"] is None else {"fidelity/kl_nats": fid_all["kl"]}),
             "fidelity/positions": fid_all["tokens"],
             "perf/tokens_per_s": summary["tokens_per_s"],
             "soft_labels/records": summary["records"],
-            "soft_labels/bytes_per_token": summary["bytes"] / max(1, summary["records"] * seq_len),
+            "soft_labels/bytes_per_token": summary["bytes_per_token"],
         },
     )
     monitor.print(
-        f"[soft_labels] {summary['records']} sequences in {summary['shards']} shards -> {out}; top-{sl.k} mass "
-        f"{fid_all['topk_mass']:.4f}, KL {fid_all['kl']:.4g} nats ({int(fid_all['tokens'])} positions)"
+        f"[soft_labels] {summary['records']} sequences in {summary['shards']} shards -> {out}; "
+        f"{sl.encoding}: {summary['bytes_per_token']:.1f} bytes/token, kept mass {fid_all['topk_mass']:.4f}"
+        + ("" if fid_all["kl"] is None else f", KL {fid_all['kl']:.4g} nats")
+        + f" ({int(fid_all['tokens'])} positions)"
     )
     monitor.close()
     return summary
