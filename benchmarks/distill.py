@@ -229,7 +229,7 @@ def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str
                 held, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
             )
             if batches:  # a user corpus's held-out share may hold no document
-                m["ppl"], _ = report.perplexity(model, batches)
+                m["ppl"], _, m["ece"] = report.perplexity(model, batches)
         if people:
             m.update(probe(gen, people, [], ecfg).metrics)  # trained people only: what the goals are about
         m["gen_tokens_per_s"] = report.generation_speed(gen, speed_prompts, ecfg.max_new_tokens)

@@ -61,7 +61,7 @@ from stablekd.data_pipeline.stream import PackedStream  # noqa: E402
 from stablekd.launcher import engine, pipeline  # noqa: E402
 from stablekd.launcher.config import load_config, save_config  # noqa: E402
 from stablekd.model.build import export_hf  # noqa: E402
-from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
+from stablekd.model.tokenizer import tokenizer_hash  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL_BYTES = 32
@@ -69,8 +69,8 @@ GOAL_PPL = 0.01
 
 # name -> soft_labels settings (the rest of the section as the run has it)
 ARMS: dict[str, dict] = {
-    "full": {"encoding": "topk", "k": -1},  # k = V: every id, the exact full-logit loss
-    "topk32": {"encoding": "topk", "k": 32},
+    "full": {"encoding": "topk", "k": -1, "logprob_bits": 16},  # k = V: every id, the full-logit loss
+    "topk32": {"encoding": "topk", "k": 32, "logprob_bits": 16},
     "topk32-8bit": {"encoding": "topk", "k": 32, "logprob_bits": 8},
     "topk8-8bit": {"encoding": "topk", "k": 8, "logprob_bits": 8},
     "topp.95-8bit": {"encoding": "topp", "k": 32, "mass": 0.95, "mean_entries": 8, "logprob_bits": 8},
@@ -115,6 +115,8 @@ def arm_run(src: Path, work: Path, name: str, settings: dict, vocab: int, args) 
     ]  # fmt: skip
     if args.student:
         overrides.append(f"student.model={args.student}")
+    if args.seed is not None:  # another student initialisation (the labelled sequences stay the same)
+        overrides.append(f"run.seed={args.seed}")
     cfg = load_config(src / "config.yaml", overrides)
     save_config(cfg, arm / "config.yaml")
     return arm, cfg
@@ -161,6 +163,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the median step time")
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--student", default="")
+    ap.add_argument(
+        "--seed", type=int, default=None, help="run.seed of the arms (student init); default the run's"
+    )
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -180,33 +185,32 @@ def main() -> None:
     speed_prompts = ["The"] * 8
     rows: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="slenc-"))
+
+    def train_and_score(cfg, row: dict) -> None:
+        trained = train_arm(cfg, "kd", args.steps)
+        times = step_times(cfg, args.warmup)
+        row["step_s"] = statistics.median(times) if times else None
+        hf = cfg.run_dir / "student" / "hf"
+        export_hf(trained["result"].engine.module, trained["tokenizer"], hf, trained["zero3"])
+        del trained["result"].engine
+        gc.collect()
+        row.update(score(hf, cfg, people, speed_prompts))
+        rows.append(row)
+        print(
+            f"  {row['arm']}: {json.dumps({k: v for k, v in row.items() if k != 'arm'}, default=str)}",
+            flush=True,
+        )
+
     try:
-        names = [n for n in args.arms.split(",") if n]
-        for name in [*names, "CE"]:
-            settings = ARMS[names[0] if name == "CE" else name]
-            arm, cfg = arm_run(src, work, name, settings, vocab, args)
-            row = {"arm": name, **({} if name == "CE" else write_arm(cfg, ids, labels, logits, vocab))}
-            if name == "CE":  # alpha 0 on the first arm's shards: cross-entropy on the same sequences
-                shutil.copytree(work / names[0] / "soft_labels", arm / "soft_labels")
-                cfg.distill.alpha = 0.0
-            trained = train_arm(cfg, "kd", args.steps)
-            times = step_times(cfg, args.warmup)
-            row["step_s"] = statistics.median(times) if times else None
-            hf = arm / "student" / "hf"
-            export_hf(
-                trained["result"].engine.module,
-                load_tokenizer(pipeline.tokenizer_dir(cfg)),
-                hf,
-                trained["zero3"],
-            )
-            del trained["result"].engine
-            gc.collect()
-            row.update(score(hf, cfg, people, speed_prompts))
-            rows.append(row)
-            print(
-                f"  {name}: {json.dumps({k: v for k, v in row.items() if k != 'arm'}, default=str)}",
-                flush=True,
-            )
+        for name in [n for n in args.arms.split(",") if n]:
+            _, cfg = arm_run(src, work, name, ARMS[name], vocab, args)
+            train_and_score(cfg, {"arm": name, **write_arm(cfg, ids, labels, logits, vocab)})
+        # The control: alpha 0 (next-token cross-entropy) on the smallest arm's shards, same sequences.
+        smallest = min(rows, key=lambda r: r["bytes_per_token"])["arm"]
+        arm, cfg = arm_run(src, work, "CE", ARMS[smallest], vocab, args)
+        shutil.copytree(work / smallest / "soft_labels", arm / "soft_labels")
+        cfg.distill.alpha = 0.0
+        train_and_score(cfg, {"arm": "CE"})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table(rows, src, args, teacher_tps)
@@ -241,10 +245,12 @@ def table(rows: list[dict], src: Path, args, teacher_tps: float) -> None:
     choice = min(ok, key=lambda r: r["bytes_per_token"])["arm"] if ok else None
     print(f"\nmeeting the goal (<= {GOAL_BYTES} B/token, ppl within {GOAL_PPL:.0%} of full, ECE <= full's): "
           f"{', '.join(r['arm'] for r in ok) or 'none'}; smallest: {choice}")  # fmt: skip
-    out = args.out or REPO / "benchmarks" / "results" / f"soft_label_encodings-{src.name}.json"
+    seed = "" if args.seed is None else f"-seed{args.seed}"
+    out = args.out or REPO / "benchmarks" / "results" / f"soft_label_encodings-{src.name}{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "run": str(src), "sequences": args.sequences, "steps": args.steps, "teacher_tokens_per_s": teacher_tps,
+        "run": str(src), "sequences": args.sequences, "steps": args.steps, "seed": args.seed,
+        "teacher_tokens_per_s": teacher_tps,
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "rows": rows, "meets_goal": [r["arm"] for r in ok], "smallest_meeting_goal": choice,
     }, indent=2, default=str))  # fmt: skip

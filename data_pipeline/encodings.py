@@ -178,8 +178,8 @@ def _topp(lp: torch.Tensor, mass: float, k: int, cap: int) -> dict[str, torch.Te
         order = score.flatten().argsort()[:drop]
         keep.view(-1)[order] = False
     counts = keep.sum(-1)  # entries stay a prefix of each row: the dropped ones are its smallest
-    ids = torch.zeros(cap, dtype=torch.long)
-    lps = torch.full((cap,), -math.inf)
+    ids = torch.zeros(cap, dtype=torch.long, device=lp.device)
+    lps = torch.full((cap,), -math.inf, device=lp.device)
     n = int(counts.sum())
     ids[:n], lps[:n] = top_ids[keep], top_lp[keep]  # row-major: position after position
     return {"entry_counts": counts.to(torch.uint8), "entry_ids": ids, "entry_logprobs": lps}
@@ -190,12 +190,12 @@ def _sampled(
 ) -> dict[str, torch.Tensor]:
     """One record: lp [L, V] teacher log-probs at T, x [L, V] logits -> its unique draws sorted by count."""
     lq = lp if proposal_t <= 0 else F.log_softmax(x / proposal_t, dim=-1)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=lq.device).manual_seed(seed)
     drawn = torch.multinomial(lq.exp(), draws, replacement=True, generator=gen)  # [L, N]
     srt = drawn.sort(-1).values
     new = torch.ones_like(srt, dtype=torch.bool)
     new[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    slot = new.long().cumsum(-1) - 1  # [n, N]: which unique id each draw is
+    slot = new.long().cumsum(-1) - 1  # [L, N]: which unique id each draw is
     counts = torch.zeros_like(srt).scatter_add_(1, slot, torch.ones_like(srt))
     ids = torch.zeros_like(srt).scatter_(1, slot, srt)
     counts, order = counts.sort(dim=-1, descending=True, stable=True)
@@ -213,16 +213,21 @@ def encode(logits: torch.Tensor, meta: dict, seed: int = 0) -> dict[str, np.ndar
 
     The `sampled` encoding draws record b's ids with a generator seeded `seed + b` (a writer passes
     its seed of the first record's index, so a record's draws do not depend on batching or resumes);
-    the other encodings are deterministic.
+    the other encodings are deterministic. Computed on the logits' device; only the results move to
+    the host.
     """
     enc, T = meta.get("encoding", "topk"), meta["temperature"]
     bits, ids = meta.get("logprob_bits", 16), id_dtype(meta["vocab_size"])
     if enc == "topk":
         top_ids, top_lp = compress(logits, meta["k"], T)
-        return {"topk_ids": top_ids.numpy().astype(ids), "topk_logprobs": store_logprobs(top_lp, bits)}
+        return {
+            "topk_ids": top_ids.cpu().numpy().astype(ids),
+            "topk_logprobs": store_logprobs(top_lp.cpu(), bits),
+        }
     # One record at a time: its [L, V] float32 log-probs are the only full-vocabulary temporaries.
     recs = []
-    for b, x in enumerate(logits.detach().float()):  # x: [L, V]
+    for b in range(logits.shape[0]):
+        x = logits[b].detach().float()  # [L, V]
         lp = F.log_softmax(x / T, dim=-1)
         if enc == "topp":
             recs.append(_topp(lp, meta["mass"], meta["k"], x.shape[0] * meta["mean_entries"]))
@@ -230,7 +235,7 @@ def encode(logits: torch.Tensor, meta: dict, seed: int = 0) -> dict[str, np.ndar
             recs.append(_sampled(lp, x, meta["draws"], meta["proposal_temperature"], seed + b))
         else:
             raise ValueError(f"unknown soft-label encoding {enc!r}")
-    out = {k: torch.stack([r[k] for r in recs]) for k in recs[0]}
+    out = {k: torch.stack([r[k] for r in recs]).cpu() for k in recs[0]}
     for k in ("entry_ids", "sample_ids"):
         if k in out:
             out[k] = out[k].to(torch.int64).numpy().astype(ids)

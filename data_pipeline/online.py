@@ -92,7 +92,7 @@ class OnlineSoftLabels:
             with torch.no_grad():
                 logits = self.teacher.logits(ids)  # [B, L, V]
             seed = int(torch.randint(0, 2**62, ()))
-            stored = encodings.encode(logits.cpu(), self.meta, seed)
+            stored = encodings.encode(logits, self.meta, seed)
             stored = {k: torch.from_numpy(widen(v)) for k, v in stored.items()}
             stored["input_ids"] = ids.to(torch.int32)
             stored["loss_mask"] = (batch["labels"] != IGNORE_INDEX).to(torch.int32)

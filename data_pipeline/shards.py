@@ -428,11 +428,14 @@ def _check_manifest(m: dict, path: Path, kind: str | None, expect: dict) -> None
     if kind is not None and m.get("kind") != kind:
         raise ShardError(f"{path}: kind is {m.get('kind')!r} in the manifest, the consumer expects {kind!r}")
     meta = m.get("meta", {})
-    for k in _meta_diff(meta, expect, keys=sorted(expect)):
-        have = repr(meta[k]) if k in meta else "absent"
-        raise ShardError(
-            f"{path}: meta[{k!r}] is {have} in the manifest but the consumer expects {expect[k]!r}"
+    diff = _meta_diff(meta, expect, keys=sorted(expect))
+    if diff:  # every mismatch, so a set of another encoding says so with its parameters
+        detail = "; ".join(
+            f"meta[{k!r}] is {repr(meta[k]) if k in meta else 'absent'} in the manifest but the consumer "
+            f"expects {expect[k]!r}"
+            for k in diff
         )
+        raise ShardError(f"{path}: {detail}")
 
 
 # --------------------------------------------------------------------------------------------- reader

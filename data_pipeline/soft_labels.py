@@ -23,14 +23,16 @@ and a consumer: `Decoded(ShardLoader(soft_label_reader(out_dir, expect, rank, wo
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from stablekd.data_pipeline import encodings
-from stablekd.data_pipeline.shards import ShardError, ShardReader, ShardWriter, finalize
+from stablekd.data_pipeline.shards import ShardError, ShardReader, ShardWriter, finalize, rank_manifest_name
 
 KIND = "soft_labels"
 FIDELITY_RATE = (
@@ -189,14 +191,17 @@ class SoftLabelWriter(ShardWriter):
         loss_mask: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         """Encode teacher logits [B, L, V] as the meta says (encodings.encode) and buffer the B records."""
-        self._add(
-            input_ids, loss_mask, encodings.encode(logits.cpu(), self.meta, self.seed_of(self.records_added))
-        )
+        self._add(input_ids, loss_mask, encodings.encode(logits, self.meta, self.seed_of(self.records_added)))
 
 
 def finalize_soft_labels(out_dir: str | os.PathLike, world_size: int, fidelity: dict | None = None) -> dict:
-    """`finalize` with the fidelity summary stored as meta["fidelity"]."""
-    return finalize(out_dir, world_size, {"fidelity": fidelity or {}})
+    """`finalize` with the fidelity summary and the bytes per token on disk (shards / tokens) in its meta."""
+    ranks = [json.loads((Path(out_dir) / rank_manifest_name(r)).read_text()) for r in range(world_size)]
+    tokens = sum(m["records"] * m["meta"]["seq_len"] for m in ranks)
+    size = sum(s["bytes"] for m in ranks for s in m["shards"])
+    return finalize(
+        out_dir, world_size, {"fidelity": fidelity or {}, "bytes_per_token": size / max(1, tokens)}
+    )
 
 
 def soft_label_reader(out_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> ShardReader:

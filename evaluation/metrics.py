@@ -126,6 +126,19 @@ def coherence(prefix_emb: torch.Tensor, cont_emb: torch.Tensor) -> float:
     return F.cosine_similarity(prefix_emb.float(), cont_emb.float(), dim=-1).mean().item()  # (N,) -> ()
 
 
+def calibration_error(
+    counts: Sequence[float], confidence: Sequence[float], correct: Sequence[float]
+) -> float:
+    """Expected calibration error (Guo et al. 2017) from per-bin sums over predictions: `counts[b]`
+    predictions whose confidence falls in bin b, the sum of their confidences and of their correctness
+    (1 right, 0 wrong). ECE = Σ_b (n_b / N) · |accuracy_b − confidence_b| = Σ_b |correct_b − confidence_b| / N,
+    in [0, 1]; 0.0 with no prediction."""
+    n = sum(counts)
+    if n == 0:
+        return 0.0
+    return sum(abs(a - c) for a, c in zip(correct, confidence, strict=True)) / n
+
+
 def perplexity(nll_sum: float, n_tokens: int) -> float:
     """exp(nll_sum / n_tokens): nll_sum in nats summed over n_tokens predicted tokens.
 

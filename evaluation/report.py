@@ -40,14 +40,17 @@ from stablekd.evaluation import metrics
 from stablekd.evaluation.bios_probe import HFGenerator, TextGenerator
 from stablekd.launcher.config import EvaluateConfig
 from stablekd.model.tokenizer import encode
-from stablekd.objectives.lm import nll_sum
+from stablekd.objectives.lm import IGNORE_INDEX, nll_sum, shifted_labels
 
 PPL_MICRO_BATCH = 8  # sequences per perplexity forward: 8 × seq_len tokens
 SPEED_BATCH = 8  # prompts in the fixed tokens/s batch
 
+ECE_BINS = 15  # equal-width confidence bins of the calibration error
+
 # Report rows: key -> (label, how to read it). Order = row order of report.md.
 METRICS: dict[str, tuple[str, str]] = {
     "ppl": ("perplexity, held-out text", "lower is better"),
+    "ece": ("calibration error (ECE)", f"next-token top-1, {ECE_BINS} bins; lower is better"),
     "bios_ppl": ("perplexity, held-out biographies", "lower is better"),
     "bios_accuracy": ("bios accuracy (greedy)", "trained people"),
     "bios_answered": ("bios answered (greedy parses)", "trained people"),
@@ -84,15 +87,28 @@ RATIO_KEYS = (*EFFICIENCY_KEYS, "bios_accuracy", "bios_cross_contradiction", "pp
 
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """(exp(summed NLL / counted tokens), counted tokens) over `batches` (dicts with input_ids and labels, (B, T))."""
+def perplexity(
+    model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]]
+) -> tuple[float, int, float]:
+    """(exp(summed NLL / counted tokens), counted tokens, expected calibration error) over `batches`
+    (dicts with input_ids and labels, (B, T)). The calibration error is that of the next-token top-1
+    prediction: confidence = its probability, correct = it is the next token, ECE_BINS equal-width bins
+    (`metrics.calibration_error`)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # counts, confidence sums, correct sums
     for batch in batches:
         logits = model(input_ids=batch["input_ids"].to(device)).logits  # (B, T, V)
-        loss, n = nll_sum(logits, batch["labels"].to(device))
+        labels = batch["labels"].to(device)
+        loss, n = nll_sum(logits, labels)
         total, count = total + loss.item(), count + int(n)
-    return metrics.perplexity(total, count), count
+        target = shifted_labels(labels)  # (B, T): the token each position predicts, -100 = not counted
+        keep = target != IGNORE_INDEX
+        conf, pred = logits[keep].float().softmax(-1).max(-1)  # (N,) each
+        b = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1).cpu()
+        for row, values in enumerate((torch.ones_like(conf), conf, (pred == target[keep]).float())):
+            bins[row].index_add_(0, b, values.double().cpu())
+    return metrics.perplexity(total, count), count, metrics.calibration_error(*bins.tolist())
 
 
 # --- degeneration --------------------------------------------------------------------------------

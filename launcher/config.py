@@ -260,21 +260,25 @@ class SoftLabelsConfig:
     """The sharded ZeRO-3 teacher labels the training stream and samples candidate groups."""
 
     encoding: str = _f(
-        "topk",
+        "sampled",
         "what a record stores per token (data_pipeline/encodings.py): topk (k ids + log-probs), topp "
         "(ids until their mass reaches soft_labels.mass, at most k, within mean_entries per token on "
         "average), sampled (soft_labels.draws ids drawn from the teacher, with counts: unbiased, fkl only)",
     )
-    k: int = _f(32, "top-k ids and log-probs stored per token (topp: the most entries a token keeps)")
+    k: int = _f(32, "topk: ids and log-probs stored per token; topp: the most entries a token keeps")
     mass: float = _f(0.9, "topp: a token's entries stop once they hold this much teacher probability")
     mean_entries: int = _f(
         8, "topp: room per token, on average over a sequence (the least probable entries go first)"
     )
-    draws: int = _f(12, "sampled: ids drawn per token (stored unique, with counts)")
+    draws: int = _f(
+        8,
+        "sampled: ids drawn per token (stored unique, with counts): 8 is 27 bytes/token; the default "
+        "encoding, chosen from benchmarks/soft_label_encodings.py (README: top-k is biased on real text)",
+    )
     proposal_temperature: float = _f(
         0.0, "sampled: draw from softmax(logits / this) and store importance weights; 0 = the teacher at T"
     )
-    logprob_bits: int = _f(16, "16 (float16) or 8 (one byte: round(255·sqrt(p)), encodings.py) per log-prob")
+    logprob_bits: int = _f(8, "8 (one byte: round(255·sqrt(p)), encodings.py) or 16 (float16) per log-prob")
     temperature: float = _f(1.0, "teacher temperature T of the stored log-probs")
     max_sequences: int = _f(
         0,
@@ -284,7 +288,7 @@ class SoftLabelsConfig:
     micro_batch_size: int = _f(8, "sequences per rank per teacher forward")
     records_per_shard: int = _f(256, "sequences per soft-label shard file")
     fidelity_positions: int = _f(
-        4096, "token positions per rank sampled for the top-k mass / KL fidelity record"
+        4096, "token positions per rank sampled for the kept-mass / KL fidelity record"
     )
     candidates: bool = _f(
         True, "also sample candidate groups (continuations per context) for the contrastive stage"

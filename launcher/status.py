@@ -60,7 +60,7 @@ def headline(stage: str, done: dict, stage_dir: Path) -> str:
         mass = labels.get("fidelity", {}).get("topk_mass")
         parts.append(
             f"{labels['records']} sequences in {labels['shards']} shards"
-            + (f", top-k mass {mass:.3f}" if mass is not None else "")
+            + (f", kept mass {mass:.3f}" if mass is not None else "")
         )
     cands = p.get("candidates")
     if isinstance(cands, dict):

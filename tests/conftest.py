@@ -58,6 +58,10 @@ UPSTREAM = [
     "launch.nproc_per_node=2",
     "teacher.max_steps=6",
     "teacher.dtype=fp32",
+    # The stage tests compare stored top-k log-probs with a plain teacher's: exact float16 values. The
+    # default encoding (sampled) runs end to end in test_user_corpus; 8-bit values in test_encodings.
+    "soft_labels.encoding=topk",
+    "soft_labels.logprob_bits=16",
     "soft_labels.k=8",
     "soft_labels.temperature=2.0",
     "soft_labels.max_sequences=7",

@@ -214,7 +214,7 @@ def test_status_of_a_half_finished_run_then_resume_quietly(upstream, tmp_path):
     (run / "soft_labels" / "DONE.json").unlink()  # killed after every shard, before DONE.json
     mass = labelled["produced"]["soft_labels"]["fidelity"]["topk_mass"]
     assert headline("soft_labels", labelled, run / "soft_labels") == (
-        f"7 sequences in 7 shards, top-k mass {mass:.3f}; 6 candidate groups of 3"
+        f"7 sequences in 7 shards, kept mass {mass:.3f}; 6 candidate groups of 3"
     )  # max_sequences=7, records_per_shard=1; 6 contexts x (2 samples + the gold one)
 
     by = {s.name: s for s in run_status(run)}

@@ -218,3 +218,33 @@ def test_writer_shards_and_reader_give_the_decoded_batches(tmp_path, params):
     for k, v in want.items():
         if k != "input_ids":
             assert torch.equal(got[0][k].to(v.dtype), v), k
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["soft_labels.encoding=zip"], "soft_labels.encoding: expected one of topk, topp, sampled"),
+        (["soft_labels.logprob_bits=12"], "soft_labels.logprob_bits: expected 8 or 16"),
+        (["soft_labels.encoding=topp", "soft_labels.k=300"], "soft_labels.k: at most 255"),
+        (["soft_labels.encoding=sampled", "distill.kind=rkl"], "distill.kind: sampled soft labels"),
+        (["soft_labels.mass=0"], "soft_labels.mass: expected a value in"),
+    ],
+)
+def test_encoding_settings_are_checked(overrides, message):
+    from stablekd.launcher.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["tokenizer.vocab_size=2000", *overrides])
+
+
+def test_a_reader_refuses_a_set_of_another_encoding(tmp_path):
+    from stablekd.data_pipeline.shards import ShardError
+
+    meta = soft_label_meta("c", "h", V, 1.0, 4, L)
+    w = SoftLabelWriter(tmp_path, 0, meta, records_per_shard=2)
+    w.add_logits(torch.zeros(1, L, dtype=torch.long), torch.randn(1, L, V))
+    w.close()
+    finalize_soft_labels(tmp_path, 1)
+    want = {**meta, "encoding": "sampled", "draws": 8}
+    with pytest.raises(ShardError, match="encoding"):
+        soft_label_reader(tmp_path, {k: want[k] for k in ("encoding", "draws")})

@@ -26,6 +26,7 @@ from tests.conftest import QUICKSTART, UPSTREAM, copy_run
 
 REQUIRED = [
     "ppl",
+    "ece",
     "bios_accuracy",
     "bios_self_consistency",
     "bios_cross_contradiction",
@@ -383,6 +384,6 @@ def test_evaluate_sharded_teacher(upstream, tmp_path):
     model.eval()
     assert teacher["params"] == count_params(model)
     with torch.no_grad():
-        ppl, _ = evaluate._perplexity(model, pipeline.eval_files(cfg), pipeline.tokenizer_dir(cfg), cfg)
+        ppl, _, _ = evaluate._perplexity(model, pipeline.eval_files(cfg), pipeline.tokenizer_dir(cfg), cfg)
     print(f"sharded ppl {teacher['ppl']!r}, consolidated ppl {ppl!r}")
     assert teacher["ppl"] == pytest.approx(ppl, rel=1e-4)

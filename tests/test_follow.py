@@ -49,9 +49,11 @@ def _start_writer(cfg: ExperimentConfig, shards: int, marker: Path) -> subproces
     tok = pipeline.tokenizer_dir(cfg)
     tok.mkdir(parents=True)
     (tok / "tokenizer.model").write_bytes(b"stands in for a SentencePiece model")
+    sl = cfg.soft_labels  # the quickstart's encoding: top-k with one-byte log-probs
     meta = soft_label_meta(
-        "teacher/step-1", tokenizer_hash(tok), V, cfg.soft_labels.temperature, K, cfg.data.seq_len
-    )
+        "teacher/step-1", tokenizer_hash(tok), V, sl.temperature, K, cfg.data.seq_len, sl.encoding,
+        logprob_bits=sl.logprob_bits,
+    )  # fmt: skip
     meta_json = cfg.run_dir / "meta.json"
     meta_json.write_text(json.dumps(meta))
     out = pipeline.stage_dir(cfg, "soft_labels")

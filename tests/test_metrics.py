@@ -135,3 +135,32 @@ def test_perplexity():
     assert m.perplexity(1e6, 1) == math.inf
     with pytest.raises(ValueError):
         m.perplexity(1.0, 0)
+
+
+def test_calibration_error_by_hand_and_from_a_model():
+    # bin 0: 2 predictions, confidence 0.1 + 0.3, one right -> |1 - 0.4| = 0.6; bin 1: 1 prediction,
+    # confidence 0.9, right -> 0.1. ECE = (0.6 + 0.1) / 3.
+    assert m.calibration_error([2, 1], [0.4, 0.9], [1, 1]) == pytest.approx(0.7 / 3)
+    assert m.calibration_error([0, 0], [0, 0], [0, 0]) == 0.0
+
+    # A "model" whose logits are fixed: every position is 80 % sure of token 0, and the next token is
+    # token 0 in 4 of 5 positions -> perfectly calibrated (ECE 0); always right -> ECE 0.2.
+    from stablekd.evaluation import report
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids):
+            logits = torch.full((*input_ids.shape, 5), math.log(0.05))
+            logits[..., 0] = math.log(0.8)
+            return type("Out", (), {"logits": logits})()
+
+    ids = torch.tensor([[1, 0, 0, 0, 0, 2]])  # targets of positions 0..4: 0, 0, 0, 0, 2
+    _, n, ece = report.perplexity(Fixed(), [{"input_ids": ids, "labels": ids}])
+    assert n == 5 and ece == pytest.approx(0.0, abs=1e-6)
+    right = torch.tensor([[1, 0, 0, 0, 0, 0]])
+    assert report.perplexity(Fixed(), [{"input_ids": right, "labels": right}])[2] == pytest.approx(
+        0.2, abs=1e-6
+    )

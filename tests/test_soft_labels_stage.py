@@ -62,6 +62,8 @@ TEACHER = [
     "launch.nproc_per_node=2",
 ]
 SOFT = [
+    "soft_labels.encoding=topk",  # compared value by value with a plain teacher: float16 log-probs
+    "soft_labels.logprob_bits=16",
     "soft_labels.k=8",
     "soft_labels.temperature=2.0",
     "soft_labels.max_sequences=5",  # 3 + 2 sequences, batches of 2: rank 0 runs 2 forwards, rank 1 one
@@ -127,6 +129,8 @@ def test_stage_outputs(run):
     assert m["meta"]["seq_len"] == 32 and m["meta"]["vocab_size"] == 400
     assert m["schema"]["topk_ids"]["dtype"] == "uint16" and m["schema"]["topk_logprobs"]["dtype"] == "float16"
     assert m["total_records"] == 5 and m["writer_world_size"] == 2
+    size = sum(s["bytes"] for s in m["shards"])
+    assert m["meta"]["bytes_per_token"] == pytest.approx(size / (5 * 32)) and m["meta"]["encoding"] == "topk"
     fid = m["meta"]["fidelity"]
     assert 0 < fid["topk_mass_min"] <= fid["topk_mass"] <= 1 and fid["kl"] >= 0
     # One position in 8 of each batch: rank 0 batches of 2 and 1 rows (8 + 4), rank 1 one of 2 rows (8).

@@ -59,7 +59,8 @@ def prose_run(tmp_path_factory):
         *COMMON,
         "teacher.max_steps=40",
         "teacher.eval_every=20",
-        "soft_labels.k=8",
+        "soft_labels.encoding=sampled",  # the default; the stage tests cover topk
+        "soft_labels.draws=8",
         "soft_labels.max_sequences=16",
         "soft_labels.records_per_shard=4",
         "soft_labels.micro_batch_size=4",

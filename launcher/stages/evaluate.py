@@ -125,9 +125,9 @@ def _encoder_dir(src: str) -> Path:
 
 def _perplexity(
     model: PreTrainedModel, files: Sequence[Path], tok_dir: Path, cfg: ExperimentConfig
-) -> tuple[float, int] | None:
-    """(perplexity, tokens scored) on the first evaluate.ppl_batches held-out batches; None when `files`
-    yield no batch."""
+) -> tuple[float, int, float] | None:
+    """(perplexity, tokens scored, calibration error) on the first evaluate.ppl_batches held-out
+    batches (`report.perplexity`); None when `files` yield no batch."""
     batches = eval_batches(
         files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, cfg.evaluate.ppl_batches, 0, 1
     )
@@ -263,10 +263,11 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         m: dict[str, float] = {}
         ppl = _perplexity(model, held, tok_dir, cfg) if held else None
         if ppl is not None:
-            m["ppl"] = ppl[0]
+            m["ppl"], m["ece"] = ppl[0], ppl[2]
             sizes["ppl"] = f"{ppl[1]} held-out tokens"
+            sizes["ece"] = f"{ppl[1]} held-out tokens, {report.ECE_BINS} bins"
             if ppl[1] < report.MIN_PPL_TOKENS:
-                missing["ppl"] = f"{ppl[1]} held-out tokens < {report.MIN_PPL_TOKENS}"
+                missing["ppl"] = missing["ece"] = f"{ppl[1]} held-out tokens < {report.MIN_PPL_TOKENS}"
         else:
             no_ppl.append(name)
         if builtin:

@@ -169,8 +169,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         "records": manifest["total_records"],
         "shards": len(manifest["shards"]),
         "bytes": sum(s["bytes"] for s in manifest["shards"]),
-        "bytes_per_token": sum(s["bytes"] for s in manifest["shards"])
-        / max(1, manifest["total_records"] * seq_len),
+        "bytes_per_token": manifest["meta"]["bytes_per_token"],
         "encoding": manifest["meta"]["encoding"],
         "fidelity": fid_all,
         "tokens_this_run": int(total_tokens),
