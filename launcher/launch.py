@@ -59,7 +59,7 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
             cmd += ["--no_ssh", "--node_rank", str(launch.node_rank)]
     if launch.master_addr:
         cmd += ["--master_addr", launch.master_addr]
-    port = launch.master_port or (_free_port() if not launch.hostfile else 29500)
+    port = launch.master_port or (_free_port() if not launch.hostfile else nodes.DEFAULT_MASTER_PORT)
     cmd += ["--master_port", str(port), "--log_level", "warning", "--no_local_rank"]
     cmd += ["--module", "stablekd.launcher.worker", stage, str(cfg.run_dir)]
     return cmd

@@ -17,6 +17,10 @@ from pathlib import Path
 
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 
+# The rendezvous port of a multi-node job without launch.master_port: every node must pick the same one
+# without talking to the others (DeepSpeed's own default). The handshake store listens one above it.
+DEFAULT_MASTER_PORT = 29500
+
 
 def hosts(cfg: ExperimentConfig) -> list[tuple[str, int]]:
     """(host, slots) of each hostfile line, in order; [] without a hostfile."""
@@ -41,7 +45,7 @@ def _store(cfg: ExperimentConfig, is_master: bool):
 
     launch = cfg.launch
     addr = launch.master_addr or host_names(cfg)[0]
-    port = (launch.master_port or 29500) + 1
+    port = (launch.master_port or DEFAULT_MASTER_PORT) + 1
     try:
         return TCPStore(
             addr,
