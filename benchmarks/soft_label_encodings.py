@@ -52,9 +52,9 @@ from stablekd.data_pipeline.encodings import Decoded, fidelity  # noqa: E402
 from stablekd.data_pipeline.shards import ShardLoader  # noqa: E402
 from stablekd.data_pipeline.soft_labels import (  # noqa: E402
     SoftLabelWriter,
+    config_meta,
     encoding_meta,
     finalize_soft_labels,
-    soft_label_meta,
     soft_label_reader,
 )
 from stablekd.data_pipeline.stream import PackedStream  # noqa: E402
@@ -126,10 +126,7 @@ def write_arm(cfg, ids: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
     """Encode the logits into <arm>/soft_labels; bytes, write and read speed, fidelity."""
     sl, L = cfg.soft_labels, cfg.data.seq_len
     out = pipeline.stage_dir(cfg, "soft_labels")
-    meta = soft_label_meta(
-        "bench", tokenizer_hash(pipeline.tokenizer_dir(cfg)), vocab, sl.temperature, sl.k, L, sl.encoding,
-        sl.mass, sl.mean_entries, sl.draws, sl.proposal_temperature, sl.logprob_bits,
-    )  # fmt: skip
+    meta = config_meta(sl, "bench", tokenizer_hash(pipeline.tokenizer_dir(cfg)), vocab, L)
     fid = fidelity(logits[:8].reshape(-1, vocab), meta)
     t0 = time.perf_counter()
     w = SoftLabelWriter(out, 0, meta, records_per_shard=64, seed=cfg.run.seed)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stablekd.data_pipeline.shards import widen
 from stablekd.launcher.config import ENCODINGS
 
 _UINT16_VOCAB = 65536
@@ -321,7 +322,7 @@ def fidelity(logits: torch.Tensor, meta: dict) -> dict[str, float | None]:
     if n == 0:
         return merge_fidelity([])
     rec = encode(rows[None], {**meta, "seq_len": n})
-    stored = {k: torch.from_numpy(v.astype(np.int32) if v.dtype == np.uint16 else v) for k, v in rec.items()}
+    stored = {k: torch.from_numpy(widen(v)) for k, v in rec.items()}  # as a reader returns them
     dec = decode(stored, {**meta, "seq_len": n})
     lp = F.log_softmax(rows / meta["temperature"], dim=-1)  # [n, V]
     if "sample_ids" in dec:

@@ -86,6 +86,14 @@ def soft_label_meta(
     }
 
 
+def config_meta(sl: Any, teacher_checkpoint: str, tokenizer_hash: str, vocab_size: int, seq_len: int) -> dict:
+    """`soft_label_meta` of a run's soft_labels section (launcher.config.SoftLabelsConfig)."""
+    return soft_label_meta(
+        teacher_checkpoint, tokenizer_hash, vocab_size, sl.temperature, sl.k, seq_len, sl.encoding, sl.mass,
+        sl.mean_entries, sl.draws, sl.proposal_temperature, sl.logprob_bits,
+    )  # fmt: skip
+
+
 def encoding_meta(sl: Any, seq_len: int) -> dict:
     """The meta keys a run's soft_labels section fixes (what a reader expects of a manifest)."""
     return {

@@ -10,6 +10,7 @@ one line when a stage starts and one when it ends (wall time, headline figures o
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import json
@@ -54,7 +55,14 @@ def _previous_run(cfg: ExperimentConfig) -> ExperimentConfig | None:
     src = cfg.teacher.init_from
     if not (src and (Path(src) / "config.yaml").is_file()):
         return None
-    return load_config(Path(src) / "config.yaml")
+    return _run_config(str((Path(src) / "config.yaml").resolve()))
+
+
+@functools.cache
+def _run_config(path: str) -> ExperimentConfig:
+    # Parsed once per process: tokenizer_dir() and teacher_source() ask on every call, and a finished
+    # run's config.yaml does not change under a run that starts from it.
+    return load_config(path)
 
 
 def tokenizer_dir(cfg: ExperimentConfig) -> Path:
@@ -319,7 +327,7 @@ def open_soft_labels(cfg: ExperimentConfig, rank: int, world_size: int, micro_ba
     from stablekd.data_pipeline.epochs import EqualEpochs
     from stablekd.data_pipeline.online import OnlineSoftLabels
     from stablekd.data_pipeline.shards import ShardLoader
-    from stablekd.data_pipeline.soft_labels import encoding_meta, soft_label_meta, soft_label_reader
+    from stablekd.data_pipeline.soft_labels import config_meta, encoding_meta, soft_label_reader
     from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 
     sl, tok_dir, seq_len = cfg.soft_labels, tokenizer_dir(cfg), cfg.data.seq_len
@@ -328,11 +336,7 @@ def open_soft_labels(cfg: ExperimentConfig, rank: int, world_size: int, micro_ba
             train_files(cfg), tok_dir, seq_len, micro_batch_size, rank, world_size, cfg.data.num_workers,
             loop=True,
         )  # fmt: skip
-        params = {k: v for k, v in to_dict(sl).items() if k in ("mass", "mean_entries", "draws")}
-        meta = soft_label_meta(
-            teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, sl.temperature, sl.k, seq_len,
-            sl.encoding, proposal_temperature=sl.proposal_temperature, logprob_bits=sl.logprob_bits, **params,
-        )  # fmt: skip
+        meta = config_meta(sl, teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, seq_len)
         return OnlineSoftLabels(StreamLoader(stream), teacher, meta)
     meta = encoding_meta(sl, seq_len)
     out = stage_dir(cfg, "soft_labels")

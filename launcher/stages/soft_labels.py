@@ -46,8 +46,8 @@ from stablekd.data_pipeline.shards import finalize
 from stablekd.data_pipeline.soft_labels import (
     FIDELITY_RATE,
     SoftLabelWriter,
+    config_meta,
     finalize_soft_labels,
-    soft_label_meta,
 )
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.launcher import engine, pipeline
@@ -106,10 +106,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         pipeline.tokenizer_dir(cfg),
         cfg.data.seq_len,
     )
-    meta = soft_label_meta(
-        teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, sl.temperature, sl.k, seq_len,
-        sl.encoding, sl.mass, sl.mean_entries, sl.draws, sl.proposal_temperature, sl.logprob_bits,
-    )  # fmt: skip
+    meta = config_meta(sl, teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, seq_len)
     writer = SoftLabelWriter(out, rank, meta, sl.records_per_shard, world_size=world, seed=cfg.run.seed)
     quota = rank_quota(sl.max_sequences, rank, world)
     fid_path = _fidelity_path(out, rank)
