@@ -97,31 +97,14 @@ def setup_distributed(threads_per_rank: int, timeout_s: float = 1800.0) -> tuple
     # Ranks on one node share its cores: more threads than cores/ranks oversubscribes (DESIGN §9).
     torch.set_num_threads(threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's CPU shared-memory all-reduce op serves only inference_all_reduce (tensor-parallel
+    # inference; training reduces through gloo/NCCL), yet init_distributed JIT-loads it in every rank under
+    # torch's build lock file and maps a 64 MiB /dev/shm buffer it never unlinks. A rank killed while it
+    # holds that lock leaves the file behind, and every later launch on the machine waits on it forever
+    # (seen: a CI run hung after a kill -9 test). Marked unavailable, init uses the process group's all-reduce.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
-    _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
-
-
-def _unlink_shm_buffer() -> None:
-    """Remove the name of this rank's DeepSpeed shared-memory buffer (its mapping stays).
-
-    On a single node DeepSpeed's CPU communicator creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<master
-    addr>_<master port>_<rank> (64 MiB) and never unlinks it: every run, killed or not, leaks one per rank
-    until /dev/shm (RAM) is full and the OOM killer ends some later job. A rank returns from
-    `init_distributed` only once it has mapped every peer's buffer, so after a barrier no one opens them by
-    name again and the names can go; the memory is freed when the last rank mapping it exits.
-    """
-    dist.barrier()
-    name = "_".join(
-        [
-            "deepspeed_allreduce_buffer",
-            str(os.getuid()),
-            os.environ.get("MASTER_ADDR", ""),
-            os.environ.get("MASTER_PORT", ""),
-            str(dist.get_rank()),
-        ]
-    )
-    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def seed_rng(seed: int) -> None:

@@ -209,8 +209,34 @@ def _pump(proc: subprocess.Popen, console: ConsoleFilter) -> None:
     console.feed(b"", final=True)
 
 
+# A torch extension build (DeepSpeed's cpu_adam for ZeRO offload, its fused Adam on GPU) holds its lock file
+# for a few minutes at most; one older than this was left by a build killed mid-way.
+STALE_BUILD_LOCK_S = 600
+
+
+def stale_build_locks() -> list[Path]:
+    """This machine's torch extension build locks older than STALE_BUILD_LOCK_S.
+
+    torch's FileBaton has every process that loads an extension wait while the lock file exists, with no
+    timeout and no owner to check: a process killed while holding it makes every later rank wait forever.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]  # <root>[/py311_cpu]/<extension>/lock
+    return sorted(p for p in locks if now - p.stat().st_mtime > STALE_BUILD_LOCK_S)
+
+
 def run_stage(cfg: ExperimentConfig, stage: str, verbose: bool = False) -> None:
     """Run the stage's job to its end; its output goes through a ConsoleFilter into logs/<stage>.log."""
+    stale = stale_build_locks()
+    if stale:
+        raise SystemExit(
+            f"stablekd: {stale[0]} is {STALE_BUILD_LOCK_S // 60}+ minutes old: a torch extension build was "
+            f"killed while holding it, and the ranks of stage {stage} would wait on it forever; if no build is "
+            "running on this machine, delete it and rerun"
+        )
     # Unbuffered: lines reach the filter (and the terminal) as the ranks write them.
     env = dict(os.environ, **stage_env(cfg), PYTHONUNBUFFERED="1")
     if cfg.launch.hostfile:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,15 +36,24 @@ def stablekd_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "stablekd.launcher.cli", *args]
 
 
+def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) in a session of its own; on timeout the whole
+    process group (the DeepSpeed runner and every rank) is killed and the test fails with the output's tail,
+    so a hung job neither outlives its test nor holds the cores the next tests need."""
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{shlex.join(cmd)} timed out after {timeout:.0f} s\n{out[-2000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_stablekd(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        stablekd_cmd(*args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
+    proc = run_group(stablekd_cmd(*args), timeout, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if check and proc.returncode != 0:
         pytest.fail(
             f"stablekd {' '.join(args)} exited {proc.returncode}\n--- stderr tail ---\n{proc.stderr[-4000:]}"
@@ -84,7 +94,7 @@ def upstream(tmp_path_factory) -> Path:
 
 
 def deepspeed_shm_buffers() -> set[str]:
-    """Names of this user's DeepSpeed CPU all-reduce buffers in /dev/shm (see engine._unlink_shm_buffer)."""
+    """Names of this user's DeepSpeed CPU all-reduce buffers in /dev/shm (engine.setup_distributed makes none)."""
     return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
 
 

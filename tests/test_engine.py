@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_group
 from tests.engine_worker import ACCUM, STEPS, TRAIN, WEIGHTS, counts, masked_batch, term_sums, tiny_model
 
 
@@ -62,9 +61,8 @@ def test_terms_with_different_denominators_over_uneven_masks(tmp_path):
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port",
         str(port), "--no_local_rank", str(REPO / "tests" / "engine_worker.py"), str(tmp_path), str(result),
     ]  # fmt: skip
-    subprocess.run(
-        cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, timeout=300, capture_output=True
-    )
+    proc = run_group(cmd, 300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = json.loads(result.read_text())
     losses = out["losses"]
     assert losses == pytest.approx(reference(), rel=2e-4)

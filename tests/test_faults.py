@@ -4,23 +4,20 @@ stage's whole process group, rerun until it finishes, compared with an uninterru
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_group
 
 pytestmark = pytest.mark.distributed
 
 
 def test_two_random_kills_of_the_teacher_lose_and_repeat_nothing(tmp_path):
     out = tmp_path / "faults.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/faults.py", "--stages", "teacher", "--cycles", "2", "--json", str(out),
-         "--workdir", str(tmp_path / "runs")],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    cmd = [sys.executable, "benchmarks/faults.py", "--stages", "teacher", "--cycles", "2", "--json", str(out),
+           "--workdir", str(tmp_path / "runs")]  # fmt: skip
+    proc = run_group(cmd, 600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["stages"]
     assert row["stage"] == "teacher" and row["cycles"] == 2 and row["rounds"] >= 1

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+
+import pytest
 
 from stablekd.launcher.config import load_config
-from stablekd.launcher.launch import runner_command, threads_per_rank, write_deepspeed_env
+from stablekd.launcher.launch import (
+    STALE_BUILD_LOCK_S,
+    run_stage,
+    runner_command,
+    stale_build_locks,
+    threads_per_rank,
+    write_deepspeed_env,
+)
 from stablekd.launcher.pipeline import world_size
 from tests.conftest import QUICKSTART
 
@@ -59,3 +69,18 @@ def test_deepspeed_env_has_no_comments(tmp_path, monkeypatch):
     assert threads_per_rank(cfg) == 1
     assert threads_per_rank(load_config(QUICKSTART, ["launch.nproc_per_node=4096"])) == 1  # never 0
     assert threads_per_rank(load_config(QUICKSTART, ["launch.threads_per_rank=3"])) == 3  # set: used as is
+
+
+def test_a_stale_extension_build_lock_fails_the_stage_before_any_rank_waits_on_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path / 'run'}"])
+    building, killed = tmp_path / "ext" / "fused_adam" / "lock", tmp_path / "ext" / "cpu_adam" / "lock"
+    for lock in (building, killed):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - STALE_BUILD_LOCK_S - 1
+    os.utime(killed, (old, old))
+    assert stale_build_locks() == [killed]  # a build under way is not stale
+    with pytest.raises(SystemExit, match=f"{killed}.*delete it and rerun"):
+        run_stage(cfg, "teacher")
+    assert not (tmp_path / "run" / "logs").exists()  # nothing was started

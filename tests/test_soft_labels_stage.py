@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.stages import NAMES
 from stablekd.model.build import build_model
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
+from tests.conftest import run_group
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOL, RTOL = 1e-4, 2.0**-10  # see the module docstring
@@ -106,7 +106,8 @@ def run(tmp_path_factory):
         "--master_port", str(_port()), "--no_local_rank",
         str(ROOT / "tests" / "soft_labels_worker.py"), str(cfg.run_dir), str(result),
     ]  # fmt: skip
-    subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, timeout=600)
+    proc = run_group(cmd, 600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return cfg, json.loads(result.read_text())
 
 
