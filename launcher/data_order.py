@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,33 @@ SHARED_KEYS = ("run.seed", "data.seq_len", "data.num_workers", "data.text_unit",
 FILE = "data_order.json"
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's contents (first 16 hex digits), read in 1 MiB blocks."""
+# (resolved path, size, mtime_ns) -> digest: one launch checks and records every training stage, and a
+# multi-GB corpus should be read once per launch, not once per check and stage.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+# A file modified this recently may change again within the same mtime tick (timestamps are as coarse as
+# the kernel's clock tick), keeping size and mtime: its digest is not cached (git's "racy" entries).
+_RACY_S = 2.0
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return "sha256:" + h.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's contents (first 16 hex digits), read in 1 MiB blocks; read once per process
+    while its size and mtime stay the same."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = _sha256(path)
+    if time.time() - st.st_mtime > _RACY_S:
+        _DIGESTS[key] = digest
+    return digest
 
 
 def _value(cfg: ExperimentConfig, dotted: str) -> Any:

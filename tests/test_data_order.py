@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
-from stablekd.launcher import data_order
+from stablekd.launcher import data_order, pipeline
 from stablekd.launcher.config import ConfigError, load_config
 
 
@@ -78,3 +80,24 @@ def test_soft_labels_order_includes_the_candidate_keys_and_rank_manifests_count_
     with pytest.raises(ConfigError, match="soft_labels.candidate_contexts: 256 then, 8 now"):
         data_order.check(_cfg(tmp_path, corpus, "soft_labels.generate_batch_size=4",
                               "soft_labels.candidate_contexts=8"), "soft_labels")  # fmt: skip
+
+
+def test_each_training_file_is_read_once_per_launch_unless_it_changes(tmp_path, corpus, monkeypatch):
+    old = time.time() - 3600
+    for f in corpus.iterdir():
+        os.utime(f, (old, old))
+    reads = []
+    sha256 = data_order._sha256
+    monkeypatch.setattr(data_order, "_sha256", lambda path: reads.append(path.name) or sha256(path))
+    monkeypatch.setattr(data_order, "_DIGESTS", {})
+    cfg = _cfg(tmp_path, corpus)
+    for stage in ("teacher", "soft_labels", "distill", "contrastive"):  # what one `stablekd run` does
+        data_order.check(cfg, stage)
+        data_order.record(cfg, stage)
+    assert sorted(reads) == ["a.txt", "b.txt"]
+    (corpus / "b.txt").write_text("Third paragraph, edited.\n")  # just written: read every time
+    data_order.record(cfg, "teacher")
+    data_order.record(cfg, "distill")
+    assert sorted(reads) == ["a.txt", "b.txt", "b.txt", "b.txt"]
+    recorded = json.loads((pipeline.stage_dir(cfg, "distill") / "data_order.json").read_text())
+    assert recorded[f"file {(corpus / 'b.txt').resolve()}"] == sha256(corpus / "b.txt")
