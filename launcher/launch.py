@@ -223,9 +223,14 @@ def stale_build_locks() -> list[Path]:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    now = time.time()
-    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]  # <root>[/py311_cpu]/<extension>/lock
-    return sorted(p for p in locks if now - p.stat().st_mtime > STALE_BUILD_LOCK_S)
+    stale = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <root>[/py311_cpu]/<extension>/lock
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+                stale.append(lock)
+        except FileNotFoundError:  # released since the glob: a build that just finished
+            pass
+    return sorted(stale)
 
 
 def run_stage(cfg: ExperimentConfig, stage: str, verbose: bool = False) -> None:
