@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,15 @@ def _task_file(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def prose_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prose")
-    tasks = _task_file(tmp / "tasks.jsonl")
+    # data.paths are read in sorted path order, and 40 steps read ~20k tokens: the task file sorts first so
+    # the counts below see all of its records, wherever the repository lies.
+    tasks = _task_file(tmp / "a_tasks.jsonl")
+    prose = tmp / "b_prose.txt"
+    shutil.copyfile(PROSE, prose)
     run = tmp / "run"
     args = [
         f"run.out_dir={run}",
-        f"data.paths=[{PROSE}, {tasks}]",
+        f"data.paths=[{prose}, {tasks}]",
         *COMMON,
         "teacher.max_steps=40",
         "teacher.eval_every=20",
