@@ -6,8 +6,8 @@
 written). The benchmark works in a fresh directory that links that run's teacher/ and ds/ and reads
 its corpus and tokenizer in place, so the run itself is left untouched.
 
-Rows (same sequences count, same seq_len, same micro batch, same k and T, same work per batch: forward,
-top-k compression, fidelity sample, shard writing with sha256):
+Rows (same sequences count, same seq_len, same micro batch, same encoding and T (the run's
+`soft_labels` section), same work per batch: forward, encoding, fidelity sample, shard writing with sha256):
 - `ZeRO-3 × N ranks`: `stablekd stage soft_labels` on N ranks (one thread each on a 2-core machine),
   the teacher loaded from its shards; tokens/s of the labelling loop from the stage's DONE.json
   (all ranks' tokens / the slowest rank's time; loading not counted).
@@ -37,7 +37,7 @@ import torch
 
 from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import read_marker
-from stablekd.data_pipeline.soft_labels import FIDELITY_RATE, SoftLabelWriter, soft_label_meta
+from stablekd.data_pipeline.soft_labels import FIDELITY_RATE, SoftLabelWriter, config_meta
 from stablekd.data_pipeline.stream import PackedStream
 from stablekd.launcher import pipeline
 from stablekd.launcher.config import load_config, save_config
@@ -63,7 +63,7 @@ def one_process(
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=read_marker(ckpt)["tag"]))
     model = model.to(dtype).eval()
     V = model.config.vocab_size
-    meta = soft_label_meta("bench", tokenizer_hash(tok_dir), V, sl.temperature, sl.k, L)
+    meta = config_meta(sl, "bench", tokenizer_hash(tok_dir), V, L)  # the encoding the stage writes
     stream = PackedStream(pipeline.train_files(cfg), tok_dir, L, sl.micro_batch_size, loop=False)
     batches = []  # tokenized up front: the stage's ranks tokenize while they label, a small share
     for b in stream:
@@ -193,11 +193,11 @@ def main() -> None:
     for r in rows:
         print(f"{r['side']:40} {r['tokens_per_s']:10.0f} {r['vs_one_process']:15.2f}")
     print(
-        f"on disk: {result['bytes_per_token_on_disk']:.1f} bytes/token at k={cfg.soft_labels.k} "
-        f"(arrays {cfg.soft_labels.k * 4 + 4} + safetensors header)"
+        f"on disk: {result['bytes_per_token_on_disk']:.1f} bytes/token, soft_labels.encoding "
+        f"{cfg.soft_labels.encoding} ({cfg.soft_labels.logprob_bits}-bit log-probs), safetensors headers included"
     )
     print(
-        f"\n{'k':>4} {'top-k mass':>11} {'KL nats':>10} {'bytes/token':>12}   ({result['fidelity_positions']} positions)"
+        f"\n{'k':>4} {'top-k mass':>11} {'KL nats':>10} {'bytes/token':>12}   ({result['fidelity_positions']} positions; float16 top-k)"
     )
     for f in fid_rows:
         print(f"{f['k']:>4} {f['topk_mass']:11.4f} {f['kl_nats']:10.4g} {f['bytes_per_token']:12d}")
