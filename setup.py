@@ -37,6 +37,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "psutil>=5.9",  # (deepspeed needs it too) stopping a job's process tree
     ],
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
     entry_points={"console_scripts": ["stablekd = stablekd.launcher.cli:main"]},

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import DataError
-from stablekd.launcher import pipeline
+from stablekd.launcher import pipeline, placement
 from stablekd.launcher.config import ConfigError, ExperimentConfig, describe, load_config
 from stablekd.launcher.stages import NAMES, REGISTRY
 from stablekd.launcher.status import format_status, report_table, run_status
@@ -95,7 +95,7 @@ def _ds_config(args: argparse.Namespace) -> None:
     elif args.action == "check":
         print(
             f"ok: {args.stage}'s {source} (resolved) passes DeepSpeed's config check at world size "
-            f"{pipeline.world_size(cfg)} (train_batch_size {ds['train_batch_size']})"
+            f"{placement.world_size(cfg, args.stage)} (train_batch_size {ds['train_batch_size']})"
         )
     else:
         _estimate(cfg, args.stage)
@@ -126,7 +126,7 @@ def _estimate(cfg, stage: str) -> None:
         model = AutoModelForCausalLM.from_config(mcfg)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    nodes = max(1, pipeline.world_size(cfg) // cfg.launch.nproc_per_node)
+    nodes = max(1, placement.world_size(cfg) // cfg.launch.nproc_per_node)
     print(
         f"{name}: {total / 1e6:.1f}M parameters, largest layer {largest / 1e6:.2f}M, "
         f"{cfg.launch.nproc_per_node} ranks/node x {nodes} node(s)"

@@ -369,6 +369,11 @@ class DistillConfig(TrainConfig):
         "follow mode: fail when no new shard is committed for this long (naming the shard awaited); "
         "at most launch.timeout_s",
     )
+    include: str = _f(
+        "",
+        "slots of the distill job in deepspeed --include syntax (`localhost:1`, `node2@node3`); empty = "
+        "all. With follow, `stablekd run` runs soft_labels on the other slots at the same time",
+    )
     export_hf: bool = _f(
         True, "save the final student in Hugging Face format with its tokenizer (student/hf)"
     )

@@ -1,11 +1,12 @@
-"""Build and run the `deepspeed` runner command for a stage: one node, a hostfile, or one node of many.
+"""Build and run the `deepspeed` runner command for a stage: one node, a hostfile, or one node of many;
+on the whole pool, or on the slots launcher/placement.py gives it (two jobs side by side).
 
 Thin on purpose (gpt-neox's deepy.py): we resolve config and hand off to DeepSpeed's own runner, as an
 argument list (never a shell string). The ranks run `python -m stablekd.launcher.worker <stage> <run_dir>`.
 
-Console: the runner's and the ranks' stdout and stderr come through one pipe. Every line goes to
+Console: the runner's and the ranks' stdout and stderr come through one pipe per job. Every line goes to
 `<run_dir>/logs/<stage>.log`; the terminal gets only our own lines (`stablekd: ...`, `[<stage>] ...`) and
-rank 0's tqdm bar, unless `verbose`, which shows everything.
+rank 0's tqdm bar (the bars of jobs side by side share one line), unless `verbose`, which shows everything.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ import re
 import select
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import psutil
 import torch
 
-from stablekd.launcher import nodes, ranks
+from stablekd.launcher import nodes, placement, ranks
 from stablekd.launcher.config import ExperimentConfig
 from stablekd.launcher.stages import NAMES
 
@@ -49,17 +53,29 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     """The deepspeed runner invocation, e.g. for 2 CPU ranks on this node:
     python -m deepspeed.launcher.runner --num_accelerators 2 --master_port P --log_level warning
         --no_local_rank --module stablekd.launcher.worker teacher runs/quickstart
+    A job placed on part of the pool (launcher/placement.py) names its slots with --include instead.
     """
-    launch = cfg.launch
+    launch, placed = cfg.launch, placement.slots(cfg, stage)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd += ["--num_gpus" if torch.cuda.is_available() else "--num_accelerators", str(launch.nproc_per_node)]
+    if placed is None:
+        cmd += [
+            "--num_gpus" if torch.cuda.is_available() else "--num_accelerators",
+            str(launch.nproc_per_node),
+        ]
+    else:
+        cmd += ["--include", placement.include_arg(placed)]
     if launch.hostfile:
         cmd += ["--hostfile", launch.hostfile, "--launcher", launch.launcher]
         if launch.no_ssh:
             cmd += ["--no_ssh", "--node_rank", str(launch.node_rank)]
-    if launch.master_addr:
-        cmd += ["--master_addr", launch.master_addr]
+    addr = launch.master_addr
+    if addr and placed and launch.hostfile and next(iter(placed)) != nodes.host_names(cfg)[0]:
+        addr = next(iter(placed))  # its rank 0 is on its first host, which the runner reaches by that name
+    if addr:
+        cmd += ["--master_addr", addr]
     port = launch.master_port or (_free_port() if not launch.hostfile else nodes.DEFAULT_MASTER_PORT)
+    if stage == "distill" and placement.concurrent(cfg) and (launch.master_port or launch.hostfile):
+        port += 2  # beside soft_labels' job on the same port (master_port + 1: the no_ssh handshake)
     cmd += ["--master_port", str(port), "--log_level", "warning", "--no_local_rank"]
     cmd += ["--module", "stablekd.launcher.worker", stage, str(cfg.run_dir)]
     return cmd
@@ -76,17 +92,21 @@ def deepspeed_env_path(cfg: ExperimentConfig) -> Path:
     return (cfg.run_dir / ".deepspeed_env").resolve()
 
 
-def stage_env(cfg: ExperimentConfig) -> dict[str, str]:
-    """The environment variables a stage's job gets on top of ours (written nowhere: see run_stage)."""
+def stage_env(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
+    """The environment variables a stage's job gets on top of ours (written nowhere: see run_stages)."""
     env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg))}
     if cfg.launch.hostfile:
         env["DS_ENV_FILE"] = str(deepspeed_env_path(cfg))
+    elif placement.slots(cfg, stage) is not None and not torch.cuda.is_available():
+        # The runner checks --include against this node's slots, which DeepSpeed's CPU accelerator counts
+        # from LOCAL_SIZE (else one per NUMA node). Its launcher sets each rank's own LOCAL_SIZE.
+        env["LOCAL_SIZE"] = str(cfg.launch.nproc_per_node)
     return env
 
 
 def display_command(cfg: ExperimentConfig, stage: str) -> str:
     """The stage's job as one shell line (`--dry-run`): its environment, then the runner's argument list."""
-    return shlex.join([f"{k}={v}" for k, v in stage_env(cfg).items()] + runner_command(cfg, stage))
+    return shlex.join([f"{k}={v}" for k, v in stage_env(cfg, stage).items()] + runner_command(cfg, stage))
 
 
 def write_deepspeed_env(cfg: ExperimentConfig, env: dict[str, str]) -> Path:
@@ -194,21 +214,6 @@ class ConsoleFilter:
             self._show(text + "\n")
 
 
-def _pump(proc: subprocess.Popen, console: ConsoleFilter) -> None:
-    """Feed the job's output to `console` until the pipe closes, or until the runner has exited and the
-    pipe stayed silent for a second: a process a rank started may outlive it holding the pipe open."""
-    fd = proc.stdout.fileno()
-    while True:
-        if select.select([fd], [], [], 1.0)[0]:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            console.feed(chunk)
-        elif proc.poll() is not None:
-            break
-    console.feed(b"", final=True)
-
-
 # A torch extension build (DeepSpeed's cpu_adam for ZeRO offload, its fused Adam on GPU) holds its lock file
 # for a few minutes at most; one older than this was left by a build killed mid-way.
 STALE_BUILD_LOCK_S = 600
@@ -233,42 +238,170 @@ def stale_build_locks() -> list[Path]:
     return sorted(stale)
 
 
-def run_stage(cfg: ExperimentConfig, stage: str, verbose: bool = False) -> None:
-    """Run the stage's job to its end; its output goes through a ConsoleFilter into logs/<stage>.log."""
+class SideBySide:
+    """One terminal for jobs that run at once (soft_labels beside distill): the bars of all of them share
+    one line (`soft_labels: 40%|... │ distill: 12%|...`), their own lines print above it. Each job's
+    ConsoleFilter writes to its `lane`, which reads back the bar states and lines the filter shows."""
+
+    def __init__(self, term: TextIO, jobs: int) -> None:
+        self.term, self.bars, self._width = term, [""] * jobs, 0
+
+    def lane(self, i: int) -> _Lane:
+        return _Lane(self, i)
+
+    def _draw(self) -> None:
+        joined = " │ ".join(b for b in self.bars if b)[: shutil.get_terminal_size().columns - 1]
+        self.term.write("\r" + " " * self._width + "\r" + joined)  # blank the old bars first
+        self._width = len(joined)
+
+    def bar(self, i: int, text: str) -> None:
+        self.bars[i] = text
+        self._draw()
+
+    def line(self, text: str) -> None:
+        self._width, shown = 0, self._width  # blank what is shown, print the line, bars below it
+        self.term.write("\r" + " " * shown + "\r" + text + "\n")
+        self._draw()
+
+
+class _Lane:
+    """What a ConsoleFilter writes for one job ("\r" + bar, tqdm's blanking, "text\n" lines), replayed
+    onto the shared line: a bar's state replaces the job's bar, "\n" after a bar leaves it printed."""
+
+    def __init__(self, owner: SideBySide, i: int) -> None:
+        self.owner, self.i, self.buf = owner, i, ""
+
+    def write(self, text: str) -> None:
+        for piece in re.split(r"([\r\n])", text):
+            if piece == "\r":
+                self.buf = ""
+            elif piece == "\n":
+                if self.buf.strip():
+                    self.owner.bar(self.i, "")
+                    self.owner.line(self.buf.rstrip())
+                self.buf = ""
+            elif piece:
+                self.buf += piece
+                if not self.buf.strip():
+                    self.owner.bar(self.i, "")  # tqdm blanked its bar
+                elif _BAR.match(self.buf):
+                    self.owner.bar(self.i, self.buf.rstrip())
+
+    def flush(self) -> None:
+        self.owner.term.flush()
+
+
+@dataclass
+class _Job:
+    stage: str
+    cmd: list[str]
+    log: Path
+    proc: subprocess.Popen
+    console: ConsoleFilter
+    quiet_since: float = 0.0  # when its pipe last carried data after the runner had exited
+    open: bool = True
+    ended: float = 0.0  # time.monotonic() when its output ended
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the job's runner and every process under it (the ranks record "stopped"; a single-node
+    runner does not pass the signal on to DeepSpeed's per-node launcher)."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in [psutil.Process(proc.pid), *tree]:
+        with suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+
+
+def _pump(jobs: list[_Job]) -> None:
+    """Feed each job's output to its console until its pipe closes, or until its runner has exited and the
+    pipe stayed silent for a second (a process a rank started may outlive it holding the pipe open). A
+    job that fails stops the jobs of later stages: they read what it writes."""
+    stopped = False
+    while any(j.open for j in jobs):
+        live = {j.proc.stdout.fileno(): j for j in jobs if j.open}
+        for fd in select.select(list(live), [], [], 1.0)[0]:
+            job = live[fd]
+            if chunk := os.read(fd, 1 << 16):
+                job.console.feed(chunk)
+                job.quiet_since = time.monotonic()
+            else:
+                job.open, job.ended = False, time.monotonic()
+        for job in jobs:
+            if job.open and job.proc.poll() is not None:
+                job.quiet_since = job.quiet_since or time.monotonic()
+                if time.monotonic() - job.quiet_since >= 1.0:
+                    job.open, job.ended = False, job.quiet_since
+        failed = [j for j in jobs if j.proc.poll()]
+        if failed and not stopped:
+            later = [j for j in jobs if NAMES.index(j.stage) > NAMES.index(failed[0].stage)]
+            for job in later:
+                _stop(job.proc)
+            stopped = True
+    for job in jobs:
+        job.proc.wait()
+        job.console.feed(b"", final=True)
+
+
+def run_stage(cfg: ExperimentConfig, stage: str, verbose: bool = False) -> float:
+    """Run the stage's job to its end (its wall seconds); its output goes through a ConsoleFilter into logs/<stage>.log."""
+    return run_stages(cfg, [stage], verbose)[stage]
+
+
+def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> dict[str, float]:
+    """Run the jobs of `stages` side by side to their ends (several: on disjoint slots, see placement.py),
+    each one's output through its ConsoleFilter into logs/<stage>.log; their bars share the terminal's
+    last line. Returns each stage's wall seconds. A failed job raises SystemExit naming its lost or failed
+    rank and its log, after the jobs of later stages were stopped (the others run to their end)."""
     stale = stale_build_locks()
     if stale:
         raise SystemExit(
             f"stablekd: {stale[0]} is {STALE_BUILD_LOCK_S // 60}+ minutes old: a torch extension build was "
-            f"killed while holding it, and the ranks of stage {stage} would wait on it forever; if no build is "
-            "running on this machine, delete it and rerun"
+            f"killed while holding it, and the ranks of stage {stages[0]} would wait on it forever; if no build "
+            "is running on this machine, delete it and rerun"
         )
-    # Unbuffered: lines reach the filter (and the terminal) as the ranks write them.
-    env = dict(os.environ, **stage_env(cfg), PYTHONUNBUFFERED="1")
-    if cfg.launch.hostfile:
-        write_deepspeed_env(cfg, env)
-    if sys.stderr.isatty():  # tqdm sizes its bar from these when its stream is our pipe
-        cols, lines = shutil.get_terminal_size()
-        env.update(COLUMNS=str(cols), LINES=str(lines))
-    cmd = runner_command(cfg, stage)
-    started = time.time()
-    log = log_path(cfg, stage)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as f:  # a resumed stage appends: the log keeps every attempt
-        f.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(cmd)}\n")
-        console = ConsoleFilter(f, sys.stderr, verbose)
-        # One pipe for stdout and stderr keeps the order in which a rank wrote its lines and bar updates.
-        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-            try:
-                _pump(proc, console)
-            except BaseException:  # Ctrl-C: as subprocess.run does, do not leave the runner behind
-                proc.kill()
-                raise
-        if proc.returncode != 0:
-            lost = ranks.lost(cfg.run_dir, stage, started, nodes.host_names(cfg), cfg.launch.nproc_per_node)
-            why = f": {lost or console.first_error}" if lost or console.first_error else ""
+    shared = SideBySide(sys.stderr, len(stages)) if len(stages) > 1 else None
+    jobs: list[_Job] = []
+    started, t0 = time.time(), time.monotonic()
+    with ExitStack() as stack:
+        try:
+            for i, stage in enumerate(stages):
+                # Unbuffered: lines reach the filter (and the terminal) as the ranks write them.
+                env = dict(os.environ, **stage_env(cfg, stage), PYTHONUNBUFFERED="1")
+                if cfg.launch.hostfile:
+                    write_deepspeed_env(cfg, env)
+                if sys.stderr.isatty():  # tqdm sizes its bar from these when its stream is our pipe
+                    cols, lines = shutil.get_terminal_size()
+                    env.update(COLUMNS=str((cols - 3 * (len(stages) - 1)) // len(stages)), LINES=str(lines))
+                cmd = runner_command(cfg, stage)
+                log = log_path(cfg, stage)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                f = stack.enter_context(open(log, "a", encoding="utf-8"))  # a resumed stage appends
+                f.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(cmd)}\n")
+                console = ConsoleFilter(f, shared.lane(i) if shared else sys.stderr, verbose)
+                # One pipe for stdout and stderr keeps the order in which a rank wrote its lines and bars.
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                stack.callback(proc.stdout.close)
+                jobs.append(_Job(stage, cmd, log, proc, console))
+            _pump(jobs)
+        except BaseException:  # Ctrl-C: as subprocess.run does, do not leave the runners behind
+            for job in jobs:
+                job.proc.kill()
+                job.proc.wait()
+            raise
+    for job in jobs:
+        if job.proc.returncode != 0:
+            slots = placement.slots(cfg, job.stage) or placement.pool(cfg)  # where its ranks ran
+            per_node = len(next(iter(slots.values())))
+            lost = ranks.lost(cfg.run_dir, job.stage, started, list(slots), per_node)
+            why = lost or job.console.first_error
             raise SystemExit(
-                f"stablekd: stage {stage} failed (exit {proc.returncode}){why}; full output: {log}"
+                f"stablekd: stage {job.stage} failed (exit {job.proc.returncode}){f': {why}' if why else ''}; "
+                f"full output: {job.log}"
             )
+    return {job.stage: job.ended - t0 for job in jobs}
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.sources import Corpus, iter_documents, resolve_paths
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import nodes
+from stablekd.launcher import nodes, placement
 from stablekd.launcher.config import (
     ConfigError,
     ExperimentConfig,
@@ -32,6 +32,7 @@ from stablekd.launcher.config import (
     save_config,
     to_dict,
 )
+from stablekd.launcher.placement import world_size
 from stablekd.launcher.stages import NAMES, REGISTRY, spec
 from stablekd.launcher.status import headline, wall
 from stablekd.model.tokenizer import tokenizer_hash, train_tokenizer
@@ -42,8 +43,11 @@ if TYPE_CHECKING:  # annotations only: the driver process does not import torch/
 
     from stablekd.launcher import engine
 
-# Fields that change what a stage computes; logging/saving cadence may change on resume.
-_NOT_HASHED = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "export_hf"}
+# Section fields that do not change what a stage computes: logging/saving cadence may change on resume, and
+# where the job runs (distill.include) is no training choice (its world size is in the DeepSpeed JSON).
+_NOT_HASHED = {
+    "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "export_hf", "include",
+}  # fmt: skip
 
 
 def say(msg: str) -> None:
@@ -149,14 +153,6 @@ def stage_hash(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> str
     return config_hash(section, *extra, _data_hashed(cfg), cfg.tokenizer, cfg.run.seed, ds, upstream)
 
 
-def world_size(cfg: ExperimentConfig) -> int:
-    """Ranks of the job: launch.nproc_per_node on this node, or on each hostfile node (at most its slots)."""
-    return (
-        sum(min(slots, cfg.launch.nproc_per_node) for _, slots in nodes.hosts(cfg))
-        or cfg.launch.nproc_per_node
-    )
-
-
 def check_files(cfg: ExperimentConfig) -> None:
     """Fail before any work when a named file or directory is missing."""
     for paths in (cfg.data.paths, cfg.data.eval_paths):
@@ -181,6 +177,7 @@ def check_files(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"launch.hostfile: {cfg.launch.hostfile} does not exist (expected lines `host slots=N`)"
         )
+    placement.check(cfg)
     for s in REGISTRY:
         if s.trains:
             try:
@@ -246,9 +243,9 @@ def resolve_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
     train_cfg = getattr(cfg, stage)
     raw, path = ds_resolve.load(train_cfg.ds_config)
     ds = ds_resolve.resolve(
-        raw, train_cfg, world_size(cfg), cfg.run_dir / "tb" / stage / "deepspeed", str(path)
+        raw, train_cfg, world_size(cfg, stage), cfg.run_dir / "tb" / stage / "deepspeed", str(path)
     )
-    ds_resolve.validate(ds, world_size(cfg), str(path))
+    ds_resolve.validate(ds, world_size(cfg, stage), str(path))
     return ds
 
 
@@ -296,6 +293,21 @@ def teacher_init_checkpoint(cfg: ExperimentConfig) -> Path | None:
     if _previous_run(cfg) is None:
         return None
     return Path(cfg.teacher.init_from) / spec("teacher").out_dir / "ckpt"
+
+
+def check_teacher_checkpoint(cfg: ExperimentConfig, stage: str) -> None:
+    """Before the ranks of a stage that loads the sharded teacher start (its preflight): a complete teacher
+    checkpoint that a job of this stage's world size can load. When training saved its shards on another
+    number of ranks (distill.include placed the job on fewer), node 0 converts it to a universal checkpoint
+    once; the other nodes' ranks meet node 0's, which start after it, so they neither convert nor check."""
+    from stablekd.model.sharded_teacher import checkpoint_source, make_universal  # deepspeed
+
+    if _follower(cfg):
+        return
+    ckpt, world = ckpt_dir(cfg, "teacher"), world_size(cfg, stage)
+    if made := make_universal(ckpt, world):
+        say(f"{stage}: the teacher's ZeRO shards are of another world size; made {made} for {world} ranks")
+    checkpoint_source(ckpt, world)
 
 
 def sharded_teacher(cfg: ExperimentConfig):  # -> model.sharded_teacher.ShardedTeacher
@@ -509,9 +521,20 @@ def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None
         _run(cfg, stages, verbose)
 
 
+def _groups(cfg: ExperimentConfig, stages: list[str]) -> list[list[str]]:
+    """The stages in the jobs that start together: each alone, but distill beside soft_labels when
+    distill.include and distill.follow place it on slots of its own (launcher/placement.py)."""
+    together = placement.concurrent(cfg) and {"soft_labels", "distill"} <= set(stages)
+    return [
+        ["soft_labels", "distill"] if together and s == "soft_labels" else [s]
+        for s in stages
+        if not (together and s == "distill")
+    ]
+
+
 def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
     from stablekd.launcher import data_order
-    from stablekd.launcher.launch import driver_log, run_stage
+    from stablekd.launcher.launch import driver_log, run_stages
 
     # With launch.no_ssh every node runs this command; node 0 prepares, the others wait for it
     # (the run directory is on a filesystem every node sees) and never run in-process stages.
@@ -525,36 +548,47 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
         prepare(cfg, stages)
         if cfg.launch.no_ssh:
             nodes.lead(cfg, _run_hash(cfg))  # the other nodes read the run directory from here on
-    for stage in stages:
-        in_process = _in_process(cfg, stage)
-        if follower and in_process:
-            continue
+
+    def ready(stage: str) -> bool:
+        """The checks of a stage that must run, before any job of its group starts; False: skipped."""
+        if follower and _in_process(cfg, stage):
+            return False
         if is_done(cfg, stage):
             say(f"{stage}: done already ({done_path(cfg, stage)}), skipped")
-            continue
+            return False
         check_upstream(cfg, stage)  # what it reads finished with this config (DONE.json), before any rank
         module = importlib.import_module(spec(stage).module)
         if hasattr(module, "preflight"):
             module.preflight(cfg)  # what the previous stage left, checked before any rank starts
-        if spec(stage).on_ranks and not follower:
-            data_order.record(cfg, stage)  # what it starts on, for the check of a later resume
-        marker = read_marker(ckpt_dir(cfg, stage))
-        say(f"[{stage}] started" + (f", resuming from step {marker['step']}" if marker else ""))
+        return True
+
+    for group in _groups(cfg, stages):
+        todo = [stage for stage in group if ready(stage)]
+        for stage in todo:
+            if spec(stage).on_ranks and not follower:
+                data_order.record(cfg, stage)  # what it starts on, for the check of a later resume
+            marker = read_marker(ckpt_dir(cfg, stage))
+            where = f" on {placement.include_arg(placed)}" if (placed := placement.slots(cfg, stage)) else ""
+            say(f"[{stage}] started{where}" + (f", resuming from step {marker['step']}" if marker else ""))
+        if not todo:
+            continue
         t0 = time.perf_counter()
-        if in_process:
-            with driver_log(cfg, stage, verbose):
-                module.run(cfg)
+        if _in_process(cfg, todo[0]):
+            with driver_log(cfg, todo[0], verbose):
+                importlib.import_module(spec(todo[0]).module).run(cfg)
+            walls = {todo[0]: time.perf_counter() - t0}
         else:
-            run_stage(cfg, stage, verbose)
-        if follower:  # global rank 0, on node 0, writes DONE.json after this node's ranks may have exited
-            _wait_for(done_path(cfg, stage), f"node 0 to finish stage {stage}", cfg.launch.timeout_s)
-        if not done_path(cfg, stage).exists():
-            raise RuntimeError(f"stage {stage} exited without writing {done_path(cfg, stage)}")
-        done = json.loads(done_path(cfg, stage).read_text())
-        say(
-            f"[{stage}] done in {wall(time.perf_counter() - t0)}: "
-            f"{headline(stage, done, stage_dir(cfg, stage))} -> {stage_dir(cfg, stage)}"
-        )
+            walls = run_stages(cfg, todo, verbose)
+        for stage in todo:
+            if follower:  # global rank 0, on node 0, writes DONE.json after this node's ranks may have exited
+                _wait_for(done_path(cfg, stage), f"node 0 to finish stage {stage}", cfg.launch.timeout_s)
+            if not done_path(cfg, stage).exists():
+                raise RuntimeError(f"stage {stage} exited without writing {done_path(cfg, stage)}")
+            done = json.loads(done_path(cfg, stage).read_text())
+            say(
+                f"[{stage}] done in {wall(walls.get(stage, time.perf_counter() - t0))}: "
+                f"{headline(stage, done, stage_dir(cfg, stage))} -> {stage_dir(cfg, stage)}"
+            )
 
 
 def dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
@@ -605,6 +639,10 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
         if in_process:
             lines.append(f"# {stage}: would run in this process{resume} (no command)")
         else:
-            lines.append(f"# {stage}: would run on {world_size(cfg)} ranks{resume}")
+            placed = placement.slots(cfg, stage)
+            where = f" ({placement.include_arg(placed)})" if placed else ""
+            group = next(g for g in _groups(cfg, stages) if stage in g)
+            beside = "".join(f", beside {other} (distill.follow)" for other in group if other != stage)
+            lines.append(f"# {stage}: would run on {world_size(cfg, stage)} ranks{where}{beside}{resume}")
             lines.append(display_command(cfg, stage))
     return lines

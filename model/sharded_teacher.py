@@ -18,14 +18,18 @@ What DeepSpeed 0.19.8 does with a ZeRO-3 training checkpoint (checked here; DESI
   after, and two checks make a silent no-load impossible: the engine's restored `global_steps` must equal
   the marker's step, and this rank's parameter partition must have changed.
 - Another world size: the rigid load above refuses it. A universal checkpoint (`ds_to_universal`) loads
-  at any world size with `"checkpoint": {"load_universal": true}`; `checkpoint_source` picks
-  `<tag>_universal` when it exists and otherwise stops with the command that makes it.
+  at any world size with `"checkpoint": {"load_universal": true}` (weights only, `load_module_only`):
+  the launching process makes `<tag>_universal` once (`make_universal`) and `checkpoint_source` picks it
+  (checked: a 2-rank ZeRO-3 teacher loaded on 1 rank gives its Hugging Face export's logits exactly).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shlex
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +75,38 @@ def checkpoint_source(ckpt_dir: Path, world_size: int) -> tuple[dict, str, bool]
         f"--output_folder {ckpt_dir / universal}` and run again: the stage then loads {universal} with "
         f'"checkpoint": {{"load_universal": true}} (nothing else to set)'
     )
+
+
+def make_universal(ckpt_dir: Path, world_size: int) -> Path | None:
+    """Convert the teacher checkpoint complete.json names into `<tag>_universal` when a job of `world_size`
+    ranks needs it (training had another world size) and it is not there yet; returns what was made.
+
+    DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`, an argument list) writes into a
+    scratch directory that is renamed into place once it has finished: a killed conversion leaves no
+    `<tag>_universal` that `checkpoint_source` would take as complete (its scratch is redone next time).
+    Run it in one process (the launching one, node 0), before any rank starts.
+    """
+    marker = read_marker(ckpt_dir)
+    if marker is None or int(marker["world_size"]) == world_size:
+        return None  # no checkpoint: checkpoint_source says so; same world: loaded rank by rank
+    out = ckpt_dir / (marker["tag"] + UNIVERSAL_SUFFIX)
+    if (out / "zero").is_dir():
+        return None
+    scratch = ckpt_dir / ".universal.partial"
+    shutil.rmtree(scratch, ignore_errors=True)  # a conversion killed earlier
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(ckpt_dir / marker["tag"]), "--output_folder", str(scratch / out.name),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (scratch / out.name / "zero").is_dir():
+        raise RuntimeError(
+            f"{ckpt_dir / marker['tag']}: converting to a universal checkpoint for {world_size} ranks failed "
+            f"(exit {proc.returncode}) running {shlex.join(cmd)}:\n{proc.stderr[-2000:]}"
+        )
+    (scratch / out.name).rename(out)
+    shutil.rmtree(scratch)  # and the converter's latest_universal file beside its output
+    return out
 
 
 def inference_ds_config(teacher_ds: dict, world_size: int, universal: bool) -> dict:

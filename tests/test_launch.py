@@ -17,7 +17,7 @@ from stablekd.launcher.launch import (
     threads_per_rank,
     write_deepspeed_env,
 )
-from stablekd.launcher.pipeline import world_size
+from stablekd.launcher.placement import world_size
 from tests.conftest import QUICKSTART
 
 

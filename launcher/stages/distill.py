@@ -33,7 +33,6 @@ from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.model.presets import PRESETS
-from stablekd.model.sharded_teacher import checkpoint_source
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.objectives.distill import soft_label_counts, soft_label_loss, soft_label_weights
 from stablekd.objectives.lm import lm_loss
@@ -62,7 +61,6 @@ def _check_student(cfg: ExperimentConfig, vocab: int, tok_hash: str) -> None:
             "labels hold the teacher's log-probs at soft_labels.temperature; set both to the same T"
         )
     if d.online:
-        checkpoint_source(pipeline.ckpt_dir(cfg, "teacher"), pipeline.world_size(cfg))
         source, src_vocab, src_hash = "the teacher", len(load_tokenizer(pipeline.tokenizer_dir(cfg))), None
     else:
         out = pipeline.stage_dir(cfg, "soft_labels")
@@ -80,6 +78,8 @@ def _check_student(cfg: ExperimentConfig, vocab: int, tok_hash: str) -> None:
 
 def preflight(cfg: ExperimentConfig) -> None:
     """What the launching process checks before starting ranks: a one-line error instead of a rank traceback."""
+    if cfg.distill.online:
+        pipeline.check_teacher_checkpoint(cfg, "distill")
     _check_student(cfg, *_student_vocab(cfg))
 
 

@@ -5,7 +5,8 @@
 Runs on the ranks of the teacher's partitioning (the deepspeed runner, like the teacher stage) with the
 teacher's own DeepSpeed JSON `ds/teacher.json`: this section has no `ds_config` of its own, because the
 teacher is loaded from its ZeRO-3 shards rank by rank and must be partitioned as it was trained
-(model/sharded_teacher.py; at another world size see `checkpoint_source`).
+(model/sharded_teacher.py). On another number of ranks (distill.include with distill.follow leaves this
+job part of the pool) the launching process first converts the checkpoint to a universal one.
 
 Leaves (DESIGN §4):
     soft_labels/           shard-r<rank>-<i>.safetensors + manifest.r<rank>.json while writing, manifest.json
@@ -53,14 +54,14 @@ from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.monitor import Monitor
-from stablekd.model.sharded_teacher import ShardedTeacher, checkpoint_source
+from stablekd.model.sharded_teacher import ShardedTeacher
 from stablekd.model.tokenizer import tokenizer_hash
 from stablekd.objectives.lm import IGNORE_INDEX
 
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Checks the launching process runs before starting ranks: a clear one-line error instead of a rank traceback."""
-    checkpoint_source(pipeline.ckpt_dir(cfg, "teacher"), pipeline.world_size(cfg))
+    pipeline.check_teacher_checkpoint(cfg, "soft_labels")
     if not (cfg.run_dir / "ds" / "teacher.json").is_file():
         raise ConfigError(
             f"{cfg.run_dir / 'ds' / 'teacher.json'}: missing; run `stablekd stage teacher` first"
