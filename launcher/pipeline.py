@@ -140,8 +140,9 @@ def _data_hashed(cfg: ExperimentConfig) -> dict:
 
 
 def stage_hash(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> str:
-    """What a stage's result depends on: its section (and the registry's `sections`), data, tokenizer, seed, DeepSpeed JSON, and the
-    hashes in the DONE.json of every earlier stage present (a retrained teacher makes its soft labels stale).
+    """What a stage's result depends on: its section (and the registry's `sections`), data, tokenizer, seed,
+    DeepSpeed JSON, and the hashes in the DONE.json of every earlier stage present (a retrained teacher
+    makes its soft labels stale); for a stage it follows while that runs, the hash that one will have.
     `ds`: the stage's resolved DeepSpeed JSON when it is not written yet (a dry run); else ds/<stage>.json."""
     section = {k: v for k, v in to_dict(getattr(cfg, stage)).items() if k not in _NOT_HASHED}
     extra = [to_dict(getattr(cfg, name)) for name in spec(stage).sections]
@@ -149,8 +150,14 @@ def stage_hash(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> str
     if ds is None:
         ds = json.loads(ds_path.read_text()) if ds_path.exists() else {}
     ds = {k: v for k, v in ds.items() if k != "tensorboard"}  # the run directory's path: no training choice
-    upstream = {s: h for s in NAMES[: NAMES.index(stage)] if (h := done_hash(cfg, s)) is not None}
-    return config_hash(section, *extra, _data_hashed(cfg), cfg.tokenizer, cfg.run.seed, ds, upstream)
+    # A stage read while it still runs (distill.follow: soft_labels) counts with the hash it will finish
+    # with: the follower's checkpoints must keep their hash once it has (check_upstream holds it to that).
+    following = {s for s, required in upstream(cfg, stage).items() if not required}
+    earlier = {
+        s: stage_hash(cfg, s) if s in following else done_hash(cfg, s) for s in NAMES[: NAMES.index(stage)]
+    }
+    earlier = {s: h for s, h in earlier.items() if h is not None}
+    return config_hash(section, *extra, _data_hashed(cfg), cfg.tokenizer, cfg.run.seed, ds, earlier)
 
 
 def check_files(cfg: ExperimentConfig) -> None:

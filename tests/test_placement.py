@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,8 +19,17 @@ import pytest
 from stablekd.launcher import launch, placement
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.launch import SideBySide, runner_command, stage_env
+from stablekd.launcher.monitor import read_scalars
 from stablekd.launcher.pipeline import _groups, dry_run
-from tests.conftest import QUICKSTART, UPSTREAM, copy_run, run_stablekd
+from tests.conftest import (
+    QUICKSTART,
+    REPO,
+    UPSTREAM,
+    copy_run,
+    kill_after_checkpoint,
+    run_stablekd,
+    stablekd_cmd,
+)
 
 
 def _cfg(tmp_path: Path, *extra: str):
@@ -106,22 +116,36 @@ def test_side_by_side_bars_share_one_line(monkeypatch):
     assert term.getvalue().rsplit("\r", 1)[-1] == later[:39]
 
 
-@pytest.mark.distributed
-def test_run_starts_distill_beside_the_soft_labels_writer(upstream, tmp_path):
-    """The 2-rank teacher's run, its soft labels removed: `stablekd run` converts the teacher checkpoint
-    for the 1-rank soft_labels job and starts it beside a 1-rank distill job that follows its shards."""
-    run = copy_run(upstream, tmp_path / "run")
+BESIDE = [
+    "distill.follow=true", "distill.include=localhost:1", "distill.max_steps=12", "distill.temperature=2.0",
+    "student.model=tiny-student", "distill.micro_batch_size=2", "distill.save_every=4", "distill.eval_every=0",
+    "distill.export_hf=false", "distill.log_every=1",
+]  # fmt: skip
+
+
+def _beside(upstream: Path, run: Path) -> list[str]:
+    """The 2-rank teacher's run without its soft labels, and the command that runs the two stages."""
+    copy_run(upstream, run)
     for path in (run / "soft_labels", run / "logs" / "ranks"):
         shutil.rmtree(path)
-    args = [
-        "distill.follow=true", "distill.include=localhost:1", "distill.max_steps=8", "distill.temperature=2.0",
-        "student.model=tiny-student", "distill.micro_batch_size=2", "distill.save_every=4",
-        "distill.eval_every=0", "distill.export_hf=false",
-    ]  # fmt: skip
-    proc = run_stablekd(
-        "run", str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM, *args, "--stages", "soft_labels,distill"
-    )
-    err = proc.stderr
+    return [
+        "run",
+        str(QUICKSTART),
+        f"run.out_dir={run}",
+        *UPSTREAM,
+        *BESIDE,
+        "--stages",
+        "soft_labels,distill",
+    ]
+
+
+@pytest.mark.distributed
+def test_run_starts_distill_beside_the_soft_labels_writer(upstream, tmp_path):
+    """`stablekd run` converts the 2-rank teacher checkpoint for the 1-rank soft_labels job and starts it
+    beside a 1-rank distill job that follows its shards; killed (both jobs) and rerun, it resumes both and
+    the student's curve is the uninterrupted one."""
+    run = tmp_path / "run"
+    err = run_stablekd(*_beside(upstream, run)).stderr
     assert "[soft_labels] started on localhost:0" in err and "[distill] started on localhost:1" in err
     tag = json.loads((run / "teacher" / "ckpt" / "complete.json").read_text())["tag"]
     assert (run / "teacher" / "ckpt" / f"{tag}_universal" / "zero").is_dir()  # shards of 2 ranks, job of 1
@@ -141,8 +165,27 @@ def test_run_starts_distill_beside_the_soft_labels_writer(upstream, tmp_path):
     manifest = json.loads((run / "soft_labels" / "manifest.json").read_text())
     assert manifest["writer_world_size"] == 1 and manifest["total_records"] == 7
     student = json.loads((run / "student" / "DONE.json").read_text())["produced"]
-    assert student["world_size"] == 1 and student["steps"] == 8
+    assert student["world_size"] == 1 and student["steps"] == 12
     assert "[soft_labels] done in" in err and "[distill] done in" in err
+
+    killed = tmp_path / "killed"
+    args = _beside(upstream, killed)
+    proc = subprocess.Popen(
+        stablekd_cmd(*args),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    step = kill_after_checkpoint(proc, killed / "student", 4)
+    err = run_stablekd(*args).stderr
+    assert f"[distill] started on localhost:1, resuming from step {step}" in err
+    full = read_scalars(run / "tb" / "distill", "train/loss")
+    after = read_scalars(killed / "tb" / "distill", "train/loss")
+    assert [after[s] for s in range(step + 1, 13)] == pytest.approx(
+        [full[s] for s in range(step + 1, 13)], rel=1e-5
+    )
+    assert json.loads((killed / "soft_labels" / "manifest.json").read_text())["total_records"] == 7
 
 
 def test_a_failed_writer_stops_its_reader_and_a_failed_reader_lets_the_writer_finish(tmp_path, monkeypatch):

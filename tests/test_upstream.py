@@ -83,6 +83,10 @@ def test_distill_needs_soft_labels_or_for_online_the_teacher(tmp_path):
     # follow mode reads a soft_labels stage still writing: no DONE.json yet is the point
     follow = _cfg(tmp_path / "run", "distill.follow=true")
     pipeline.check_upstream(follow, "distill")
+    # A follower's hash (on its checkpoints) does not change when the stage it follows finishes.
+    while_writing = pipeline.stage_hash(follow, "distill")
+    _done(cfg, "soft_labels")
+    assert pipeline.stage_hash(follow, "distill") == while_writing
     _done(cfg, "soft_labels", hash_="stale")  # but a finished one must still match
     with pytest.raises(ConfigError, match=r"soft_labels/DONE.json has config hash stale"):
         pipeline.check_upstream(follow, "distill")
