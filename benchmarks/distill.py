@@ -51,8 +51,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,7 +69,7 @@ from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.launcher import engine, pipeline
 from stablekd.launcher.config import load_config, save_config
 from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
-from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX
+from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
 from stablekd.model.tokenizer import load_tokenizer
 from stablekd.objectives.distill import soft_label_counts, soft_label_loss, soft_label_weights
 from stablekd.objectives.lm import lm_loss
@@ -120,7 +118,7 @@ def universal_teacher(src: Path, arm_dir: Path) -> str | None:
 
     Same world size: the run's teacher/ is linked. Otherwise a fresh teacher/ckpt holds a copy of
     complete.json, a link to the tag's shards and `<tag>_universal` (the run's, if it has one; else made
-    here by ds_to_universal, whose output and `latest_universal` file land in the temp folder only).
+    here by `make_universal`, in the temp folder only).
     """
     ckpt = src / "teacher" / "ckpt"
     marker = read_marker(ckpt)
@@ -137,18 +135,12 @@ def universal_teacher(src: Path, arm_dir: Path) -> str | None:
     if (ckpt / universal / "zero").is_dir():
         (out / universal).symlink_to(ckpt / universal)
         return None
-    cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag),
-        "--output_folder", str(out / universal), "--num_extract_workers", "1", "--num_merge_workers", "1",
-    ]  # fmt: skip
-    print(
-        f"teacher checkpoint of {marker['world_size']} ranks -> universal, once: {' '.join(cmd)}", flush=True
-    )
+    print(f"teacher checkpoint of {marker['world_size']} ranks -> {universal}, once", flush=True)
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if done.returncode != 0 or not (out / universal / "zero").is_dir():
-        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
-        return f"ds_to_universal failed (exit {done.returncode}): " + " | ".join(tail)
+    try:
+        make_universal(out, 1)  # reads the linked shards, writes into the temp folder only
+    except RuntimeError as e:
+        return " ".join(str(e).split())[:500]
     print(f"  converted in {time.perf_counter() - t0:.1f}s", flush=True)
     return None
 

@@ -145,7 +145,11 @@ def test_run_starts_distill_beside_the_soft_labels_writer(upstream, tmp_path):
     beside a 1-rank distill job that follows its shards; killed (both jobs) and rerun, it resumes both and
     the student's curve is the uninterrupted one."""
     run = tmp_path / "run"
-    err = run_stablekd(*_beside(upstream, run)).stderr
+    args = _beside(upstream, run)
+    (run / "teacher" / "ckpt" / ".universal.partial" / "step0000006_universal").mkdir(
+        parents=True
+    )  # a killed one
+    err = run_stablekd(*args).stderr
     assert "[soft_labels] started on localhost:0" in err and "[distill] started on localhost:1" in err
     tag = json.loads((run / "teacher" / "ckpt" / "complete.json").read_text())["tag"]
     assert (run / "teacher" / "ckpt" / f"{tag}_universal" / "zero").is_dir()  # shards of 2 ranks, job of 1
