@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stablekd.objectives.distill import KINDS, agreement_sums, distill_loss, kd_sum
+from stablekd.objectives.distill import FP16_FLOOR, KINDS, agreement_sums, distill_loss, kd_sum
 
 B, T, V, K = 2, 6, 11, 4
 TEMP = 2.0
@@ -207,6 +207,26 @@ def test_gjsd_endpoints_are_forward_and_reverse_kl(teacher_kind):
     assert kd_sum(student, t, labels, "gjsd", TEMP, beta=1.0)[0].item() == pytest.approx(
         rkl.item(), rel=1e-12
     )
+
+
+def test_forward_kl_gradient_written_out_matches_the_traced_one():
+    """kind fkl on top-k takes its gradient from a formula (_TopkForwardKL); gjsd with beta 0 is the same
+    divergence traced by autograd. Rows with padding (topp: fewer entries, the first id repeated, log-probs
+    at the float16 floor), a teacher whose top-k hold all its mass (dead tail bin) and a floor entry."""
+    student, teacher, labels = _inputs(torch.float64)
+    ids, lp = _topk(teacher, K)
+    ids[0, 1, 2:], lp[0, 1, 2:] = ids[0, 1, 0], FP16_FLOOR  # two entries, then padding
+    lp[1, 2] = lp[1, 2] - lp[1, 2].logsumexp(-1)  # the top-k hold all the mass: no tail
+    lp[0, 3, -1] = FP16_FLOOR  # an entry the teacher rules out
+    grads = []
+    for kind in ("fkl", "gjsd"):
+        s = student.clone().requires_grad_()
+        loss, _ = kd_sum(s, (ids, lp), labels, kind, TEMP, beta=0.0)
+        loss.backward()
+        grads.append((loss.detach(), s.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-12)
+    assert grads[0][1].abs().sum() > 0
 
 
 def test_temperature_scaling_is_t_squared():
