@@ -139,7 +139,7 @@ def universal_teacher(src: Path, arm_dir: Path) -> str | None:
     t0 = time.perf_counter()
     try:
         make_universal(out, 1)  # reads the linked shards, writes into the temp folder only
-    except RuntimeError as e:
+    except SystemExit as e:  # the conversion failed: the online arm is skipped, saying why
         return " ".join(str(e).split())[:500]
     print(f"  converted in {time.perf_counter() - t0:.1f}s", flush=True)
     return None

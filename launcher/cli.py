@@ -126,12 +126,13 @@ def _estimate(cfg, stage: str) -> None:
         model = AutoModelForCausalLM.from_config(mcfg)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    nodes = max(1, placement.world_size(cfg) // cfg.launch.nproc_per_node)
+    slots = placement.slots(cfg, stage) or placement.pool(cfg)  # distill.include: the student's own slots
+    per_node, nodes = max(map(len, slots.values())), len(slots)
     print(
         f"{name}: {total / 1e6:.1f}M parameters, largest layer {largest / 1e6:.2f}M, "
-        f"{cfg.launch.nproc_per_node} ranks/node x {nodes} node(s)"
+        f"{per_node} ranks/node x {nodes} node(s)"
     )
-    estimate(total, largest, cfg.launch.nproc_per_node, nodes)
+    estimate(total, largest, per_node, nodes)
 
 
 def select_stages(arg: str | None) -> list[str]:

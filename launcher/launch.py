@@ -33,6 +33,7 @@ from typing import TextIO
 import psutil
 import torch
 
+from stablekd.data_pipeline.files import atomic_write
 from stablekd.launcher import nodes, placement, ranks
 from stablekd.launcher.config import ExperimentConfig
 from stablekd.launcher.stages import NAMES
@@ -75,7 +76,7 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
         cmd += ["--master_addr", addr]
     port = launch.master_port or (_free_port() if not launch.hostfile else nodes.DEFAULT_MASTER_PORT)
     if stage == "distill" and placement.concurrent(cfg) and (launch.master_port or launch.hostfile):
-        port += 2  # beside soft_labels' job on the same port (master_port + 1: the no_ssh handshake)
+        port += 2  # not soft_labels' port, nor the one above it (a multi-node run's handshake store)
     cmd += ["--master_port", str(port), "--log_level", "warning", "--no_local_rank"]
     cmd += ["--module", "stablekd.launcher.worker", stage, str(cfg.run_dir)]
     return cmd
@@ -120,7 +121,7 @@ def write_deepspeed_env(cfg: ExperimentConfig, env: dict[str, str]) -> Path:
         if k in ("OMP_NUM_THREADS", "PYTHONPATH", "PYTHONUNBUFFERED") or k.startswith(("GLOO_", "NCCL_"))
     }
     path = deepspeed_env_path(cfg)
-    path.write_text("".join(f"{k}={v}\n" for k, v in sorted(keep.items())))
+    atomic_write(path, "".join(f"{k}={v}\n" for k, v in sorted(keep.items())))
     return path
 
 
@@ -291,6 +292,11 @@ class _Lane:
         self.owner.term.flush()
 
 
+# After SIGTERM a rank has this long to record "stopped" and exit (DeepSpeed's launcher itself waits 30 s
+# for its ranks) before the job's processes are killed: a rank blocked in a collective never returns.
+STOP_GRACE_S = 40.0
+
+
 @dataclass
 class _Job:
     stage: str
@@ -298,27 +304,41 @@ class _Job:
     log: Path
     proc: subprocess.Popen
     console: ConsoleFilter
-    quiet_since: float = 0.0  # when its pipe last carried data after the runner had exited
+    last_data: float = 0.0  # time.monotonic() of its last output
+    exited: float = 0.0  # when its runner was first seen exited
     open: bool = True
-    ended: float = 0.0  # time.monotonic() when its output ended
+    ended: float = 0.0  # when its output ended
+    stopping: list[psutil.Process] | None = None  # its processes, once it was told to stop
+    kill_at: float = 0.0
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(job: _Job) -> None:
     """SIGTERM the job's runner and every process under it (the ranks record "stopped"; a single-node
-    runner does not pass the signal on to DeepSpeed's per-node launcher)."""
+    runner does not pass the signal on to DeepSpeed's per-node launcher); `_pump` kills what is left
+    after STOP_GRACE_S. A runner already reaped is skipped (its pid may be another process's now)."""
+    if job.proc.poll() is not None:
+        return
     try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
+        runner = psutil.Process(job.proc.pid)
+        job.stopping = [runner, *runner.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    for p in [psutil.Process(proc.pid), *tree]:
+    for p in job.stopping:
         with suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGTERM)
+    job.kill_at = time.monotonic() + STOP_GRACE_S
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def _pump(jobs: list[_Job]) -> None:
     """Feed each job's output to its console until its pipe closes, or until its runner has exited and the
-    pipe stayed silent for a second (a process a rank started may outlive it holding the pipe open). A
-    job that fails stops the jobs of later stages: they read what it writes."""
+    pipe stayed silent for a second since (a process a rank started may outlive it holding the pipe open).
+    A job that fails stops the jobs of later stages: they read what it writes."""
     stopped = False
     while any(j.open for j in jobs):
         live = {j.proc.stdout.fileno(): j for j in jobs if j.open}
@@ -326,21 +346,27 @@ def _pump(jobs: list[_Job]) -> None:
             job = live[fd]
             if chunk := os.read(fd, 1 << 16):
                 job.console.feed(chunk)
-                job.quiet_since = time.monotonic()
+                job.last_data = time.monotonic()
             else:
                 job.open, job.ended = False, time.monotonic()
+        now = time.monotonic()
         for job in jobs:
             if job.open and job.proc.poll() is not None:
-                job.quiet_since = job.quiet_since or time.monotonic()
-                if time.monotonic() - job.quiet_since >= 1.0:
-                    job.open, job.ended = False, job.quiet_since
+                job.exited = job.exited or now
+                if now - max(job.exited, job.last_data) >= 1.0:
+                    job.open, job.ended = False, now
+            if job.stopping and now > job.kill_at:
+                _kill(job.stopping)  # still there after the grace period
+                job.stopping = None
         failed = [j for j in jobs if j.proc.poll()]
         if failed and not stopped:
-            later = [j for j in jobs if NAMES.index(j.stage) > NAMES.index(failed[0].stage)]
-            for job in later:
-                _stop(job.proc)
+            for job in jobs:
+                if NAMES.index(job.stage) > NAMES.index(failed[0].stage):
+                    _stop(job)
             stopped = True
     for job in jobs:
+        if job.stopping:  # its output has ended, maybe not all of its processes: the rest of the grace
+            _kill(psutil.wait_procs(job.stopping, timeout=max(0.0, job.kill_at - time.monotonic()))[1])
         job.proc.wait()
         job.console.feed(b"", final=True)
 
@@ -370,7 +396,7 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
             for i, stage in enumerate(stages):
                 # Unbuffered: lines reach the filter (and the terminal) as the ranks write them.
                 env = dict(os.environ, **stage_env(cfg, stage), PYTHONUNBUFFERED="1")
-                if cfg.launch.hostfile:
+                if cfg.launch.hostfile and i == 0:  # the same for every job: a runner may be reading it
                     write_deepspeed_env(cfg, env)
                 if sys.stderr.isatty():  # tqdm sizes its bar from these when its stream is our pipe
                     cols, lines = shutil.get_terminal_size()
@@ -394,8 +420,7 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
     for job in jobs:
         if job.proc.returncode != 0:
             slots = placement.slots(cfg, job.stage) or placement.pool(cfg)  # where its ranks ran
-            per_node = len(next(iter(slots.values())))
-            lost = ranks.lost(cfg.run_dir, job.stage, started, list(slots), per_node)
+            lost = ranks.lost(cfg.run_dir, job.stage, started, slots)
             why = lost or job.console.first_error
             raise SystemExit(
                 f"stablekd: stage {job.stage} failed (exit {job.proc.returncode}){f': {why}' if why else ''}; "

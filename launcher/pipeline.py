@@ -649,7 +649,11 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
             placed = placement.slots(cfg, stage)
             where = f" ({placement.include_arg(placed)})" if placed else ""
             group = next(g for g in _groups(cfg, stages) if stage in g)
-            beside = "".join(f", beside {other} (distill.follow)" for other in group if other != stage)
+            beside = "".join(
+                f", beside {other} (distill.follow)"
+                for other in group
+                if other != stage and not is_done(cfg, other, ds.get(other))
+            )
             lines.append(f"# {stage}: would run on {world_size(cfg, stage)} ranks{where}{beside}{resume}")
             lines.append(display_command(cfg, stage))
     return lines

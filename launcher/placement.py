@@ -49,7 +49,7 @@ def parse(text: str, within: Slots, key: str = "distill.include") -> Slots:
                 "(launch.nproc_per_node and the hostfile's slots=)"
             )
         out[host] = sorted(set(chosen))
-    return out
+    return {h: out[h] for h in within if h in out}  # the runner numbers ranks in hostfile order
 
 
 def concurrent(cfg: ExperimentConfig) -> bool:

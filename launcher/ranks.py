@@ -45,10 +45,11 @@ class RankStatus:
         self._write(state)
 
 
-def lost(run_dir: Path, stage: str, since: float, hosts: list[str], nproc_per_node: int) -> str:
+def lost(run_dir: Path, stage: str, since: float, slots: dict[str, list[int]]) -> str:
     """What the status files of the job started at `since` say went wrong: the ranks that never recorded
-    an end, else the first to fail; "" when they say nothing. `hosts` (the hostfile's, in order) names
-    the node of a rank: DeepSpeed numbers ranks node by node."""
+    an end, else the first to fail; "" when they say nothing. `slots` (the job's hosts in hostfile order,
+    each with its local slots) names the node of a rank: DeepSpeed numbers ranks host by host."""
+    nodes = [(i, host) for i, (host, local) in enumerate(slots.items()) for _ in local]
     statuses = []
     for p in sorted((Path(run_dir) / "logs" / "ranks").glob(f"{stage}.r*.json")):
         try:
@@ -59,8 +60,7 @@ def lost(run_dir: Path, stage: str, since: float, hosts: list[str], nproc_per_no
             statuses.append(s)
 
     def where(s: dict) -> str:
-        node = s["rank"] // nproc_per_node
-        on = f"node {node}, {hosts[node]}" if node < len(hosts) else s["host"]
+        on = "node {}, {}".format(*nodes[s["rank"]]) if s["rank"] < len(nodes) else s["host"]
         return f"rank {s['rank']} (pid {s['pid']} on {on})"
 
     silent = [s for s in statuses if s["state"] == "running"]

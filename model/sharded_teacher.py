@@ -70,10 +70,8 @@ def checkpoint_source(ckpt_dir: Path, world_size: int) -> tuple[dict, str, bool]
         return marker, universal, True
     raise ConfigError(
         f"{ckpt_dir / tag} holds the ZeRO shards of {saved} ranks but this job has {world_size} ranks. "
-        f"Either run with {saved} ranks in all (launch.nproc_per_node × nodes = {saved}), or convert it once "
-        f"with `{sys.executable} -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt_dir / tag} "
-        f"--output_folder {ckpt_dir / universal}` and run again: the stage then loads {universal} with "
-        f'"checkpoint": {{"load_universal": true}} (nothing else to set)'
+        f"Start the stage through `stablekd run` or `stablekd stage`, which converts it once to {universal} "
+        f"(DeepSpeed's ds_to_universal) before the ranks start, or run with {saved} ranks in all"
     )
 
 
@@ -87,8 +85,8 @@ def make_universal(ckpt_dir: Path, world_size: int) -> Path | None:
     Run it in one process (the launching one, node 0), before any rank starts.
     """
     marker = read_marker(ckpt_dir)
-    if marker is None or int(marker["world_size"]) == world_size:
-        return None  # no checkpoint: checkpoint_source says so; same world: loaded rank by rank
+    if marker is None or int(marker["world_size"]) == world_size or not (ckpt_dir / marker["tag"]).is_dir():
+        return None  # same world: loaded rank by rank; no checkpoint: checkpoint_source says so
     out = ckpt_dir / (marker["tag"] + UNIVERSAL_SUFFIX)
     if (out / "zero").is_dir():
         return None
@@ -100,9 +98,9 @@ def make_universal(ckpt_dir: Path, world_size: int) -> Path | None:
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not (scratch / out.name / "zero").is_dir():
-        raise RuntimeError(
-            f"{ckpt_dir / marker['tag']}: converting to a universal checkpoint for {world_size} ranks failed "
-            f"(exit {proc.returncode}) running {shlex.join(cmd)}:\n{proc.stderr[-2000:]}"
+        raise SystemExit(
+            f"stablekd: {ckpt_dir / marker['tag']}: converting to a universal checkpoint for {world_size} ranks "
+            f"failed (exit {proc.returncode}) running {shlex.join(cmd)}:\n{proc.stderr[-2000:]}"
         )
     (scratch / out.name).rename(out)
     shutil.rmtree(scratch)  # and the converter's latest_universal file beside its output

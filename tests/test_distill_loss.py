@@ -14,7 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stablekd.objectives.distill import FP16_FLOOR, KINDS, agreement_sums, distill_loss, kd_sum
+from stablekd.objectives.distill import (
+    FP16_FLOOR,
+    KINDS,
+    _teacher_topk_bins,
+    agreement_sums,
+    distill_loss,
+    kd_sum,
+)
 
 B, T, V, K = 2, 6, 11, 4
 TEMP = 2.0
@@ -216,7 +223,8 @@ def test_forward_kl_gradient_written_out_matches_the_traced_one():
     student, teacher, labels = _inputs(torch.float64)
     ids, lp = _topk(teacher, K)
     ids[0, 1, 2:], lp[0, 1, 2:] = ids[0, 1, 0], FP16_FLOOR  # two entries, then padding
-    lp[1, 2] = lp[1, 2] - lp[1, 2].logsumexp(-1)  # the top-k hold all the mass: no tail
+    lp[1, 1] = lp[1, 1] - lp[1, 1].logsumexp(-1) + 1e-12  # the top-k hold all the mass: no tail
+    assert _teacher_topk_bins(lp[1, 1][None])[0, -1] == float("-inf")
     lp[0, 3, -1] = FP16_FLOOR  # an entry the teacher rules out
     grads = []
     for kind in ("fkl", "gjsd"):
@@ -227,6 +235,18 @@ def test_forward_kl_gradient_written_out_matches_the_traced_one():
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=0)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-12)
     assert grads[0][1].abs().sum() > 0
+
+    # float32, a student sure of the teacher's top-k: its tail mass e^-150 underflows, yet the teacher
+    # puts mass there (the gradient must pull it back, finite and as the traced one says).
+    sure = torch.zeros(B, T, V).scatter_(-1, ids, 150.0)
+    grads = []
+    for kind in ("fkl", "gjsd"):
+        s = sure.clone().requires_grad_()
+        loss, _ = kd_sum(s, (ids, lp.float()), labels, kind, 1.0, beta=0.0)
+        loss.backward()
+        grads.append(s.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 def test_temperature_scaling_is_t_squared():

@@ -80,14 +80,19 @@ def test_lost_rank_is_the_one_without_an_end(tmp_path, monkeypatch):
     old.write_text(
         json.dumps({"rank": 5, "pid": 1, "host": "h", "started": started - 600, "state": "running"})
     )
-    hosts = ["10.0.0.1", "10.0.0.2"]
+    slots = {"10.0.0.1": [0, 1], "10.0.0.2": [0, 1]}
     status[2].end("failed: RuntimeError: Connection closed by peer")
     status[0].end("stopped")
     status[1].end("stopped")
     # Rank 3 (node 1 with 2 ranks per node) never wrote an end: it is the one lost.
-    msg = ranks.lost(tmp_path, "teacher", started, hosts, nproc_per_node=2)
+    msg = ranks.lost(tmp_path, "teacher", started, slots)
     assert msg.startswith("lost rank 3 (pid ") and "on node 1, 10.0.0.2)" in msg and "rank 5" not in msg
     status[3].end("stopped")  # every rank ended: the first to fail is named
-    msg = ranks.lost(tmp_path, "teacher", started, hosts, nproc_per_node=2)
+    msg = ranks.lost(tmp_path, "teacher", started, slots)
     assert msg.startswith("rank 2 (pid ") and msg.endswith("failed: RuntimeError: Connection closed by peer")
-    assert ranks.lost(tmp_path, "distill", started, hosts, 2) == ""
+    assert ranks.lost(tmp_path, "distill", started, slots) == ""
+    # A job on uneven slots (distill.include): its rank 1 is the second host's only one.
+    placed = [ranks.RankStatus(tmp_path, "distill", r) for r in range(2)]
+    placed[0].end("stopped")
+    msg = ranks.lost(tmp_path, "distill", started, {"10.0.0.1": [3], "10.0.0.2": [0]})
+    assert msg.startswith("lost rank 1 (pid ") and "on node 1, 10.0.0.2)" in msg

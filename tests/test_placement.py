@@ -55,8 +55,11 @@ def test_distill_include_splits_the_pool(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=8\nnode-b slots=2\nnode-c slots=2\n")
     nodes = [f"launch.hostfile={hostfile}", "launch.master_addr=10.0.0.1", "launch.master_port=29600"]
-    multi = _cfg(tmp_path, *follow, *nodes, "distill.include=node-b@node-c:1")
-    assert placement.slots(multi, "distill") == {"node-b": [0, 1], "node-c": [1]}
+    multi = _cfg(tmp_path, *follow, *nodes, "distill.include=node-c:1@node-b")  # in any order ...
+    assert list(placement.slots(multi, "distill").items()) == [
+        ("node-b", [0, 1]),
+        ("node-c", [1]),
+    ]  # hostfile's
     assert placement.slots(multi, "soft_labels") == {"node-a": [0, 1, 2, 3], "node-c": [0]}
     labels, student = runner_command(multi, "soft_labels"), runner_command(multi, "distill")
     assert labels[labels.index("--include") + 1] == "node-a:0,1,2,3@node-c:0"
@@ -196,10 +199,13 @@ def test_a_failed_writer_stops_its_reader_and_a_failed_reader_lets_the_writer_fi
     """run_stages with stand-in jobs (the runner's process tree is what is stopped): soft_labels failing
     stops distill at once; distill failing leaves soft_labels to finish its shards."""
     cfg = _cfg(tmp_path)
-    # The reader stands in for a runner whose ranks are its children: one child records its pid and sleeps.
+    # The reader stands in for a runner whose ranks are its children: one child records its pid and sleeps,
+    # deaf to SIGTERM (a rank stuck in a collective): it is killed once the grace period is over.
     grandchild = (
-        "import os, sys, time; open(sys.argv[1] + '.child', 'w').write(str(os.getpid())); time.sleep(60)"
+        "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "open(sys.argv[1] + '.child', 'w').write(str(os.getpid())); time.sleep(60)"
     )
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 1.0)
     jobs = {
         # fails once the reader's child runs (the stop must reach it)
         "fails": f"import os, sys, time; [time.sleep(0.1) for _ in range(100) if not os.path.exists({str(tmp_path / 'distill.child')!r})]; "

@@ -284,10 +284,7 @@ def test_world_size_mismatch_says_what_to_run(tmp_path):
         checkpoint_source(ckpt, 3)
     msg = str(e.value)
     assert "2 ranks" in msg and "3 ranks" in msg
-    assert (
-        f"-m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt / 'step0000010'} "
-        f"--output_folder {ckpt / 'step0000010_universal'}" in msg
-    )
+    assert "converts it once to step0000010_universal" in msg
     (ckpt / "step0000010_universal" / "zero").mkdir(parents=True)
     assert checkpoint_source(ckpt, 3)[1:] == ("step0000010_universal", True)
 
