@@ -251,8 +251,8 @@ def _teacher_topk_bins(logprobs: torch.Tensor) -> torch.Tensor:
 class _TopkForwardKL(torch.autograd.Function):
     """Σ_rows KL(p ‖ q) on the k + 1 bins, from the student's scaled logits u (n, V): the same value as
     ``_kl(lp, _student_topk_bins(log_softmax(u), ids))``, with the gradient written out instead of traced
-    through log_softmax, gather, scatter and logsumexp (traced, the loss took 14.3 of a ~97 ms student step
-    at vocabulary 2,000; written out 9.0).
+    through log_softmax, gather, scatter and logsumexp (at vocabulary 2,000 and 1,024 tokens: 8.4 ms
+    forward and backward instead of 14.9, in a ~90 ms student step).
 
     With q = softmax(u), K the row's real ids and P the teacher's mass on the live bins (a bin is dead, and
     contributes 0, where either side has zero probability): ∂/∂u_i = q_i·P − p_i for i ∈ K, and
