@@ -300,7 +300,6 @@ STOP_GRACE_S = 40.0
 @dataclass
 class _Job:
     stage: str
-    cmd: list[str]
     log: Path
     proc: subprocess.Popen
     console: ConsoleFilter
@@ -410,7 +409,7 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
                 # One pipe for stdout and stderr keeps the order in which a rank wrote its lines and bars.
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 stack.callback(proc.stdout.close)
-                jobs.append(_Job(stage, cmd, log, proc, console))
+                jobs.append(_Job(stage, log, proc, console))
             _pump(jobs)
         except BaseException:  # Ctrl-C: as subprocess.run does, do not leave the runners behind
             for job in jobs:

@@ -32,7 +32,6 @@ from stablekd.launcher.config import (
     save_config,
     to_dict,
 )
-from stablekd.launcher.placement import world_size
 from stablekd.launcher.stages import NAMES, REGISTRY, spec
 from stablekd.launcher.status import headline, wall
 from stablekd.model.tokenizer import tokenizer_hash, train_tokenizer
@@ -250,9 +249,9 @@ def resolve_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
     train_cfg = getattr(cfg, stage)
     raw, path = ds_resolve.load(train_cfg.ds_config)
     ds = ds_resolve.resolve(
-        raw, train_cfg, world_size(cfg, stage), cfg.run_dir / "tb" / stage / "deepspeed", str(path)
+        raw, train_cfg, placement.world_size(cfg, stage), cfg.run_dir / "tb" / stage / "deepspeed", str(path)
     )
-    ds_resolve.validate(ds, world_size(cfg, stage), str(path))
+    ds_resolve.validate(ds, placement.world_size(cfg, stage), str(path))
     return ds
 
 
@@ -311,7 +310,7 @@ def check_teacher_checkpoint(cfg: ExperimentConfig, stage: str) -> None:
 
     if _follower(cfg):
         return
-    ckpt, world = ckpt_dir(cfg, "teacher"), world_size(cfg, stage)
+    ckpt, world = ckpt_dir(cfg, "teacher"), placement.world_size(cfg, stage)
     if made := make_universal(ckpt, world):
         say(f"{stage}: the teacher's ZeRO shards are of another world size; made {made} for {world} ranks")
     checkpoint_source(ckpt, world)
@@ -571,14 +570,14 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
 
     for group in _groups(cfg, stages):
         todo = [stage for stage in group if ready(stage)]
+        if not todo:
+            continue
         for stage in todo:
             if spec(stage).on_ranks and not follower:
                 data_order.record(cfg, stage)  # what it starts on, for the check of a later resume
             marker = read_marker(ckpt_dir(cfg, stage))
             where = f" on {placement.include_arg(placed)}" if (placed := placement.slots(cfg, stage)) else ""
             say(f"[{stage}] started{where}" + (f", resuming from step {marker['step']}" if marker else ""))
-        if not todo:
-            continue
         t0 = time.perf_counter()
         if _in_process(cfg, todo[0]):
             with driver_log(cfg, todo[0], verbose):
@@ -593,7 +592,7 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
                 raise RuntimeError(f"stage {stage} exited without writing {done_path(cfg, stage)}")
             done = json.loads(done_path(cfg, stage).read_text())
             say(
-                f"[{stage}] done in {wall(walls.get(stage, time.perf_counter() - t0))}: "
+                f"[{stage}] done in {wall(walls[stage])}: "
                 f"{headline(stage, done, stage_dir(cfg, stage))} -> {stage_dir(cfg, stage)}"
             )
 
@@ -654,6 +653,8 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
                 for other in group
                 if other != stage and not is_done(cfg, other, ds.get(other))
             )
-            lines.append(f"# {stage}: would run on {world_size(cfg, stage)} ranks{where}{beside}{resume}")
+            lines.append(
+                f"# {stage}: would run on {placement.world_size(cfg, stage)} ranks{where}{beside}{resume}"
+            )
             lines.append(display_command(cfg, stage))
     return lines
