@@ -66,7 +66,7 @@ from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batch
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
-from stablekd.launcher import engine, pipeline
+from stablekd.launcher import engine, models, pipeline
 from stablekd.launcher.config import load_config, save_config
 from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
 from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
@@ -154,12 +154,12 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
     ds = pipeline.prepare_ds_config(cfg, "distill")  # <arm>/ds/distill.json, world size 1
     zero3 = zero_stage(ds) == 3
     keep = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (student built inside zero.Init)
-    tok_dir, L = pipeline.tokenizer_dir(cfg), cfg.data.seq_len
+    tok_dir, L = models.tokenizer_dir(cfg), cfg.data.seq_len
     tokenizer = load_tokenizer(tok_dir)
     student = build_model(cfg.student.model, tokenizer, L, cfg.run.seed)  # same seed: same initial weights
     micro, d = ds["train_micro_batch_size_per_gpu"], cfg.distill
     evals = eval_batches(pipeline.eval_files(cfg), tok_dir, L, micro, d.eval_batches, 0, 1)
-    fpt = flops_per_token(student.config, L)
+    fpt = flops_per_token(student, L)
     if kind == "ce":
         stream = PackedStream(
             pipeline.train_files(cfg), tok_dir, L, micro, 0, 1, cfg.data.num_workers, loop=True
@@ -209,7 +209,7 @@ def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str
     """Held-out perplexity, bios probe on trained people, generation tokens/s of one exported model."""
     device, dtype = device_dtype()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
-    tok_dir = pipeline.tokenizer_dir(cfg)
+    tok_dir = models.tokenizer_dir(cfg)
     tok = load_tokenizer(tok_dir)
     ecfg = cfg.evaluate
     gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
@@ -333,7 +333,7 @@ def main() -> None:
     # Quality: the same prompts, seeds and held-out batches for every model.
     base = arm_config(src, work / "score", args, online=False)
     people = bios.load_truth(src / "data" / "truth.json")[0] if not base.data.paths else []
-    tok = load_tokenizer(pipeline.tokenizer_dir(base))
+    tok = load_tokenizer(models.tokenizer_dir(base))
     held = pipeline.eval_files(base)
     prefixes = report.load_prefixes(
         held or pipeline.train_files(base), tok, report.SPEED_BATCH, base.evaluate.prefix_tokens

@@ -58,7 +58,7 @@ from stablekd.data_pipeline.soft_labels import (  # noqa: E402
     soft_label_reader,
 )
 from stablekd.data_pipeline.stream import PackedStream  # noqa: E402
-from stablekd.launcher import engine, pipeline  # noqa: E402
+from stablekd.launcher import engine, models, pipeline  # noqa: E402
 from stablekd.launcher.config import load_config, save_config  # noqa: E402
 from stablekd.model.build import export_hf  # noqa: E402
 from stablekd.model.tokenizer import tokenizer_hash  # noqa: E402
@@ -82,7 +82,7 @@ ARMS: dict[str, dict] = {
 def teacher_logits(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """(input_ids [n, L], labels [n, L], teacher logits [n, L, V] fp32) of the first n training sequences,
     and the teacher's tokens/s."""
-    tok_dir, L = pipeline.tokenizer_dir(cfg), cfg.data.seq_len
+    tok_dir, L = models.tokenizer_dir(cfg), cfg.data.seq_len
     model = AutoModelForCausalLM.from_pretrained(
         str(cfg.run_dir / "teacher" / "hf"), dtype=torch.float32
     ).eval()
@@ -126,7 +126,7 @@ def write_arm(cfg, ids: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
     """Encode the logits into <arm>/soft_labels; bytes, write and read speed, fidelity."""
     sl, L = cfg.soft_labels, cfg.data.seq_len
     out = pipeline.stage_dir(cfg, "soft_labels")
-    meta = config_meta(sl, "bench", tokenizer_hash(pipeline.tokenizer_dir(cfg)), vocab, L)
+    meta = config_meta(sl, "bench", tokenizer_hash(models.tokenizer_dir(cfg)), vocab, L)
     fid = fidelity(logits[:8].reshape(-1, vocab), meta)
     t0 = time.perf_counter()
     w = SoftLabelWriter(out, 0, meta, records_per_shard=64, seed=cfg.run.seed)

@@ -39,10 +39,9 @@ from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.soft_labels import FIDELITY_RATE, SoftLabelWriter, config_meta
 from stablekd.data_pipeline.stream import PackedStream
-from stablekd.launcher import pipeline
+from stablekd.launcher import models, pipeline
 from stablekd.launcher.config import load_config, save_config
 from stablekd.launcher.launch import run_stage
-from stablekd.launcher.pipeline import teacher_source
 from stablekd.model.build import build_model, count_params
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -58,8 +57,8 @@ def one_process(
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt = cfg.run_dir / "teacher" / "ckpt"
-    tok_dir, sl, L = pipeline.tokenizer_dir(cfg), cfg.soft_labels, cfg.data.seq_len
-    model = build_model(teacher_source(cfg), load_tokenizer(tok_dir), L, cfg.run.seed)
+    tok_dir, sl, L = models.tokenizer_dir(cfg), cfg.soft_labels, cfg.data.seq_len
+    model = build_model(models.teacher_source(cfg), load_tokenizer(tok_dir), L, cfg.run.seed)
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=read_marker(ckpt)["tag"]))
     model = model.to(dtype).eval()
     V = model.config.vocab_size
@@ -168,7 +167,7 @@ def main() -> None:
     result = {
         "teacher_run": str(src),
         "teacher_checkpoint": read_marker(src / "teacher" / "ckpt")["tag"],
-        "params": count_params(build_model(teacher_source(cfg), load_tokenizer(tok_dir), L, 0)),
+        "params": count_params(build_model(models.teacher_source(cfg), load_tokenizer(tok_dir), L, 0)),
         "vocab_size": V,
         "seq_len": L,
         "micro_batch_size": cfg.soft_labels.micro_batch_size,

@@ -24,7 +24,7 @@ import torch
 
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import engine, pipeline
+from stablekd.launcher import engine, models, pipeline
 from stablekd.launcher.config import load_config
 from stablekd.launcher.monitor import measure_peak_flops, read_scalars
 from stablekd.model.build import build_model, count_params, flops_per_token
@@ -38,7 +38,7 @@ WINDOW = 5
 
 def plain_loop(cfg, steps: int, dtype: str) -> float:
     """tokens/s of a plain loop: fp32 weights (bf16 autocast for bf16), torch AdamW, clip, one process."""
-    tok_dir = pipeline.tokenizer_dir(cfg)
+    tok_dir = models.tokenizer_dir(cfg)
     t = cfg.teacher
     model = build_model(t.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
@@ -69,7 +69,7 @@ def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
     from transformers.integrations import HfDeepSpeedConfig
 
     keep = HfDeepSpeedConfig(ds) if ds_resolve.zero_stage(ds) == 3 else None  # noqa: F841
-    tok_dir = pipeline.tokenizer_dir(cfg)
+    tok_dir = models.tokenizer_dir(cfg)
     model = build_model(cfg.teacher.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
     stream = PackedStream(pipeline.train_files(cfg), tok_dir, cfg.data.seq_len, cfg.teacher.micro_batch_size)
     stage = engine.Stage(
@@ -78,7 +78,7 @@ def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
         StreamLoader(stream),
         lm_loss,
         [],
-        flops_per_token(model.config, cfg.data.seq_len),
+        flops_per_token(model, cfg.data.seq_len),
     )
     run_dir = cfg.run_dir / f"bench_{ds_name[:-5]}_{dtype}"  # a fresh checkpoint directory per row
     engine.train(stage, cfg.teacher, ds, run_dir, "bench")
@@ -117,9 +117,9 @@ def main() -> None:
         ],
     )
     pipeline.prepare(cfg, [])
-    tok = load_tokenizer(pipeline.tokenizer_dir(cfg))
+    tok = load_tokenizer(models.tokenizer_dir(cfg))
     probe = build_model(args.model, tok, cfg.data.seq_len, 0)
-    fpt, params = flops_per_token(probe.config, cfg.data.seq_len), count_params(probe)
+    fpt, params = flops_per_token(probe, cfg.data.seq_len), count_params(probe)
     del probe
     peak = measure_peak_flops(torch.device("cpu"))
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from stablekd.data_pipeline.shards import widen
 from stablekd.launcher.config import ENCODINGS
+from stablekd.objectives.lm import chunk_rows
 
 _UINT16_VOCAB = 65536
 _FP16_MIN = float(np.finfo(np.float16).min)  # -65504: stored for -inf (zero probability)
@@ -68,7 +69,7 @@ def _rows(logits: torch.Tensor, chunk: int) -> Iterable[torch.Tensor]:
 
 
 def compress(
-    logits: torch.Tensor, k: int, temperature: float, chunk: int = 4096
+    logits: torch.Tensor, k: int, temperature: float, chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of the teacher distribution at temperature T.
 
@@ -76,7 +77,7 @@ def compress(
         logits: [..., V] raw teacher logits (any float dtype; computed in fp32).
         k: entries kept per token.
         temperature: T; the distribution is softmax(logits / T).
-        chunk: rows processed at once, bounding the fp32 [chunk, V] temporaries.
+        chunk: rows processed at once, bounding the fp32 [chunk, V] temporaries; None = `chunk_rows(V)`.
 
     Returns:
         topk_ids [..., k] int64 and topk_logprobs [..., k] fp32 = log_softmax(logits / T) at those ids,
@@ -86,7 +87,7 @@ def compress(
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, V={V}], got {k}")
     ids, vals = [], []
-    for x in _rows(logits, chunk):
+    for x in _rows(logits, chunk or chunk_rows(V)):
         logp = F.log_softmax(x.float() / temperature, dim=-1)  # [n, V]
         v, i = logp.topk(k, dim=-1, sorted=True)  # [n, k]
         ids.append(i)
@@ -165,9 +166,9 @@ def schema(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
 # --------------------------------------------------------------------------------------------- encode
 
 
-def _topp(lp: torch.Tensor, mass: float, k: int, cap: int) -> dict[str, torch.Tensor]:
-    """One record: lp [L, V] log-probs -> entry_counts [L], entry_ids [cap], entry_logprobs [cap] (float32)."""
-    top_lp, top_ids = lp.topk(k, dim=-1)  # [L, k] descending
+def _topp(top_lp: torch.Tensor, top_ids: torch.Tensor, mass: float, cap: int) -> dict[str, torch.Tensor]:
+    """One record: its k most probable log-probs and ids per position [L, k] (descending) -> entry_counts
+    [L], entry_ids [cap], entry_logprobs [cap] (float32)."""
     before = top_lp.exp().cumsum(-1) - top_lp.exp()  # mass of the entries ahead of each
     keep = before < mass  # the entry that reaches the mass is kept, those after it are not
     keep[:, 0] = True
@@ -179,19 +180,19 @@ def _topp(lp: torch.Tensor, mass: float, k: int, cap: int) -> dict[str, torch.Te
         order = score.flatten().argsort()[:drop]
         keep.view(-1)[order] = False
     counts = keep.sum(-1)  # entries stay a prefix of each row: the dropped ones are its smallest
-    ids = torch.zeros(cap, dtype=torch.long, device=lp.device)
-    lps = torch.full((cap,), -math.inf, device=lp.device)
+    ids = torch.zeros(cap, dtype=torch.long, device=top_lp.device)
+    lps = torch.full((cap,), -math.inf, device=top_lp.device)
     n = int(counts.sum())
     ids[:n], lps[:n] = top_ids[keep], top_lp[keep]  # row-major: position after position
     return {"entry_counts": counts.to(torch.uint8), "entry_ids": ids, "entry_logprobs": lps}
 
 
 def _sampled(
-    lp: torch.Tensor, x: torch.Tensor, draws: int, proposal_t: float, seed: int
+    lp: torch.Tensor, x: torch.Tensor, draws: int, proposal_t: float, gen: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """One record: lp [L, V] teacher log-probs at T, x [L, V] logits -> its unique draws sorted by count."""
+    """Rows of a record: lp [n, V] teacher log-probs at T, x [n, V] logits -> their unique draws sorted by
+    count, drawn with the record's generator `gen`."""
     lq = lp if proposal_t <= 0 else F.log_softmax(x / proposal_t, dim=-1)
-    gen = torch.Generator(device=lq.device).manual_seed(seed)
     drawn = torch.multinomial(lq.exp(), draws, replacement=True, generator=gen)  # [L, N]
     srt = drawn.sort(-1).values
     new = torch.ones_like(srt, dtype=torch.bool)
@@ -225,17 +226,25 @@ def encode(logits: torch.Tensor, meta: dict, seed: int = 0) -> dict[str, np.ndar
             "topk_ids": top_ids.cpu().numpy().astype(ids),
             "topk_logprobs": store_logprobs(top_lp.cpu(), bits),
         }
-    # One record at a time: its [L, V] float32 log-probs are the only full-vocabulary temporaries.
+    # One record at a time, in chunks of its positions (`chunk_rows`): a chunk's [n, V] float32 log-probs
+    # are the only full-vocabulary temporaries, at any vocabulary and sequence length.
+    if enc not in ("topp", "sampled"):
+        raise ValueError(f"unknown soft-label encoding {enc!r}")
     recs = []
     for b in range(logits.shape[0]):
-        x = logits[b].detach().float()  # [L, V]
-        lp = F.log_softmax(x / T, dim=-1)
+        gen = torch.Generator(device=logits.device).manual_seed(seed + b)
+        parts = []
+        for x in logits[b].detach().split(chunk_rows(logits.shape[-1])):
+            x = x.float()  # [n, V]
+            lp = F.log_softmax(x / T, dim=-1)
+            if enc == "topp":
+                parts.append(dict(zip(("lp", "ids"), lp.topk(meta["k"], dim=-1), strict=True)))  # [n, k]
+            else:
+                parts.append(_sampled(lp, x, meta["draws"], meta["proposal_temperature"], gen))
+        rec = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
         if enc == "topp":
-            recs.append(_topp(lp, meta["mass"], meta["k"], x.shape[0] * meta["mean_entries"]))
-        elif enc == "sampled":
-            recs.append(_sampled(lp, x, meta["draws"], meta["proposal_temperature"], seed + b))
-        else:
-            raise ValueError(f"unknown soft-label encoding {enc!r}")
+            rec = _topp(rec["lp"], rec["ids"], meta["mass"], logits.shape[1] * meta["mean_entries"])
+        recs.append(rec)
     out = {k: torch.stack([r[k] for r in recs]).cpu() for k in recs[0]}
     for k in ("entry_ids", "sample_ids"):
         if k in out:

@@ -28,6 +28,7 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.bios import ATTRIBUTES, Person
 from stablekd.evaluation import metrics
 from stablekd.launcher.config import EvaluateConfig
+from stablekd.model.build import pad_id, padded_ids
 
 # The longest value of the corpus is 6 tokens with the quickstart tokenizer (" Georgia Institute of
 # Technology." and dates such as " September 30, 1987."); 12 leaves room for a larger vocabulary's
@@ -80,7 +81,8 @@ class HFGenerator:
         self.synced_gpus = synced_gpus
         self.device = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.pad = pad_id(tokenizer)
+        self.padded = padded_ids(model, tokenizer) or None  # never generated
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -118,6 +120,7 @@ class HFGenerator:
                     pad_token_id=self.pad,
                     eos_token_id=self.eos,
                     synced_gpus=self.synced_gpus,
+                    suppress_tokens=self.padded,
                     **sampling,
                 )  # (b * n, width + new), rows prompt-major: prompt 0's n samples first
             new = seqs[:, width:].tolist()

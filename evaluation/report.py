@@ -88,17 +88,18 @@ RATIO_KEYS = (*EFFICIENCY_KEYS, "bios_accuracy", "bios_cross_contradiction", "pp
 
 @torch.no_grad()
 def perplexity(
-    model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]]
+    model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], vocab: int | None = None
 ) -> tuple[float, int, float]:
     """(exp(summed NLL / counted tokens), counted tokens, expected calibration error) over `batches`
-    (dicts with input_ids and labels, (B, T)). The calibration error is that of the next-token top-1
+    (dicts with input_ids and labels, (B, T)), the distribution over the tokenizer's `vocab` ids (a padded
+    vocabulary's extra rows cut off, as in training: objectives/distill.py). The calibration error is that of the next-token top-1
     prediction: confidence = its probability, correct = it is the next token, ECE_BINS equal-width bins
     (`metrics.calibration_error`)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # counts, confidence sums, correct sums
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"].to(device)).logits  # (B, T, V)
+        logits = model(input_ids=batch["input_ids"].to(device)).logits[..., :vocab]  # (B, T, V)
         labels = batch["labels"].to(device)
         loss, n = nll_sum(logits, labels)
         total, count = total + loss.item(), count + int(n)

@@ -177,7 +177,9 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     path: str = _f(
-        "", "an existing tokenizer directory (AutoTokenizer); empty = train SentencePiece on the corpus"
+        "",
+        "an existing tokenizer directory (AutoTokenizer); empty = the teacher's: a teacher.model directory's "
+        "own tokenizer, a teacher.init_from run's, else SentencePiece trained on the corpus",
     )
     vocab_size: int = _f(2000, "SentencePiece vocabulary size when training one")
     train_sentences: int = _f(200_000, "at most this many documents feed tokenizer training")
@@ -240,10 +242,14 @@ class TrainConfig:
 @dataclass
 class TeacherConfig(TrainConfig):
     model: str = _f(
-        "teacher-s", "model preset name (model/presets.py) or a local Hugging Face model directory"
+        "teacher-s",
+        "model preset name (model/presets.py) or a local Hugging Face directory of any causal-LM "
+        "architecture (its weights; its tokenizer.json/tokenizer.model, when it has one, is the run's tokenizer)",
     )
     init_from: str = _f(
-        "", "continue from a previous teacher run directory or a local Hugging Face model directory"
+        "",
+        "continue a previous stablekd run directory (its ZeRO checkpoint, tokenizer and model source); "
+        "a Hugging Face directory goes in teacher.model",
     )
     export_hf: bool = _f(
         True,
@@ -336,7 +342,8 @@ class StudentConfig:
     model: str = _f(
         "student-s",
         "student preset (model/presets.py; student-s is ~1/4 of teacher-s, tiny-student ~1/4 of tiny) or a "
-        "local Hugging Face model directory with the run's vocabulary",
+        "local Hugging Face directory of any causal-LM architecture with the run's tokenizer (the same by "
+        "content when it brings one; any number of padded embedding rows)",
     )
 
     def __post_init__(self) -> None:

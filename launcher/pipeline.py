@@ -10,7 +10,6 @@ one line when a stage starts and one when it ends (wall time, headline figures o
 
 from __future__ import annotations
 
-import functools
 import importlib
 import itertools
 import json
@@ -23,12 +22,11 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.sources import Corpus, iter_documents, resolve_paths
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import nodes, placement
+from stablekd.launcher import models, nodes, placement
 from stablekd.launcher.config import (
     ConfigError,
     ExperimentConfig,
     config_hash,
-    load_config,
     save_config,
     to_dict,
 )
@@ -51,39 +49,6 @@ _NOT_HASHED = {
 
 def say(msg: str) -> None:
     print(f"stablekd: {msg}", file=sys.stderr, flush=True)
-
-
-def _previous_run(cfg: ExperimentConfig) -> ExperimentConfig | None:
-    """The config of the teacher run teacher.init_from names (a run directory: it has config.yaml), else None."""
-    src = cfg.teacher.init_from
-    if not (src and (Path(src) / "config.yaml").is_file()):
-        return None
-    return _run_config(str((Path(src) / "config.yaml").resolve()))
-
-
-@functools.cache
-def _run_config(path: str) -> ExperimentConfig:
-    # Parsed once per process: tokenizer_dir() and teacher_source() ask on every call, and a finished
-    # run's config.yaml does not change under a run that starts from it.
-    return load_config(path)
-
-
-def tokenizer_dir(cfg: ExperimentConfig) -> Path:
-    """tokenizer.path; else the tokenizer of what teacher.init_from names (a previous run's, or a Hugging
-    Face directory's own): a model continues with the ids it learned; else this run's trained one."""
-    if cfg.tokenizer.path:
-        return Path(cfg.tokenizer.path)
-    if (prev := _previous_run(cfg)) is not None:
-        return Path(prev.tokenizer.path) if prev.tokenizer.path else Path(cfg.teacher.init_from) / "tokenizer"
-    src = Path(cfg.teacher.init_from) if cfg.teacher.init_from else None
-    if src is not None and any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        return src
-    return cfg.run_dir / "tokenizer"
-
-
-def trains_tokenizer(cfg: ExperimentConfig) -> bool:
-    """Whether the run trains its own SentencePiece tokenizer (no tokenizer.path, nothing to inherit)."""
-    return tokenizer_dir(cfg) == cfg.run_dir / "tokenizer"
 
 
 def _holds_out(cfg: ExperimentConfig) -> float:
@@ -168,17 +133,7 @@ def check_files(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"tokenizer.path: {cfg.tokenizer.path} is not a directory (expected a tokenizer AutoTokenizer can load)"
         )
-    if src := cfg.teacher.init_from:
-        expected = "expected a teacher run directory (config.yaml, teacher/ckpt/) or a Hugging Face model (config.json)"
-        if not Path(src).is_dir():
-            raise ConfigError(f"teacher.init_from: {src} is not a directory ({expected})")
-        if _previous_run(cfg) is not None:
-            if read_marker(Path(src) / "teacher" / "ckpt") is None:
-                raise ConfigError(f"teacher.init_from: {src}/teacher/ckpt has no complete checkpoint")
-        elif not (Path(src) / "config.json").is_file():
-            raise ConfigError(
-                f"teacher.init_from: {src} has neither config.yaml nor config.json ({expected})"
-            )
+    models.check_models(cfg)
     if cfg.launch.hostfile and not Path(cfg.launch.hostfile).is_file():
         raise ConfigError(
             f"launch.hostfile: {cfg.launch.hostfile} does not exist (expected lines `host slots=N`)"
@@ -226,9 +181,9 @@ def _prepare_corpus(cfg: ExperimentConfig) -> None:
 
 
 def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
-    if not trains_tokenizer(cfg):
+    if not models.trains_tokenizer(cfg):
         return
-    out = tokenizer_dir(cfg)
+    out = models.tokenizer_dir(cfg)
     params = _tokenizer_params(cfg)
     if _is_current(out, params):
         return
@@ -285,22 +240,6 @@ def ckpt_dir(cfg: ExperimentConfig, stage: str) -> Path:
     return stage_dir(cfg, stage) / "ckpt"
 
 
-def teacher_source(cfg: ExperimentConfig) -> str:
-    """What the teacher is built from (its shapes; the weights of a Hugging Face directory): teacher.init_from
-    as given when it is a Hugging Face directory; for a previous run, what that run built its teacher from
-    (its weights then come from its ZeRO checkpoint, `teacher_init_checkpoint`); else teacher.model."""
-    if (prev := _previous_run(cfg)) is not None:
-        return teacher_source(prev)
-    return cfg.teacher.init_from or cfg.teacher.model
-
-
-def teacher_init_checkpoint(cfg: ExperimentConfig) -> Path | None:
-    """The ZeRO checkpoint directory of the previous teacher run teacher.init_from names, else None."""
-    if _previous_run(cfg) is None:
-        return None
-    return Path(cfg.teacher.init_from) / spec("teacher").out_dir / "ckpt"
-
-
 def check_teacher_checkpoint(cfg: ExperimentConfig, stage: str) -> None:
     """Before the ranks of a stage that loads the sharded teacher start (its preflight): a complete teacher
     checkpoint that a job of this stage's world size can load. When training saved its shards on another
@@ -321,8 +260,8 @@ def sharded_teacher(cfg: ExperimentConfig):  # -> model.sharded_teacher.ShardedT
     from stablekd.model.sharded_teacher import load_sharded_teacher  # deepspeed: only on ranks
 
     return load_sharded_teacher(
-        ckpt_dir(cfg, "teacher"), cfg.run_dir / "ds" / "teacher.json", tokenizer_dir(cfg),
-        teacher_source(cfg), cfg.data.seq_len, cfg.run.seed,
+        ckpt_dir(cfg, "teacher"), cfg.run_dir / "ds" / "teacher.json", models.tokenizer_dir(cfg),
+        models.teacher_source(cfg), cfg.data.seq_len, cfg.run.seed,
     )  # fmt: skip
 
 
@@ -348,7 +287,7 @@ def open_soft_labels(cfg: ExperimentConfig, rank: int, world_size: int, micro_ba
     from stablekd.data_pipeline.soft_labels import config_meta, encoding_meta, soft_label_reader
     from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 
-    sl, tok_dir, seq_len = cfg.soft_labels, tokenizer_dir(cfg), cfg.data.seq_len
+    sl, tok_dir, seq_len = cfg.soft_labels, models.tokenizer_dir(cfg), cfg.data.seq_len
     if teacher is not None:
         stream = PackedStream(
             train_files(cfg), tok_dir, seq_len, micro_batch_size, rank, world_size, cfg.data.num_workers,
@@ -625,7 +564,9 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
         todo = ["config.yaml"]
         if not cfg.data.paths and not _is_current(cfg.run_dir / "data", to_dict(cfg.data.bios)):
             todo.append("data/ (bios corpus)")
-        if trains_tokenizer(cfg) and not _is_current(tokenizer_dir(cfg), _tokenizer_params(cfg)):
+        if models.trains_tokenizer(cfg) and not _is_current(
+            models.tokenizer_dir(cfg), _tokenizer_params(cfg)
+        ):
             todo.append("tokenizer/ (SentencePiece)")
         todo += [f"ds/{s}.json" for s in stages if spec(s).trains]
         lines.append(f"# prepare {cfg.run_dir}: " + ", ".join(todo))

@@ -59,7 +59,7 @@ def init_weights(model: PreTrainedModel, seed: int) -> None:
     std = model.config.initializer_range
     pad = model.config.pad_token_id
     for name, p in model.named_parameters():
-        if len(getattr(p, "ds_shape", p.shape)) < 2:  # a partitioned parameter's own shape is (0,)
+        if len(_shape(p)) < 2:  # a partitioned parameter's own shape is (0,)
             continue
         partitioned = hasattr(p, "ds_id")
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=partitioned):
@@ -72,22 +72,45 @@ def init_weights(model: PreTrainedModel, seed: int) -> None:
                     p.copy_(w.to(p.dtype))
 
 
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills left-padding of generation prompts: the tokenizer's pad token, else its EOS (GPT-2,
+    Llama 3 and many byte-level tokenizers have no pad token; masked positions never count)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def padded_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Embedding rows past the tokenizer (a padded vocabulary): ids no text has, never generated or counted."""
+    return list(range(len(tokenizer), model.config.vocab_size))
+
+
 def count_params(model: torch.nn.Module) -> int:
     """Parameter count; under ZeRO-3 a partitioned parameter reports its full size in `ds_numel`."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return sum(_numel(p) for p in model.parameters())
 
 
-def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N for the matmuls (N without the input embedding) + 12·L·H·T for attention (PaLM appendix B)."""
-    h, layers, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    # q and o are h×h; k and v shrink with grouped-query heads; the MLP has three h×i matrices
-    per_layer = (
-        2 * h * h
-        + 2 * h * h * config.num_key_value_heads // config.num_attention_heads
-        + 3 * h * config.intermediate_size
-    )
-    n = layers * per_layer + h * v  # + LM head
-    return 6 * n + 12 * layers * h * seq_len
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token of any causal LM: 6·N for the matmuls + 12·L·H·T for attention (PaLM appendix B).
+
+    N counts the weight matrices a token's activations are multiplied by: every parameter of two or more
+    dimensions except the embedding tables (a lookup: token and learned position embeddings), plus the
+    output embedding once when it is tied to the input one (GPT-2: the LM head is that table). L and H are
+    the config's own num_hidden_layers and hidden_size (transformers maps GPT-2's n_layer / n_embd onto them).
+    """
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = sum(_numel(p) for p in model.parameters() if len(_shape(p)) >= 2 and id(p) not in tables)
+    head = model.get_output_embeddings()
+    if head is not None and id(head.weight) in tables:
+        n += _numel(head.weight)
+    c = model.config
+    return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition's own numel is 0
+
+
+def _shape(p: torch.Tensor) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)
 
 
 def export_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, zero3: bool) -> None:

@@ -43,7 +43,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from stablekd.data_pipeline.files import read_marker
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher.config import ConfigError
-from stablekd.model.build import build_model
+from stablekd.model.build import build_model, pad_id, padded_ids
 from stablekd.model.tokenizer import load_tokenizer
 
 UNIVERSAL_SUFFIX = "_universal"
@@ -148,16 +148,19 @@ class ShardedTeacher:
     tag: str  # the tag loaded (<tag>_universal at another world size)
     step: int
     zero3: bool
-    vocab_size: int
+    vocab_size: int  # the run's ids, len(tokenizer): padded embedding rows past it are cut off (models.py)
 
     @property
     def device(self) -> torch.device:
         return self.engine.device
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, L, V] logits (the engine's dtype: bf16 when the teacher trained in bf16)."""
+        """[B, L] -> [B, L, V] logits over the run's V = len(tokenizer) ids (a view that drops padded rows; the
+        engine's dtype: bf16 when the teacher trained in bf16)."""
         with torch.no_grad():
-            return self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits
+            return self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits[
+                ..., : self.vocab_size
+            ]
 
     def idle_forward(self) -> None:
         """One forward of a single EOS token, output discarded: this rank's share of a round it has no data for."""
@@ -172,8 +175,9 @@ class ShardedTeacher:
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 synced_gpus=synced,
-                pad_token_id=self.tokenizer.pad_token_id,
+                pad_token_id=pad_id(self.tokenizer),
                 eos_token_id=self.tokenizer.eos_token_id,
+                suppress_tokens=padded_ids(self.engine.module, self.tokenizer) or None,
                 **kwargs,
             )
 
@@ -242,7 +246,7 @@ def load_sharded_teacher(
         tag=tag,
         step=int(marker["step"]),
         zero3=zero3,
-        vocab_size=int(engine.module.config.vocab_size),
+        vocab_size=len(tokenizer),
     )
 
 

@@ -25,6 +25,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
+from stablekd.objectives.lm import nll_rows
+
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast half/bf16 to fp32; keep float64 (tests run gradcheck in float64)."""
@@ -254,17 +256,15 @@ def continuation_logprob(
     logits at t - 1 (a continuation token at position 0 has no prediction and is skipped). A row without
     scored tokens gives 0.
 
-    Memory: only the K = Σ cont_mask predicting positions are upcast, log_softmax'ed and kept for backward
-    (~2·K·V·4 bytes), not all N·W·V. Rows are independent, so a caller short of memory can call this on
-    chunks of rows and concatenate.
+    Memory: the log-probs come from `nll_rows` (objectives/lm.py): chunk by chunk, float32 temporaries
+    of one chunk, no copy of the (N, W, V) logits, which stay a view (also when cut to the tokenizer's
+    vocabulary); positions that score nothing (the context) are skipped chunk-wise.
     """
-    targets = input_ids[:, 1:]  # (N, W-1)
-    scored = cont_mask[:, 1:].bool()  # (N, W-1) position t-1 predicts a continuation token at t
-    row = torch.nonzero(scored, as_tuple=True)[0]  # (K,) which sequence each scored token belongs to
-    sel = _fp32(logits[:, :-1][scored])  # (K, V)
-    logp = torch.log_softmax(sel, dim=-1).gather(-1, targets[scored][:, None]).squeeze(-1)  # (K,)
-    total = torch.zeros(logits.shape[0], dtype=sel.dtype, device=logits.device).index_add(0, row, logp)
-    return total / scored.sum(1).clamp_min(1)
+    N, W, V = logits.shape
+    targets = F.pad(input_ids[:, 1:], (0, 1))  # (N, W): position t predicts token t + 1
+    scored = F.pad(cont_mask[:, 1:].bool(), (0, 1))  # (N, W): ... when t + 1 is a continuation token
+    nll = nll_rows(logits.reshape(N * W, V), targets.reshape(-1, 1), scored.reshape(-1, 1)).view(N, W)
+    return -nll.sum(1) / scored.sum(1).clamp_min(1)
 
 
 # --------------------------------------------------------------------------------------------------

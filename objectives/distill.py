@@ -15,6 +15,11 @@ DESIGN §5, conventions stated once here:
   in the student is an unbiased estimate of the forward-KL gradient (H(p, q) = KL(p‖q) + H(p), and H(p)
   does not depend on the student). Its value is therefore a cross-entropy, not a KL (it does not go to 0);
   only kind "fkl" is defined for it.
+- Vocabulary. Ids are the tokenizer's, 0 .. V − 1 with V = len(tokenizer). A model with more embedding
+  rows (a padded vocabulary: released checkpoints pad to a multiple of 64 or 128) has logits past V that
+  no text can be: the teacher's are cut before anything is stored, the student's before any loss
+  (``soft_label_loss(vocab=V)``: ``logits[..., :V]``), so padded rows of either model never count and
+  a teacher and a student with one tokenizer and different padded sizes compare exactly.
 - Temperature. Both distributions are taken at T (the student's logits are divided by T) and every
   divergence is multiplied by T² (Hinton et al. 2015), so the gradient scale does not shrink as 1/T².
   Other tools differ: torchtune's kd_losses and TRL's ``generalized_jsd_loss`` do not multiply by T².
@@ -40,6 +45,7 @@ DESIGN §5, conventions stated once here:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -48,7 +54,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from stablekd.objectives.lm import IGNORE_INDEX, Loss, nll_sum, shifted_labels
+from stablekd.objectives.lm import (
+    IGNORE_INDEX,
+    Loss,
+    chunk_rows,
+    compute_dtype,
+    nll_sum,
+    shifted_labels,
+    weighted_nll_sum,
+)
 
 KINDS = ("fkl", "rkl", "gjsd", "tvd", "skl", "mse")
 
@@ -144,11 +158,6 @@ def _check(
     if not logprobs.is_floating_point():
         raise ValueError(f"topk_logprobs: expected a floating dtype, got {logprobs.dtype}")
     return True
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # float32 for bf16/fp16/fp32 inputs; float64 stays float64 so gradcheck is meaningful.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _counted_rows(labels: torch.Tensor) -> torch.Tensor:
@@ -257,67 +266,65 @@ class _TopkForwardKL(torch.autograd.Function):
     With q = softmax(u), K the row's real ids and P the teacher's mass on the live bins (a bin is dead, and
     contributes 0, where either side has zero probability): ∂/∂u_i = q_i·P − p_i for i ∈ K, and
     q_i·P − p_tail·q_i/q_tail off K, where q_i/q_tail = exp(u_i − logsumexp of u off K) ≤ 1: no ratio
-    p_tail/q_tail that overflows or cancels for a student sure of its top-k. Kept for backward: u (the
-    input) and (n, k + 1) values; backward recomputes q, so no (n, V) temporary outlives forward.
+    p_tail/q_tail that overflows or cancels for a student sure of its top-k. Rows where `counted` (n,) is
+    False count 0. Kept for backward: u (the input: a view of the logits when they are float32 at T = 1)
+    and (n, k + 1) values; backward recomputes q, so no (n, V) temporary outlives forward.
     """
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, u: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, counted: torch.Tensor
+    ) -> torch.Tensor:
         real = _entries(ids)
         top = u.gather(-1, ids).masked_fill(~real, _NEG_INF)  # (n, k); padding: absent
         tail = u.scatter(-1, ids, _NEG_INF).logsumexp(-1, keepdim=True)  # (n, 1): no cancellation
         lse = torch.logaddexp(top.logsumexp(-1, keepdim=True), tail)  # the one (n, V) pass is the tail's
         lq = torch.cat([top, tail], dim=-1) - lse
-        ctx.save_for_backward(u, ids, real, lp, lq, lse, tail)
-        return _kl(lp, lq).sum()
+        ctx.save_for_backward(u, ids, real, lp, lq, lse, tail, counted)
+        return _kl(lp, lq).masked_fill(~counted, 0.0).sum()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        u, ids, real, lp, lq, lse, tail = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        u, ids, real, lp, lq, lse, tail, counted = ctx.saved_tensors
         live = ~(torch.isneginf(lp) | torch.isneginf(lq))  # (n, k + 1)
         p = lp.exp().masked_fill(~live, 0.0)
         g = (u - lse).exp_().mul_(p.sum(-1, keepdim=True))  # q·P
         # p_tail · q_i / q_tail off K; a row without live tail subtracts 0 (its shift 0 keeps exp finite there)
         off = (u - tail.masked_fill(~live[:, -1:], 0.0)).exp_().scatter_(-1, ids, 0.0)
         g.addcmul_(off, p[:, -1:], value=-1.0)
-        return g.scatter_add_(-1, ids, -p[:, :-1].masked_fill(~real, 0.0)).mul_(grad), None, None
+        g.scatter_add_(-1, ids, -p[:, :-1].masked_fill(~real, 0.0))
+        return g.mul_(counted[:, None].to(g.dtype) * grad), None, None, None
 
 
 def _chunk_kd_sum(
     s: torch.Tensor,
-    teacher_flat: torch.Tensor,
-    ids_flat: torch.Tensor | None,
-    rows: torch.Tensor,
+    t: torch.Tensor,
+    ids: torch.Tensor | None,
+    live: torch.Tensor,
     kind: str,
     temperature: float,
     beta: float,
     skew: float,
-    sampled: bool = False,
 ) -> torch.Tensor:
-    """Σ over one chunk of T²·divergence (or, sampled, of the cross-entropy estimate). s (n, V) are the student's rows; rows (n,) index them in
-    teacher_flat (B*T, V) logits or (B*T, k) top-k log-probs, and ids_flat (B*T, k) for top-k.
-
-    The teacher rows are gathered here, inside the checkpoint, so the chunk's gathered copy is
-    recomputed in backward instead of kept alive for every chunk.
-    """
-    dtype = _compute_dtype(s)
-    s = s.to(dtype) / temperature if temperature != 1 else s.to(dtype)  # (n, V)
-    t = teacher_flat.index_select(0, rows).to(dtype)  # (n, V) or (n, k)
-    if sampled:  # t: the weights of the drawn ids (module docstring)
-        ids = ids_flat.index_select(0, rows).long()  # (n, N)
-        return -(t * F.log_softmax(s, dim=-1).gather(-1, ids)).sum() * temperature**2
+    """Σ over one chunk of rows of T²·divergence: s (n, V) the student's logits, t (n, V) teacher logits or
+    (n, k) top-k log-probs with ids (n, k), live (n,) the counted rows (the others count 0)."""
+    dtype = compute_dtype(s)
+    s = s.to(dtype) / temperature if temperature != 1 else s.to(dtype)  # (n, V); no copy at fp32, T = 1
+    t = t.to(dtype)
     if kind == "mse":
         # mean_V ((s − t)/T)² · T²: the T² scaling cancels the temperature, so mse is T-independent.
-        return ((s - t / temperature) ** 2).mean(-1).sum() * temperature**2
-    if ids_flat is None:
+        per_row = ((s - t / temperature) ** 2).mean(-1)
+    elif ids is None:
         lq, lp = F.log_softmax(s, dim=-1), F.log_softmax(t / temperature, dim=-1)  # (n, V) each
+        per_row = _divergence(lp, lq, kind, beta, skew)
     else:
-        ids = ids_flat.index_select(0, rows).long()  # (n, k)
+        ids = ids.long()
         lp = _teacher_topk_bins(t)  # (n, k+1)
         if kind == "fkl" and not lp.requires_grad:  # written-out gradient: the student's only
-            return _TopkForwardKL.apply(s, ids, lp) * temperature**2
+            return _TopkForwardKL.apply(s, ids, lp, live) * temperature**2
         lq = _student_topk_bins(F.log_softmax(s, dim=-1), ids)  # (n, k+1)
-    return _divergence(lp, lq, kind, beta, skew).sum() * temperature**2
+        per_row = _divergence(lp, lq, kind, beta, skew)
+    return per_row.masked_fill(~live, 0.0).sum() * temperature**2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,7 +339,7 @@ def kd_sum(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KD divergence over the counted tokens, and the number of counted tokens.
 
@@ -353,46 +360,58 @@ def kd_sum(
         temperature: T > 0. Every divergence, mse included, is multiplied by T² (Hinton scaling;
             torchtune and TRL do not scale). For mse the T² cancels the 1/T², so T has no effect.
         beta: β of "gjsd". skew: λ of "skl".
-        chunk_tokens: counted tokens per chunk; with grad enabled, a chunk of at least
-            CHECKPOINT_ELEMENTS values runs under activation checkpointing, so its float32 (n, V)
-            temporaries are freed in forward and in backward.
+        chunk_tokens: rows (token positions) per chunk; None = `chunk_rows(V)` (objectives/lm.py), so a
+            chunk's float32 temporaries stay near 64 MiB at any vocabulary. With grad enabled and a batch
+            of at least CHECKPOINT_ELEMENTS values, a chunk runs under activation checkpointing (its
+            temporaries freed in forward, recomputed in backward), except forward KL on top-k labels,
+            whose written-out gradient keeps none.
 
     Returns:
         (loss_sum, tokens): loss_sum a float32 scalar (float64 for float64 logits) connected to the
         graph even when nothing is counted; tokens an int64 scalar. An all-masked batch gives (0, 0).
     """
     topk = _check(student_logits, teacher, labels, kind, temperature, beta, skew)
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     B, T, V = student_logits.shape
-    rows = _counted_rows(labels)  # (N,)
-    # One gather of the counted rows (N, V), in the input dtype; masked tokens cost nothing from here on.
-    # split() (not slicing) so backward assembles the chunks' gradients in one cat, not one buffer each.
-    s_rows = student_logits.reshape(B * T, V).index_select(0, rows)
+    rows = chunk_rows(V) if chunk_tokens is None else chunk_tokens
+    if rows < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    live = (shifted_labels(labels) != IGNORE_INDEX).reshape(B * T)  # the counted rows
+    tokens = live.sum()
+    # (B*T, V): a view, also of a vocabulary-cut logits[..., :V]. Uncounted rows are computed and weighted 0
+    # instead of gathered out, which would copy the logits; split() (not slicing) so backward assembles the
+    # chunks' gradients in one cat, not one full-size buffer each.
+    flat = student_logits.reshape(B * T, V)
+    if isinstance(teacher, SampledLabels):  # −Σ w log q: a weighted cross-entropy (objectives/lm.py)
+        w = teacher.weights.reshape(B * T, -1).to(compute_dtype(flat)) * live[:, None]
+        ids = teacher.ids.reshape(B * T, -1)
+        return weighted_nll_sum(flat, ids, w, temperature, rows) * temperature**2, tokens
     if topk:
-        ids_flat = teacher[0].reshape(B * T, -1)  # (B*T, k)
+        ids_chunks = teacher[0].reshape(B * T, -1).split(rows)  # (B*T, k)
         teacher_flat = teacher[1].reshape(B * T, -1)  # (B*T, k)
     else:
-        ids_flat, teacher_flat = None, teacher.reshape(B * T, V)
-    fn = functools.partial(
-        _chunk_kd_sum, kind=kind, temperature=temperature, beta=beta, skew=skew,
-        sampled=isinstance(teacher, SampledLabels),
-    )  # fmt: skip
+        ids_chunks, teacher_flat = itertools.repeat(None), teacher.reshape(B * T, V)
+    fn = functools.partial(_chunk_kd_sum, kind=kind, temperature=temperature, beta=beta, skew=skew)
     grad = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_flat.requires_grad)
+    # Written-out forward KL keeps only views and (n, k + 1) values; every other path keeps its chunk's
+    # (n, V) temporaries for backward unless recomputed there, which pays once the batch is large.
+    light = topk and kind == "fkl" and flat.dtype == compute_dtype(flat) and temperature == 1
+    recompute = grad and not light and flat.numel() >= CHECKPOINT_ELEMENTS
     parts = []
-    for s_chunk, r_chunk in zip(s_rows.split(chunk_tokens), rows.split(chunk_tokens), strict=True):
-        if grad and s_chunk.numel() >= CHECKPOINT_ELEMENTS:
-            # No RNG inside, so skip saving/restoring it.
+    for s_chunk, t_chunk, i_chunk, l_chunk in zip(
+        flat.split(rows), teacher_flat.split(rows), ids_chunks, live.split(rows), strict=False
+    ):
+        if not l_chunk.any():
+            continue
+        if recompute:  # no RNG inside, so skip saving/restoring it
             part = checkpoint(
-                fn, s_chunk, teacher_flat, ids_flat, r_chunk, use_reentrant=False, preserve_rng_state=False
+                fn, s_chunk, t_chunk, i_chunk, l_chunk, use_reentrant=False, preserve_rng_state=False
             )
         else:
-            part = fn(s_chunk, teacher_flat, ids_flat, r_chunk)
+            part = fn(s_chunk, t_chunk, i_chunk, l_chunk)
         parts.append(part)
-    tokens = rows.new_tensor(rows.numel())
     if not parts:
-        # Sum over the empty (0, V) rows: 0, yet in the graph, so an all-masked micro-batch can backward.
-        return s_rows.to(_compute_dtype(student_logits)).sum(), tokens
+        # 0, yet in the graph, so an all-masked micro-batch can backward.
+        return flat[:0].to(compute_dtype(flat)).sum(), tokens
     return torch.stack(parts).sum(), tokens
 
 
@@ -415,7 +434,7 @@ def distill_loss(
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     _check(student_logits, teacher, labels, kind, temperature, beta, skew)
-    dtype = _compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits)
     tokens = (shifted_labels(labels) != IGNORE_INDEX).sum()
     loss = student_logits.new_zeros((), dtype=dtype)
     if alpha > 0:
@@ -501,15 +520,21 @@ def soft_label_weights(alpha: float) -> dict[str, float]:
 
 
 def soft_label_loss(
-    kind: str = "fkl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1, alpha: float = 1.0
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    alpha: float = 1.0,
+    vocab: int | None = None,
 ) -> Callable[[torch.nn.Module, dict], Loss]:
     """The training loop's loss on soft-label batches: terms "kd" (``kd_sum``) and, when alpha < 1, "ce"
-    (the loop weighs them alpha and 1 − alpha); metrics student_topk_mass and top1_agreement."""
+    (the loop weighs them alpha and 1 − alpha); metrics student_topk_mass and top1_agreement. `vocab`:
+    the tokenizer's size V; the student's logits past it (padded rows) are cut off (module docstring)."""
     _check_params(kind, temperature, beta, skew)
 
     def loss(model: torch.nn.Module, batch: dict) -> Loss:
         labels = soft_label_targets(batch)  # (B, T); the model predicts position t + 1
-        logits = model(input_ids=batch["input_ids"].long()).logits  # (B, T, V)
+        logits = model(input_ids=batch["input_ids"].long()).logits[..., :vocab]  # (B, T, V): a view
         teacher = soft_label_teacher(batch)
         kd, _ = kd_sum(logits, teacher, labels, kind, temperature, beta, skew)
         sums = {"kd": kd}

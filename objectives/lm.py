@@ -19,16 +19,100 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+# Rows of a (rows, V) logit matrix processed at once: their float32 temporaries stay near 64 MiB at any V
+# (8,192 rows at V 2,048; 110 at V 152k), so no loss holds float32 (B, T, V) beside the logits themselves.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk for a vocabulary of `vocab` ids (CHUNK_ELEMENTS float32 values)."""
+    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 inputs; float64 stays float64 so gradcheck is meaningful."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _RowNLL(torch.autograd.Function):
+    """Per row r of x (n, V): Σ_j w_rj · −log softmax(x_r / T)[ids_rj], computed chunk by chunk.
+
+    Gradient written out: ∂/∂x_r = g_r · (W_r · softmax(x_r / T) − Σ_j w_rj·e_{ids_rj}) / T, W_r = Σ_j w_rj.
+    Kept for backward: x itself (the caller's logits, not a copy) and one log-normaliser per row; forward
+    and backward each hold one chunk's float32 (rows, V) temporary, so at a 152k vocabulary the loss adds
+    no (n, V) buffer but its gradient, like a fused cross-entropy. A chunk whose weights are all 0 is
+    skipped (its rows give 0 and no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, temperature: float, rows: int):
+        dtype = compute_dtype(x)
+        lse = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+        out = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+        for s in range(0, x.shape[0], rows):
+            ws = w[s : s + rows]
+            if not ws.any():
+                continue
+            u = x[s : s + rows].to(dtype) / temperature  # (rows, V): the chunk's one temporary
+            lse[s : s + rows] = u.logsumexp(-1)
+            out[s : s + rows] = (ws * (lse[s : s + rows, None] - u.gather(-1, ids[s : s + rows]))).sum(-1)
+        ctx.save_for_backward(x, ids, w, lse)
+        ctx.temperature, ctx.rows = temperature, rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, ids, w, lse = ctx.saved_tensors
+        T, rows = ctx.temperature, ctx.rows
+        g = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        for s in range(0, x.shape[0], rows):
+            ws = w[s : s + rows]
+            if not ws.any():
+                continue
+            q = (x[s : s + rows].to(lse.dtype) / T - lse[s : s + rows, None]).exp_()  # softmax(x / T)
+            q.mul_(ws.sum(-1, keepdim=True)).scatter_add_(-1, ids[s : s + rows], -ws)
+            g[s : s + rows] = q.mul_(grad[s : s + rows, None] / T)
+        return g, None, None, None, None
+
+
+def nll_rows(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float = 1.0,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """(n,) per row of logits x (n, V): Σ_j weights_rj · −log softmax(x_r / T)[ids_rj], ids and weights (n, N).
+
+    Cross-entropy is N = 1 with weight 1 on counted rows and 0 elsewhere; sampled soft labels are the drawn
+    ids with their weights. Computed in float32 (float64 stays) chunk by chunk (`chunk_rows`), in the
+    graph of x, without a float32 copy of x.
+    """
+    w = weights.to(compute_dtype(x))
+    return _RowNLL.apply(x, ids.long(), w, temperature, rows or chunk_rows(x.shape[-1]))
+
+
+def weighted_nll_sum(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float = 1.0,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Σ over rows of `nll_rows`: a scalar."""
+    return nll_rows(x, ids, weights, temperature, rows).sum()
+
+
 def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL of logits (B, T, V) against labels (B, T), and the number of counted tokens.
 
-    Computed in fp32 whatever the logits' dtype; a batch with no counted token gives (0, 0), not NaN.
+    Computed in fp32 whatever the logits' dtype, in row chunks (`weighted_nll_sum`): no float32 copy of
+    the logits; a batch with no counted token gives (0, 0), not NaN.
     """
-    targets = shifted_labels(labels)
-    loss = F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, (targets != IGNORE_INDEX).sum()
+    targets = shifted_labels(labels).reshape(-1, 1)  # (B*T, 1)
+    counted = targets != IGNORE_INDEX
+    x = logits.reshape(-1, logits.shape[-1])  # (B*T, V): a view, also of a vocabulary-cut logits[..., :V]
+    return weighted_nll_sum(x, targets.clamp(min=0), counted), counted.sum()
 
 
 @dataclass

@@ -258,9 +258,9 @@ def test_score_tokens_score_only_the_start_of_each_continuation():
     for n in (2, 0):
         for name, b in (("same", batch), ("changed", changed)):
             torch.manual_seed(1)  # the same negatives
-            out[n, name] = _likelihood_scores(model, b, ContrastiveConfig(negatives=2, score_tokens=n))[0]
+            out[n, name] = _likelihood_scores(model, b, ContrastiveConfig(negatives=2, score_tokens=n), 50)[0]
     torch.testing.assert_close(out[2, "same"], out[2, "changed"])
     assert not torch.allclose(out[0, "same"], out[0, "changed"])
     torch.manual_seed(1)  # more than the stored continuation tokens: all of them, like 0
-    wide = _likelihood_scores(model, batch, ContrastiveConfig(negatives=2, score_tokens=64))[0]
+    wide = _likelihood_scores(model, batch, ContrastiveConfig(negatives=2, score_tokens=64), 50)[0]
     torch.testing.assert_close(wide, out[0, "same"])

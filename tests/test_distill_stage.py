@@ -158,16 +158,35 @@ def test_online_teacher_gives_the_offline_batches(upstream, distilled, tmp_path)
     assert done["source"] == "online teacher" and done["teacher_checkpoint"].startswith("teacher/ckpt/")
 
 
-def test_student_with_another_vocabulary_is_refused(upstream, tmp_path):
-    other = tmp_path / "other"
+def test_student_rows_padded_pass_too_few_refused_and_labels_of_another_tokenizer_refused(upstream, tmp_path):
     cfg = load_config(QUICKSTART, [f"run.out_dir={upstream}", *UPSTREAM, *DISTILL])
     tok = load_tokenizer(upstream / "tokenizer")
-    model = build_model("tiny-student", tok, 32, 0)
-    model.resize_token_embeddings(len(tok) + 16)
-    model.save_pretrained(other)
-    cfg.student.model = str(other)
-    with pytest.raises(ConfigError, match=rf"vocabulary {len(tok) + 16}.*vocabulary {len(tok)}"):
-        distill.preflight(cfg)
+    for rows in (len(tok) + 16, len(tok) - 16):
+        model = build_model("tiny-student", tok, 32, 0)
+        model.resize_token_embeddings(rows)
+        model.save_pretrained(tmp_path / str(rows))
+        cfg.student.model = str(tmp_path / str(rows))
+        if rows > len(tok):
+            distill.preflight(cfg)  # a padded vocabulary: its extra rows never count
+            continue
+        with pytest.raises(
+            ConfigError, match=rf"{rows} embedding rows, but the run's tokenizer .* has {len(tok)} ids"
+        ):
+            distill.preflight(cfg)
+    cfg.student.model = "tiny-student"
+    manifest = upstream / "soft_labels" / "manifest.json"
+    text = manifest.read_text()
+    try:  # soft labels written with another tokenizer (its hash in the manifest)
+        meta = json.loads(text)
+        meta["meta"]["tokenizer_hash"] = "0" * 64
+        manifest.write_text(json.dumps(meta))
+        with pytest.raises(
+            ConfigError,
+            match=rf"manifest.json: soft labels of a tokenizer with {len(tok)} ids \(hash 000000000000\)",
+        ):
+            distill.preflight(cfg)
+    finally:
+        manifest.write_text(text)
     cfg.student.model, cfg.distill.temperature = "tiny-student", 1.0
     with pytest.raises(ConfigError, match="distill.temperature 1.0 != soft_labels.temperature 2.0"):
         distill.preflight(cfg)

@@ -16,7 +16,7 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.bios import ATTRIBUTES, TEMPLATES
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, build_questions, probe
-from stablekd.launcher import cli, pipeline
+from stablekd.launcher import cli, models, pipeline
 from stablekd.launcher.config import ConfigError, EvaluateConfig, load_config
 from stablekd.launcher.stages import evaluate as evaluate_stage
 from stablekd.launcher.stages.evaluate import find_models
@@ -191,7 +191,7 @@ def _tiny_run(root, extra=()):
     """A run directory with corpus, tokenizer and a `tiny` teacher exported to teacher/hf."""
     cfg = load_config(None, [f"run.out_dir={root / 'run'}", *TINY_RUN, *EVAL, *extra])
     pipeline.prepare(cfg, ["evaluate"])  # config.yaml, corpus, tokenizer
-    tok = load_tokenizer(pipeline.tokenizer_dir(cfg))
+    tok = load_tokenizer(models.tokenizer_dir(cfg))
     hf = cfg.run_dir / "teacher" / "hf"
     build_model("tiny", tok, cfg.data.seq_len, seed=0).save_pretrained(hf)
     tok.save_pretrained(hf)
@@ -378,12 +378,12 @@ def test_evaluate_sharded_teacher(upstream, tmp_path):
 
     ckpt = cfg.run_dir / "teacher" / "ckpt"
     tag = json.loads((ckpt / "complete.json").read_text())["tag"]
-    tok = load_tokenizer(pipeline.tokenizer_dir(cfg))
+    tok = load_tokenizer(models.tokenizer_dir(cfg))
     model = build_model("tiny", tok, cfg.data.seq_len, seed=12345)  # all weights come from the load
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag))
     model.eval()
     assert teacher["params"] == count_params(model)
     with torch.no_grad():
-        ppl, _, _ = evaluate._perplexity(model, pipeline.eval_files(cfg), pipeline.tokenizer_dir(cfg), cfg)
+        ppl, _, _ = evaluate._perplexity(model, pipeline.eval_files(cfg), models.tokenizer_dir(cfg), cfg)
     print(f"sharded ppl {teacher['ppl']!r}, consolidated ppl {ppl!r}")
     assert teacher["ppl"] == pytest.approx(ppl, rel=1e-4)

@@ -18,7 +18,7 @@ import pytest
 
 from stablekd.data_pipeline.shards import ShardError, rank_manifest_name, shard_name
 from stablekd.data_pipeline.soft_labels import soft_label_meta
-from stablekd.launcher import pipeline
+from stablekd.launcher import models, pipeline
 from stablekd.launcher.config import ExperimentConfig, load_config
 from stablekd.model.tokenizer import tokenizer_hash
 from tests.conftest import QUICKSTART
@@ -46,7 +46,7 @@ def _config(run_dir: Path, timeout_s: float) -> ExperimentConfig:
 
 def _start_writer(cfg: ExperimentConfig, shards: int, marker: Path) -> subprocess.Popen:
     # Only the tokenizer's bytes enter the manifest check (its hash): no need to train one.
-    tok = pipeline.tokenizer_dir(cfg)
+    tok = models.tokenizer_dir(cfg)
     tok.mkdir(parents=True)
     (tok / "tokenizer.model").write_bytes(b"stands in for a SentencePiece model")
     sl = cfg.soft_labels  # the quickstart's encoding: top-k with one-byte log-probs

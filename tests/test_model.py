@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from stablekd.launcher import models
 from stablekd.launcher.config import load_config
-from stablekd.launcher.pipeline import teacher_source
 from stablekd.model.build import build_model, count_params, flops_per_token, model_config
 from stablekd.model.presets import PRESETS
 from stablekd.model.tokenizer import load_tokenizer, train_tokenizer
@@ -37,9 +37,9 @@ def test_local_directory(tok, tmp_path):
     model.save_pretrained(tmp_path / "hf")
     loaded = build_model(str(tmp_path / "hf"), tok, 32, 0)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), loaded.parameters(), strict=True))
-    cfg = load_config(QUICKSTART, [f"teacher.init_from={tmp_path / 'hf'}"])
-    assert teacher_source(cfg) == str(tmp_path / "hf")  # a Hugging Face directory as given
-    assert teacher_source(load_config(QUICKSTART, ["teacher.model=student-s"])) == "student-s"
+    cfg = load_config(QUICKSTART, [f"teacher.model={tmp_path / 'hf'}"])
+    assert models.teacher_source(cfg) == str(tmp_path / "hf")  # a Hugging Face directory as given
+    assert models.teacher_source(load_config(QUICKSTART, ["teacher.model=student-s"])) == "student-s"
     # a previous run directory: tests/test_tasks.py (its ZeRO checkpoint, tokenizer and shapes)
 
 
@@ -53,4 +53,4 @@ def test_flops_per_token_is_6n_plus_attention(name, tok):
         - c.vocab_size * c.hidden_size
         - sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     )
-    assert flops_per_token(c, 64) == 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * 64
+    assert flops_per_token(model, 64) == 6 * matmul_params + 12 * c.num_hidden_layers * c.hidden_size * 64

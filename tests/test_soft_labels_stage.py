@@ -36,7 +36,7 @@ from stablekd.data_pipeline.soft_labels import (
     soft_label_reader,
 )
 from stablekd.data_pipeline.stream import PackedStream
-from stablekd.launcher import cli, pipeline
+from stablekd.launcher import cli, models, pipeline
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.stages import NAMES
 from stablekd.model.build import build_model
@@ -122,7 +122,7 @@ def _records(directory: Path, reader_fn) -> list[dict]:
 def test_stage_outputs(run):
     cfg, _ = run
     out = cfg.run_dir / "soft_labels"
-    tok_dir = pipeline.tokenizer_dir(cfg)
+    tok_dir = models.tokenizer_dir(cfg)
     m = read_manifest(
         out, "soft_labels", {"tokenizer_hash": tokenizer_hash(tok_dir), "k": 8, "temperature": 2.0}
     )
@@ -151,7 +151,7 @@ def test_equals_consolidated_teacher(run):
     cfg, _ = run
     ckpt = cfg.run_dir / "teacher" / "ckpt"
     tag = json.loads((ckpt / "complete.json").read_text())["tag"]
-    tok = load_tokenizer(pipeline.tokenizer_dir(cfg))
+    tok = load_tokenizer(models.tokenizer_dir(cfg))
     model = build_model(
         "tiny", tok, cfg.data.seq_len, seed=12345
     )  # other init: all weights come from the load
@@ -191,7 +191,7 @@ def test_labels_follow_training_stream(run):
         files = [s["file"] for s in m["shards"] if s["rank"] == rank]
         written = np.concatenate([stnp.load_file(out / f)["input_ids"] for f in files])
         stream = PackedStream(
-            pipeline.train_files(cfg), pipeline.tokenizer_dir(cfg), 32, 2, rank, 2, loop=False
+            pipeline.train_files(cfg), models.tokenizer_dir(cfg), 32, 2, rank, 2, loop=False
         )
         rows = torch.cat([b["input_ids"] for b in stream])[:n]
         assert written.shape == (n, 32)
@@ -243,7 +243,7 @@ def test_candidates(run):
     per_rank = {r: sum(s["records"] for s in m["shards"] if s["rank"] == r) for r in (0, 1)}
     assert per_rank == {0: 3, 1: 2}  # uneven: the generate calls were padded, no deadlock
     # Records of writer rank r are contexts r, r + 2, ... of the run's context list, gold last.
-    tok = load_tokenizer(pipeline.tokenizer_dir(cfg))
+    tok = load_tokenizer(models.tokenizer_dir(cfg))
     from stablekd.launcher.stages.soft_labels import candidate_contexts
 
     contexts = candidate_contexts(cfg, tok)
@@ -422,3 +422,15 @@ def test_tokenized_contexts(tmp_path):
     assert len(got) == 3
     for ctx, gold in got:
         assert ctx[0] == eos and 2 <= len(ctx) <= 6 and gold[-1] == eos
+
+
+@pytest.mark.distributed
+def test_low_kept_mass_is_said_once_naming_the_sampled_encoding(upstream):
+    from stablekd.launcher.stages.soft_labels import LOW_MASS, low_mass_warning
+
+    fid = read_manifest(upstream / "soft_labels", "soft_labels")["meta"]["fidelity"]
+    assert fid["topk_mass"] < LOW_MASS  # a 6-step teacher: its top-8 of 400 ids keep little of its mass
+    log = (upstream / "logs" / "soft_labels.log").read_text()
+    assert log.count(low_mass_warning("topk", fid["topk_mass"])) == 1
+    assert "soft_labels.encoding=sampled" in low_mass_warning("topp", 0.5)
+    assert low_mass_warning("topk", LOW_MASS) is None and low_mass_warning("sampled", 0.1) is None

@@ -22,7 +22,7 @@ from stablekd.data_pipeline.sources import Corpus, SourceStats, read_documents
 from stablekd.data_pipeline.stream import PackedStream
 from stablekd.data_pipeline.tasks import Document, encode_documents, parse_record, render
 from stablekd.evaluation.task_probe import normalize, probe_tasks
-from stablekd.launcher import pipeline
+from stablekd.launcher import models, pipeline
 from stablekd.launcher.config import ConfigError, EvaluateConfig, load_config, save_config
 from stablekd.model.tokenizer import load_tokenizer, train_tokenizer
 from stablekd.objectives.distill import soft_label_counts, soft_label_targets
@@ -166,24 +166,39 @@ def test_init_from_a_previous_run_takes_its_tokenizer_shapes_and_checkpoint(tmp_
     prev.run_dir.mkdir()
     save_config(prev, prev.run_dir / "config.yaml")
     cfg = load_config(None, [f"run.out_dir={tmp_path / 'ft'}", f"teacher.init_from={prev.run_dir}"])
-    assert pipeline.teacher_source(cfg) == "tiny"  # the previous run's shapes, whatever teacher.model says
-    assert pipeline.tokenizer_dir(cfg) == prev.run_dir / "tokenizer" and not pipeline.trains_tokenizer(cfg)
-    assert pipeline.teacher_init_checkpoint(cfg) == prev.run_dir / "teacher" / "ckpt"
+    assert models.teacher_source(cfg) == "tiny"  # the previous run's shapes, whatever teacher.model says
+    assert models.tokenizer_dir(cfg) == prev.run_dir / "tokenizer" and not models.trains_tokenizer(cfg)
+    assert models.teacher_init_checkpoint(cfg) == prev.run_dir / "teacher" / "ckpt"
     with pytest.raises(ConfigError, match="teacher/ckpt has no complete checkpoint"):
         pipeline.check_files(cfg)
     (prev.run_dir / "teacher" / "ckpt").mkdir(parents=True)
     (prev.run_dir / "teacher" / "ckpt" / "complete.json").write_text('{"tag": "step1", "step": 1}')
     pipeline.check_files(cfg)
 
+    # A Hugging Face directory is teacher.model's: init_from names it in a one-line refusal.
     hf = tmp_path / "hf"
     hf.mkdir()
     cfg = load_config(None, [f"run.out_dir={tmp_path / 'ft2'}", f"teacher.init_from={hf}"])
-    with pytest.raises(ConfigError, match="neither config.yaml nor config.json"):
+    with pytest.raises(ConfigError, match="has no config.yaml"):
         pipeline.check_files(cfg)
     (hf / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"not a stablekd run: set teacher.model={hf}"):
+        pipeline.check_files(cfg)
+
+
+def test_teacher_model_directory_brings_its_tokenizer(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", f"teacher.model={hf}"])
+    assert models.trains_tokenizer(cfg)  # no tokenizer in the directory: SentencePiece on the corpus
     (hf / "tokenizer.json").write_text("{}")
-    assert pipeline.teacher_source(cfg) == str(hf) and pipeline.tokenizer_dir(cfg) == hf
-    assert pipeline.teacher_init_checkpoint(cfg) is None
+    assert models.teacher_source(cfg) == str(hf) and models.tokenizer_dir(cfg) == hf
+    assert not models.trains_tokenizer(cfg) and models.teacher_init_checkpoint(cfg) is None
+    own = tmp_path / "own"
+    cfg = load_config(
+        None, [f"run.out_dir={tmp_path / 'run'}", f"teacher.model={hf}", f"tokenizer.path={own}"]
+    )
+    assert models.tokenizer_dir(cfg) == own  # tokenizer.path wins
 
 
 def test_mask_array_is_uint8_on_disk(tmp_path):

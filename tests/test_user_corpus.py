@@ -1,7 +1,8 @@
-"""A corpus the project did not generate, end to end (tests/data/README.md): public-domain prose read by
-paragraph plus a prompt/response task file, through teacher → soft labels → evaluate with `stablekd run`
-on 2 ranks; then a second teacher run that starts from the first one's ZeRO-3 checkpoint and fine-tunes
-on the task records alone, with loss on the responses only."""
+"""The user's data and models, end to end: public-domain prose read by paragraph plus a prompt/response
+task file (tests/data/README.md), a Qwen2 teacher directory and a GPT-2 student directory with one
+byte-level BPE `tokenizer.json` and differently padded vocabularies (tests/hf_models.py), through all five
+stages with `stablekd run` on 2 ranks; then a second teacher run that starts from the first one's ZeRO-3
+checkpoint and fine-tunes on the task records alone, with loss on the responses only."""
 
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ from stablekd.data_pipeline.stream import eval_batches
 from stablekd.launcher.monitor import read_scalars
 from stablekd.objectives.lm import IGNORE_INDEX, nll_sum
 from tests.conftest import QUICKSTART, REPO, run_stablekd
+from tests.hf_models import byte_level_tokenizer, model_dir
 
 PROSE = REPO / "tests" / "data" / "kjv_genesis_exodus.txt"
 
+TOKENS, TEACHER_ROWS, STUDENT_ROWS = 512, 640, 576  # both vocabularies padded, each its own way
 COMMON = [
     "launch.nproc_per_node=2",
     "data.seq_len=64",
     "data.eval_fraction=0.05",
-    "tokenizer.vocab_size=800",
-    "teacher.model=tiny",
     "teacher.dtype=fp32",
     "teacher.micro_batch_size=4",
     "teacher.warmup_steps=2",
@@ -52,6 +53,9 @@ def _task_file(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def prose_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prose")
+    tok = byte_level_tokenizer(tmp / "tok", TOKENS)
+    teacher = model_dir(tmp / "qwen2", "qwen2", tok, TEACHER_ROWS)
+    student = model_dir(tmp / "gpt2", "gpt2", tok, STUDENT_ROWS)
     # data.paths are read in sorted path order, and 40 steps read ~20k tokens: the task file sorts first so
     # the counts below see all of its records, wherever the repository lies.
     tasks = _task_file(tmp / "a_tasks.jsonl")
@@ -62,6 +66,8 @@ def prose_run(tmp_path_factory):
         f"run.out_dir={run}",
         f"data.paths=[{prose}, {tasks}]",
         *COMMON,
+        f"teacher.model={teacher}",
+        f"student.model={student}",
         "teacher.max_steps=40",
         "teacher.eval_every=20",
         "soft_labels.encoding=sampled",  # the default; the stage tests cover topk
@@ -73,19 +79,25 @@ def prose_run(tmp_path_factory):
         "soft_labels.candidates_per_context=2",
         "soft_labels.generate_batch_size=4",
         "soft_labels.max_new_tokens=8",
+        "distill.max_steps=6",
+        "distill.micro_batch_size=4",
+        "distill.log_every=1",
+        "contrastive.max_steps=4",
+        "contrastive.micro_batch_size=2",
+        "contrastive.log_every=1",
         "evaluate.prefixes=8",
         "evaluate.max_new_tokens=32",
         "evaluate.samples=2",
         "evaluate.ppl_batches=2",
         "evaluate.task_prompts=4",
     ]
-    run_stablekd("run", str(QUICKSTART), "--stages", "teacher,soft_labels,evaluate", *args)
-    return run, tasks
+    run_stablekd("run", str(QUICKSTART), *args)
+    return run, tasks, teacher
 
 
 @pytest.mark.distributed
 def test_prose_and_tasks_teacher_soft_labels_report(prose_run):
-    run, _ = prose_run
+    run, _, _ = prose_run
     evals = read_scalars(run / "tb" / "teacher", "eval/loss")
     assert sorted(evals) == [20, 40] and evals[40] < evals[20]  # the held-out loss falls
     done = json.loads((run / "teacher" / "DONE.json").read_text())["produced"]
@@ -109,15 +121,41 @@ def test_prose_and_tasks_teacher_soft_labels_report(prose_run):
 
 
 @pytest.mark.distributed
+def test_own_models_run_every_stage_with_their_tokenizer_and_padded_vocabularies(prose_run):
+    run, _, teacher = prose_run
+    assert not (run / "tokenizer").exists()  # the teacher directory's tokenizer, no SentencePiece trained
+    meta = json.loads((run / "soft_labels" / "manifest.json").read_text())["meta"]
+    assert meta["vocab_size"] == TOKENS and meta["encoding"] == "sampled"  # ids < len(tokenizer) only
+    ids = np.concatenate(
+        [stnp.load_file(str(f))["sample_ids"].ravel() for f in sorted((run / "soft_labels").glob("shard-*"))]
+    )
+    assert ids.max() < TOKENS
+    for stage, arch, rows in (
+        ("student", "GPT2LMHeadModel", STUDENT_ROWS),
+        ("contrastive", "GPT2LMHeadModel", STUDENT_ROWS),
+    ):
+        model = AutoModelForCausalLM.from_pretrained(run / stage / "hf")
+        assert type(model).__name__ == arch and model.config.vocab_size == rows
+    assert type(AutoModelForCausalLM.from_pretrained(run / "teacher" / "hf")).__name__ == "Qwen2ForCausalLM"
+    # MFU from the GPT-2 student's own FLOPs (no Llama-only config field), logged by the shared loop.
+    mfu = read_scalars(run / "tb" / "distill", "perf/mfu")
+    assert mfu and all(v > 0 for v in mfu.values())
+    report = json.loads((run / "eval" / "report.json").read_text())["models"]
+    assert set(report) == {"teacher", "student", "contrastive"} and all("ppl" in m for m in report.values())
+
+
+@pytest.mark.distributed
 def test_fine_tune_starts_from_the_zero_checkpoint_and_learns_responses_only(prose_run, tmp_path):
-    first, tasks = prose_run
+    first, tasks, teacher = prose_run
     run = tmp_path / "ft"
     proc = run_stablekd(
         "stage", "teacher", str(QUICKSTART), f"run.out_dir={run}", f"teacher.init_from={first}",
         f"data.paths=[{tasks}]", *COMMON, "teacher.max_steps=2", "teacher.eval_every=0", "teacher.lr=1e-9",
     )  # fmt: skip
     assert re.search(r"weights from .*teacher/ckpt/step0000040 \(its step 40\)", proc.stderr + proc.stdout)
-    assert not (run / "tokenizer").exists()  # the previous run's tokenizer: the ids it learned
+    assert not (
+        run / "tokenizer"
+    ).exists()  # the previous run's tokenizer (its teacher's): the ids it learned
     # lr 1e-9: the export is the first teacher's weights, loaded rank by rank from its ZeRO-3 shards.
     a = AutoModelForCausalLM.from_pretrained(first / "teacher" / "hf", dtype=torch.float32)
     b = AutoModelForCausalLM.from_pretrained(run / "teacher" / "hf", dtype=torch.float32)
@@ -130,7 +168,7 @@ def test_fine_tune_starts_from_the_zero_checkpoint_and_learns_responses_only(pro
     masked = plain = (0.0, 0)
     with torch.no_grad():
         for rank in (0, 1):
-            for batch in eval_batches(held, first / "tokenizer", 64, 4, 2, rank, 2):
+            for batch in eval_batches(held, teacher, 64, 4, 2, rank, 2):
                 logits = a(input_ids=batch["input_ids"]).logits
                 assert (batch["labels"] == IGNORE_INDEX).any()
                 s, n = nll_sum(logits, batch["labels"])

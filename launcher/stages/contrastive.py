@@ -46,7 +46,7 @@ from stablekd.data_pipeline.contexts import bios_truth, judge_continuations
 from stablekd.data_pipeline.shards import read_manifest
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import engine, pipeline
+from stablekd.launcher import engine, models, pipeline
 from stablekd.launcher.config import ConfigError, ContrastiveConfig, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
@@ -69,7 +69,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     if not (hf / "config.json").is_file():
         raise ConfigError(f"{hf}: missing: run `stablekd stage distill` first (with distill.export_hf=true)")
     cand = pipeline.stage_dir(cfg, "soft_labels") / "candidates"
-    meta = read_manifest(cand, CANDIDATES, {"tokenizer_hash": tokenizer_hash(pipeline.tokenizer_dir(cfg))})[
+    meta = read_manifest(cand, CANDIDATES, {"tokenizer_hash": tokenizer_hash(models.tokenizer_dir(cfg))})[
         "meta"
     ]
     if meta["ctx_len"] + meta["max_new_tokens"] > cfg.data.seq_len:
@@ -194,7 +194,7 @@ def pick_negatives(
 
 
 def _likelihood_scores(
-    model, batch: dict, c: ContrastiveConfig
+    model, batch: dict, c: ContrastiveConfig, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """scores [B, G + K] = mean log p(y | x_b) over the first `c.score_tokens` tokens of context b's own G
     continuations, then of K = `c.negatives` continuations of other contexts drawn from the global batch
@@ -226,7 +226,7 @@ def _likelihood_scores(
     flat = {k: laid[k].flatten(0, 1) for k in ("input_ids", "attention_mask", "position_ids", "cont_mask")}
     logits = model(
         input_ids=flat["input_ids"], attention_mask=flat["attention_mask"], position_ids=flat["position_ids"]
-    ).logits  # [B·(G + K), W, V]
+    ).logits[..., :vocab]  # [B·(G + K), W, V]: the tokenizer's ids, padded rows cut (a view)
     scores = continuation_logprob(logits, flat["input_ids"], flat["cont_mask"]).view(B, G + K)
     positive = torch.cat([_positive(batch), torch.zeros(B, K, dtype=torch.bool, device=cand.device)], 1)
     # Another context's continuation stating this context's true answer is not a negative.
@@ -253,23 +253,26 @@ def _embedding_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, t
     return embedding_scores(features, groups, batch["answer_key"].flatten())
 
 
-def make_loss(cfg: ExperimentConfig):
+def make_loss(cfg: ExperimentConfig, vocab: int):
+    """InfoNCE (the configured scorer) + lam · (KD or CE) on the model's logits over the tokenizer's
+    `vocab` ids (padded embedding rows cut off: objectives/distill.py)."""
     c, d = cfg.contrastive, cfg.distill
 
     def loss(model, batch: dict) -> Loss:
         if c.scorer == "likelihood":
-            scores, positive, valid = _likelihood_scores(model, batch, c)
+            scores, positive, valid = _likelihood_scores(model, batch, c, vocab)
         else:
             scores, positive, valid = _embedding_scores(model, batch)
         nce, _, stats = supcon_sum(scores, positive, valid, c.tau)
         lm_batch = _lm_batch(batch)
         ids, labels = lm_batch["input_ids"].long(), _lm_labels(lm_batch)  # [B, L] each
         out = model(input_ids=ids, output_hidden_states=c.margin > 0)
+        logits = out.logits[..., :vocab]  # [B, L, V]
         if c.lm == "kd":
             teacher = soft_label_teacher(lm_batch)
-            lm, _ = kd_sum(out.logits, teacher, labels, d.kind, d.temperature, d.beta, d.skew)
+            lm, _ = kd_sum(logits, teacher, labels, d.kind, d.temperature, d.beta, d.skew)
         else:
-            lm, _ = nll_sum(out.logits, labels)
+            lm, _ = nll_sum(logits, labels)
         sums = {"infonce": nce, "lm": lm}
         if c.margin > 0:
             sums["simctg"] = simctg_sum(
@@ -290,7 +293,7 @@ def _lm_batches(cfg: ExperimentConfig, rank: int, world: int, micro: int):
     if cfg.contrastive.lm == "kd":
         return pipeline.open_soft_labels(cfg, rank, world, micro)
     stream = PackedStream(
-        pipeline.train_files(cfg), pipeline.tokenizer_dir(cfg), cfg.data.seq_len, micro, rank, world,
+        pipeline.train_files(cfg), models.tokenizer_dir(cfg), cfg.data.seq_len, micro, rank, world,
         cfg.data.num_workers,
     )  # fmt: skip
     return StreamLoader(stream)
@@ -303,7 +306,7 @@ def run(cfg: ExperimentConfig) -> None:
     ds = json.loads((run_dir / "ds" / "contrastive.json").read_text())
     zero3 = zero_stage(ds) == 3
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (built inside zero.Init)
-    tok_dir = pipeline.tokenizer_dir(cfg)
+    tok_dir = models.tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tok_dir)
     start = pipeline.stage_dir(cfg, "distill") / "hf"
     lm = build_model(str(start), tokenizer, seq_len, cfg.run.seed)
@@ -320,7 +323,7 @@ def run(cfg: ExperimentConfig) -> None:
     evals = eval_batches(pipeline.eval_files(cfg), tok_dir, seq_len, micro, c.eval_batches, rank, world)
     weights = {"infonce": 1.0, "lm": c.lam, **({"simctg": 1.0} if c.margin > 0 else {})}
     stage = engine.Stage(
-        "contrastive", model, batches, make_loss(cfg), evals, flops_per_token(lm.config, seq_len),
+        "contrastive", model, batches, make_loss(cfg, len(tokenizer)), evals, flops_per_token(lm, seq_len),
         weights=weights, count=counts(c), tokens=lambda b: b["lm_input_ids"].numel() + b["cand_ids"].numel(),
         eval_loss=lm_loss,
     )  # fmt: skip

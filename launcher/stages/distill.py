@@ -29,50 +29,44 @@ from stablekd.data_pipeline.shards import read_manifest
 from stablekd.data_pipeline.soft_labels import KIND as SOFT_LABELS
 from stablekd.data_pipeline.stream import eval_batches
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import engine, pipeline
+from stablekd.launcher import engine, models, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
-from stablekd.model.presets import PRESETS
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.objectives.distill import soft_label_counts, soft_label_loss, soft_label_weights
 from stablekd.objectives.lm import lm_loss
 
 
-def _student_vocab(cfg: ExperimentConfig) -> tuple[int, str]:
-    """(vocabulary size, tokenizer hash) of the student as configured, without building it."""
-    src, tok_dir = cfg.student.model, pipeline.tokenizer_dir(cfg)
-    if Path(src).is_dir():
-        vocab = AutoConfig.from_pretrained(src).vocab_size
-        own = (Path(src) / "tokenizer.json").is_file() or (Path(src) / "tokenizer.model").is_file()
-        return vocab, tokenizer_hash(Path(src) if own else tok_dir)
-    if src not in PRESETS:
-        raise ConfigError(
-            f"student.model: {src!r} is neither a preset ({', '.join(PRESETS)}) nor a local model directory"
-        )
-    return len(load_tokenizer(tok_dir)), tokenizer_hash(tok_dir)
-
-
-def _check_student(cfg: ExperimentConfig, vocab: int, tok_hash: str) -> None:
-    """Refuse a student that cannot read the soft labels: another vocabulary or tokenizer, another T."""
+def _check_student(cfg: ExperimentConfig) -> None:
+    """Refuse a student that cannot read the soft labels: fewer embedding rows than the run's tokenizer has
+    ids, soft labels of another tokenizer, another T. (A student directory with another tokenizer of its
+    own is refused earlier, by models.check_models; more rows than ids, a padded vocabulary, is fine.)"""
     d, sl = cfg.distill, cfg.soft_labels
     if d.temperature != sl.temperature:
         raise ConfigError(
             f"distill.temperature {d.temperature} != soft_labels.temperature {sl.temperature}: the soft "
             "labels hold the teacher's log-probs at soft_labels.temperature; set both to the same T"
         )
+    tok_dir = models.tokenizer_dir(cfg)
+    vocab, tok_hash = len(load_tokenizer(tok_dir)), tokenizer_hash(tok_dir)
+    if Path(cfg.student.model).is_dir():
+        rows = AutoConfig.from_pretrained(cfg.student.model).vocab_size
+        if rows < vocab:
+            raise ConfigError(
+                f"student.model {cfg.student.model}: {rows} embedding rows, but the run's tokenizer "
+                f"{models.describe_tokenizer(tok_dir)} has {vocab} ids: every id needs a row"
+            )
     if d.online:
-        source, src_vocab, src_hash = "the teacher", len(load_tokenizer(pipeline.tokenizer_dir(cfg))), None
-    else:
-        out = pipeline.stage_dir(cfg, "soft_labels")
-        if d.follow and not (out / "manifest.json").is_file():
-            return  # the writer may not have started: the reader checks every rank manifest as it comes
-        meta = read_manifest(out, SOFT_LABELS)["meta"]
-        source, src_vocab, src_hash = f"{out / 'manifest.json'}", meta["vocab_size"], meta["tokenizer_hash"]
-    if vocab != src_vocab or (src_hash is not None and tok_hash != src_hash):
+        return  # the teacher in this job labels with the run's tokenizer
+    out = pipeline.stage_dir(cfg, "soft_labels")
+    if d.follow and not (out / "manifest.json").is_file():
+        return  # the writer may not have started: the reader checks every rank manifest as it comes
+    meta = read_manifest(out, SOFT_LABELS)["meta"]
+    if meta["tokenizer_hash"] != tok_hash or meta["vocab_size"] != vocab:
         raise ConfigError(
-            f"student.model {cfg.student.model}: vocabulary {vocab} (tokenizer {tok_hash}) but {source} has "
-            f"vocabulary {src_vocab} (tokenizer {src_hash or tokenizer_hash(pipeline.tokenizer_dir(cfg))}): "
-            "a student must share the teacher's tokenizer to learn from its soft labels"
+            f"{out / 'manifest.json'}: soft labels of a tokenizer with {meta['vocab_size']} ids (hash "
+            f"{meta['tokenizer_hash'][:12]}), but the run's tokenizer is {models.describe_tokenizer(tok_dir)}: "
+            "relabel with `stablekd stage soft_labels` after changing the tokenizer"
         )
 
 
@@ -80,7 +74,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     """What the launching process checks before starting ranks: a one-line error instead of a rank traceback."""
     if cfg.distill.online:
         pipeline.check_teacher_checkpoint(cfg, "distill")
-    _check_student(cfg, *_student_vocab(cfg))
+    _check_student(cfg)
 
 
 def run(cfg: ExperimentConfig) -> None:
@@ -92,16 +86,16 @@ def run(cfg: ExperimentConfig) -> None:
     ds = json.loads((run_dir / "ds" / "distill.json").read_text())
     zero3 = zero_stage(ds) == 3
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (student built inside zero.Init)
-    tok_dir = pipeline.tokenizer_dir(cfg)
+    tok_dir = models.tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tok_dir)
     student = build_model(cfg.student.model, tokenizer, seq_len, cfg.run.seed)
-    _check_student(cfg, int(student.config.vocab_size), tokenizer_hash(tok_dir))
     micro = ds["train_micro_batch_size_per_gpu"]
     batches = pipeline.open_soft_labels(cfg, rank, world, micro, teacher)
     evals = eval_batches(pipeline.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
     stage = engine.Stage(
-        "distill", student, batches, soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha), evals,
-        flops_per_token(student.config, seq_len),
+        "distill", student, batches,
+        soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab=len(tokenizer)), evals,
+        flops_per_token(student, seq_len),
         weights=soft_label_weights(d.alpha), count=soft_label_counts,
         eval_loss=lm_loss,
     )  # fmt: skip

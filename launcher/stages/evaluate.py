@@ -41,7 +41,7 @@ from stablekd.data_pipeline.stream import eval_batches
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
-from stablekd.launcher import launch, pipeline
+from stablekd.launcher import launch, models, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
 from stablekd.launcher.stages import MODELS, model_stage
 from stablekd.model.build import count_params
@@ -124,16 +124,20 @@ def _encoder_dir(src: str) -> Path:
 
 
 def _perplexity(
-    model: PreTrainedModel, files: Sequence[Path], tok_dir: Path, cfg: ExperimentConfig
+    model: PreTrainedModel,
+    files: Sequence[Path],
+    tok_dir: Path,
+    cfg: ExperimentConfig,
+    vocab: int | None = None,
 ) -> tuple[float, int, float] | None:
     """(perplexity, tokens scored, calibration error) on the first evaluate.ppl_batches held-out
-    batches (`report.perplexity`); None when `files` yield no batch."""
+    batches (`report.perplexity`, over the tokenizer's `vocab` ids); None when `files` yield no batch."""
     batches = eval_batches(
         files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, cfg.evaluate.ppl_batches, 0, 1
     )
     if not batches:
         return None
-    return report.perplexity(model, batches)
+    return report.perplexity(model, batches, vocab)
 
 
 def _trained_task_records(cfg: ExperimentConfig) -> int:
@@ -194,10 +198,10 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     t_start = time.perf_counter()
     say = pipeline.say if rank == 0 else (lambda msg: None)
     ecfg, run_dir = cfg.evaluate, cfg.run_dir
-    models = find_models(run_dir)
+    found = find_models(run_dir)
     encoder_src = _encoder_dir(ecfg.coherence_encoder) if ecfg.coherence_encoder else None
     device, dtype = _device_dtype()
-    run_tok_dir = pipeline.tokenizer_dir(cfg)
+    run_tok_dir = models.tokenizer_dir(cfg)
     run_tok = load_tokenizer(run_tok_dir)
     notes: list[str] = []
     sharded = None  # the teacher from its shards, loaded once (its load is a DeepSpeed engine)
@@ -243,7 +247,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     # Warm-up outside every measurement: lazy imports, kernel set-up and allocator pools that the first
     # model would otherwise pay for alone in peak memory and tokens/s.
     # (A sharded teacher pays it itself: its load is what would be measured.)
-    whole = [p for p in models.values() if not _sharded(p)]
+    whole = [p for p in found.values() if not _sharded(p)]
     if whole:
         model, tok, _ = _load(whole[0], run_tok_dir, device, dtype)
         HFGenerator(model, tok)(speed_prompts[:2], 2, False, 4)
@@ -253,7 +257,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     no_ppl: list[str] = []
     samples: dict[str, dict] = {}
     greedy: dict[str, list[str]] = {}
-    for name, path in models.items():
+    for name, path in found.items():
         t0 = time.perf_counter()
         meter = report.MemoryMeter(device)
         meter.start()
@@ -261,7 +265,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         synced = _sharded(path) and sharded.zero3 and torch.distributed.get_world_size() > 1
         gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size, synced_gpus=synced)
         m: dict[str, float] = {}
-        ppl = _perplexity(model, held, tok_dir, cfg) if held else None
+        ppl = _perplexity(model, held, tok_dir, cfg, len(tok)) if held else None
         if ppl is not None:
             m["ppl"], m["ece"] = ppl[0], ppl[2]
             sizes["ppl"] = f"{ppl[1]} held-out tokens"
@@ -272,7 +276,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             no_ppl.append(name)
         if builtin:
             same = not cfg.data.eval_paths  # held is then the bios held-out file itself
-            bios_ppl = ppl if same else _perplexity(model, [bios_heldout], tok_dir, cfg)
+            bios_ppl = ppl if same else _perplexity(model, [bios_heldout], tok_dir, cfg, len(tok))
             if bios_ppl is not None:
                 m["bios_ppl"] = bios_ppl[0]
                 sizes["bios_ppl"] = f"{bios_ppl[1]} held-out biography tokens"
@@ -314,17 +318,17 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
 
     # Coherence last, with one encoder for every model, so the numbers compare across columns.
     encoder_name = (
-        str(encoder_src) if encoder_src else ("teacher" if "teacher" in models else next(iter(models)))
+        str(encoder_src) if encoder_src else ("teacher" if "teacher" in found else next(iter(found)))
     )
     if prefixes and "coherence" not in missing:
         if encoder_src:
             encoder = AutoModel.from_pretrained(str(encoder_src)).to(device).eval()
             enc_tok = AutoTokenizer.from_pretrained(str(encoder_src))
         else:
-            encoder, enc_tok, _ = load(models[encoder_name])
+            encoder, enc_tok, _ = load(found[encoder_name])
             if encoder_name != "teacher":
                 notes.append(f"coherence encoder: {encoder_name} (the run has no teacher/hf)")
-        for name in models:
+        for name in found:
             results[name]["coherence"] = report.coherence(encoder, enc_tok, prefixes, greedy[name])
         del encoder
     if rank != 0:
@@ -342,12 +346,12 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     paths = report.write_report(out, samples, run_dir / "eval", run_dir / "tb" / "evaluate")
-    produced = {"report_json": str(paths["json"]), "report_md": str(paths["md"]), "models": list(models)}
+    produced = {"report_json": str(paths["json"]), "report_md": str(paths["md"]), "models": list(found)}
     inputs = {
-        "models": {n: str(p) for n, p in models.items()},
+        "models": {n: str(p) for n, p in found.items()},
         "model_config_hashes": {
             n: json.loads(pipeline.done_path(cfg, model_stage(n).name).read_text())["config_hash"]
-            for n in models
+            for n in found
             if pipeline.done_path(cfg, model_stage(n).name).is_file()
         },
         "tokenizer_hash": tokenizer_hash(run_tok_dir),

@@ -51,9 +51,10 @@ from stablekd.data_pipeline.soft_labels import (
     finalize_soft_labels,
 )
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
-from stablekd.launcher import engine, pipeline
+from stablekd.launcher import engine, models, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.monitor import Monitor
+from stablekd.model.build import pad_id
 from stablekd.model.sharded_teacher import ShardedTeacher
 from stablekd.model.tokenizer import tokenizer_hash
 from stablekd.objectives.lm import IGNORE_INDEX
@@ -90,6 +91,22 @@ def _rows(
         seen += ids.shape[0]
 
 
+# A top-k/top-p set keeping less of the teacher's mass than this leaves the student a biased tail (README,
+# soft-label encodings: on KJV prose top-8 kept 0.56 and its student was 136 % worse than full logits).
+LOW_MASS = 0.9
+
+
+def low_mass_warning(encoding: str, kept_mass: float) -> str | None:
+    """The line a run gets when its top-k/top-p labels keep too little of the teacher (None when they do not)."""
+    if encoding == "sampled" or kept_mass >= LOW_MASS:
+        return None
+    return (
+        f"[soft_labels] warning: the stored {encoding} entries keep {kept_mass:.3f} of the teacher's mass on "
+        f"average (< {LOW_MASS}): the student learns a biased tail; soft_labels.encoding=sampled is unbiased "
+        "at the same bytes per token"
+    )
+
+
 def _fidelity_path(out: Path, rank: int) -> Path:
     return out / f"fidelity.r{rank:03d}.json"
 
@@ -104,7 +121,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
     out, tok_dir, seq_len = (
         pipeline.stage_dir(cfg, "soft_labels"),
-        pipeline.tokenizer_dir(cfg),
+        models.tokenizer_dir(cfg),
         cfg.data.seq_len,
     )
     meta = config_meta(sl, teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, seq_len)
@@ -191,6 +208,8 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         + ("" if fid_all["kl"] is None else f", KL {fid_all['kl']:.4g} nats")
         + f" ({int(fid_all['tokens'])} positions)"
     )
+    if fid_all["tokens"] and (warning := low_mass_warning(sl.encoding, fid_all["topk_mass"])):
+        monitor.print(warning)
     monitor.close()
     return summary
 
@@ -228,7 +247,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         raise ConfigError("soft_labels.candidates: the corpus gave no context (documents of >= 2 tokens)")
     M, T = sl.candidates_per_context, sl.max_new_tokens
     meta = candidate_meta(
-        teacher.checkpoint_id, tokenizer_hash(pipeline.tokenizer_dir(cfg)), teacher.vocab_size, M, T,
+        teacher.checkpoint_id, tokenizer_hash(models.tokenizer_dir(cfg)), teacher.vocab_size, M, T,
         sl.sample_temperature, sl.top_p, max(len(c) for c, _ in contexts), gold=sl.include_gold,
     )  # fmt: skip
     writer = CandidateWriter(out, rank, meta, sl.records_per_shard, world_size=world)
@@ -244,7 +263,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
             continue
         ctx = [mine[j][0] for j in call]
         width = max(map(len, ctx))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(c)) + c for c in ctx])  # [b, W] left-padded
+        ids = torch.tensor([[pad_id(tok)] * (width - len(c)) + c for c in ctx])  # [b, W] left-padded
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(c) for c in ctx])[:, None]).long()
         # Seeded by the call's first context, not by the history: a resumed run whose calls start at the
         # same contexts (records_per_shard a multiple of contexts per call) draws the same samples.
@@ -300,7 +319,7 @@ def run(cfg: ExperimentConfig) -> ShardedTeacher:
         inputs = {
             "teacher_checkpoint": teacher.checkpoint_id,
             "teacher_config_hash": marker.get("config_hash"),
-            "tokenizer_hash": tokenizer_hash(pipeline.tokenizer_dir(cfg)),
+            "tokenizer_hash": tokenizer_hash(models.tokenizer_dir(cfg)),
             "train_files": [str(f) for f in pipeline.train_files(cfg)],
         }
         pipeline.write_done(cfg, "soft_labels", produced, inputs)

@@ -18,7 +18,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from stablekd.data_pipeline.sources import SourceStats
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import engine, pipeline
+from stablekd.launcher import engine, models, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
@@ -28,7 +28,7 @@ from stablekd.objectives.lm import lm_loss
 def preflight(cfg: ExperimentConfig) -> None:
     """A previous run to start from must have been trained as this one trains: same ZeRO stage and dtype
     (DeepSpeed lays out and names its checkpoint files by both)."""
-    init = pipeline.teacher_init_checkpoint(cfg)
+    init = models.teacher_init_checkpoint(cfg)
     if init is None:
         return
     theirs_path = init.parent.parent / "ds" / "teacher.json"
@@ -57,10 +57,10 @@ def run(cfg: ExperimentConfig) -> None:
     zero3 = zero_stage(ds) == 3
     # Alive while the model is built: transformers then constructs it inside deepspeed.zero.Init.
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841
-    tok_dir = pipeline.tokenizer_dir(cfg)
+    tok_dir = models.tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tok_dir)
     seq_len, micro = cfg.data.seq_len, ds["train_micro_batch_size_per_gpu"]
-    model = build_model(pipeline.teacher_source(cfg), tokenizer, seq_len, cfg.run.seed)
+    model = build_model(models.teacher_source(cfg), tokenizer, seq_len, cfg.run.seed)
     # Every rank reads the whole corpus (it keeps the global document index), so rank 0's counts suffice.
     stats = SourceStats()
     files = pipeline.train_files(cfg)
@@ -69,8 +69,8 @@ def run(cfg: ExperimentConfig) -> None:
         pipeline.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
     )
     stage = engine.Stage(
-        "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model.config, seq_len),
-        init_checkpoint=pipeline.teacher_init_checkpoint(cfg),
+        "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model, seq_len),
+        init_checkpoint=models.teacher_init_checkpoint(cfg),
     )  # fmt: skip
     result = engine.train(
         stage, cfg.teacher, ds, run_dir, pipeline.stage_hash(cfg, "teacher"), cfg.run.trace_samples

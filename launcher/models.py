@@ -1,0 +1,120 @@
+"""What a run's models and tokenizer are built from, and the checks that they fit together.
+
+One key per model (DESIGN §1): `teacher.model` / `student.model` is a preset or a local Hugging Face
+directory of any causal-LM architecture. A directory that holds its own tokenizer (`tokenizer.json` or
+`tokenizer.model`) brings it: the teacher's is then the run's tokenizer (unless `tokenizer.path` names
+another) and no SentencePiece is trained. `teacher.init_from` continues a previous stablekd run: its
+tokenizer, its model source and its ZeRO checkpoint.
+
+Vocabulary rule (objectives/distill.py states it for the losses): the run's ids are 0 .. len(tokenizer) − 1.
+A model may have more embedding rows (released checkpoints pad: Qwen2.5-7B has 152,064 rows for a
+tokenizer of 151,665); those rows are never stored, compared or counted. Two models can learn from each
+other when their tokenizers are the same by content (`model.tokenizer.tokenizer_hash`), whatever their
+row counts.
+
+Used by the driver (preparation, dry run), stage preflights and ranks; imports no stage and not the driver.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from stablekd.data_pipeline.files import read_marker
+from stablekd.launcher.config import ConfigError, ExperimentConfig, load_config
+from stablekd.launcher.stages import spec
+from stablekd.model.tokenizer import own_tokenizer, tokenizer_hash
+
+
+def previous_run(cfg: ExperimentConfig) -> ExperimentConfig | None:
+    """The config of the teacher run teacher.init_from names (a run directory: it has config.yaml), else None."""
+    src = cfg.teacher.init_from
+    if not (src and (Path(src) / "config.yaml").is_file()):
+        return None
+    return _run_config(str((Path(src) / "config.yaml").resolve()))
+
+
+@functools.cache
+def _run_config(path: str) -> ExperimentConfig:
+    # Parsed once per process: tokenizer_dir() and teacher_source() ask on every call, and a finished
+    # run's config.yaml does not change under a run that starts from it.
+    return load_config(path)
+
+
+def tokenizer_dir(cfg: ExperimentConfig) -> Path:
+    """The run's tokenizer: tokenizer.path; else the one the teacher learned with (a previous run's for
+    teacher.init_from, the teacher directory's own for teacher.model): a model continues with the ids it
+    learned; else the SentencePiece tokenizer this run trains (<run>/tokenizer)."""
+    if cfg.tokenizer.path:
+        return Path(cfg.tokenizer.path)
+    if (prev := previous_run(cfg)) is not None:
+        return Path(cfg.teacher.init_from) / "tokenizer" if trains_tokenizer(prev) else tokenizer_dir(prev)
+    return own_tokenizer(cfg.teacher.model) or cfg.run_dir / "tokenizer"
+
+
+def trains_tokenizer(cfg: ExperimentConfig) -> bool:
+    """Whether the run trains its own SentencePiece tokenizer (no tokenizer.path, nothing to inherit)."""
+    return tokenizer_dir(cfg) == cfg.run_dir / "tokenizer"
+
+
+def teacher_source(cfg: ExperimentConfig) -> str:
+    """What the teacher is built from (a preset's shapes, or a Hugging Face directory's shapes and weights):
+    for teacher.init_from, what that run built its teacher from (its weights then come from its ZeRO
+    checkpoint, `teacher_init_checkpoint`); else teacher.model."""
+    if (prev := previous_run(cfg)) is not None:
+        return teacher_source(prev)
+    return cfg.teacher.model
+
+
+def teacher_init_checkpoint(cfg: ExperimentConfig) -> Path | None:
+    """The ZeRO checkpoint directory of the previous teacher run teacher.init_from names, else None."""
+    if previous_run(cfg) is None:
+        return None
+    return Path(cfg.teacher.init_from) / spec("teacher").out_dir / "ckpt"
+
+
+def describe_tokenizer(path: Path) -> str:
+    """`path (N tokens, hash 0123abcd)` for messages that compare tokenizers."""
+    from stablekd.model.tokenizer import load_tokenizer  # transformers: only on this error path
+
+    return f"{path} ({len(load_tokenizer(path))} tokens, hash {tokenizer_hash(path)[:12]})"
+
+
+def check_models(cfg: ExperimentConfig) -> None:
+    """Before any work: teacher.init_from is a previous run, and a student directory that brings its own
+    tokenizer brings the run's (by content). Row counts are checked where the models are built."""
+    if src := cfg.teacher.init_from:
+        if not Path(src).is_dir():
+            raise ConfigError(
+                f"teacher.init_from: {src} is not a directory (expected a teacher run directory: config.yaml, "
+                "teacher/ckpt/)"
+            )
+        if previous_run(cfg) is None:
+            if (Path(src) / "config.json").is_file():
+                raise ConfigError(
+                    f"teacher.init_from: {src} is a Hugging Face model directory, not a stablekd run: set "
+                    f"teacher.model={src} (its weights and its tokenizer); teacher.init_from continues a run"
+                )
+            raise ConfigError(
+                f"teacher.init_from: {src} has no config.yaml (expected a teacher run directory: config.yaml, "
+                "teacher/ckpt/)"
+            )
+        if read_marker(Path(src) / "teacher" / "ckpt") is None:
+            raise ConfigError(f"teacher.init_from: {src}/teacher/ckpt has no complete checkpoint")
+    student = own_tokenizer(cfg.student.model)
+    if student is None:
+        return  # a preset, or a directory without a tokenizer: it is built with the run's
+    run_tok = tokenizer_dir(cfg)
+    if trains_tokenizer(cfg):
+        raise ConfigError(
+            f"student.model {cfg.student.model} brings its own tokenizer but this run trains a SentencePiece "
+            "one for a preset teacher: give the teacher a model directory with that tokenizer "
+            "(teacher.model) or name it in tokenizer.path"
+        )
+    if tokenizer_hash(student) != tokenizer_hash(run_tok):
+        raise ConfigError(
+            f"student.model: its tokenizer {describe_tokenizer(student)} is not the run's tokenizer "
+            f"{describe_tokenizer(run_tok)}: a student learns from the soft labels with the teacher's "
+            "tokenizer (the same tokenizer with another padded vocabulary size is fine); distilling "
+            "across tokenizers is not supported yet"
+        )
