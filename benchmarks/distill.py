@@ -44,6 +44,7 @@ benchmarks/results/distill.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import operator
@@ -160,17 +161,18 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
     micro, d = ds["train_micro_batch_size_per_gpu"], cfg.distill
     evals = eval_batches(pipeline.eval_files(cfg), tok_dir, L, micro, d.eval_batches, 0, 1)
     fpt = flops_per_token(student, L)
+    lm = functools.partial(lm_loss, vocab=len(tokenizer))  # padded embedding rows cut, as the stages do
     if kind == "ce":
         stream = PackedStream(
             pipeline.train_files(cfg), tok_dir, L, micro, 0, 1, cfg.data.num_workers, loop=True
         )
-        stage = engine.Stage("distill", student, StreamLoader(stream), lm_loss, evals, fpt)
+        stage = engine.Stage("distill", student, StreamLoader(stream), lm, evals, fpt)
     else:
         batches = pipeline.open_soft_labels(cfg, 0, 1, micro, teacher)
         stage = engine.Stage(
-            "distill", student, batches, soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha),
-            evals, fpt, weights=soft_label_weights(d.alpha), count=soft_label_counts,
-            eval_loss=lm_loss,
+            "distill", student, batches,
+            soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab=len(tokenizer)),
+            evals, fpt, weights=soft_label_weights(d.alpha), count=soft_label_counts, eval_loss=lm,
         )  # fmt: skip
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     result = engine.train(stage, d, ds, cfg.run_dir, "bench")
@@ -221,7 +223,7 @@ def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str
                 held, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
             )
             if batches:  # a user corpus's held-out share may hold no document
-                m["ppl"], _, m["ece"] = report.perplexity(model, batches)
+                m["ppl"], _, m["ece"] = report.perplexity(model, batches, len(tok))
         if people:
             m.update(probe(gen, people, [], ecfg).metrics)  # trained people only: what the goals are about
         m["gen_tokens_per_s"] = report.generation_speed(gen, speed_prompts, ecfg.max_new_tokens)

@@ -61,7 +61,7 @@ from stablekd.data_pipeline.stream import PackedStream  # noqa: E402
 from stablekd.launcher import engine, models, pipeline  # noqa: E402
 from stablekd.launcher.config import load_config, save_config  # noqa: E402
 from stablekd.model.build import export_hf  # noqa: E402
-from stablekd.model.tokenizer import tokenizer_hash  # noqa: E402
+from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL_BYTES = 32
@@ -95,7 +95,10 @@ def teacher_logits(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     ids, labels = torch.cat(ids)[:n], torch.cat(labels)[:n]
     t0 = time.perf_counter()
     with torch.no_grad():
-        logits = torch.cat([model(input_ids=ids[i : i + 8]).logits.float() for i in range(0, n, 8)])
+        vocab = len(load_tokenizer(models.tokenizer_dir(cfg)))  # padded embedding rows cut, as the stage does
+        logits = torch.cat(
+            [model(input_ids=ids[i : i + 8]).logits[..., :vocab].float() for i in range(0, n, 8)]
+        )
     return ids, labels, logits, ids.numel() / (time.perf_counter() - t0)
 
 

@@ -61,7 +61,7 @@ def one_process(
     model = build_model(models.teacher_source(cfg), load_tokenizer(tok_dir), L, cfg.run.seed)
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=read_marker(ckpt)["tag"]))
     model = model.to(dtype).eval()
-    V = model.config.vocab_size
+    V = len(load_tokenizer(tok_dir))  # the run's ids: padded embedding rows are cut, as the stage does
     meta = config_meta(sl, "bench", tokenizer_hash(tok_dir), V, L)  # the encoding the stage writes
     stream = PackedStream(pipeline.train_files(cfg), tok_dir, L, sl.micro_batch_size, loop=False)
     batches = []  # tokenized up front: the stage's ranks tokenize while they label, a small share
@@ -78,7 +78,7 @@ def one_process(
         t0 = time.perf_counter()
         for ids in batches:  # [b, L]
             with torch.no_grad():
-                logits = model(input_ids=ids, use_cache=False).logits  # [b, L, V]
+                logits = model(input_ids=ids, use_cache=False).logits[..., :V]  # [b, L, V]: padded rows cut
             if budget > 0:  # the stage's fidelity sample, so both sides do the same work
                 take = min(budget, -(-ids.numel() // FIDELITY_RATE))
                 pos = torch.randperm(ids.numel(), generator=gen)[:take]

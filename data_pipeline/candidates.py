@@ -3,7 +3,7 @@
 Same shard/manifest mechanics as the soft labels (shards.py), kind "candidates". One record = one group,
 G = m + (1 if meta["gold"] else 0) rows:
 
-    context_ids  int32 [ctx_len]          LEFT-padded with pad id 0 (model/tokenizer.py: pad=0): the real
+    context_ids  int32 [ctx_len]          LEFT-padded with id 0 (any id: padding is masked): the real
                                           context is context_ids[ctx_len - context_len:], so it always
                                           ends where the continuation starts (as for batched generate)
     context_len  int32 []                 1 <= context_len <= ctx_len

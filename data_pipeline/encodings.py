@@ -326,7 +326,13 @@ def fidelity(logits: torch.Tensor, meta: dict) -> dict[str, float | None]:
     without defining a distribution); "tokens" the rows. Merge results with `merge_fidelity`.
     """
     V = logits.shape[-1]
-    rows = logits.reshape(-1, V).float()
+    # In chunks of positions: the measure holds several dense float32 [n, V] tensors at once.
+    return merge_fidelity(_fidelity(x, meta) for x in logits.reshape(-1, V).split(chunk_rows(V) // 4 or 1))
+
+
+def _fidelity(rows: torch.Tensor, meta: dict) -> dict[str, float | None]:
+    V = rows.shape[-1]
+    rows = rows.float()
     n = rows.shape[0]
     if n == 0:
         return merge_fidelity([])

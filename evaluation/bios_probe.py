@@ -28,7 +28,7 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.bios import ATTRIBUTES, Person
 from stablekd.evaluation import metrics
 from stablekd.launcher.config import EvaluateConfig
-from stablekd.model.build import pad_id, padded_ids
+from stablekd.model.build import generation_config, pad_id
 
 # The longest value of the corpus is 6 tokens with the quickstart tokenizer (" Georgia Institute of
 # Technology." and dates such as " September 30, 1987."); 12 leaves room for a larger vocabulary's
@@ -82,7 +82,6 @@ class HFGenerator:
         self.device = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
         self.pad = pad_id(tokenizer)
-        self.padded = padded_ids(model, tokenizer) or None  # never generated
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -113,16 +112,12 @@ class HFGenerator:
                 seqs = self.model.generate(
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
-                    do_sample=not greedy,
-                    num_return_sequences=n,
-                    max_new_tokens=max_new_tokens,
-                    min_new_tokens=min_new_tokens,
-                    pad_token_id=self.pad,
-                    eos_token_id=self.eos,
                     synced_gpus=self.synced_gpus,
-                    suppress_tokens=self.padded,
-                    **sampling,
-                )  # (b * n, width + new), rows prompt-major: prompt 0's n samples first
+                    generation_config=generation_config(
+                        self.model, self.tokenizer, do_sample=not greedy, num_return_sequences=n,
+                        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **sampling,
+                    ),
+                )  # fmt: skip  # (b * n, width + new), rows prompt-major: prompt 0's n samples first
             new = seqs[:, width:].tolist()
             for i in range(len(chunk)):
                 out.append([_cut_at(new[i * n + j], self.eos) for j in range(n)])

@@ -40,7 +40,7 @@ from stablekd.evaluation import metrics
 from stablekd.evaluation.bios_probe import HFGenerator, TextGenerator
 from stablekd.launcher.config import EvaluateConfig
 from stablekd.model.tokenizer import encode
-from stablekd.objectives.lm import IGNORE_INDEX, nll_sum, shifted_labels
+from stablekd.objectives.lm import IGNORE_INDEX, chunk_rows, nll_sum, shifted_labels
 
 PPL_MICRO_BATCH = 8  # sequences per perplexity forward: 8 × seq_len tokens
 SPEED_BATCH = 8  # prompts in the fixed tokens/s batch
@@ -105,11 +105,24 @@ def perplexity(
         total, count = total + loss.item(), count + int(n)
         target = shifted_labels(labels)  # (B, T): the token each position predicts, -100 = not counted
         keep = target != IGNORE_INDEX
-        conf, pred = logits[keep].float().softmax(-1).max(-1)  # (N,) each
+        conf, pred = _top1(logits.reshape(-1, logits.shape[-1]))  # (B*T,) each
+        conf, pred = conf[keep.flatten()], pred[keep.flatten()]  # (N,) each
         b = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1).cpu()
         for row, values in enumerate((torch.ones_like(conf), conf, (pred == target[keep]).float())):
             bins[row].index_add_(0, b, values.double().cpu())
     return metrics.perplexity(total, count), count, metrics.calibration_error(*bins.tolist())
+
+
+def _top1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of logits (n, V) -> (probability of the argmax = exp(max − logsumexp), argmax), chunk by chunk:
+    no float32 softmax of the whole batch at a large vocabulary."""
+    conf, pred = [], []
+    for chunk in x.split(chunk_rows(x.shape[-1])):
+        chunk = chunk.float()
+        top, arg = chunk.max(-1)
+        conf.append((top - chunk.logsumexp(-1)).exp())
+        pred.append(arg)
+    return torch.cat(conf), torch.cat(pred)
 
 
 # --- degeneration --------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import DataError
-from stablekd.launcher import pipeline, placement
+from stablekd.launcher import models, pipeline, placement
 from stablekd.launcher.config import ConfigError, ExperimentConfig, describe, load_config
 from stablekd.launcher.stages import NAMES, REGISTRY
 from stablekd.launcher.status import format_status, report_table, run_status
@@ -107,9 +107,12 @@ def _estimate(cfg, stage: str) -> None:
 
     from stablekd.ds_configs.resolve import estimate
     from stablekd.model.build import model_config
+    from stablekd.model.tokenizer import load_tokenizer
 
-    name = cfg.teacher.model if stage == "teacher" else cfg.student.model  # later stages train the student
-    vocab = cfg.tokenizer.vocab_size
+    # later stages train the student; a teacher continued from a run has that run's shapes
+    name = models.teacher_source(cfg) if stage == "teacher" else cfg.student.model
+    tok_dir = models.tokenizer_dir(cfg)
+    vocab = len(load_tokenizer(tok_dir)) if tok_dir.is_dir() else cfg.tokenizer.vocab_size
 
     class _Vocab:  # the model's shape needs only the vocabulary size and special ids
         pad_token_id, bos_token_id, eos_token_id = 0, 2, 3

@@ -519,7 +519,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         # With a tokenizer trained here its size is known now (an existing one is checked by the stage).
-        if not self.tokenizer.path and self.soft_labels.k > self.tokenizer.vocab_size:
+        trained = not (self.tokenizer.path or self.teacher.init_from or Path(self.teacher.model).is_dir())
+        if trained and self.soft_labels.k > self.tokenizer.vocab_size:
             raise ConfigError(
                 f"soft_labels.k: expected at most tokenizer.vocab_size ({self.tokenizer.vocab_size}) ids per "
                 f"token, got {self.soft_labels.k}"

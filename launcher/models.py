@@ -101,6 +101,30 @@ def check_models(cfg: ExperimentConfig) -> None:
             )
         if read_marker(Path(src) / "teacher" / "ckpt") is None:
             raise ConfigError(f"teacher.init_from: {src}/teacher/ckpt has no complete checkpoint")
+    teacher = Path(cfg.teacher.model)
+    if not cfg.teacher.init_from and teacher.is_dir():
+        own = own_tokenizer(teacher)
+        if own is None and not cfg.tokenizer.path:
+            raise ConfigError(
+                f"teacher.model {teacher}: no tokenizer.json or tokenizer.model in it; its embeddings belong "
+                "to the tokenizer it was trained with: save that one there "
+                "(AutoTokenizer.from_pretrained(<its source>).save_pretrained(dir) writes tokenizer.json, also "
+                "from vocab.json + merges.txt) or name it in tokenizer.path"
+            )
+        if (
+            own is not None
+            and cfg.tokenizer.path
+            and tokenizer_hash(own) != tokenizer_hash(cfg.tokenizer.path)
+        ):
+            raise ConfigError(
+                f"tokenizer.path: {describe_tokenizer(Path(cfg.tokenizer.path))} is not the tokenizer of "
+                f"teacher.model {describe_tokenizer(own)}, whose embeddings are indexed by its ids"
+            )
+    if previous_run(cfg) is not None and not tokenizer_dir(cfg).is_dir():
+        raise ConfigError(
+            f"teacher.init_from: {cfg.teacher.init_from} trained with the tokenizer {tokenizer_dir(cfg)}, which "
+            "is gone (a teacher.model directory moved?)"
+        )
     student = own_tokenizer(cfg.student.model)
     if student is None:
         return  # a preset, or a directory without a tokenizer: it is built with the run's

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from stablekd.model.presets import preset
 
@@ -36,9 +44,9 @@ def build_model(
     """A fresh model from a preset name, or the weights of a local Hugging Face directory."""
     if Path(name_or_dir).is_dir():
         model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
-        if model.config.vocab_size < len(tokenizer):
+        if rows(model.config) < len(tokenizer):
             raise ValueError(
-                f"{name_or_dir}: model vocab_size {model.config.vocab_size} < tokenizer size {len(tokenizer)}"
+                f"{name_or_dir}: {rows(model.config)} embedding rows < tokenizer size {len(tokenizer)}"
             )
         return model
     model = AutoModelForCausalLM.from_config(
@@ -72,6 +80,12 @@ def init_weights(model: PreTrainedModel, seed: int) -> None:
                     p.copy_(w.to(p.dtype))
 
 
+def rows(config: PretrainedConfig) -> int:
+    """Embedding rows of a model config (its text config's vocab_size: a multimodal checkpoint such as
+    Gemma 3 keeps the language model's fields there)."""
+    return config.get_text_config().vocab_size
+
+
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id that fills left-padding of generation prompts: the tokenizer's pad token, else its EOS (GPT-2,
     Llama 3 and many byte-level tokenizers have no pad token; masked positions never count)."""
@@ -80,7 +94,21 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def padded_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Embedding rows past the tokenizer (a padded vocabulary): ids no text has, never generated or counted."""
-    return list(range(len(tokenizer), model.config.vocab_size))
+    return list(range(len(tokenizer), rows(model.config)))
+
+
+def generation_config(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **settings: Any
+) -> GenerationConfig:
+    """The whole decoding set-up of a generate call: the run's `settings`, the tokenizer's pad and EOS, no
+    padded row, and nothing from the model directory's generation_config.json (a release's
+    repetition_penalty or top_k would decode that model unlike the others in the report)."""
+    return GenerationConfig(
+        pad_token_id=pad_id(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        suppress_tokens=padded_ids(model, tokenizer) or None,
+        **settings,
+    )
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -94,14 +122,15 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     N counts the weight matrices a token's activations are multiplied by: every parameter of two or more
     dimensions except the embedding tables (a lookup: token and learned position embeddings), plus the
     output embedding once when it is tied to the input one (GPT-2: the LM head is that table). L and H are
-    the config's own num_hidden_layers and hidden_size (transformers maps GPT-2's n_layer / n_embd onto them).
+    the (text) config's own num_hidden_layers and hidden_size (transformers maps GPT-2's n_layer / n_embd
+    onto them). A mixture of experts counts every expert, so its MFU reads high by experts / active ones.
     """
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     n = sum(_numel(p) for p in model.parameters() if len(_shape(p)) >= 2 and id(p) not in tables)
     head = model.get_output_embeddings()
     if head is not None and id(head.weight) in tables:
         n += _numel(head.weight)
-    c = model.config
+    c = model.config.get_text_config()
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len
 
 

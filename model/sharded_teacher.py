@@ -43,7 +43,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from stablekd.data_pipeline.files import read_marker
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher.config import ConfigError
-from stablekd.model.build import build_model, pad_id, padded_ids
+from stablekd.model.build import build_model, generation_config
 from stablekd.model.tokenizer import load_tokenizer
 
 UNIVERSAL_SUFFIX = "_universal"
@@ -175,10 +175,7 @@ class ShardedTeacher:
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 synced_gpus=synced,
-                pad_token_id=pad_id(self.tokenizer),
-                eos_token_id=self.tokenizer.eos_token_id,
-                suppress_tokens=padded_ids(self.engine.module, self.tokenizer) or None,
-                **kwargs,
+                generation_config=generation_config(self.engine.module, self.tokenizer, **kwargs),
             )
 
     def idle_generate(self) -> None:
@@ -268,7 +265,7 @@ def load_initial_weights(engine: Any, ckpt_dir: Path) -> dict:
         raise ConfigError(
             f"{ckpt_dir / marker['tag']} holds the ZeRO shards of {marker['world_size']} ranks but this job has "
             f"{world}: run with {marker['world_size']} ranks, or start from the exported model "
-            f"(teacher.init_from={ckpt_dir.parent / 'hf'}), which loads at any world size"
+            f"(teacher.model={ckpt_dir.parent / 'hf'}), which loads at any world size"
         )
     groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     before = local_digest(engine.module)

@@ -35,11 +35,13 @@ DESIGN §5, conventions stated once here:
 - Reduction. ``kd_sum`` and ``agreement_sums`` return *sums* and token counts, because the training loop
   divides by the token count of the whole global batch (all ranks × micro-batches); ``distill_loss`` is
   the mean over the tokens of one call.
-- Memory. Only counted rows are gathered, then processed ``chunk_tokens`` rows at a time. A chunk of at
-  least ``CHECKPOINT_ELEMENTS`` float32 values (n × V) runs under non-reentrant activation checkpointing,
-  so with a 128k vocabulary only one chunk's float32 temporaries are alive in forward and in backward;
-  smaller chunks keep theirs (a few MB), since recomputing them in backward would cost a second
-  log-softmax per step for no memory worth saving.
+- Memory. Rows (token positions) are processed ``chunk_rows(V)`` at a time (objectives/lm.py: ~64 MiB
+  of float32 per chunk at any V), as views of the logits: uncounted rows are weighted 0, not gathered
+  out, since a gather would copy the logits. Forward KL on top-k labels and sampled labels have their
+  gradients written out and keep nothing of size (n, V) but the logits they were given. The traced
+  divergences keep each chunk's temporaries unless the batch holds at least ``CHECKPOINT_ELEMENTS``
+  values; then every chunk runs under non-reentrant activation checkpointing, so with a 128k vocabulary
+  only one chunk's float32 temporaries are alive in forward and in backward.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ from stablekd.objectives.lm import (
     Loss,
     chunk_rows,
     compute_dtype,
+    exp_shifted,
+    live_chunks,
     nll_sum,
+    scaled,
     shifted_labels,
     weighted_nll_sum,
 )
@@ -257,43 +262,77 @@ def _teacher_topk_bins(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.cat([logprobs, tail], dim=-1)
 
 
-class _TopkForwardKL(torch.autograd.Function):
-    """Σ_rows KL(p ‖ q) on the k + 1 bins, from the student's scaled logits u (n, V): the same value as
-    ``_kl(lp, _student_topk_bins(log_softmax(u), ids))``, with the gradient written out instead of traced
-    through log_softmax, gather, scatter and logsumexp (at vocabulary 2,000 and 1,024 tokens: 8.4 ms
-    forward and backward instead of 14.9, in a ~90 ms student step).
+# The student's tail log-mass comes from log(1 − Σ_K q) while that stays above this; below it the
+# subtraction would cancel, and the row's tail is a logsumexp over the ids off K instead.
+_EXACT_TAIL = 1e-2
 
-    With q = softmax(u), K the row's real ids and P the teacher's mass on the live bins (a bin is dead, and
-    contributes 0, where either side has zero probability): ∂/∂u_i = q_i·P − p_i for i ∈ K, and
-    q_i·P − p_tail·q_i/q_tail off K, where q_i/q_tail = exp(u_i − logsumexp of u off K) ≤ 1: no ratio
-    p_tail/q_tail that overflows or cancels for a student sure of its top-k. Rows where `counted` (n,) is
-    False count 0. Kept for backward: u (the input: a view of the logits when they are float32 at T = 1)
-    and (n, k + 1) values; backward recomputes q, so no (n, V) temporary outlives forward.
+
+class _TopkForwardKL(torch.autograd.Function):
+    """Σ over counted rows of KL(p ‖ q) on the k + 1 bins, from the student's logits x (N, V) at
+    temperature T: the same value as ``_kl(lp, _student_topk_bins(log_softmax(x / T), ids))``, chunk by
+    chunk, with the gradient written out instead of traced through log_softmax, gather, scatter and
+    logsumexp.
+
+    With q = softmax(u), u = x / T, K the row's real ids and P the teacher's mass on the live bins (a bin
+    is dead, and contributes 0, where either side has zero probability): ∂/∂u_i = q_i·P − p_i for i ∈ K,
+    and q_i·P − p_tail·q_i/q_tail off K, = e^{u_i − ℓ_tail}·(P·q_tail − p_tail) with ℓ_tail the log-sum
+    of e^u off K, so e^{u_i − ℓ_tail} ≤ 1 and no ratio p_tail/q_tail overflows for a student sure of its
+    top-k. Per chunk: forward one logsumexp pass (plus an exact tail for the rows where 1 − Σ_K q
+    < _EXACT_TAIL would cancel), backward three passes written into the gradient buffer, K overwritten
+    after. Kept for backward: x itself (no copy) and (N, k + 1) values. Rows where `counted` is False
+    count 0 and get no gradient.
     """
 
     @staticmethod
-    def forward(
-        ctx, u: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, counted: torch.Tensor
-    ) -> torch.Tensor:
-        real = _entries(ids)
-        top = u.gather(-1, ids).masked_fill(~real, _NEG_INF)  # (n, k); padding: absent
-        tail = u.scatter(-1, ids, _NEG_INF).logsumexp(-1, keepdim=True)  # (n, 1): no cancellation
-        lse = torch.logaddexp(top.logsumexp(-1, keepdim=True), tail)  # the one (n, V) pass is the tail's
-        lq = torch.cat([top, tail], dim=-1) - lse
-        ctx.save_for_backward(u, ids, real, lp, lq, lse, tail, counted)
+    def forward(ctx, x, ids, lp, counted, temperature: float, rows: int) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        real = _entries(ids)  # (N, k)
+        n = x.shape[0]
+        lse = torch.zeros(n, dtype=dtype, device=x.device)
+        tail = torch.full((n,), _NEG_INF, dtype=dtype, device=x.device)
+        top = torch.full(ids.shape, _NEG_INF, dtype=dtype, device=x.device)
+        alive = live_chunks(counted, rows)
+        for c, s in enumerate(range(0, n, rows)):
+            if not alive[c]:
+                continue
+            u = scaled(x[s : s + rows], dtype, temperature)  # (rows, V)
+            i = ids[s : s + rows]
+            lse_c = u.logsumexp(-1)  # (rows,)
+            top_c = u.gather(-1, i).masked_fill(~real[s : s + rows], _NEG_INF)  # (rows, k)
+            rest = 1.0 - (top_c - lse_c[:, None]).exp().sum(-1)  # q's mass off K
+            tail_c = lse_c + rest.clamp_min(torch.finfo(dtype).tiny).log()
+            exact = (rest < _EXACT_TAIL).nonzero().squeeze(1)
+            if exact.numel():  # no cancellation: the log-sum over the ids off K itself
+                tail_c[exact] = u[exact].scatter(-1, i[exact], _NEG_INF).logsumexp(-1)
+            lse[s : s + rows], tail[s : s + rows], top[s : s + rows] = lse_c, tail_c, top_c
+        lq = torch.cat([top, tail[:, None]], dim=-1) - lse[:, None]  # (N, k + 1)
+        ctx.save_for_backward(x, ids, real, lp, lq, lse, tail, counted)
+        ctx.temperature, ctx.rows, ctx.alive = temperature, rows, alive
         return _kl(lp, lq).masked_fill(~counted, 0.0).sum()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        u, ids, real, lp, lq, lse, tail, counted = ctx.saved_tensors
-        live = ~(torch.isneginf(lp) | torch.isneginf(lq))  # (n, k + 1)
+    def backward(ctx, grad: torch.Tensor):
+        x, ids, real, lp, lq, lse, tail, counted = ctx.saved_tensors
+        T, rows = ctx.temperature, ctx.rows
+        live = ~(torch.isneginf(lp) | torch.isneginf(lq))  # (N, k + 1)
         p = lp.exp().masked_fill(~live, 0.0)
-        g = (u - lse).exp_().mul_(p.sum(-1, keepdim=True))  # q·P
-        # p_tail · q_i / q_tail off K; a row without live tail subtracts 0 (its shift 0 keeps exp finite there)
-        off = (u - tail.masked_fill(~live[:, -1:], 0.0)).exp_().scatter_(-1, ids, 0.0)
-        g.addcmul_(off, p[:, -1:], value=-1.0)
-        g.scatter_add_(-1, ids, -p[:, :-1].masked_fill(~real, 0.0))
-        return g.mul_(counted[:, None].to(g.dtype) * grad), None, None, None
+        P = p.sum(-1)  # (N,)
+        scale = (grad / T) * counted.to(P.dtype)  # (N,): ∂/∂x = ∂/∂u / T
+        # Off K: e^{u − shift}·coef; a row without a tail (k = V, or q_tail underflowed) has no live tail bin
+        # and no mass off K worth a gradient: shift by lse there, where e^{u − lse} = q stays finite.
+        has_tail = torch.isfinite(tail)
+        shift = torch.where(has_tail, tail, lse)
+        coef = torch.where(has_tail, P * (tail - lse).exp() - p[:, -1], P) * scale  # (N,)
+        on_k = (lq[:, :-1].exp() * P[:, None] - p[:, :-1]) * scale[:, None]  # (N, k)
+        on_k = torch.where(real, on_k, on_k[:, :1])  # padding repeats the first id: write its value again
+        g = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        for c, s in enumerate(range(0, x.shape[0], rows)):
+            if not ctx.alive[c]:
+                continue
+            gs = exp_shifted(x[s : s + rows], shift[s : s + rows], T, g[s : s + rows])
+            gs.mul_(coef[s : s + rows, None].to(gs.dtype))
+            gs.scatter_(-1, ids[s : s + rows], on_k[s : s + rows].to(gs.dtype))
+        return g, None, None, None, None, None
 
 
 def _chunk_kd_sum(
@@ -320,8 +359,6 @@ def _chunk_kd_sum(
     else:
         ids = ids.long()
         lp = _teacher_topk_bins(t)  # (n, k+1)
-        if kind == "fkl" and not lp.requires_grad:  # written-out gradient: the student's only
-            return _TopkForwardKL.apply(s, ids, lp, live) * temperature**2
         lq = _student_topk_bins(F.log_softmax(s, dim=-1), ids)  # (n, k+1)
         per_row = _divergence(lp, lq, kind, beta, skew)
     return per_row.masked_fill(~live, 0.0).sum() * temperature**2
@@ -363,8 +400,8 @@ def kd_sum(
         chunk_tokens: rows (token positions) per chunk; None = `chunk_rows(V)` (objectives/lm.py), so a
             chunk's float32 temporaries stay near 64 MiB at any vocabulary. With grad enabled and a batch
             of at least CHECKPOINT_ELEMENTS values, a chunk runs under activation checkpointing (its
-            temporaries freed in forward, recomputed in backward), except forward KL on top-k labels,
-            whose written-out gradient keeps none.
+            temporaries freed in forward, recomputed in backward), except forward KL on top-k labels
+            and sampled labels, whose written-out gradients keep none.
 
     Returns:
         (loss_sum, tokens): loss_sum a float32 scalar (float64 for float64 logits) connected to the
@@ -382,9 +419,13 @@ def kd_sum(
     # chunks' gradients in one cat, not one full-size buffer each.
     flat = student_logits.reshape(B * T, V)
     if isinstance(teacher, SampledLabels):  # −Σ w log q: a weighted cross-entropy (objectives/lm.py)
-        w = teacher.weights.reshape(B * T, -1).to(compute_dtype(flat)) * live[:, None]
+        w = teacher.weights.reshape(B * T, -1).to(compute_dtype(flat)).masked_fill(~live[:, None], 0.0)
         ids = teacher.ids.reshape(B * T, -1)
         return weighted_nll_sum(flat, ids, w, temperature, rows) * temperature**2, tokens
+    if topk and kind == "fkl" and not teacher[1].requires_grad:  # the gradient written out, for the student
+        lp = _teacher_topk_bins(teacher[1].reshape(B * T, -1).to(compute_dtype(flat)))  # (B*T, k + 1)
+        ids = teacher[0].reshape(B * T, -1).long()
+        return _TopkForwardKL.apply(flat, ids, lp, live, temperature, rows) * temperature**2, tokens
     if topk:
         ids_chunks = teacher[0].reshape(B * T, -1).split(rows)  # (B*T, k)
         teacher_flat = teacher[1].reshape(B * T, -1)  # (B*T, k)
@@ -392,15 +433,19 @@ def kd_sum(
         ids_chunks, teacher_flat = itertools.repeat(None), teacher.reshape(B * T, V)
     fn = functools.partial(_chunk_kd_sum, kind=kind, temperature=temperature, beta=beta, skew=skew)
     grad = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_flat.requires_grad)
-    # Written-out forward KL keeps only views and (n, k + 1) values; every other path keeps its chunk's
-    # (n, V) temporaries for backward unless recomputed there, which pays once the batch is large.
-    light = topk and kind == "fkl" and flat.dtype == compute_dtype(flat) and temperature == 1
-    recompute = grad and not light and flat.numel() >= CHECKPOINT_ELEMENTS
+    # The traced divergences keep their chunk's (n, V) temporaries for backward unless recomputed there,
+    # which pays once the batch is large.
+    recompute = grad and flat.numel() >= CHECKPOINT_ELEMENTS
     parts = []
-    for s_chunk, t_chunk, i_chunk, l_chunk in zip(
-        flat.split(rows), teacher_flat.split(rows), ids_chunks, live.split(rows), strict=False
+    for alive, s_chunk, t_chunk, i_chunk, l_chunk in zip(
+        live_chunks(live, rows),
+        flat.split(rows),
+        teacher_flat.split(rows),
+        ids_chunks,
+        live.split(rows),
+        strict=False,
     ):
-        if not l_chunk.any():
+        if not alive:
             continue
         if recompute:  # no RNG inside, so skip saving/restoring it
             part = checkpoint(

@@ -34,12 +34,39 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def live_chunks(rows_alive: torch.Tensor, rows: int) -> list[bool]:
+    """Per chunk of `rows` rows, whether any of its rows is alive: one host sync for the whole batch, not
+    one per chunk (at a 152k vocabulary a batch of 16k tokens is ~150 chunks)."""
+    n = rows_alive.shape[0]
+    chunks = -(-n // rows)
+    padded = F.pad(rows_alive.bool(), (0, chunks * rows - n))
+    return padded.view(chunks, rows).any(1).tolist()
+
+
+def scaled(x: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """x / T in `dtype`: x itself (no copy) when it already is `dtype` and T = 1."""
+    x = x.to(dtype)
+    return x if temperature == 1 else x / temperature
+
+
+def exp_shifted(x: torch.Tensor, shift: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """out = exp(x / T − shift[:, None]) for rows x (n, V), in out's dtype when it is the compute dtype (no
+    temporary), else through one float32 temporary copied into out."""
+    dtype = shift.dtype
+    work = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype, device=out.device)
+    torch.sub(scaled(x, dtype, temperature), shift[:, None], out=work)
+    work.exp_()
+    if work is not out:
+        out.copy_(work)
+    return out
+
+
 class _RowNLL(torch.autograd.Function):
     """Per row r of x (n, V): Σ_j w_rj · −log softmax(x_r / T)[ids_rj], computed chunk by chunk.
 
-    Gradient written out: ∂/∂x_r = g_r · (W_r · softmax(x_r / T) − Σ_j w_rj·e_{ids_rj}) / T, W_r = Σ_j w_rj.
-    Kept for backward: x itself (the caller's logits, not a copy) and one log-normaliser per row; forward
-    and backward each hold one chunk's float32 (rows, V) temporary, so at a 152k vocabulary the loss adds
+    Gradient written out: ∂/∂x_r = g_r · (W_r · softmax(x_r / T) − Σ_j w_rj·e_{ids_rj}) / T, W_r = Σ_j w_rj,
+    three passes over each chunk, written straight into the gradient buffer. Kept for backward: x itself
+    (the caller's logits, not a copy) and one log-normaliser per row; so at a 152k vocabulary the loss adds
     no (n, V) buffer but its gradient, like a fused cross-entropy. A chunk whose weights are all 0 is
     skipped (its rows give 0 and no gradient).
     """
@@ -49,15 +76,18 @@ class _RowNLL(torch.autograd.Function):
         dtype = compute_dtype(x)
         lse = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
         out = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
-        for s in range(0, x.shape[0], rows):
-            ws = w[s : s + rows]
-            if not ws.any():
+        alive = live_chunks((w != 0).any(-1), rows)
+        for c, s in enumerate(range(0, x.shape[0], rows)):
+            if not alive[c]:
                 continue
-            u = x[s : s + rows].to(dtype) / temperature  # (rows, V): the chunk's one temporary
+            ws = w[s : s + rows]
+            u = scaled(x[s : s + rows], dtype, temperature)  # (rows, V): a copy only for bf16 or T != 1
             lse[s : s + rows] = u.logsumexp(-1)
-            out[s : s + rows] = (ws * (lse[s : s + rows, None] - u.gather(-1, ids[s : s + rows]))).sum(-1)
+            nll = lse[s : s + rows, None] - u.gather(-1, ids[s : s + rows])  # (rows, N)
+            # where, not a product: a weight-0 entry at a −inf logit is 0, not 0·inf = NaN
+            out[s : s + rows] = torch.where(ws != 0, ws * nll, 0.0).sum(-1)
         ctx.save_for_backward(x, ids, w, lse)
-        ctx.temperature, ctx.rows = temperature, rows
+        ctx.temperature, ctx.rows, ctx.alive = temperature, rows, alive
         return out
 
     @staticmethod
@@ -65,13 +95,14 @@ class _RowNLL(torch.autograd.Function):
         x, ids, w, lse = ctx.saved_tensors
         T, rows = ctx.temperature, ctx.rows
         g = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        for s in range(0, x.shape[0], rows):
-            ws = w[s : s + rows]
-            if not ws.any():
+        scale = grad / T  # (n,)
+        for c, s in enumerate(range(0, x.shape[0], rows)):
+            if not ctx.alive[c]:
                 continue
-            q = (x[s : s + rows].to(lse.dtype) / T - lse[s : s + rows, None]).exp_()  # softmax(x / T)
-            q.mul_(ws.sum(-1, keepdim=True)).scatter_add_(-1, ids[s : s + rows], -ws)
-            g[s : s + rows] = q.mul_(grad[s : s + rows, None] / T)
+            ws = w[s : s + rows]
+            gs = exp_shifted(x[s : s + rows], lse[s : s + rows], T, g[s : s + rows])  # softmax(x / T)
+            gs.mul_((ws.sum(-1) * scale[s : s + rows])[:, None].to(gs.dtype))
+            gs.scatter_add_(-1, ids[s : s + rows], (-ws * scale[s : s + rows, None]).to(gs.dtype))
         return g, None, None, None, None
 
 
@@ -131,7 +162,9 @@ def lm_counts(batch: dict) -> dict[str, int]:
     return {"lm": n}
 
 
-def lm_loss(model: torch.nn.Module, batch: dict) -> Loss:
-    """Next-token cross-entropy: the teacher's loss (term "lm")."""
-    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+def lm_loss(model: torch.nn.Module, batch: dict, vocab: int | None = None) -> Loss:
+    """Next-token cross-entropy (term "lm"): the teacher's loss and every stage's eval loss. `vocab`: the
+    tokenizer's size; logits past it (a padded vocabulary's rows) are cut off, as in every other loss
+    (objectives/distill.py); stages pass it with functools.partial."""
+    logits = model(input_ids=batch["input_ids"]).logits[..., :vocab]  # (B, T, V): a view
     return Loss({"lm": nll_sum(logits, batch["labels"])[0]})

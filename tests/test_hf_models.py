@@ -115,6 +115,10 @@ def test_chunked_cross_entropy_and_sampled_kd_match_the_unchunked_ones():
     ref = -(sampled.weights * lq * live).sum() * 1.5**2
     assert torch.allclose(one, ref) and torch.allclose(many, ref)
     assert torch.allclose(*(torch.autograd.grad(v, x)[0] for v in (many, ref)))
+    # A −inf logit at a position no loss counts (the last of each row) leaves the sums finite.
+    y = x.detach().clone()
+    y[:, -1, :] = float("-inf")
+    assert torch.isfinite(kd_sum(y, sampled, labels)[0]) and torch.isfinite(nll_sum(y, labels)[0])
 
 
 def test_a_teacher_directory_brings_its_tokenizer_and_a_student_must_share_it(tok_dir, tmp_path):
@@ -144,6 +148,20 @@ def test_a_teacher_directory_brings_its_tokenizer_and_a_student_must_share_it(to
     ):
         assert part in msg, part
     assert tokenizer_hash(student)[:12] in msg and tokenizer_hash(teacher)[:12] in msg
+
+    # A teacher directory without a tokenizer, or with another one than tokenizer.path names, is refused.
+    bare = tmp_path / "bare"
+    shutil.copytree(teacher, bare)
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=f"teacher.model {bare}: no tokenizer.json or tokenizer.model"):
+        pipeline.check_files(load_config(QUICKSTART, [*run, f"teacher.model={bare}"]))
+    pipeline.check_files(
+        load_config(QUICKSTART, [*run, f"teacher.model={bare}", f"tokenizer.path={teacher}"])
+    )
+    with pytest.raises(
+        ConfigError, match=f"tokenizer.path: {other} .* is not the tokenizer of teacher.model"
+    ):
+        pipeline.check_files(load_config(QUICKSTART, [*run, f"tokenizer.path={other}"]))
 
     # A preset teacher trains SentencePiece: a student bringing a tokenizer cannot share it.
     cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path / 'run2'}", f"student.model={student}"])

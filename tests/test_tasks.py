@@ -173,6 +173,9 @@ def test_init_from_a_previous_run_takes_its_tokenizer_shapes_and_checkpoint(tmp_
         pipeline.check_files(cfg)
     (prev.run_dir / "teacher" / "ckpt").mkdir(parents=True)
     (prev.run_dir / "teacher" / "ckpt" / "complete.json").write_text('{"tag": "step1", "step": 1}')
+    with pytest.raises(ConfigError, match="trained with the tokenizer .*tokenizer, which is gone"):
+        pipeline.check_files(cfg)
+    (prev.run_dir / "tokenizer").mkdir()
     pipeline.check_files(cfg)
 
     # A Hugging Face directory is teacher.model's: init_from names it in a one-line refusal.

@@ -32,6 +32,7 @@ train/lm, train/pos_sim, train/neg_sim, train/acc1 (a positive scores highest), 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator
 
@@ -86,7 +87,7 @@ class LMWithHead(torch.nn.Module):
 
     def __init__(self, lm: torch.nn.Module, head_dim: int) -> None:
         super().__init__()
-        self.lm, self.head = lm, ProjectionHead(lm.config.hidden_size, head_dim)
+        self.lm, self.head = lm, ProjectionHead(lm.config.get_text_config().hidden_size, head_dim)
 
     def forward(self, **kwargs):
         return self.lm(**kwargs)
@@ -325,7 +326,7 @@ def run(cfg: ExperimentConfig) -> None:
     stage = engine.Stage(
         "contrastive", model, batches, make_loss(cfg, len(tokenizer)), evals, flops_per_token(lm, seq_len),
         weights=weights, count=counts(c), tokens=lambda b: b["lm_input_ids"].numel() + b["cand_ids"].numel(),
-        eval_loss=lm_loss,
+        eval_loss=functools.partial(lm_loss, vocab=len(tokenizer)),
     )  # fmt: skip
     result = engine.train(
         stage, c, ds, run_dir, pipeline.stage_hash(cfg, "contrastive"), cfg.run.trace_samples

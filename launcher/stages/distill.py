@@ -19,6 +19,7 @@ train/student_topk_mass, train/top1_agreement, perf/tokens_per_s, perf/mfu (stud
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import engine, models, pipeline
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
+from stablekd.model.build import rows as embedding_rows
 from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.objectives.distill import soft_label_counts, soft_label_loss, soft_label_weights
 from stablekd.objectives.lm import lm_loss
@@ -50,7 +52,7 @@ def _check_student(cfg: ExperimentConfig) -> None:
     tok_dir = models.tokenizer_dir(cfg)
     vocab, tok_hash = len(load_tokenizer(tok_dir)), tokenizer_hash(tok_dir)
     if Path(cfg.student.model).is_dir():
-        rows = AutoConfig.from_pretrained(cfg.student.model).vocab_size
+        rows = embedding_rows(AutoConfig.from_pretrained(cfg.student.model))
         if rows < vocab:
             raise ConfigError(
                 f"student.model {cfg.student.model}: {rows} embedding rows, but the run's tokenizer "
@@ -97,7 +99,7 @@ def run(cfg: ExperimentConfig) -> None:
         soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab=len(tokenizer)), evals,
         flops_per_token(student, seq_len),
         weights=soft_label_weights(d.alpha), count=soft_label_counts,
-        eval_loss=lm_loss,
+        eval_loss=functools.partial(lm_loss, vocab=len(tokenizer)),
     )  # fmt: skip
     result = engine.train(stage, d, ds, run_dir, pipeline.stage_hash(cfg, "distill"), cfg.run.trace_samples)
 

@@ -1,8 +1,8 @@
 """Stage `teacher`: train (or continue) the teacher LM with DeepSpeed ZeRO on the packed corpus stream.
 
 With teacher.init_from a previous teacher run, training starts from that run's ZeRO checkpoint (loaded rank
-by rank, never consolidated; same world size and ZeRO stage) and its tokenizer; with a Hugging Face
-directory, from its weights and tokenizer. A task dataset (.jsonl prompt/response or chat records in
+by rank, never consolidated; same world size and ZeRO stage) and its tokenizer; with teacher.model a
+Hugging Face directory, from its weights and (when it has one) its tokenizer. A task dataset (.jsonl prompt/response or chat records in
 data.paths) then fine-tunes it with loss on the responses only (data_pipeline/tasks.py).
 
 Leaves teacher/ckpt/<tag> (one ZeRO shard per rank, kept sharded for the soft-label stage),
@@ -11,6 +11,7 @@ teacher/hf (Hugging Face format, unless teacher.export_hf=false) and teacher/DON
 
 from __future__ import annotations
 
+import functools
 import json
 
 from transformers.integrations import HfDeepSpeedConfig
@@ -45,7 +46,7 @@ def preflight(cfg: ExperimentConfig) -> None:
             raise ConfigError(
                 f"teacher.init_from: {init} was saved with {what} {a}, this run has {b}; use the same "
                 f"teacher.ds_config / teacher.dtype, or start from the exported model "
-                f"(teacher.init_from={init.parent / 'hf'})"
+                f"(teacher.model={init.parent / 'hf'})"
             )
 
 
@@ -68,8 +69,9 @@ def run(cfg: ExperimentConfig) -> None:
     evals = eval_batches(
         pipeline.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
     )
+    lm = functools.partial(lm_loss, vocab=len(tokenizer))  # padded embedding rows never count
     stage = engine.Stage(
-        "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model, seq_len),
+        "teacher", model, StreamLoader(stream), lm, evals, flops_per_token(model, seq_len),
         init_checkpoint=models.teacher_init_checkpoint(cfg),
     )  # fmt: skip
     result = engine.train(
