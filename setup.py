@@ -9,10 +9,12 @@ from setuptools import setup
 
 PARTS = [
     "launcher",
+    "launcher.config",
     "launcher.stages",
     "model",
     "objectives",
     "data_pipeline",
+    "data_pipeline.shards",
     "ds_configs",
     "evaluation",
     "configs",

@@ -11,13 +11,13 @@ Arms, one process, DeepSpeed at world size 1 with the run's `distill.ds_config`,
 built from the same seed, the same micro batch (8 × 128 tokens per step in the quickstart), lr and schedule:
 - `CE`: next-token cross-entropy (`lm_loss`) on the packed training stream, --steps steps;
 - `KD offline`: the distill stage's loss (alpha · KD + (1 − alpha) · CE, `distill.kind` on the top-k + tail
-  bins) on top-k soft labels read from soft_labels/ (`pipeline.open_soft_labels`, teacher None), --steps steps;
+  bins) on top-k soft labels read from soft_labels/ (`artifacts.open_soft_labels`, teacher None), --steps steps;
 - `CE, SL seqs` (control, --no-control skips it): the stage's loss with alpha 0, i.e. next-token
   cross-entropy on exactly the sequences and order the KD arm reads. The soft labels are one pass of the
   corpus packed once, replayed identically every epoch, while the CE arm's looping stream packs each epoch
   at another offset; this row separates the effect of the objective from that of the data stream;
 - `KD online`: the same loss on soft labels the ZeRO-3 teacher computes in this process
-  (`pipeline.sharded_teacher`), --online-steps steps, timing only. The teacher's checkpoint was written by
+  (`artifacts.sharded_teacher`), --online-steps steps, timing only. The teacher's checkpoint was written by
   the run's ranks; at world size 1 it loads from a universal checkpoint, made once by `ds_to_universal`
   into the temp folder (the run's teacher/ckpt is only read). If that fails the arm is skipped, with why.
 Tokens per step are one micro batch of seq_len tokens, except the last batch of each soft-label epoch,
@@ -64,15 +64,16 @@ from transformers.utils import logging as hf_logging
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
+from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
-from stablekd.launcher import engine, models, pipeline
+from stablekd.launcher import artifacts, engine, models, prepare, rundir
 from stablekd.launcher.config import load_config, save_config
+from stablekd.launcher.stages.distill import soft_label_loss
 from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
 from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
-from stablekd.model.tokenizer import load_tokenizer
-from stablekd.objectives.distill import soft_label_counts, soft_label_loss, soft_label_weights
+from stablekd.objectives.distill import soft_label_counts, soft_label_weights
 from stablekd.objectives.lm import lm_loss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,23 +153,23 @@ def universal_teacher(src: Path, arm_dir: Path) -> str | None:
 def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
     """Train one arm to `steps` steps with engine.train; returns its summary and the engine."""
     cfg.distill.max_steps = steps
-    ds = pipeline.prepare_ds_config(cfg, "distill")  # <arm>/ds/distill.json, world size 1
+    ds = prepare.prepare_ds_config(cfg, "distill")  # <arm>/ds/distill.json, world size 1
     zero3 = zero_stage(ds) == 3
     keep = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (student built inside zero.Init)
     tok_dir, L = models.tokenizer_dir(cfg), cfg.data.seq_len
     tokenizer = load_tokenizer(tok_dir)
     student = build_model(cfg.student.model, tokenizer, L, cfg.run.seed)  # same seed: same initial weights
     micro, d = ds["train_micro_batch_size_per_gpu"], cfg.distill
-    evals = eval_batches(pipeline.eval_files(cfg), tok_dir, L, micro, d.eval_batches, 0, 1)
+    evals = eval_batches(rundir.eval_files(cfg), tok_dir, L, micro, d.eval_batches, 0, 1)
     fpt = flops_per_token(student, L)
     lm = functools.partial(lm_loss, vocab=len(tokenizer))  # padded embedding rows cut, as the stages do
     if kind == "ce":
         stream = PackedStream(
-            pipeline.train_files(cfg), tok_dir, L, micro, 0, 1, cfg.data.num_workers, loop=True
+            rundir.train_files(cfg), tok_dir, L, micro, 0, 1, cfg.data.num_workers, loop=True
         )
         stage = engine.Stage("distill", student, StreamLoader(stream), lm, evals, fpt)
     else:
-        batches = pipeline.open_soft_labels(cfg, 0, 1, micro, teacher)
+        batches = artifacts.open_soft_labels(cfg, 0, 1, micro, teacher)
         stage = engine.Stage(
             "distill", student, batches,
             soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab=len(tokenizer)),
@@ -217,7 +218,7 @@ def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str
     gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
     m: dict[str, float] = {}
     with torch.inference_mode():
-        held = pipeline.eval_files(cfg)
+        held = rundir.eval_files(cfg)
         if held:
             batches = eval_batches(
                 held, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
@@ -319,7 +320,7 @@ def main() -> None:
         teacher = None
         if online_skip is None:
             try:
-                teacher = pipeline.sharded_teacher(cfg)
+                teacher = artifacts.sharded_teacher(cfg)
             except Exception as e:  # noqa: BLE001  (the arm is optional: say why and go on)
                 online_skip = f"the sharded teacher did not load at world size 1: {type(e).__name__}: {e}"
         if teacher is not None:
@@ -336,9 +337,9 @@ def main() -> None:
     base = arm_config(src, work / "score", args, online=False)
     people = bios.load_truth(src / "data" / "truth.json")[0] if not base.data.paths else []
     tok = load_tokenizer(models.tokenizer_dir(base))
-    held = pipeline.eval_files(base)
+    held = rundir.eval_files(base)
     prefixes = report.load_prefixes(
-        held or pipeline.train_files(base), tok, report.SPEED_BATCH, base.evaluate.prefix_tokens
+        held or rundir.train_files(base), tok, report.SPEED_BATCH, base.evaluate.prefix_tokens
     )
     speed_prompts = prefixes or ["The"]
     warm = AutoModelForCausalLM.from_pretrained(str(exports["CE"])).eval()  # lazy imports, kernel set-up

@@ -49,7 +49,7 @@ from distill import score, step_times, train_arm  # noqa: E402  (benchmarks/dist
 
 from stablekd.data_pipeline import bios  # noqa: E402
 from stablekd.data_pipeline.encodings import Decoded, fidelity  # noqa: E402
-from stablekd.data_pipeline.shards import ShardLoader  # noqa: E402
+from stablekd.data_pipeline.shards.loader import ShardLoader  # noqa: E402
 from stablekd.data_pipeline.soft_labels import (  # noqa: E402
     SoftLabelWriter,
     config_meta,
@@ -58,10 +58,10 @@ from stablekd.data_pipeline.soft_labels import (  # noqa: E402
     soft_label_reader,
 )
 from stablekd.data_pipeline.stream import PackedStream  # noqa: E402
-from stablekd.launcher import engine, models, pipeline  # noqa: E402
+from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash  # noqa: E402
+from stablekd.launcher import engine, models, rundir  # noqa: E402
 from stablekd.launcher.config import load_config, save_config  # noqa: E402
 from stablekd.model.build import export_hf  # noqa: E402
-from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL_BYTES = 32
@@ -87,7 +87,7 @@ def teacher_logits(cfg, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         str(cfg.run_dir / "teacher" / "hf"), dtype=torch.float32
     ).eval()
     ids, labels = [], []
-    for b in PackedStream(pipeline.train_files(cfg), tok_dir, L, 8, loop=True):
+    for b in PackedStream(rundir.train_files(cfg), tok_dir, L, 8, loop=True):
         ids.append(b["input_ids"])
         labels.append(b["labels"])
         if sum(x.shape[0] for x in ids) >= n:
@@ -128,7 +128,7 @@ def arm_run(src: Path, work: Path, name: str, settings: dict, vocab: int, args) 
 def write_arm(cfg, ids: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, vocab: int) -> dict:
     """Encode the logits into <arm>/soft_labels; bytes, write and read speed, fidelity."""
     sl, L = cfg.soft_labels, cfg.data.seq_len
-    out = pipeline.stage_dir(cfg, "soft_labels")
+    out = rundir.stage_dir(cfg, "soft_labels")
     meta = config_meta(sl, "bench", tokenizer_hash(models.tokenizer_dir(cfg)), vocab, L)
     fid = fidelity(logits[:8].reshape(-1, vocab), meta)
     t0 = time.perf_counter()

@@ -39,11 +39,11 @@ from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.soft_labels import FIDELITY_RATE, SoftLabelWriter, config_meta
 from stablekd.data_pipeline.stream import PackedStream
-from stablekd.launcher import models, pipeline
+from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
+from stablekd.launcher import models, rundir
 from stablekd.launcher.config import load_config, save_config
 from stablekd.launcher.launch import run_stage
 from stablekd.model.build import build_model, count_params
-from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 
 REPO = Path(__file__).resolve().parent.parent
 KS = (4, 8, 16, 32, 64)
@@ -63,7 +63,7 @@ def one_process(
     model = model.to(dtype).eval()
     V = len(load_tokenizer(tok_dir))  # the run's ids: padded embedding rows are cut, as the stage does
     meta = config_meta(sl, "bench", tokenizer_hash(tok_dir), V, L)  # the encoding the stage writes
-    stream = PackedStream(pipeline.train_files(cfg), tok_dir, L, sl.micro_batch_size, loop=False)
+    stream = PackedStream(rundir.train_files(cfg), tok_dir, L, sl.micro_batch_size, loop=False)
     batches = []  # tokenized up front: the stage's ranks tokenize while they label, a small share
     for b in stream:
         batches.append(b["input_ids"][: sequences - sum(x.shape[0] for x in batches)])

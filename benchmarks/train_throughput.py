@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
+from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import engine, models, pipeline
+from stablekd.launcher import engine, models, prepare, rundir
 from stablekd.launcher.config import load_config
 from stablekd.launcher.monitor import measure_peak_flops, read_scalars
 from stablekd.model.build import build_model, count_params, flops_per_token
-from stablekd.model.tokenizer import load_tokenizer
 from stablekd.objectives.lm import lm_loss, nll_sum
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def plain_loop(cfg, steps: int, dtype: str) -> float:
     model = build_model(t.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     batches = iter(
-        StreamLoader(PackedStream(pipeline.train_files(cfg), tok_dir, cfg.data.seq_len, t.micro_batch_size))
+        StreamLoader(PackedStream(rundir.train_files(cfg), tok_dir, cfg.data.seq_len, t.micro_batch_size))
     )
     tokens, elapsed = 0, 0.0
     for step in range(WINDOW + steps):
@@ -65,13 +65,13 @@ def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
     """tokens/s of stablekd's engine.train at world size 1 with the given DeepSpeed JSON."""
     cfg.teacher.ds_config, cfg.teacher.dtype = ds_name, dtype
     cfg.teacher.max_steps = WINDOW + steps
-    ds = pipeline.prepare_ds_config(cfg, "teacher")
+    ds = prepare.prepare_ds_config(cfg, "teacher")
     from transformers.integrations import HfDeepSpeedConfig
 
     keep = HfDeepSpeedConfig(ds) if ds_resolve.zero_stage(ds) == 3 else None  # noqa: F841
     tok_dir = models.tokenizer_dir(cfg)
     model = build_model(cfg.teacher.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
-    stream = PackedStream(pipeline.train_files(cfg), tok_dir, cfg.data.seq_len, cfg.teacher.micro_batch_size)
+    stream = PackedStream(rundir.train_files(cfg), tok_dir, cfg.data.seq_len, cfg.teacher.micro_batch_size)
     stage = engine.Stage(
         "teacher",
         model,
@@ -116,7 +116,7 @@ def main() -> None:
             "teacher.save_every=100000",
         ],
     )
-    pipeline.prepare(cfg, [])
+    prepare.prepare(cfg, [])
     tok = load_tokenizer(models.tokenizer_dir(cfg))
     probe = build_model(args.model, tok, cfg.data.seq_len, 0)
     fpt, params = flops_per_token(probe, cfg.data.seq_len), count_params(probe)

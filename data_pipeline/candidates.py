@@ -1,6 +1,6 @@
 """Candidate groups: per context, M continuations sampled from the teacher (+ optionally the gold one).
 
-Same shard/manifest mechanics as the soft labels (shards.py), kind "candidates". One record = one group,
+Same shard/manifest mechanics as the soft labels (shards/), kind "candidates". One record = one group,
 G = m + (1 if meta["gold"] else 0) rows:
 
     context_ids  int32 [ctx_len]          LEFT-padded with id 0 (any id: padding is masked): the real
@@ -27,7 +27,10 @@ import numpy as np
 import torch
 
 from stablekd.data_pipeline.epochs import EqualEpochs
-from stablekd.data_pipeline.shards import ShardError, ShardLoader, ShardReader, ShardWriter
+from stablekd.data_pipeline.shards.format import ShardError
+from stablekd.data_pipeline.shards.loader import ShardLoader
+from stablekd.data_pipeline.shards.reader import ShardReader
+from stablekd.data_pipeline.shards.writer import ShardWriter
 
 KIND = "candidates"
 PAD_ID = 0

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stablekd.data_pipeline.shards import widen
-from stablekd.launcher.config import ENCODINGS
+from stablekd.data_pipeline.formats import ENCODINGS
+from stablekd.data_pipeline.shards.reader import widen
 from stablekd.objectives.lm import chunk_rows
 
 _UINT16_VOCAB = 65536

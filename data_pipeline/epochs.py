@@ -1,6 +1,6 @@
 """Endless training epochs over shard loaders, with the same number of steps on every rank.
 
-Shards are written per rank and read round-robin (shards.py), so consumer ranks hold unequal numbers of
+Shards are written per rank and read round-robin (shards/manifest.py), so consumer ranks hold unequal numbers of
 records: a rank that runs out first would wait in the next collective while the others still train (a
 hang, or a NCCL timeout). `EqualEpochs` ends an epoch for every rank at once: before each batch the
 ranks agree (one MIN all-reduce of one int) that every rank has one; the first time some rank has none,

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from stablekd.data_pipeline import encodings
-from stablekd.data_pipeline.shards import widen
+from stablekd.data_pipeline.shards.reader import widen
 from stablekd.objectives.lm import IGNORE_INDEX
 
 T = TypeVar("T")

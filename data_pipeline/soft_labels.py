@@ -8,7 +8,7 @@ temperature T (`soft_labels.encoding`, data_pipeline/encodings.py: topk, topp, s
 existed (meta without "encoding") is read as topk with int32 input_ids, and one without "loss_mask" as
 every token learned. Readers widen stored ids and codes to int32 (ShardReader).
 
-Stage code, per writer rank (the mechanics are in shards.py):
+Stage code, per writer rank (the mechanics are in shards/):
 
     meta = soft_label_meta(ckpt_id, tok_hash, vocab_size, T, k, L, **encoding params)
     w = SoftLabelWriter(out_dir, rank, meta, records_per_shard=256, world_size=world, seed=seed)
@@ -32,7 +32,10 @@ import numpy as np
 import torch
 
 from stablekd.data_pipeline import encodings
-from stablekd.data_pipeline.shards import ShardError, ShardReader, ShardWriter, finalize, rank_manifest_name
+from stablekd.data_pipeline.shards.format import ShardError, rank_manifest_name
+from stablekd.data_pipeline.shards.manifest import finalize
+from stablekd.data_pipeline.shards.reader import ShardReader
+from stablekd.data_pipeline.shards.writer import ShardWriter
 
 KIND = "soft_labels"
 FIDELITY_RATE = (

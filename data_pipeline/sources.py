@@ -25,16 +25,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from stablekd.data_pipeline.errors import DataError
 from stablekd.data_pipeline.tasks import Document, parse_record
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 TEXT_UNITS = ("paragraph", "line", "file")
 SPLITS = ("all", "train", "eval")
 _GLOB_CHARS = frozenset("*?[")
-
-
-class DataError(ValueError):
-    """A corpus or stream problem the user must fix; the message names the path (and line) and what was expected."""
 
 
 @dataclass

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stablekd.data_pipeline.sources import Corpus, DataError, SourceStats, as_corpus, read_documents
+from stablekd.data_pipeline.errors import DataError
+from stablekd.data_pipeline.sources import Corpus, SourceStats, as_corpus, read_documents
 from stablekd.data_pipeline.tasks import Document, encode_documents
-from stablekd.model.tokenizer import load_tokenizer
+from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.objectives.lm import IGNORE_INDEX
 
 _TOKENIZE_BATCH = 64  # documents per tokenizer call: amortises the call, keeps memory small
@@ -347,7 +348,7 @@ def eval_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """The first `max_batches` batches of this rank's shard, no looping (for eval loss).
 
-    `files`: the held-out text as a `Corpus` (pipeline.eval_files: the eval share of data.paths, or
+    `files`: the held-out text as a `Corpus` (rundir.eval_files: the eval share of data.paths, or
     data.eval_paths, or the bios held-out biographies). An empty result means no held-out text here.
     Ranks may get different counts (and the last batch fewer rows) when the corpus is small; callers
     that all-reduce must agree on a count first.

@@ -12,11 +12,25 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from stablekd.launcher.config import ConfigError, TrainConfig
+from stablekd.data_pipeline.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class TrainSettings(Protocol):
+    """What "auto" values are filled from: a training stage's config section (launcher.config.TrainConfig)."""
+
+    micro_batch_size: int
+    grad_accum: int
+    grad_clip: float
+    lr: float
+    weight_decay: float
+    max_steps: int
+    warmup_steps: int
+    min_lr_ratio: float
+    dtype: str
 
 
 def locate(name_or_path: str) -> Path:
@@ -83,7 +97,7 @@ def fast_bf16() -> bool:
 
 
 def resolve(
-    ds: dict, train: TrainConfig, world_size: int, tb_dir: str | Path, source: str = "ds_config"
+    ds: dict, train: TrainSettings, world_size: int, tb_dir: str | Path, source: str = "ds_config"
 ) -> dict:
     """A copy of `ds` with every "auto" filled; errors name the key and the file."""
     ds = copy.deepcopy(ds)
@@ -118,6 +132,7 @@ def validate(ds: dict, world_size: int, source: str = "ds_config") -> None:
     """
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    _check_types(ds, source)
     one = copy.deepcopy(ds)
     one["train_batch_size"] = ds["train_batch_size"] // world_size
     try:
@@ -125,6 +140,36 @@ def validate(ds: dict, world_size: int, source: str = "ds_config") -> None:
     except Exception as e:  # DeepSpeed raises assorted types (AssertionError, ValueError, pydantic errors)
         lines = [line.strip() for line in str(e).strip().splitlines()[:3]] or [type(e).__name__]
         raise ConfigError(f"{source}: rejected by DeepSpeed: {' | '.join(lines)}") from None
+
+
+def _type_of(section: Any) -> Any:
+    """A section's "type", or None when there is none (a section of another shape is DeepSpeed's to judge)."""
+    return section.get("type") if isinstance(section, dict) else None
+
+
+def _check_types(ds: dict, source: str) -> None:
+    """The optimizer and scheduler types DeepSpeed can build. Its config class accepts any name and the
+    engine fails only on the ranks (an optimizer is one of DeepSpeed's or a torch.optim class, a
+    scheduler one of deepspeed.runtime.lr_schedules)."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    kind = _type_of(ds.get("optimizer"))
+    if (
+        kind is not None
+        and str(kind).lower() not in DEEPSPEED_OPTIMIZERS
+        and not hasattr(torch.optim, str(kind))
+    ):
+        known = sorted({*DEEPSPEED_OPTIMIZERS, "AdamW", "Adam", "SGD", "... any torch.optim class"})
+        raise ConfigError(
+            f'{source}: optimizer.type "{kind}" is not an optimizer DeepSpeed knows ({", ".join(known)})'
+        )
+    kind = _type_of(ds.get("scheduler"))
+    if kind is not None and kind not in VALID_LR_SCHEDULES:
+        raise ConfigError(
+            f'{source}: scheduler.type "{kind}" is not a DeepSpeed scheduler ({", ".join(VALID_LR_SCHEDULES)})'
+        )
 
 
 def zero_stage(ds: dict) -> int:

@@ -27,13 +27,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.bios import ATTRIBUTES, Person
 from stablekd.evaluation import metrics
-from stablekd.launcher.config import EvaluateConfig
 from stablekd.model.build import generation_config, pad_id
 
 # The longest value of the corpus is 6 tokens with the quickstart tokenizer (" Georgia Institute of
 # Technology." and dates such as " September 30, 1987."); 12 leaves room for a larger vocabulary's
 # splits and for a model that hesitates, while keeping 1 + K answers per question cheap.
 ANSWER_TOKENS = 12
+
+
+class ProbeSettings(Protocol):
+    """How the probes sample (the evaluate section, launcher.config.EvaluateConfig, has these fields)."""
+
+    samples: int  # K sampled answers beside the greedy one
+    max_new_tokens: int
+    max_prompts: int
+    free_bios: int
 
 
 class TextGenerator(Protocol):
@@ -194,7 +202,7 @@ class ProbeResult:
 
 
 def probe(
-    gen: TextGenerator, people: Sequence[Person], unseen: Sequence[Person], cfg: EvaluateConfig
+    gen: TextGenerator, people: Sequence[Person], unseen: Sequence[Person], cfg: ProbeSettings
 ) -> ProbeResult:
     """Ask trained and unseen people's questions and sample free biographies; see the module doc.
 

@@ -36,10 +36,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import iter_documents
+from stablekd.data_pipeline.tokenize import encode
 from stablekd.evaluation import metrics
-from stablekd.evaluation.bios_probe import HFGenerator, TextGenerator
-from stablekd.launcher.config import EvaluateConfig
-from stablekd.model.tokenizer import encode
+from stablekd.evaluation.bios_probe import HFGenerator, ProbeSettings, TextGenerator
 from stablekd.objectives.lm import IGNORE_INDEX, chunk_rows, nll_sum, shifted_labels
 
 PPL_MICRO_BATCH = 8  # sequences per perplexity forward: 8 × seq_len tokens
@@ -153,7 +152,7 @@ class Continuations:
     """K sampled continuations per prefix."""
 
 
-def continue_prefixes(gen: TextGenerator, prefixes: Sequence[str], cfg: EvaluateConfig) -> Continuations:
+def continue_prefixes(gen: TextGenerator, prefixes: Sequence[str], cfg: ProbeSettings) -> Continuations:
     """Every continuation exactly `max_new_tokens` long (end-of-text is not generated before): a model
     that stops early would otherwise show fewer n-grams, hence fewer repeats, for less text."""
     n = cfg.max_new_tokens
@@ -169,7 +168,7 @@ MIN_PREFIXES = 8  # coherence: a mean cosine over fewer prefixes
 MIN_PPL_TOKENS = 256  # perplexity
 
 
-def continuation_sizes(n_prefixes: int, cfg: EvaluateConfig) -> tuple[dict[str, str], dict[str, str]]:
+def continuation_sizes(n_prefixes: int, cfg: ProbeSettings) -> tuple[dict[str, str], dict[str, str]]:
     """(sample size, reason it is missing) of the degeneration and coherence rows, for `n_prefixes`
     held-out prefixes continued to evaluate.max_new_tokens tokens."""
     tokens = n_prefixes * cfg.max_new_tokens

@@ -24,9 +24,8 @@ import torch
 from stablekd.data_pipeline.sources import Corpus, read_documents
 from stablekd.data_pipeline.tasks import Document, render
 from stablekd.evaluation import metrics
-from stablekd.evaluation.bios_probe import TextGenerator
+from stablekd.evaluation.bios_probe import ProbeSettings, TextGenerator
 from stablekd.evaluation.report import MIN_CONTINUATION_TOKENS
-from stablekd.launcher.config import EvaluateConfig
 
 _EDGES = string.whitespace + string.punctuation
 
@@ -37,7 +36,7 @@ def normalize(text: str) -> str:
 
 
 def held_out_tasks(files: Corpus, n: int) -> list[Document]:
-    """The first `n` task records of the held-out text (pipeline.eval_files)."""
+    """The first `n` task records of the held-out text (rundir.eval_files)."""
     out: list[Document] = []
     for doc in read_documents(files):
         if doc.is_task:
@@ -55,7 +54,7 @@ class TaskProbeResult:
     examples: list[dict] = field(default_factory=list)
 
 
-def probe_tasks(gen: TextGenerator, tok, docs: Sequence[Document], cfg: EvaluateConfig) -> TaskProbeResult:
+def probe_tasks(gen: TextGenerator, tok, docs: Sequence[Document], cfg: ProbeSettings) -> TaskProbeResult:
     """Ask every record's prompt (greedy + evaluate.samples samples) and score the answers; see the module doc."""
     pairs = []
     for doc in docs:

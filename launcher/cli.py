@@ -26,9 +26,9 @@ import json
 import sys
 from pathlib import Path
 
+from stablekd.data_pipeline.errors import DataError
 from stablekd.data_pipeline.files import atomic_write
-from stablekd.data_pipeline.sources import DataError
-from stablekd.launcher import models, pipeline, placement
+from stablekd.launcher import models, pipeline, placement, prepare, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, describe, load_config
 from stablekd.launcher.stages import NAMES, REGISTRY
 from stablekd.launcher.status import format_status, report_table, run_status
@@ -82,8 +82,8 @@ def _ds_config(args: argparse.Namespace) -> None:
     what later stages load its checkpoint with (the soft-label stage reads teacher.json), so a `show` with
     another ds_config must not overwrite it."""
     cfg = load_config(args.config, args.overrides)
-    pipeline.check_files(cfg)  # what `run` refuses up front (a missing corpus, hostfile, ds JSON) too
-    ds = pipeline.resolve_ds_config(cfg, args.stage)
+    prepare.check_files(cfg)  # what `run` refuses up front (a missing corpus, hostfile, ds JSON) too
+    ds = prepare.resolve_ds_config(cfg, args.stage)
     source = getattr(cfg, args.stage).ds_config
     if args.out:
         out = Path(args.out)
@@ -105,9 +105,9 @@ def _estimate(cfg, stage: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from stablekd.data_pipeline.tokenize import load_tokenizer
     from stablekd.ds_configs.resolve import estimate
     from stablekd.model.build import model_config
-    from stablekd.model.tokenizer import load_tokenizer
 
     # later stages train the student; a teacher continued from a run has that run's shapes
     name = models.teacher_source(cfg) if stage == "teacher" else cfg.student.model
@@ -161,7 +161,7 @@ def _pipeline(cfg: ExperimentConfig, stages: list[str], args: argparse.Namespace
     if table:
         print(f"{table}\n\nreport: {cfg.run_dir / 'eval' / 'report.md'}")
     elif args.cmd == "stage":
-        print(f"done: {pipeline.stage_dir(cfg, args.name)}")
+        print(f"done: {rundir.stage_dir(cfg, args.name)}")
     else:
         print(f"done: run directory {cfg.run_dir}")
     print(f"tensorboard --logdir {cfg.run_dir / 'tb'}")

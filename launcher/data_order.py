@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stablekd.data_pipeline.files import atomic_write, read_marker
-from stablekd.launcher import pipeline
+from stablekd.launcher import rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.stages import spec
 
@@ -68,7 +68,7 @@ def data_order(cfg: ExperimentConfig, stage: str) -> dict[str, Any]:
     keys = (*SHARED_KEYS, f"{stage}.micro_batch_size", *spec(stage).order)
     order: dict[str, Any] = {key: _value(cfg, key) for key in keys}
     run_dir = cfg.run_dir.resolve()
-    for path in map(Path, pipeline.train_files(cfg)):
+    for path in map(Path, rundir.train_files(cfg)):
         # inside the run directory (the bios corpus) by relative path: a copied or moved run still resumes
         name = (
             path.resolve().relative_to(run_dir) if path.resolve().is_relative_to(run_dir) else path.resolve()
@@ -88,15 +88,15 @@ def changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def in_progress(cfg: ExperimentConfig, stage: str) -> bool:
     """The stage has progress a rerun resumes from and has not finished."""
-    out = pipeline.stage_dir(cfg, stage)
-    if pipeline.done_path(cfg, stage).exists():
+    out = rundir.stage_dir(cfg, stage)
+    if rundir.done_path(cfg, stage).exists():
         return False
-    return read_marker(pipeline.ckpt_dir(cfg, stage)) is not None or any(out.rglob("manifest.r*.json"))
+    return read_marker(rundir.ckpt_dir(cfg, stage)) is not None or any(out.rglob("manifest.r*.json"))
 
 
 def check(cfg: ExperimentConfig, stage: str) -> None:
     """Refuse to resume `stage` on other inputs, or read in another order, than it started with."""
-    path = pipeline.stage_dir(cfg, stage) / FILE
+    path = rundir.stage_dir(cfg, stage) / FILE
     if in_progress(cfg, stage) and path.exists():
         diff = changes(json.loads(path.read_text()), data_order(cfg, stage))
         if diff:
@@ -108,6 +108,6 @@ def check(cfg: ExperimentConfig, stage: str) -> None:
 
 def record(cfg: ExperimentConfig, stage: str) -> None:
     """Write what `stage` starts on (after `check` let it start)."""
-    path = pipeline.stage_dir(cfg, stage) / FILE
+    path = rundir.stage_dir(cfg, stage) / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(data_order(cfg, stage), indent=2))

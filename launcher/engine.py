@@ -268,7 +268,7 @@ def train(
     `trace_samples` (run.trace_samples): each rank appends `step, micro-batch, batch_digest` lines to
     logs/samples/<stage>.r<rank>.tsv as it draws them (a resumed run appends the steps it redoes)."""
     world = dist.get_world_size()
-    ckpt_dir = run_dir / spec(stage.name).out_dir / "ckpt"
+    ckpt_dir = run_dir / spec(stage.name).ckpt_dir
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     engine, *_ = deepspeed.initialize(
         model=stage.model, model_parameters=[p for p in stage.model.parameters() if p.requires_grad],
@@ -276,7 +276,7 @@ def train(
     )  # fmt: skip
     accum = engine.gradient_accumulation_steps()
     step, tokens = _resume(engine, stage, ckpt_dir, cfg_hash)
-    monitor = Monitor(run_dir / "tb" / stage.name, cfg.max_steps, step, stage.name)
+    monitor = Monitor(run_dir / spec(stage.name).tb_dir, cfg.max_steps, step, stage.name)
     if step:
         monitor.print(f"[{stage.name}] resumed from {ckpt_dir / read_marker(ckpt_dir)['tag']} at step {step}")
     elif stage.init_checkpoint is not None:

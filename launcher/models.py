@@ -21,9 +21,9 @@ import functools
 from pathlib import Path
 
 from stablekd.data_pipeline.files import read_marker
+from stablekd.data_pipeline.tokenize import own_tokenizer, tokenizer_hash
 from stablekd.launcher.config import ConfigError, ExperimentConfig, load_config
 from stablekd.launcher.stages import spec
-from stablekd.model.tokenizer import own_tokenizer, tokenizer_hash
 
 
 def previous_run(cfg: ExperimentConfig) -> ExperimentConfig | None:
@@ -70,12 +70,12 @@ def teacher_init_checkpoint(cfg: ExperimentConfig) -> Path | None:
     """The ZeRO checkpoint directory of the previous teacher run teacher.init_from names, else None."""
     if previous_run(cfg) is None:
         return None
-    return Path(cfg.teacher.init_from) / spec("teacher").out_dir / "ckpt"
+    return Path(cfg.teacher.init_from) / spec("teacher").ckpt_dir
 
 
 def describe_tokenizer(path: Path) -> str:
     """`path (N tokens, hash 0123abcd)` for messages that compare tokenizers."""
-    from stablekd.model.tokenizer import load_tokenizer  # transformers: only on this error path
+    from stablekd.data_pipeline.tokenize import load_tokenizer  # transformers: only on this error path
 
     return f"{path} ({len(load_tokenizer(path))} tokens, hash {tokenizer_hash(path)[:12]})"
 
@@ -99,8 +99,8 @@ def check_models(cfg: ExperimentConfig) -> None:
                 f"teacher.init_from: {src} has no config.yaml (expected a teacher run directory: config.yaml, "
                 "teacher/ckpt/)"
             )
-        if read_marker(Path(src) / "teacher" / "ckpt") is None:
-            raise ConfigError(f"teacher.init_from: {src}/teacher/ckpt has no complete checkpoint")
+        if read_marker(teacher_init_checkpoint(cfg)) is None:
+            raise ConfigError(f"teacher.init_from: {teacher_init_checkpoint(cfg)} has no complete checkpoint")
     teacher = Path(cfg.teacher.model)
     if not cfg.teacher.init_from and teacher.is_dir():
         own = own_tokenizer(teacher)

@@ -138,13 +138,13 @@ def _max_steps(run_dir: Path, stage: str) -> int | None:
 def stage_status(run_dir: Path, stage: str) -> StageStatus:
     run_dir = Path(run_dir)
     stage_dir = run_dir / spec(stage).out_dir
-    scalars = last_scalars(run_dir / "tb" / stage)
+    scalars = last_scalars(run_dir / spec(stage).tb_dir)
     done = stage_dir / "DONE.json"
     if done.is_file():
         return StageStatus(
             stage, "done", headline(stage, json.loads(done.read_text()), stage_dir), scalars=scalars
         )
-    ckpt = stage_dir / "ckpt"
+    ckpt = run_dir / spec(stage).ckpt_dir
     marker = read_marker(ckpt)
     if marker is not None:
         tag, world = marker["tag"], marker.get("world_size")
@@ -160,7 +160,7 @@ def stage_status(run_dir: Path, stage: str) -> StageStatus:
     shards = _shards_text(stage_dir) if stage_dir.is_dir() else None
     if shards:
         return StageStatus(stage, "resumable", shards + "; each rank resumes after its own", scalars=scalars)
-    traces = [stage_dir, run_dir / "tb" / stage, run_dir / "logs" / f"{stage}.log"]
+    traces = [stage_dir, run_dir / spec(stage).tb_dir, run_dir / "logs" / f"{stage}.log"]
     if any(p.exists() for p in traces):
         what = "no complete checkpoint, starts from step 0" if spec(stage).trains else "not finished"
         return StageStatus(stage, "started", what, scalars=scalars)

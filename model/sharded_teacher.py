@@ -40,11 +40,11 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
+from stablekd.data_pipeline.errors import ConfigError
 from stablekd.data_pipeline.files import read_marker
+from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher.config import ConfigError
 from stablekd.model.build import build_model, generation_config
-from stablekd.model.tokenizer import load_tokenizer
 
 UNIVERSAL_SUFFIX = "_universal"
 
@@ -196,7 +196,7 @@ def load_sharded_teacher(
         tokenizer_dir, source, seq_len, seed: what the teacher was built from (`model_source`), so the
             shapes match the checkpoint; the initial weights are overwritten by the load.
 
-    Call on every rank after `engine.setup_distributed` (`pipeline.sharded_teacher(cfg)` passes a run's
+    Call on every rank after `engine.setup_distributed` (`artifacts.sharded_teacher(cfg)` passes a run's
     paths). Raises ConfigError when there is no complete teacher checkpoint or the world size differs
     and no universal checkpoint exists.
     """

@@ -48,26 +48,23 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from stablekd.objectives.divergences import divergence, student_topk_bins, teacher_topk_bins
 from stablekd.objectives.lm import (
     IGNORE_INDEX,
-    Loss,
     chunk_rows,
     compute_dtype,
-    exp_shifted,
     live_chunks,
     nll_sum,
-    scaled,
     shifted_labels,
     weighted_nll_sum,
 )
+from stablekd.objectives.topk_kl import TopkForwardKL
 
 KINDS = ("fkl", "rkl", "gjsd", "tvd", "skl", "mse")
 
@@ -83,19 +80,12 @@ class SampledLabels(NamedTuple):
 # Teacher input: full logits (B, T, V), (topk_ids, topk_logprobs) each (B, T, k), or SampledLabels.
 Teacher = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | SampledLabels
 
+
 # Chunks of at least this many float32 values (64 MiB) are recomputed in backward instead of kept.
 CHECKPOINT_ELEMENTS = 1 << 24
 
-# float16 has no finite value below this; a writer that avoids storing -inf stores this instead.
-FP16_FLOOR = torch.finfo(torch.float16).min  # -65504.0
-_NEG_INF = float("-inf")
 
-
-# --------------------------------------------------------------------------------------------------
-# Validation
-
-
-def _check_params(kind: str, temperature: float, beta: float, skew: float) -> None:
+def check_params(kind: str, temperature: float, beta: float, skew: float) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown distillation kind {kind!r}; expected one of {KINDS}")
     if not temperature > 0:
@@ -106,7 +96,7 @@ def _check_params(kind: str, temperature: float, beta: float, skew: float) -> No
         raise ValueError(f"skew must be in [0, 1], got {skew}")
 
 
-def _check_student(student_logits: torch.Tensor, labels: torch.Tensor) -> None:
+def check_student(student_logits: torch.Tensor, labels: torch.Tensor) -> None:
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits: expected shape (B, T, V), got {tuple(student_logits.shape)}")
     B, T, _ = student_logits.shape
@@ -114,7 +104,7 @@ def _check_student(student_logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"labels: expected shape (B, T) = {(B, T)}, got {tuple(labels.shape)}")
 
 
-def _check_topk_ids(ids: torch.Tensor, student_logits: torch.Tensor) -> None:
+def check_topk_ids(ids: torch.Tensor, student_logits: torch.Tensor) -> None:
     B, T, V = student_logits.shape
     if ids.dim() != 3 or tuple(ids.shape[:2]) != (B, T) or not 1 <= ids.shape[2] <= V:
         raise ValueError(
@@ -134,8 +124,8 @@ def _check(
     skew: float,
 ) -> bool:
     """Raise ValueError on a bad argument; return whether the teacher is top-k."""
-    _check_params(kind, temperature, beta, skew)
-    _check_student(student_logits, labels)
+    check_params(kind, temperature, beta, skew)
+    check_student(student_logits, labels)
     if isinstance(teacher, torch.Tensor):
         if teacher.shape != student_logits.shape:
             raise ValueError(
@@ -146,7 +136,7 @@ def _check(
     if isinstance(teacher, SampledLabels):
         if kind != "fkl":
             raise ValueError(f"kind {kind!r}: sampled soft labels estimate the forward KL only (kind 'fkl')")
-        _check_topk_ids(teacher.ids, student_logits)
+        check_topk_ids(teacher.ids, student_logits)
         if teacher.weights.shape != teacher.ids.shape or not teacher.weights.is_floating_point():
             raise ValueError(f"sampled weights: expected a float tensor of shape {tuple(teacher.ids.shape)}")
         return True
@@ -155,7 +145,7 @@ def _check(
     if kind == "mse":
         raise ValueError("kind 'mse' needs full teacher logits (B, T, V), not top-k soft labels")
     ids, logprobs = teacher
-    _check_topk_ids(ids, student_logits)
+    check_topk_ids(ids, student_logits)
     if logprobs.shape != ids.shape:
         raise ValueError(
             f"topk_logprobs: expected shape {tuple(ids.shape)} like topk_ids, got {tuple(logprobs.shape)}"
@@ -165,174 +155,9 @@ def _check(
     return True
 
 
-def _counted_rows(labels: torch.Tensor) -> torch.Tensor:
+def counted_rows(labels: torch.Tensor) -> torch.Tensor:
     """labels (B, T) -> indices (N,) into the flattened (B*T) positions whose next token is counted."""
     return (shifted_labels(labels) != IGNORE_INDEX).flatten().nonzero().squeeze(1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Log-domain pieces, NaN-free in forward and backward when bins hold -inf (zero probability)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)), elementwise, for log-masses x; x ≥ 0 (mass ≥ 1 after rounding) gives −inf.
-
-    Two branches (Mächler 2012): log(−expm1(x)) near 0 where 1 − e^x cancels, log1p(−e^x) further out.
-    Each branch only ever sees safe inputs, so the unused one cannot put NaN into the gradient.
-    """
-    x = x.clamp(max=0.0)
-    near = x > -math.log(2.0)
-    a = torch.log(-torch.expm1(torch.where(near, x, -1.0)))
-    b = torch.log1p(-torch.exp(torch.where(near, -1.0, x)))
-    return torch.where(near, a, b)
-
-
-def _log_mix(la: torch.Tensor, lb: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w·e^la + (1 − w)·e^lb) elementwise; −inf where both are −inf (no NaN in the gradient)."""
-    if w == 1:
-        return la
-    if w == 0:
-        return lb
-    a = la + math.log(w)
-    b = lb + math.log1p(-w)
-    shift = torch.maximum(a, b).detach()  # the usual logsumexp shift; its value does not change the result
-    dead = torch.isneginf(shift)
-    shift = shift.masked_fill(dead, 0.0)
-    total = (a - shift).exp() + (b - shift).exp()
-    return (shift + total.masked_fill(dead, 1.0).log()).masked_fill(dead, _NEG_INF)
-
-
-def _kl(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-    """KL(a ‖ b) = Σ_bins e^la · (la − lb) over the last dim, from log-probs (n, bins) -> (n,).
-
-    A bin where either side is −inf contributes 0 (see the module docstring): both sides are set to 0
-    there, so its term is e^0·(0 − 0) = 0. Replacing them before the arithmetic (not masking the result
-    after) keeps 0·inf NaN out of the backward pass.
-    """
-    dead = torch.isneginf(la) | torch.isneginf(lb)
-    la = la.masked_fill(dead, 0.0)
-    lb = lb.masked_fill(dead, 0.0)
-    return (la.exp() * (la - lb)).sum(-1)
-
-
-def _divergence(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float, skew: float) -> torch.Tensor:
-    """Per-row divergence between teacher log-probs lp and student log-probs lq, both (n, bins) -> (n,)."""
-    if kind == "fkl" or (kind == "gjsd" and beta == 0):
-        return _kl(lp, lq)
-    if kind == "rkl" or (kind == "gjsd" and beta == 1):
-        return _kl(lq, lp)
-    if kind == "gjsd":
-        # TRL's generalized_jsd_loss: m = β·p + (1 − β)·q, β·KL(p‖m) + (1 − β)·KL(q‖m).
-        lm = _log_mix(lp, lq, beta)
-        return beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
-    if kind == "tvd":
-        return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
-    if kind == "skl":
-        # DistiLLM (Ko et al. 2024) skew forward KL: KL(p ‖ λ·p + (1 − λ)·q).
-        return _kl(lp, _log_mix(lp, lq, skew))
-    raise AssertionError(kind)  # mse and unknown kinds never get here
-
-
-def _student_topk_bins(s_lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Student log-probs (n, V) -> log-probs on k+1 bins (n, k+1): the k ids, then the tail.
-
-    The tail is a logsumexp over the ids *not* in the top-k rather than log(1 − Σ_k q), which cancels
-    when the top-k hold almost all the mass. With k = V it is logsumexp(all −inf) = −inf; the NaN its
-    backward makes on those entries is overwritten with 0 by scatter's backward (every entry is an id).
-    """
-    top = s_lp.gather(-1, ids).masked_fill(~_entries(ids), _NEG_INF)  # (n, k); padding: absent
-    tail = s_lp.scatter(-1, ids, _NEG_INF).logsumexp(-1, keepdim=True)  # (n, 1)
-    return torch.cat([top, tail], dim=-1)
-
-
-def _entries(ids: torch.Tensor) -> torch.Tensor:
-    """(n, k) ids -> bool (n, k): a real entry, not padding (a repeat of the row's first id at j > 0)."""
-    real = ids != ids[:, :1]
-    real[:, 0] = True
-    return real
-
-
-def _teacher_topk_bins(logprobs: torch.Tensor) -> torch.Tensor:
-    """Stored teacher log-probs (n, k) -> log-probs on k+1 bins (n, k+1): the k ids, then the tail.
-
-    Tail mass 1 − Σ exp(logprobs), clamped at 0 (float16 rounding can make the sum exceed 1), as a log.
-    """
-    logprobs = logprobs.masked_fill(logprobs <= FP16_FLOOR, _NEG_INF)  # the storage floor means −inf
-    tail = _log1mexp(logprobs.logsumexp(-1, keepdim=True))  # (n, 1)
-    return torch.cat([logprobs, tail], dim=-1)
-
-
-# The student's tail log-mass comes from log(1 − Σ_K q) while that stays above this; below it the
-# subtraction would cancel, and the row's tail is a logsumexp over the ids off K instead.
-_EXACT_TAIL = 1e-2
-
-
-class _TopkForwardKL(torch.autograd.Function):
-    """Σ over counted rows of KL(p ‖ q) on the k + 1 bins, from the student's logits x (N, V) at
-    temperature T: the same value as ``_kl(lp, _student_topk_bins(log_softmax(x / T), ids))``, chunk by
-    chunk, with the gradient written out instead of traced through log_softmax, gather, scatter and
-    logsumexp.
-
-    With q = softmax(u), u = x / T, K the row's real ids and P the teacher's mass on the live bins (a bin
-    is dead, and contributes 0, where either side has zero probability): ∂/∂u_i = q_i·P − p_i for i ∈ K,
-    and q_i·P − p_tail·q_i/q_tail off K, = e^{u_i − ℓ_tail}·(P·q_tail − p_tail) with ℓ_tail the log-sum
-    of e^u off K, so e^{u_i − ℓ_tail} ≤ 1 and no ratio p_tail/q_tail overflows for a student sure of its
-    top-k. Per chunk: forward one logsumexp pass (plus an exact tail for the rows where 1 − Σ_K q
-    < _EXACT_TAIL would cancel), backward three passes written into the gradient buffer, K overwritten
-    after. Kept for backward: x itself (no copy) and (N, k + 1) values. Rows where `counted` is False
-    count 0 and get no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, ids, lp, counted, temperature: float, rows: int) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        real = _entries(ids)  # (N, k)
-        n = x.shape[0]
-        lse = torch.zeros(n, dtype=dtype, device=x.device)
-        tail = torch.full((n,), _NEG_INF, dtype=dtype, device=x.device)
-        top = torch.full(ids.shape, _NEG_INF, dtype=dtype, device=x.device)
-        alive = live_chunks(counted, rows)
-        for c, s in enumerate(range(0, n, rows)):
-            if not alive[c]:
-                continue
-            u = scaled(x[s : s + rows], dtype, temperature)  # (rows, V)
-            i = ids[s : s + rows]
-            lse_c = u.logsumexp(-1)  # (rows,)
-            top_c = u.gather(-1, i).masked_fill(~real[s : s + rows], _NEG_INF)  # (rows, k)
-            rest = 1.0 - (top_c - lse_c[:, None]).exp().sum(-1)  # q's mass off K
-            tail_c = lse_c + rest.clamp_min(torch.finfo(dtype).tiny).log()
-            exact = (rest < _EXACT_TAIL).nonzero().squeeze(1)
-            if exact.numel():  # no cancellation: the log-sum over the ids off K itself
-                tail_c[exact] = u[exact].scatter(-1, i[exact], _NEG_INF).logsumexp(-1)
-            lse[s : s + rows], tail[s : s + rows], top[s : s + rows] = lse_c, tail_c, top_c
-        lq = torch.cat([top, tail[:, None]], dim=-1) - lse[:, None]  # (N, k + 1)
-        ctx.save_for_backward(x, ids, real, lp, lq, lse, tail, counted)
-        ctx.temperature, ctx.rows, ctx.alive = temperature, rows, alive
-        return _kl(lp, lq).masked_fill(~counted, 0.0).sum()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, ids, real, lp, lq, lse, tail, counted = ctx.saved_tensors
-        T, rows = ctx.temperature, ctx.rows
-        live = ~(torch.isneginf(lp) | torch.isneginf(lq))  # (N, k + 1)
-        p = lp.exp().masked_fill(~live, 0.0)
-        P = p.sum(-1)  # (N,)
-        scale = (grad / T) * counted.to(P.dtype)  # (N,): ∂/∂x = ∂/∂u / T
-        # Off K: e^{u − shift}·coef; a row without a tail (k = V, or q_tail underflowed) has no live tail bin
-        # and no mass off K worth a gradient: shift by lse there, where e^{u − lse} = q stays finite.
-        has_tail = torch.isfinite(tail)
-        shift = torch.where(has_tail, tail, lse)
-        coef = torch.where(has_tail, P * (tail - lse).exp() - p[:, -1], P) * scale  # (N,)
-        on_k = (lq[:, :-1].exp() * P[:, None] - p[:, :-1]) * scale[:, None]  # (N, k)
-        on_k = torch.where(real, on_k, on_k[:, :1])  # padding repeats the first id: write its value again
-        g = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        for c, s in enumerate(range(0, x.shape[0], rows)):
-            if not ctx.alive[c]:
-                continue
-            gs = exp_shifted(x[s : s + rows], shift[s : s + rows], T, g[s : s + rows])
-            gs.mul_(coef[s : s + rows, None].to(gs.dtype))
-            gs.scatter_(-1, ids[s : s + rows], on_k[s : s + rows].to(gs.dtype))
-        return g, None, None, None, None, None
 
 
 def _chunk_kd_sum(
@@ -355,17 +180,13 @@ def _chunk_kd_sum(
         per_row = ((s - t / temperature) ** 2).mean(-1)
     elif ids is None:
         lq, lp = F.log_softmax(s, dim=-1), F.log_softmax(t / temperature, dim=-1)  # (n, V) each
-        per_row = _divergence(lp, lq, kind, beta, skew)
+        per_row = divergence(lp, lq, kind, beta, skew)
     else:
         ids = ids.long()
-        lp = _teacher_topk_bins(t)  # (n, k+1)
-        lq = _student_topk_bins(F.log_softmax(s, dim=-1), ids)  # (n, k+1)
-        per_row = _divergence(lp, lq, kind, beta, skew)
+        lp = teacher_topk_bins(t)  # (n, k+1)
+        lq = student_topk_bins(F.log_softmax(s, dim=-1), ids)  # (n, k+1)
+        per_row = divergence(lp, lq, kind, beta, skew)
     return per_row.masked_fill(~live, 0.0).sum() * temperature**2
-
-
-# --------------------------------------------------------------------------------------------------
-# Public API
 
 
 def kd_sum(
@@ -423,9 +244,9 @@ def kd_sum(
         ids = teacher.ids.reshape(B * T, -1)
         return weighted_nll_sum(flat, ids, w, temperature, rows) * temperature**2, tokens
     if topk and kind == "fkl" and not teacher[1].requires_grad:  # the gradient written out, for the student
-        lp = _teacher_topk_bins(teacher[1].reshape(B * T, -1).to(compute_dtype(flat)))  # (B*T, k + 1)
+        lp = teacher_topk_bins(teacher[1].reshape(B * T, -1).to(compute_dtype(flat)))  # (B*T, k + 1)
         ids = teacher[0].reshape(B * T, -1).long()
-        return _TopkForwardKL.apply(flat, ids, lp, live, temperature, rows) * temperature**2, tokens
+        return TopkForwardKL.apply(flat, ids, lp, live, temperature, rows) * temperature**2, tokens
     if topk:
         ids_chunks = teacher[0].reshape(B * T, -1).split(rows)  # (B*T, k)
         teacher_flat = teacher[1].reshape(B * T, -1)  # (B*T, k)
@@ -490,52 +311,6 @@ def distill_loss(
     return loss / tokens.clamp(min=1)
 
 
-@torch.no_grad()
-def agreement_sums(
-    student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    labels: torch.Tensor,
-    chunk_tokens: int = 2048,
-    max_tokens: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """How much the student (T = 1) agrees with the teacher's top-k, summed over the counted tokens.
-
-    Args:
-        student_logits: (B, T, V). topk_ids: (B, T, k), the teacher's ids sorted by probability.
-        labels: (B, T); counted tokens as in ``kd_sum``.
-        max_tokens: measure on at most this many counted tokens, evenly spaced (a training metric need
-            not cost another full log-softmax per step); None = all of them.
-
-    Returns:
-        "student_topk_mass": float32 Σ of the student's probability on the teacher's top-k ids;
-        "top1_agreement": int64 count of tokens whose student argmax is ``topk_ids[..., 0]``;
-        "tokens": int64 count of counted tokens. Sums, so the loop can all-reduce and divide.
-    """
-    _check_student(student_logits, labels)
-    _check_topk_ids(topk_ids, student_logits)
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    B, T, V = student_logits.shape
-    rows = _counted_rows(labels)  # (N,)
-    if max_tokens is not None and rows.numel() > max_tokens:
-        rows = rows[:: math.ceil(rows.numel() / max_tokens)]
-    s_flat = student_logits.reshape(B * T, V)
-    ids_flat = topk_ids.reshape(B * T, -1)
-    mass = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-    top1 = torch.zeros((), dtype=torch.int64, device=student_logits.device)
-    for r in rows.split(chunk_tokens):
-        s = s_flat.index_select(0, r).float()  # (n, V)
-        ids = ids_flat.index_select(0, r).long()  # (n, k)
-        mass += F.log_softmax(s, dim=-1).gather(-1, ids).exp().masked_fill(~_entries(ids), 0.0).sum()
-        top1 += (s.argmax(-1) == ids[:, 0]).sum()
-    return {"student_topk_mass": mass, "top1_agreement": top1, "tokens": rows.new_tensor(rows.numel())}
-
-
-# Tokens per micro-batch the agreement metrics are measured on: enough for a smooth curve, a fraction of
-# the cost of the KD term itself.
-AGREEMENT_TOKENS = 256
-
-
 def soft_label_targets(batch: dict) -> torch.Tensor:
     """(B, T) labels of a soft-label batch: its input_ids, IGNORE_INDEX where `loss_mask` (when the batch
     has one) says a token is context, not learned (the prompt of a task record)."""
@@ -562,31 +337,3 @@ def soft_label_counts(batch: dict) -> dict[str, int]:
 def soft_label_weights(alpha: float) -> dict[str, float]:
     """The loop's term weights for ``soft_label_loss``: alpha · KD + (1 − alpha) · CE (no CE term at alpha 1)."""
     return {"kd": alpha, **({"ce": 1.0 - alpha} if alpha < 1.0 else {})}
-
-
-def soft_label_loss(
-    kind: str = "fkl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    alpha: float = 1.0,
-    vocab: int | None = None,
-) -> Callable[[torch.nn.Module, dict], Loss]:
-    """The training loop's loss on soft-label batches: terms "kd" (``kd_sum``) and, when alpha < 1, "ce"
-    (the loop weighs them alpha and 1 − alpha); metrics student_topk_mass and top1_agreement. `vocab`:
-    the tokenizer's size V; the student's logits past it (padded rows) are cut off (module docstring)."""
-    _check_params(kind, temperature, beta, skew)
-
-    def loss(model: torch.nn.Module, batch: dict) -> Loss:
-        labels = soft_label_targets(batch)  # (B, T); the model predicts position t + 1
-        logits = model(input_ids=batch["input_ids"].long()).logits[..., :vocab]  # (B, T, V): a view
-        teacher = soft_label_teacher(batch)
-        kd, _ = kd_sum(logits, teacher, labels, kind, temperature, beta, skew)
-        sums = {"kd": kd}
-        if alpha < 1.0:  # a zero-weight CE term would cost a full log-softmax and its backward per step
-            sums["ce"] = nll_sum(logits, labels)[0]
-        agree = agreement_sums(logits.detach(), teacher[0], labels, max_tokens=AGREEMENT_TOKENS)
-        seen = float(agree["tokens"])
-        return Loss(sums, {k: (float(agree[k]), seen) for k in ("student_topk_mass", "top1_agreement")})
-
-    return loss

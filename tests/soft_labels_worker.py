@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stablekd.launcher import pipeline
+from stablekd.launcher import artifacts
 from stablekd.launcher.config import load_config
 from stablekd.launcher.stages import soft_labels
 
@@ -27,8 +27,8 @@ def main(run_dir: str, result: str) -> None:
     cfg = load_config(Path(run_dir) / "config.yaml")
     teacher = soft_labels.run(cfg)
     rank, world, micro = dist.get_rank(), dist.get_world_size(), cfg.soft_labels.micro_batch_size
-    online = pipeline.open_soft_labels(cfg, rank, world, micro, teacher=teacher)
-    offline = pipeline.open_soft_labels(cfg, rank, world, micro)
+    online = artifacts.open_soft_labels(cfg, rank, world, micro, teacher=teacher)
+    offline = artifacts.open_soft_labels(cfg, rank, world, micro)
     # One batch each: every rank has one, so both run exactly one teacher forward (ZeRO-3 stays in step).
     on, off = next(iter(online)), next(iter(offline))
     mine = {

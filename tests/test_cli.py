@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from stablekd.launcher import cli, launch, pipeline
+from stablekd.launcher import cli, done, launch, pipeline, prepare, rundir
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.monitor import read_scalars
 from stablekd.launcher.stages import NAMES
@@ -23,7 +23,7 @@ from tests.conftest import QUICKSTART, UPSTREAM, copy_run, run_stablekd
 
 def test_stages_subset_keeps_pipeline_order(capsys):
     assert cli.select_stages("evaluate, teacher") == ["teacher", "evaluate"]
-    assert cli.select_stages(None) == NAMES
+    assert cli.select_stages(None) == ["teacher", "soft_labels", "distill", "contrastive", "evaluate"]
     with pytest.raises(
         ConfigError, match=r"unknown stage\(s\) 'techer', 'eval' \(stages: teacher, soft_labels"
     ):
@@ -41,10 +41,10 @@ def test_dry_run_prints_commands_and_skips_and_writes_nothing(tmp_path, capsys):
     common = [f"run.out_dir={run}", "launch.nproc_per_node=2", "launch.master_port=29555"]
     cfg = load_config(QUICKSTART, common)
     # A teacher finished with exactly this config (its DeepSpeed JSON included): the dry run skips it.
-    done = pipeline.done_path(cfg, "teacher")
-    done.parent.mkdir(parents=True)
-    ds = pipeline.resolve_ds_config(cfg, "teacher")
-    done.write_text(json.dumps({"config_hash": pipeline.stage_hash(cfg, "teacher", ds)}))
+    marker = rundir.done_path(cfg, "teacher")
+    marker.parent.mkdir(parents=True)
+    ds = prepare.resolve_ds_config(cfg, "teacher")
+    marker.write_text(json.dumps({"config_hash": done.stage_hash(cfg, "teacher", ds)}))
     before = sorted(tmp_path.rglob("*"))
     capsys.readouterr()  # DeepSpeed's import-time line, printed by the resolve above (not the dry run)
 
@@ -52,9 +52,9 @@ def test_dry_run_prints_commands_and_skips_and_writes_nothing(tmp_path, capsys):
     cli.main(["run", str(QUICKSTART), "--stages", "distill,soft_labels,teacher", "--dry-run", *common])
     out = capsys.readouterr().out.splitlines()
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even config.yaml or logs/
-    assert f"# teacher: done already ({done}), would be skipped" in out
-    prepare = next(line for line in out if line.startswith("# prepare"))
-    assert "config.yaml" in prepare and "ds/distill.json" in prepare and "ds/teacher.json" in prepare
+    assert f"# teacher: done already ({marker}), would be skipped" in out
+    prepared = next(line for line in out if line.startswith("# prepare"))
+    assert "config.yaml" in prepared and "ds/distill.json" in prepared and "ds/teacher.json" in prepared
     commands = [shlex.split(line) for line in out if not line.startswith("#")]
     assert [c[-2] for c in commands] == ["soft_labels", "distill"]  # pipeline order, teacher skipped
     for c in commands:
@@ -64,7 +64,7 @@ def test_dry_run_prints_commands_and_skips_and_writes_nothing(tmp_path, capsys):
         assert c[-4:] == ["--module", "stablekd.launcher.worker", c[-2], str(run)]
 
     cli.main(["stage", "teacher", str(QUICKSTART), *common, "--dry-run"])
-    assert f"# teacher: done already ({done}), would be skipped" in capsys.readouterr().out
+    assert f"# teacher: done already ({marker}), would be skipped" in capsys.readouterr().out
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -190,8 +190,8 @@ def test_report_table_aligns_the_main_table(tmp_path, monkeypatch, capsys):
     # A figure computed on too little text is a row of dashes that says why.
     assert cells["rep-4 (%) (`rep_4`)"] == ["–", "–", "–", "", f"missing: {missing['rep_4']}"]
     assert report_table(tmp_path / "nothing") is None
-    done = {"produced": {"report_json": "eval/report.json", "models": list(models)}}
-    assert headline("evaluate", done, tmp_path / "eval") == "bios accuracy teacher 0.950, student 0.500"
+    finished = {"produced": {"report_json": "eval/report.json", "models": list(models)}}
+    assert headline("evaluate", finished, tmp_path / "eval") == "bios accuracy teacher 0.950, student 0.500"
 
     # What `run` prints once the stages are through (the stages themselves are not what is tested here).
     monkeypatch.setattr(pipeline, "run", lambda cfg, stages, verbose: None)

@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.contexts import bios_contexts, bios_truth, judge_continuations
+from stablekd.data_pipeline.tokenize import encode, load_tokenizer
 from stablekd.evaluation.bios_probe import build_questions
 from stablekd.launcher.monitor import read_scalars
-from stablekd.model.tokenizer import encode, load_tokenizer
 from tests.conftest import (
     QUICKSTART,
     REPO,
@@ -150,6 +150,7 @@ def test_contexts_never_ask_what_the_probe_asks():
     assert set(bios.CONTEXT_TEMPLATES).isdisjoint(bios.PROBE_TEMPLATES)
 
 
+@pytest.mark.distributed  # reads the tiny run's corpus and tokenizer: the teacher's 2-rank launch
 def test_judging_marks_contradictions_and_false_negative_keys(upstream):
     tok = load_tokenizer(upstream / "tokenizer")
     people, _ = bios.load_truth(upstream / "data" / "truth.json")

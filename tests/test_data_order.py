@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from stablekd.launcher import data_order, pipeline
+from stablekd.launcher import data_order, rundir
 from stablekd.launcher.config import ConfigError, load_config
 
 
@@ -99,5 +99,5 @@ def test_each_training_file_is_read_once_per_launch_unless_it_changes(tmp_path, 
     data_order.record(cfg, "teacher")
     data_order.record(cfg, "distill")
     assert sorted(reads) == ["a.txt", "b.txt", "b.txt", "b.txt"]
-    recorded = json.loads((pipeline.stage_dir(cfg, "distill") / "data_order.json").read_text())
+    recorded = json.loads((rundir.stage_dir(cfg, "distill") / "data_order.json").read_text())
     assert recorded[f"file {(corpus / 'b.txt').resolve()}"] == sha256(corpus / "b.txt")

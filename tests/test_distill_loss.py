@@ -14,14 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stablekd.objectives.distill import (
-    FP16_FLOOR,
-    KINDS,
-    _teacher_topk_bins,
-    agreement_sums,
-    distill_loss,
-    kd_sum,
-)
+from stablekd.objectives.agreement import agreement_sums
+from stablekd.objectives.distill import KINDS, distill_loss, kd_sum
+from stablekd.objectives.divergences import FP16_FLOOR, teacher_topk_bins
 
 B, T, V, K = 2, 6, 11, 4
 TEMP = 2.0
@@ -217,14 +212,14 @@ def test_gjsd_endpoints_are_forward_and_reverse_kl(teacher_kind):
 
 
 def test_forward_kl_gradient_written_out_matches_the_traced_one():
-    """kind fkl on top-k takes its gradient from a formula (_TopkForwardKL); gjsd with beta 0 is the same
+    """kind fkl on top-k takes its gradient from a formula (TopkForwardKL); gjsd with beta 0 is the same
     divergence traced by autograd. Rows with padding (topp: fewer entries, the first id repeated, log-probs
     at the float16 floor), a teacher whose top-k hold all its mass (dead tail bin) and a floor entry."""
     student, teacher, labels = _inputs(torch.float64)
     ids, lp = _topk(teacher, K)
     ids[0, 1, 2:], lp[0, 1, 2:] = ids[0, 1, 0], FP16_FLOOR  # two entries, then padding
     lp[1, 1] = lp[1, 1] - lp[1, 1].logsumexp(-1) + 1e-12  # the top-k hold all the mass: no tail
-    assert _teacher_topk_bins(lp[1, 1][None])[0, -1] == float("-inf")
+    assert teacher_topk_bins(lp[1, 1][None])[0, -1] == float("-inf")
     lp[0, 3, -1] = FP16_FLOOR  # an entry the teacher rules out
     grads = []
     for kind in ("fkl", "gjsd"):

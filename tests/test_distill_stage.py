@@ -21,13 +21,13 @@ import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stablekd.data_pipeline.shards import ShardLoader
+from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.soft_labels import soft_label_reader
+from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.monitor import read_scalars
 from stablekd.launcher.stages import distill
 from stablekd.model.build import build_model
-from stablekd.model.tokenizer import load_tokenizer
 from stablekd.objectives.distill import kd_sum
 from stablekd.objectives.lm import nll_sum
 from tests.conftest import (

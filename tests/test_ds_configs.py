@@ -14,10 +14,6 @@ from tests.conftest import QUICKSTART
 SHIPPED = sorted(p.name for p in PACKAGE_DIR.glob("*.json"))
 
 
-def test_all_four_are_shipped():
-    assert {"zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"} <= set(SHIPPED)
-
-
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_config_resolves_and_validates_at_world_2(name, tmp_path):
     raw, path = load(name)
@@ -72,6 +68,37 @@ def test_unknown_auto_and_deepspeed_rejection_name_the_file(tmp_path):
     bad.write_text('{"train_batch_size": "auto",,}')
     with pytest.raises(ConfigError, match=r"bad\.json: not valid JSON: line 1"):
         load(str(bad))
+
+
+@pytest.mark.parametrize(
+    ("section", "kind", "named"),
+    [("optimizer", "NoSuchOpt", "adamw"), ("scheduler", "Cosine", "WarmupCosineLR")],
+)
+def test_dry_run_rejects_an_unknown_optimizer_or_scheduler_naming_the_file(
+    section, kind, named, tmp_path, capsys
+):
+    raw, _ = load("zero2.json")
+    raw[section]["type"] = kind
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(raw))
+    resolve(raw, TrainConfig(), 2, tmp_path)  # DeepSpeed's config class alone lets it through to the ranks
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "run",
+                str(QUICKSTART),
+                "--dry-run",
+                f"run.out_dir={tmp_path / 'run'}",
+                f"distill.ds_config={mine}",
+            ]
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(mine) in err[0] and f'{section}.type "{kind}"' in err[0] and named in err[0]
+    raw[section]["type"] = {"optimizer": "SGD", "scheduler": "WarmupLR"}[
+        section
+    ]  # torch.optim and DeepSpeed's own
+    validate(resolve(raw, TrainConfig(), 2, tmp_path), 2, "mine.json")
 
 
 def test_cli_show_check_estimate(tmp_path, capsys):

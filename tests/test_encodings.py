@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stablekd.data_pipeline.encodings import Decoded, decode, dequantize, encode, fidelity, quantize, schema
-from stablekd.data_pipeline.shards import ShardLoader
+from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.soft_labels import (
     SoftLabelWriter,
     finalize_soft_labels,
@@ -157,14 +157,15 @@ def test_sampled_gradient_is_unbiased(proposal_t):
     full, _ = kd_sum(student, teacher.double(), labels, "fkl", T)
     (g_full,) = torch.autograd.grad(full, student)
     meta = _meta(encoding="sampled", draws=draws, proposal_temperature=proposal_t, temperature=T, seq_len=2)
-    grads = []
-    for seed in range(rounds):
-        dec = _decoded(teacher, meta, seed)
-        loss, _ = kd_sum(
-            student, SampledLabels(dec["sample_ids"], dec["sample_weights"].double()), labels, "fkl", T
-        )
-        grads.append(torch.autograd.grad(loss, student)[0][0, 0])
-    g = torch.stack(grads)  # [rounds, V]
+    # One record per round (record b is drawn with seed b) and one copy of the student per record, so one
+    # backward gives every round's gradient: records are independent rows of the loss.
+    dec = _decoded(teacher.expand(rounds, 2, V), meta, 0)
+    copies = student.detach().expand(rounds, 2, V).clone().requires_grad_()
+    labels = labels.expand(rounds, 2)
+    loss, _ = kd_sum(
+        copies, SampledLabels(dec["sample_ids"], dec["sample_weights"].double()), labels, "fkl", T
+    )
+    g = torch.autograd.grad(loss, copies)[0][:, 0]  # [rounds, V]
     mean, se = g.mean(0), g.std(0) / math.sqrt(rounds)
     assert ((mean - g_full[0, 0]).abs() <= 4 * se + 1e-12).all()
 
@@ -238,7 +239,7 @@ def test_encoding_settings_are_checked(overrides, message):
 
 
 def test_a_reader_refuses_a_set_of_another_encoding(tmp_path):
-    from stablekd.data_pipeline.shards import ShardError
+    from stablekd.data_pipeline.shards.format import ShardError
 
     meta = soft_label_meta("c", "h", V, 1.0, 4, L)
     w = SoftLabelWriter(tmp_path, 0, meta, records_per_shard=2)

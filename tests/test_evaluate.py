@@ -14,14 +14,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.bios import ATTRIBUTES, TEMPLATES
+from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, build_questions, probe
-from stablekd.launcher import cli, models, pipeline
+from stablekd.launcher import cli, done, models, pipeline, prepare, rundir
 from stablekd.launcher.config import ConfigError, EvaluateConfig, load_config
 from stablekd.launcher.stages import evaluate as evaluate_stage
 from stablekd.launcher.stages.evaluate import find_models
 from stablekd.model.build import build_model, count_params
-from stablekd.model.tokenizer import load_tokenizer
 from tests.conftest import QUICKSTART, UPSTREAM, copy_run
 
 REQUIRED = [
@@ -190,12 +190,12 @@ TINY_RUN = [
 def _tiny_run(root, extra=()):
     """A run directory with corpus, tokenizer and a `tiny` teacher exported to teacher/hf."""
     cfg = load_config(None, [f"run.out_dir={root / 'run'}", *TINY_RUN, *EVAL, *extra])
-    pipeline.prepare(cfg, ["evaluate"])  # config.yaml, corpus, tokenizer
+    prepare.prepare(cfg, ["evaluate"])  # config.yaml, corpus, tokenizer
     tok = load_tokenizer(models.tokenizer_dir(cfg))
     hf = cfg.run_dir / "teacher" / "hf"
     build_model("tiny", tok, cfg.data.seq_len, seed=0).save_pretrained(hf)
     tok.save_pretrained(hf)
-    pipeline.write_done(cfg, "teacher", {"hf": str(hf)}, {})  # evaluate reads only finished stages
+    done.write_done(cfg, "teacher", {"hf": str(hf)}, {})  # evaluate reads only finished stages
     return cfg, tok
 
 
@@ -225,7 +225,7 @@ def test_hf_generator_left_padding_and_seeding(bios_run):
 def test_evaluate_stage_report(bios_run):
     cfg, _ = bios_run
     shutil.copytree(cfg.run_dir / "teacher" / "hf", cfg.run_dir / "student" / "hf")
-    pipeline.write_done(cfg, "distill", {"hf": str(cfg.run_dir / "student" / "hf")}, {})
+    done.write_done(cfg, "distill", {"hf": str(cfg.run_dir / "student" / "hf")}, {})
     cli.main(["stage", "evaluate", str(cfg.run_dir / "config.yaml")])
 
     out = json.loads((cfg.run_dir / "eval" / "report.json").read_text())
@@ -283,8 +283,8 @@ def test_evaluate_stage_report(bios_run):
             assert f"{group}/{key}" in tags, key
         (ppl,) = acc.Scalars("stability/ppl")
         assert ppl.step == 0 and ppl.value == pytest.approx(out["models"][name]["ppl"], rel=1e-5)
-    done = json.loads((cfg.run_dir / "eval" / "DONE.json").read_text())
-    assert done["produced"]["models"] == ["teacher", "student"]
+    record = json.loads((cfg.run_dir / "eval" / "DONE.json").read_text())
+    assert record["produced"]["models"] == ["teacher", "student"]
 
 
 def test_user_corpus_has_no_bios_keys(tmp_path):
@@ -373,8 +373,8 @@ def test_evaluate_sharded_teacher(upstream, tmp_path):
     for key in REQUIRED + UNSEEN:
         assert key in teacher, key
     assert any("ZeRO-3 shards" in n for n in out["notes"])
-    done = json.loads((cfg.run_dir / "eval" / "DONE.json").read_text())
-    assert done["produced"]["models"] == ["teacher"]
+    record = json.loads((cfg.run_dir / "eval" / "DONE.json").read_text())
+    assert record["produced"]["models"] == ["teacher"]
 
     ckpt = cfg.run_dir / "teacher" / "ckpt"
     tag = json.loads((ckpt / "complete.json").read_text())["tag"]
@@ -384,6 +384,6 @@ def test_evaluate_sharded_teacher(upstream, tmp_path):
     model.eval()
     assert teacher["params"] == count_params(model)
     with torch.no_grad():
-        ppl, _, _ = evaluate._perplexity(model, pipeline.eval_files(cfg), models.tokenizer_dir(cfg), cfg)
+        ppl, _, _ = evaluate._perplexity(model, rundir.eval_files(cfg), models.tokenizer_dir(cfg), cfg)
     print(f"sharded ppl {teacher['ppl']!r}, consolidated ppl {ppl!r}")
     assert teacher["ppl"] == pytest.approx(ppl, rel=1e-4)

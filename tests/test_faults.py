@@ -20,7 +20,7 @@ def test_two_random_kills_of_the_teacher_lose_and_repeat_nothing(tmp_path):
     proc = run_group(cmd, 600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["stages"]
-    assert row["stage"] == "teacher" and row["cycles"] == 2 and row["rounds"] >= 1
+    assert row["stage"] == "teacher" and row["rounds"] >= 1
     assert row["samples_lost"] == row["samples_repeated"] == 0
     assert row["identical_rounds"] == row["rounds"] and row["max_loss_dev"] <= 1e-5
     assert "| teacher | 2 |" in proc.stdout

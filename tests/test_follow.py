@@ -1,6 +1,6 @@
 """Streaming for real: a consumer follows soft-label shards that another *process* is still writing.
 
-The reader is the one a distill rank gets (`pipeline.open_soft_labels` with `distill.follow=true`); the
+The reader is the one a distill rank gets (`artifacts.open_soft_labels` with `distill.follow=true`); the
 writer is a separate Python process (tests/follow_writer.py: nothing shared but the directory) that
 commits one shard at a time through the real `SoftLabelWriter`, as the soft_labels stage does.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from stablekd.data_pipeline.shards import ShardError, rank_manifest_name, shard_name
+from stablekd.data_pipeline.shards.format import ShardError, rank_manifest_name, shard_name
 from stablekd.data_pipeline.soft_labels import soft_label_meta
-from stablekd.launcher import models, pipeline
+from stablekd.data_pipeline.tokenize import tokenizer_hash
+from stablekd.launcher import artifacts, models, rundir
 from stablekd.launcher.config import ExperimentConfig, load_config
-from stablekd.model.tokenizer import tokenizer_hash
 from tests.conftest import QUICKSTART
 from tests.follow_writer import RECORDS_PER_SHARD
 
@@ -56,7 +56,7 @@ def _start_writer(cfg: ExperimentConfig, shards: int, marker: Path) -> subproces
     )  # fmt: skip
     meta_json = cfg.run_dir / "meta.json"
     meta_json.write_text(json.dumps(meta))
-    out = pipeline.stage_dir(cfg, "soft_labels")
+    out = rundir.stage_dir(cfg, "soft_labels")
     return subprocess.Popen([sys.executable, str(WRITER), str(out), str(meta_json), str(shards), str(marker)])
 
 
@@ -77,7 +77,7 @@ def test_reader_follows_a_running_writer_process(tmp_path: Path) -> None:
     marker = tmp_path / LAST_SHARD
     proc = _start_writer(cfg, SHARDS, marker)
     try:
-        source = pipeline.open_soft_labels(cfg, rank=0, world_size=1, micro_batch_size=MICRO)
+        source = artifacts.open_soft_labels(cfg, rank=0, world_size=1, micro_batch_size=MICRO)
         batches = iter(source)
         got = _ids(next(batches))
         # Overlap: the first batch came while the writer still had shards to write.
@@ -96,7 +96,7 @@ def test_reader_follows_a_running_writer_process(tmp_path: Path) -> None:
 def test_reader_fails_within_its_timeout_when_the_writer_is_killed(tmp_path: Path) -> None:
     timeout_s = 2.0
     cfg = _config(tmp_path / "run", timeout_s=timeout_s)
-    out = pipeline.stage_dir(cfg, "soft_labels")
+    out = rundir.stage_dir(cfg, "soft_labels")
     manifest = out / rank_manifest_name(0)
     proc = _start_writer(cfg, 1000, tmp_path / LAST_SHARD)  # would write for minutes
     killed_at: list[float] = []
@@ -114,7 +114,7 @@ def test_reader_fails_within_its_timeout_when_the_writer_is_killed(tmp_path: Pat
         # distill rank started beside a running soft_labels stage (a fresh interpreter importing torch
         # takes longer than 2 s to get there).
         _wait_for(manifest)
-        source = pipeline.open_soft_labels(cfg, rank=0, world_size=1, micro_batch_size=MICRO)
+        source = artifacts.open_soft_labels(cfg, rank=0, world_size=1, micro_batch_size=MICRO)
         killer = threading.Thread(target=kill_after_two_shards)
         killer.start()
         got: list[int] = []

@@ -15,12 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.evaluation.bios_probe import HFGenerator
-from stablekd.launcher import models, pipeline
+from stablekd.launcher import models, prepare
 from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.stages.distill import soft_label_loss
 from stablekd.model.build import build_model, count_params, flops_per_token, padded_ids
-from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
-from stablekd.objectives.distill import SampledLabels, kd_sum, soft_label_loss
+from stablekd.objectives.distill import SampledLabels, kd_sum
 from stablekd.objectives.lm import nll_sum
 from tests.conftest import QUICKSTART
 from tests.hf_models import PROSE, byte_level_tokenizer, model_dir
@@ -130,14 +131,14 @@ def test_a_teacher_directory_brings_its_tokenizer_and_a_student_must_share_it(to
     assert models.tokenizer_dir(cfg) == teacher and not models.trains_tokenizer(cfg)
     # The same tokenizer saved by another process: other bytes, same content, same hash.
     assert tokenizer_hash(student) == tokenizer_hash(teacher)
-    pipeline.check_files(cfg)
+    prepare.check_files(cfg)
 
     other = tmp_path / "other"
     byte_level_tokenizer(other, TOKENS + 16)  # another vocabulary: another tokenizer
     shutil.copy(other / "tokenizer.json", student / "tokenizer.json")
     cfg = load_config(QUICKSTART, [*run, f"student.model={student}"])
     with pytest.raises(ConfigError) as e:
-        pipeline.check_files(cfg)
+        prepare.check_files(cfg)
     msg = str(e.value)
     for part in (
         str(student),
@@ -154,16 +155,14 @@ def test_a_teacher_directory_brings_its_tokenizer_and_a_student_must_share_it(to
     shutil.copytree(teacher, bare)
     (bare / "tokenizer.json").unlink()
     with pytest.raises(ConfigError, match=f"teacher.model {bare}: no tokenizer.json or tokenizer.model"):
-        pipeline.check_files(load_config(QUICKSTART, [*run, f"teacher.model={bare}"]))
-    pipeline.check_files(
-        load_config(QUICKSTART, [*run, f"teacher.model={bare}", f"tokenizer.path={teacher}"])
-    )
+        prepare.check_files(load_config(QUICKSTART, [*run, f"teacher.model={bare}"]))
+    prepare.check_files(load_config(QUICKSTART, [*run, f"teacher.model={bare}", f"tokenizer.path={teacher}"]))
     with pytest.raises(
         ConfigError, match=f"tokenizer.path: {other} .* is not the tokenizer of teacher.model"
     ):
-        pipeline.check_files(load_config(QUICKSTART, [*run, f"tokenizer.path={other}"]))
+        prepare.check_files(load_config(QUICKSTART, [*run, f"tokenizer.path={other}"]))
 
     # A preset teacher trains SentencePiece: a student bringing a tokenizer cannot share it.
     cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path / 'run2'}", f"student.model={student}"])
     with pytest.raises(ConfigError, match="brings its own tokenizer but this run trains a SentencePiece"):
-        pipeline.check_files(cfg)
+        prepare.check_files(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stablekd.launcher import pipeline
+from stablekd.launcher import prepare
 from stablekd.launcher.config import load_config
 from stablekd.launcher.stages import REGISTRY
 from stablekd.model.presets import preset
@@ -17,10 +17,6 @@ from tests.conftest import REPO, run_stablekd
 from tests.hf_models import PROSE, byte_level_tokenizer, model_dir
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-
-
-def test_gpu_and_hf_configs_are_shipped() -> None:
-    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "gpu.yaml", "hf.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +39,7 @@ def test_shipped_config_loads_and_its_deepspeed_jsons_validate(
         preset(cfg.teacher.model)  # a KeyError names the known presets
         preset(cfg.student.model)
     for stage in [s.name for s in REGISTRY if s.trains]:
-        ds = pipeline.prepare_ds_config(cfg, stage)  # ConfigError naming the file if DeepSpeed rejects it
+        ds = prepare.prepare_ds_config(cfg, stage)  # ConfigError naming the file if DeepSpeed rejects it
         train = getattr(cfg, stage)
         assert ds["train_batch_size"] == train.micro_batch_size * train.grad_accum * 2, stage
 

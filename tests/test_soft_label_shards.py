@@ -16,14 +16,11 @@ import torch
 
 from stablekd.data_pipeline import candidates as cg
 from stablekd.data_pipeline.encodings import compress, fidelity, id_dtype, merge_fidelity, tail_mass
-from stablekd.data_pipeline.shards import (
-    ShardError,
-    ShardLoader,
-    ShardReader,
-    ShardWriter,
-    _ordered_prefix,
-    finalize,
-)
+from stablekd.data_pipeline.shards.format import ShardError
+from stablekd.data_pipeline.shards.loader import ShardLoader
+from stablekd.data_pipeline.shards.manifest import _ordered_prefix, finalize
+from stablekd.data_pipeline.shards.reader import ShardReader
+from stablekd.data_pipeline.shards.writer import ShardWriter
 from stablekd.data_pipeline.soft_labels import (
     SoftLabelWriter,
     finalize_soft_labels,

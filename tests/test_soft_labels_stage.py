@@ -28,7 +28,8 @@ from stablekd.data_pipeline.candidates import candidate_reader, group_size
 from stablekd.data_pipeline.contexts import bios_contexts, document_contexts, tokenize_contexts
 from stablekd.data_pipeline.encodings import Decoded
 from stablekd.data_pipeline.online import OnlineSoftLabels, lockstep
-from stablekd.data_pipeline.shards import ShardLoader, read_manifest
+from stablekd.data_pipeline.shards.loader import ShardLoader
+from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.soft_labels import (
     SoftLabelWriter,
     finalize_soft_labels,
@@ -36,11 +37,11 @@ from stablekd.data_pipeline.soft_labels import (
     soft_label_reader,
 )
 from stablekd.data_pipeline.stream import PackedStream
-from stablekd.launcher import cli, models, pipeline
+from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
+from stablekd.launcher import cli, done, models, prepare, rundir
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.stages import NAMES
 from stablekd.model.build import build_model
-from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 from tests.conftest import run_group
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def run(tmp_path_factory):
     # stage must load the tag complete.json names (step4), which the equivalence test below checks.
     (ckpt / "latest").write_text("step0000002")
 
-    pipeline.prepare(cfg, ["soft_labels"])  # what `stablekd stage soft_labels` does before launching
+    prepare.prepare(cfg, ["soft_labels"])  # what `stablekd stage soft_labels` does before launching
     from stablekd.launcher.stages.soft_labels import preflight
 
     preflight(cfg)  # as pipeline.run does before starting the ranks
@@ -137,9 +138,11 @@ def test_stage_outputs(run):
     # One position in 8 of each batch: rank 0 batches of 2 and 1 rows (8 + 4), rank 1 one of 2 rows (8).
     assert fid["tokens"] == 8 + 4 + 8
     assert list((cfg.run_dir / "tb" / "soft_labels").glob("events.out.tfevents.*"))
-    assert pipeline.is_done(cfg, "soft_labels")
-    done = json.loads((out / "DONE.json").read_text())
-    assert done["produced"]["soft_labels"]["records"] == 5 and done["produced"]["candidates"]["groups"] == 5
+    assert done.is_done(cfg, "soft_labels")
+    record = json.loads((out / "DONE.json").read_text())
+    assert (
+        record["produced"]["soft_labels"]["records"] == 5 and record["produced"]["candidates"]["groups"] == 5
+    )
     assert not list(out.glob("*.tmp"))
 
 
@@ -190,9 +193,7 @@ def test_labels_follow_training_stream(run):
     for rank, n in ((0, 3), (1, 2)):
         files = [s["file"] for s in m["shards"] if s["rank"] == rank]
         written = np.concatenate([stnp.load_file(out / f)["input_ids"] for f in files])
-        stream = PackedStream(
-            pipeline.train_files(cfg), models.tokenizer_dir(cfg), 32, 2, rank, 2, loop=False
-        )
+        stream = PackedStream(rundir.train_files(cfg), models.tokenizer_dir(cfg), 32, 2, rank, 2, loop=False)
         rows = torch.cat([b["input_ids"] for b in stream])[:n]
         assert written.shape == (n, 32)
         assert np.array_equal(written, rows.numpy())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stablekd.data_pipeline.contexts import document_contexts
-from stablekd.data_pipeline.shards import ShardLoader
+from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.soft_labels import (
     SoftLabelWriter,
     finalize_soft_labels,
@@ -21,10 +21,11 @@ from stablekd.data_pipeline.soft_labels import (
 from stablekd.data_pipeline.sources import Corpus, SourceStats, read_documents
 from stablekd.data_pipeline.stream import PackedStream
 from stablekd.data_pipeline.tasks import Document, encode_documents, parse_record, render
+from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.evaluation.task_probe import normalize, probe_tasks
-from stablekd.launcher import models, pipeline
+from stablekd.launcher import models, prepare
 from stablekd.launcher.config import ConfigError, EvaluateConfig, load_config, save_config
-from stablekd.model.tokenizer import load_tokenizer, train_tokenizer
+from stablekd.model.tokenizer import train_tokenizer
 from stablekd.objectives.distill import soft_label_counts, soft_label_targets
 from stablekd.objectives.lm import IGNORE_INDEX
 
@@ -170,23 +171,23 @@ def test_init_from_a_previous_run_takes_its_tokenizer_shapes_and_checkpoint(tmp_
     assert models.tokenizer_dir(cfg) == prev.run_dir / "tokenizer" and not models.trains_tokenizer(cfg)
     assert models.teacher_init_checkpoint(cfg) == prev.run_dir / "teacher" / "ckpt"
     with pytest.raises(ConfigError, match="teacher/ckpt has no complete checkpoint"):
-        pipeline.check_files(cfg)
+        prepare.check_files(cfg)
     (prev.run_dir / "teacher" / "ckpt").mkdir(parents=True)
     (prev.run_dir / "teacher" / "ckpt" / "complete.json").write_text('{"tag": "step1", "step": 1}')
     with pytest.raises(ConfigError, match="trained with the tokenizer .*tokenizer, which is gone"):
-        pipeline.check_files(cfg)
+        prepare.check_files(cfg)
     (prev.run_dir / "tokenizer").mkdir()
-    pipeline.check_files(cfg)
+    prepare.check_files(cfg)
 
     # A Hugging Face directory is teacher.model's: init_from names it in a one-line refusal.
     hf = tmp_path / "hf"
     hf.mkdir()
     cfg = load_config(None, [f"run.out_dir={tmp_path / 'ft2'}", f"teacher.init_from={hf}"])
     with pytest.raises(ConfigError, match="has no config.yaml"):
-        pipeline.check_files(cfg)
+        prepare.check_files(cfg)
     (hf / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match=f"not a stablekd run: set teacher.model={hf}"):
-        pipeline.check_files(cfg)
+        prepare.check_files(cfg)
 
 
 def test_teacher_model_directory_brings_its_tokenizer(tmp_path):

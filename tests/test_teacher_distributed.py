@@ -19,11 +19,11 @@ from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
+from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.launcher.config import load_config
 from stablekd.launcher.monitor import read_scalars as tb_scalars
-from stablekd.launcher.pipeline import train_files
+from stablekd.launcher.rundir import train_files
 from stablekd.model.build import build_model
-from stablekd.model.tokenizer import load_tokenizer
 from stablekd.objectives.lm import nll_sum
 from tests.conftest import (
     QUICKSTART,

@@ -6,7 +6,8 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from stablekd.data_pipeline import bios
-from stablekd.model.tokenizer import encode, load_tokenizer, tokenizer_hash, train_tokenizer
+from stablekd.data_pipeline.tokenize import encode, load_tokenizer, tokenizer_hash
+from stablekd.model.tokenizer import train_tokenizer
 
 
 def test_round_trip_through_autotokenizer(tmp_path):

@@ -1,6 +1,6 @@
 """A stage reads another's output only when that stage finished with its current config (issue #11 item 3).
 
-Run directories are fabricated: DONE.json files written with `pipeline.write_done` (the current hash) or
+Run directories are fabricated: DONE.json files written with `done.write_done` (the current hash) or
 edited to another hash; a teacher/ckpt/complete.json without teacher/DONE.json is a teacher killed (or
 still running) after its last checkpoint. `check_upstream` runs in the launching process before any rank.
 """
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from stablekd.launcher import pipeline
+from stablekd.launcher import done, rundir
 from stablekd.launcher.cli import main
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.stages import REGISTRY
@@ -23,14 +23,14 @@ def _cfg(run, *extra):
 
 
 def _done(cfg, stage, hash_=None):
-    pipeline.write_done(cfg, stage, {}, {})
+    done.write_done(cfg, stage, {}, {})
     if hash_ is not None:
-        path = pipeline.done_path(cfg, stage)
+        path = rundir.done_path(cfg, stage)
         path.write_text(json.dumps({**json.loads(path.read_text()), "config_hash": hash_}))
 
 
 def _killed_teacher(cfg):
-    ckpt = pipeline.ckpt_dir(cfg, "teacher")
+    ckpt = rundir.ckpt_dir(cfg, "teacher")
     ckpt.mkdir(parents=True)
     (ckpt / "complete.json").write_text(json.dumps({"tag": "step0000006", "step": 6}))
 
@@ -46,12 +46,12 @@ def test_teacher_with_checkpoint_but_no_done_is_refused(stage, tmp_path):
     cfg = _cfg(tmp_path / "run")
     _killed_teacher(cfg)
     with pytest.raises(ConfigError) as e:
-        pipeline.check_upstream(cfg, stage)
+        done.check_upstream(cfg, stage)
     msg = str(e.value)
     assert str(cfg.run_dir / "teacher" / "DONE.json") in msg and "missing" in msg
     assert f"run `stablekd stage teacher CONFIG run.out_dir={cfg.run_dir}` to finish it" in msg
     _done(cfg, "teacher")
-    pipeline.check_upstream(cfg, stage)  # finished now: accepted
+    done.check_upstream(cfg, stage)  # finished now: accepted
 
 
 def test_done_with_another_hash_is_refused(tmp_path):
@@ -61,38 +61,38 @@ def test_done_with_another_hash_is_refused(tmp_path):
     with pytest.raises(
         ConfigError, match=r"teacher/DONE.json has config hash 0123456789abcdef, but stage teacher"
     ):
-        pipeline.check_upstream(cfg, "soft_labels")
+        done.check_upstream(cfg, "soft_labels")
     _done(cfg, "teacher")  # the current hash
-    pipeline.check_upstream(cfg, "soft_labels")
+    done.check_upstream(cfg, "soft_labels")
     changed = _cfg(tmp_path / "run", "teacher.lr=1e-3")  # the teacher finished with another lr
     with pytest.raises(ConfigError, match=r"teacher/DONE.json has config hash .* would have"):
-        pipeline.check_upstream(changed, "soft_labels")
+        done.check_upstream(changed, "soft_labels")
 
 
 def test_distill_needs_soft_labels_or_for_online_the_teacher(tmp_path):
     cfg = _cfg(tmp_path / "run")
     with pytest.raises(ConfigError, match=r"soft_labels/DONE.json missing.*stablekd stage soft_labels"):
-        pipeline.check_upstream(cfg, "distill")
+        done.check_upstream(cfg, "distill")
     online = _cfg(tmp_path / "run", "distill.online=true")
     with pytest.raises(ConfigError, match=r"teacher/DONE.json missing"):
-        pipeline.check_upstream(online, "distill")
+        done.check_upstream(online, "distill")
     _done(cfg, "teacher")
-    pipeline.check_upstream(online, "distill")  # online reads the teacher only
+    done.check_upstream(online, "distill")  # online reads the teacher only
     with pytest.raises(ConfigError, match=r"soft_labels/DONE.json missing"):
-        pipeline.check_upstream(cfg, "distill")
+        done.check_upstream(cfg, "distill")
     # follow mode reads a soft_labels stage still writing: no DONE.json yet is the point
     follow = _cfg(tmp_path / "run", "distill.follow=true")
-    pipeline.check_upstream(follow, "distill")
+    done.check_upstream(follow, "distill")
     # A follower's hash (on its checkpoints) does not change when the stage it follows finishes.
-    while_writing = pipeline.stage_hash(follow, "distill")
+    while_writing = done.stage_hash(follow, "distill")
     _done(cfg, "soft_labels")
-    assert pipeline.stage_hash(follow, "distill") == while_writing
+    assert done.stage_hash(follow, "distill") == while_writing
     _done(cfg, "soft_labels", hash_="stale")  # but a finished one must still match
     with pytest.raises(ConfigError, match=r"soft_labels/DONE.json has config hash stale"):
-        pipeline.check_upstream(follow, "distill")
+        done.check_upstream(follow, "distill")
     _done(cfg, "soft_labels")
-    pipeline.check_upstream(cfg, "distill")
-    pipeline.check_upstream(follow, "distill")
+    done.check_upstream(cfg, "distill")
+    done.check_upstream(follow, "distill")
 
 
 def test_contrastive_needs_distill_and_soft_labels(tmp_path):
@@ -100,27 +100,27 @@ def test_contrastive_needs_distill_and_soft_labels(tmp_path):
     _done(cfg, "teacher")
     _done(cfg, "distill")
     with pytest.raises(ConfigError, match=r"soft_labels/DONE.json missing"):
-        pipeline.check_upstream(cfg, "contrastive")
+        done.check_upstream(cfg, "contrastive")
     _done(cfg, "soft_labels")  # new upstream hash: distill's DONE.json (written before) is stale now
     with pytest.raises(ConfigError, match=r"student/DONE.json has config hash"):
-        pipeline.check_upstream(cfg, "contrastive")
+        done.check_upstream(cfg, "contrastive")
     _done(cfg, "distill")
-    pipeline.check_upstream(cfg, "contrastive")
-    pipeline.done_path(cfg, "distill").unlink()
+    done.check_upstream(cfg, "contrastive")
+    rundir.done_path(cfg, "distill").unlink()
     with pytest.raises(ConfigError, match=r"student/DONE.json missing.*stablekd stage distill"):
-        pipeline.check_upstream(cfg, "contrastive")
+        done.check_upstream(cfg, "contrastive")
 
 
 def test_evaluate_checks_each_model_present(tmp_path):
     cfg = _cfg(tmp_path / "run")
     _done(cfg, "teacher")
-    pipeline.check_upstream(cfg, "evaluate")  # no student yet: the report has the teacher only
-    hf = pipeline.stage_dir(cfg, "distill") / "hf"
+    done.check_upstream(cfg, "evaluate")  # no student yet: the report has the teacher only
+    hf = rundir.stage_dir(cfg, "distill") / "hf"
     hf.mkdir(parents=True)  # exported, then killed before DONE.json
     with pytest.raises(ConfigError, match=r"evaluate: .*student/DONE.json missing"):
-        pipeline.check_upstream(cfg, "evaluate")
+        done.check_upstream(cfg, "evaluate")
     _done(cfg, "distill")
-    pipeline.check_upstream(cfg, "evaluate")
+    done.check_upstream(cfg, "evaluate")
 
 
 def test_cli_stage_refuses_an_unfinished_teacher_in_one_line(tmp_path, capsys):

@@ -3,7 +3,7 @@
 The pipeline driver (order, skip/resume, where DONE.json lives), the training loop (checkpoint and
 TensorBoard directories), the evaluate stage (which models the report has, in which column order), the
 CLI (`stablekd stage NAME` choices), the file checks and the upstream check (what a stage reads has
-finished: `pipeline.check_upstream`) read this table. Adding a stage is one row here
+finished: `done.check_upstream`) read this table. Adding a stage is one row here
 and one module `launcher/stages/<name>.py` with `run(cfg)` (optionally `preflight(cfg)` and, for an
 in-process stage, `needs_ranks(cfg)`).
 """
@@ -22,7 +22,7 @@ class StageSpec:
     model: str = ""  # report column of the Hugging Face model it exports to <out_dir>/hf ("" = none)
     sections: tuple[str, ...] = ()  # config sections its result depends on besides its own (in the hash)
     # Earlier stages whose output it reads: each must have finished with its current config (DONE.json
-    # with the hash it would have now) before this one starts (pipeline.check_upstream).
+    # with the hash it would have now) before this one starts (done.check_upstream).
     needs: tuple[str, ...] = ()
     # Earlier stages whose output it reads when they exist (evaluate: every model the run has): checked
     # like `needs` once the stage's directory exists, ignored while it does not.
@@ -34,6 +34,19 @@ class StageSpec:
     @property
     def module(self) -> str:
         return f"stablekd.launcher.stages.{self.name}"
+
+    # Where its files lie, relative to the run directory (launcher/rundir.py joins them).
+    @property
+    def ds_json(self) -> str:  # its resolved DeepSpeed JSON (a training stage's)
+        return f"ds/{self.name}.json"
+
+    @property
+    def tb_dir(self) -> str:  # its TensorBoard scalars
+        return f"tb/{self.name}"
+
+    @property
+    def ckpt_dir(self) -> str:  # its checkpoints (complete.json names the last complete tag)
+        return f"{self.out_dir}/ckpt"
 
 
 # In pipeline order: a stage reads only what the stages before it left.

@@ -44,13 +44,13 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.candidates import KIND as CANDIDATES
 from stablekd.data_pipeline.candidates import candidate_batch, flat_candidates, training_groups
 from stablekd.data_pipeline.contexts import bios_truth, judge_continuations
-from stablekd.data_pipeline.shards import read_manifest
+from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
+from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import engine, models, pipeline
+from stablekd.launcher import artifacts, done, engine, models, rundir
 from stablekd.launcher.config import ConfigError, ContrastiveConfig, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
-from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.objectives.contrastive import (
     ProjectionHead,
     continuation_logprob,
@@ -66,10 +66,10 @@ from stablekd.objectives.lm import IGNORE_INDEX, Loss, lm_loss, nll_sum, shifted
 
 def preflight(cfg: ExperimentConfig) -> None:
     """The distilled student and the candidate groups exist and match this run's tokenizer."""
-    hf = pipeline.stage_dir(cfg, "distill") / "hf"
+    hf = rundir.stage_dir(cfg, "distill") / "hf"
     if not (hf / "config.json").is_file():
         raise ConfigError(f"{hf}: missing: run `stablekd stage distill` first (with distill.export_hf=true)")
-    cand = pipeline.stage_dir(cfg, "soft_labels") / "candidates"
+    cand = rundir.stage_dir(cfg, "soft_labels") / "candidates"
     meta = read_manifest(cand, CANDIDATES, {"tokenizer_hash": tokenizer_hash(models.tokenizer_dir(cfg))})[
         "meta"
     ]
@@ -79,7 +79,7 @@ def preflight(cfg: ExperimentConfig) -> None:
             f"data.seq_len {cfg.data.seq_len}, the positions the student was trained on"
         )
     if cfg.contrastive.lm == "kd":
-        read_manifest(pipeline.stage_dir(cfg, "soft_labels"), "soft_labels")
+        read_manifest(rundir.stage_dir(cfg, "soft_labels"), "soft_labels")
 
 
 class LMWithHead(torch.nn.Module):
@@ -292,9 +292,9 @@ def make_loss(cfg: ExperimentConfig, vocab: int):
 
 def _lm_batches(cfg: ExperimentConfig, rank: int, world: int, micro: int):
     if cfg.contrastive.lm == "kd":
-        return pipeline.open_soft_labels(cfg, rank, world, micro)
+        return artifacts.open_soft_labels(cfg, rank, world, micro)
     stream = PackedStream(
-        pipeline.train_files(cfg), models.tokenizer_dir(cfg), cfg.data.seq_len, micro, rank, world,
+        rundir.train_files(cfg), models.tokenizer_dir(cfg), cfg.data.seq_len, micro, rank, world,
         cfg.data.num_workers,
     )  # fmt: skip
     return StreamLoader(stream)
@@ -304,36 +304,34 @@ def run(cfg: ExperimentConfig) -> None:
     rank, world = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
     engine.seed_rng(cfg.run.seed)  # the negatives' draws (and the embedding head's init) repeat run to run
     c, run_dir, seq_len = cfg.contrastive, cfg.run_dir, cfg.data.seq_len
-    ds = json.loads((run_dir / "ds" / "contrastive.json").read_text())
+    ds = json.loads(rundir.ds_path(cfg, "contrastive").read_text())
     zero3 = zero_stage(ds) == 3
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (built inside zero.Init)
     tok_dir = models.tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tok_dir)
-    start = pipeline.stage_dir(cfg, "distill") / "hf"
+    start = rundir.stage_dir(cfg, "distill") / "hf"
     lm = build_model(str(start), tokenizer, seq_len, cfg.run.seed)
     with torch.random.fork_rng():  # one head on every rank: seed_rng gave each rank its own stream
         torch.manual_seed(cfg.run.seed)
         model = LMWithHead(lm, c.head_dim) if c.scorer == "embedding" else lm
     micro = ds["train_micro_batch_size_per_gpu"]
     groups = training_groups(
-        pipeline.stage_dir(cfg, "soft_labels") / "candidates", {"tokenizer_hash": tokenizer_hash(tok_dir)},
+        rundir.stage_dir(cfg, "soft_labels") / "candidates", {"tokenizer_hash": tokenizer_hash(tok_dir)},
         micro, rank, world, cfg.data.num_workers,
     )  # fmt: skip
     truth = {} if cfg.data.paths else bios_truth(bios.load_truth(run_dir / "data" / "truth.json")[0])
     batches = GroupsWithLM(groups, _lm_batches(cfg, rank, world, micro), tokenizer, truth, c.hard_negatives)
-    evals = eval_batches(pipeline.eval_files(cfg), tok_dir, seq_len, micro, c.eval_batches, rank, world)
+    evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, c.eval_batches, rank, world)
     weights = {"infonce": 1.0, "lm": c.lam, **({"simctg": 1.0} if c.margin > 0 else {})}
     stage = engine.Stage(
         "contrastive", model, batches, make_loss(cfg, len(tokenizer)), evals, flops_per_token(lm, seq_len),
         weights=weights, count=counts(c), tokens=lambda b: b["lm_input_ids"].numel() + b["cand_ids"].numel(),
         eval_loss=functools.partial(lm_loss, vocab=len(tokenizer)),
     )  # fmt: skip
-    result = engine.train(
-        stage, c, ds, run_dir, pipeline.stage_hash(cfg, "contrastive"), cfg.run.trace_samples
-    )
+    result = engine.train(stage, c, ds, run_dir, done.stage_hash(cfg, "contrastive"), cfg.run.trace_samples)
 
     module = result.engine.module
-    pipeline.finish_training(
+    artifacts.finish_training(
         cfg, "contrastive", result, module.lm if isinstance(module, LMWithHead) else module, tokenizer, ds,
         {"scorer": c.scorer}, {"start": str(start), "tokenizer_hash": tokenizer_hash(tok_dir)},
     )  # fmt: skip

@@ -3,7 +3,7 @@
     stablekd stage distill configs/quickstart.yaml run.out_dir=runs/quickstart
 
 Runs on ranks with its own DeepSpeed JSON (`distill.ds_config`, any ZeRO stage; `ds/distill.json`).
-Soft labels come from (`pipeline.open_soft_labels`, one interface):
+Soft labels come from (`artifacts.open_soft_labels`, one interface):
 - the shards of soft_labels/ (default), in epochs of equal length on every rank;
 - the same shards while the soft_labels stage still writes them (`distill.follow=true`);
 - the sharded ZeRO-3 teacher in this job (`distill.online=true`), loaded from its checkpoint as the
@@ -21,22 +21,60 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
-from stablekd.data_pipeline.shards import read_manifest
+from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.soft_labels import KIND as SOFT_LABELS
 from stablekd.data_pipeline.stream import eval_batches
+from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import engine, models, pipeline
+from stablekd.launcher import artifacts, done, engine, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.model.build import rows as embedding_rows
-from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
-from stablekd.objectives.distill import soft_label_counts, soft_label_loss, soft_label_weights
-from stablekd.objectives.lm import lm_loss
+from stablekd.objectives.agreement import AGREEMENT_TOKENS, agreement_sums
+from stablekd.objectives.distill import (
+    check_params,
+    kd_sum,
+    soft_label_counts,
+    soft_label_targets,
+    soft_label_teacher,
+    soft_label_weights,
+)
+from stablekd.objectives.lm import Loss, lm_loss, nll_sum
+
+
+def soft_label_loss(
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    alpha: float = 1.0,
+    vocab: int | None = None,
+) -> Callable[[torch.nn.Module, dict], Loss]:
+    """The training loop's loss on soft-label batches: terms "kd" (``kd_sum``) and, when alpha < 1, "ce"
+    (the loop weighs them alpha and 1 − alpha); metrics student_topk_mass and top1_agreement. `vocab`:
+    the tokenizer's size V; the student's logits past it (padded rows) are cut off (objectives/distill.py, Vocabulary)."""
+    check_params(kind, temperature, beta, skew)
+
+    def loss(model: torch.nn.Module, batch: dict) -> Loss:
+        labels = soft_label_targets(batch)  # (B, T); the model predicts position t + 1
+        logits = model(input_ids=batch["input_ids"].long()).logits[..., :vocab]  # (B, T, V): a view
+        teacher = soft_label_teacher(batch)
+        kd, _ = kd_sum(logits, teacher, labels, kind, temperature, beta, skew)
+        sums = {"kd": kd}
+        if alpha < 1.0:  # a zero-weight CE term would cost a full log-softmax and its backward per step
+            sums["ce"] = nll_sum(logits, labels)[0]
+        agree = agreement_sums(logits.detach(), teacher[0], labels, max_tokens=AGREEMENT_TOKENS)
+        seen = float(agree["tokens"])
+        return Loss(sums, {k: (float(agree[k]), seen) for k in ("student_topk_mass", "top1_agreement")})
+
+    return loss
 
 
 def _check_student(cfg: ExperimentConfig) -> None:
@@ -60,7 +98,7 @@ def _check_student(cfg: ExperimentConfig) -> None:
             )
     if d.online:
         return  # the teacher in this job labels with the run's tokenizer
-    out = pipeline.stage_dir(cfg, "soft_labels")
+    out = rundir.stage_dir(cfg, "soft_labels")
     if d.follow and not (out / "manifest.json").is_file():
         return  # the writer may not have started: the reader checks every rank manifest as it comes
     meta = read_manifest(out, SOFT_LABELS)["meta"]
@@ -75,7 +113,7 @@ def _check_student(cfg: ExperimentConfig) -> None:
 def preflight(cfg: ExperimentConfig) -> None:
     """What the launching process checks before starting ranks: a one-line error instead of a rank traceback."""
     if cfg.distill.online:
-        pipeline.check_teacher_checkpoint(cfg, "distill")
+        artifacts.check_teacher_checkpoint(cfg, "distill")
     _check_student(cfg)
 
 
@@ -84,16 +122,16 @@ def run(cfg: ExperimentConfig) -> None:
     engine.seed_rng(cfg.run.seed)  # runs of one config draw the same (dropout, any sampling)
     d, run_dir, seq_len = cfg.distill, cfg.run_dir, cfg.data.seq_len
     # The online teacher first: its HfDeepSpeedConfig must not be alive while the student is built.
-    teacher = pipeline.sharded_teacher(cfg) if d.online else None
-    ds = json.loads((run_dir / "ds" / "distill.json").read_text())
+    teacher = artifacts.sharded_teacher(cfg) if d.online else None
+    ds = json.loads(rundir.ds_path(cfg, "distill").read_text())
     zero3 = zero_stage(ds) == 3
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (student built inside zero.Init)
     tok_dir = models.tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tok_dir)
     student = build_model(cfg.student.model, tokenizer, seq_len, cfg.run.seed)
     micro = ds["train_micro_batch_size_per_gpu"]
-    batches = pipeline.open_soft_labels(cfg, rank, world, micro, teacher)
-    evals = eval_batches(pipeline.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
+    batches = artifacts.open_soft_labels(cfg, rank, world, micro, teacher)
+    evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
     stage = engine.Stage(
         "distill", student, batches,
         soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab=len(tokenizer)), evals,
@@ -101,12 +139,12 @@ def run(cfg: ExperimentConfig) -> None:
         weights=soft_label_weights(d.alpha), count=soft_label_counts,
         eval_loss=functools.partial(lm_loss, vocab=len(tokenizer)),
     )  # fmt: skip
-    result = engine.train(stage, d, ds, run_dir, pipeline.stage_hash(cfg, "distill"), cfg.run.trace_samples)
+    result = engine.train(stage, d, ds, run_dir, done.stage_hash(cfg, "distill"), cfg.run.trace_samples)
 
-    produced = {"source": "online teacher" if d.online else str(pipeline.stage_dir(cfg, "soft_labels"))}
+    produced = {"source": "online teacher" if d.online else str(rundir.stage_dir(cfg, "soft_labels"))}
     if teacher is not None:
         produced["teacher_checkpoint"] = teacher.checkpoint_id
-    pipeline.finish_training(
+    artifacts.finish_training(
         cfg, "distill", result, result.engine.module, tokenizer, ds, produced,
         {"tokenizer_hash": tokenizer_hash(tok_dir), "student": cfg.student.model},
     )  # fmt: skip

@@ -5,7 +5,7 @@ whole (fp32 on CPU, bf16 on a GPU) and evaluated with the same prompts and seeds
 an export the stage runs in the launching process. A teacher with a complete ZeRO-3 checkpoint
 (teacher/ckpt/complete.json) and no teacher/hf is evaluated from its shards, never consolidated: the
 stage then runs on the teacher's ranks (`needs_ranks`; the deepspeed runner, like the other stages),
-every rank loads the teacher partitioned (`pipeline.sharded_teacher`) and runs the same
+every rank loads the teacher partitioned (`artifacts.sharded_teacher`) and runs the same
 prompts, batches and seeds (so the ZeRO-3 collectives stay in lockstep; `generate` with synced_gpus),
 models with an export are loaded whole on every rank, and only rank 0 prints and writes.
 Writes eval/report.json ({"models": {name: {metric: value}}, "ratios", "notes", ...}), eval/report.md
@@ -38,14 +38,14 @@ from transformers.utils import logging as hf_logging
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.stream import eval_batches
+from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
-from stablekd.launcher import launch, models, pipeline
+from stablekd.launcher import artifacts, done, launch, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
 from stablekd.launcher.stages import MODELS, model_stage
 from stablekd.model.build import count_params
-from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 
 
 def find_models(run_dir: Path) -> dict[str, Path]:
@@ -53,7 +53,7 @@ def find_models(run_dir: Path) -> dict[str, Path]:
     complete ZeRO-3 checkpoint and no export; a ConfigError when none can be evaluated."""
     found: dict[str, Path] = {}
     for name in MODELS:  # the report's column order
-        hf, ckpt = run_dir / model_stage(name).out_dir / "hf", run_dir / model_stage(name).out_dir / "ckpt"
+        hf, ckpt = run_dir / model_stage(name).out_dir / "hf", run_dir / model_stage(name).ckpt_dir
         if (hf / "config.json").is_file():
             found[name] = hf
         elif name == "teacher" and (ckpt / "complete.json").is_file():
@@ -142,10 +142,10 @@ def _perplexity(
 
 def _trained_task_records(cfg: ExperimentConfig) -> int:
     """Task records the teacher trained on (its DONE.json data counts; 0 when it has none)."""
-    done = pipeline.done_path(cfg, "teacher")
-    if not done.is_file():
+    path = rundir.done_path(cfg, "teacher")
+    if not path.is_file():
         return 0
-    return int(json.loads(done.read_text()).get("produced", {}).get("data_stats", {}).get("task_records", 0))
+    return int(json.loads(path.read_text()).get("produced", {}).get("data_stats", {}).get("task_records", 0))
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -196,7 +196,7 @@ def run(cfg: ExperimentConfig) -> None:
 def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     """Every model of the run; under ranks (rank = this rank) every rank runs it all, rank 0 writes."""
     t_start = time.perf_counter()
-    say = pipeline.say if rank == 0 else (lambda msg: None)
+    say = rundir.say if rank == 0 else (lambda msg: None)
     ecfg, run_dir = cfg.evaluate, cfg.run_dir
     found = find_models(run_dir)
     encoder_src = _encoder_dir(ecfg.coherence_encoder) if ecfg.coherence_encoder else None
@@ -212,7 +212,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             return _load(path, run_tok_dir, device, dtype)
         if sharded is None:
             with torch.enable_grad():  # deepspeed.initialize builds an optimizer: not under no_grad
-                sharded = pipeline.sharded_teacher(cfg)
+                sharded = artifacts.sharded_teacher(cfg)
             notes.append(
                 f"teacher: evaluated from its ZeRO-3 shards ({sharded.checkpoint_id}) on "
                 f"{torch.distributed.get_world_size()} ranks"
@@ -230,9 +230,9 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             "bios_* keys absent: the run trains on a user corpus (data.paths); the bios probe needs the "
             "built-in corpus and its ground truth"
         )
-    # Held-out text (pipeline.eval_files): data.eval_paths, the share of data.paths every training stage
+    # Held-out text (rundir.eval_files): data.eval_paths, the share of data.paths every training stage
     # left out (data.eval_fraction), or the bios held-out biographies. It may hold no document at all.
-    held = pipeline.eval_files(cfg)
+    held = rundir.eval_files(cfg)
     # Prefixes from held-out text only: a continuation of training text measures recall, not generation.
     prefixes = report.load_prefixes(held, run_tok, ecfg.prefixes, ecfg.prefix_tokens) if held else []
     sizes, missing = report.continuation_sizes(len(prefixes), ecfg)
@@ -345,16 +345,16 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         "settings": to_dict(ecfg),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    paths = report.write_report(out, samples, run_dir / "eval", run_dir / "tb" / "evaluate")
+    paths = report.write_report(out, samples, run_dir / "eval", rundir.tb_dir(cfg, "evaluate"))
     produced = {"report_json": str(paths["json"]), "report_md": str(paths["md"]), "models": list(found)}
     inputs = {
         "models": {n: str(p) for n, p in found.items()},
         "model_config_hashes": {
-            n: json.loads(pipeline.done_path(cfg, model_stage(n).name).read_text())["config_hash"]
+            n: json.loads(rundir.done_path(cfg, model_stage(n).name).read_text())["config_hash"]
             for n in found
-            if pipeline.done_path(cfg, model_stage(n).name).is_file()
+            if rundir.done_path(cfg, model_stage(n).name).is_file()
         },
         "tokenizer_hash": tokenizer_hash(run_tok_dir),
     }
-    pipeline.write_done(cfg, "evaluate", produced, inputs)
+    done.write_done(cfg, "evaluate", produced, inputs)
     say(f"evaluate: report -> {paths['md']} ({out['seconds']}s)")

@@ -43,7 +43,7 @@ from stablekd.data_pipeline.contexts import bios_contexts, document_contexts, to
 from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.online import lockstep
-from stablekd.data_pipeline.shards import finalize
+from stablekd.data_pipeline.shards.manifest import finalize
 from stablekd.data_pipeline.soft_labels import (
     FIDELITY_RATE,
     SoftLabelWriter,
@@ -51,19 +51,19 @@ from stablekd.data_pipeline.soft_labels import (
     finalize_soft_labels,
 )
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
-from stablekd.launcher import engine, models, pipeline
+from stablekd.data_pipeline.tokenize import tokenizer_hash
+from stablekd.launcher import artifacts, done, engine, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.monitor import Monitor
 from stablekd.model.build import pad_id
 from stablekd.model.sharded_teacher import ShardedTeacher
-from stablekd.model.tokenizer import tokenizer_hash
 from stablekd.objectives.lm import IGNORE_INDEX
 
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Checks the launching process runs before starting ranks: a clear one-line error instead of a rank traceback."""
-    pipeline.check_teacher_checkpoint(cfg, "soft_labels")
-    if not (cfg.run_dir / "ds" / "teacher.json").is_file():
+    artifacts.check_teacher_checkpoint(cfg, "soft_labels")
+    if not rundir.ds_path(cfg, "teacher").is_file():
         raise ConfigError(
             f"{cfg.run_dir / 'ds' / 'teacher.json'}: missing; run `stablekd stage teacher` first"
         )
@@ -120,7 +120,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     """
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
     out, tok_dir, seq_len = (
-        pipeline.stage_dir(cfg, "soft_labels"),
+        rundir.stage_dir(cfg, "soft_labels"),
         models.tokenizer_dir(cfg),
         cfg.data.seq_len,
     )
@@ -133,7 +133,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         fid = json.loads(fid_path.read_text()) if fid_path.exists() else merge_fidelity([])
     else:
         stream = PackedStream(
-            pipeline.train_files(cfg), tok_dir, seq_len, sl.micro_batch_size, rank, world,
+            rundir.train_files(cfg), tok_dir, seq_len, sl.micro_batch_size, rank, world,
             cfg.data.num_workers, loop=quota is not None,
         )  # fmt: skip
         # A resumed rank skips the sequences its committed shards hold (the stream is deterministic).
@@ -141,7 +141,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         fid = merge_fidelity([])
     todo = None if quota is None else max(0, quota - writer.records_written)
     monitor = Monitor(
-        cfg.run_dir / "tb" / "soft_labels",
+        rundir.tb_dir(cfg, "soft_labels"),
         None if todo is None else math.ceil(todo / sl.micro_batch_size),  # type: ignore[arg-type]
         0,
         "soft labels",
@@ -224,7 +224,7 @@ def candidate_contexts(cfg: ExperimentConfig, tokenizer) -> list[tuple[list[int]
             raise ConfigError(
                 f"soft_labels.max_new_tokens {sl.max_new_tokens} leaves no room for a context in data.seq_len {cfg.data.seq_len}"
             )
-        return document_contexts(pipeline.train_files(cfg), tokenizer, sl.candidate_contexts, room)
+        return document_contexts(rundir.train_files(cfg), tokenizer, sl.candidate_contexts, room)
     people, _ = bios.load_truth(cfg.run_dir / "data" / "truth.json")
     pairs = tokenize_contexts(tokenizer, bios_contexts(people, sl.candidate_contexts, cfg.run.seed))
     room = max(1, cfg.data.seq_len - sl.max_new_tokens)
@@ -241,7 +241,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     """
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
     tok = teacher.tokenizer
-    out = pipeline.stage_dir(cfg, "soft_labels") / "candidates"
+    out = rundir.stage_dir(cfg, "soft_labels") / "candidates"
     contexts = candidate_contexts(cfg, tok)
     if not contexts:
         raise ConfigError("soft_labels.candidates: the corpus gave no context (documents of >= 2 tokens)")
@@ -306,7 +306,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
 def run(cfg: ExperimentConfig) -> ShardedTeacher:
     """The stage on every rank; returns the loaded teacher for callers that keep using it in the same job."""
     rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
-    teacher = pipeline.sharded_teacher(cfg)
+    teacher = artifacts.sharded_teacher(cfg)
     if rank == 0:
         tqdm.write(
             f"[soft_labels] teacher {teacher.checkpoint_id} loaded from its ZeRO shards (tag {teacher.tag})"
@@ -315,13 +315,13 @@ def run(cfg: ExperimentConfig) -> ShardedTeacher:
     if cfg.soft_labels.candidates:
         produced["candidates"] = sample_candidates(cfg, teacher)
     if rank == 0:
-        marker = read_marker(pipeline.ckpt_dir(cfg, "teacher")) or {}
+        marker = read_marker(rundir.ckpt_dir(cfg, "teacher")) or {}
         inputs = {
             "teacher_checkpoint": teacher.checkpoint_id,
             "teacher_config_hash": marker.get("config_hash"),
             "tokenizer_hash": tokenizer_hash(models.tokenizer_dir(cfg)),
-            "train_files": [str(f) for f in pipeline.train_files(cfg)],
+            "train_files": [str(f) for f in rundir.train_files(cfg)],
         }
-        pipeline.write_done(cfg, "soft_labels", produced, inputs)
+        done.write_done(cfg, "soft_labels", produced, inputs)
     dist.barrier()
     return teacher

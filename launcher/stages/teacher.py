@@ -18,11 +18,11 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline.sources import SourceStats
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
+from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import engine, models, pipeline
+from stablekd.launcher import artifacts, done, engine, models, prepare, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
-from stablekd.model.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.objectives.lm import lm_loss
 
 
@@ -37,7 +37,7 @@ def preflight(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"teacher.init_from: {theirs_path} missing (the previous run's resolved DeepSpeed JSON)"
         )
-    theirs, ours = json.loads(theirs_path.read_text()), pipeline.resolve_ds_config(cfg, "teacher")
+    theirs, ours = json.loads(theirs_path.read_text()), prepare.resolve_ds_config(cfg, "teacher")
     for what, a, b in (
         ("ZeRO stage", zero_stage(theirs), zero_stage(ours)),
         ("bf16", theirs.get("bf16", {}).get("enabled"), ours.get("bf16", {}).get("enabled")),
@@ -54,7 +54,7 @@ def run(cfg: ExperimentConfig) -> None:
     rank, world = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
     engine.seed_rng(cfg.run.seed)  # runs of one config draw the same (dropout, any sampling)
     run_dir = cfg.run_dir
-    ds = json.loads((run_dir / "ds" / "teacher.json").read_text())
+    ds = json.loads(rundir.ds_path(cfg, "teacher").read_text())
     zero3 = zero_stage(ds) == 3
     # Alive while the model is built: transformers then constructs it inside deepspeed.zero.Init.
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841
@@ -64,10 +64,10 @@ def run(cfg: ExperimentConfig) -> None:
     model = build_model(models.teacher_source(cfg), tokenizer, seq_len, cfg.run.seed)
     # Every rank reads the whole corpus (it keeps the global document index), so rank 0's counts suffice.
     stats = SourceStats()
-    files = pipeline.train_files(cfg)
+    files = rundir.train_files(cfg)
     stream = PackedStream(files, tok_dir, seq_len, micro, rank, world, cfg.data.num_workers, stats=stats)
     evals = eval_batches(
-        pipeline.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
+        rundir.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
     )
     lm = functools.partial(lm_loss, vocab=len(tokenizer))  # padded embedding rows never count
     stage = engine.Stage(
@@ -75,7 +75,7 @@ def run(cfg: ExperimentConfig) -> None:
         init_checkpoint=models.teacher_init_checkpoint(cfg),
     )  # fmt: skip
     result = engine.train(
-        stage, cfg.teacher, ds, run_dir, pipeline.stage_hash(cfg, "teacher"), cfg.run.trace_samples
+        stage, cfg.teacher, ds, run_dir, done.stage_hash(cfg, "teacher"), cfg.run.trace_samples
     )
 
     if rank == 0:
@@ -90,13 +90,13 @@ def run(cfg: ExperimentConfig) -> None:
                 "(loss on their responses only)",
                 flush=True,
             )
-        if stats.other_split:  # the eval share of data.paths (pipeline.train_files)
+        if stats.other_split:  # the eval share of data.paths (rundir.train_files)
             print(
                 f"[teacher] data: {stats.other_split} documents held out for eval "
                 f"(data.eval_fraction {files.eval_fraction}), {stats.documents} trained on",
                 flush=True,
             )
-    pipeline.finish_training(
+    artifacts.finish_training(
         cfg, "teacher", result, result.engine.module, tokenizer, ds,
         {"data_stats": stats.as_dict()},  # complete once the stream has passed the end of the corpus
         {"tokenizer_hash": tokenizer_hash(tok_dir), "train_files": [str(f) for f in files]},

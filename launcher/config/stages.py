@@ -1,0 +1,272 @@
+"""One section per stage (the registry's names, launcher/stages/__init__.py): teacher, soft_labels, student,
+distill, contrastive, evaluate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stablekd.data_pipeline.errors import ConfigError
+from stablekd.data_pipeline.formats import ENCODINGS
+from stablekd.launcher.config.fields import _at_least, _f, _model, _positive, _probability
+from stablekd.launcher.config.sections import TrainConfig
+
+
+@dataclass
+class TeacherConfig(TrainConfig):
+    model: str = _f(
+        "teacher-s",
+        "model preset name (model/presets.py) or a local Hugging Face directory of any causal-LM "
+        "architecture (its weights; its tokenizer.json/tokenizer.model, when it has one, is the run's tokenizer)",
+    )
+    init_from: str = _f(
+        "",
+        "continue a previous stablekd run directory (its ZeRO checkpoint, tokenizer and model source); "
+        "a Hugging Face directory goes in teacher.model",
+    )
+    export_hf: bool = _f(
+        True,
+        "also save the final teacher in Hugging Face format (teacher/hf); gathers the full model on each rank",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _model("model", self.model)
+
+
+@dataclass
+class SoftLabelsConfig:
+    """The sharded ZeRO-3 teacher labels the training stream and samples candidate groups."""
+
+    encoding: str = _f(
+        "sampled",
+        "what a record stores per token (data_pipeline/encodings.py): topk (k ids + log-probs), topp "
+        "(ids until their mass reaches soft_labels.mass, at most k, within mean_entries per token on "
+        "average), sampled (soft_labels.draws ids drawn from the teacher, with counts: unbiased, fkl only)",
+    )
+    k: int = _f(32, "topk: ids and log-probs stored per token; topp: the most entries a token keeps")
+    mass: float = _f(0.9, "topp: a token's entries stop once they hold this much teacher probability")
+    mean_entries: int = _f(
+        8, "topp: room per token, on average over a sequence (the least probable entries go first)"
+    )
+    draws: int = _f(
+        8,
+        "sampled: ids drawn per token (stored unique, with counts): 8 is 27 bytes/token; the default "
+        "encoding, chosen from benchmarks/soft_label_encodings.py (README: top-k is biased on real text)",
+    )
+    proposal_temperature: float = _f(
+        0.0, "sampled: draw from softmax(logits / this) and store importance weights; 0 = the teacher at T"
+    )
+    logprob_bits: int = _f(8, "8 (one byte: round(255·sqrt(p)), encodings.py) or 16 (float16) per log-prob")
+    temperature: float = _f(1.0, "teacher temperature T of the stored log-probs")
+    max_sequences: int = _f(
+        0,
+        "training sequences to label; 0 = one pass over the corpus; more than a pass repeats the corpus, "
+        "each pass cut into blocks at other offsets (a student replaying one pass overfits it)",
+    )
+    micro_batch_size: int = _f(8, "sequences per rank per teacher forward")
+    records_per_shard: int = _f(256, "sequences per soft-label shard file")
+    fidelity_positions: int = _f(
+        4096, "token positions per rank sampled for the kept-mass / KL fidelity record"
+    )
+    candidates: bool = _f(
+        True, "also sample candidate groups (continuations per context) for the contrastive stage"
+    )
+    candidate_contexts: int = _f(
+        256, "contexts to sample candidates for (bios: questions and biography starts)"
+    )
+    candidates_per_context: int = _f(4, "M sampled continuations per context")
+    generate_batch_size: int = _f(
+        64,
+        "rows (contexts × M) per rank per generate call; ZeRO-3 gathers every layer once per new token, "
+        "so large calls amortise the gathers",
+    )
+    include_gold: bool = _f(True, "add the corpus continuation as one more member of each group")
+    max_new_tokens: int = _f(32, "tokens sampled per continuation")
+    sample_temperature: float = _f(1.0, "sampling temperature for candidates")
+    top_p: float = _f(0.95, "nucleus sampling threshold for candidates")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "k", "micro_batch_size", "records_per_shard", "candidate_contexts")
+        _at_least(self, 1, "mean_entries", "draws")
+        if self.encoding not in ENCODINGS:
+            raise ConfigError(f"encoding: expected one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.logprob_bits not in (8, 16):
+            raise ConfigError(f"logprob_bits: expected 8 or 16, got {self.logprob_bits}")
+        for key in ("k", "draws"):  # counts are stored in one byte
+            if self.encoding != "topk" and getattr(self, key) > 255:
+                raise ConfigError(
+                    f"{key}: at most 255 with encoding {self.encoding}, got {getattr(self, key)}"
+                )
+        if not 0.0 < self.mass <= 1.0:
+            raise ConfigError(f"mass: expected a value in (0, 1], got {self.mass}")
+        if self.proposal_temperature < 0:
+            raise ConfigError(
+                f"proposal_temperature: expected >= 0 (0 = the teacher), got {self.proposal_temperature}"
+            )
+        _at_least(self, 1, "candidates_per_context", "generate_batch_size", "max_new_tokens")
+        _at_least(self, 0, "max_sequences", "fidelity_positions")
+        _positive(self, "temperature", "sample_temperature")
+        _probability(self, "top_p")
+
+
+@dataclass
+class StudentConfig:
+    model: str = _f(
+        "student-s",
+        "student preset (model/presets.py; student-s is ~1/4 of teacher-s, tiny-student ~1/4 of tiny) or a "
+        "local Hugging Face directory of any causal-LM architecture with the run's tokenizer (the same by "
+        "content when it brings one; any number of padded embedding rows)",
+    )
+
+    def __post_init__(self) -> None:
+        _model("model", self.model)
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """The student learns from the teacher's soft labels: alpha·KD + (1 − alpha)·CE (objectives/distill.py)."""
+
+    ds_config: str = _f("zero2.json", "DeepSpeed JSON of the student: a file in ds_configs/ or a path")
+    max_steps: int = _f(600, "optimizer steps")
+    lr: float = _f(3e-3, "peak learning rate")
+    kind: str = _f(
+        "fkl", "divergence on the top-k + tail bins: fkl, rkl, gjsd (distill.beta), tvd, skl (distill.skew)"
+    )
+    temperature: float = _f(
+        1.0, "T of the KD term (× T²); must equal soft_labels.temperature, the T the log-probs are stored at"
+    )
+    alpha: float = _f(1.0, "weight of KD; 1 − alpha goes to next-token cross-entropy on the same tokens")
+    beta: float = _f(0.5, "gjsd mixture weight: 0 = forward KL, 1 = reverse KL")
+    skew: float = _f(0.1, "skl: KL(p ‖ skew·p + (1 − skew)·q)")
+    online: bool = _f(
+        False,
+        "compute soft labels in this job from the sharded ZeRO-3 teacher instead of reading soft_labels/",
+    )
+    follow: bool = _f(False, "read soft_labels/ shards while the soft_labels stage is still writing them")
+    follow_timeout_s: float = _f(
+        600.0,
+        "follow mode: fail when no new shard is committed for this long (naming the shard awaited); "
+        "at most launch.timeout_s",
+    )
+    include: str = _f(
+        "",
+        "slots of the distill job in deepspeed --include syntax (`localhost:1`, `node2@node3`); empty = "
+        "all. With follow, `stablekd run` runs soft_labels on the other slots at the same time",
+    )
+    export_hf: bool = _f(
+        True, "save the final student in Hugging Face format with its tokenizer (student/hf)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kinds = ("fkl", "rkl", "gjsd", "tvd", "skl")  # mse needs full teacher logits; the stream has top-k
+        if self.kind not in kinds:
+            raise ConfigError(
+                f"kind: expected one of {', '.join(kinds)} (soft labels are top-k: mse needs full logits), "
+                f"got {self.kind!r}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: expected > 0, got {self.temperature}")
+        for key in ("alpha", "beta", "skew"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(self, key)}")
+        if self.follow and self.online:
+            raise ConfigError(
+                "follow and online: choose one source (follow reads shards, online computes them)"
+            )
+        if self.follow_timeout_s <= 0:
+            raise ConfigError(f"follow_timeout_s: expected > 0, got {self.follow_timeout_s}")
+
+
+@dataclass
+class ContrastiveConfig(TrainConfig):
+    """The distilled student fine-tuned on candidate groups: InfoNCE + lam · (KD or CE) (objectives/contrastive.py)."""
+
+    ds_config: str = _f("zero2.json", "DeepSpeed JSON of the student: a file in ds_configs/ or a path")
+    max_steps: int = _f(150, "optimizer steps")
+    micro_batch_size: int = _f(4, "candidate groups (contexts) per rank per micro-batch; LM batches the same")
+    lr: float = _f(3e-4, "peak learning rate (fine-tuning a trained student)")
+    warmup_steps: int = _f(10, "linear warmup steps")
+    scorer: str = _f(
+        "likelihood",
+        "likelihood: s = mean log p(continuation | context), a context's own continuations against other "
+        "contexts'; embedding: cosine of mean-pooled last hidden states through a projection head",
+    )
+    tau: float = _f(
+        1.0, "InfoNCE temperature (likelihood scores are nats/token; embedding cosines want ~0.1)"
+    )
+    lam: float = _f(1.0, "weight of the language-model term (lm) that keeps it a language model")
+    lm: str = _f("kd", "the lam term: kd (the soft-label stream, distill.kind at distill.temperature) or ce")
+    negatives: int = _f(8, "likelihood scorer: other contexts' continuations scored per context")
+    similar_negatives: bool = _f(
+        True,
+        "likelihood scorer: draw negatives from contexts asking about the same attribute first (bios), "
+        "the other people's answers a model confuses with the truth; false = uniformly from the batch",
+    )
+    score_tokens: int = _f(
+        0,
+        "likelihood scorer: score the first N tokens of each continuation (where a question's answer is); "
+        "0 = every token",
+    )
+    hard_negatives: bool = _f(
+        True,
+        "ground truth known (bios): continuations contradicting it are negatives, only those stating it are "
+        "positives, unverifiable ones are left out (likelihood) or negatives (embedding); false = every "
+        "continuation of a context is a positive",
+    )
+    margin: float = _f(0.0, "SimCTG token-level term on the LM batches with this margin rho; 0 = off")
+    head_dim: int = _f(128, "embedding scorer: projection head output size")
+    export_hf: bool = _f(
+        True, "save the final model in Hugging Face format with its tokenizer (contrastive/hf)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scorer not in ("likelihood", "embedding"):
+            raise ConfigError(f"scorer: expected 'likelihood' or 'embedding', got {self.scorer!r}")
+        if self.lm not in ("kd", "ce"):
+            raise ConfigError(f"lm: expected 'kd' or 'ce', got {self.lm!r}")
+        if self.tau <= 0 or self.lam < 0 or self.margin < 0:
+            raise ConfigError(
+                f"tau > 0, lam >= 0, margin >= 0 expected, got {self.tau}, {self.lam}, {self.margin}"
+            )
+        if self.score_tokens < 0:
+            raise ConfigError(f"score_tokens: expected >= 0, got {self.score_tokens}")
+        if self.negatives < 1 or self.head_dim < 1:
+            raise ConfigError(
+                f"negatives and head_dim: expected positive integers, got {self.negatives}, {self.head_dim}"
+            )
+
+
+@dataclass
+class EvaluateConfig:
+    """Stability and efficiency of every model the run has (teacher, student, contrastive student)."""
+
+    samples: int = _f(5, "K sampled answers per bios question (plus one greedy answer)")
+    max_prompts: int = _f(
+        60, "at most this many (person, attribute) questions per group (trained / unseen people)"
+    )
+    free_bios: int = _f(20, "free-generated biographies per model (in-text contradiction)")
+    prefixes: int = _f(40, "corpus prefixes continued for repetition, diversity and coherence")
+    task_prompts: int = _f(
+        40, "held-out task records (prompt/response, chat) whose prompts the task probe asks (task_* keys)"
+    )
+    prefix_tokens: int = _f(16, "tokens of each prefix")
+    max_new_tokens: int = _f(
+        64, "tokens per prefix continuation and free biography (a quickstart biography is ~57 tokens)"
+    )
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(0.95, "nucleus sampling threshold")
+    ppl_batches: int = _f(8, "held-out batches of 8 sequences for perplexity")
+    batch_size: int = _f(64, "sequences per generate call (prompts x samples); lower it for a large model")
+    coherence_encoder: str = _f(
+        "", "local sentence-transformers / HF encoder directory; empty = the teacher's mean-pooled states"
+    )
+    seed: int = _f(1234, "sampling seed, the same for every model")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "samples", "max_prompts", "prefix_tokens", "max_new_tokens", "ppl_batches")
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "free_bios", "prefixes", "task_prompts")
+        _positive(self, "temperature")
+        _probability(self, "top_p")
