@@ -1,13 +1,22 @@
-"""Teacher step throughput: stablekd's DeepSpeed loop vs a plain PyTorch loop, one process, one run.
+"""Teacher step throughput: stablekd's DeepSpeed loop vs the same DeepSpeed engine driven by a bare loop vs
+a plain PyTorch loop, one process, several repeats.
 
-    python benchmarks/train_throughput.py [--model teacher-s] [--steps 20] [--ds zero2.json zero3.json] [--dtypes fp32 bf16]
+    python benchmarks/train_throughput.py [--model teacher-s] [--steps 20] [--repeats 3] \
+        [--ds zero2.json zero3.json] [--dtypes fp32]
 
-Both sides train the same preset on the same packed bios batches (seq 128, micro 8) with AdamW and
-gradient clipping, in each dtype (plain bf16 = fp32 weights under bf16 autocast; stablekd bf16 =
-DeepSpeed's bf16 mode). MFU is against the best matmul peak (bf16 or fp32) measured at start-up.
-stablekd rows come from the loop's own TensorBoard scalars (perf/tokens_per_s, first window dropped
-as warm-up); the plain row times the same number of steps after the same warm-up. Prints a table,
-writes benchmarks/results/train_throughput.json.
+Every arm trains the same preset on the same packed bios batches (seq 128, micro 8) with AdamW and
+gradient clipping, in each dtype (plain bf16 = fp32 weights under bf16 autocast; DeepSpeed bf16 = its bf16
+mode; on CPUs without AMX/AVX512-BF16 bf16 is emulated and far slower, so fp32 is the default here).
+- plain PyTorch: torch AdamW, clip, the loss from objectives/lm.py;
+- bare DeepSpeed: `deepspeed.initialize` with the very DeepSpeed JSON stablekd resolves for the stage,
+  then forward, `engine.backward`, `engine.step` and nothing else;
+- stablekd: `engine.train`, the loop every stage shares (counting, global-batch loss scaling, metric
+  all-reduces, TensorBoard, progress bar).
+Tokens/s: the first WINDOW steps are warm-up; the bare and plain arms time the same steps (batch fetch
+included) as the stablekd loop's own perf/tokens_per_s scalars. The arms run interleaved, `--repeats` times;
+the table has the median and the spread (min–max) of each, and stablekd / bare DeepSpeed per ZeRO stage.
+MFU is against the best matmul peak (bf16 or fp32) measured at start-up. Prints a table, writes
+benchmarks/results/train_throughput.json.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +71,38 @@ def plain_loop(cfg, steps: int, dtype: str) -> float:
     return tokens / elapsed
 
 
+def bare_deepspeed_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
+    """tokens/s of the DeepSpeed engine stablekd would build (the same resolved JSON) in a minimal loop."""
+    import deepspeed
+
+    cfg.teacher.ds_config, cfg.teacher.dtype = ds_name, dtype
+    cfg.teacher.max_steps = WINDOW + steps
+    ds = prepare.resolve_ds_config(cfg, "teacher")
+    ds.pop("tensorboard", None)  # no writer: the bare loop logs nothing
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds) if ds_resolve.zero_stage(ds) == 3 else None  # noqa: F841
+    tok_dir = models.tokenizer_dir(cfg)
+    model = build_model(cfg.teacher.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    batches = iter(
+        StreamLoader(
+            PackedStream(rundir.train_files(cfg), tok_dir, cfg.data.seq_len, cfg.teacher.micro_batch_size)
+        )
+    )
+    tokens, elapsed = 0, 0.0
+    for step in range(WINDOW + steps):
+        t0 = time.perf_counter()
+        b = next(batches)
+        s, c = nll_sum(engine(input_ids=b["input_ids"]).logits, b["labels"])
+        engine.backward(s / c)
+        engine.step()
+        if step >= WINDOW:
+            elapsed += time.perf_counter() - t0
+            tokens += b["input_ids"].numel()
+    return tokens / elapsed
+
+
 def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
     """tokens/s of stablekd's engine.train at world size 1 with the given DeepSpeed JSON."""
     cfg.teacher.ds_config, cfg.teacher.dtype = ds_name, dtype
@@ -80,7 +122,7 @@ def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
         [],
         flops_per_token(model, cfg.data.seq_len),
     )
-    run_dir = cfg.run_dir / f"bench_{ds_name[:-5]}_{dtype}"  # a fresh checkpoint directory per row
+    run_dir = cfg.run_dir / f"bench_{ds_name[:-5]}_{dtype}_{time.monotonic_ns()}"  # a fresh one per run
     engine.train(stage, cfg.teacher, ds, run_dir, "bench")
     rates = read_scalars(run_dir / "tb" / "teacher", "perf/tokens_per_s")
     return sum(v for s, v in rates.items() if s > WINDOW) / len([s for s in rates if s > WINDOW])
@@ -90,8 +132,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="teacher-s")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ds", nargs="+", default=["zero2.json", "zero3.json"])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = ap.parse_args()
 
@@ -123,13 +166,35 @@ def main() -> None:
     del probe
     peak = measure_peak_flops(torch.device("cpu"))
 
-    rows = []
+    arms = []  # (name, function): interleaved within each repeat, so load drifts hit every arm alike
     for dtype in args.dtypes:
-        rows.append((f"plain PyTorch {dtype}", plain_loop(cfg, args.steps, dtype)))
-        rows += [
-            (f"stablekd {name[:-5]} {dtype}", stablekd_loop(cfg, name, args.steps, dtype)) for name in args.ds
-        ]
-    base = rows[0][1]
+        arms.append((f"plain PyTorch {dtype}", lambda d=dtype: plain_loop(cfg, args.steps, d)))
+        for name in args.ds:
+            zero = name[:-5]
+            arms.append(
+                (
+                    f"bare DeepSpeed {zero} {dtype}",
+                    lambda n=name, d=dtype: bare_deepspeed_loop(cfg, n, args.steps, d),
+                )
+            )
+            arms.append(
+                (f"stablekd {zero} {dtype}", lambda n=name, d=dtype: stablekd_loop(cfg, n, args.steps, d))
+            )
+    runs: dict[str, list[float]] = {name: [] for name, _ in arms}
+    for _ in range(args.repeats):
+        for name, fn in arms:
+            runs[name].append(fn())
+    base = statistics.median(runs[arms[0][0]])
+    rows = []
+    for name, rates in runs.items():
+        med = statistics.median(rates)
+        row = {"loop": name, "tokens_per_s": med, "min": min(rates), "max": max(rates), "runs": rates,
+               "mfu": med * fpt / peak, "vs_plain": med / base}  # fmt: skip
+        if name.startswith("stablekd "):
+            row["vs_bare_deepspeed"] = med / statistics.median(
+                runs[name.replace("stablekd", "bare DeepSpeed")]
+            )
+        rows.append(row)
     result = {
         "model": args.model,
         "params": params,
@@ -138,17 +203,20 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "peak_tflops": peak / 1e12,
-        "rows": [
-            {"loop": name, "tokens_per_s": r, "mfu": r * fpt / peak, "vs_plain": r / base} for name, r in rows
-        ],
+        "repeats": args.repeats,
+        "rows": rows,
     }
     print(
         f"\n{args.model} ({params / 1e6:.1f}M params), seq {cfg.data.seq_len} × micro {cfg.teacher.micro_batch_size}, "
-        f"{torch.get_num_threads()} threads, matmul peak {peak / 1e12:.3f} TFLOP/s"
+        f"{torch.get_num_threads()} threads, matmul peak {peak / 1e12:.3f} TFLOP/s, median of {args.repeats} runs"
     )
-    print(f"{'loop':34} {'tokens/s':>10} {'MFU':>7} {'vs plain ' + args.dtypes[0]:>14}")
-    for row in result["rows"]:
-        print(f"{row['loop']:34} {row['tokens_per_s']:10.0f} {row['mfu']:7.2%} {row['vs_plain']:14.2f}")
+    print(f"{'loop':30} {'tokens/s':>9} {'min–max':>13} {'MFU':>6} {'vs plain':>8} {'vs bare DS':>10}")
+    for r in rows:
+        vs = f"{r['vs_bare_deepspeed']:10.3f}" if "vs_bare_deepspeed" in r else " " * 10
+        spread = f"{r['min']:.0f}–{r['max']:.0f}"
+        print(
+            f"{r['loop']:30} {r['tokens_per_s']:9.0f} {spread:>13} {r['mfu']:6.2%} {r['vs_plain']:8.3f} {vs}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

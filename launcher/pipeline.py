@@ -62,9 +62,9 @@ def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None
 
     `verbose`: every line of DeepSpeed, PyTorch and the ranks on the terminal; else those go only to
     logs/<stage>.log (this process's own to logs/pipeline.log) and the terminal gets our own lines and
-    the progress bar (launch.ConsoleFilter).
+    the progress bar (console.ConsoleFilter).
     """
-    from stablekd.launcher.launch import driver_log
+    from stablekd.launcher.console import driver_log
 
     with driver_log(cfg, "pipeline", verbose):
         _run(cfg, stages, verbose)
@@ -83,7 +83,10 @@ def _groups(cfg: ExperimentConfig, stages: list[str]) -> list[list[str]]:
 
 def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
     from stablekd.launcher import data_order
-    from stablekd.launcher.launch import driver_log, run_stages
+    from stablekd.launcher.console import driver_log
+
+    # With launch.no_ssh every node runs this command; node 0 prepares, the others wait for it
+    from stablekd.launcher.supervise import run_stages
 
     # With launch.no_ssh every node runs this command; node 0 prepares, the others wait for it
     # (the run directory is on a filesystem every node sees) and never run in-process stages.
@@ -153,7 +156,7 @@ def dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
     Starts nothing and writes nothing: the DeepSpeed JSONs are resolved and checked in memory. Stages are
     judged as the directory is now; one after a stage that would run may be judged again once it has.
     """
-    from stablekd.launcher.launch import diverted
+    from stablekd.launcher.console import diverted
 
     with diverted(sys.stderr, python_warnings=False):  # stdout: only the plan
         return _dry_run(cfg, stages)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from stablekd.launcher import cli, done, launch, pipeline, prepare, rundir
+from stablekd.launcher import cli, console, done, launch, pipeline, prepare, rundir, supervise
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.monitor import read_scalars
 from stablekd.launcher.stages import NAMES
@@ -92,7 +92,7 @@ raise ValueError("boom")
 
 def _filtered(verbose: bool) -> tuple[str, str, str | None]:
     log, term = io.StringIO(), io.StringIO()
-    console = launch.ConsoleFilter(log, term, verbose)
+    feed = console.ConsoleFilter(log, term, verbose)
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD],
         stdout=subprocess.PIPE,
@@ -100,10 +100,10 @@ def _filtered(verbose: bool) -> tuple[str, str, str | None]:
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     while chunk := os.read(proc.stdout.fileno(), 7):  # small reads: lines and bars arrive in pieces
-        console.feed(chunk)
-    console.feed(b"", final=True)
+        feed.feed(chunk)
+    feed.feed(b"", final=True)
     assert proc.wait() == 1
-    return term.getvalue(), log.getvalue(), console.first_error
+    return term.getvalue(), log.getvalue(), feed.first_error
 
 
 def test_console_shows_our_lines_and_the_bar_and_logs_everything():
@@ -137,7 +137,7 @@ def test_failed_job_prints_its_error_and_log(tmp_path, monkeypatch, capsys):
     cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path}"])
     monkeypatch.setattr(launch, "runner_command", lambda cfg, stage: [sys.executable, "-c", CHILD])
     with pytest.raises(SystemExit) as e:
-        launch.run_stage(cfg, "teacher")
+        supervise.run_stage(cfg, "teacher")
     log = tmp_path / "logs" / "teacher.log"
     assert str(e.value) == f"stablekd: stage teacher failed (exit 1): ValueError: boom; full output: {log}"
     err = capsys.readouterr().err
@@ -150,7 +150,7 @@ def test_job_whose_child_outlives_it_does_not_hang(tmp_path, monkeypatch, capsys
     child = "import subprocess; subprocess.Popen(['sleep', '20']); print('[teacher] finished')"
     monkeypatch.setattr(launch, "runner_command", lambda cfg, stage: [sys.executable, "-c", child])
     t0 = time.monotonic()
-    launch.run_stage(load_config(QUICKSTART, [f"run.out_dir={tmp_path}"]), "teacher")
+    supervise.run_stage(load_config(QUICKSTART, [f"run.out_dir={tmp_path}"]), "teacher")
     assert time.monotonic() - t0 < 15
     assert capsys.readouterr().err == "[teacher] finished\n"
 

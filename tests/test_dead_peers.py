@@ -46,7 +46,7 @@ def test_a_hung_rank_fails_the_job_within_the_timeout_naming_it(tmp_path):
     print(f"gave up {took:.1f}s after rank 1 stopped")
     assert proc.returncode != 0
     # The survivor fails after launch.timeout_s; DeepSpeed's launcher then gives the silent rank 30 s
-    # to honour SIGTERM before it kills it (launch.py terminate_process_tree).
+    # to honour SIGTERM before it kills it (supervise.py).
     assert took < TIMEOUT_S + 30 + 15, f"the job took {took:.0f}s to give up on rank 1"
     assert f"lost rank 1 (pid {rank1['pid']}" in out, out[-2000:]
     assert not (run / "teacher" / "DONE.json").exists()

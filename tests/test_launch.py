@@ -9,15 +9,9 @@ import time
 import pytest
 
 from stablekd.launcher.config import load_config
-from stablekd.launcher.launch import (
-    STALE_BUILD_LOCK_S,
-    run_stage,
-    runner_command,
-    stale_build_locks,
-    threads_per_rank,
-    write_deepspeed_env,
-)
+from stablekd.launcher.launch import runner_command, threads_per_rank, write_deepspeed_env
 from stablekd.launcher.placement import world_size
+from stablekd.launcher.supervise import STALE_BUILD_LOCK_S, run_stage, stale_build_locks
 from tests.conftest import QUICKSTART
 
 

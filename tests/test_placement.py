@@ -16,9 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stablekd.launcher import launch, placement
+from stablekd.launcher import launch, placement, supervise
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.launch import SideBySide, runner_command, stage_env
+from stablekd.launcher.console import SideBySide
+from stablekd.launcher.launch import runner_command, stage_env
 from stablekd.launcher.monitor import read_scalars
 from stablekd.launcher.pipeline import _groups, dry_run
 from tests.conftest import (
@@ -205,7 +206,7 @@ def test_a_failed_writer_stops_its_reader_and_a_failed_reader_lets_the_writer_fi
         "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         "open(sys.argv[1] + '.child', 'w').write(str(os.getpid())); time.sleep(60)"
     )
-    monkeypatch.setattr(launch, "STOP_GRACE_S", 1.0)
+    monkeypatch.setattr(supervise, "STOP_GRACE_S", 1.0)
     jobs = {
         # fails once the reader's child runs (the stop must reach it)
         "fails": f"import os, sys, time; [time.sleep(0.1) for _ in range(100) if not os.path.exists({str(tmp_path / 'distill.child')!r})]; "
@@ -226,7 +227,7 @@ def test_a_failed_writer_stops_its_reader_and_a_failed_reader_lets_the_writer_fi
     with pytest.raises(
         SystemExit, match=r"stage soft_labels failed \(exit 1\): RuntimeError: teacher shard unreadable"
     ):
-        launch.run_stages(cfg, ["soft_labels", "distill"])
+        supervise.run_stages(cfg, ["soft_labels", "distill"])
     assert time.monotonic() - t0 < 20  # not the reader's 60 s
     child = int((tmp_path / "distill.child").read_text())
     deadline = time.monotonic() + 10
@@ -236,5 +237,5 @@ def test_a_failed_writer_stops_its_reader_and_a_failed_reader_lets_the_writer_fi
 
     plan.update(soft_labels="writes", distill="fails")
     with pytest.raises(SystemExit, match=r"stage distill failed \(exit 1\)"):
-        launch.run_stages(cfg, ["soft_labels", "distill"])
+        supervise.run_stages(cfg, ["soft_labels", "distill"])
     assert (tmp_path / "soft_labels").read_text() == "done"

@@ -1,0 +1,184 @@
+"""Running jobs: start the runner command (launch.py) in its own process group, pump its output through
+the console filter, and stop a job's whole process tree when it or its partner fails (the runner does not
+forward SIGTERM); a stale torch extension build lock fails a stage before any rank would wait on it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from stablekd.launcher import launch, placement, ranks
+from stablekd.launcher.config import ExperimentConfig
+from stablekd.launcher.console import ConsoleFilter, SideBySide
+from stablekd.launcher.stages import NAMES
+
+# A torch extension build (DeepSpeed's cpu_adam for ZeRO offload, its fused Adam on GPU) holds its lock file
+# for a few minutes at most; one older than this was left by a build killed mid-way.
+STALE_BUILD_LOCK_S = 600
+
+
+def stale_build_locks() -> list[Path]:
+    """This machine's torch extension build locks older than STALE_BUILD_LOCK_S.
+
+    torch's FileBaton has every process that loads an extension wait while the lock file exists, with no
+    timeout and no owner to check: a process killed while holding it makes every later rank wait forever.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    stale = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <root>[/py311_cpu]/<extension>/lock
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+                stale.append(lock)
+        except FileNotFoundError:  # released since the glob: a build that just finished
+            pass
+    return sorted(stale)
+
+
+# After SIGTERM a rank has this long to record "stopped" and exit (DeepSpeed's launcher itself waits 30 s
+# for its ranks) before the job's processes are killed: a rank blocked in a collective never returns.
+STOP_GRACE_S = 40.0
+
+
+@dataclass
+class _Job:
+    stage: str
+    log: Path
+    proc: subprocess.Popen
+    console: ConsoleFilter
+    last_data: float = 0.0  # time.monotonic() of its last output
+    exited: float = 0.0  # when its runner was first seen exited
+    open: bool = True
+    ended: float = 0.0  # when its output ended
+    stopping: list[psutil.Process] | None = None  # its processes, once it was told to stop
+    kill_at: float = 0.0
+
+
+def _stop(job: _Job) -> None:
+    """SIGTERM the job's runner and every process under it (the ranks record "stopped"; a single-node
+    runner does not pass the signal on to DeepSpeed's per-node launcher); `_pump` kills what is left
+    after STOP_GRACE_S. A runner already reaped is skipped (its pid may be another process's now)."""
+    if job.proc.poll() is not None:
+        return
+    try:
+        runner = psutil.Process(job.proc.pid)
+        job.stopping = [runner, *runner.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in job.stopping:
+        with suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    job.kill_at = time.monotonic() + STOP_GRACE_S
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+def _pump(jobs: list[_Job]) -> None:
+    """Feed each job's output to its console until its pipe closes, or until its runner has exited and the
+    pipe stayed silent for a second since (a process a rank started may outlive it holding the pipe open).
+    A job that fails stops the jobs of later stages: they read what it writes."""
+    stopped = False
+    while any(j.open for j in jobs):
+        live = {j.proc.stdout.fileno(): j for j in jobs if j.open}
+        for fd in select.select(list(live), [], [], 1.0)[0]:
+            job = live[fd]
+            if chunk := os.read(fd, 1 << 16):
+                job.console.feed(chunk)
+                job.last_data = time.monotonic()
+            else:
+                job.open, job.ended = False, time.monotonic()
+        now = time.monotonic()
+        for job in jobs:
+            if job.open and job.proc.poll() is not None:
+                job.exited = job.exited or now
+                if now - max(job.exited, job.last_data) >= 1.0:
+                    job.open, job.ended = False, now
+            if job.stopping and now > job.kill_at:
+                _kill(job.stopping)  # still there after the grace period
+                job.stopping = None
+        failed = [j for j in jobs if j.proc.poll()]
+        if failed and not stopped:
+            for job in jobs:
+                if NAMES.index(job.stage) > NAMES.index(failed[0].stage):
+                    _stop(job)
+            stopped = True
+    for job in jobs:
+        if job.stopping:  # its output has ended, maybe not all of its processes: the rest of the grace
+            _kill(psutil.wait_procs(job.stopping, timeout=max(0.0, job.kill_at - time.monotonic()))[1])
+        job.proc.wait()
+        job.console.feed(b"", final=True)
+
+
+def run_stage(cfg: ExperimentConfig, stage: str, verbose: bool = False) -> float:
+    """Run the stage's job to its end (its wall seconds); its output goes through a ConsoleFilter into logs/<stage>.log."""
+    return run_stages(cfg, [stage], verbose)[stage]
+
+
+def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> dict[str, float]:
+    """Run the jobs of `stages` side by side to their ends (several: on disjoint slots, see placement.py),
+    each one's output through its ConsoleFilter into logs/<stage>.log; their bars share the terminal's
+    last line. Returns each stage's wall seconds. A failed job raises SystemExit naming its lost or failed
+    rank and its log, after the jobs of later stages were stopped (the others run to their end)."""
+    stale = stale_build_locks()
+    if stale:
+        raise SystemExit(
+            f"stablekd: {stale[0]} is {STALE_BUILD_LOCK_S // 60}+ minutes old: a torch extension build was "
+            f"killed while holding it, and the ranks of stage {stages[0]} would wait on it forever; if no build "
+            "is running on this machine, delete it and rerun"
+        )
+    shared = SideBySide(sys.stderr, len(stages)) if len(stages) > 1 else None
+    jobs: list[_Job] = []
+    started, t0 = time.time(), time.monotonic()
+    with ExitStack() as stack:
+        try:
+            for i, stage in enumerate(stages):
+                # Unbuffered: lines reach the filter (and the terminal) as the ranks write them.
+                env = dict(os.environ, **launch.stage_env(cfg, stage), PYTHONUNBUFFERED="1")
+                if cfg.launch.hostfile and i == 0:  # the same for every job: a runner may be reading it
+                    launch.write_deepspeed_env(cfg, env)
+                if sys.stderr.isatty():  # tqdm sizes its bar from these when its stream is our pipe
+                    cols, lines = shutil.get_terminal_size()
+                    env.update(COLUMNS=str((cols - 3 * (len(stages) - 1)) // len(stages)), LINES=str(lines))
+                cmd = launch.runner_command(cfg, stage)
+                log = launch.log_path(cfg, stage)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                f = stack.enter_context(open(log, "a", encoding="utf-8"))  # a resumed stage appends
+                f.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(cmd)}\n")
+                console = ConsoleFilter(f, shared.lane(i) if shared else sys.stderr, verbose)
+                # One pipe for stdout and stderr keeps the order in which a rank wrote its lines and bars.
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                stack.callback(proc.stdout.close)
+                jobs.append(_Job(stage, log, proc, console))
+            _pump(jobs)
+        except BaseException:  # Ctrl-C: as subprocess.run does, do not leave the runners behind
+            for job in jobs:
+                job.proc.kill()
+                job.proc.wait()
+            raise
+    for job in jobs:
+        if job.proc.returncode != 0:
+            slots = placement.slots(cfg, job.stage) or placement.pool(cfg)  # where its ranks ran
+            lost = ranks.lost(cfg.run_dir, job.stage, started, slots)
+            why = lost or job.console.first_error
+            raise SystemExit(
+                f"stablekd: stage {job.stage} failed (exit {job.proc.returncode}){f': {why}' if why else ''}; "
+                f"full output: {job.log}"
+            )
+    return {job.stage: job.ended - t0 for job in jobs}
