@@ -299,12 +299,13 @@ def train(
         trace = open(trace_path, "a")  # noqa: SIM115  (closed when the loop ends)
     terms = sorted(stage.weights)
     window: dict[str, float] = {}  # term sums / counts and metric sums / counts of the log window
-    window_steps, window_tokens, window_time = 0, 0, 0.0
+    # The window's wall time runs from the previous window's log to this one's, so what the loop does
+    # between steps (logging, eval, checkpoints) counts against the throughput it reports.
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
     losses: list[float] = []
     eval_loss: float | None = None
     said_no_eval = False
     while step < cfg.max_steps:
-        t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
         if trace:
             trace.write("".join(f"{step + 1}\t{i}\t{batch_digest(b)}\n" for i, b in enumerate(micro)))
@@ -343,9 +344,11 @@ def train(
                        *((n, reduced[n]) for n in names)]:  # fmt: skip
             window[key] = window.get(key, 0.0) + v
         window_steps += 1
-        window_tokens, window_time = window_tokens + step_tokens, window_time + time.perf_counter() - t0
+        window_tokens += step_tokens
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            window_time, window_start = now - window_start, now
             tok_s = window_tokens / window_time
             term_means = {t: window[f"{t}/sum"] / window[f"{t}/count"] for t in terms if window[f"{t}/count"]}
             scalars = {
@@ -368,7 +371,7 @@ def train(
                 if key.endswith("/sum") and metric not in terms and window.get(f"{metric}/count"):
                     scalars[f"train/{metric}"] = window[key] / window[f"{metric}/count"]
             monitor.scalars(step, scalars)
-            window, window_steps, window_tokens, window_time = {}, 0, 0, 0.0
+            window, window_steps, window_tokens = {}, 0, 0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             eval_loss = evaluate(engine, stage, filler=micro[0])
             if eval_loss is not None:
