@@ -45,19 +45,30 @@ class RankStatus:
         self._write(state)
 
 
-def lost(run_dir: Path, stage: str, since: float, slots: dict[str, list[int]]) -> str:
-    """What the status files of the job started at `since` say went wrong: the ranks that never recorded
-    an end, else the first to fail; "" when they say nothing. `slots` (the job's hosts in hostfile order,
-    each with its local slots) names the node of a rank: DeepSpeed numbers ranks host by host."""
-    nodes = [(i, host) for i, (host, local) in enumerate(slots.items()) for _ in local]
-    statuses = []
+def _statuses(run_dir: Path, stage: str, since: float) -> list[dict]:
+    """The status records of the job of `stage` started at `since` (5 s of slack for other nodes' clocks)."""
+    out = []
     for p in sorted((Path(run_dir) / "logs" / "ranks").glob(f"{stage}.r*.json")):
         try:
             s = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        if s.get("started", 0) >= since - 5:  # this launch's (5 s for clocks of other nodes)
-            statuses.append(s)
+        if s.get("started", 0) >= since - 5:
+            out.append(s)
+    return out
+
+
+def failed(run_dir: Path, stage: str, since: float) -> bool:
+    """Whether a rank of the job started at `since` has recorded a failure."""
+    return any(s["state"].startswith("failed") for s in _statuses(run_dir, stage, since))
+
+
+def lost(run_dir: Path, stage: str, since: float, slots: dict[str, list[int]]) -> str:
+    """What the status files of the job started at `since` say went wrong: the ranks that never recorded
+    an end, else the first to fail; "" when they say nothing. `slots` (the job's hosts in hostfile order,
+    each with its local slots) names the node of a rank: DeepSpeed numbers ranks host by host."""
+    nodes = [(i, host) for i, (host, local) in enumerate(slots.items()) for _ in local]
+    statuses = _statuses(run_dir, stage, since)
 
     def where(s: dict) -> str:
         on = "node {}, {}".format(*nodes[s["rank"]]) if s["rank"] < len(nodes) else s["host"]

@@ -51,6 +51,8 @@ def stale_build_locks() -> list[Path]:
 # After SIGTERM a rank has this long to record "stopped" and exit (DeepSpeed's launcher itself waits 30 s
 # for its ranks) before the job's processes are killed: a rank blocked in a collective never returns.
 STOP_GRACE_S = 40.0
+# A job one of whose ranks recorded a failure is stopped with this much grace (see _pump).
+FAILED_RANK_GRACE_S = 5.0
 
 
 @dataclass
@@ -59,6 +61,8 @@ class _Job:
     log: Path
     proc: subprocess.Popen
     console: ConsoleFilter
+    run_dir: Path  # where its ranks record how they ended (launcher/ranks.py)
+    started: float  # time.time() of its launch
     last_data: float = 0.0  # time.monotonic() of its last output
     exited: float = 0.0  # when its runner was first seen exited
     open: bool = True
@@ -67,10 +71,10 @@ class _Job:
     kill_at: float = 0.0
 
 
-def _stop(job: _Job) -> None:
+def _stop(job: _Job, grace: float = STOP_GRACE_S) -> None:
     """SIGTERM the job's runner and every process under it (the ranks record "stopped"; a single-node
     runner does not pass the signal on to DeepSpeed's per-node launcher); `_pump` kills what is left
-    after STOP_GRACE_S. A runner already reaped is skipped (its pid may be another process's now)."""
+    after `grace` seconds. A runner already reaped is skipped (its pid may be another process's now)."""
     if job.proc.poll() is not None:
         return
     try:
@@ -81,7 +85,7 @@ def _stop(job: _Job) -> None:
     for p in job.stopping:
         with suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGTERM)
-    job.kill_at = time.monotonic() + STOP_GRACE_S
+    job.kill_at = time.monotonic() + grace
 
 
 def _kill(procs: list[psutil.Process]) -> None:
@@ -110,6 +114,10 @@ def _pump(jobs: list[_Job]) -> None:
                 job.exited = job.exited or now
                 if now - max(job.exited, job.last_data) >= 1.0:
                     job.open, job.ended = False, now
+            if job.open and job.stopping is None and ranks.failed(job.run_dir, job.stage, job.started):
+                # A rank failed: the job cannot succeed. DeepSpeed's launcher would give a silent (hung)
+                # rank 30 s after SIGTERM; the others have recorded how they ended well before 5 s.
+                _stop(job, FAILED_RANK_GRACE_S)
             if job.stopping and now > job.kill_at:
                 _kill(job.stopping)  # still there after the grace period
                 job.stopping = None
@@ -165,7 +173,7 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
                 # One pipe for stdout and stderr keeps the order in which a rank wrote its lines and bars.
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 stack.callback(proc.stdout.close)
-                jobs.append(_Job(stage, log, proc, console))
+                jobs.append(_Job(stage, log, proc, console, cfg.run_dir, started))
             _pump(jobs)
         except BaseException:  # Ctrl-C: as subprocess.run does, do not leave the runners behind
             for job in jobs:
