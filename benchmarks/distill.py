@@ -56,6 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import single_rank  # benchmarks/single_rank.py: this script's folder is on sys.path
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
@@ -70,10 +71,9 @@ from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.launcher import artifacts, engine, models, prepare, rundir
 from stablekd.launcher.config import load_config, save_config
-from stablekd.launcher.stages.distill import soft_label_loss
+from stablekd.launcher.stages.distill import build_stage
 from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
 from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
-from stablekd.objectives.distill import soft_label_counts, soft_label_weights
 from stablekd.objectives.lm import lm_loss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,12 +169,9 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
         )
         stage = engine.Stage("distill", student, StreamLoader(stream), lm, evals, fpt)
     else:
-        batches = artifacts.open_soft_labels(cfg, 0, 1, micro, teacher)
-        stage = engine.Stage(
-            "distill", student, batches,
-            soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab=len(tokenizer)),
-            evals, fpt, weights=soft_label_weights(d.alpha), count=soft_label_counts, eval_loss=lm,
-        )  # fmt: skip
+        stage = build_stage(
+            cfg, student, tokenizer, artifacts.open_soft_labels(cfg, 0, 1, micro, teacher), evals
+        )
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     result = engine.train(stage, d, ds, cfg.run_dir, "bench")
     wall = time.perf_counter() - t0
@@ -281,15 +278,7 @@ def main() -> None:
     for need in ("config.yaml", "soft_labels/manifest.json", "teacher/ckpt/complete.json"):
         if not (src / need).is_file():
             ap.error(f"{src / need} missing: --run needs a finished teacher and soft_labels stage")
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=os.environ.get("MASTER_PORT", "29534"),
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-    )
-    engine.setup_distributed(args.threads)
+    single_rank.start(29534, args.threads)
     hf_logging.disable_progress_bar()
     work = Path(tempfile.mkdtemp(prefix="stablekd_bench_distill_"))
     print(f"arms in {work}", flush=True)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -45,6 +44,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import single_rank  # noqa: E402
 from distill import score, step_times, train_arm  # noqa: E402  (benchmarks/distill.py: the arm loop)
 
 from stablekd.data_pipeline import bios  # noqa: E402
@@ -59,7 +59,7 @@ from stablekd.data_pipeline.soft_labels import (  # noqa: E402
 )
 from stablekd.data_pipeline.stream import PackedStream  # noqa: E402
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash  # noqa: E402
-from stablekd.launcher import engine, models, rundir  # noqa: E402
+from stablekd.launcher import models, rundir  # noqa: E402
 from stablekd.launcher.config import load_config, save_config  # noqa: E402
 from stablekd.model.build import export_hf  # noqa: E402
 
@@ -169,11 +169,7 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29535"), RANK="0",
-        LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-    )  # fmt: skip
-    engine.setup_distributed(0)  # world size 1: the training loop's collectives
+    single_rank.start(29535)
     hf_logging.disable_progress_bar()
     src = args.run.resolve()
     base = load_config(src / "config.yaml", [f"run.out_dir={src}"])

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import single_rank  # benchmarks/single_rank.py: this script's folder is on sys.path
 import torch
 
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
@@ -138,15 +138,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = ap.parse_args()
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-    )
-    engine.setup_distributed(0)
+    single_rank.start(29533)
     run_dir = Path(tempfile.mkdtemp(prefix="stablekd_bench_"))
     cfg = load_config(
         REPO / "configs" / "quickstart.yaml",

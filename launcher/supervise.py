@@ -71,10 +71,10 @@ class _Job:
     kill_at: float = 0.0
 
 
-def _stop(job: _Job, grace: float = STOP_GRACE_S) -> None:
+def _stop(job: _Job, grace: float | None = None) -> None:
     """SIGTERM the job's runner and every process under it (the ranks record "stopped"; a single-node
     runner does not pass the signal on to DeepSpeed's per-node launcher); `_pump` kills what is left
-    after `grace` seconds. A runner already reaped is skipped (its pid may be another process's now)."""
+    after `grace` seconds (None: STOP_GRACE_S). A runner already reaped is skipped (its pid may be another process's now)."""
     if job.proc.poll() is not None:
         return
     try:
@@ -85,7 +85,7 @@ def _stop(job: _Job, grace: float = STOP_GRACE_S) -> None:
     for p in job.stopping:
         with suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGTERM)
-    job.kill_at = time.monotonic() + grace
+    job.kill_at = time.monotonic() + (STOP_GRACE_S if grace is None else grace)
 
 
 def _kill(procs: list[psutil.Process]) -> None:

@@ -9,6 +9,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+import torch.distributed as dist
+
 from stablekd.launcher.config import load_config
 from stablekd.launcher.ranks import RankStatus
 
@@ -23,6 +25,10 @@ def main(argv: list[str]) -> None:
     status = RankStatus(cfg.run_dir, stage, int(os.environ["RANK"]))  # set by DeepSpeed's launcher
     try:
         importlib.import_module(f"stablekd.launcher.stages.{stage}").run(cfg)
+        if dist.is_initialized():
+            # Every rank has finished (stages end on a barrier): shut the group's threads down before the
+            # interpreter does; exiting with them alive aborts a rank now and then ("terminate called").
+            dist.destroy_process_group()
     except BaseException as e:
         status.end(f"failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}")
         traceback.print_exc()

@@ -109,6 +109,7 @@ def main(run_dir: str, result: str) -> None:
     torch.distributed.all_gather_object(everyone, raised)
     if rank == 0:
         Path(result).write_text(json.dumps({"losses": out.losses, "eval_raised": everyone}))
+    torch.distributed.destroy_process_group()  # the group's threads down before the interpreter exits
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def main(run_dir: str, result: str) -> None:
     dist.all_gather_object(parts, mine)
     if rank == 0:
         Path(result).write_text(json.dumps(parts, indent=1))
+    dist.destroy_process_group()  # the group's threads down before the interpreter exits
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig
@@ -117,6 +118,21 @@ def preflight(cfg: ExperimentConfig) -> None:
     _check_student(cfg)
 
 
+def build_stage(
+    cfg: ExperimentConfig, student: torch.nn.Module, tokenizer, batches: Any, evals: list[dict]
+) -> engine.Stage:
+    """The distill stage for the shared loop: `student` learning from soft-label `batches` with
+    alpha · KD + (1 − alpha) · CE over the tokenizer's ids, eval loss on `evals` (benchmarks/distill.py
+    trains its KD arms with this very builder)."""
+    d, vocab = cfg.distill, len(tokenizer)
+    return engine.Stage(
+        "distill", student, batches, soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab),
+        evals, flops_per_token(student, cfg.data.seq_len),
+        weights=soft_label_weights(d.alpha), count=soft_label_counts,
+        eval_loss=functools.partial(lm_loss, vocab=vocab),
+    )  # fmt: skip
+
+
 def run(cfg: ExperimentConfig) -> None:
     rank, world = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
     engine.seed_rng(cfg.run.seed)  # runs of one config draw the same (dropout, any sampling)
@@ -132,13 +148,7 @@ def run(cfg: ExperimentConfig) -> None:
     micro = ds["train_micro_batch_size_per_gpu"]
     batches = artifacts.open_soft_labels(cfg, rank, world, micro, teacher)
     evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
-    stage = engine.Stage(
-        "distill", student, batches,
-        soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab=len(tokenizer)), evals,
-        flops_per_token(student, seq_len),
-        weights=soft_label_weights(d.alpha), count=soft_label_counts,
-        eval_loss=functools.partial(lm_loss, vocab=len(tokenizer)),
-    )  # fmt: skip
+    stage = build_stage(cfg, student, tokenizer, batches, evals)
     result = engine.train(stage, d, ds, run_dir, done.stage_hash(cfg, "distill"), cfg.run.trace_samples)
 
     produced = {"source": "online teacher" if d.online else str(rundir.stage_dir(cfg, "soft_labels"))}
