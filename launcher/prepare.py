@@ -17,7 +17,6 @@ from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher import models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, save_config, to_dict
 from stablekd.launcher.stages import REGISTRY, spec
-from stablekd.model.tokenizer import train_tokenizer
 
 
 def check_files(cfg: ExperimentConfig) -> None:
@@ -88,6 +87,10 @@ def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
     t0 = time.perf_counter()
     docs = itertools.islice(iter_documents(rundir.train_files(cfg)), cfg.tokenizer.train_sentences)
     try:
+        from stablekd.model.tokenizer import (
+            train_tokenizer,  # sentencepiece, transformers: only when training
+        )
+
         train_tokenizer(docs, cfg.tokenizer.vocab_size, out)
     except ValueError as e:
         raise ConfigError(f"tokenizer.vocab_size: {e}") from None
