@@ -46,29 +46,44 @@ REPO = Path(__file__).resolve().parent.parent
 WINDOW = 5
 
 
-def plain_loop(cfg, steps: int, dtype: str) -> float:
-    """tokens/s of a plain loop: fp32 weights (bf16 autocast for bf16), torch AdamW, clip, one process."""
-    tok_dir = models.tokenizer_dir(cfg)
-    t = cfg.teacher
-    model = build_model(t.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    batches = iter(
+def _batches(cfg):
+    """The training stream every arm reads, from its start."""
+    tok_dir, t = models.tokenizer_dir(cfg), cfg.teacher
+    return iter(
         StreamLoader(PackedStream(rundir.train_files(cfg), tok_dir, cfg.data.seq_len, t.micro_batch_size))
     )
+
+
+def _timed(cfg, steps: int, step) -> float:
+    """tokens/s of `step(batch)` over `steps` steps after WINDOW warm-up steps (the first TensorBoard window
+    the stablekd arm drops), the batch fetch included as in the loop's own clock."""
+    batches = _batches(cfg)
     tokens, elapsed = 0, 0.0
-    for step in range(WINDOW + steps):
+    for i in range(WINDOW + steps):
         t0 = time.perf_counter()
         b = next(batches)
+        step(b)
+        if i >= WINDOW:
+            elapsed += time.perf_counter() - t0
+            tokens += b["input_ids"].numel()
+    return tokens / elapsed
+
+
+def plain_loop(cfg, steps: int, dtype: str) -> float:
+    """tokens/s of a plain loop: fp32 weights (bf16 autocast for bf16), torch AdamW, clip, one process."""
+    t = cfg.teacher
+    model = build_model(t.model, load_tokenizer(models.tokenizer_dir(cfg)), cfg.data.seq_len, cfg.run.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+
+    def step(b: dict) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             s, c = nll_sum(model(input_ids=b["input_ids"]).logits, b["labels"])
         (s / c).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step >= WINDOW:  # same warm-up as the first TensorBoard window dropped below
-            elapsed += time.perf_counter() - t0
-            tokens += b["input_ids"].numel()
-    return tokens / elapsed
+
+    return _timed(cfg, steps, step)
 
 
 def bare_deepspeed_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
@@ -82,25 +97,17 @@ def bare_deepspeed_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
     from transformers.integrations import HfDeepSpeedConfig
 
     keep = HfDeepSpeedConfig(ds) if ds_resolve.zero_stage(ds) == 3 else None  # noqa: F841
-    tok_dir = models.tokenizer_dir(cfg)
-    model = build_model(cfg.teacher.model, load_tokenizer(tok_dir), cfg.data.seq_len, cfg.run.seed)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    batches = iter(
-        StreamLoader(
-            PackedStream(rundir.train_files(cfg), tok_dir, cfg.data.seq_len, cfg.teacher.micro_batch_size)
-        )
+    model = build_model(
+        cfg.teacher.model, load_tokenizer(models.tokenizer_dir(cfg)), cfg.data.seq_len, cfg.run.seed
     )
-    tokens, elapsed = 0, 0.0
-    for step in range(WINDOW + steps):
-        t0 = time.perf_counter()
-        b = next(batches)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+
+    def step(b: dict) -> None:
         s, c = nll_sum(engine(input_ids=b["input_ids"]).logits, b["labels"])
         engine.backward(s / c)
         engine.step()
-        if step >= WINDOW:
-            elapsed += time.perf_counter() - t0
-            tokens += b["input_ids"].numel()
-    return tokens / elapsed
+
+    return _timed(cfg, steps, step)
 
 
 def stablekd_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:

@@ -148,7 +148,11 @@ class ShardedTeacher:
     tag: str  # the tag loaded (<tag>_universal at another world size)
     step: int
     zero3: bool
-    vocab_size: int  # the run's ids, len(tokenizer): padded embedding rows past it are cut off (models.py)
+
+    @property
+    def vocab_size(self) -> int:
+        """The run's ids, len(tokenizer): padded embedding rows past it are cut off (launcher/models.py)."""
+        return len(self.tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -243,7 +247,6 @@ def load_sharded_teacher(
         tag=tag,
         step=int(marker["step"]),
         zero3=zero3,
-        vocab_size=len(tokenizer),
     )
 
 

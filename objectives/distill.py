@@ -60,9 +60,9 @@ from stablekd.objectives.lm import (
     chunk_rows,
     compute_dtype,
     live_chunks,
+    nll_rows,
     nll_sum,
     shifted_labels,
-    weighted_nll_sum,
 )
 from stablekd.objectives.topk_kl import TopkForwardKL
 
@@ -242,7 +242,7 @@ def kd_sum(
     if isinstance(teacher, SampledLabels):  # −Σ w log q: a weighted cross-entropy (objectives/lm.py)
         w = teacher.weights.reshape(B * T, -1).to(compute_dtype(flat)).masked_fill(~live[:, None], 0.0)
         ids = teacher.ids.reshape(B * T, -1)
-        return weighted_nll_sum(flat, ids, w, temperature, rows) * temperature**2, tokens
+        return nll_rows(flat, ids, w, temperature, rows).sum() * temperature**2, tokens
     if topk and kind == "fkl" and not teacher[1].requires_grad:  # the gradient written out, for the student
         lp = teacher_topk_bins(teacher[1].reshape(B * T, -1).to(compute_dtype(flat)))  # (B*T, k + 1)
         ids = teacher[0].reshape(B * T, -1).long()

@@ -123,27 +123,16 @@ def nll_rows(
     return _RowNLL.apply(x, ids.long(), w, temperature, rows or chunk_rows(x.shape[-1]))
 
 
-def weighted_nll_sum(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    temperature: float = 1.0,
-    rows: int | None = None,
-) -> torch.Tensor:
-    """Σ over rows of `nll_rows`: a scalar."""
-    return nll_rows(x, ids, weights, temperature, rows).sum()
-
-
 def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL of logits (B, T, V) against labels (B, T), and the number of counted tokens.
 
-    Computed in fp32 whatever the logits' dtype, in row chunks (`weighted_nll_sum`): no float32 copy of
+    Computed in fp32 whatever the logits' dtype, in row chunks (`nll_rows`): no float32 copy of
     the logits; a batch with no counted token gives (0, 0), not NaN.
     """
     targets = shifted_labels(labels).reshape(-1, 1)  # (B*T, 1)
     counted = targets != IGNORE_INDEX
     x = logits.reshape(-1, logits.shape[-1])  # (B*T, V): a view, also of a vocabulary-cut logits[..., :V]
-    return weighted_nll_sum(x, targets.clamp(min=0), counted), counted.sum()
+    return nll_rows(x, targets.clamp(min=0), counted).sum(), counted.sum()
 
 
 @dataclass
