@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher import engine
 from stablekd.launcher.config import TrainConfig
+from stablekd.launcher.worker import leave
 from stablekd.model.build import init_weights
 from stablekd.model.presets import preset
 from stablekd.objectives.lm import IGNORE_INDEX, Loss, shifted_labels
@@ -109,7 +110,8 @@ def main(run_dir: str, result: str) -> None:
     torch.distributed.all_gather_object(everyone, raised)
     if rank == 0:
         Path(result).write_text(json.dumps({"losses": out.losses, "eval_raised": everyone}))
-    torch.distributed.destroy_process_group()  # the group's threads down before the interpreter exits
+    torch.distributed.barrier()
+    leave(0)  # as stablekd's own worker ends (launcher/worker.py)
 
 
 if __name__ == "__main__":

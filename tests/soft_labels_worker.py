@@ -21,6 +21,7 @@ import torch.distributed as dist
 from stablekd.launcher import artifacts
 from stablekd.launcher.config import load_config
 from stablekd.launcher.stages import soft_labels
+from stablekd.launcher.worker import leave
 
 
 def main(run_dir: str, result: str) -> None:
@@ -47,7 +48,8 @@ def main(run_dir: str, result: str) -> None:
     dist.all_gather_object(parts, mine)
     if rank == 0:
         Path(result).write_text(json.dumps(parts, indent=1))
-    dist.destroy_process_group()  # the group's threads down before the interpreter exits
+    dist.barrier()
+    leave(0)  # as stablekd's own worker ends (launcher/worker.py)
 
 
 if __name__ == "__main__":
