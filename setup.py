@@ -40,6 +40,7 @@ setup(
         "tqdm>=4.66",
         "numpy>=1.26",
         "psutil>=5.9",  # (deepspeed needs it too) stopping a job's process tree
+        "pillow>=10.1",  # (tensorboard needs it too) eval/report.png
     ],
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
     entry_points={"console_scripts": ["stablekd = stablekd.launcher.cli:main"]},

@@ -9,6 +9,9 @@ G = m + (1 if meta["gold"] else 0) rows:
     context_len  int32 []                 1 <= context_len <= ctx_len
     cand_ids     int32 [G, max_new_tokens] RIGHT-padded with 0; row g is cand_ids[g, :cand_len[g]]
     cand_len     int32 [G]                1 <= cand_len <= max_new_tokens, counting the EOS if sampled
+    reference    int32 []                 1: the gold row is a reference answer to the context (a task
+                                          record's response, a bios question's truth; data_pipeline/
+                                          contexts.py), what the contrastive stage labels the group by
 
 With meta["gold"] the gold continuation is the last row (g = m), truncated to max_new_tokens.
 A context longer than ctx_len keeps its last ctx_len tokens (`pack_groups`).
@@ -78,6 +81,7 @@ def candidate_schema(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         "context_len": (i32, ()),
         "cand_ids": (i32, (G, T)),
         "cand_len": (i32, (G,)),
+        "reference": (i32, ()),
     }
 
 
@@ -86,11 +90,13 @@ def pack_groups(
     continuations: Sequence[Sequence[Sequence[int]]],
     ctx_len: int,
     max_new_tokens: int,
+    references: Sequence[bool] | None = None,
 ) -> dict[str, np.ndarray]:
     """Token lists -> padded record arrays [B, ...] (contexts left-padded, continuations right-padded).
 
-    contexts[b] is a token list; continuations[b] is that context's G token lists. Too-long contexts keep
-    their last ctx_len tokens; too-long continuations their first max_new_tokens.
+    contexts[b] is a token list; continuations[b] is that context's G token lists; references[b] whether
+    its last row is a reference answer (None: no group has one). Too-long contexts keep their last
+    ctx_len tokens; too-long continuations their first max_new_tokens.
     """
     B = len(contexts)
     if len(continuations) != B:
@@ -116,6 +122,7 @@ def pack_groups(
         "context_len": context_len,
         "cand_ids": cand_ids,
         "cand_len": cand_len,
+        "reference": np.asarray(references if references is not None else [False] * B, np.int32),
     }
 
 
@@ -153,9 +160,11 @@ class CandidateWriter(ShardWriter):
         context_len: torch.Tensor | np.ndarray,
         cand_ids: torch.Tensor | np.ndarray,
         cand_len: torch.Tensor | np.ndarray,
+        reference: torch.Tensor | np.ndarray,
     ) -> None:
         """Check and buffer B groups: context_ids [B, ctx_len], context_len [B], cand_ids [B, G, max_new],
-        cand_len [B, G] (see the module docstring for padding); `pack_groups` builds them from lists."""
+        cand_len [B, G], reference [B] (see the module docstring for padding); `pack_groups` builds them
+        from lists."""
         C, T, V, G = (
             self.meta["ctx_len"],
             self.meta["max_new_tokens"],
@@ -165,7 +174,11 @@ class CandidateWriter(ShardWriter):
         arrs = {
             k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
             for k, v in dict(
-                context_ids=context_ids, context_len=context_len, cand_ids=cand_ids, cand_len=cand_len
+                context_ids=context_ids,
+                context_len=context_len,
+                cand_ids=cand_ids,
+                cand_len=cand_len,
+                reference=reference,
             ).items()
         }
         B = arrs["context_len"].shape[0] if arrs["context_len"].ndim == 1 else -1
@@ -174,11 +187,14 @@ class CandidateWriter(ShardWriter):
             ("context_len", (B,)),
             ("cand_ids", (B, G, T)),
             ("cand_len", (B, G)),
+            ("reference", (B,)),
         ):
             if arrs[name].shape != shape:
                 raise ShardError(f"{self.path}: {name} has shape {arrs[name].shape}, expected {shape}")
         if B and not ((arrs["context_len"] >= 1) & (arrs["context_len"] <= C)).all():
             raise ShardError(f"{self.path}: context_len outside [1, ctx_len={C}]")
+        if B and arrs["reference"].any() and not self.meta["gold"]:
+            raise ShardError(f"{self.path}: a reference answer needs the gold row (meta gold=false)")
         if B and not ((arrs["cand_len"] >= 1) & (arrs["cand_len"] <= T)).all():
             raise ShardError(
                 f"{self.path}: cand_len outside [1, max_new_tokens={T}] (an empty continuation has no mean)"

@@ -12,17 +12,19 @@ Two sources, chosen by the corpus:
 
 `tokenize_contexts` turns text pairs into token lists. Every context starts with EOS: in the packed
 training stream a document always follows the previous one's EOS, so that is what the teacher has seen
-before a biography begins.
+before a biography begins. A context also says whether its gold continuation is a reference answer (a
+task record's response, a bios question's truth): what the contrastive stage labels groups by
+(data_pipeline/answers.py); a plain document's second half or a biography is no answer to compare with.
 """
 
 from __future__ import annotations
 
 import random
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from stablekd.data_pipeline.answers import Judgement, answer_key, continuation_texts
 from stablekd.data_pipeline.bios import (
     ATTRIBUTES,
     CONTEXT_TEMPLATES,
@@ -48,8 +50,15 @@ def _sentences(rng: random.Random, person: Person, skip: str) -> list[str]:
     return [render(rng.choice(TEMPLATES[a]), person.name, person.value(a)) for a in others]
 
 
-def bios_contexts(people: Sequence[Person], n: int, seed: int) -> list[tuple[str, str]]:
-    """n (prompt, gold continuation) text pairs about trained people; a pure function of the arguments."""
+class Context(NamedTuple):
+    context: list[int]  # [EOS] + the prompt's ids
+    gold: list[int]  # the corpus's continuation + [EOS]
+    reference: bool  # gold answers the context (a task's response, a bios question's truth)
+
+
+def bios_contexts(people: Sequence[Person], n: int, seed: int) -> list[tuple[str, str, bool]]:
+    """n (prompt, gold continuation, is a question) texts about trained people; a pure function of the
+    arguments."""
     if not people:
         raise ValueError("bios_contexts needs at least one person")
     rng = random.Random(seed)
@@ -66,39 +75,39 @@ def bios_contexts(people: Sequence[Person], n: int, seed: int) -> list[tuple[str
             template, prompt = TEMPLATES[attribute][t], probe_prompts(person, attribute)[t]
         first = render(template, person.name, person.value(attribute))
         rest = _sentences(rng, person, skip=attribute)
-        out.append((prompt, " ".join([first, *rest])[len(prompt) :]))
+        out.append(
+            (prompt, " ".join([first, *rest])[len(prompt) :], i % QUESTION_SHARE != QUESTION_SHARE - 1)
+        )
     return out
 
 
-def tokenize_contexts(tok, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt, gold) texts -> ([EOS] + prompt ids, gold ids + [EOS]).
+def tokenize_contexts(tok, texts: Sequence[tuple[str, str, bool]]) -> list[Context]:
+    """(prompt, gold, reference) texts -> Contexts ([EOS] + prompt ids, gold ids + [EOS], reference).
 
     The gold ids are cut from the tokens of prompt + gold, so they are the ids the training stream holds
     for that text (SentencePiece merges across the boundary differ from tokenizing the gold alone); when
     the prompt's tokens are not a prefix of the whole, the gold is tokenized on its own.
     """
     eos = tok.eos_token_id
-    prompts = encode(tok, [p for p, _ in pairs])
-    wholes = encode(tok, [p + g for p, g in pairs])
+    prompts = encode(tok, [p for p, _, _ in texts])
+    wholes = encode(tok, [p + g for p, g, _ in texts])
     out = []
-    for (_, gold), p, w in zip(pairs, prompts, wholes, strict=True):
+    for (_, gold, ref), p, w in zip(texts, prompts, wholes, strict=True):
         g = w[len(p) :] if w[: len(p)] == p else encode(tok, [gold])[0]
-        out.append(([eos, *p], [*g, eos]))
+        out.append(Context([eos, *p], [*g, eos], ref))
     return out
 
 
-def document_contexts(
-    files: Sequence[Path], tok, n: int, max_context: int
-) -> list[tuple[list[int], list[int]]]:
-    """The first n documents of at least 2 tokens as ([EOS] + context, gold + [EOS]).
+def document_contexts(files: Sequence[Path], tok, n: int, max_context: int) -> list[Context]:
+    """The first n documents of at least 2 tokens as Contexts ([EOS] + context, gold + [EOS], reference).
 
     A task record: context = the tokens before its first learned token (the prompt, its last
     `max_context` tokens), gold = the first run of learned tokens (the response). A plain document (or a
     task record learned from its first token): split in half, the context keeps at most `max_context`
-    tokens of the first half (its start) and the rest is gold.
+    tokens of the first half (its start) and the rest is gold. Only a task's response is a reference.
     """
     eos = tok.eos_token_id
-    out: list[tuple[list[int], list[int]]] = []
+    out: list[Context] = []
     for doc in read_documents(files):
         if len(out) == n:
             break
@@ -108,10 +117,10 @@ def document_contexts(
         start = learned.index(True) if doc.is_task and True in learned else 0
         if start > 0:
             end = learned.index(False, start) if False in learned[start:] else len(ids)
-            out.append(([eos, *ids[:start][-max_context:]], [*ids[start:end], eos]))
+            out.append(Context([eos, *ids[:start][-max_context:]], [*ids[start:end], eos], True))
             continue
         c = min(len(ids) // 2, max_context)
-        out.append(([eos, *ids[:c]], [*ids[c:], eos]))
+        out.append(Context([eos, *ids[:c]], [*ids[c:], eos], False))
     return out
 
 
@@ -129,17 +138,8 @@ def bios_truth(people: Sequence[Person]) -> dict[str, tuple[Person, str | None]]
 
 
 def _answer_key(attribute: str, value: str) -> int:
-    # A stable non-negative id of (attribute, value): continuations of different contexts that state the
-    # same answer share it (false negatives of a contrastive loss).
-    return zlib.crc32(f"{attribute}\0{value}".encode())
-
-
-class Judgement(NamedTuple):
-    verdicts: list[int]  # per continuation: +1 true, -1 contradiction, 0 nothing verifiable
-    keys: list[int]  # per continuation: answer key of a question's stated answer, -1 otherwise
-    truth_key: int  # answer key of a question context's true answer, -1 otherwise
-    known: bool  # the context's person is in the ground truth: verdict 0 means "unverifiable"
-    attribute: int  # index in bios.ATTRIBUTES of what a question context asks, -1 otherwise
+    # Continuations of different contexts that state the same answer share it (false negatives).
+    return answer_key(f"{attribute}\0{value}")
 
 
 def judge_continuations(
@@ -152,15 +152,13 @@ def judge_continuations(
     −1: states another value (a contradiction: a hard negative); 0: nothing parseable or no known truth.
     key: `_answer_key` of the (attribute, value) a question's continuation states, −1 otherwise; truth key:
     that of the true answer of a question context, −1 otherwise.
-    Texts are decoded from ids: the continuation is decode(context + continuation) minus decode(context),
-    since SentencePiece drops a leading space when a piece is decoded alone.
+    Texts are decoded from ids (`answers.continuation_texts`).
     """
     ctx_text = tok.decode(list(context_ids), skip_special_tokens=True)
     person, attribute = truth.get(ctx_text.strip(), (None, None))
     verdicts, keys = [], []
-    for cont in continuations:
-        whole = tok.decode([*context_ids, *cont], skip_special_tokens=True)
-        text = whole[len(ctx_text) :]
+    for text in continuation_texts(tok, context_ids, continuations):
+        whole = ctx_text + text
         verdict, key = 0, -1
         if person is not None and attribute is not None:
             value = parse_answer(attribute, text)
@@ -176,4 +174,4 @@ def judge_continuations(
         keys.append(key)
     truth_key = _answer_key(attribute, person.value(attribute)) if person and attribute else -1
     asked = ATTRIBUTES.index(attribute) if attribute is not None else -1
-    return Judgement(verdicts, keys, truth_key, person is not None, asked)
+    return Judgement(verdicts, keys, truth_key, person is not None, asked, "truth")

@@ -42,6 +42,7 @@ class ProbeSettings(Protocol):
     max_new_tokens: int
     max_prompts: int
     free_bios: int
+    task_templates: list[str]  # the task probe's paraphrase templates ("{prompt}")
 
 
 class TextGenerator(Protocol):

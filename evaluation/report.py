@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import io
 import itertools
 import json
 import math
@@ -31,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stablekd.data_pipeline.files import atomic_write
-from stablekd.data_pipeline.sources import iter_documents
+from stablekd.data_pipeline.sources import read_documents
 from stablekd.data_pipeline.tokenize import encode
-from stablekd.evaluation import metrics
+from stablekd.evaluation import chart, metrics
 from stablekd.evaluation.bios_probe import HFGenerator, ProbeSettings, TextGenerator
 from stablekd.objectives.lm import IGNORE_INDEX, chunk_rows, nll_sum, shifted_labels
 
@@ -64,6 +66,14 @@ METRICS: dict[str, tuple[str, str]] = {
     "task_exact_match": ("task: exact match", "greedy answer vs the reference response (normalised)"),
     "task_agreement": ("task: agreement", "share of 1 + K answers equal to the modal one"),
     "task_contradiction": ("task: contradiction", "prompts whose answers take >= 2 values"),
+    "task_paraphrase_contradiction": (
+        "task: paraphrase contradiction",
+        "greedy answers differ across templates",
+    ),
+    "task_paraphrase_exact_match": (
+        "task: exact match, templates",
+        "greedy, mean over evaluate.task_templates",
+    ),
     "task_rep_2": ("task: rep-2 (%)", "within sampled answers; lower is better"),
     "task_rep_3": ("task: rep-3 (%)", "within sampled answers; lower is better"),
     "rep_2": ("rep-2 (%)", "greedy continuations; lower is better"),
@@ -130,12 +140,15 @@ def _top1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def load_prefixes(
     files: Sequence[Path], tokenizer: PreTrainedTokenizerBase, n: int, prefix_tokens: int
 ) -> list[str]:
-    """The first `prefix_tokens` tokens (as text) of the first `n` documents that are longer than that.
+    """The first `prefix_tokens` tokens (as text) of the first `n` plain documents longer than that.
 
-    Only documents with text beyond the prefix count, so every prefix has a corpus continuation.
+    Only documents with text beyond the prefix count, so every prefix has a corpus continuation. Task
+    records are the task probe's (evaluation/task_probe.py): a question cut at a token count says little
+    about how a model continues text.
     """
     out: list[str] = []
-    for text in itertools.islice(iter_documents(files), 50 * n):  # bounded: a corpus of short lines ends it
+    docs = (d.text for d in read_documents(files) if not d.is_task)
+    for text in itertools.islice(docs, 50 * n):  # bounded: a corpus of short lines ends it
         ids = encode(tokenizer, [text])[0]
         if len(ids) > prefix_tokens:
             out.append(tokenizer.decode(ids[:prefix_tokens], skip_special_tokens=True))
@@ -361,14 +374,15 @@ def samples_markdown(samples: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown(report: dict, samples: dict[str, dict]) -> str:
-    """report.md: the side-by-side table (one row per metric, one column per model), ratios, samples."""
+def markdown(report: dict, samples: dict[str, dict], picture: str | None = None) -> str:
+    """report.md: the side-by-side table (one row per metric, one column per model), ratios, samples;
+    `picture`: the chart's file name beside it, shown first."""
     names = list(report["models"])
     sizes, missing = report.get("sizes", {}), report.get("missing", {})
     shown = {k for n in names for k in report["models"][n]} | set(missing)
     keys = [k for k in METRICS if k in shown]
     keys += sorted(shown - set(keys))
-    out = ["# Stability report", ""]
+    out = ["# Stability report", ""] + ([f"![the key metrics per model]({picture})", ""] if picture else [])
     out += [
         "| metric | " + " | ".join(names) + " | computed on | note |",
         "| --- | " + " | ".join("---:" for _ in names) + " | --- | --- |",
@@ -394,12 +408,21 @@ def markdown(report: dict, samples: dict[str, dict]) -> str:
 
 
 def write_report(report: dict, samples: dict[str, dict], eval_dir: Path, tb_dir: Path) -> dict[str, Path]:
-    """eval/report.json, eval/report.md, and the same report in TensorBoard under `tb_dir` (`write_tensorboard`)."""
+    """eval/report.json, eval/report.md, eval/report.png (evaluation/chart.py; when the report has a
+    charted metric), and the same report in TensorBoard under `tb_dir` (`write_tensorboard`)."""
     eval_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": eval_dir / "report.json", "md": eval_dir / "report.md"}
-    for key, text in (("json", json.dumps(report, indent=2) + "\n"), ("md", markdown(report, samples))):
-        atomic_write(paths[key], text)
-    write_tensorboard(report, samples, tb_dir)
+    paths = {"json": eval_dir / "report.json", "md": eval_dir / "report.md", "png": eval_dir / "report.png"}
+    picture = chart.draw(report["models"], {k: label for k, (label, _) in METRICS.items()})
+    if picture is None:
+        paths.pop("png").unlink(missing_ok=True)  # a stale picture would contradict the new table
+    else:
+        png = io.BytesIO()
+        picture.save(png, format="PNG")
+        atomic_write(paths["png"], png.getvalue())
+    text = markdown(report, samples, paths["png"].name if picture else None)
+    for key, data in (("json", json.dumps(report, indent=2) + "\n"), ("md", text)):
+        atomic_write(paths[key], data)
+    write_tensorboard(report, samples, tb_dir, picture)
     return paths
 
 
@@ -408,14 +431,16 @@ def tensorboard_tag(metric: str) -> str:
     return f"{'efficiency' if metric in EFFICIENCY_KEYS else 'stability'}/{metric}"
 
 
-def write_tensorboard(report: dict, samples: dict[str, dict], tb_dir: Path) -> None:
+def write_tensorboard(
+    report: dict, samples: dict[str, dict], tb_dir: Path, picture: Image.Image | None = None
+) -> None:
     """The report as TensorBoard shows it best: one run per model, the same tags in every run.
 
     `tb_dir`/<model>/ holds that model's metrics at step 0 under `tensorboard_tag(metric)` and, for the
     models other than the teacher, `<tag>_vs_teacher` (the report's ratios, e.g. `efficiency/params_vs_teacher`). Runs that share a
     tag are drawn in one chart, so each metric is one chart with a point per model (teacher, student,
     contrastive). TEXT tab: `samples` in each model's run (its sample generations) and `report` in
-    `tb_dir` itself (the report.md table, ratios and notes).
+    `tb_dir` itself (the report.md table, ratios and notes). IMAGES tab: `picture` (report.png) as `report`.
 
     The event files of an earlier evaluation are deleted first: a re-run (the stage repeats when a model
     changed) would otherwise leave two points per model at step 0, the stale one beside the new.
@@ -427,6 +452,8 @@ def write_tensorboard(report: dict, samples: dict[str, dict], tb_dir: Path) -> N
         summary = SummaryWriter(str(tb_dir))
         writers.append(summary)
         summary.add_text("report", markdown(report, {}), 0)  # no samples: they are in each model's run
+        if picture is not None:
+            summary.add_image("report", chart.as_array(picture), 0, dataformats="HWC")
         for name, values in report["models"].items():
             run = SummaryWriter(str(tb_dir / name))
             writers.append(run)

@@ -3,36 +3,33 @@
 Per held-out task record: its prompt (what precedes the first learned span, rendered as training renders
 it: the tokenizer's chat template for chat records where it has one) is answered once greedily and K times
 sampled (evaluate.samples, evaluate.temperature, evaluate.top_p), each answer ending at end-of-text or
-after evaluate.max_new_tokens. Answers are compared after `normalize` (case, whitespace, the punctuation
-at either end), so "Paris." and " paris" agree.
+after evaluate.max_new_tokens. Answers are compared as the contrastive stage labels them
+(data_pipeline/answers.py): the text up to data.answer_stop (the first line or sentence), normalised
+(case, whitespace, the punctuation at either end), so "Paris." and " paris" agree, and so do
+"Paris.\nQ: ..." and "Paris"; an answer that is empty there is no answer.
 
 Keys: task_exact_match (greedy answer == the record's reference response), task_agreement (share of the
 1 + K answers that agree with their modal answer, averaged over prompts), task_contradiction (share of
 prompts whose answers take >= 2 values), task_rep_2 / task_rep_3 (SimCTG rep-n of the sampled answers:
-loops within an answer). Each has its sample size; rep-n over fewer than MIN_CONTINUATION_TOKENS words is
+loops within an answer). With evaluate.task_templates (ParaRel-style paraphrase check): each prompt is asked
+again in every template, greedily; task_paraphrase_contradiction = share of prompts whose greedy answers
+to the 1 + T phrasings take >= 2 values, task_paraphrase_exact_match = exact match over the T templates. Each has its sample size; rep-n over fewer than MIN_CONTINUATION_TOKENS words is
 missing with the reason.
 """
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from stablekd.data_pipeline.answers import ANSWER_STOP, answer
 from stablekd.data_pipeline.sources import Corpus, read_documents
 from stablekd.data_pipeline.tasks import Document, render
 from stablekd.evaluation import metrics
 from stablekd.evaluation.bios_probe import ProbeSettings, TextGenerator
 from stablekd.evaluation.report import MIN_CONTINUATION_TOKENS
-
-_EDGES = string.whitespace + string.punctuation
-
-
-def normalize(text: str) -> str:
-    """Lower case, runs of whitespace as one space, whitespace and punctuation stripped from both ends."""
-    return " ".join(text.lower().split()).strip(_EDGES)
 
 
 def held_out_tasks(files: Corpus, n: int) -> list[Document]:
@@ -54,8 +51,11 @@ class TaskProbeResult:
     examples: list[dict] = field(default_factory=list)
 
 
-def probe_tasks(gen: TextGenerator, tok, docs: Sequence[Document], cfg: ProbeSettings) -> TaskProbeResult:
-    """Ask every record's prompt (greedy + evaluate.samples samples) and score the answers; see the module doc."""
+def probe_tasks(
+    gen: TextGenerator, tok, docs: Sequence[Document], cfg: ProbeSettings, stop: str = ANSWER_STOP
+) -> TaskProbeResult:
+    """Ask every record's prompt (greedy + evaluate.samples samples) and score the answers up to `stop`
+    (data.answer_stop); see the module doc."""
     pairs = []
     for doc in docs:
         text, spans = render(tok, doc)
@@ -67,8 +67,8 @@ def probe_tasks(gen: TextGenerator, tok, docs: Sequence[Document], cfg: ProbeSet
         gen(prompts, cfg.samples, False, cfg.max_new_tokens) if cfg.samples > 0 else [[] for _ in prompts]
     )
     raw = [g + s for g, s in zip(greedy, sampled, strict=True)]
-    answers: list[list[str | None]] = [[normalize(a) for a in r] for r in raw]
-    truth = [normalize(ref) for _, ref in pairs]
+    answers = [[answer(a, stop) for a in r] for r in raw]
+    truth = [answer(ref, stop) or "" for _, ref in pairs]  # "" matches no answer
     result = TaskProbeResult(
         {
             "task_exact_match": metrics.accuracy(answers, truth),
@@ -80,6 +80,23 @@ def probe_tasks(gen: TextGenerator, tok, docs: Sequence[Document], cfg: ProbeSet
     result.sizes["task_exact_match"] = asked
     for key in ("task_agreement", "task_contradiction"):
         result.sizes[key] = f"{asked} × {1 + cfg.samples} answers"
+    if cfg.task_templates:
+        T = len(cfg.task_templates)
+        greedy_t = [
+            gen([t.format(prompt=p) for p in prompts], 1, True, cfg.max_new_tokens)
+            for t in cfg.task_templates
+        ]
+        phrased = [
+            [answer(g[i][0], stop) for g in greedy_t] for i in range(len(prompts))
+        ]  # [prompt][template]
+        result.metrics["task_paraphrase_contradiction"] = metrics.cross_contradiction(
+            [[a[0], *p] for a, p in zip(answers, phrased, strict=True)]
+        )
+        result.metrics["task_paraphrase_exact_match"] = (
+            sum(metrics.accuracy([[p[t]] for p in phrased], truth) for t in range(T)) / T
+        )
+        result.sizes["task_paraphrase_contradiction"] = f"{asked} × {1 + T} phrasings (greedy)"
+        result.sizes["task_paraphrase_exact_match"] = f"{asked} × {T} templates"
     texts = [a for r in sampled for a in r]
     words = sum(len(t.split()) for t in texts)
     for n in (2, 3):

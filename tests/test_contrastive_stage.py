@@ -142,7 +142,7 @@ def test_contexts_never_ask_what_the_probe_asks():
     """DESIGN §7: training contexts and the report's probe use disjoint question templates, and the
     unseen people are never a context."""
     corpus = bios.generate(30, 2, 1, 10, seed=5)
-    contexts = {prompt for prompt, _ in bios_contexts(corpus.people, 400, seed=0)}
+    contexts = {prompt for prompt, _, _ in bios_contexts(corpus.people, 400, seed=0)}
     probe = {q.prompt for q in build_questions(corpus.people + corpus.unseen, 1000, seed=1)}
     assert contexts and probe and not contexts & probe
     for person in corpus.unseen:
@@ -159,9 +159,9 @@ def test_judging_marks_contradictions_and_false_negative_keys(upstream):
     ctx = [tok.eos_token_id, *encode(tok, [prompt])[0]]
     conts = [f" {anna.birth_city}.", f" {other.birth_city}.", " the moon"]
     ids = [encode(tok, [prompt + c])[0][len(ctx) - 1 :] for c in conts]
-    verdicts, keys, truth_key, known, asked = judge_continuations(tok, ctx, ids, bios_truth(people))
+    verdicts, keys, truth_key, known, asked, rule = judge_continuations(tok, ctx, ids, bios_truth(people))
     assert (
-        known and asked == bios.ATTRIBUTES.index("birth_city") and verdicts == [1, -1, 0]
+        known and asked == bios.ATTRIBUTES.index("birth_city") and verdicts == [1, -1, 0] and rule == "truth"
     )  # true, a contradiction (hard negative), unparseable
     assert keys[0] == truth_key >= 0 and keys[1] >= 0 and keys[1] != truth_key and keys[2] == -1
     # Another context whose continuation states anna's city carries the same key: a false negative.

@@ -253,10 +253,11 @@ def test_candidates(run):
         files = [s["file"] for s in m["shards"] if s["rank"] == rank]
         arr = {
             k: np.concatenate([stnp.load_file(out / f)[k] for f in files])
-            for k in ("context_ids", "context_len", "cand_ids", "cand_len")
+            for k in ("context_ids", "context_len", "cand_ids", "cand_len", "reference")
         }
-        for i, (ctx, gold) in enumerate(contexts[rank::2]):
+        for i, (ctx, gold, ref) in enumerate(contexts[rank::2]):
             assert arr["context_len"][i] == len(ctx) and arr["context_ids"][i, C - len(ctx) :].tolist() == ctx
+            assert arr["reference"][i] == ref  # the gold row is a reference answer (a bios question's truth)
             assert arr["cand_ids"].shape[1:] == (G, 6)
             assert arr["cand_ids"][i, G - 1, : arr["cand_len"][i, G - 1]].tolist() == gold[:6]
             assert ((arr["cand_len"][i] >= 1) & (arr["cand_len"][i] <= 6)).all()
@@ -397,15 +398,15 @@ def test_bios_contexts_are_true_continuations():
     pairs = bios_contexts(corpus.people, 12, seed=3)
     assert pairs == bios_contexts(corpus.people, 12, seed=3)  # deterministic
     names = {p.name: p for p in corpus.people}
-    for i, (prompt, gold) in enumerate(pairs):
+    for i, (prompt, gold, question) in enumerate(pairs):
         person = next(p for n, p in names.items() if n in prompt)
         text = prompt + gold
         found = bios.extract_attributes(text, person.name)
         assert all(vals == [person.value(a)] for a, vals in found.items()), text  # each attribute, truly
         if i % 4 == 3:
-            assert prompt == person.name
+            assert prompt == person.name and not question  # a biography start: no reference answer
         else:
-            assert gold.startswith(" ")
+            assert gold.startswith(" ") and question
 
 
 def test_tokenized_contexts(tmp_path):
@@ -416,13 +417,13 @@ def test_tokenized_contexts(tmp_path):
     tok = load_tokenizer(tmp_path / "tok")
     (tmp_path / "c.txt").write_text("\n".join(docs[:4]) + "\n")
     eos = tok.eos_token_id
-    for ctx, gold in tokenize_contexts(tok, [("Document number 7", " talks about topic 1.")]):
-        assert ctx[0] == eos and gold[-1] == eos
+    for ctx, gold, ref in tokenize_contexts(tok, [("Document number 7", " talks about topic 1.", True)]):
+        assert ctx[0] == eos and gold[-1] == eos and ref
         assert tok.decode(ctx[1:] + gold[:-1]) == "Document number 7 talks about topic 1."
     got = document_contexts([tmp_path / "c.txt"], tok, 3, max_context=5)
     assert len(got) == 3
-    for ctx, gold in got:
-        assert ctx[0] == eos and 2 <= len(ctx) <= 6 and gold[-1] == eos
+    for ctx, gold, ref in got:
+        assert ctx[0] == eos and 2 <= len(ctx) <= 6 and gold[-1] == eos and not ref  # prose: no reference
 
 
 @pytest.mark.distributed

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from stablekd.data_pipeline.answers import normalize
 from stablekd.data_pipeline.contexts import document_contexts
 from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.soft_labels import (
@@ -22,7 +23,7 @@ from stablekd.data_pipeline.sources import Corpus, SourceStats, read_documents
 from stablekd.data_pipeline.stream import PackedStream
 from stablekd.data_pipeline.tasks import Document, encode_documents, parse_record, render
 from stablekd.data_pipeline.tokenize import load_tokenizer
-from stablekd.evaluation.task_probe import normalize, probe_tasks
+from stablekd.evaluation.task_probe import probe_tasks
 from stablekd.launcher import models, prepare
 from stablekd.launcher.config import ConfigError, EvaluateConfig, load_config, save_config
 from stablekd.model.tokenizer import train_tokenizer
@@ -139,7 +140,8 @@ def test_soft_labels_keep_the_mask_and_the_losses_count_only_learned_tokens(tmp_
 
 def test_candidate_contexts_of_task_records_are_their_prompts(tok, task_file):
     contexts = document_contexts([task_file], tok, 3, max_context=100)
-    for (ctx, gold), (prompt, response) in zip(contexts, QA, strict=False):
+    for (ctx, gold, ref), (prompt, response) in zip(contexts, QA, strict=False):
+        assert ref  # a task's response is the reference answer its candidate group is labelled by
         assert tok.decode(ctx[1:]) + tok.decode(gold[:-1]) in (prompt + response, prompt + response.strip())
         assert tok.decode(gold[:-1]).strip() == response.strip() and gold[-1] == tok.eos_token_id
     assert len(document_contexts([task_file], tok, 100, max_context=4)[0][0]) == 1 + 4  # EOS + the last 4
@@ -160,6 +162,37 @@ def test_task_probe_scores_exact_match_agreement_and_contradiction(tok):
     assert r.metrics["task_agreement"] == pytest.approx((1 + 2 / 5 * 3) / 4)
     assert "task_rep_2" in r.missing and r.sizes["task_exact_match"] == "4 held-out prompts"
     assert normalize("  In   City 3. ") == "in city 3"
+    assert "task_paraphrase_contradiction" not in r.metrics  # no templates, no paraphrase check
+
+
+def test_task_probe_paraphrase_check_asks_each_prompt_in_every_template(tok):
+    docs = [parse_record({"prompt": p, "response": r}) for p, r in QA[:4]]
+    asked: list[str] = []
+
+    def gen(prompts, n, greedy, max_new_tokens, min_new_tokens=0):
+        asked.extend(prompts)
+
+        # the record's own phrasing and "Briefly" answer right; "Say" is right only for prompt 0, and
+        # answers prompt 1 with a second sentence after the right answer (not a different answer)
+        def one(p: str, i: int) -> str:
+            right = f" in city {i % 7}."
+            if p.startswith("Say") and i == 1:
+                return right + " Then more text."
+            return right if not p.startswith("Say") or i == 0 else " elsewhere."
+
+        return [[one(p, i)] * n for i, p in enumerate(prompts)]
+
+    cfg = EvaluateConfig(samples=2, task_templates=["Briefly: {prompt}", "Say {prompt}"])
+    r = probe_tasks(gen, tok, docs, cfg)
+    prompts = [d.prompt for d in docs]
+    assert [f"Say {p}" for p in prompts] == asked[-4:] and [f"Briefly: {p}" for p in prompts] == asked[-8:-4]
+    assert r.metrics["task_paraphrase_contradiction"] == 0.5  # prompts 2 and 3 differ under "Say"
+    assert r.metrics["task_paraphrase_exact_match"] == pytest.approx((4 / 4 + 2 / 4) / 2)
+    assert r.sizes["task_paraphrase_contradiction"] == "4 held-out prompts × 3 phrasings (greedy)"
+    with pytest.raises(ConfigError, match="task_templates: 'no slot'"):
+        EvaluateConfig(task_templates=["no slot"])
+    with pytest.raises(ConfigError, match="no other field"):
+        EvaluateConfig(task_templates=["{prompt} {other}"])
 
 
 def test_init_from_a_previous_run_takes_its_tokenizer_shapes_and_checkpoint(tmp_path):

@@ -71,3 +71,30 @@ def test_every_stage_run_carries_the_custom_scalars_layout(tmp_path: Path) -> No
     charts = {c.title: list(c.multiline.tag) for cat in layouts[0].category for c in cat.chart}
     # One chart matches the loss every training stage logs, so it draws teacher, distill and contrastive.
     assert [t for t, regexes in charts.items() if any(re.fullmatch(r, "train/loss") for r in regexes)]
+
+
+def test_report_picture_in_the_report_and_in_tensorboard(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from stablekd.evaluation import chart
+
+    models = {n: {**v, "task_contradiction": 0.5 - 0.1 * i} for i, (n, v) in enumerate(MODELS.items())}
+    rep = {"models": models, "ratios": report.ratios(models), "notes": []}
+    paths = report.write_report(rep, SAMPLES, tmp_path / "eval", tmp_path / "tb")
+    with Image.open(paths["png"]) as img:  # a PNG a viewer opens: one panel per charted metric
+        panels = [k for k, _ in chart.PANELS if k in models["teacher"]]
+        assert panels == ["task_contradiction", "bios_accuracy", "ppl"]
+        assert img.format == "PNG" and img.size == (chart.PANEL_W * 3, chart.LEGEND_H + chart.PANEL_H)
+        # every model's bar is drawn in its colour in the contradiction panel
+        pixels = set(img.convert("RGB").crop((0, chart.LEGEND_H, chart.PANEL_W, img.size[1])).getdata())
+        for color in chart.COLORS[:3]:
+            assert tuple(int(color[i : i + 2], 16) for i in (1, 3, 5)) in pixels
+    assert "![the key metrics per model](report.png)" in paths["md"].read_text()
+    (image,) = _events(tmp_path / "tb").Images("report")
+    assert (image.width, image.height) == Image.open(paths["png"]).size
+    # a report with nothing to chart leaves no stale picture behind
+    again = report.write_report(
+        {"models": {"teacher": {"params": 1.0}}}, {}, tmp_path / "eval", tmp_path / "tb"
+    )
+    assert "png" not in again and not (tmp_path / "eval" / "report.png").exists()
+    assert "report.png" not in again["md"].read_text()

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from stablekd.data_pipeline.answers import ANSWER_STOP
 from stablekd.data_pipeline.errors import ConfigError
 from stablekd.data_pipeline.sources import TEXT_UNITS
 from stablekd.launcher.config.fields import _at_least, _f, _positive, _sub
@@ -99,6 +101,11 @@ class DataConfig:
         "prefixes, chosen by a hash of each document's text (stable when files are added or reordered; "
         "identical documents land together); 0 = train on everything and skip eval loss",
     )
+    answer_stop: str = _f(
+        ANSWER_STOP,
+        "regular expression that ends the answer in a response (default: the first line or sentence): "
+        "what the task probe compares and the contrastive stage labels candidate groups by",
+    )
     bios: BiosConfig = _sub(BiosConfig, "the built-in synthetic biographies corpus (DESIGN §6)")
     seq_len: int = _f(128, "tokens per packed training sequence")
     num_workers: int = _f(0, "dataloader workers per rank (tokenization runs in them)")
@@ -108,6 +115,10 @@ class DataConfig:
         _at_least(self, 0, "num_workers")
         if self.text_unit not in TEXT_UNITS:
             raise ConfigError(f"text_unit: expected one of {', '.join(TEXT_UNITS)}, got {self.text_unit!r}")
+        try:
+            re.compile(self.answer_stop)
+        except re.error as e:
+            raise ConfigError(f"answer_stop: not a regular expression: {self.answer_stop!r} ({e})") from None
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(
                 f"eval_fraction: expected a value in [0, 1) (0 = no held-out share), got {self.eval_fraction}"

@@ -178,6 +178,9 @@ class DistillConfig(TrainConfig):
             raise ConfigError(f"follow_timeout_s: expected > 0, got {self.follow_timeout_s}")
 
 
+LABEL_RULES = ("auto", "truth", "reference", "majority", "none")
+
+
 @dataclass
 class ContrastiveConfig(TrainConfig):
     """The distilled student fine-tuned on candidate groups: InfoNCE + lam · (KD or CE) (objectives/contrastive.py)."""
@@ -197,7 +200,11 @@ class ContrastiveConfig(TrainConfig):
     )
     lam: float = _f(1.0, "weight of the language-model term (lm) that keeps it a language model")
     lm: str = _f("kd", "the lam term: kd (the soft-label stream, distill.kind at distill.temperature) or ce")
-    negatives: int = _f(8, "likelihood scorer: other contexts' continuations scored per context")
+    negatives: int = _f(
+        8,
+        "likelihood scorer: other contexts' continuations scored per context; 0 = a context's own rows "
+        "only (positives against its hard negatives)",
+    )
     similar_negatives: bool = _f(
         True,
         "likelihood scorer: draw negatives from contexts asking about the same attribute first (bios), "
@@ -208,11 +215,12 @@ class ContrastiveConfig(TrainConfig):
         "likelihood scorer: score the first N tokens of each continuation (where a question's answer is); "
         "0 = every token",
     )
-    hard_negatives: bool = _f(
-        True,
-        "ground truth known (bios): continuations contradicting it are negatives, only those stating it are "
-        "positives, unverifiable ones are left out (likelihood) or negatives (embedding); false = every "
-        "continuation of a context is a positive",
+    labels: str = _f(
+        "auto",
+        "what makes a continuation a positive or a hard negative of its context (data_pipeline/answers.py): "
+        "auto = the ground truth on the built-in bios corpus, else a task prompt's reference response, else "
+        "the teacher's majority answer among its samples; truth (bios), reference (groups without one "
+        "unlabelled), majority (references unused); none = every continuation of a context is a positive",
     )
     margin: float = _f(0.0, "SimCTG token-level term on the LM batches with this margin rho; 0 = off")
     head_dim: int = _f(128, "embedding scorer: projection head output size")
@@ -226,15 +234,17 @@ class ContrastiveConfig(TrainConfig):
             raise ConfigError(f"scorer: expected 'likelihood' or 'embedding', got {self.scorer!r}")
         if self.lm not in ("kd", "ce"):
             raise ConfigError(f"lm: expected 'kd' or 'ce', got {self.lm!r}")
+        if self.labels not in LABEL_RULES:
+            raise ConfigError(f"labels: expected one of {', '.join(LABEL_RULES)}, got {self.labels!r}")
         if self.tau <= 0 or self.lam < 0 or self.margin < 0:
             raise ConfigError(
                 f"tau > 0, lam >= 0, margin >= 0 expected, got {self.tau}, {self.lam}, {self.margin}"
             )
         if self.score_tokens < 0:
             raise ConfigError(f"score_tokens: expected >= 0, got {self.score_tokens}")
-        if self.negatives < 1 or self.head_dim < 1:
+        if self.negatives < 0 or self.head_dim < 1:
             raise ConfigError(
-                f"negatives and head_dim: expected positive integers, got {self.negatives}, {self.head_dim}"
+                f"negatives >= 0 and head_dim >= 1 expected, got {self.negatives}, {self.head_dim}"
             )
 
 
@@ -250,6 +260,11 @@ class EvaluateConfig:
     prefixes: int = _f(40, "corpus prefixes continued for repetition, diversity and coherence")
     task_prompts: int = _f(
         40, "held-out task records (prompt/response, chat) whose prompts the task probe asks (task_* keys)"
+    )
+    task_templates: list[str] = _f(
+        [],
+        "paraphrase check: each held-out task prompt asked again in each template ('{prompt}' = the prompt "
+        "as written), greedily; task_paraphrase_contradiction = prompts whose answers differ across them",
     )
     prefix_tokens: int = _f(16, "tokens of each prefix")
     max_new_tokens: int = _f(
@@ -270,3 +285,13 @@ class EvaluateConfig:
         _at_least(self, 0, "free_bios", "prefixes", "task_prompts")
         _positive(self, "temperature")
         _probability(self, "top_p")
+        for t in self.task_templates:
+            try:
+                ok = "{prompt}" in t and t.format(prompt="") is not None
+            except (KeyError, IndexError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(
+                    f"task_templates: {t!r}: expected a template with '{{prompt}}' and no other field "
+                    "(write a literal brace as '{{' or '}}')"
+                )

@@ -17,14 +17,19 @@ G = M sampled + gold continuations, data_pipeline/candidates.py) plus B sequence
     lm       × contrastive.lam: KD from the soft labels (distill.kind, distill.temperature) or CE, per token.
     simctg   with contrastive.margin > 0: SimCTG's token-level term on the LM sequences.
 
-Ground truth (built-in bios corpus, contrastive.hard_negatives): a continuation whose parsed answer
-contradicts the truth is a hard negative of its own context; only continuations that state the truth
-(the gold one among them) are positives; one that states nothing verifiable (no parseable answer) is
-left out of its own context's scores by the likelihood scorer (the embedding scorer makes it a negative
-of every anchor), since rewarding it would train the model to answer nothing; another
-context's continuation stating the anchor's true answer is a false negative and leaves the denominator.
-Without ground truth every continuation of a context is its positive. Contexts ask
-with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others (no leakage, DESIGN §7).
+Labels (contrastive.labels; data_pipeline/answers.py): which continuations of a context are its
+positives and which its hard negatives. On the built-in bios corpus the ground truth judges them
+(data_pipeline/contexts.py: a parsed answer contradicting the truth is a hard negative, only those
+stating it are positives). Elsewhere a task prompt's reference response (the gold row) labels its group:
+samples giving the reference's answer are positives, other answers hard negatives; a context without one
+(a prose start) is labelled by the teacher's majority answer among its samples, and a tie or
+all-different samples leave the group unlabelled (no anchor). A row that gives no answer is left out of
+its own context's scores by the likelihood scorer (the embedding scorer makes it a negative of every
+anchor), since rewarding it would train the model to answer nothing; another context's row giving the
+anchor's answer is a false negative and leaves the denominator. With labels=none every continuation of
+a context is its positive. How many groups each rule labelled goes into DONE.json (`labels`) and the
+report. Bios contexts ask with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others, and
+on a user corpus it asks held-out records (no leakage, DESIGN §7).
 
 Leaves contrastive/ckpt, contrastive/hf and contrastive/DONE.json. TensorBoard tb/contrastive: train/infonce,
 train/lm, train/pos_sim, train/neg_sim, train/acc1 (a positive scores highest), perf/*.
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import torch
@@ -41,9 +47,16 @@ import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.answers import Judgement, continuation_texts, judge_answers
 from stablekd.data_pipeline.candidates import KIND as CANDIDATES
-from stablekd.data_pipeline.candidates import candidate_batch, flat_candidates, training_groups
+from stablekd.data_pipeline.candidates import (
+    candidate_batch,
+    candidate_reader,
+    flat_candidates,
+    training_groups,
+)
 from stablekd.data_pipeline.contexts import bios_truth, judge_continuations
+from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
@@ -80,6 +93,11 @@ def preflight(cfg: ExperimentConfig) -> None:
         )
     if cfg.contrastive.lm == "kd":
         read_manifest(rundir.stage_dir(cfg, "soft_labels"), "soft_labels")
+    if cfg.contrastive.labels == "truth" and cfg.data.paths:
+        raise ConfigError(
+            "contrastive.labels=truth: the ground truth exists for the built-in bios corpus only; this run "
+            "trains on data.paths (use auto, reference or majority)"
+        )
 
 
 class LMWithHead(torch.nn.Module):
@@ -93,11 +111,49 @@ class LMWithHead(torch.nn.Module):
         return self.lm(**kwargs)
 
 
-class GroupsWithLM:
-    """Candidate groups (judged against the ground truth) zipped with LM batches; one resumable position."""
+Labeller = Callable[[list[int], list[list[int]], bool], Judgement]
 
-    def __init__(self, groups, lm, tokenizer, truth: dict, hard_negatives: bool) -> None:
-        self.groups, self.lm, self.tok, self.truth, self.hard = groups, lm, tokenizer, truth, hard_negatives
+
+def labeller(cfg: ExperimentConfig, tokenizer, voters: int) -> Labeller:
+    """(context ids, row ids, the last row is a reference) -> the group's Judgement under
+    contrastive.labels; `voters` = the teacher's samples per group (the rows before the gold one)."""
+    rule = cfg.contrastive.labels
+    if rule == "none":
+        return lambda ctx, rows, ref: Judgement([0] * len(rows), [-1] * len(rows), -1, False, -1, "none")
+    if rule == "truth" or (rule == "auto" and not cfg.data.paths):
+        truth = bios_truth(bios.load_truth(cfg.run_dir / "data" / "truth.json")[0])
+        return lambda ctx, rows, ref: judge_continuations(tokenizer, ctx, rows, truth)
+    stop = cfg.data.answer_stop
+    return lambda ctx, rows, ref: judge_answers(
+        continuation_texts(tokenizer, ctx, rows), voters, ref, rule, stop
+    )
+
+
+def group_rows(g: dict, b: int) -> tuple[list[int], list[list[int]], bool]:
+    """Group b of a batch of candidate groups as (context ids, row ids, the last row is a reference)."""
+    ctx = g["context_ids"][b, -int(g["context_len"][b]) :].tolist()
+    rows = [g["cand_ids"][b, j, : int(g["cand_len"][b, j])].tolist() for j in range(g["cand_ids"].shape[1])]
+    return ctx, rows, bool(g["reference"][b])
+
+
+def label_summary(groups, label: Labeller) -> dict:
+    """How the candidate set's groups were labelled: groups per rule, rows per verdict (DONE.json, report)."""
+    rules: Counter = Counter()
+    rows: Counter = Counter()
+    for g in groups:
+        for b in range(g["cand_ids"].shape[0]):
+            judged = label(*group_rows(g, b))
+            rules[judged.rule] += 1
+            if judged.known:
+                rows.update({1: "positive", -1: "hard_negative", 0: "left_out"}[v] for v in judged.verdicts)
+    return {"groups": dict(rules), "rows": dict(rows)}
+
+
+class GroupsWithLM:
+    """Candidate groups (each labelled) zipped with LM batches; one resumable position."""
+
+    def __init__(self, groups, lm, label: Labeller) -> None:
+        self.groups, self.lm, self.label = groups, lm, label
 
     def __iter__(self) -> Iterator[dict]:
         for g, lm in zip(self.groups, self.lm, strict=True):
@@ -106,18 +162,13 @@ class GroupsWithLM:
             truth_keys, asked = torch.full((B,), -1), torch.full((B,), -1)
             known = torch.zeros(B, dtype=torch.bool)
             for b in range(B):
-                ctx = g["context_ids"][b, -int(g["context_len"][b]) :].tolist()
-                conts = [g["cand_ids"][b, j, : int(g["cand_len"][b, j])].tolist() for j in range(G)]
-                judged = judge_continuations(self.tok, ctx, conts, self.truth)
+                judged = self.label(*group_rows(g, b))
                 verdicts[b], keys[b] = torch.tensor(judged.verdicts), torch.tensor(judged.keys)
                 truth_keys[b], known[b], asked[b] = judged.truth_key, judged.known, judged.attribute
-            if not self.hard:  # ground truth unused: every continuation of a context is its positive
-                verdicts.zero_()
-                known.zero_()
             yield {
                 **g,
-                "verdict": verdicts,  # [B, G] +1 true, -1 contradiction, 0 nothing verifiable
-                "known": known,  # [B] the context's truth is known: verdict 0 = unverifiable
+                "verdict": verdicts,  # [B, G] +1 positive, -1 hard negative, 0 left out (or no label)
+                "known": known,  # [B] the group is labelled: verdict 0 = left out
                 "answer_key": keys,  # [B, G]
                 "truth_key": truth_keys,  # [B]
                 "attribute": asked,  # [B] what a question context asks (bios.ATTRIBUTES index), -1 otherwise
@@ -133,13 +184,14 @@ class GroupsWithLM:
 
 
 def _positive(batch: dict) -> torch.Tensor:
-    """[B, G]: states the truth where it is known, else any continuation that is not a contradiction."""
+    """[B, G]: positive rows of labelled groups; any row of an unlabelled one (labels=none)."""
     v = batch["verdict"]
     return torch.where(batch["known"][:, None], v > 0, v >= 0)
 
 
 def _unverifiable(batch: dict) -> torch.Tensor:
-    """[B, G]: the context's truth is known but the continuation states nothing that can be checked."""
+    """[B, G]: rows of a labelled group that are left out (no answer, the gold row under majority, or the
+    whole group when no rule could label it)."""
     return batch["known"][:, None] & (batch["verdict"] == 0)
 
 
@@ -319,8 +371,13 @@ def run(cfg: ExperimentConfig) -> None:
         rundir.stage_dir(cfg, "soft_labels") / "candidates", {"tokenizer_hash": tokenizer_hash(tok_dir)},
         micro, rank, world, cfg.data.num_workers,
     )  # fmt: skip
-    truth = {} if cfg.data.paths else bios_truth(bios.load_truth(run_dir / "data" / "truth.json")[0])
-    batches = GroupsWithLM(groups, _lm_batches(cfg, rank, world, micro), tokenizer, truth, c.hard_negatives)
+    cand_dir = rundir.stage_dir(cfg, "soft_labels") / "candidates"
+    label = labeller(cfg, tokenizer, read_manifest(cand_dir, CANDIDATES)["meta"]["m"])
+    labels = {"rule": c.labels}
+    if rank == 0:  # the whole candidate set, once: what DONE.json and the report say of the labels
+        labels.update(label_summary(ShardLoader(candidate_reader(cand_dir), 64), label))
+        rundir.say(f"[contrastive] labels ({c.labels}): {labels['groups']} groups, rows {labels['rows']}")
+    batches = GroupsWithLM(groups, _lm_batches(cfg, rank, world, micro), label)
     evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, c.eval_batches, rank, world)
     weights = {"infonce": 1.0, "lm": c.lam, **({"simctg": 1.0} if c.margin > 0 else {})}
     stage = engine.Stage(
@@ -333,5 +390,5 @@ def run(cfg: ExperimentConfig) -> None:
     module = result.engine.module
     artifacts.finish_training(
         cfg, "contrastive", result, module.lm if isinstance(module, LMWithHead) else module, tokenizer, ds,
-        {"scorer": c.scorer}, {"start": str(start), "tokenizer_hash": tokenizer_hash(tok_dir)},
+        {"scorer": c.scorer, "labels": labels}, {"start": str(start), "tokenizer_hash": tokenizer_hash(tok_dir)},
     )  # fmt: skip

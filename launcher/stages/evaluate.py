@@ -148,6 +148,14 @@ def _trained_task_records(cfg: ExperimentConfig) -> int:
     return int(json.loads(path.read_text()).get("produced", {}).get("data_stats", {}).get("task_records", 0))
 
 
+def _contrastive_labels(cfg: ExperimentConfig) -> dict | None:
+    """How the contrastive stage labelled its candidate groups (its DONE.json), None when it did not say."""
+    path = rundir.done_path(cfg, "contrastive")
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("produced", {}).get("labels")
+
+
 def preflight(cfg: ExperimentConfig) -> None:
     """Fail before any work when there is no model to evaluate or the coherence encoder is not a directory."""
     find_models(cfg.run_dir)
@@ -237,7 +245,11 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     prefixes = report.load_prefixes(held, run_tok, ecfg.prefixes, ecfg.prefix_tokens) if held else []
     sizes, missing = report.continuation_sizes(len(prefixes), ecfg)
     if not prefixes:
-        why = f"no held-out document longer than {ecfg.prefix_tokens} tokens" if held else "no held-out text"
+        why = (
+            f"no held-out plain document longer than {ecfg.prefix_tokens} tokens"
+            if held
+            else "no held-out text"
+        )
         missing = dict.fromkeys(sizes, why)
     speed_prompts = (prefixes or ["The"])[: report.SPEED_BATCH]
     tasks = held_out_tasks(held, ecfg.task_prompts) if held else []
@@ -285,7 +297,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             sizes.update(result.sizes)
             samples[name] = {"probe": result.examples}
         if tasks:
-            asked = probe_tasks(gen, tok, tasks, ecfg)
+            asked = probe_tasks(gen, tok, tasks, ecfg, cfg.data.answer_stop)
             m.update(asked.metrics)
             sizes.update(asked.sizes)
             missing.update(asked.missing)
@@ -310,6 +322,14 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             + f" ({time.perf_counter() - t0:.1f}s)"
         )
 
+    labels = _contrastive_labels(cfg) if "contrastive" in found else None
+    if labels:
+        notes.append(
+            f"contrastive: candidate groups labelled with contrastive.labels={labels['rule']}: "
+            + ", ".join(f"{n} by {r}" for r, n in sorted(labels["groups"].items()))
+            + "; rows "
+            + ", ".join(f"{n} {v}" for v, n in sorted(labels["rows"].items()))
+        )
     if no_ppl:
         notes.append(
             f"ppl absent for {', '.join(no_ppl)}: no held-out text (set data.eval_paths, or "
@@ -340,6 +360,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         "sizes": sizes,  # what each figure was computed on
         "missing": missing,  # figures not shown, and why
         "notes": notes,
+        "contrastive_labels": labels,
         "coherence_encoder": encoder_name,
         "device": str(device),
         "settings": to_dict(ecfg),

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.candidates import CandidateWriter, candidate_meta, pack_groups, trim_generated
-from stablekd.data_pipeline.contexts import bios_contexts, document_contexts, tokenize_contexts
+from stablekd.data_pipeline.contexts import Context, bios_contexts, document_contexts, tokenize_contexts
 from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.online import lockstep
@@ -214,8 +214,9 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     return summary
 
 
-def candidate_contexts(cfg: ExperimentConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(context ids, gold ids) for every context of the run, the same list on every rank (data_pipeline/contexts.py)."""
+def candidate_contexts(cfg: ExperimentConfig, tokenizer) -> list[Context]:
+    """Every context of the run (ids, gold ids, gold is a reference), the same list on every rank
+    (data_pipeline/contexts.py)."""
     sl = cfg.soft_labels
     if cfg.data.paths:
         # EOS + context + continuation within the positions the teacher trained on
@@ -226,10 +227,10 @@ def candidate_contexts(cfg: ExperimentConfig, tokenizer) -> list[tuple[list[int]
             )
         return document_contexts(rundir.train_files(cfg), tokenizer, sl.candidate_contexts, room)
     people, _ = bios.load_truth(cfg.run_dir / "data" / "truth.json")
-    pairs = tokenize_contexts(tokenizer, bios_contexts(people, sl.candidate_contexts, cfg.run.seed))
+    contexts = tokenize_contexts(tokenizer, bios_contexts(people, sl.candidate_contexts, cfg.run.seed))
     room = max(1, cfg.data.seq_len - sl.max_new_tokens)
     # Context + continuation within the positions the teacher trained on: keep a context's last `room` ids.
-    return [(c[-room:], g) for c, g in pairs]
+    return [c._replace(context=c.context[-room:]) for c in contexts]
 
 
 def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
@@ -248,7 +249,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     M, T = sl.candidates_per_context, sl.max_new_tokens
     meta = candidate_meta(
         teacher.checkpoint_id, tokenizer_hash(models.tokenizer_dir(cfg)), teacher.vocab_size, M, T,
-        sl.sample_temperature, sl.top_p, max(len(c) for c, _ in contexts), gold=sl.include_gold,
+        sl.sample_temperature, sl.top_p, max(len(c.context) for c in contexts), gold=sl.include_gold,
     )  # fmt: skip
     writer = CandidateWriter(out, rank, meta, sl.records_per_shard, world_size=world)
     mine = contexts[rank::world]
@@ -261,7 +262,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         if call is None:
             teacher.idle_generate()
             continue
-        ctx = [mine[j][0] for j in call]
+        ctx = [mine[j].context for j in call]
         width = max(map(len, ctx))
         ids = torch.tensor([[pad_id(tok)] * (width - len(c)) + c for c in ctx])  # [b, W] left-padded
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(c) for c in ctx])[:, None]).long()
@@ -281,8 +282,9 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         groups = []
         for b, j in enumerate(call):
             rows = [cand[b * M + m, : lens[b * M + m]].tolist() for m in range(M)]
-            groups.append(rows + [mine[j][1]] if sl.include_gold else rows)
-        writer.add_groups(**pack_groups(ctx, groups, meta["ctx_len"], T))
+            groups.append(rows + [mine[j].gold] if sl.include_gold else rows)
+        references = [sl.include_gold and mine[j].reference for j in call]
+        writer.add_groups(**pack_groups(ctx, groups, meta["ctx_len"], T, references))
         new_tokens += int(lens.sum())
         bar.update(1)
     bar.close()
