@@ -265,3 +265,44 @@ def test_score_tokens_score_only_the_start_of_each_continuation():
     torch.manual_seed(1)  # more than the stored continuation tokens: all of them, like 0
     wide = _likelihood_scores(model, batch, ContrastiveConfig(negatives=2, score_tokens=64), 50)[0]
     torch.testing.assert_close(wide, out[0, "same"])
+
+
+def test_groups_of_a_user_corpus_are_labelled_by_reference_or_majority(tmp_path):
+    """The stage's wiring of data_pipeline/answers.py: the record's reference flag picks the rule, the
+    teacher's M samples vote, the gold row is left out of a vote, and the summary counts what happened."""
+    from stablekd.data_pipeline.candidates import pack_groups
+    from stablekd.launcher.config import load_config
+    from stablekd.launcher.stages.contrastive import _positive, _unverifiable, label_summary, labeller
+    from tests.hf_models import byte_level_tokenizer
+
+    tok = byte_level_tokenizer(tmp_path / "tok")
+    ctx = [tok.eos_token_id, *encode(tok, ["Q: Whom did Seth beget?\nA:"])[0]]
+
+    def rows(*texts: str) -> list[list[int]]:
+        return [encode(tok, [t])[0] + [tok.eos_token_id] for t in texts]
+
+    groups = [  # M = 3 samples + the gold row
+        rows(" Enos.", " Cainan.", " enos", " Enos."),  # reference: 2 right, 1 contradiction
+        rows(" Cainan.", " Cainan.", " Enos.", " Jared."),  # no reference: majority Cainan, gold left out
+        rows(" Cainan.", " Enos.", " Jared.", " Enos."),  # no reference, all different: unlabelled
+    ]
+    batch = {
+        k: torch.as_tensor(v) for k, v in pack_groups([ctx] * 3, groups, 16, 8, [True, False, False]).items()
+    }
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path}]"])
+    label = labeller(cfg, tok, voters=3)
+    summary = label_summary([batch], label)
+    assert summary == {
+        "groups": {"reference": 1, "majority": 1, "unlabelled": 1},
+        "rows": {"positive": 3 + 2, "hard_negative": 1 + 1, "left_out": 1 + 4},
+    }
+    from stablekd.launcher.stages.contrastive import GroupsWithLM
+
+    (b,) = list(GroupsWithLM([batch], [{"input_ids": torch.zeros(3, 4)}], label))
+    assert _positive(b).tolist() == [[True, False, True, True], [True, True, False, False], [False] * 4]
+    assert _unverifiable(b)[2].all() and not _unverifiable(b)[0].any()  # an unlabelled group has no anchor
+    none = load_config(
+        None, [f"run.out_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path}]", "contrastive.labels=none"]
+    )
+    (n,) = list(GroupsWithLM([batch], [{"input_ids": torch.zeros(3, 4)}], labeller(none, tok, 3)))
+    assert _positive(n).all()  # labels=none: every continuation of a context is its positive

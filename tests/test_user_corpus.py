@@ -140,8 +140,23 @@ def test_own_models_run_every_stage_with_their_tokenizer_and_padded_vocabularies
     # MFU from the GPT-2 student's own FLOPs (no Llama-only config field), logged by the shared loop.
     mfu = read_scalars(run / "tb" / "distill", "perf/mfu")
     assert mfu and all(v > 0 for v in mfu.values())
-    report = json.loads((run / "eval" / "report.json").read_text())["models"]
-    assert set(report) == {"teacher", "student", "contrastive"} and all("ppl" in m for m in report.values())
+    report = json.loads((run / "eval" / "report.json").read_text())
+    models = report["models"]
+    assert set(models) == {"teacher", "student", "contrastive"} and all("ppl" in m for m in models.values())
+    # The 4 candidate contexts are task prompts (the task file sorts first): their reference responses
+    # labelled the groups, and the rule is in the contrastive stage's record and in the report.
+    labels = json.loads((run / "contrastive" / "DONE.json").read_text())["produced"]["labels"]
+    assert (
+        labels["rule"] == "auto"
+        and labels["groups"] == {"reference": 4}
+        and report["contrastive_labels"] == labels
+    )
+    assert sum(labels["rows"].values()) == 4 * 3  # 2 samples + the gold row per group
+    assert any("labelled with contrastive.labels=auto: 4 by reference" in n for n in report["notes"])
+    from PIL import Image
+
+    with Image.open(run / "eval" / "report.png") as img:
+        assert img.format == "PNG" and img.size[0] > 0
 
 
 @pytest.mark.distributed

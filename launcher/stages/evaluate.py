@@ -327,8 +327,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         notes.append(
             f"contrastive: candidate groups labelled with contrastive.labels={labels['rule']}: "
             + ", ".join(f"{n} by {r}" for r, n in sorted(labels["groups"].items()))
-            + "; rows "
-            + ", ".join(f"{n} {v}" for v, n in sorted(labels["rows"].items()))
+            + "".join(f"; {n} {v} rows" for v, n in sorted(labels["rows"].items()))
         )
     if no_ppl:
         notes.append(
