@@ -79,7 +79,7 @@ KEYS = [
     ("evaluate.samples", 0),
     ("evaluate.batch_size", -1),
     ("distill.max_steps", -5),
-    ("contrastive.negatives", 0),
+    ("contrastive.negatives", -1),
     # probabilities, temperatures, rates
     ("soft_labels.top_p", 1.5),
     ("soft_labels.top_p", 0),
