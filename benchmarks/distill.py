@@ -71,7 +71,7 @@ from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.launcher import artifacts, engine, models, prepare, rundir
 from stablekd.launcher.config import load_config, save_config
-from stablekd.launcher.stages.distill import build_stage
+from stablekd.launcher.distillation import build_stage, student_batches
 from stablekd.model.build import build_model, count_params, export_hf, flops_per_token
 from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
 from stablekd.objectives.lm import lm_loss
@@ -156,7 +156,7 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
     ds = prepare.prepare_ds_config(cfg, "distill")  # <arm>/ds/distill.json, world size 1
     zero3 = zero_stage(ds) == 3
     keep = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (student built inside zero.Init)
-    tok_dir, L = models.tokenizer_dir(cfg), cfg.data.seq_len
+    tok_dir, L = models.student_tokenizer_dir(cfg), cfg.data.seq_len  # its own across tokenizers
     tokenizer = load_tokenizer(tok_dir)
     student = build_model(cfg.student.model, tokenizer, L, cfg.run.seed)  # same seed: same initial weights
     micro, d = ds["train_micro_batch_size_per_gpu"], cfg.distill
@@ -169,9 +169,8 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
         )
         stage = engine.Stage("distill", student, StreamLoader(stream), lm, evals, fpt)
     else:
-        stage = build_stage(
-            cfg, student, tokenizer, artifacts.open_soft_labels(cfg, 0, 1, micro, teacher), evals
-        )
+        batches, aligner = student_batches(cfg, 0, 1, micro, tokenizer, teacher)
+        stage = build_stage(cfg, student, tokenizer, batches, evals, aligner)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     result = engine.train(stage, d, ds, cfg.run_dir, "bench")
     wall = time.perf_counter() - t0
@@ -209,7 +208,7 @@ def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str
     """Held-out perplexity, bios probe on trained people, generation tokens/s of one exported model."""
     device, dtype = device_dtype()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
-    tok_dir = models.tokenizer_dir(cfg)
+    tok_dir = hf_dir  # exported with its tokenizer: the run's, or the student's own across tokenizers
     tok = load_tokenizer(tok_dir)
     ecfg = cfg.evaluate
     gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)

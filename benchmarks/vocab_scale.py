@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stablekd.launcher.stages.distill import soft_label_loss
+from stablekd.objectives.kd_losses import soft_label_loss
 from stablekd.objectives.lm import Loss, lm_loss
 
 REPO = Path(__file__).resolve().parent.parent

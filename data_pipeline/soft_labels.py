@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from stablekd.data_pipeline import encodings
+from stablekd.data_pipeline.align import TOKEN_BYTES_FILE
 from stablekd.data_pipeline.shards.format import ShardError, rank_manifest_name
 from stablekd.data_pipeline.shards.manifest import finalize
 from stablekd.data_pipeline.shards.reader import ShardReader
@@ -85,6 +86,7 @@ def soft_label_meta(
         "loss_mask": True,
         "encoding": encoding,
         "logprob_bits": int(logprob_bits),
+        "token_bytes": TOKEN_BYTES_FILE,  # each id's bytes, beside the shards: the records' text (align.py)
         **{key: params[key] for key in _PARAMS[encoding]},
     }
 

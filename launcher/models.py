@@ -128,17 +128,35 @@ def check_models(cfg: ExperimentConfig) -> None:
     student = own_tokenizer(cfg.student.model)
     if student is None:
         return  # a preset, or a directory without a tokenizer: it is built with the run's
+    if cfg.distill.cross_tokenizer != "off":
+        return  # the student keeps its own tokenizer and learns across (data_pipeline/align.py)
     run_tok = tokenizer_dir(cfg)
+    across = "set distill.cross_tokenizer=hybrid (or uld) to distil across tokenizers"
     if trains_tokenizer(cfg):
         raise ConfigError(
             f"student.model {cfg.student.model} brings its own tokenizer but this run trains a SentencePiece "
             "one for a preset teacher: give the teacher a model directory with that tokenizer "
-            "(teacher.model) or name it in tokenizer.path"
+            f"(teacher.model), name it in tokenizer.path, or {across}"
         )
     if tokenizer_hash(student) != tokenizer_hash(run_tok):
         raise ConfigError(
             f"student.model: its tokenizer {describe_tokenizer(student)} is not the run's tokenizer "
-            f"{describe_tokenizer(run_tok)}: a student learns from the soft labels with the teacher's "
-            "tokenizer (the same tokenizer with another padded vocabulary size is fine); distilling "
-            "across tokenizers is not supported yet"
+            f"{describe_tokenizer(run_tok)}: with distill.cross_tokenizer=off a student learns from the soft "
+            "labels with the teacher's tokenizer (the same tokenizer with another padded vocabulary size is "
+            f"fine); {across}"
         )
+
+
+def student_tokenizer_dir(cfg: ExperimentConfig) -> Path:
+    """The student's tokenizer: its own (student.model's directory) when distilling across tokenizers
+    (distill.cross_tokenizer), else the run's."""
+    if cfg.distill.cross_tokenizer != "off":
+        own = own_tokenizer(cfg.student.model)
+        if own is not None:
+            return own
+    return tokenizer_dir(cfg)
+
+
+def cross_tokenizer(cfg: ExperimentConfig) -> bool:
+    """Whether the student reads the soft labels through the cross-tokenizer path."""
+    return cfg.distill.cross_tokenizer != "off"

@@ -21,6 +21,7 @@ import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from stablekd.data_pipeline.align import TOKEN_BYTES_FILE, Aligner, TokenBytes, realign_batch
 from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.soft_labels import soft_label_reader
 from stablekd.data_pipeline.tokenize import load_tokenizer
@@ -28,7 +29,9 @@ from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.monitor import read_scalars
 from stablekd.launcher.stages import distill
 from stablekd.model.build import build_model
-from stablekd.objectives.distill import kd_sum
+from stablekd.objectives.cross_tokenizer import cross_kd_sum
+from stablekd.objectives.distill import kd_sum, soft_label_counts
+from stablekd.objectives.kd_losses import cross_counts
 from stablekd.objectives.lm import nll_sum
 from tests.conftest import (
     QUICKSTART,
@@ -39,6 +42,7 @@ from tests.conftest import (
     run_stablekd,
     stablekd_cmd,
 )
+from tests.hf_models import byte_level_tokenizer, model_dir
 
 pytestmark = pytest.mark.distributed
 DISTILL = [
@@ -72,13 +76,20 @@ def distilled(upstream, tmp_path_factory) -> Path:
     return run
 
 
-def reference_losses(run: Path, steps: int) -> list[float]:
-    """One process: the student trained on both ranks' shard batches per step (epochs of min(4, 3) = 3)."""
+def reference_losses(run: Path, steps: int, student_tok: Path | None = None) -> list[float]:
+    """One process: the student trained on both ranks' shard batches per step (epochs of min(4, 3) = 3).
+    With `student_tok` (a student with its own tokenizer) the batches are realigned for it and the loss is
+    the cross-tokenizer one; each term is divided by its own count over the step, as the loop does."""
     cfg = load_config(run / "config.yaml")
     d = cfg.distill
     per_rank = [list(ShardLoader(soft_label_reader(run / "soft_labels", {}, r, 2), 1)) for r in range(2)]
     epoch = min(map(len, per_rank))
-    model = build_model(cfg.student.model, load_tokenizer(run / "tokenizer"), cfg.data.seq_len, cfg.run.seed)
+    tok = load_tokenizer(student_tok or run / "tokenizer")
+    if student_tok is not None:
+        aligner = Aligner(TokenBytes.load(run / "soft_labels" / TOKEN_BYTES_FILE), tok, cfg.data.seq_len)
+        vmap = torch.from_numpy(aligner.vocab_map)
+        per_rank = [[realign_batch(b, aligner) for b in batches] for batches in per_rank]
+    model = build_model(cfg.student.model, tok, cfg.data.seq_len, cfg.run.seed)
     opt = torch.optim.AdamW(
         model.parameters(), lr=d.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=d.weight_decay
     )
@@ -90,23 +101,30 @@ def reference_losses(run: Path, steps: int) -> list[float]:
     for step in range(steps):
         draws = range(step * d.grad_accum, (step + 1) * d.grad_accum)
         batches = [per_rank[r][i % epoch] for r in range(2) for i in draws]
+        counts = [cross_counts(b) if student_tok else soft_label_counts(b) for b in batches]
+        n_kd, n_ce = (max(1, sum(c[t] for c in counts)) for t in ("kd", "ce"))
         opt.zero_grad()
-        kd_total, ce_total, n = 0.0, 0.0, 0
+        loss = 0.0
         for b in batches:
             ids = b["input_ids"].long()
-            logits = model(input_ids=ids).logits
-            kd, c = kd_sum(
-                logits, (b["topk_ids"].long(), b["topk_logprobs"]), ids, d.kind, d.temperature, d.beta
-            )
-            ce, _ = nll_sum(logits, ids)
-            (d.alpha * kd + (1 - d.alpha) * ce).backward()
-            kd_total, ce_total, n = kd_total + float(kd.detach()), ce_total + float(ce.detach()), n + int(c)
-        for p in model.parameters():
-            p.grad /= n  # both terms count the same tokens
+            logits = model(input_ids=ids).logits[..., : len(tok)]
+            if student_tok is None:
+                teacher = (b["topk_ids"].long(), b["topk_logprobs"])
+                kd, _ = kd_sum(logits, teacher, ids, d.kind, d.temperature, d.beta)
+                ce, _ = nll_sum(logits, ids)
+            else:
+                teacher = (b["topk_ids"].long(), b["topk_logprobs"])
+                kd, _ = cross_kd_sum(
+                    logits, teacher, b["aligned"], d.cross_tokenizer, vmap, d.kind, d.temperature, d.beta
+                )
+                ce, _ = nll_sum(logits, b["labels"])
+            step_loss = d.alpha * kd / n_kd + (1 - d.alpha) * ce / n_ce
+            step_loss.backward()
+            loss += float(step_loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
         opt.step()
         sched.step()
-        losses.append((d.alpha * kd_total + (1 - d.alpha) * ce_total) / n)
+        losses.append(loss)
     return losses
 
 
@@ -170,7 +188,7 @@ def test_student_rows_padded_pass_too_few_refused_and_labels_of_another_tokenize
             distill.preflight(cfg)  # a padded vocabulary: its extra rows never count
             continue
         with pytest.raises(
-            ConfigError, match=rf"{rows} embedding rows, but the run's tokenizer .* has {len(tok)} ids"
+            ConfigError, match=rf"{rows} embedding rows, but its tokenizer .* has {len(tok)} ids"
         ):
             distill.preflight(cfg)
     cfg.student.model = "tiny-student"
@@ -190,3 +208,32 @@ def test_student_rows_padded_pass_too_few_refused_and_labels_of_another_tokenize
     cfg.student.model, cfg.distill.temperature = "tiny-student", 1.0
     with pytest.raises(ConfigError, match="distill.temperature 1.0 != soft_labels.temperature 2.0"):
         distill.preflight(cfg)
+
+
+def test_a_student_with_another_tokenizer_resumes_after_a_kill_on_the_plain_pytorch_curve(upstream, tmp_path):
+    """A Llama student with a byte-level BPE tokenizer of its own learns from the SentencePiece teacher's
+    soft labels (hybrid); killed after a checkpoint and rerun, its whole curve (both launches) is that of a
+    plain single-process loop on the same realigned batches: the same aligned positions after the resume."""
+    tok = byte_level_tokenizer(tmp_path / "bpe", 300)
+    student = model_dir(tmp_path / "student", "llama", tok, 320, positions=32)
+    run = copy_run(upstream, tmp_path / "run")
+    args = _args(run, f"student.model={student}", "distill.cross_tokenizer=hybrid", "distill.max_steps=8")
+    proc = subprocess.Popen(
+        stablekd_cmd(*args), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    resumed_from = kill_after_checkpoint(proc, run / "student", 4)
+    first = read_scalars(run / "tb" / "distill", "train/loss")
+    out = run_stablekd(*args)
+    assert f"at step {resumed_from}" in out.stderr + out.stdout
+    after = read_scalars(run / "tb" / "distill", "train/loss")
+    curve = [first[s] for s in range(1, resumed_from + 1)] + [after[s] for s in range(resumed_from + 1, 9)]
+    assert curve == pytest.approx(reference_losses(run, 8, tmp_path / "bpe"), rel=2e-4)
+    share = read_scalars(run / "tb" / "distill", "train/aligned_share")
+    assert all(0.2 < v <= 1 for v in share.values())
+    done = json.loads((run / "student" / "DONE.json").read_text())
+    assert done["produced"]["cross_tokenizer"] == "hybrid"
+    exported = AutoTokenizer.from_pretrained(run / "student" / "hf")
+    assert (
+        len(exported) == 300 and exported.convert_ids_to_tokens(exported("Anna was").input_ids)[0] != "▁Anna"
+    )

@@ -19,9 +19,9 @@ from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.evaluation.bios_probe import HFGenerator
 from stablekd.launcher import models, prepare
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.stages.distill import soft_label_loss
 from stablekd.model.build import build_model, count_params, flops_per_token, padded_ids
 from stablekd.objectives.distill import SampledLabels, kd_sum
+from stablekd.objectives.kd_losses import soft_label_loss
 from stablekd.objectives.lm import nll_sum
 from tests.conftest import QUICKSTART
 from tests.hf_models import PROSE, byte_level_tokenizer, model_dir

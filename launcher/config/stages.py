@@ -122,6 +122,9 @@ class StudentConfig:
         _model("model", self.model)
 
 
+CROSS_TOKENIZER = ("off", "uld", "hybrid")
+
+
 @dataclass
 class DistillConfig(TrainConfig):
     """The student learns from the teacher's soft labels: alpha·KD + (1 − alpha)·CE (objectives/distill.py)."""
@@ -138,6 +141,12 @@ class DistillConfig(TrainConfig):
     alpha: float = _f(1.0, "weight of KD; 1 − alpha goes to next-token cross-entropy on the same tokens")
     beta: float = _f(0.5, "gjsd mixture weight: 0 = forward KL, 1 = reverse KL")
     skew: float = _f(0.1, "skl: KL(p ‖ skew·p + (1 − skew)·q)")
+    cross_tokenizer: str = _f(
+        "off",
+        "a student with another tokenizer (student.model, a directory with its own): off (refused), uld "
+        "(sorted-probability L1 at positions aligned by text) or hybrid (distill.kind on pieces both "
+        "vocabularies share, uld on the rest); objectives/cross_tokenizer.py",
+    )
     online: bool = _f(
         False,
         "compute soft labels in this job from the sharded ZeRO-3 teacher instead of reading soft_labels/",
@@ -170,6 +179,10 @@ class DistillConfig(TrainConfig):
         for key in ("alpha", "beta", "skew"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(self, key)}")
+        if self.cross_tokenizer not in CROSS_TOKENIZER:
+            raise ConfigError(
+                f"cross_tokenizer: expected one of {', '.join(CROSS_TOKENIZER)}, got {self.cross_tokenizer!r}"
+            )
         if self.follow and self.online:
             raise ConfigError(
                 "follow and online: choose one source (follow reads shards, online computes them)"

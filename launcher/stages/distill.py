@@ -8,24 +8,24 @@ Soft labels come from (`artifacts.open_soft_labels`, one interface):
 - the same shards while the soft_labels stage still writes them (`distill.follow=true`);
 - the sharded ZeRO-3 teacher in this job (`distill.online=true`), loaded from its checkpoint as the
   soft_labels stage loads it, labelling the looping training stream with the same k and T.
-Loss (objectives/distill.py): alpha · KD + (1 − alpha) · CE, each the mean over the counted tokens of the
+Loss (objectives/kd_losses.py): alpha · KD + (1 − alpha) · CE, each the mean over the counted tokens of the
 global batch (terms "kd" and "ce" of the shared loop); KD is the `distill.kind` divergence on the k + 1
 bins (top-k + tail) at temperature T, × T². Eval loss: next-token cross-entropy on held-out text.
+A student with another tokenizer (`distill.cross_tokenizer=uld|hybrid`, student.model a directory with its
+own) reads the same soft labels realigned by text (data_pipeline/align.py: its own tokens and labels, the
+teacher's entries at the positions where token boundaries coincide) and learns ULD or the hybrid there
+(objectives/cross_tokenizer.py), CE on its own tokens; it is exported with its own tokenizer.
 
 Leaves student/ckpt/<tag> (resumable, with each rank's reader position), student/hf (Hugging Face model +
 tokenizer) and student/DONE.json. TensorBoard tb/distill: train/loss, train/kd, train/ce (alpha < 1),
-train/student_topk_mass, train/top1_agreement, perf/tokens_per_s, perf/mfu (student FLOPs only).
+train/student_topk_mass, train/top1_agreement (train/aligned_share across tokenizers), perf/tokens_per_s, perf/mfu (student FLOPs only).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import torch
 from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -34,68 +34,34 @@ from stablekd.data_pipeline.soft_labels import KIND as SOFT_LABELS
 from stablekd.data_pipeline.stream import eval_batches
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import artifacts, done, engine, models, rundir
+from stablekd.launcher import artifacts, distillation, done, engine, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
-from stablekd.model.build import build_model, flops_per_token
+from stablekd.model.build import build_model
 from stablekd.model.build import rows as embedding_rows
-from stablekd.objectives.agreement import AGREEMENT_TOKENS, agreement_sums
-from stablekd.objectives.distill import (
-    check_params,
-    kd_sum,
-    soft_label_counts,
-    soft_label_targets,
-    soft_label_teacher,
-    soft_label_weights,
-)
-from stablekd.objectives.lm import Loss, lm_loss, nll_sum
-
-
-def soft_label_loss(
-    kind: str = "fkl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    alpha: float = 1.0,
-    vocab: int | None = None,
-) -> Callable[[torch.nn.Module, dict], Loss]:
-    """The training loop's loss on soft-label batches: terms "kd" (``kd_sum``) and, when alpha < 1, "ce"
-    (the loop weighs them alpha and 1 − alpha); metrics student_topk_mass and top1_agreement. `vocab`:
-    the tokenizer's size V; the student's logits past it (padded rows) are cut off (objectives/distill.py, Vocabulary)."""
-    check_params(kind, temperature, beta, skew)
-
-    def loss(model: torch.nn.Module, batch: dict) -> Loss:
-        labels = soft_label_targets(batch)  # (B, T); the model predicts position t + 1
-        logits = model(input_ids=batch["input_ids"].long()).logits[..., :vocab]  # (B, T, V): a view
-        teacher = soft_label_teacher(batch)
-        kd, _ = kd_sum(logits, teacher, labels, kind, temperature, beta, skew)
-        sums = {"kd": kd}
-        if alpha < 1.0:  # a zero-weight CE term would cost a full log-softmax and its backward per step
-            sums["ce"] = nll_sum(logits, labels)[0]
-        agree = agreement_sums(logits.detach(), teacher[0], labels, max_tokens=AGREEMENT_TOKENS)
-        seen = float(agree["tokens"])
-        return Loss(sums, {k: (float(agree[k]), seen) for k in ("student_topk_mass", "top1_agreement")})
-
-    return loss
 
 
 def _check_student(cfg: ExperimentConfig) -> None:
-    """Refuse a student that cannot read the soft labels: fewer embedding rows than the run's tokenizer has
-    ids, soft labels of another tokenizer, another T. (A student directory with another tokenizer of its
-    own is refused earlier, by models.check_models; more rows than ids, a padded vocabulary, is fine.)"""
+    """Refuse a student that cannot read the soft labels: fewer embedding rows than its tokenizer has ids,
+    soft labels of another tokenizer than the run's, another T. (A student directory with another tokenizer
+    of its own and distill.cross_tokenizer=off is refused earlier, by models.check_models; more rows than
+    ids, a padded vocabulary, is fine.)"""
     d, sl = cfg.distill, cfg.soft_labels
     if d.temperature != sl.temperature:
         raise ConfigError(
             f"distill.temperature {d.temperature} != soft_labels.temperature {sl.temperature}: the soft "
             "labels hold the teacher's log-probs at soft_labels.temperature; set both to the same T"
         )
-    tok_dir = models.tokenizer_dir(cfg)
+    tok_dir, student_tok = models.tokenizer_dir(cfg), models.student_tokenizer_dir(cfg)
     vocab, tok_hash = len(load_tokenizer(tok_dir)), tokenizer_hash(tok_dir)
     if Path(cfg.student.model).is_dir():
-        rows = embedding_rows(AutoConfig.from_pretrained(cfg.student.model))
-        if rows < vocab:
+        rows, ids = (
+            embedding_rows(AutoConfig.from_pretrained(cfg.student.model)),
+            len(load_tokenizer(student_tok)),
+        )
+        if rows < ids:
             raise ConfigError(
-                f"student.model {cfg.student.model}: {rows} embedding rows, but the run's tokenizer "
-                f"{models.describe_tokenizer(tok_dir)} has {vocab} ids: every id needs a row"
+                f"student.model {cfg.student.model}: {rows} embedding rows, but its tokenizer "
+                f"{models.describe_tokenizer(student_tok)} has {ids} ids: every id needs a row"
             )
     if d.online:
         return  # the teacher in this job labels with the run's tokenizer
@@ -118,21 +84,6 @@ def preflight(cfg: ExperimentConfig) -> None:
     _check_student(cfg)
 
 
-def build_stage(
-    cfg: ExperimentConfig, student: torch.nn.Module, tokenizer, batches: Any, evals: list[dict]
-) -> engine.Stage:
-    """The distill stage for the shared loop: `student` learning from soft-label `batches` with
-    alpha · KD + (1 − alpha) · CE over the tokenizer's ids, eval loss on `evals` (benchmarks/distill.py
-    trains its KD arms with this very builder)."""
-    d, vocab = cfg.distill, len(tokenizer)
-    return engine.Stage(
-        "distill", student, batches, soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab),
-        evals, flops_per_token(student, cfg.data.seq_len),
-        weights=soft_label_weights(d.alpha), count=soft_label_counts,
-        eval_loss=functools.partial(lm_loss, vocab=vocab),
-    )  # fmt: skip
-
-
 def run(cfg: ExperimentConfig) -> None:
     rank, world = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
     engine.seed_rng(cfg.run.seed)  # runs of one config draw the same (dropout, any sampling)
@@ -142,19 +93,22 @@ def run(cfg: ExperimentConfig) -> None:
     ds = json.loads(rundir.ds_path(cfg, "distill").read_text())
     zero3 = zero_stage(ds) == 3
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (student built inside zero.Init)
-    tok_dir = models.tokenizer_dir(cfg)
+    tok_dir = models.student_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tok_dir)
     student = build_model(cfg.student.model, tokenizer, seq_len, cfg.run.seed)
     micro = ds["train_micro_batch_size_per_gpu"]
-    batches = artifacts.open_soft_labels(cfg, rank, world, micro, teacher)
+    batches, aligner = distillation.student_batches(cfg, rank, world, micro, tokenizer, teacher)
     evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
-    stage = build_stage(cfg, student, tokenizer, batches, evals)
+    stage = distillation.build_stage(cfg, student, tokenizer, batches, evals, aligner)
     result = engine.train(stage, d, ds, run_dir, done.stage_hash(cfg, "distill"), cfg.run.trace_samples)
 
     produced = {"source": "online teacher" if d.online else str(rundir.stage_dir(cfg, "soft_labels"))}
+    if aligner is not None:
+        produced["cross_tokenizer"] = d.cross_tokenizer
     if teacher is not None:
         produced["teacher_checkpoint"] = teacher.checkpoint_id
     artifacts.finish_training(
         cfg, "distill", result, result.engine.module, tokenizer, ds, produced,
-        {"tokenizer_hash": tokenizer_hash(tok_dir), "student": cfg.student.model},
+        {"tokenizer_hash": tokenizer_hash(models.tokenizer_dir(cfg)), "student_tokenizer_hash": tokenizer_hash(tok_dir),
+         "student": cfg.student.model},
     )  # fmt: skip

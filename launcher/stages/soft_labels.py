@@ -13,7 +13,10 @@ Leaves (DESIGN §4):
                            when final: per token the token id, its loss mask and what
                            soft_labels.encoding keeps of softmax(logits / T) (topk, topp, sampled;
                            data_pipeline/encodings.py). meta: teacher checkpoint, tokenizer hash, vocab
-                           size, T, seq_len, the encoding and its parameters, fidelity.
+                           size, T, seq_len, the encoding and its parameters, fidelity, and
+                           `token_bytes`: the file beside the shards that gives each teacher id's bytes,
+                           so a student with another tokenizer reads the records' text
+                           (data_pipeline/align.py).
     soft_labels/candidates/  per context M sampled continuations (+ the gold one), same shard rules.
     soft_labels/DONE.json, tb/soft_labels/ (fidelity and throughput scalars; x-axis: labelled batches).
 
@@ -38,6 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.candidates import CandidateWriter, candidate_meta, pack_groups, trim_generated
 from stablekd.data_pipeline.contexts import Context, bios_contexts, document_contexts, tokenize_contexts
 from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
@@ -125,6 +129,9 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         cfg.data.seq_len,
     )
     meta = config_meta(sl, teacher.checkpoint_id, tokenizer_hash(tok_dir), teacher.vocab_size, seq_len)
+    if rank == 0:  # before any shard: a student with another tokenizer reads the records' text through it
+        out.mkdir(parents=True, exist_ok=True)
+        TokenBytes.from_tokenizer(teacher.tokenizer).save(out / meta["token_bytes"])
     writer = SoftLabelWriter(out, rank, meta, sl.records_per_shard, world_size=world, seed=cfg.run.seed)
     quota = rank_quota(sl.max_sequences, rank, world)
     fid_path = _fidelity_path(out, rank)

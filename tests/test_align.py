@@ -1,0 +1,177 @@
+"""Cross-tokenizer alignment (data_pipeline/align.py): bytes per id, and which positions of two tokenisations
+of one text align, on hand-made vocabularies and on real SentencePiece / byte-level BPE tokenizers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stablekd.data_pipeline.align import Aligner, TokenBytes, realign_batch, vocab_map
+from stablekd.data_pipeline.errors import DataError
+from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.model.tokenizer import train_tokenizer
+from tests.hf_models import PROSE, byte_level_tokenizer
+
+EOS = "</s>"
+
+
+class Pieces:
+    """A hand-made tokenizer: greedy longest match over `pieces` (bytes), id 0 = EOS."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = [b""] + pieces
+        self.eos_token_id, self.pad_token_id = 0, None
+
+    def bytes(self) -> TokenBytes:
+        return TokenBytes(self.pieces, np.arange(len(self.pieces)) == 0)
+
+    def encode(self, raw: bytes) -> list[int]:
+        out, i = [], 0
+        while i < len(raw):
+            best = max(
+                (j for j, p in enumerate(self.pieces) if p and raw.startswith(p, i)),
+                key=lambda j: len(self.pieces[j]),
+            )
+            out.append(best)
+            i += len(self.pieces[best])
+        return out
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [self.encode(t.encode()) for t in texts]}
+
+
+def _align(teacher: Pieces, student: Pieces, ids: list[int], seq_len: int = 16, learned=None):
+    aligner = Aligner(teacher.bytes(), student, seq_len, student.bytes())
+    row = np.asarray([ids])
+    mask = np.ones_like(row, bool) if learned is None else np.asarray([learned])
+    return aligner.records(row, mask)[0]
+
+
+def _pairs(rec) -> list[tuple[int, int]]:
+    return [(int(t), s) for s, t in enumerate(rec.teacher_pos) if t >= 0]
+
+
+def test_merges_on_either_side_align_at_common_boundaries():
+    # "the cat sat": the teacher merges " cat", the student merges "the " ... boundaries differ inside.
+    teacher = Pieces([b"the", b" cat", b" s", b"at"])
+    student = Pieces([b"th", b"e", b" c", b"at", b" sat"])
+    t_ids = teacher.encode(b"the cat sat")
+    assert [teacher.pieces[i] for i in t_ids] == [b"the", b" cat", b" s", b"at"]
+    rec = _align(teacher, student, t_ids)
+    s_pieces = [student.pieces[i] for i in rec.input_ids[:5]]
+    assert s_pieces == [b"th", b"e", b" c", b"at", b" sat"]
+    # teacher ends 3, 7, 9, 11; student ends 2, 3, 5, 7, 11: common 3 (t0, s1) and 7 (t1, s3); 11 is last.
+    assert _pairs(rec) == [(0, 1), (1, 3)]
+    assert list(rec.labels[:5]) == list(rec.input_ids[:5]) and (rec.labels[5:] == -100).all()
+
+
+def test_multibyte_characters_split_by_bytes_align_inside_the_character():
+    # "é" is 0xC3 0xA9: a byte-fallback teacher splits it, the student keeps it whole.
+    teacher = Pieces([b"a", b"\xc3", b"\xa9", b"b"])
+    student = Pieces([b"a", "é".encode(), b"b"])
+    rec = _align(teacher, student, teacher.encode("aéb".encode()))
+    # teacher ends 1, 2, 3, 4 (the 2 inside é); student ends 1, 3, 4.
+    assert _pairs(rec) == [(0, 0), (2, 1)]
+
+
+def test_a_record_cut_inside_a_character_leaves_the_partial_bytes_out():
+    teacher = Pieces([b"\xa9", b"x", b" y", b"\xc3"])
+    student = Pieces([b"x", b" y"])
+    rec = _align(teacher, student, [1, 2, 3, 4])  # starts after é's first byte, ends on the next one's
+    assert [student.pieces[i] for i in rec.input_ids[:2]] == [b"x", b" y"]
+    assert _pairs(rec) == [(1, 0)]  # "x" ends at byte 2 for both; " y" has no next student token
+
+
+def test_specials_stay_apart_and_the_context_is_not_learned():
+    teacher = Pieces([b"ab", b"c"])
+    student = Pieces([b"a", b"bc", b"c", b"b"])
+    # "ab c <eos> c ab": the EOS is one unit of its own and becomes the student's EOS.
+    t_ids = [1, 2, 0, 2, 1]
+    rec = _align(teacher, student, t_ids, learned=[0, 0, 1, 1, 1])
+    got = [student.pieces[i] if i else "EOS" for i in rec.input_ids[:6]]
+    assert got == [b"a", b"bc", "EOS", b"c", b"a", b"b"]
+    # teacher ends 2, 3, 4 (EOS), 5, 7; student ends 1, 3, 4, 5, 6, 7. Common, with a next token on both
+    # sides: 3 (t1, s1), 4 (t2, s2), 5 (t3, s3); t0 is not counted (its next token is context) anyway.
+    assert _pairs(rec) == [(1, 1), (2, 2), (3, 3)]
+    assert list(rec.labels[:6]) == [-100, -100, 0, 3, 1, 4]  # "a", "bc" lie in the context "ab c"
+
+
+def test_the_longer_student_record_is_cut_and_padded_beyond():
+    teacher = Pieces([b"abcd"])
+    student = Pieces([b"a", b"b", b"c", b"d"])
+    rec = _align(teacher, student, [1, 1, 1], seq_len=6)
+    assert list(rec.input_ids) == [1, 2, 3, 4, 1, 2]  # 12 student tokens cut to 6
+    assert _pairs(rec) == [(0, 3)]  # byte 4; byte 8 would be student position 7, cut
+
+
+def test_vocab_map_is_one_to_one_and_prefers_the_piece_the_tokenizer_produces():
+    teacher = TokenBytes([b"", b"A", b" the", b"A", b"zz"], np.array([1, 0, 0, 0, 0], bool))
+    student = TokenBytes([b" the", b"", b"A", b"q"], np.array([0, 1, 0, 0], bool))
+    vmap = vocab_map(teacher, student)
+    assert list(vmap) == [-1, -1, 0, 2, -1]  # duplicates: the last teacher "A" only; specials never
+
+
+def test_token_bytes_round_trip(tmp_path):
+    tb = TokenBytes([b"", b"\xe6\x97", b" x"], np.array([1, 0, 0], bool))
+    tb.save(tmp_path / "tb.safetensors")
+    back = TokenBytes.load(tmp_path / "tb.safetensors")
+    assert [back.piece(i) for i in range(3)] == [b"", b"\xe6\x97", b" x"] and list(back.special) == [1, 0, 0]
+    with pytest.raises(DataError, match="rerun `stablekd stage soft_labels`"):
+        TokenBytes.load(tmp_path / "missing.safetensors")
+
+
+TEXT = "In the beginning God created the heaven and the earth.\nDieu créa 日本 — the end."
+
+
+@pytest.fixture(scope="module")
+def real_tokenizers(tmp_path_factory):
+    """A SentencePiece tokenizer (ours, with byte fallback: `▁` and <0xNN>) and a byte-level BPE (`Ġ`)."""
+    d = tmp_path_factory.mktemp("toks")
+    lines = PROSE.read_text().splitlines()[:4000]
+    train_tokenizer(lines, 700, d / "sp")
+    byte_level_tokenizer(d / "bpe", 500)
+    return load_tokenizer(d / "sp"), load_tokenizer(d / "bpe")
+
+
+def test_real_tokenizers_spell_the_text_byte_for_byte(real_tokenizers):
+    sp, bpe = real_tokenizers
+    for tok in (sp, bpe):
+        tb = TokenBytes.from_tokenizer(tok)
+        assert tb.special[tok.eos_token_id]
+        got = tb.text(tok(TEXT, add_special_tokens=False)["input_ids"])
+        # SentencePiece adds its dummy-prefix space to a text that does not start with one.
+        assert got in (TEXT.encode(), b" " + TEXT.encode())
+    vmap = vocab_map(TokenBytes.from_tokenizer(sp), TokenBytes.from_tokenizer(bpe), bpe)
+    the_sp, the_bpe = sp.convert_tokens_to_ids("▁the"), bpe.convert_tokens_to_ids("Ġthe")
+    assert vmap[the_sp] == the_bpe  # " the" in both conventions
+
+
+@pytest.mark.parametrize("direction", ["sp->bpe", "bpe->sp"])
+def test_real_tokenizers_aligned_positions_share_their_text(real_tokenizers, direction):
+    """Every aligned pair has the same text before it on both sides, and most positions align."""
+    sp, bpe = real_tokenizers
+    teacher, student = (sp, bpe) if direction == "sp->bpe" else (bpe, sp)
+    tb_t, tb_s = TokenBytes.from_tokenizer(teacher), TokenBytes.from_tokenizer(student)
+    docs = [TEXT, *PROSE.read_text().split("\n\n")[5:8]]
+    ids: list[int] = []
+    for doc in docs:
+        ids += teacher(doc, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
+    L = 96
+    rows = np.asarray([ids[i : i + L] for i in (1, 40)])  # cut mid-document
+    aligner = Aligner(tb_t, student, 2 * L, tb_s)
+    batch = {"input_ids": torch.from_numpy(rows), "topk_ids": torch.from_numpy(rows)[..., None]}
+    out = realign_batch(batch, aligner)
+    for r, row in enumerate(rows):
+        rec = aligner.records(rows[r : r + 1], np.ones((1, L), bool))[0]
+        s_ids = rec.input_ids
+        pairs = _pairs(rec)
+        assert len(pairs) >= 0.5 * (L - 1)
+        for t, s in pairs:
+            t_text = tb_t.text(row[1 : t + 1])  # from token 1: token 0 may hold a partial character
+            s_text = tb_s.text(s_ids[: s + 1])
+            assert s_text.replace(b" ", b"").endswith(t_text.replace(b" ", b"")), (t, s)
+            # the teacher's entries moved to the student position are the teacher's at t
+            assert out["topk_ids"][r, s, 0] == row[t]
+            assert out["aligned"][r, s]
+    assert out["teacher_positions"].tolist() == [L - 1, L - 1]
