@@ -63,6 +63,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.utils import logging as hf_logging
 
 from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.data_pipeline.tokenize import load_tokenizer
@@ -85,8 +86,9 @@ CONTROL = "CE, SL seqs"  # cross-entropy on the soft-label sequences (the stage'
 # --- arm directories -----------------------------------------------------------------------------
 
 
-def arm_config(src: Path, arm_dir: Path, args, online: bool, alpha: float | None = None):
-    """The run's config with out_dir = arm_dir and this benchmark's settings; arm_dir links the run's inputs."""
+def arm_config(src: Path, arm_dir: Path, args, online: bool, alpha: float | None = None, extra=()):
+    """The run's config with out_dir = arm_dir and this benchmark's settings (+ `extra` overrides); arm_dir
+    links the run's inputs."""
     arm_dir.mkdir(parents=True)
     for part in ("tokenizer", "data", "soft_labels"):
         if (src / part).exists():
@@ -110,7 +112,7 @@ def arm_config(src: Path, arm_dir: Path, args, online: bool, alpha: float | None
         overrides.append(f"student.model={args.student}")
     if args.dtype:
         overrides.append(f"distill.dtype={args.dtype}")
-    cfg = load_config(src / "config.yaml", overrides)
+    cfg = load_config(src / "config.yaml", [*overrides, *extra])
     save_config(cfg, arm_dir / "config.yaml")
     return cfg
 
@@ -220,7 +222,8 @@ def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str
                 held, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
             )
             if batches:  # a user corpus's held-out share may hold no document
-                m["ppl"], _, m["ece"] = report.perplexity(model, batches, len(tok))
+                ppl = report.perplexity(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+                m["ppl"], m["ece"], m["bpb"] = ppl.ppl, ppl.ece, ppl.bits_per_byte
         if people:
             m.update(probe(gen, people, [], ecfg).metrics)  # trained people only: what the goals are about
         m["gen_tokens_per_s"] = report.generation_speed(gen, speed_prompts, ecfg.max_new_tokens)

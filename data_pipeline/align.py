@@ -15,6 +15,9 @@ another tokenizer re-tokenises that text (`realign`) and learns where the bounda
   side until the next common boundary (GOLD, DSKD). The teacher position must be counted (its next token
   learned). Where several student tokens end at one byte (SentencePiece's empty dummy-prefix piece), the
   last one is aligned: the one whose next token carries text.
+- Same next token. An aligned position whose next token is the same text on both sides (both next tokens
+  also end together) is flagged `same_next`: there the teacher's distribution is over the units the
+  student predicts; elsewhere the two sides continue in differently cut spans.
 - Learned. A student token is learned (counted by CE) when the teacher token holding its first byte is.
 - Length. The student's record is `seq_len` of its tokens: longer tokenisations are cut (their positions
   do not align), shorter ones are padded (never counted).
@@ -22,6 +25,8 @@ another tokenizer re-tokenises that text (`realign`) and learns where the bounda
 Whitespace conventions differ and do not matter here: SentencePiece's `▁` and byte-level BPE's `Ġ` both
 stand for the byte 0x20, SentencePiece byte-fallback pieces `<0xE6>` for their byte. A SentencePiece student
 adds a dummy-prefix space to a text that does not start with one; that byte is taken off its first token.
+A SentencePiece teacher's own dummy-prefix space at a document's start (after a special) is left out of
+the text, so the student learns documents that start as its own do.
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ def _decoder_kinds(tokenizer: Any) -> set[str]:
 class TokenBytes:
     """The UTF-8 bytes each id of a tokenizer stands for (a special token: none, flagged `special`)."""
 
-    def __init__(self, pieces: list[bytes], special: np.ndarray) -> None:
+    def __init__(self, pieces: list[bytes], special: np.ndarray, dummy_prefix: bool = False) -> None:
+        self.dummy_prefix = dummy_prefix  # the tokenizer spells a document's start with a space it adds
         self.offsets = np.zeros(len(pieces) + 1, np.int64)
         self.offsets[1:] = np.cumsum([len(p) for p in pieces])
         self.data = b"".join(pieces)
@@ -120,7 +126,8 @@ class TokenBytes:
                 pieces.append(bytes(chars[c] for c in tok))
             else:
                 pieces.append(tok.replace("\u2581", " ").encode())
-        return cls(pieces, special)
+        spelled = b"".join(pieces[i] for i in tokenizer("a", add_special_tokens=False)["input_ids"])
+        return cls(pieces, special, dummy_prefix=spelled == b" a")
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomically, as safetensors (offsets, bytes, special flags; the format version in its metadata)."""
@@ -131,7 +138,8 @@ class TokenBytes:
             "data": np.frombuffer(self.data, np.uint8).copy() if self.data else np.zeros(0, np.uint8),
             "special": self.special.astype(np.uint8),
         }
-        atomic_write(Path(path), save(arrays, metadata={"version": TOKEN_BYTES_VERSION}))
+        meta = {"version": TOKEN_BYTES_VERSION, "dummy_prefix": str(int(self.dummy_prefix))}
+        atomic_write(Path(path), save(arrays, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TokenBytes:
@@ -144,14 +152,16 @@ class TokenBytes:
                 "by another tool); rerun `stablekd stage soft_labels` to write it"
             )
         with safe_open(str(path), "np") as f:
-            version = (f.metadata() or {}).get("version")
+            meta = f.metadata() or {}
+            version = meta.get("version")
             if version != TOKEN_BYTES_VERSION:
                 raise DataError(
                     f"{path}: token bytes format version {version!r}, expected {TOKEN_BYTES_VERSION!r}"
                 )
             offsets, data, special = (f.get_tensor(k) for k in ("offsets", "data", "special"))
         raw = data.tobytes()
-        return cls([raw[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)], special.astype(bool))
+        pieces = [raw[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        return cls(pieces, special.astype(bool), meta.get("dummy_prefix") == "1")
 
 
 def vocab_map(teacher: TokenBytes, student: TokenBytes, student_tokenizer: Any = None) -> np.ndarray:
@@ -191,6 +201,7 @@ class Realigned(NamedTuple):
     input_ids: np.ndarray  # student ids, padded
     labels: np.ndarray  # student ids where learned, IGNORE_INDEX elsewhere (padding, context)
     teacher_pos: np.ndarray  # teacher position aligned with each student position, -1 where none
+    same_next: np.ndarray  # bool: aligned, and the next token is the same text on both sides
 
 
 def _utf8_edges(raw: bytes) -> tuple[int, int]:
@@ -258,6 +269,8 @@ class Aligner:
                 j += 1
             raw = self.teacher.text(row[i:j])
             lead, trail = _utf8_edges(raw)
+            if i > 0 and self.teacher.dummy_prefix and raw[:1] == b" ":
+                lead = 1  # a document's start (after a special): the teacher's dummy-prefix space is no text
             try:
                 text = raw[lead : len(raw) - trail].decode()
             except UnicodeDecodeError as e:
@@ -307,10 +320,14 @@ class Aligner:
         for s in range(n - 1):
             last[s_end[s]] = s
         teacher_pos = np.full(self.seq_len, -1, np.int64)
+        same_next = np.zeros(self.seq_len, bool)
         for e, s in last.items():
             if (t := t_at.get(e)) is not None:
                 teacher_pos[s] = t
-        return Realigned(input_ids, labels, teacher_pos)
+                # The same span: the next tokens start and end together (a dropped dummy-prefix space
+                # makes the student's start later).
+                same_next[s] = s_start[s + 1] == e and t_end[t + 1] == s_end[s + 1]
+        return Realigned(input_ids, labels, teacher_pos, same_next)
 
 
 _ENTRIES = ("topk_ids", "topk_logprobs", "sample_ids", "sample_weights")  # the teacher's, per position
@@ -320,8 +337,8 @@ def realign_batch(batch: dict[str, torch.Tensor], aligner: Aligner) -> dict[str,
     """A decoded soft-label batch (data_pipeline/encodings.py: teacher input_ids (B, L), loss_mask, the
     teacher's entries (B, L, k)) -> the same for the student: input_ids and labels (B, seq_len) in its
     tokenizer, the teacher's entries moved to the aligned student positions (B, seq_len, k; teacher ids),
-    `aligned` (B, seq_len) bool and `teacher_positions` (B,): the teacher's counted positions, for the share
-    that aligns."""
+    `aligned` and `same_next` (B, seq_len) bool (`Realigned`) and `teacher_positions` (B,): the teacher's
+    counted positions, for the share that aligns."""
     ids = batch["input_ids"].numpy()
     learned = batch["loss_mask"].numpy() != 0 if "loss_mask" in batch else np.ones(ids.shape, bool)
     recs = aligner.records(ids, learned)
@@ -330,6 +347,7 @@ def realign_batch(batch: dict[str, torch.Tensor], aligner: Aligner) -> dict[str,
         "input_ids": torch.from_numpy(np.stack([r.input_ids for r in recs])),
         "labels": torch.from_numpy(np.stack([r.labels for r in recs])),
         "aligned": pos >= 0,
+        "same_next": torch.from_numpy(np.stack([r.same_next for r in recs])),
         "teacher_positions": torch.from_numpy(learned[:, 1:].sum(-1)),
     }
     idx = pos.clamp(min=0)

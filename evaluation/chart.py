@@ -22,6 +22,7 @@ PANELS: tuple[tuple[str, bool], ...] = (
     ("bios_cross_contradiction", True),
     ("bios_intext_contradiction", True),
     ("ppl", True),
+    ("bpb", True),
     ("rep_4", True),
     ("diversity", False),
     ("coherence", False),

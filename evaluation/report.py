@@ -30,7 +30,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
@@ -50,7 +52,8 @@ ECE_BINS = 15  # equal-width confidence bins of the calibration error
 
 # Report rows: key -> (label, how to read it). Order = row order of report.md.
 METRICS: dict[str, tuple[str, str]] = {
-    "ppl": ("perplexity, held-out text", "lower is better"),
+    "ppl": ("perplexity, held-out text", "lower is better; only between models of one tokenizer"),
+    "bpb": ("bits per byte, held-out text", "lower is better; compares across tokenizers"),
     "ece": ("calibration error (ECE)", f"next-token top-1, {ECE_BINS} bins; lower is better"),
     "bios_ppl": ("perplexity, held-out biographies", "lower is better"),
     "bios_accuracy": ("bios accuracy (greedy)", "trained people"),
@@ -89,23 +92,35 @@ METRICS: dict[str, tuple[str, str]] = {
 EFFICIENCY_KEYS = ("params", "gen_tokens_per_s", "peak_mem_mib")
 # Student/teacher ratios in the report (issue: "ratios of parameters, accuracy, contradiction, perplexity
 # and generation speed"): what the smaller model costs and what it keeps.
-RATIO_KEYS = (*EFFICIENCY_KEYS, "bios_accuracy", "bios_cross_contradiction", "ppl")
+RATIO_KEYS = (*EFFICIENCY_KEYS, "bios_accuracy", "bios_cross_contradiction", "ppl", "bpb")
 
 
 # --- perplexity ----------------------------------------------------------------------------------
 
 
+class Perplexity(NamedTuple):
+    ppl: float  # exp(summed NLL / counted tokens)
+    tokens: int  # counted tokens
+    ece: float  # expected calibration error of the next-token top-1
+    bits_per_byte: float | None  # summed NLL / ln 2 / bytes of the counted tokens (None: no byte lengths)
+
+
 @torch.no_grad()
 def perplexity(
-    model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], vocab: int | None = None
-) -> tuple[float, int, float]:
-    """(exp(summed NLL / counted tokens), counted tokens, expected calibration error) over `batches`
-    (dicts with input_ids and labels, (B, T)), the distribution over the tokenizer's `vocab` ids (a padded
-    vocabulary's extra rows cut off, as in training: objectives/distill.py). The calibration error is that of the next-token top-1
-    prediction: confidence = its probability, correct = it is the next token, ECE_BINS equal-width bins
-    (`metrics.calibration_error`)."""
+    model: PreTrainedModel,
+    batches: Sequence[dict[str, torch.Tensor]],
+    vocab: int | None = None,
+    byte_lengths: np.ndarray | None = None,
+) -> Perplexity:
+    """Perplexity, counted tokens, calibration error and bits per byte over `batches` (dicts with
+    input_ids and labels, (B, T)), the distribution over the tokenizer's `vocab` ids (a padded
+    vocabulary's extra rows cut off, as in training: objectives/distill.py). The calibration error is that
+    of the next-token top-1 prediction: confidence = its probability, correct = it is the next token,
+    ECE_BINS equal-width bins (`metrics.calibration_error`). Bits per byte divide the same NLL (in bits) by
+    the UTF-8 bytes of the counted tokens (`byte_lengths` per id: data_pipeline/align.py TokenBytes; a
+    special token has none), so models with different tokenizers compare on it where perplexity cannot."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, size = 0.0, 0, 0
     bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # counts, confidence sums, correct sums
     for batch in batches:
         logits = model(input_ids=batch["input_ids"].to(device)).logits[..., :vocab]  # (B, T, V)
@@ -114,12 +129,15 @@ def perplexity(
         total, count = total + loss.item(), count + int(n)
         target = shifted_labels(labels)  # (B, T): the token each position predicts, -100 = not counted
         keep = target != IGNORE_INDEX
+        if byte_lengths is not None:
+            size += int(byte_lengths[target[keep].cpu().numpy()].sum())
         conf, pred = _top1(logits.reshape(-1, logits.shape[-1]))  # (B*T,) each
         conf, pred = conf[keep.flatten()], pred[keep.flatten()]  # (N,) each
         b = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1).cpu()
         for row, values in enumerate((torch.ones_like(conf), conf, (pred == target[keep]).float())):
             bins[row].index_add_(0, b, values.double().cpu())
-    return metrics.perplexity(total, count), count, metrics.calibration_error(*bins.tolist())
+    bpb = total / math.log(2) / size if size else None
+    return Perplexity(metrics.perplexity(total, count), count, metrics.calibration_error(*bins.tolist()), bpb)
 
 
 def _top1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -167,6 +167,7 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
     from stablekd.launcher.launch import display_command
 
     prepare.check_files(cfg)
+    models.check_stages(cfg, stages)
     lines = [f"# stablekd dry run of {cfg.run_dir}: nothing is started or written"]
     follower = rundir.follower(cfg)
     if follower:

@@ -19,6 +19,10 @@ Conventions (the rest as objectives/distill.py states them):
   ids, then one bin for everything else (teacher 1 − Σ mapped p, student the logsumexp of every other
   id). The unmapped teacher entries get ULD against the student's largest probabilities among the ids no
   teacher id maps to (no tail term: that mass is in the divergence's last bin). Loss = divergence + ULD.
+  Only where the next token is the same text on both sides (`same_next`, data_pipeline/align.py): where
+  the two continue in differently cut spans (the teacher's " Anna" against the student's " An" + "na"),
+  the teacher's mass on a piece is not the student's on that piece, and pulling it there would fight the
+  CE term on the student's own token; those positions get ULD alone.
 - Temperature: both at T (the stored entries are at soft_labels.temperature = T), × T² like every KD
   term here, so `distill.alpha` mixes on one scale whatever the loss.
 - Memory: aligned rows are taken `chunk_rows(V)` at a time, so float32 temporaries stay near 64 MiB.
@@ -105,6 +109,7 @@ def cross_kd_sum(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
+    same_next: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ over aligned positions of T² · the `mode` loss, aligned positions).
@@ -116,6 +121,7 @@ def cross_kd_sum(
         aligned: (B, T) bool, the positions that count.
         mode: "uld" or "hybrid" (module docstring); hybrid needs `vmap` (V_teacher,) int64.
         kind, beta, skew: the divergence of hybrid's mapped bins (objectives/distill.py `kd_sum`).
+        same_next: (B, T) bool, where hybrid applies (else ULD); None = every aligned position.
     """
     if mode not in MODES:
         raise ValueError(f"unknown cross-tokenizer mode {mode!r}; expected one of {MODES}")
@@ -143,5 +149,7 @@ def cross_kd_sum(
             per_row = uld_rows(lq, pc)
         else:
             per_row = hybrid_rows(lq, ids.reshape(B * T, k)[chunk], pc, vmap, unmapped, kind, beta, skew)
+            if same_next is not None and not (exact := same_next.reshape(-1)[chunk]).all():
+                per_row = torch.where(exact, per_row, uld_rows(lq, pc))
         total = total + per_row.sum()
     return total * temperature**2, torch.tensor(tokens)

@@ -65,8 +65,9 @@ def cross_tokenizer_loss(
 
     def loss(model: torch.nn.Module, batch: dict) -> Loss:
         logits = model(input_ids=batch["input_ids"].long()).logits[..., :vocab]
+        teacher, aligned = soft_label_teacher(batch), batch["aligned"]
         kd, n = cross_kd_sum(
-            logits, soft_label_teacher(batch), batch["aligned"], mode, vmap, kind, temperature, beta, skew
+            logits, teacher, aligned, mode, vmap, kind, temperature, beta, skew, batch["same_next"]
         )
         sums = {"kd": kd}
         if alpha < 1.0:

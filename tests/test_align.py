@@ -63,6 +63,7 @@ def test_merges_on_either_side_align_at_common_boundaries():
     assert s_pieces == [b"th", b"e", b" c", b"at", b" sat"]
     # teacher ends 3, 7, 9, 11; student ends 2, 3, 5, 7, 11: common 3 (t0, s1) and 7 (t1, s3); 11 is last.
     assert _pairs(rec) == [(0, 1), (1, 3)]
+    assert not rec.same_next.any()  # " cat" vs " c", " s" vs " sat": the next spans are cut differently
     assert list(rec.labels[:5]) == list(rec.input_ids[:5]) and (rec.labels[5:] == -100).all()
 
 
@@ -94,7 +95,24 @@ def test_specials_stay_apart_and_the_context_is_not_learned():
     # teacher ends 2, 3, 4 (EOS), 5, 7; student ends 1, 3, 4, 5, 6, 7. Common, with a next token on both
     # sides: 3 (t1, s1), 4 (t2, s2), 5 (t3, s3); t0 is not counted (its next token is context) anyway.
     assert _pairs(rec) == [(1, 1), (2, 2), (3, 3)]
+    assert list(np.flatnonzero(rec.same_next)) == [1, 2]  # next EOS, next "c" on both sides; "ab" vs "a"
     assert list(rec.labels[:6]) == [-100, -100, 0, 3, 1, 4]  # "a", "bc" lie in the context "ab c"
+
+
+def test_a_dummy_prefix_teacher_has_its_document_start_space_dropped():
+    """A SentencePiece teacher spells a document's first word with the space it added ("▁ab"): after a
+    special that space is not text, so the student sees "ab c" as its own tokenizer would."""
+    teacher = Pieces([b" ab", b" c"])
+    student = Pieces([b"ab", b" ab", b" c"])
+    tb = teacher.bytes()
+    tb.dummy_prefix = True
+    aligner = Aligner(tb, student, 8, student.bytes())
+    rec = aligner.records(np.asarray([[1, 0, 1, 2]]), np.ones((1, 4), bool))[0]
+    assert list(rec.input_ids[:4]) == [2, 0, 1, 3]  # " ab" (mid-record: kept), EOS, "ab", " c"
+    # teacher ends 3, 4, 7, 9; student 3, 4, 7, 9: all align; after the EOS the next spans differ
+    # (" ab" against "ab"), so only the first is the same next token.
+    assert _pairs(rec) == [(0, 0), (1, 1), (2, 2)]
+    assert list(np.flatnonzero(rec.same_next)) == [0, 2]
 
 
 def test_the_longer_student_record_is_cut_and_padded_beyond():
@@ -113,10 +131,11 @@ def test_vocab_map_is_one_to_one_and_prefers_the_piece_the_tokenizer_produces():
 
 
 def test_token_bytes_round_trip(tmp_path):
-    tb = TokenBytes([b"", b"\xe6\x97", b" x"], np.array([1, 0, 0], bool))
+    tb = TokenBytes([b"", b"\xe6\x97", b" x"], np.array([1, 0, 0], bool), dummy_prefix=True)
     tb.save(tmp_path / "tb.safetensors")
     back = TokenBytes.load(tmp_path / "tb.safetensors")
     assert [back.piece(i) for i in range(3)] == [b"", b"\xe6\x97", b" x"] and list(back.special) == [1, 0, 0]
+    assert back.dummy_prefix
     with pytest.raises(DataError, match="rerun `stablekd stage soft_labels`"):
         TokenBytes.load(tmp_path / "missing.safetensors")
 
@@ -136,9 +155,9 @@ def real_tokenizers(tmp_path_factory):
 
 def test_real_tokenizers_spell_the_text_byte_for_byte(real_tokenizers):
     sp, bpe = real_tokenizers
-    for tok in (sp, bpe):
+    for tok, prefix in ((sp, True), (bpe, False)):
         tb = TokenBytes.from_tokenizer(tok)
-        assert tb.special[tok.eos_token_id]
+        assert tb.special[tok.eos_token_id] and tb.dummy_prefix == prefix
         got = tb.text(tok(TEXT, add_special_tokens=False)["input_ids"])
         # SentencePiece adds its dummy-prefix space to a text that does not start with one.
         assert got in (TEXT.encode(), b" " + TEXT.encode())

@@ -183,7 +183,7 @@ def test_report_table_aligns_the_main_table(tmp_path, monkeypatch, capsys):
         "4.250",
         "4.500",
         sizes["ppl"],
-        "lower is better",
+        "lower is better; only between models of one tokenizer",
     ]
     assert cells["bios accuracy (greedy) (`bios_accuracy`)"][:4] == ["0.950", "0.500", "–", "60 questions"]
     assert cells["parameters (`params`)"][:3] == ["4.20M", "1.10M", "1.10M"]

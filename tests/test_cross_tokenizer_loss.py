@@ -85,6 +85,21 @@ def test_matches_the_float64_reference(mode, temperature, sampled):
     assert total.item() == pytest.approx(ref * temperature**2, rel=1e-9, abs=1e-12)
 
 
+def test_hybrid_is_uld_where_the_next_token_differs():
+    logits, teacher, aligned = _case(3)
+    same = torch.rand(aligned.shape, generator=torch.Generator().manual_seed(5)) < 0.5
+    total, _ = cross_kd_sum(logits, teacher, aligned, "hybrid", VMAP, same_next=same, chunk_tokens=2)
+    ids, p = teacher_probs(teacher)
+    ref = 0.0
+    for b, t in aligned.nonzero().tolist():
+        q = logits[b, t].softmax(-1).tolist()
+        if same[b, t]:
+            ref += _hybrid_reference(q, ids[b, t].tolist(), p[b, t].tolist(), VMAP.tolist())
+        else:
+            ref += _uld_reference(q, p[b, t].tolist())
+    assert total.item() == pytest.approx(ref, rel=1e-9)
+
+
 def test_padding_counts_as_absent():
     _, (ids, lp), _ = _case(0)
     _, p = teacher_probs((ids, lp))
@@ -128,6 +143,7 @@ def test_loop_loss_terms_counts_and_share():
     batch = {
         "input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": labels, "aligned": aligned,
         "topk_ids": ids, "topk_logprobs": lp.float(), "teacher_positions": torch.tensor([4, 4]),
+        "same_next": aligned,
     }  # fmt: skip
     out = cross_tokenizer_loss("hybrid", alpha=0.5, vmap=VMAP)(Fixed(), batch)
     assert set(out.sums) == {"kd", "ce"}

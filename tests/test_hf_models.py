@@ -145,7 +145,7 @@ def test_a_teacher_directory_brings_its_tokenizer_and_a_student_must_share_it(to
         str(teacher),
         f"{TOKENS + 16} tokens",
         f"{TOKENS} tokens",
-        "across tokenizers",
+        "distill.cross_tokenizer=hybrid",
     ):
         assert part in msg, part
     assert tokenizer_hash(student)[:12] in msg and tokenizer_hash(teacher)[:12] in msg
@@ -166,3 +166,16 @@ def test_a_teacher_directory_brings_its_tokenizer_and_a_student_must_share_it(to
     cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path / 'run2'}", f"student.model={student}"])
     with pytest.raises(ConfigError, match="brings its own tokenizer but this run trains a SentencePiece"):
         prepare.check_files(cfg)
+
+    # Across tokenizers (distill.cross_tokenizer): both accepted, the student keeps its own tokenizer; the
+    # contrastive stage, whose candidates are in the teacher's tokens, is refused before anything runs.
+    for overrides in (
+        [*run, f"student.model={student}"],
+        [f"run.out_dir={tmp_path / 'run2'}", f"student.model={student}"],
+    ):
+        cfg = load_config(QUICKSTART, [*overrides, "distill.cross_tokenizer=hybrid"])
+        prepare.check_files(cfg)
+        assert models.student_tokenizer_dir(cfg) == student
+        models.check_stages(cfg, ["teacher", "soft_labels", "distill", "evaluate"])
+        with pytest.raises(ConfigError, match="contrastive: student.model .* has its own tokenizer"):
+            models.check_stages(cfg, ["distill", "contrastive"])

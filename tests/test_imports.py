@@ -4,6 +4,8 @@
 - no cycle among packages through any import, lazy ones inside functions included;
 - components (data_pipeline, model, objectives, evaluation, ds_configs) never import launcher;
 - no stage module imports the driver (launcher/pipeline.py) or another stage;
+- no benchmark imports a stage module (what a stage and a benchmark share is a component, or
+  launcher/distillation.py);
 - no module outside tests/ is over MAX_LINES lines (past ~500 a module holds more than one concern).
 
 Each rule is checked on a planted violation too, so the checks can fail.
@@ -147,6 +149,15 @@ def violations(root: Path) -> list[str]:
                 if d == "stablekd.launcher.pipeline"
                 or (package_of(d) == "launcher.stages" and d != "stablekd.launcher.stages")
             ]
+    stages = {f"stablekd.launcher.stages.{p.stem}" for p in (root / "launcher" / "stages").glob("*.py")}
+    stages.discard("stablekd.launcher.stages.__init__")
+    for p in sorted((root / "benchmarks").glob("*.py")) if (root / "benchmarks").is_dir() else []:
+        _, names = imports(p.read_text(), f"benchmarks.{p.stem}", False)
+        out += [
+            f"benchmark {p.name} imports stage {n}"
+            for n in sorted(names)
+            if any(n == s or n.startswith(s + ".") for s in stages)
+        ]
     for part in PARTS:
         for p in sorted((root / part).rglob("*.py")) if (root / part).is_dir() else []:
             if (n := len(p.read_text().splitlines())) > MAX_LINES:
@@ -181,6 +192,13 @@ def test_the_tree_keeps_the_house_rules():
             "stage stablekd.launcher.stages.s imports stablekd.launcher.pipeline",
         ),
         ({"objectives/big.py": "x = 1\n" * (MAX_LINES + 1)}, f"objectives/big.py: {MAX_LINES + 1} lines"),
+        (
+            {
+                "launcher/stages/distill.py": "",
+                "benchmarks/b.py": "from stablekd.launcher.stages.distill import f\n",
+            },
+            "benchmark b.py imports stage stablekd.launcher.stages.distill.f",
+        ),
     ],
 )
 def test_a_planted_violation_is_found(tmp_path, files, expected):

@@ -3,6 +3,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,8 +159,14 @@ def test_calibration_error_by_hand_and_from_a_model():
             return type("Out", (), {"logits": logits})()
 
     ids = torch.tensor([[1, 0, 0, 0, 0, 2]])  # targets of positions 0..4: 0, 0, 0, 0, 2
-    _, n, ece = report.perplexity(Fixed(), [{"input_ids": ids, "labels": ids}])
-    assert n == 5 and ece == pytest.approx(0.0, abs=1e-6)
+    _, n, ece, bpb = report.perplexity(Fixed(), [{"input_ids": ids, "labels": ids}])
+    assert n == 5 and ece == pytest.approx(0.0, abs=1e-6) and bpb is None
+    # Bits per byte: the same NLL in bits over the bytes of the counted tokens (token 0: 2 bytes, 2: 3).
+    scored = report.perplexity(
+        Fixed(), [{"input_ids": ids, "labels": ids}], byte_lengths=np.array([2, 1, 3, 1, 1])
+    )
+    nll_bits = -(4 * math.log2(0.8) + math.log2(0.05))
+    assert scored.bits_per_byte == pytest.approx(nll_bits / (4 * 2 + 3), rel=1e-6)
     right = torch.tensor([[1, 0, 0, 0, 0, 0]])
     assert report.perplexity(Fixed(), [{"input_ids": right, "labels": right}])[2] == pytest.approx(
         0.2, abs=1e-6

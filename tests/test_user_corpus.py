@@ -111,7 +111,16 @@ def test_prose_and_tasks_teacher_soft_labels_report(prose_run):
 
     report = json.loads((run / "eval" / "report.json").read_text())
     teacher = report["models"]["teacher"]
-    for key in ("ppl", "rep_2", "rep_4", "diversity", "coherence", "task_exact_match", "task_agreement"):
+    for key in (
+        "ppl",
+        "bpb",
+        "rep_2",
+        "rep_4",
+        "diversity",
+        "coherence",
+        "task_exact_match",
+        "task_agreement",
+    ):
         assert key in teacher and key not in report["missing"], key
     assert "held-out tokens" in report["sizes"]["ppl"]
     assert report["sizes"]["rep_4"] == "8 held-out prefixes × 32 tokens"

@@ -37,6 +37,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.stream import eval_batches
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.evaluation import report
@@ -128,16 +129,16 @@ def _perplexity(
     files: Sequence[Path],
     tok_dir: Path,
     cfg: ExperimentConfig,
-    vocab: int | None = None,
-) -> tuple[float, int, float] | None:
-    """(perplexity, tokens scored, calibration error) on the first evaluate.ppl_batches held-out
-    batches (`report.perplexity`, over the tokenizer's `vocab` ids); None when `files` yield no batch."""
+    tok: PreTrainedTokenizerBase,
+) -> report.Perplexity | None:
+    """`report.perplexity` on the first evaluate.ppl_batches held-out batches of the model's own tokenizer
+    (its ids, and the bytes they stand for: bits per byte); None when `files` yield no batch."""
     batches = eval_batches(
         files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, cfg.evaluate.ppl_batches, 0, 1
     )
     if not batches:
         return None
-    return report.perplexity(model, batches, vocab)
+    return report.perplexity(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
 
 
 def _trained_task_records(cfg: ExperimentConfig) -> int:
@@ -277,21 +278,22 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         synced = _sharded(path) and sharded.zero3 and torch.distributed.get_world_size() > 1
         gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size, synced_gpus=synced)
         m: dict[str, float] = {}
-        ppl = _perplexity(model, held, tok_dir, cfg, len(tok)) if held else None
+        ppl = _perplexity(model, held, tok_dir, cfg, tok) if held else None
         if ppl is not None:
-            m["ppl"], m["ece"] = ppl[0], ppl[2]
-            sizes["ppl"] = f"{ppl[1]} held-out tokens"
-            sizes["ece"] = f"{ppl[1]} held-out tokens, {report.ECE_BINS} bins"
-            if ppl[1] < report.MIN_PPL_TOKENS:
-                missing["ppl"] = missing["ece"] = f"{ppl[1]} held-out tokens < {report.MIN_PPL_TOKENS}"
+            m["ppl"], m["ece"], m["bpb"] = ppl.ppl, ppl.ece, ppl.bits_per_byte
+            sizes["ppl"] = sizes["bpb"] = f"{ppl.tokens} held-out tokens"
+            sizes["ece"] = f"{ppl.tokens} held-out tokens, {report.ECE_BINS} bins"
+            if ppl.tokens < report.MIN_PPL_TOKENS:
+                why = f"{ppl.tokens} held-out tokens < {report.MIN_PPL_TOKENS}"
+                missing["ppl"] = missing["ece"] = missing["bpb"] = why
         else:
             no_ppl.append(name)
         if builtin:
             same = not cfg.data.eval_paths  # held is then the bios held-out file itself
-            bios_ppl = ppl if same else _perplexity(model, [bios_heldout], tok_dir, cfg, len(tok))
+            bios_ppl = ppl if same else _perplexity(model, [bios_heldout], tok_dir, cfg, tok)
             if bios_ppl is not None:
-                m["bios_ppl"] = bios_ppl[0]
-                sizes["bios_ppl"] = f"{bios_ppl[1]} held-out biography tokens"
+                m["bios_ppl"] = bios_ppl.ppl
+                sizes["bios_ppl"] = f"{bios_ppl.tokens} held-out biography tokens"
             result = probe(gen, people, unseen, ecfg)
             m.update(result.metrics)
             sizes.update(result.sizes)
