@@ -20,6 +20,12 @@ built from the same seed, the same micro batch (8 × 128 tokens per step in the 
   (`artifacts.sharded_teacher`), --online-steps steps, timing only. The teacher's checkpoint was written by
   the run's ranks; at world size 1 it loads from a universal checkpoint, made once by `ds_to_universal`
   into the temp folder (the run's teacher/ckpt is only read). If that fails the arm is skipped, with why.
+- `on-policy λ` (--on-policy 0.5,1): `distill.on_policy=λ` with the same sharded teacher loaded once:
+  a share λ of the micro-batches are the student's own continuations of the first
+  `distill.on_policy_prompt_tokens` tokens of the drawn records, scored by the teacher (data_pipeline/
+  on_policy.py), the rest the offline soft labels; --steps steps, scored; and `on-policy λ @wall`, as many
+  steps as the KD offline arm's wall time pays for (at its measured step time), scored too. Their step
+  time is split into the student's sampling and the teacher's scoring per on-policy micro-batch.
 Tokens per step are one micro batch of seq_len tokens, except the last batch of each soft-label epoch,
 which holds the records left over (the table's tokens column counts what each arm read).
 
@@ -171,7 +177,7 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
         )
         stage = engine.Stage("distill", student, StreamLoader(stream), lm, evals, fpt)
     else:
-        batches, aligner = student_batches(cfg, 0, 1, micro, tokenizer, teacher)
+        batches, aligner = student_batches(cfg, 0, 1, micro, tokenizer, teacher, student, zero3)
         stage = build_stage(cfg, student, tokenizer, batches, evals, aligner)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     result = engine.train(stage, d, ds, cfg.run_dir, "bench")
@@ -186,6 +192,19 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
         "wall_s": wall,
         "load_average": [load0, os.getloadavg()[0]],  # 1-minute load before and after: other work skews times
     }
+
+
+def on_policy_split(cfg) -> dict[str, float | None]:
+    """Mean seconds per on-policy micro-batch the student spent sampling and the teacher scoring (the rest
+    of a step is the update and the offline micro-batches), and the generated tokens per one."""
+    from stablekd.launcher.monitor import read_scalars
+
+    tb = cfg.run_dir / "tb" / "distill"
+    out = {}
+    for key in ("generate_s", "teacher_s", "generated_tokens"):
+        values = list(read_scalars(tb, f"train/{key}").values())
+        out[key] = statistics.mean(values) if values else None
+    return out
 
 
 def step_times(cfg, warmup: int) -> list[float]:
@@ -268,6 +287,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="", help="auto, fp32 or bf16 (default: the run's distill.dtype)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
     ap.add_argument("--no-online", action="store_true", help="skip the online teacher arm")
+    ap.add_argument(
+        "--on-policy", default="0.5,1", help="shares λ of the on-policy arms, comma-separated ('' = none)"
+    )
     ap.add_argument("--no-control", action="store_true", help="skip CE on the soft-label sequences")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder of the arms")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "distill.json"))
@@ -303,8 +325,9 @@ def main() -> None:
         del arm["result"].engine
         gc.collect()
 
-    # (c) KD online: timing only.
-    online_skip = "--no-online" if args.no_online else None
+    # (c) KD online: timing only; (d) on-policy arms: scored, at equal steps and at equal wall time.
+    shares = [float(x) for x in args.on_policy.split(",") if x.strip()]
+    online_skip = "--no-online" if args.no_online and not shares else None
     if online_skip is None:
         cfg = arm_config(src, work / "online", args, online=True)
         online_skip = universal_teacher(src, cfg.run_dir)
@@ -314,15 +337,37 @@ def main() -> None:
                 teacher = artifacts.sharded_teacher(cfg)
             except Exception as e:  # noqa: BLE001  (the arm is optional: say why and go on)
                 online_skip = f"the sharded teacher did not load at world size 1: {type(e).__name__}: {e}"
-        if teacher is not None:
+        if teacher is not None and not args.no_online:
             arm = train_arm(cfg, "kd", online_steps, teacher)
             arm["times"] = step_times(cfg, args.warmup)
             arm["teacher_tag"] = teacher.tag
             arms["KD online"] = arm
-            del arm["result"].engine, teacher
+            del arm["result"].engine
             gc.collect()
+        kd_step = median_or_none(arms["KD offline"]["times"])
+        for share in shares if teacher is not None else []:
+            for budget in ("steps", "wall"):
+                name = f"on-policy {share:g}" + (" @wall" if budget == "wall" else "")
+                steps = args.steps
+                if budget == "wall":  # as many steps as the KD offline arm's wall time pays for
+                    op = median_or_none(arms[f"on-policy {share:g}"]["times"])
+                    steps = max(args.warmup + 1, round(args.steps * kd_step / op)) if op and kd_step else 0
+                    if steps >= args.steps or not steps:
+                        continue
+                folder = f"on_policy_{share:g}_{budget}"
+                cfg = arm_config(src, work / folder, args, online=False, extra=[f"distill.on_policy={share}"])
+                arm = train_arm(cfg, "kd", steps, teacher)
+                hf = cfg.run_dir / "student" / "hf"
+                export_hf(arm["result"].engine.module, arm["tokenizer"], hf, arm["zero3"])
+                exports[name] = hf
+                arm["times"] = step_times(cfg, args.warmup)
+                arm["split"] = on_policy_split(cfg)
+                arms[name] = arm
+                del arm["result"].engine
+                gc.collect()
+        del teacher
     if online_skip:
-        print(f"KD online arm skipped: {online_skip}", flush=True)
+        print(f"KD online and on-policy arms skipped: {online_skip}", flush=True)
 
     # Quality: the same prompts, seeds and held-out batches for every model.
     base = arm_config(src, work / "score", args, online=False)
@@ -366,6 +411,7 @@ def main() -> None:
             "bios_cross_contradiction": q.get("bios_cross_contradiction"),
             "bios_intext_contradiction": q.get("bios_intext_contradiction"),
             "gen_tokens_per_s": q.get("gen_tokens_per_s"),
+            **{f"on_policy_{k}": v for k, v in arm.get("split", {}).items()},
         })  # fmt: skip
     t_done = json.loads((src / "teacher" / "DONE.json").read_text())["produced"] if (
         src / "teacher" / "DONE.json").is_file() else {}  # fmt: skip
@@ -452,16 +498,22 @@ def main() -> None:
         f"KD {result['kind']} alpha {args.alpha} T {result['temperature']} k {result['k']}; step time = median "
         f"after {args.warmup} warm-up steps; load average {load_before:.2f} -> {load_after:.2f}"
     )
-    head = (f"{'arm':12} {'steps':>6} {'tokens':>9} {'step s':>8} {'vs CE':>6} {'ppl':>7} {'bios acc':>8} "
-            f"{'self-cons':>9} {'contra':>7} {'gen tok/s':>9}")  # fmt: skip
+    head = (f"{'arm':19} {'steps':>6} {'tokens':>9} {'step s':>8} {'vs CE':>6} {'ppl':>7} {'bios acc':>8} "
+            f"{'self-cons':>9} {'contra':>7} {'gen tok/s':>9} {'sample s':>8} {'score s':>7}")  # fmt: skip
     print(head)
     for r in rows:
         print(
-            f"{r['arm']:12} {f(r['steps'], 'd'):>6} {f(r['tokens'], 'd'):>9} {f(r.get('step_time_s'), '.4f'):>8} "
+            f"{r['arm']:19} {f(r['steps'], 'd'):>6} {f(r['tokens'], 'd'):>9} {f(r.get('step_time_s'), '.4f'):>8} "
             f"{f(r.get('vs_ce'), '.3f'):>6} {f(r['ppl'], '.3f'):>7} {f(r['bios_accuracy'], '.3f'):>8} "
             f"{f(r['bios_self_consistency'], '.3f'):>9} {f(r['bios_cross_contradiction'], '.3f'):>7} "
-            f"{f(r['gen_tokens_per_s'], '.0f'):>9}"
+            f"{f(r['gen_tokens_per_s'], '.0f'):>9} {f(r.get('on_policy_generate_s'), '.4f'):>8} "
+            f"{f(r.get('on_policy_teacher_s'), '.4f'):>7}"
         )
+    print(
+        "on-policy arms: sample s / score s = mean seconds per on-policy micro-batch of the student's "
+        "generate and the teacher's forward (the rest of a step: offline micro-batches and the update); "
+        "@wall: as many steps as the KD offline arm's wall time pays for"
+    )
     print(
         f"bios: {result['eval_settings']['bios_questions']} questions on trained people, 1 greedy + "
         f"{cfg0.evaluate.samples} samples each; ppl over {cfg0.evaluate.ppl_batches} × {report.PPL_MICRO_BATCH} "

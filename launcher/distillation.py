@@ -1,20 +1,30 @@
 """What the distill stage is made of, shared with the benchmarks that train its arms: the student's soft-label
-batches (realigned for a student with another tokenizer) and the stage for the shared loop."""
+batches (realigned for a student with another tokenizer, or mixed with its own samples scored by the
+teacher) and the stage for the shared loop."""
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from stablekd.data_pipeline.align import TOKEN_BYTES_FILE, Aligner, Realign, TokenBytes
+from stablekd.data_pipeline.on_policy import OnPolicy
 from stablekd.launcher import artifacts, engine, models, rundir
 from stablekd.launcher.config import ExperimentConfig
-from stablekd.model.build import flops_per_token
+from stablekd.model.build import flops_per_token, generation_config
 from stablekd.objectives.distill import soft_label_counts, soft_label_weights
-from stablekd.objectives.kd_losses import cross_counts, cross_tokenizer_loss, soft_label_loss
+from stablekd.objectives.kd_losses import (
+    ON_POLICY,
+    cross_counts,
+    cross_tokenizer_loss,
+    on_policy_counts,
+    soft_label_loss,
+    with_on_policy,
+)
 from stablekd.objectives.lm import lm_loss
 
 
@@ -32,16 +42,59 @@ def teacher_token_bytes(cfg: ExperimentConfig, teacher: Any = None) -> TokenByte
     return TokenBytes.load(path)
 
 
+def sampler(student: torch.nn.Module, tokenizer: Any, cfg: ExperimentConfig, synced: bool) -> Callable:
+    """prompts (B, P) -> the student's sampled continuations (B, P + distill.on_policy_new_tokens): the
+    full distribution at distill.on_policy_temperature (no top-k/top-p cut), in eval mode (no dropout);
+    `synced` (a ZeRO-3 student on several ranks): every rank forwards until all have finished."""
+    d = cfg.distill
+    settings = dict(do_sample=True, temperature=d.on_policy_temperature, top_k=0, top_p=1.0)
+    config = generation_config(student, tokenizer, max_new_tokens=d.on_policy_new_tokens, **settings)
+
+    def sample(prompts: torch.Tensor) -> torch.Tensor:
+        device = next(student.parameters()).device
+        was_training = student.training
+        student.eval()
+        try:
+            return student.generate(
+                input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
+                synced_gpus=synced, generation_config=config,
+            )  # fmt: skip
+        finally:
+            student.train(was_training)
+
+    return sample
+
+
 def student_batches(
-    cfg: ExperimentConfig, rank: int, world: int, micro: int, tokenizer: Any, teacher: Any = None
+    cfg: ExperimentConfig,
+    rank: int,
+    world: int,
+    micro: int,
+    tokenizer: Any,
+    teacher: Any = None,
+    student: torch.nn.Module | None = None,
+    zero3: bool = False,
 ) -> tuple[Any, Aligner | None]:
-    """Soft-label batches for the student (artifacts.open_soft_labels) and, across tokenizers, the Aligner
-    that realigns them for its `tokenizer` (data_pipeline/align.py), else None."""
-    batches = artifacts.open_soft_labels(cfg, rank, world, micro, teacher)
-    if not models.cross_tokenizer(cfg):
-        return batches, None
-    aligner = Aligner(teacher_token_bytes(cfg, teacher), tokenizer, cfg.data.seq_len)
-    return Realign(batches, aligner), aligner
+    """The student's micro-batches and, across tokenizers, the Aligner that realigned them (else None).
+
+    Soft labels come from artifacts.open_soft_labels (online from `teacher` with distill.online); across
+    tokenizers they are realigned for its `tokenizer` (data_pipeline/align.py); with distill.on_policy a
+    share of them become `student`'s own samples scored by `teacher` (data_pipeline/on_policy.py; `zero3`:
+    the student is partitioned, so its generate runs in lockstep)."""
+    d = cfg.distill
+    batches = artifacts.open_soft_labels(cfg, rank, world, micro, teacher if d.online else None)
+    if models.cross_tokenizer(cfg):
+        aligner = Aligner(
+            teacher_token_bytes(cfg, teacher if d.online else None), tokenizer, cfg.data.seq_len
+        )
+        return Realign(batches, aligner), aligner
+    if d.on_policy:
+        sample = sampler(student, tokenizer, cfg, zero3 and world > 1)
+        batches = OnPolicy(
+            batches, sample, teacher, d.on_policy, d.on_policy_prompt_tokens, cfg.run.seed, rank,
+            tokenizer.eos_token_id,
+        )  # fmt: skip
+    return batches, None
 
 
 def build_stage(
@@ -53,7 +106,8 @@ def build_stage(
     aligner: Aligner | None = None,
 ) -> engine.Stage:
     """The distill stage for the shared loop: `student` learning from `batches` with alpha · KD + (1 − alpha)
-    · CE over its tokenizer's ids (across tokenizers when `aligner` realigned them), eval loss on `evals`."""
+    · CE over its tokenizer's ids (across tokenizers when `aligner` realigned them), plus the on-policy
+    term (weight 1) on its own samples with distill.on_policy; eval loss on `evals`."""
     d, vocab = cfg.distill, len(tokenizer)
     if aligner is None:
         loss = soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab)
@@ -64,7 +118,12 @@ def build_stage(
             d.cross_tokenizer, d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab, vmap
         )
         count = cross_counts
+    weights = soft_label_weights(d.alpha)
+    if d.on_policy:
+        loss = with_on_policy(loss, d.kind, d.temperature, d.beta, d.skew, vocab)
+        count = on_policy_counts(count)
+        weights[ON_POLICY] = 1.0
     return engine.Stage(
         "distill", student, batches, loss, evals, flops_per_token(student, cfg.data.seq_len),
-        weights=soft_label_weights(d.alpha), count=count, eval_loss=functools.partial(lm_loss, vocab=vocab),
+        weights=weights, count=count, eval_loss=functools.partial(lm_loss, vocab=vocab),
     )  # fmt: skip

@@ -85,7 +85,7 @@ def upstream(cfg: ExperimentConfig, stage: str) -> dict[str, bool]:
 
     A `uses` stage counts only once its directory exists. distill.online reads the teacher instead of
     soft_labels/; distill.follow reads soft_labels/ while it is still written (required only to match
-    when it has finished)."""
+    when it has finished); distill.on_policy scores the student's samples with the teacher too."""
     row = spec(stage)
     needs = {s: True for s in row.needs}
     needs |= {s: True for s in row.uses if rundir.stage_dir(cfg, s).is_dir()}
@@ -93,6 +93,8 @@ def upstream(cfg: ExperimentConfig, stage: str) -> dict[str, bool]:
         needs = {"teacher": True}
     elif stage == "distill" and cfg.distill.follow:
         needs["soft_labels"] = False
+    if stage == "distill" and cfg.distill.on_policy:
+        needs["teacher"] = True
     return needs
 
 

@@ -1,7 +1,8 @@
 """The training loop's losses on soft-label batches (launcher/engine.py `Loss`): the teacher's tokenizer
 (`soft_label_loss`) and another one (`cross_tokenizer_loss`, on batches realigned by
 data_pipeline/align.py). Each returns terms "kd" and, when alpha < 1, "ce" as sums; the loop weighs them
-alpha and 1 − alpha and divides by the global counts (`soft_label_counts`, `cross_counts`)."""
+alpha and 1 − alpha and divides by the global counts (`soft_label_counts`, `cross_counts`).
+`with_on_policy` adds the term of the student's own samples scored by the teacher (data_pipeline/on_policy.py)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,45 @@ def cross_tokenizer_loss(
         return Loss(sums, {"aligned_share": (float(n), float(batch["teacher_positions"].sum()))})
 
     return loss
+
+
+ON_POLICY = "on_policy_kd"  # the loop's term of on-policy micro-batches (data_pipeline/on_policy.py)
+
+
+def with_on_policy(
+    offline: Callable[[torch.nn.Module, dict], Loss],
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    vocab: int | None = None,
+) -> Callable[[torch.nn.Module, dict], Loss]:
+    """`offline` on soft-label micro-batches; on on-policy ones (a `teacher_logits` key) the term
+    ON_POLICY: ``kd_sum`` of the `kind` divergence between the teacher's full logits and the student's on
+    the student's own generated tokens (no CE: a sample is no reference), metrics generated_tokens and
+    the seconds spent generating and scoring per on-policy micro-batch."""
+    check_params(kind, temperature, beta, skew)
+
+    def loss(model: torch.nn.Module, batch: dict) -> Loss:
+        if "teacher_logits" not in batch:
+            return offline(model, batch)
+        logits = model(input_ids=batch["input_ids"].long()).logits[..., :vocab]
+        kd, n = kd_sum(logits, batch["teacher_logits"], batch["labels"], kind, temperature, beta, skew)
+        metrics = {k: (float(batch[k]), 1.0) for k in ("generate_s", "teacher_s")}
+        return Loss({ON_POLICY: kd}, {"generated_tokens": (float(n), 1.0), **metrics})
+
+    return loss
+
+
+def on_policy_counts(offline: Callable[[dict], dict[str, int]]) -> Callable[[dict], dict[str, int]]:
+    """Counts of a mixed source: an on-policy micro-batch counts its generated tokens for ON_POLICY."""
+
+    def count(batch: dict) -> dict[str, int]:
+        if "teacher_logits" not in batch:
+            return offline(batch)
+        return {ON_POLICY: int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())}
+
+    return count
 
 
 def cross_counts(batch: dict) -> dict[str, int]:

@@ -223,3 +223,42 @@ def test_a_student_with_another_tokenizer_resumes_after_a_kill_on_the_plain_pyto
     assert (
         len(exported) == 300 and exported.convert_ids_to_tokens(exported("Anna was").input_ids)[0] != "▁Anna"
     )
+
+
+ON_POLICY_ARGS = [
+    "distill.online=true",
+    "distill.on_policy=0.5",
+    "distill.on_policy_prompt_tokens=8",
+    "distill.on_policy_new_tokens=8",
+    "distill.max_steps=6",
+    "distill.save_every=1",
+]
+
+
+def test_on_policy_with_the_sharded_teacher_resumes_after_a_kill_on_the_same_samples(upstream, tmp_path):
+    """Half the micro-batches are the ZeRO-3 student's own samples, scored by the ZeRO-3 teacher of the job:
+    an uninterrupted run, and one killed after a checkpoint and rerun, give the same curve (the same
+    samples after the resume: seeds of (seed, micro-batch, rank), the student's restored weights)."""
+    full = copy_run(upstream, tmp_path / "full")
+    run_stablekd(*_args(full, *ON_POLICY_ARGS))
+    tb = full / "tb" / "distill"
+    curve = read_scalars(tb, "train/loss")
+    assert sorted(curve) == list(range(1, 7))
+    assert len(read_scalars(tb, "train/on_policy_kd")) == 6 and len(read_scalars(tb, "train/kd")) == 6
+    generated = read_scalars(tb, "train/generated_tokens")
+    assert all(1 <= v <= 8 for v in generated.values())  # per on-policy micro-batch: 1 row, 8 new tokens
+    assert all(v > 0 for v in read_scalars(tb, "train/teacher_s").values())
+
+    run = copy_run(upstream, tmp_path / "run")
+    proc = subprocess.Popen(
+        stablekd_cmd(*_args(run, *ON_POLICY_ARGS)), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    resumed_from = kill_after_checkpoint(proc, run / "student", 3)
+    assert resumed_from < 6
+    run_stablekd(*_args(run, *ON_POLICY_ARGS))
+    after = read_scalars(run / "tb" / "distill", "train/loss")
+    steps = range(resumed_from + 1, 7)
+    assert [after[s] for s in steps] == pytest.approx([curve[s] for s in steps], rel=1e-5)
+    done = json.loads((run / "student" / "DONE.json").read_text())["produced"]
+    assert done["on_policy"] == 0.5 and done["source"] == "online teacher"

@@ -384,6 +384,7 @@ def test_evaluate_sharded_teacher(upstream, tmp_path):
     model.eval()
     assert teacher["params"] == count_params(model)
     with torch.no_grad():
-        ppl, _, _ = evaluate._perplexity(model, rundir.eval_files(cfg), models.tokenizer_dir(cfg), cfg)
-    print(f"sharded ppl {teacher['ppl']!r}, consolidated ppl {ppl!r}")
-    assert teacher["ppl"] == pytest.approx(ppl, rel=1e-4)
+        whole = evaluate._perplexity(model, rundir.eval_files(cfg), models.tokenizer_dir(cfg), cfg, tok)
+    print(f"sharded ppl {teacher['ppl']!r}, consolidated ppl {whole.ppl!r}")
+    assert teacher["ppl"] == pytest.approx(whole.ppl, rel=1e-4)
+    assert teacher["bpb"] == pytest.approx(whole.bits_per_byte, rel=1e-4)

@@ -75,10 +75,18 @@ class ExperimentConfig:
                 f"soft_labels.k: expected at most tokenizer.vocab_size ({self.tokenizer.vocab_size}) ids per "
                 f"token, got {self.soft_labels.k}"
             )
-        if self.soft_labels.encoding == "sampled" and self.distill.kind != "fkl":
+        d = self.distill
+        if self.soft_labels.encoding == "sampled" and d.kind != "fkl" and d.on_policy < 1:
             raise ConfigError(
                 f"distill.kind: sampled soft labels estimate the forward KL only (kind fkl), got "
-                f"{self.distill.kind!r}; use soft_labels.encoding topk or topp for other divergences"
+                f"{d.kind!r}; use soft_labels.encoding topk or topp for other divergences (or "
+                "distill.on_policy=1: then every micro-batch is scored by the teacher's full logits)"
+            )
+        if d.on_policy and d.on_policy_prompt_tokens + d.on_policy_new_tokens > self.data.seq_len:
+            raise ConfigError(
+                f"distill.on_policy_prompt_tokens + on_policy_new_tokens = "
+                f"{d.on_policy_prompt_tokens + d.on_policy_new_tokens}: expected at most data.seq_len "
+                f"({self.data.seq_len}), the student's positions"
             )
 
     @property

@@ -151,6 +151,15 @@ class DistillConfig(TrainConfig):
         False,
         "compute soft labels in this job from the sharded ZeRO-3 teacher instead of reading soft_labels/",
     )
+    on_policy: float = _f(
+        0.0,
+        "share λ of micro-batches the student samples itself (continuing the first "
+        "distill.on_policy_prompt_tokens tokens of a drawn record) and the sharded teacher in this job "
+        "scores: distill.kind on every generated token (GKD); 0 = soft labels only",
+    )
+    on_policy_prompt_tokens: int = _f(32, "on-policy: tokens of each drawn record the student continues")
+    on_policy_new_tokens: int = _f(32, "on-policy: tokens the student samples per record")
+    on_policy_temperature: float = _f(1.0, "on-policy: the student's sampling temperature")
     follow: bool = _f(False, "read soft_labels/ shards while the soft_labels stage is still writing them")
     follow_timeout_s: float = _f(
         600.0,
@@ -182,6 +191,22 @@ class DistillConfig(TrainConfig):
         if self.cross_tokenizer not in CROSS_TOKENIZER:
             raise ConfigError(
                 f"cross_tokenizer: expected one of {', '.join(CROSS_TOKENIZER)}, got {self.cross_tokenizer!r}"
+            )
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ConfigError(f"on_policy: expected a share in [0, 1], got {self.on_policy}")
+        if (
+            self.on_policy_prompt_tokens < 1
+            or self.on_policy_new_tokens < 1
+            or self.on_policy_temperature <= 0
+        ):
+            raise ConfigError(
+                "on_policy_prompt_tokens, on_policy_new_tokens: expected >= 1, on_policy_temperature > 0, got "
+                f"{self.on_policy_prompt_tokens}, {self.on_policy_new_tokens}, {self.on_policy_temperature}"
+            )
+        if self.on_policy and self.cross_tokenizer != "off":
+            raise ConfigError(
+                "on_policy with cross_tokenizer: the teacher scores the student's own tokens, so both need one "
+                "tokenizer (set on_policy=0 or cross_tokenizer=off)"
             )
         if self.follow and self.online:
             raise ConfigError(

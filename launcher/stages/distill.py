@@ -79,7 +79,7 @@ def _check_student(cfg: ExperimentConfig) -> None:
 
 def preflight(cfg: ExperimentConfig) -> None:
     """What the launching process checks before starting ranks: a one-line error instead of a rank traceback."""
-    if cfg.distill.online:
+    if cfg.distill.online or cfg.distill.on_policy:
         artifacts.check_teacher_checkpoint(cfg, "distill")
     _check_student(cfg)
 
@@ -89,7 +89,7 @@ def run(cfg: ExperimentConfig) -> None:
     engine.seed_rng(cfg.run.seed)  # runs of one config draw the same (dropout, any sampling)
     d, run_dir, seq_len = cfg.distill, cfg.run_dir, cfg.data.seq_len
     # The online teacher first: its HfDeepSpeedConfig must not be alive while the student is built.
-    teacher = artifacts.sharded_teacher(cfg) if d.online else None
+    teacher = artifacts.sharded_teacher(cfg) if d.online or d.on_policy else None
     ds = json.loads(rundir.ds_path(cfg, "distill").read_text())
     zero3 = zero_stage(ds) == 3
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (student built inside zero.Init)
@@ -97,7 +97,9 @@ def run(cfg: ExperimentConfig) -> None:
     tokenizer = load_tokenizer(tok_dir)
     student = build_model(cfg.student.model, tokenizer, seq_len, cfg.run.seed)
     micro = ds["train_micro_batch_size_per_gpu"]
-    batches, aligner = distillation.student_batches(cfg, rank, world, micro, tokenizer, teacher)
+    batches, aligner = distillation.student_batches(
+        cfg, rank, world, micro, tokenizer, teacher, student, zero3
+    )
     evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
     stage = distillation.build_stage(cfg, student, tokenizer, batches, evals, aligner)
     result = engine.train(stage, d, ds, run_dir, done.stage_hash(cfg, "distill"), cfg.run.trace_samples)
@@ -105,6 +107,8 @@ def run(cfg: ExperimentConfig) -> None:
     produced = {"source": "online teacher" if d.online else str(rundir.stage_dir(cfg, "soft_labels"))}
     if aligner is not None:
         produced["cross_tokenizer"] = d.cross_tokenizer
+    if d.on_policy:
+        produced["on_policy"] = d.on_policy
     if teacher is not None:
         produced["teacher_checkpoint"] = teacher.checkpoint_id
     artifacts.finish_training(

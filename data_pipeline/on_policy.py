@@ -1,0 +1,123 @@
+"""On-policy batches: a share of the student's micro-batches are its own samples, scored by the teacher.
+
+Offline soft labels teach the student on the teacher's text; at generation time it conditions on its own,
+and its errors compound (exposure bias). On-policy distillation (GKD, Agarwal et al. ICLR 2024; MiniLLM)
+lets the student sample continuations and learn the teacher's distribution at every token of them.
+
+`OnPolicy` wraps a soft-label batch source (offline shards or the online teacher, any encoding). Micro-batch
+i (counted from the start of the run) is on-policy when ⌊(i + 1)·λ⌋ > ⌊i·λ⌋, so λ = 0.5 takes every
+second one and every rank decides alike. An on-policy micro-batch still draws the source's batch (the
+source advances as it would offline) and uses the first `prompt_tokens` tokens of each of its records as
+prompts: the student continues each by sampling (`sample`, under a seed of (seed, i, rank), so a resumed
+run samples what the uninterrupted one would; the training RNG is left untouched), the teacher scores the
+whole sequence once (its logits (B, T, V) are the batch's `teacher_logits`, the only copy), and the loss
+counts the generated tokens only: the prompt and what follows a generated EOS are masked.
+
+Lockstep: `sample` (a ZeRO-3 student generates with synced_gpus) and the teacher's forward gather
+parameters collectively; every rank draws the same micro-batches, so every rank makes the same calls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from stablekd.data_pipeline.online import Teacher
+from stablekd.objectives.lm import IGNORE_INDEX
+
+
+def is_on_policy(index: int, share: float) -> bool:
+    """Whether micro-batch `index` of the run is on-policy at share λ = `share` (same on every rank)."""
+    return math.floor((index + 1) * share) > math.floor(index * share)
+
+
+def generated_labels(ids: torch.Tensor, prompt_len: int, eos_id: int) -> torch.Tensor:
+    """(B, T) labels of sampled sequences: the generated tokens up to and including the first EOS;
+    IGNORE_INDEX for the prompt and everything after that EOS (generate's padding)."""
+    labels = ids.clone()
+    labels[:, :prompt_len] = IGNORE_INDEX
+    gen = ids[:, prompt_len:]
+    after = (gen == eos_id).long().cumsum(-1) - (gen == eos_id).long() > 0  # past the first EOS
+    labels[:, prompt_len:] = gen.masked_fill(after, IGNORE_INDEX)
+    return labels
+
+
+class OnPolicy:
+    """A soft-label batch source whose micro-batches are, at share λ, the student's samples scored by the
+    teacher (module docstring).
+
+    Args:
+        batches: decoded soft-label batches with state_dict/load_state_dict (artifacts.open_soft_labels).
+        sample: prompts (B, P) -> sequences (B, P + N) sampled by the student (N new tokens; rows that end
+            early are padded after their EOS).
+        teacher: `logits(ids)` (B, T) -> (B, T, V) over the run's ids (model.sharded_teacher.ShardedTeacher).
+        share: λ in (0, 1]. prompt_tokens: P. seed, rank: what the sampling seed is made of.
+        eos_id: the tokenizer's EOS.
+    """
+
+    def __init__(
+        self,
+        batches: Any,
+        sample: Callable[[torch.Tensor], torch.Tensor],
+        teacher: Teacher,
+        share: float,
+        prompt_tokens: int,
+        seed: int,
+        rank: int,
+        eos_id: int,
+    ) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+        self.batches, self.sample, self.teacher = batches, sample, teacher
+        self.share, self.prompt_tokens, self.seed, self.rank, self.eos_id = (
+            share,
+            prompt_tokens,
+            seed,
+            rank,
+            eos_id,
+        )
+        self.index = 0  # micro-batches drawn so far: the next one's number
+
+    def seed_of(self, index: int) -> int:
+        return (self.seed * 1_000_003 + index) * 1_009 + self.rank
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.batches:
+            index = self.index
+            self.index += 1
+            yield self.scored(batch, index) if is_on_policy(index, self.share) else batch
+
+    def scored(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
+        """The on-policy micro-batch `index` made from the source's `batch` (its records' first tokens)."""
+        prompts = batch["input_ids"][:, : self.prompt_tokens].long()
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # the loop's RNG (dropout) is not consumed
+            torch.manual_seed(self.seed_of(index))
+            ids = self.sample(prompts).cpu()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            logits = self.teacher.logits(ids)
+        labels = generated_labels(ids, prompts.shape[1], self.eos_id)
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "teacher_logits": logits,
+            "generate_s": t1 - t0,  # floats, not tensors: a trace's batch digest stays the samples'
+            "teacher_s": time.perf_counter() - t1,
+        }
+
+    def state_dict(self) -> dict:
+        return {"on_policy_index": self.index, "source": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "on_policy_index" not in state:
+            raise ValueError(
+                "this data state was saved without on-policy batches (distill.on_policy was 0); resume with "
+                "the distill.on_policy the run started with"
+            )
+        self.index = int(state["on_policy_index"])
+        self.batches.load_state_dict(state["source"])

@@ -1,0 +1,130 @@
+"""On-policy micro-batches (data_pipeline/on_policy.py): which micro-batches, what the student samples and
+the teacher scores, the seeds that make a resume sample the same, and the loss on them
+(objectives/kd_losses.py `with_on_policy`) against kd_sum on the same tensors. In one process, on tiny
+real models; the 2-rank ZeRO-3 run is in test_distill_stage.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stablekd.data_pipeline.on_policy import OnPolicy, generated_labels, is_on_policy
+from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.launcher import distillation
+from stablekd.launcher.config import load_config
+from stablekd.model.build import build_model
+from stablekd.objectives.distill import kd_sum
+from stablekd.objectives.kd_losses import ON_POLICY, on_policy_counts, soft_label_loss, with_on_policy
+from stablekd.objectives.lm import IGNORE_INDEX
+from tests.conftest import QUICKSTART
+from tests.hf_models import byte_level_tokenizer
+
+P, N, B, L = 4, 6, 3, 16
+
+
+def test_schedule_takes_every_round_share_of_micro_batches():
+    assert [i for i in range(8) if is_on_policy(i, 0.5)] == [1, 3, 5, 7]
+    assert [i for i in range(8) if is_on_policy(i, 0.25)] == [3, 7]
+    assert all(is_on_policy(i, 1.0) for i in range(8)) and not any(is_on_policy(i, 0.0) for i in range(8))
+
+
+def test_labels_count_the_generated_tokens_up_to_the_first_eos():
+    ids = torch.tensor([[5, 6, 7, 2, 8, 2], [5, 6, 9, 9, 9, 9]])
+    labels = generated_labels(ids, 2, eos_id=2)
+    x = IGNORE_INDEX
+    assert labels.tolist() == [[x, x, 7, 2, x, x], [x, x, 9, 9, 9, 9]]
+
+
+class Records:
+    """A resumable soft-label source: fixed batches, position = batches drawn."""
+
+    def __init__(self, batches):
+        self.batches, self.pos = batches, 0
+
+    def __iter__(self):
+        while True:
+            self.pos += 1  # counted when delivered, as the shard and stream readers count
+            yield self.batches[(self.pos - 1) % len(self.batches)]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+class PlainTeacher:
+    def __init__(self, model):
+        self.model = model
+
+    def logits(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    tok_dir = tmp_path_factory.mktemp("tok")
+    byte_level_tokenizer(tok_dir, 300)
+    tok = load_tokenizer(tok_dir)
+    student = build_model("tiny-student", tok, L, 0)
+    teacher = PlainTeacher(build_model("tiny", tok, L, 1).eval())
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, len(tok), (B, L), generator=g)} for _ in range(4)]
+    cfg = load_config(QUICKSTART, ["data.seq_len=16", f"distill.on_policy_prompt_tokens={P}",
+                                   f"distill.on_policy_new_tokens={N}"])  # fmt: skip
+
+    def make(share=0.5, rank=0):
+        sample = distillation.sampler(student, tok, cfg, synced=False)
+        return OnPolicy(Records(batches), sample, teacher, share, P, 7, rank, tok.eos_token_id)
+
+    return tok, student, teacher, batches, make
+
+
+def test_student_samples_teacher_scores_and_a_resume_samples_the_same(parts):
+    tok, student, teacher, batches, make = parts
+    rng = torch.get_rng_state()
+    first = [b for _, b in zip(range(4), make(), strict=False)]
+    assert torch.equal(torch.get_rng_state(), rng)  # the training RNG (dropout) is not consumed
+    assert first[0] is batches[0] and first[2] is batches[2]  # λ = 0.5: micro-batches 1 and 3 are sampled
+    on = first[1]
+    assert on["input_ids"].shape == (B, P + N) and torch.equal(
+        on["input_ids"][:, :P], batches[1]["input_ids"][:, :P]
+    )
+    assert torch.equal(on["teacher_logits"], teacher.logits(on["input_ids"]))  # scored once, whole sequence
+    assert (on["labels"][:, :P] == IGNORE_INDEX).all() and (on["labels"][:, P] != IGNORE_INDEX).all()
+    again = [b for _, b in zip(range(4), make(), strict=False)]
+    assert torch.equal(again[3]["input_ids"], first[3]["input_ids"])  # seeds of (seed, micro-batch, rank)
+    other = [b for _, b in zip(range(2), make(rank=1), strict=False)]
+    assert not torch.equal(other[1]["input_ids"], first[1]["input_ids"])
+    # Resume after two micro-batches: the third and fourth are the uninterrupted run's.
+    src = make()
+    it = iter(src)
+    next(it), next(it)
+    resumed = make()
+    resumed.load_state_dict(src.state_dict())
+    it2 = iter(resumed)
+    assert next(it2) is batches[2] and torch.equal(next(it2)["input_ids"], first[3]["input_ids"])
+
+
+def test_loss_is_kd_sum_on_the_generated_tokens_and_offline_batches_pass_through(parts):
+    tok, student, teacher, batches, make = parts
+    on = next(b for i, b in zip(range(2), make(), strict=False) if i == 1)
+    offline = soft_label_loss()
+    loss = with_on_policy(offline, "gjsd", 2.0, beta=0.3, vocab=len(tok))
+    out = loss(student, on)
+    ref, n = kd_sum(
+        student(input_ids=on["input_ids"]).logits, on["teacher_logits"], on["labels"], "gjsd", 2.0, 0.3
+    )
+    assert set(out.sums) == {ON_POLICY} and out.sums[ON_POLICY].item() == pytest.approx(ref.item(), rel=1e-6)
+    assert out.metrics["generated_tokens"] == (float(n), 1.0)
+    assert on_policy_counts(lambda b: {"kd": 1})(on) == {ON_POLICY: int(n)}
+    assert on_policy_counts(lambda b: {"kd": 1})({"input_ids": 0}) == {"kd": 1}
+
+
+def test_share_zero_builds_todays_stage(parts):
+    tok, student, _, batches, _ = parts
+    for share, terms in ((0.0, {"kd"}), (0.5, {"kd", ON_POLICY})):
+        cfg = load_config(QUICKSTART, ["data.seq_len=16", "distill.on_policy_prompt_tokens=4",
+                                       "distill.on_policy_new_tokens=4", f"distill.on_policy={share}"])  # fmt: skip
+        stage = distillation.build_stage(cfg, student, tok, Records(batches), [])
+        assert set(stage.weights) == terms
