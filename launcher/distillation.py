@@ -120,7 +120,7 @@ def build_stage(
         count = cross_counts
     weights = soft_label_weights(d.alpha)
     if d.on_policy:
-        loss = with_on_policy(loss, d.kind, d.temperature, d.beta, d.skew, vocab)
+        loss = with_on_policy(loss, d.on_policy_kind or d.kind, d.temperature, d.beta, d.skew, vocab)
         count = on_policy_counts(count)
         weights[ON_POLICY] = 1.0
     return engine.Stage(

@@ -132,7 +132,9 @@ def check_models(cfg: ExperimentConfig) -> None:
         return  # the student keeps its own tokenizer and learns across (data_pipeline/align.py)
     run_tok = tokenizer_dir(cfg)
     across = "set distill.cross_tokenizer=hybrid (or uld) to distil across tokenizers"
-    if trains_tokenizer(cfg):
+    # A student exported by this run (the SentencePiece tokenizer it trained, beside it) is the run's.
+    trained = run_tok.is_dir() and tokenizer_hash(student) == tokenizer_hash(run_tok)
+    if trains_tokenizer(cfg) and not trained:
         raise ConfigError(
             f"student.model {cfg.student.model} brings its own tokenizer but this run trains a SentencePiece "
             "one for a preset teacher: give the teacher a model directory with that tokenizer "

@@ -166,6 +166,12 @@ def test_a_teacher_directory_brings_its_tokenizer_and_a_student_must_share_it(to
     cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path / 'run2'}", f"student.model={student}"])
     with pytest.raises(ConfigError, match="brings its own tokenizer but this run trains a SentencePiece"):
         prepare.check_files(cfg)
+    # ... unless it is the tokenizer this run trained (a student the run exported, fine-tuned further).
+    (tmp_path / "run3" / "tokenizer").mkdir(parents=True)
+    shutil.copy(student / "tokenizer.json", tmp_path / "run3" / "tokenizer" / "tokenizer.json")
+    prepare.check_files(
+        load_config(QUICKSTART, [f"run.out_dir={tmp_path / 'run3'}", f"student.model={student}"])
+    )
 
     # Across tokenizers (distill.cross_tokenizer): both accepted, the student keeps its own tokenizer; the
     # contrastive stage, whose candidates are in the teacher's tokens, is refused before anything runs.

@@ -128,3 +128,22 @@ def test_share_zero_builds_todays_stage(parts):
                                        "distill.on_policy_new_tokens=4", f"distill.on_policy={share}"])  # fmt: skip
         stage = distillation.build_stage(cfg, student, tok, Records(batches), [])
         assert set(stage.weights) == terms
+
+
+def test_config_refuses_what_cannot_run():
+    from stablekd.launcher.config import ConfigError
+
+    base = ["data.seq_len=16", "distill.on_policy=0.5", "distill.on_policy_prompt_tokens=4"]
+    with pytest.raises(
+        ConfigError, match="on_policy_prompt_tokens \\+ on_policy_new_tokens = 36: expected at most"
+    ):
+        load_config(QUICKSTART, base)
+    base.append("distill.on_policy_new_tokens=4")
+    with pytest.raises(ConfigError, match="on_policy_kind: expected one of"):
+        load_config(QUICKSTART, [*base, "distill.on_policy_kind=bogus"])
+    with pytest.raises(ConfigError, match="on_policy with cross_tokenizer"):
+        load_config(QUICKSTART, [*base, "distill.cross_tokenizer=hybrid"])
+    sampled = [*base, "soft_labels.encoding=sampled"]
+    with pytest.raises(ConfigError, match="sampled soft labels estimate the forward KL only"):
+        load_config(QUICKSTART, [*sampled, "distill.kind=rkl"])
+    assert load_config(QUICKSTART, [*sampled, "distill.on_policy_kind=rkl"]).distill.on_policy_kind == "rkl"

@@ -79,8 +79,8 @@ class ExperimentConfig:
         if self.soft_labels.encoding == "sampled" and d.kind != "fkl" and d.on_policy < 1:
             raise ConfigError(
                 f"distill.kind: sampled soft labels estimate the forward KL only (kind fkl), got "
-                f"{d.kind!r}; use soft_labels.encoding topk or topp for other divergences (or "
-                "distill.on_policy=1: then every micro-batch is scored by the teacher's full logits)"
+                f"{d.kind!r}; use soft_labels.encoding topk or topp for other divergences (on-policy "
+                "micro-batches take theirs from distill.on_policy_kind)"
             )
         if d.on_policy and d.on_policy_prompt_tokens + d.on_policy_new_tokens > self.data.seq_len:
             raise ConfigError(

@@ -160,6 +160,11 @@ class DistillConfig(TrainConfig):
     on_policy_prompt_tokens: int = _f(32, "on-policy: tokens of each drawn record the student continues")
     on_policy_new_tokens: int = _f(32, "on-policy: tokens the student samples per record")
     on_policy_temperature: float = _f(1.0, "on-policy: the student's sampling temperature")
+    on_policy_kind: str = _f(
+        "",
+        "on-policy: the divergence on the teacher's full logits (fkl, rkl, gjsd with distill.beta, tvd, skl, "
+        "mse); empty = distill.kind. Sampled soft labels fix distill.kind to fkl, not this",
+    )
     follow: bool = _f(False, "read soft_labels/ shards while the soft_labels stage is still writing them")
     follow_timeout_s: float = _f(
         600.0,
@@ -202,6 +207,10 @@ class DistillConfig(TrainConfig):
             raise ConfigError(
                 "on_policy_prompt_tokens, on_policy_new_tokens: expected >= 1, on_policy_temperature > 0, got "
                 f"{self.on_policy_prompt_tokens}, {self.on_policy_new_tokens}, {self.on_policy_temperature}"
+            )
+        if self.on_policy_kind and self.on_policy_kind not in (*kinds, "mse"):
+            raise ConfigError(
+                f"on_policy_kind: expected one of {', '.join(kinds)}, mse or empty (= kind), got {self.on_policy_kind!r}"
             )
         if self.on_policy and self.cross_tokenizer != "off":
             raise ConfigError(
