@@ -32,6 +32,7 @@ the text, so the student learns documents that start as its own do.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -70,8 +71,6 @@ def _byte_level_chars() -> dict[str, int]:
 
 def _decoder_kinds(tokenizer: Any) -> set[str]:
     """The types in a fast tokenizer's decoder (a Sequence's parts too); empty for a slow tokenizer."""
-    import json
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return set()
@@ -172,12 +171,12 @@ def vocab_map(teacher: TokenBytes, student: TokenBytes, student_tokenizer: Any =
     last (the byte-fallback pieces come first in a SentencePiece vocabulary)."""
 
     def index(tb: TokenBytes, tok: Any = None) -> dict[bytes, int]:
-        out: dict[bytes, int] = {}
+        by_piece: dict[bytes, list[int]] = {}
         for i in range(len(tb)):
             if not tb.special[i] and tb.lengths[i] > 0:
-                out.setdefault(tb.piece(i), []).append(i)  # type: ignore[attr-defined]
+                by_piece.setdefault(tb.piece(i), []).append(i)
         chosen = {}
-        for piece, ids in out.items():
+        for piece, ids in by_piece.items():
             pick = ids[-1]
             if len(ids) > 1 and tok is not None:
                 try:
