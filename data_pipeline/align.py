@@ -299,9 +299,11 @@ class Aligner:
             if total == size + 1 and self.student.piece(ids[0])[:1] == b" " and not text.startswith(" "):
                 ends = np.maximum(ends - 1, 0)  # the dummy-prefix space is not in the text
             elif total != size:
+                name = getattr(self.tok, "name_or_path", "") or type(self.tok).__name__
                 raise DataError(
-                    f"the student's tokenizer does not reproduce the text byte for byte ({total} bytes from "
-                    f"{size}; a normalizer?): {text[:60]!r}"
+                    f"the student's tokenizer {name} does not reproduce the text byte for byte ({total} bytes "
+                    f"from {size}; a normalizer? cross-tokenizer reading needs one that keeps the text): "
+                    f"{text[:60]!r}"
                 )
             s_ids.extend(int(i) for i in ids)
             s_start.extend(int(start + e) for e in np.concatenate([[0], ends[:-1]]))

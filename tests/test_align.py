@@ -194,3 +194,18 @@ def test_real_tokenizers_aligned_positions_share_their_text(real_tokenizers, dir
             assert out["topk_ids"][r, s, 0] == row[t]
             assert out["aligned"][r, s]
     assert out["teacher_positions"].tolist() == [L - 1, L - 1]
+
+
+def test_a_student_tokenizer_that_rewrites_the_text_is_refused_by_name():
+    class Collapsing(Pieces):  # a normalizer that folds runs of spaces: other bytes than the record's
+        name_or_path = "/models/collapsing"
+
+        def __call__(self, texts, add_special_tokens=False):
+            return super().__call__([t.replace("  ", " ") for t in texts])
+
+    teacher = Pieces([b"a", b" "])
+    student = Collapsing([b"a", b" "])
+    with pytest.raises(
+        DataError, match="tokenizer /models/collapsing does not reproduce the text byte for byte"
+    ):
+        _align(teacher, student, [1, 2, 2, 1])
