@@ -5,7 +5,7 @@ teacher's soft labels, beside the same-tokenizer student, on the same records.
 
 --run is a run directory with a finished teacher (teacher/ckpt, teacher/hf) and soft labels (soft_labels/,
 with token_bytes.safetensors). It is never written: each arm trains in its own directory under a temp
-folder (benchmarks/distill.py `arm_config`, `train_arm`: DeepSpeed at world size 1, the run's
+folder (benchmarks/arms.py `arm_config`, `train_arm`: DeepSpeed at world size 1, the run's
 distill settings, the same micro batch, lr and schedule, every arm reading the same soft-label records in
 the same order, so the same text).
 
@@ -20,7 +20,7 @@ Arms (--steps each):
 - `BPE, CE`: the BPE student, alpha 0 (cross-entropy on its own tokens of the same text);
 - `BPE, ULD` and `BPE, hybrid`: `distill.cross_tokenizer=uld|hybrid` at --cross-alpha.
 
-Scored as benchmarks/distill.py scores (`score`: each export loaded whole with its own tokenizer):
+Scored as benchmarks/distill.py scores (benchmarks/arms.py `score`: each export loaded whole with its own tokenizer):
 held-out bits per byte (comparable across tokenizers, unlike perplexity), perplexity (within one
 tokenizer only), bios accuracy and cross-sample contradiction on trained people, generation tokens/s;
 step time (median of perf/step_time_s after --warmup, with the realignment's cost included); the share
@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import distill as bench  # benchmarks/distill.py: this script's folder is on sys.path
+import arms as bench  # benchmarks/arms.py: this script's folder is on sys.path
 import single_rank
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -213,9 +213,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 
-    def f(v, fmt: str) -> str:
-        return "–" if v is None else format(v, fmt)
-
+    f = bench.cell
     print(
         f"\nteacher {result['teacher_tokenizer']}; BPE student {vocab} ids; {run_cfg.student.model}, seq "
         f"{result['seq_len']} × micro {result['micro_batch_size']}, {args.steps} steps per arm on the same "

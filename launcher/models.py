@@ -128,7 +128,7 @@ def check_models(cfg: ExperimentConfig) -> None:
     student = own_tokenizer(cfg.student.model)
     if student is None:
         return  # a preset, or a directory without a tokenizer: it is built with the run's
-    if cfg.distill.cross_tokenizer != "off":
+    if cross_tokenizer(cfg):
         return  # the student keeps its own tokenizer and learns across (data_pipeline/align.py)
     run_tok = tokenizer_dir(cfg)
     across = "set distill.cross_tokenizer=hybrid (or uld) to distil across tokenizers"
@@ -152,7 +152,7 @@ def check_models(cfg: ExperimentConfig) -> None:
 def student_tokenizer_dir(cfg: ExperimentConfig) -> Path:
     """The student's tokenizer: its own (student.model's directory) when distilling across tokenizers
     (distill.cross_tokenizer), else the run's."""
-    if cfg.distill.cross_tokenizer != "off":
+    if cross_tokenizer(cfg):
         own = own_tokenizer(cfg.student.model)
         if own is not None:
             return own
