@@ -1,7 +1,8 @@
 """Llama-style model sizes by name. `tiny` and `tiny-student` are for tests; `*-s` fit the quickstart on 2 CPU cores; larger ones are for GPUs.
 
 Parameters at vocab 2,000 (embeddings untied, counted): tiny 0.15M, tiny-student 0.05M, student-s 1.1M, teacher-s 4.2M,
-student-m 88M, teacher-m 287M, teacher-l 1.12B; a larger vocabulary adds 2 × vocab × hidden.
+student-m 88M, teacher-m 287M, teacher-l 1.12B; a larger vocabulary adds 2 × vocab × hidden. `teacher-10m` and
+`student-3m` are the real-text pair (configs/kjv.yaml): 10.0M and 2.55M (0.25×) parameters at vocab 4,096.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "tiny-student": (12, 32,    1,    2,    2),
     "student-s": (128,   320,   3,    4,    4),
     "teacher-s": (256,   688,   4,    8,    8),
+    "student-3m": (160,  432,   4,    4,    4),
+    "teacher-10m": (320, 864,   6,    5,    5),
     "student-m": (768,   2048,  12,   12,   12),
     "teacher-m": (1024,  2816,  24,   16,   8),
     "teacher-l": (2048,  5504,  24,   16,   8),

@@ -1,0 +1,305 @@
+"""The real-text proving ground, end to end: a teacher that models the King James Bible, measured on whole
+held-out books beside the classical compressors, a student distilled from it and its CE-trained twin.
+
+    apt-get install bible-kjv-text zstd                 # the text; zstd for its compressor row
+    python benchmarks/real_text.py [--out runs/kjv]      # resumable: a finished phase is not redone
+
+Phases (each skipped when its output is complete, so a killed benchmark reruns with the same command):
+1. corpus: benchmarks/kjv_corpus.py into OUT/corpus (59 training books, 7 held out, the fact set);
+2. pre-training: `stablekd run configs/kjv.yaml --stages teacher` on the training books' prose
+   (OUT/pretrain, PRETRAIN overrides);
+3. the teacher: that run continued on mixed.jsonl (prose + the training questions: configs/kjv.yaml,
+   `teacher.init_from=OUT/pretrain`), then its soft labels (`--stages teacher,soft_labels`, OUT/teacher);
+4. the students, on the very same soft-label records in the same order (benchmarks/arms.py: the distill
+   stage's own assembly at world size 1, the same preset, seed, lr and schedule, --student-steps steps):
+   `student` (distill.alpha 1: KD on the sampled soft labels) and `ce_twin` (distill.alpha 0: next-token
+   cross-entropy on the same tokens, no teacher);
+5. scoring every model the same way (exported Hugging Face directories loaded whole, fp32 on CPU):
+   - bits per byte, perplexity and calibration error (ECE) over all of the held-out books;
+   - fact exact match of kind (a) `fact_em_rephrased` (trained facts in a phrasing no training record
+     uses, probe_rephrased.jsonl) with its cross-sample agreement/contradiction (greedy + evaluate.samples
+     answers) and the paraphrase check (evaluate.task_templates), and kind (b) `fact_em_unasked` (facts the
+     prose states that no training question asks, probe_unasked.jsonl): evaluation/task_probe.py, answers
+     cut at data.answer_stop, at most ANSWER_TOKENS new tokens;
+   - rep-2/3/4 and diversity of greedy continuations of evaluate.prefixes held-out prefixes, distinct-2 of
+     their samples (exactly evaluate.max_new_tokens tokens each: evaluation/report.py);
+   - generation tokens/s on one fixed batch;
+   and the compressors' bits per byte on the same held-out text given the training prose
+   (benchmarks/compressors.py).
+Prints the table and writes benchmarks/results/real_text.json (commit, cpu, command, compressors,
+models: arm -> metrics, settings, goals, wall time of each phase).
+
+Goals (issue "a teacher that knows the language"): teacher bits per byte <= 0.8 x the best compressor's;
+student <= ce_twin and <= teacher in bits per byte; student rep-4 <= teacher's; teacher fact_em_rephrased
+>= 0.6 and student's >= 0.95 x the teacher's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import arms as bench  # benchmarks/arms.py: this script's folder is on sys.path
+import compressors
+import kjv_corpus
+import single_rank
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from stablekd.data_pipeline.align import TokenBytes
+from stablekd.data_pipeline.sources import Corpus, resolve_paths
+from stablekd.data_pipeline.stream import eval_batches
+from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.evaluation import report
+from stablekd.evaluation.bios_probe import HFGenerator
+from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
+from stablekd.launcher import rundir
+from stablekd.launcher.config import load_config
+from stablekd.model.build import count_params, export_hf
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "kjv.yaml"
+# Pre-training on the prose alone: 1,600 x 16 x 256 = 6.6M tokens ≈ 5.7 passes of the training books
+PRETRAIN = ["teacher.max_steps=1600", "teacher.lr=2.0e-3", "teacher.warmup_steps=100"]
+ANSWER_TOKENS = 24  # an answer is one line: "an hundred and five years."
+ARMS = {"student": 1.0, "ce_twin": 0.0}  # arm -> distill.alpha
+GOAL_COMPRESSOR_SHARE = 0.8
+GOAL_FACT_EM = 0.6
+GOAL_STUDENT_EM_SHARE = 0.95
+
+
+def stablekd(args: list[str]) -> None:
+    """One `stablekd` command (an argument list), its console on ours; a failure stops the benchmark."""
+    cmd = [sys.executable, "-m", "stablekd.launcher.cli", *args]
+    print("$ stablekd " + " ".join(args), flush=True)
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise SystemExit(f"stablekd {args[0]} failed: see its lines above")
+
+
+def cpu_kind() -> dict:
+    """The CPU's model name and whether it has AMX / AVX512-BF16 (bf16 fast): figures compare within a kind."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    return {
+        "model": name or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+    }
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return out.stdout.strip() + ("+changes" if dirty else "")
+
+
+def as_given(path: Path) -> str:
+    """A path inside the repository relative to it, as a user types it: data paths count in stage hashes
+    verbatim, so a run started by hand with the same command is found done, not redone."""
+    return os.path.relpath(path, REPO) if path.is_relative_to(REPO) else str(path)
+
+
+def data_overrides(corpus: Path, train: str) -> list[str]:
+    return [f"data.paths=[{as_given(corpus / train)}]", f"data.eval_paths=[{as_given(corpus / 'heldout')}]"]
+
+
+def train_students(src: Path, out: Path, steps: int) -> dict[str, dict]:
+    """The KD student and its CE twin on src's soft labels (see the module doc), each exported to
+    OUT/arms/<arm>/student/hf; an arm already exported is not retrained."""
+    info = {}
+    for arm, alpha in ARMS.items():
+        arm_dir = out / "arms" / arm
+        hf = arm_dir / "student" / "hf"
+        summary = arm_dir / "arm.json"
+        if (hf / "config.json").is_file() and summary.is_file():
+            info[arm] = json.loads(summary.read_text())
+            continue
+        shutil.rmtree(arm_dir, ignore_errors=True)  # a half-trained arm is retrained from its start
+        args = SimpleNamespace(alpha=alpha, student="", dtype="")
+        cfg = bench.arm_config(src, arm_dir, args, online=False, extra=["distill.log_every=10"])
+        print(f"[{arm}] distill.alpha={alpha}, {steps} steps", flush=True)
+        trained = bench.train_arm(cfg, "kd", steps)
+        export_hf(trained["result"].engine.module, trained["tokenizer"], hf, trained["zero3"])
+        info[arm] = {
+            "alpha": alpha,
+            "steps": trained["result"].steps,
+            "tokens": trained["result"].tokens,
+            "train_wall_s": trained["wall_s"],
+            "eval_loss": trained["result"].eval_loss,
+            "bf16": trained["bf16"],
+        }
+        summary.write_text(json.dumps(info[arm], indent=1) + "\n")
+        del trained
+        gc.collect()
+    return info
+
+
+def score(hf: Path, cfg, corpus: Path) -> dict[str, float]:
+    """Every metric of the table for one exported model (see the module doc)."""
+    device, dtype = bench.device_dtype()
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=dtype).to(device).eval()
+    tok = load_tokenizer(hf)
+    ecfg = cfg.evaluate
+    gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
+    held = rundir.eval_files(cfg)
+    m: dict[str, float] = {"params": count_params(model)}
+    with torch.inference_mode():
+        batches = eval_batches(held, hf, cfg.data.seq_len, report.PPL_MICRO_BATCH, 10**9, 0, 1)  # all of it
+        ppl = report.perplexity(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+        m.update(ppl=ppl.ppl, ece=ppl.ece, bpb=ppl.bits_per_byte, heldout_tokens=ppl.tokens)
+        answers = dataclasses.replace(ecfg, max_new_tokens=ANSWER_TOKENS)
+        for kind, with_templates in (("rephrased", True), ("unasked", False)):
+            docs = held_out_tasks(Corpus((corpus / f"probe_{kind}.jsonl",)), 10**9)
+            probe_cfg = answers if with_templates else dataclasses.replace(answers, task_templates=[])
+            r = probe_tasks(gen, tok, docs, probe_cfg, cfg.data.answer_stop).metrics
+            m[f"fact_em_{kind}"] = r["task_exact_match"]
+            m[f"fact_agreement_{kind}"] = r["task_agreement"]
+            m[f"fact_contradiction_{kind}"] = r["task_contradiction"]
+            if with_templates:  # kind (a) is the report's task probe: its keys as the report names them
+                m["task_contradiction"] = r["task_contradiction"]
+                m["task_paraphrase_contradiction"] = r["task_paraphrase_contradiction"]
+                m["task_paraphrase_exact_match"] = r["task_paraphrase_exact_match"]
+        prefixes = report.load_prefixes(held, tok, ecfg.prefixes, ecfg.prefix_tokens)
+        m.update(report.degeneration(report.continue_prefixes(gen, prefixes, ecfg)))
+        m["gen_tokens_per_s"] = report.generation_speed(
+            gen, prefixes[: report.SPEED_BATCH], ecfg.max_new_tokens
+        )
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "kjv", help="benchmark directory (resumable)")
+    ap.add_argument("--verses", type=Path, help="`bible -f` output instead of the bible program")
+    ap.add_argument("--student-steps", type=int, default=1200, help="steps of each student arm")
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "real_text.json")
+    args = ap.parse_args()
+    out = args.out.resolve()
+    corpus, pre, teacher = out / "corpus", out / "pretrain", out / "teacher"
+    walls: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    if not (corpus / "manifest.json").is_file():
+        kjv_corpus.build(corpus, kjv_corpus.read_verses(args.verses))
+    walls["corpus_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stablekd(["run", as_given(CONFIG), "--stages", "teacher", f"run.out_dir={as_given(pre)}", *data_overrides(corpus, "train"),
+              *PRETRAIN])  # fmt: skip
+    walls["pretrain_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stablekd(["run", as_given(CONFIG), "--stages", "teacher,soft_labels", f"run.out_dir={as_given(teacher)}",
+              f"teacher.init_from={as_given(pre)}", *data_overrides(corpus, "mixed.jsonl")])  # fmt: skip
+    walls["finetune_and_labels_s"] = time.perf_counter() - t0
+
+    single_rank.start(29541)
+    hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    students = train_students(teacher, out, args.student_steps)
+    walls["students_s"] = time.perf_counter() - t0
+
+    cfg = load_config(teacher / "config.yaml")
+    exports = {
+        "teacher_pretrained": pre / "teacher" / "hf",
+        "teacher": teacher / "teacher" / "hf",
+        "ce_twin": out / "arms" / "ce_twin" / "student" / "hf",
+        "student": out / "arms" / "student" / "student" / "hf",
+    }
+    t0 = time.perf_counter()
+    models = {}
+    for arm, hf in exports.items():
+        print(f"scoring {arm}", flush=True)
+        models[arm] = score(hf, cfg, corpus)
+    walls["scoring_s"] = time.perf_counter() - t0
+    train_text = compressors.read_text([corpus / "train"])
+    held_text = compressors.read_text(resolve_paths([corpus / "heldout"]))
+    comp = compressors.conditional_bits_per_byte(train_text, held_text)
+
+    best = min(comp.values())
+    t, s, c = models["teacher"], models["student"], models["ce_twin"]
+    goals = {
+        f"teacher bpb <= {GOAL_COMPRESSOR_SHARE} x best compressor ({best:.3f})": t["bpb"] <= GOAL_COMPRESSOR_SHARE * best,
+        "student bpb <= ce_twin bpb": s["bpb"] <= c["bpb"],
+        "student bpb <= teacher bpb": s["bpb"] <= t["bpb"],
+        "student rep-4 <= teacher rep-4": s["rep_4"] <= t["rep_4"],
+        f"teacher fact_em_rephrased >= {GOAL_FACT_EM}": t["fact_em_rephrased"] >= GOAL_FACT_EM,
+        f"student fact_em_rephrased >= {GOAL_STUDENT_EM_SHARE} x teacher's": (
+            s["fact_em_rephrased"] >= GOAL_STUDENT_EM_SHARE * t["fact_em_rephrased"]
+        ),
+    }  # fmt: skip
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    result = {
+        "commit": commit(),
+        "cpu": cpu_kind(),
+        "command": "python benchmarks/real_text.py " + " ".join(sys.argv[1:]),
+        "compressors": comp,
+        "models": models,
+        "students": students,
+        "settings": {
+            "config": str(CONFIG.relative_to(REPO)),
+            "pretrain_overrides": PRETRAIN,
+            "teacher_model": cfg.teacher.model,
+            "student_model": cfg.student.model,
+            "seq_len": cfg.data.seq_len,
+            "tokenizer_vocab": cfg.tokenizer.vocab_size,
+            "encoding": cfg.soft_labels.encoding,
+            "draws": cfg.soft_labels.draws,
+            "temperature": cfg.soft_labels.temperature,
+            "student_steps": args.student_steps,
+            "heldout_books": manifest["heldout_books"],
+            "heldout_bytes": len(held_text),
+            "facts": manifest["facts"],
+        },
+        "goals": goals,
+        "wall_s": walls,
+        "teacher_done": {
+            name: json.loads((d / "teacher" / "DONE.json").read_text())["produced"]
+            for name, d in (("pretrain", pre), ("finetune", teacher))
+        },  # fmt: skip
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"-> {args.json}")
+
+
+KEYS = [
+    ("params", "parameters", ".3g"), ("bpb", "held-out bits per byte", ".3f"), ("ppl", "perplexity", ".1f"),
+    ("ece", "ECE", ".3f"), ("fact_em_rephrased", "fact EM, (a) rephrased", ".3f"),
+    ("fact_em_unasked", "fact EM, (b) unasked", ".3f"), ("task_contradiction", "contradiction (a), K samples", ".3f"),
+    ("task_paraphrase_contradiction", "paraphrase contradiction (a)", ".3f"),
+    ("rep_2", "rep-2 (%)", ".1f"), ("rep_3", "rep-3 (%)", ".1f"), ("rep_4", "rep-4 (%)", ".1f"),
+    ("distinct_2", "distinct-2", ".3f"), ("gen_tokens_per_s", "generation tokens/s", ".0f"),
+]  # fmt: skip
+
+
+def table(result: dict) -> str:
+    """The Markdown table: one column per model, compressors as the last rows of bits per byte."""
+    arms = list(result["models"])
+    lines = ["| metric | " + " | ".join(arms) + " |", "| --- |" + " ---: |" * len(arms)]
+    for key, label, fmt in KEYS:
+        cells = [bench.cell(result["models"][a].get(key), fmt) for a in arms]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for name, bpb in result["compressors"].items():
+        lines.append(
+            f"| {name} bits per byte (given the training text) | {bpb:.3f} |" + " |" * (len(arms) - 1)
+        )
+    goals = "\n".join(f"- {'met' if ok else 'MISSED'}: {g}" for g, ok in result["goals"].items())
+    return "\n".join(lines) + "\n\n" + goals
+
+
+if __name__ == "__main__":
+    main()
