@@ -14,11 +14,12 @@ import importlib
 import json
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stablekd.data_pipeline.files import read_marker
-from stablekd.launcher import done, models, nodes, placement, prepare, rundir
+from stablekd.launcher import done, models, nodes, placement, prepare, rundir, runlock
 from stablekd.launcher.config import (
     ConfigError,
     ExperimentConfig,
@@ -66,7 +67,12 @@ def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None
     """
     from stablekd.launcher.console import driver_log
 
-    with driver_log(cfg, "pipeline", verbose):
+    # One run per directory: node 0 (the one that prepares it) holds the run directory's lock until its
+    # last stage has ended; the other nodes of a no_ssh launch write only what node 0's launch told them to.
+    with ExitStack() as stack:
+        if not rundir.follower(cfg):
+            stack.enter_context(runlock.hold(cfg.run_dir))
+        stack.enter_context(driver_log(cfg, "pipeline", verbose))
         _run(cfg, stages, verbose)
 
 
