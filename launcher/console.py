@@ -33,7 +33,7 @@ _OURS = re.compile(rf"(?:[\w.-]+: )?(?:stablekd:|\[(?:{'|'.join(NAMES)})\])")
 
 # A rank's line for a full disk (diskspace.full_line): every rank that hits it may print one; the terminal
 # gets the first, once, as the job's failure (supervise.py).
-_DISK_FULL = re.compile(r"(?:[\w.-]+: )?stablekd: \[\w+\] failed: no space left on device")
+_DISK_FULL = re.compile(r"(?:[\w.-]+: )?(stablekd: \[\w+\] failed: no space left on device .*? to resume)")
 
 
 class LogFile:
@@ -114,6 +114,13 @@ class ConsoleFilter:
         self.term.flush()
         self.log.flush()
 
+    def end_bar(self) -> None:
+        """Leave the bar's line (a line printed next starts at column 0 below the bar's last state)."""
+        if self._on_bar:
+            self._show("\n")
+            self.term.flush()
+            self._on_bar = False
+
     def _show(self, text: str) -> None:
         if not self.verbose:  # verbose: feed already wrote everything
             self.term.write(text)
@@ -154,8 +161,8 @@ class ConsoleFilter:
 
     def _line(self, text: str) -> None:
         self.log.write(text + "\n")
-        if _DISK_FULL.match(text):
-            self.disk_full = self.disk_full or text.strip()
+        if m := _DISK_FULL.match(text):
+            self.disk_full = self.disk_full or m[1]
             return
         if self.first_error is None and _ERROR.match(text):
             self.first_error = text.strip()

@@ -186,6 +186,8 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
                 job.proc.wait()
             raise
     for job in jobs:
+        if job.proc.returncode != 0:
+            job.console.end_bar()  # the failure's line below the bar, not appended to it
         if job.proc.returncode != 0 and job.console.disk_full:  # a rank's own line names the file
             raise SystemExit(job.console.disk_full)
         if job.proc.returncode != 0 and _full(

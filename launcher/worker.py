@@ -29,7 +29,9 @@ def main(argv: list[str]) -> None:
     except BaseException as e:
         full = diskspace.disk_full(e, rundir.stage_dir(cfg, stage))
         if full:  # the launching process shows the first such line of any rank, once (console.py)
-            print(diskspace.full_line(stage, full), file=sys.stderr, flush=True)
+            # one write(): print's separate "\n" lets another rank's line land in the middle of this one
+            sys.stderr.write(diskspace.full_line(stage, full) + "\n")
+            sys.stderr.flush()
         # the component's message shortened, then the command that repairs the artifact it refuses, if any
         why = f"{type(e).__name__}: {hints.repair(cfg, e, limit=400)}"
         with suppress(OSError):  # a full disk refuses the status file too: the line above said it
