@@ -5,6 +5,9 @@ incomplete teacher checkpoint, an unfinished upstream stage."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from stablekd.data_pipeline.shards.reader import ShardReader
 from stablekd.data_pipeline.shards.writer import ShardWriter
 from stablekd.launcher import artifacts, data_order, done, hints, rundir
 from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.ranks import status_path
 from tests.conftest import QUICKSTART
 
 
@@ -98,4 +102,20 @@ def test_missing_and_incomplete_teacher_checkpoint(tmp_path):
         artifacts.check_teacher_checkpoint(cfg, "soft_labels")
     assert (
         str(e.value) == f"{ckpt / 'step0000004'}: named in complete.json but missing; {_redo(cfg, 'teacher')}"
+    )
+
+
+def test_a_rank_stopped_after_recording_its_failure_keeps_it(tmp_path):
+    # supervise.py stops a job as soon as one rank records a failure, often while that rank still prints
+    # its traceback: the failure (and its repair command) must survive the SIGTERM.
+    child = (
+        "import os, signal, sys; from stablekd.launcher.ranks import RankStatus\n"
+        "s = RankStatus(sys.argv[1], 'distill', 0); s.end('failed: ShardError: x; to redo it: ...')\n"
+        "os.kill(os.getpid(), signal.SIGTERM)"
+    )
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert (
+        json.loads(status_path(tmp_path, "distill", 0).read_text())["state"]
+        == "failed: ShardError: x; to redo it: ..."
     )
