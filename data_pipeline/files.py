@@ -20,10 +20,15 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
     """
     path = Path(path)
     tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: give back what the temp file took; the old file is untouched
+        tmp.unlink(missing_ok=True)
+        e.filename = e.filename or str(path)  # a failed write() names no file: name the one being written
+        raise
     os.replace(tmp, path)
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.tokenize import tokenizer_hash
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import done, models, placement, rundir
-from stablekd.launcher.config import ExperimentConfig
+from stablekd.launcher import done, hints, models, placement, rundir
+from stablekd.launcher.config import ConfigError, ExperimentConfig
 
 if TYPE_CHECKING:  # annotations only
     import torch
@@ -34,7 +35,11 @@ def check_teacher_checkpoint(cfg: ExperimentConfig, stage: str) -> None:
         rundir.say(
             f"{stage}: the teacher's ZeRO shards are of another world size; made {made} for {world} ranks"
         )
-    checkpoint_source(ckpt, world)
+    try:
+        checkpoint_source(ckpt, world)
+    except ConfigError as e:  # no complete checkpoint: train (resume) it; one named but gone: train it anew
+        fix = hints.finish(cfg, "teacher") if read_marker(ckpt) is None else hints.redo(cfg, "teacher")
+        raise ConfigError(f"{e}; {fix}") from None
 
 
 def sharded_teacher(cfg: ExperimentConfig):  # -> model.sharded_teacher.ShardedTeacher

@@ -102,31 +102,9 @@ def _ds_config(args: argparse.Namespace) -> None:
 
 
 def _estimate(cfg, stage: str) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from stablekd.data_pipeline.tokenize import load_tokenizer
     from stablekd.ds_configs.resolve import estimate
-    from stablekd.model.build import model_config
 
-    # later stages train the student; a teacher continued from a run has that run's shapes
-    name = models.teacher_source(cfg) if stage == "teacher" else cfg.student.model
-    tok_dir = models.tokenizer_dir(cfg)
-    vocab = len(load_tokenizer(tok_dir)) if tok_dir.is_dir() else cfg.tokenizer.vocab_size
-
-    class _Vocab:  # the model's shape needs only the vocabulary size and special ids
-        pad_token_id, bos_token_id, eos_token_id = 0, 2, 3
-
-        def __len__(self) -> int:
-            return vocab
-
-    mcfg = (
-        AutoConfig.from_pretrained(name)
-        if Path(name).is_dir()
-        else model_config(name, _Vocab(), cfg.data.seq_len)
-    )
-    with torch.device("meta"):  # shapes only, no memory
-        model = AutoModelForCausalLM.from_config(mcfg)
+    name, model = models.meta_model(cfg, stage)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     slots = placement.slots(cfg, stage) or placement.pool(cfg)  # distill.include: the student's own slots

@@ -14,7 +14,8 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import TextIO
 
 from stablekd.launcher.config import ExperimentConfig
@@ -30,6 +31,53 @@ _BAR = re.compile(r"[^\r\n]*?(?:\d+%\|[^|\r\n]*\|[^\[\r\n]*|\d+(?:\.\d+)?[kMGT]?
 _OURS = re.compile(rf"(?:[\w.-]+: )?(?:stablekd:|\[(?:{'|'.join(NAMES)})\])")
 
 
+# A rank's line for a full disk (diskspace.full_line): every rank that hits it may print one; the terminal
+# gets the first, once, as the job's failure (supervise.py).
+_DISK_FULL = re.compile(r"(?:[\w.-]+: )?(stablekd: \[\w+\] failed: no space left on device .*? to resume)")
+
+
+class LogFile:
+    """A log the launching process appends to that never raises: a disk that fills while a stage runs
+    must end the stage in one line (supervise.py), not in a traceback of this process's own log writes
+    (buffered writes fail on flush and again on close). After the first failed write it drops what comes;
+    `error` keeps that OSError."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.error = path, None
+        self._f: TextIO | None = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+
+    def _fail(self, e: OSError) -> None:
+        self.error = self.error or e
+        f, self._f = self._f, None
+        with suppress(OSError):
+            f.close()
+
+    def write(self, text: str) -> None:
+        if self._f is not None:
+            try:
+                self._f.write(text)
+            except OSError as e:
+                self._fail(e)
+
+    def flush(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.flush()
+            except OSError as e:
+                self._fail(e)
+
+    def close(self) -> None:
+        self.flush()
+        if self._f is not None:
+            self._f.close()
+
+    def __enter__(self) -> LogFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # The last line of a Python traceback, e.g. "stablekd.launcher.config.ConfigError: distill: ...".
 _ERROR = re.compile(r"(?:\[rank\d+\]:\s*)?[A-Za-z_][\w.]*(?:Error|Exception): \S")
 
@@ -42,6 +90,7 @@ class ConsoleFilter:
     def __init__(self, log: TextIO, term: TextIO, verbose: bool = False) -> None:
         self.log, self.term, self.verbose = log, term, verbose
         self.first_error: str | None = None
+        self.disk_full: str | None = None  # the first rank's line about a full disk
         self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         self._seg = ""  # text since the last \r or \n
         self._lead = "\n"  # the delimiter before it: "\r" starts a bar update
@@ -64,6 +113,13 @@ class ConsoleFilter:
             self._end("\n")
         self.term.flush()
         self.log.flush()
+
+    def end_bar(self) -> None:
+        """Leave the bar's line (a line printed next starts at column 0 below the bar's last state)."""
+        if self._on_bar:
+            self._show("\n")
+            self.term.flush()
+            self._on_bar = False
 
     def _show(self, text: str) -> None:
         if not self.verbose:  # verbose: feed already wrote everything
@@ -105,6 +161,9 @@ class ConsoleFilter:
 
     def _line(self, text: str) -> None:
         self.log.write(text + "\n")
+        if m := _DISK_FULL.match(text):
+            self.disk_full = self.disk_full or m[1]
+            return
         if self.first_error is None and _ERROR.match(text):
             self.first_error = text.strip()
         if _OURS.match(text):
@@ -210,7 +269,7 @@ def driver_log(cfg: ExperimentConfig, name: str, verbose: bool = False) -> Itera
         return
     log = log_path(cfg, name)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as f:
+    with LogFile(log) as f:
         f.write(
             f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {name} in the launching process (pid {os.getpid()})\n"
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stablekd.data_pipeline.files import atomic_write, read_marker
-from stablekd.launcher import rundir
+from stablekd.launcher import hints, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.stages import spec
 
@@ -102,7 +102,8 @@ def check(cfg: ExperimentConfig, stage: str) -> None:
         if diff:
             raise ConfigError(
                 f"{stage}: cannot resume {path.parent} on other data: {'; '.join(diff)}. These fix which "
-                f"samples come next ({path}); restore them, or start over in a new run.out_dir"
+                f"samples come next ({path}); restore them, use a new run.out_dir, or "
+                f"{hints.redo(cfg, stage, hints.SAME_COMMAND)}"
             )
 
 

@@ -11,7 +11,7 @@ import json
 import time
 
 from stablekd.data_pipeline.files import atomic_write
-from stablekd.launcher import rundir
+from stablekd.launcher import hints, rundir
 from stablekd.launcher.config import HASH_SCHEMA, ConfigError, ExperimentConfig, changed, config_hash
 from stablekd.launcher.stages import NAMES, spec
 
@@ -75,7 +75,7 @@ def is_done(cfg: ExperimentConfig, stage: str, ds: dict | None = None) -> bool:
             return False
         raise ConfigError(
             f"{path}: stage {stage} finished with another config (hash {done}, now {now}); use a new "
-            f"run.out_dir, or delete {path.parent} to redo it"
+            f"run.out_dir, or {hints.redo(cfg, stage, hints.SAME_COMMAND)}"
         )
     return True
 
@@ -102,8 +102,7 @@ def check_upstream(cfg: ExperimentConfig, stage: str) -> None:
     """In the launching process, before any rank starts: every stage `stage` reads has finished with the
     config it would have now (its DONE.json carries `stage_hash`), as the driver judges a stage done. A
     checkpoint alone is not enough: a stage killed (or still running) after its last checkpoint has no
-    DONE.json. A ConfigError names the DONE.json and the command that finishes that stage."""
-    finish = f"`stablekd stage {{s}} CONFIG run.out_dir={cfg.run_dir}`"
+    DONE.json. A ConfigError names the DONE.json and the command that finishes or redoes that stage."""
     for s, required in upstream(cfg, stage).items():
         path = rundir.done_path(cfg, s)
         if not path.exists():
@@ -111,14 +110,14 @@ def check_upstream(cfg: ExperimentConfig, stage: str) -> None:
                 continue
             raise ConfigError(
                 f"{stage}: {path} missing: stage {s} has not finished (killed, still running or never "
-                f"started); run {finish.format(s=s)} to finish it"
+                f"started); {hints.finish(cfg, s)}"
             )
         done, now = done_hash(cfg, s), stage_hash(cfg, s)
         if done != now:
             raise ConfigError(
                 f"{stage}: {path} has config hash {done}, but stage {s} would have {now} with this config "
                 f"(its section, data, tokenizer, seed, DeepSpeed JSON or an earlier stage changed): use the "
-                f"config it finished with, or redo {s} in a new run.out_dir"
+                f"config it finished with, or {hints.redo(cfg, s)}"
             )
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from stablekd.data_pipeline.files import atomic_write, read_marker
+from stablekd.launcher import hints
 from stablekd.launcher.config import ConfigError, TrainConfig
 from stablekd.launcher.monitor import Monitor, measure_peak_flops, peak_memory_bytes
 from stablekd.launcher.stages import spec
@@ -178,12 +179,14 @@ def _resume(engine: Any, stage: Stage, ckpt_dir: Path, cfg_hash: str) -> tuple[i
     if marker["world_size"] != world:
         raise ConfigError(
             f"{ckpt_dir}: checkpoint {marker['tag']} was written by {marker['world_size']} ranks, this job has {world}; "
-            f"resume with the same launch.nproc_per_node × nodes (the data position is per rank)"
+            f"resume with the same launch.nproc_per_node × nodes (the data position is per rank), or "
+            f"to redo it: delete {ckpt_dir.parent} and {hints.SAME_COMMAND}"
         )
     if marker["config_hash"] != cfg_hash:
         raise ConfigError(
             f"{ckpt_dir}: checkpoint {marker['tag']} was made with another {stage.name} config "
-            f"(hash {marker['config_hash']}, now {cfg_hash}); use a new run.out_dir or delete {ckpt_dir}"
+            f"(hash {marker['config_hash']}, now {cfg_hash}); use a new run.out_dir, or to redo it: delete "
+            f"{ckpt_dir} and {hints.SAME_COMMAND}"
         )
     engine.load_checkpoint(str(ckpt_dir), tag=marker["tag"])
     own = torch.load(ckpt_dir / marker["tag"] / f"stablekd_rank{dist.get_rank():05d}.pt", weights_only=True)

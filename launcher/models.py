@@ -73,6 +73,34 @@ def teacher_init_checkpoint(cfg: ExperimentConfig) -> Path | None:
     return Path(cfg.teacher.init_from) / spec("teacher").ckpt_dir
 
 
+def meta_model(cfg: ExperimentConfig, stage: str):  # -> (name, torch.nn.Module on the meta device)
+    """The model a training stage trains, built on the meta device (shapes only, no memory): the teacher
+    (a teacher continued from a run has that run's shapes) or, for later stages, the student."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stablekd.data_pipeline.tokenize import load_tokenizer
+    from stablekd.model.build import model_config
+
+    name = teacher_source(cfg) if stage == "teacher" else cfg.student.model
+    tok_dir = tokenizer_dir(cfg)
+    vocab = len(load_tokenizer(tok_dir)) if tok_dir.is_dir() else cfg.tokenizer.vocab_size
+
+    class _Vocab:  # the model's shape needs only the vocabulary size and special ids
+        pad_token_id, bos_token_id, eos_token_id = 0, 2, 3
+
+        def __len__(self) -> int:
+            return vocab
+
+    mcfg = (
+        AutoConfig.from_pretrained(name)
+        if Path(name).is_dir()
+        else model_config(name, _Vocab(), cfg.data.seq_len)
+    )
+    with torch.device("meta"):
+        return name, AutoModelForCausalLM.from_config(mcfg)
+
+
 def describe_tokenizer(path: Path) -> str:
     """`path (N tokens, hash 0123abcd)` for messages that compare tokenizers."""
     from stablekd.data_pipeline.tokenize import load_tokenizer  # transformers: only on this error path

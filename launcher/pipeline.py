@@ -10,15 +10,18 @@ one line when a stage starts and one when it ends (wall time, headline figures o
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stablekd.data_pipeline.files import read_marker
-from stablekd.launcher import done, models, nodes, placement, prepare, rundir
+from stablekd.data_pipeline.shards.format import ShardError
+from stablekd.launcher import diskspace, done, hints, models, nodes, placement, prepare, rundir, runlock
 from stablekd.launcher.config import (
     ConfigError,
     ExperimentConfig,
@@ -66,8 +69,21 @@ def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None
     """
     from stablekd.launcher.console import driver_log
 
-    with driver_log(cfg, "pipeline", verbose):
-        _run(cfg, stages, verbose)
+    # One run per directory: node 0 (the one that prepares it) holds the run directory's lock until its
+    # last stage has ended; the other nodes of a no_ssh launch write only what node 0's launch told them to.
+    at = {"stage": "prepare"}  # what this process was doing, for a full disk's one line
+    try:
+        with ExitStack() as stack:
+            if not rundir.follower(cfg):
+                stack.enter_context(runlock.hold(cfg.run_dir))
+            stack.enter_context(driver_log(cfg, "pipeline", verbose))
+            _run(cfg, stages, verbose, at)
+    except (
+        OSError
+    ) as e:  # this process's own writes: config.yaml, corpus, tokenizer, data_order.json, DONE.json
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SystemExit(diskspace.full_line(at["stage"], e.filename or cfg.run_dir)) from None
 
 
 def _groups(cfg: ExperimentConfig, stages: list[str]) -> list[list[str]]:
@@ -81,7 +97,7 @@ def _groups(cfg: ExperimentConfig, stages: list[str]) -> list[list[str]]:
     ]
 
 
-def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
+def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool, at: dict) -> None:
     from stablekd.launcher import data_order
     from stablekd.launcher.console import driver_log
 
@@ -108,15 +124,20 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool) -> None:
         if done.is_done(cfg, stage):
             rundir.say(f"{stage}: done already ({rundir.done_path(cfg, stage)}), skipped")
             return False
-        done.check_upstream(
-            cfg, stage
-        )  # what it reads finished with this config (DONE.json), before any rank
+        # what it reads finished with this config (DONE.json), before any rank
+        done.check_upstream(cfg, stage)
+        if not follower:  # node 0 checks the shared run directory's filesystem for every node
+            diskspace.check(cfg, stage)
         module = importlib.import_module(spec(stage).module)
         if hasattr(module, "preflight"):
-            module.preflight(cfg)  # what the previous stage left, checked before any rank starts
+            try:  # what the previous stage left, checked before any rank starts
+                module.preflight(cfg)
+            except ShardError as e:  # a shard or manifest it refuses: the command that redoes it
+                raise ConfigError(hints.repair(cfg, e)) from None
         return True
 
     for group in _groups(cfg, stages):
+        at["stage"] = group[0]
         todo = [stage for stage in group if ready(stage)]
         if not todo:
             continue

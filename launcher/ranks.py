@@ -31,6 +31,7 @@ class RankStatus:
         self.path = status_path(run_dir, stage, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.info = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        self.ended = False
         self._write("running")
         signal.signal(signal.SIGTERM, self._stopped)
 
@@ -38,11 +39,15 @@ class RankStatus:
         atomic_write(self.path, json.dumps({**self.info, "state": state, "at": time.time()}))
 
     def _stopped(self, signum, frame) -> None:
-        self._write("stopped")
+        # A rank that recorded its failure is stopped by the launcher as soon as it is seen (supervise.py),
+        # often while it still prints its traceback: "stopped" must not overwrite the failure it names.
+        if not self.ended:
+            self._write("stopped")
         os._exit(128 + signum)  # as the launcher asks: no wait on collectives that will never complete
 
     def end(self, state: str) -> None:
         self._write(state)
+        self.ended = True
 
 
 def _statuses(run_dir: Path, stage: str, since: float) -> list[dict]:

@@ -5,6 +5,7 @@ forward SIGTERM); a stale torch extension build lock fails a stage before any ra
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import shlex
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import psutil
 
-from stablekd.launcher import launch, placement, ranks
+from stablekd.launcher import diskspace, launch, placement, ranks
 from stablekd.launcher.config import ExperimentConfig
-from stablekd.launcher.console import ConsoleFilter, SideBySide
+from stablekd.launcher.console import ConsoleFilter, LogFile, SideBySide
 from stablekd.launcher.stages import NAMES
 
 # A torch extension build (DeepSpeed's cpu_adam for ZeRO offload, its fused Adam on GPU) holds its lock file
@@ -134,6 +135,10 @@ def _pump(jobs: list[_Job]) -> None:
         job.console.feed(b"", final=True)
 
 
+def _full(e: OSError | None) -> bool:
+    return e is not None and e.errno == errno.ENOSPC
+
+
 def run_stage(cfg: ExperimentConfig, stage: str, verbose: bool = False) -> float:
     """Run the stage's job to its end (its wall seconds); its output goes through a ConsoleFilter into logs/<stage>.log."""
     return run_stages(cfg, [stage], verbose)[stage]
@@ -167,7 +172,7 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
                 cmd = launch.runner_command(cfg, stage)
                 log = launch.log_path(cfg, stage)
                 log.parent.mkdir(parents=True, exist_ok=True)
-                f = stack.enter_context(open(log, "a", encoding="utf-8"))  # a resumed stage appends
+                f = stack.enter_context(LogFile(log))  # a resumed stage appends
                 f.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(cmd)}\n")
                 console = ConsoleFilter(f, shared.lane(i) if shared else sys.stderr, verbose)
                 # One pipe for stdout and stderr keeps the order in which a rank wrote its lines and bars.
@@ -182,11 +187,20 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
             raise
     for job in jobs:
         if job.proc.returncode != 0:
+            job.console.end_bar()  # the failure's line below the bar, not appended to it
+        if job.proc.returncode != 0 and job.console.disk_full:  # a rank's own line names the file
+            raise SystemExit(job.console.disk_full)
+        if job.proc.returncode != 0 and _full(
+            job.console.log.error
+        ):  # this process's log could not be written
+            raise SystemExit(diskspace.full_line(job.stage, job.log))
+        if job.proc.returncode != 0:
             slots = placement.slots(cfg, job.stage) or placement.pool(cfg)  # where its ranks ran
             lost = ranks.lost(cfg.run_dir, job.stage, started, slots)
             why = lost or job.console.first_error
+            # the log first: `why` may end with the command that repairs what the stage refused
             raise SystemExit(
-                f"stablekd: stage {job.stage} failed (exit {job.proc.returncode}){f': {why}' if why else ''}; "
-                f"full output: {job.log}"
+                f"stablekd: stage {job.stage} failed (exit {job.proc.returncode}; full output: {job.log})"
+                + (f": {why}" if why else "")
             )
     return {job.stage: job.ended - t0 for job in jobs}

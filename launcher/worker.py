@@ -7,8 +7,10 @@ import os
 import sys
 import traceback
 import warnings
+from contextlib import suppress
 from pathlib import Path
 
+from stablekd.launcher import diskspace, hints, rundir
 from stablekd.launcher.config import load_config
 from stablekd.launcher.ranks import RankStatus
 
@@ -20,16 +22,27 @@ def main(argv: list[str]) -> None:
         "ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
     cfg = load_config(Path(run_dir) / "config.yaml")
-    status = RankStatus(cfg.run_dir, stage, int(os.environ["RANK"]))  # set by DeepSpeed's launcher
+    status = None
     try:
+        status = RankStatus(cfg.run_dir, stage, int(os.environ["RANK"]))  # set by DeepSpeed's launcher
         importlib.import_module(f"stablekd.launcher.stages.{stage}").run(cfg)
     except BaseException as e:
-        status.end(f"failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}")
+        full = diskspace.disk_full(e, rundir.stage_dir(cfg, stage))
+        if full:  # the launching process shows the first such line of any rank, once (console.py)
+            # one write(): print's separate "\n" lets another rank's line land in the middle of this one
+            sys.stderr.write(diskspace.full_line(stage, full) + "\n")
+            sys.stderr.flush()
+        # the component's message shortened, then the command that repairs the artifact it refuses, if any
+        why = f"{type(e).__name__}: {hints.repair(cfg, e, limit=400)}"
+        with suppress(OSError):  # a full disk refuses the status file too: the line above said it
+            if status:
+                status.end(f"failed: {why}")
         traceback.print_exc()
         # Leave at once: an ordinary exit would wait for the broken process group's pending work, one
         # launch.timeout_s per queued collective, before the launcher can end the job.
         leave(1)
-    status.end("done")
+    with suppress(OSError):  # done, whatever the status file: the job's exit status says it
+        status.end("done")
     leave(0)
 
 

@@ -57,9 +57,7 @@ def checkpoint_source(ckpt_dir: Path, world_size: int) -> tuple[dict, str, bool]
     """
     marker = read_marker(ckpt_dir)
     if marker is None:
-        raise ConfigError(
-            f"{ckpt_dir}/complete.json: missing: no complete teacher checkpoint; run `stablekd stage teacher` first"
-        )
+        raise ConfigError(f"{ckpt_dir}/complete.json: missing: no complete teacher checkpoint")
     tag, saved = marker["tag"], int(marker["world_size"])
     if not (ckpt_dir / tag).is_dir():
         raise ConfigError(f"{ckpt_dir / tag}: named in complete.json but missing")

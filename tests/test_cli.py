@@ -139,7 +139,7 @@ def test_failed_job_prints_its_error_and_log(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         supervise.run_stage(cfg, "teacher")
     log = tmp_path / "logs" / "teacher.log"
-    assert str(e.value) == f"stablekd: stage teacher failed (exit 1): ValueError: boom; full output: {log}"
+    assert str(e.value) == f"stablekd: stage teacher failed (exit 1; full output: {log}): ValueError: boom"
     err = capsys.readouterr().err
     assert "stablekd: evaluate: one line of ours" in err and "Traceback" not in err
     assert log.read_text().startswith("=== ") and "Traceback" in log.read_text()

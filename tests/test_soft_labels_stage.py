@@ -301,8 +301,12 @@ def test_preflight_without_teacher(tmp_path):
     from stablekd.launcher.stages.soft_labels import preflight
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"run.out_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="run `stablekd stage teacher` first"):
+    with pytest.raises(ConfigError) as e:
         preflight(cfg)
+    assert str(e.value) == (
+        f"{tmp_path / 'teacher' / 'ckpt'}/complete.json: missing: no complete teacher checkpoint; "
+        f"run `stablekd stage teacher {tmp_path / 'config.yaml'}` to finish it"
+    )
 
 
 def test_rank_quota_and_rows():

@@ -49,7 +49,7 @@ def test_teacher_with_checkpoint_but_no_done_is_refused(stage, tmp_path):
         done.check_upstream(cfg, stage)
     msg = str(e.value)
     assert str(cfg.run_dir / "teacher" / "DONE.json") in msg and "missing" in msg
-    assert f"run `stablekd stage teacher CONFIG run.out_dir={cfg.run_dir}` to finish it" in msg
+    assert msg.endswith(f"; run `stablekd stage teacher {cfg.run_dir / 'config.yaml'}` to finish it")
     _done(cfg, "teacher")
     done.check_upstream(cfg, stage)  # finished now: accepted
 

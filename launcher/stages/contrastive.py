@@ -61,7 +61,7 @@ from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import artifacts, done, engine, models, rundir
+from stablekd.launcher import artifacts, done, engine, hints, models, rundir
 from stablekd.launcher.config import ConfigError, ContrastiveConfig, ExperimentConfig
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.objectives.contrastive import (
@@ -81,7 +81,10 @@ def preflight(cfg: ExperimentConfig) -> None:
     """The distilled student and the candidate groups exist and match this run's tokenizer."""
     hf = rundir.stage_dir(cfg, "distill") / "hf"
     if not (hf / "config.json").is_file():
-        raise ConfigError(f"{hf}: missing: run `stablekd stage distill` first (with distill.export_hf=true)")
+        raise ConfigError(
+            f"{hf}: missing (distill exports it with distill.export_hf=true); "
+            + hints.redo(cfg, "distill", f"run `{hints.command(cfg, 'distill')} distill.export_hf=true`")
+        )
     cand = rundir.stage_dir(cfg, "soft_labels") / "candidates"
     meta = read_manifest(cand, CANDIDATES, {"tokenizer_hash": tokenizer_hash(models.tokenizer_dir(cfg))})[
         "meta"

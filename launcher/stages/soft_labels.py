@@ -56,7 +56,7 @@ from stablekd.data_pipeline.soft_labels import (
 )
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.data_pipeline.tokenize import tokenizer_hash
-from stablekd.launcher import artifacts, done, engine, models, rundir
+from stablekd.launcher import artifacts, done, engine, hints, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.monitor import Monitor
 from stablekd.model.build import pad_id
@@ -69,7 +69,8 @@ def preflight(cfg: ExperimentConfig) -> None:
     artifacts.check_teacher_checkpoint(cfg, "soft_labels")
     if not rundir.ds_path(cfg, "teacher").is_file():
         raise ConfigError(
-            f"{cfg.run_dir / 'ds' / 'teacher.json'}: missing; run `stablekd stage teacher` first"
+            f"{rundir.ds_path(cfg, 'teacher')}: missing (written when the teacher stage starts); "
+            f"{hints.finish(cfg, 'teacher')}"
         )
 
 
