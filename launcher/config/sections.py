@@ -34,7 +34,7 @@ class LaunchConfig:
     )
     launcher: str = _f("pdsh", "multi-node launcher of the deepspeed runner: pdsh, openmpi, mvapich, slurm")
     no_ssh: bool = _f(
-        False, "start each node yourself (`stablekd launch` on every node with launch.node_rank)"
+        False, "start each node yourself (`stablekd run`/`stage` on every node with launch.node_rank)"
     )
     node_rank: int = _f(-1, "this node's rank with launch.no_ssh")
     master_addr: str = _f("", "address of the first node (multi-node); empty = runner default")

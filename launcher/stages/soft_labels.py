@@ -95,7 +95,7 @@ def _rows(
         seen += ids.shape[0]
 
 
-# A top-k/top-p set keeping less of the teacher's mass than this leaves the student a biased tail (README,
+# A top-k/top-p set keeping less of the teacher's mass than this leaves the student a biased tail (docs/results.md,
 # soft-label encodings: on KJV prose top-8 kept 0.56 and its student was 136 % worse than full logits).
 LOW_MASS = 0.9
 
