@@ -1,6 +1,6 @@
 """What a run's models and tokenizer are built from, and the checks that they fit together.
 
-One key per model (DESIGN §1): `teacher.model` / `student.model` is a preset or a local Hugging Face
+One key per model: `teacher.model` / `student.model` is a preset or a local Hugging Face
 directory of any causal-LM architecture. A directory that holds its own tokenizer (`tokenizer.json` or
 `tokenizer.model`) brings it: the teacher's is then the run's tokenizer (unless `tokenizer.path` names
 another) and no SentencePiece is trained. `teacher.init_from` continues a previous stablekd run: its

@@ -106,7 +106,7 @@ class DataConfig:
         "regular expression that ends the answer in a response (default: the first line or sentence): "
         "what the task probe compares and the contrastive stage labels candidate groups by",
     )
-    bios: BiosConfig = _sub(BiosConfig, "the built-in synthetic biographies corpus (DESIGN §6)")
+    bios: BiosConfig = _sub(BiosConfig, "the built-in synthetic biographies corpus")
     seq_len: int = _f(128, "tokens per packed training sequence")
     num_workers: int = _f(0, "dataloader workers per rank (tokenization runs in them)")
 
