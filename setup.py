@@ -1,4 +1,4 @@
-"""Install the top-level folders as one `stablekd.*` namespace (DESIGN §2).
+"""Install the top-level folders as one `stablekd.*` namespace (docs/architecture.md, Code layout).
 
 `pip install -e .` and `pip install .` both work; imports read `from stablekd.model import build`.
 torch is a plain range: on a CPU-only machine install the CPU wheel first (README), on a GPU node

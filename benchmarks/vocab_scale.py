@@ -1,6 +1,6 @@
 """Large vocabularies: peak memory and step time of a KD step vs a cross-entropy step, per vocabulary size.
 
-    python benchmarks/vocab_scale.py [--vocabs 32000 128000 152064] [--steps 3] [--tokens 512] [--micro 4]
+    python benchmarks/vocab_scale.py [--vocabs 32000 128000 152064] [--steps 5] [--tokens 512] [--micro 4]
 
 A Llama-style student of hidden 256 (2 layers, untied head: 2·V·256 embedding parameters) trains on
 micro-batches of 4 × 512 tokens with torch AdamW, one process. Arms, each in a fresh process so its
@@ -103,7 +103,7 @@ def one_arm(arm: str, vocab: int, steps: int, micro: int, tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128000, 152064])
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)

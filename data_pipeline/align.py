@@ -1,4 +1,4 @@
-"""Cross-tokenizer alignment (DESIGN §5): the bytes every token id stands for, and the positions of two
+"""Cross-tokenizer alignment: the bytes every token id stands for, and the positions of two
 tokenizations of one text whose token boundaries coincide.
 
 A soft-label record holds teacher ids; its text is the concatenation of their bytes (`TokenBytes`, stored

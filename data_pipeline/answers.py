@@ -1,5 +1,5 @@
 """Answers in generated text: where an answer ends, its normal form, and labels of candidate groups by a
-reference response or by the teacher's majority answer (DESIGN §5).
+reference response or by the teacher's majority answer (docs/architecture.md, Contrastive).
 
 The answer of a continuation is its text up to the first match of `data.answer_stop` (default: the first
 line or the first sentence), normalised (`normalize`: case, runs of whitespace, punctuation at either end),

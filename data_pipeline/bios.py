@@ -1,4 +1,4 @@
-"""The built-in corpus: synthetic biographies after bioS ("Physics of Language Models" 3.1), DESIGN §6.
+"""The built-in corpus: synthetic biographies after bioS ("Physics of Language Models" 3.1).
 
 Every person has a three-part name (first, middle, last; unique over trained and unseen people) and six
 attributes. A biography is one line: one sentence per attribute, each sentence drawn from that
@@ -183,7 +183,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# No leakage (DESIGN §7): the questions a training stage asks (contrastive candidate contexts) use the
+# No leakage: the questions a training stage asks (contrastive candidate contexts) use the
 # even-numbered templates of an attribute, the report's bios probe the odd-numbered ones, so the probe
 # scores phrasings no stage was trained to answer as a question. (Biographies use every template.)
 CONTEXT_TEMPLATES: tuple[int, ...] = (0, 2, 4, 6)

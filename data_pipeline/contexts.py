@@ -71,7 +71,7 @@ def bios_contexts(people: Sequence[Person], n: int, seed: int) -> list[tuple[str
             template = rng.choice([t for t in TEMPLATES[attribute] if t.startswith("{name}")])
             prompt = bio_prompt(person)
         else:
-            t = rng.choice(CONTEXT_TEMPLATES)  # never a probe template (DESIGN §7)
+            t = rng.choice(CONTEXT_TEMPLATES)  # never a probe template (no leakage)
             template, prompt = TEMPLATES[attribute][t], probe_prompts(person, attribute)[t]
         first = render(template, person.name, person.value(attribute))
         rest = _sentences(rng, person, skip=attribute)

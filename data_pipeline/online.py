@@ -1,6 +1,6 @@
 """Online soft labels: the encoded distribution of a teacher running inside the consuming job, batch by batch.
 
-For data too big to store as shards (DESIGN §1, "online: in the same job"). `OnlineSoftLabels` has the
+For data too big to store as shards (`distill.online`). `OnlineSoftLabels` has the
 interface of `Decoded(ShardLoader(soft_label_reader(...)), meta)`: iterate it for decoded batches
 (encodings.decode: input_ids, loss_mask, and topk_ids / topk_logprobs or sample_ids / sample_weights)
 

@@ -1,4 +1,4 @@
-"""The soft-label shard format: manifest meta, the writer and the reader (DESIGN §4).
+"""The soft-label shard format: manifest meta, the writer and the reader (docs/architecture.md, Soft labels).
 
 One record = one training sequence of `seq_len` tokens: `input_ids` (uint16 when the vocabulary fits, else
 int32), `loss_mask` (uint8: 1 where the token is learned, 0 where it is context, the prompt of a task

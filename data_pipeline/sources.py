@@ -1,5 +1,5 @@
 """Read user corpora: `.txt` / `.jsonl` (field `text`, or task records: data_pipeline/tasks.py) files, optionally gzipped, named as files,
-directories or glob patterns (DESIGN §6, `data.paths`), as documents and splits.
+directories or glob patterns (`data.paths`), as documents and splits.
 
 A `Corpus` says what a reader sees: its files, what one document of a `.txt` file is (`text_unit`:
 paragraph, line or file; a `.jsonl` record is always one document), and which split (all, train, eval).

@@ -1,4 +1,4 @@
-"""Task data (DESIGN §1): `.jsonl` records that say what a model is asked and what it should answer.
+"""Task data: `.jsonl` records that say what a model is asked and what it should answer.
 
 A record of a `.jsonl` file in `data.paths` is one of
 - `{"text": ...}`: a document; every token is learned (the corpus format);

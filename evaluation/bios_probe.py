@@ -1,4 +1,4 @@
-"""The bios probe (DESIGN §7): ask a model about people of the built-in corpus and count exactly.
+"""The bios probe (docs/architecture.md): ask a model about people of the built-in corpus and count exactly.
 
 A question is one (person, attribute) with one of the attribute's probe prompts ("Anna Rosa Abbott was
 born in"). Each question gets 1 greedy + K sampled answers of `ANSWER_TOKENS` tokens, parsed with the
@@ -168,7 +168,7 @@ def build_questions(people: Sequence[Person], max_prompts: int, seed: int) -> li
     rng = random.Random(seed)
     pairs = [(p, a) for p in people for a in ATTRIBUTES]
     rng.shuffle(pairs)
-    # Probe templates only: no training stage asks with them (DESIGN §7, bios.PROBE_TEMPLATES).
+    # Probe templates only: no training stage asks with them (bios.PROBE_TEMPLATES).
     return [
         Question(p, a, bios.probe_prompts(p, a)[rng.choice(bios.PROBE_TEMPLATES)])
         for p, a in pairs[:max_prompts]

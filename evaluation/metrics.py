@@ -1,4 +1,4 @@
-"""Stability metrics (DESIGN §7): pure functions on texts, parsed answers and embeddings. No model, no I/O.
+"""Stability metrics: pure functions on texts, parsed answers and embeddings. No model, no I/O.
 
 Answer lists (`answers[i]` = the K answers to question i, as `bios.parse_answer` returns them):
 index 0 is the greedy answer, the rest are samples. `None` means "no recognisable value". The rule,

@@ -1,4 +1,4 @@
-"""Perplexity, degeneration, coherence and efficiency of one model, and the report of all of them (DESIGN §7).
+"""Perplexity, degeneration, coherence and efficiency of one model, and the report of all of them.
 
 The pieces take a model (or a `TextGenerator`) and return numbers; `launcher/stages/evaluate.py` wires
 them for every model of a run and calls `write_report`.

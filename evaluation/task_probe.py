@@ -1,4 +1,4 @@
-"""The task probe: how a model answers held-out task prompts (prompt/response or chat records, DESIGN §7).
+"""The task probe: how a model answers held-out task prompts (prompt/response or chat records).
 
 Per held-out task record: its prompt (what precedes the first learned span, rendered as training renders
 it: the tokenizer's chat template for chat records where it has one) is answered once greedily and K times

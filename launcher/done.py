@@ -1,4 +1,4 @@
-"""A stage's config hash, its DONE.json and the upstream checks (DESIGN §1, §4).
+"""A stage's config hash, its DONE.json and the upstream checks (docs/architecture.md, The run directory).
 
 A stage whose DONE.json carries the hash it would have now is done (skipped); a training stage finished
 with another config is refused (its checkpoints would mix); a stage starts only when every stage it reads

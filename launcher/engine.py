@@ -3,7 +3,7 @@
 A stage supplies a `Stage` (its model, its stateful batch stream, its loss as named summed terms and the
 count each term is divided by); this module owns everything else. Read `train` top to bottom.
 
-Loss normalisation (DESIGN §5), for terms with different denominators: a loss has terms t (e.g. "kd"
+Loss normalisation (docs/architecture.md) for terms with different denominators: a loss has terms t (e.g. "kd"
 and "ce" over tokens, "infonce" over anchors) with weights w_t. Before the forwards, each term's count
 is summed over the step's micro-batches on every rank: N_t (one all-reduce). The objective is
 
@@ -95,7 +95,7 @@ def setup_distributed(threads_per_rank: int, timeout_s: float = 1800.0) -> tuple
     `timeout_s` (launch.timeout_s) bounds every collective: a rank whose peer died or hangs fails with an
     error after it instead of waiting forever (NCCL: with its async error handling, on by default)."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-    # Ranks on one node share its cores: more threads than cores/ranks oversubscribes (DESIGN §9).
+    # Ranks on one node share its cores: more threads than cores/ranks oversubscribes (docs/multinode.md).
     torch.set_num_threads(threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's CPU shared-memory all-reduce op serves only inference_all_reduce (tensor-parallel
@@ -135,7 +135,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-# DeepSpeed's save is neither atomic nor barriered (DESIGN §9): every save goes to a fresh tag, then
+# DeepSpeed's save is neither atomic nor barriered: every save goes to a fresh tag, then
 # after a barrier rank 0 names it in complete.json (temp file + os.replace). A tag not named there is
 # never loaded; older tags are deleted only once a newer one is complete.
 

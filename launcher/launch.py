@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 def threads_per_rank(cfg: ExperimentConfig) -> int:
-    """Cores ÷ local ranks unless set: two ranks each taking every core run at half speed (DESIGN §9)."""
+    """Cores ÷ local ranks unless set: two ranks each taking every core run at half speed."""
     return cfg.launch.threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
 
 
@@ -95,7 +95,7 @@ def display_command(cfg: ExperimentConfig, stage: str) -> str:
 def write_deepspeed_env(cfg: ExperimentConfig, env: dict[str, str]) -> Path:
     """Environment for ranks on other nodes (the runner exports it through pdsh/mpirun).
 
-    `KEY=VALUE` lines only: the runner crashes on comments (DESIGN §8).
+    `KEY=VALUE` lines only: the runner crashes on comments.
     """
     keep = {
         k: v

@@ -1,6 +1,6 @@
 """What a run's models and tokenizer are built from, and the checks that they fit together.
 
-One key per model (DESIGN §1): `teacher.model` / `student.model` is a preset or a local Hugging Face
+One key per model: `teacher.model` / `student.model` is a preset or a local Hugging Face
 directory of any causal-LM architecture. A directory that holds its own tokenizer (`tokenizer.json` or
 `tokenizer.model`) brings it: the teacher's is then the run's tokenizer (unless `tokenizer.path` names
 another) and no SentencePiece is trained. `teacher.init_from` continues a previous stablekd run: its
@@ -9,7 +9,7 @@ tokenizer, its model source and its ZeRO checkpoint.
 Vocabulary rule (objectives/distill.py states it for the losses): the run's ids are 0 .. len(tokenizer) − 1.
 A model may have more embedding rows (released checkpoints pad: Qwen2.5-7B has 152,064 rows for a
 tokenizer of 151,665); those rows are never stored, compared or counted. Two models can learn from each
-other when their tokenizers are the same by content (`model.tokenizer.tokenizer_hash`), whatever their
+other when their tokenizers are the same by content (`data_pipeline.tokenize.tokenizer_hash`), whatever their
 row counts.
 
 Used by the driver (preparation, dry run), stage preflights and ranks; imports no stage and not the driver.

@@ -1,6 +1,6 @@
 """Stage order, run-directory layout, preparation (corpus, tokenizer, DeepSpeed JSON), DONE.json skip/resume.
 
-Layout (DESIGN §4): runs/<name>/{config.yaml, ds/<stage>.json, data/, tokenizer/, teacher/, tb/<stage>/,
+Layout: runs/<name>/{config.yaml, ds/<stage>.json, data/, tokenizer/, teacher/, tb/<stage>/,
 logs/<stage>.log}. A stage whose DONE.json carries the current config hash is skipped; one with a
 checkpoint but no DONE.json resumes (the training loop finds its last complete checkpoint); a stage
 starts only when every stage it reads (registry `needs`/`uses`) has such a DONE.json. `run` says

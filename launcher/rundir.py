@@ -1,4 +1,4 @@
-"""Paths of a run directory and what its stages read (DESIGN §4), for the driver and the ranks alike.
+"""Paths of a run directory (docs/architecture.md) and what its stages read, for the driver and ranks alike.
 
     runs/<name>/{config.yaml, ds/<stage>.json, data/, tokenizer/, <stage dir>/{ckpt/, hf/, DONE.json},
                  tb/<stage>/, logs/<stage>.log}

@@ -5,7 +5,7 @@ through `HfDeepSpeedConfig`, so each rank only ever holds its partition), makes 
 the teacher's resolved JSON (`ds/teacher.json`) and loads the checkpoint tag named in
 `teacher/ckpt/complete.json`.
 
-What DeepSpeed 0.19.8 does with a ZeRO-3 training checkpoint (checked here; DESIGN §9):
+What DeepSpeed 0.19.8 does with a ZeRO-3 training checkpoint (checked here):
 - `load_checkpoint(dir, tag, load_module_only=True)` returns the tag's path and raises nothing, but loads
   no weights: the module state in `zero_pp_rank_*_model_states.pt` holds size-0 placeholders for every
   partitioned parameter, and the fp32 partitions are never read. The model stays as initialised.
@@ -14,7 +14,7 @@ What DeepSpeed 0.19.8 does with a ZeRO-3 training checkpoint (checked here; DESI
 - `load_checkpoint(dir, tag)` with optimizer states (the default) reads only this rank's
   `*zero_pp_rank_<r>_*optim_states.pt`, copies its fp32 partition into the optimizer and the bf16/fp32
   module partition: the real weights, partitioned. That is the call used here; an optimizer must be
-  configured (an engine without one fails, DESIGN §9). The Adam moments it restores are dropped right
+  configured (an engine without one fails). The Adam moments it restores are dropped right
   after, and two checks make a silent no-load impossible: the engine's restored `global_steps` must equal
   the marker's step, and this rank's parameter partition must have changed.
 - Another world size: the rigid load above refuses it. A universal checkpoint (`ds_to_universal`) loads
@@ -109,7 +109,7 @@ def inference_ds_config(teacher_ds: dict, world_size: int, universal: bool) -> d
     """The teacher's resolved DeepSpeed JSON, made valid for this job.
 
     Kept: ZeRO stage and partitioning, dtype, the optimizer (loading a ZeRO-3 training checkpoint needs
-    one, DESIGN §9; it never steps). Changed: train_batch_size = micro × accum × this world (DeepSpeed
+    one; it never steps). Changed: train_batch_size = micro × accum × this world (DeepSpeed
     checks the product), no DeepSpeed TensorBoard (it would write into the teacher's log directory),
     load_universal for a universal checkpoint.
     """
@@ -170,7 +170,7 @@ class ShardedTeacher:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """`generate` under ZeRO-3: synced_gpus keeps each rank forwarding until every rank has finished
-        (ranks may differ in batch size and max_new_tokens, not in the number of calls: DESIGN §9)."""
+        (ranks may differ in batch size and max_new_tokens, not in the number of calls)."""
         synced = self.zero3 and dist.get_world_size() > 1
         with torch.no_grad():
             return self.engine.module.generate(

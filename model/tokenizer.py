@@ -1,6 +1,6 @@
 """SentencePiece tokenizer: train on the corpus, save as a directory `AutoTokenizer` loads.
 
-transformers 5.x: `LlamaTokenizer(vocab_file=...)` silently tokenizes to nothing (DESIGN §9), so the
+transformers 5.x: `LlamaTokenizer(vocab_file=...)` silently tokenizes to nothing, so the
 directory holds the SentencePiece model as `tokenizer.model` and is always loaded through
 `AutoTokenizer.from_pretrained` (data_pipeline/tokenize.py, which also encodes with it for every stage).
 """

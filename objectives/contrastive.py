@@ -1,4 +1,4 @@
-"""Contrastive objectives over candidate groups (DESIGN §5): multi-positive InfoNCE and its scorers.
+"""Contrastive objectives on candidate groups (docs/architecture.md): multi-positive InfoNCE and its scorers.
 
 A batch holds B contexts × G teacher-sampled continuations each (`data_pipeline/candidates.py`,
 `candidate_batch`: [B, G, W] teacher-forced rows, flattened here to N = B·G rows). Each row is an anchor;

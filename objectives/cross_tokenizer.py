@@ -1,4 +1,4 @@
-"""Distillation across tokenizers: a student whose vocabulary is not the teacher's (DESIGN §5).
+"""Distillation across tokenizers: a student whose vocabulary is not the teacher's (docs/architecture.md).
 
 Conventions (the rest as objectives/distill.py states them):
 

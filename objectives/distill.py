@@ -1,6 +1,6 @@
 """Knowledge-distillation losses: a student's logits against a teacher's full logits or top-k soft labels.
 
-DESIGN §5, conventions stated once here:
+Conventions, stated once here (docs/architecture.md, Loss conventions, summarises them):
 
 - Alignment. ``student_logits[:, t]`` (B, T, V) predicts token t+1, and the teacher input at position t
   is the teacher's distribution over that same token t+1. The counted tokens are

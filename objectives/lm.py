@@ -1,6 +1,6 @@
 """Causal LM cross-entropy as (sum, count), so the caller can divide by the *global* token count.
 
-DESIGN §5: positions labelled -100 count for nothing; the mean is over counted tokens of the global
+Positions labelled -100 count for nothing; the mean is over counted tokens of the global
 batch (all micro-batches of a step on all ranks), so neither accumulation nor world size changes the scale.
 """
 

@@ -139,7 +139,7 @@ def test_embedding_scorer_with_simctg(student, tmp_path):
 
 
 def test_contexts_never_ask_what_the_probe_asks():
-    """DESIGN §7: training contexts and the report's probe use disjoint question templates, and the
+    """No leakage: training contexts and the report's probe use disjoint question templates, and the
     unseen people are never a context."""
     corpus = bios.generate(30, 2, 1, 10, seed=5)
     contexts = {prompt for prompt, _, _ in bios_contexts(corpus.people, 400, seed=0)}

@@ -1,6 +1,6 @@
 """KD divergences (objectives/distill.py) against a naive float64 reference written with Python loops.
 
-The reference below re-derives everything from the conventions in DESIGN §5: position t of the logits
+The reference below re-derives everything from objectives/distill.py's conventions: position t of the logits
 predicts labels[t + 1]; a top-k teacher is compared on k+1 bins (the ids + a tail bin); every divergence
 is multiplied by T²; a KL term whose left side has zero mass is 0, and one whose right side has zero
 mass is dropped (instead of +inf).
@@ -160,7 +160,7 @@ def test_full_logits_match_reference(kind, dtype, rtol):
 
 @pytest.mark.parametrize(
     "ids_dtype, lp_dtype",
-    # int32/float64, and the shard format of DESIGN §4: uint16 ids, float16 log-probs
+    # int32/float64, and the shard format (docs/architecture.md, Soft labels): uint16 ids, float16 log-probs
     [(torch.int64, torch.float32), (torch.int32, torch.float64), (torch.uint16, torch.float16)],
 )
 @pytest.mark.parametrize("kind", DIVERGENCES)

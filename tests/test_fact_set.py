@@ -1,5 +1,5 @@
 """The Genesis fact set (tests/data/genesis_facts/): real facts from the KJV text, questions a user would
-bring, and no leakage of a held-out question into anything a model trains on (DESIGN §7)."""
+bring, and no leakage of a held-out question into anything a model trains on."""
 
 from __future__ import annotations
 

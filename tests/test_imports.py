@@ -1,4 +1,4 @@
-"""The house rules of DESIGN §2, read from the code's own import statements (no module is imported):
+"""The one-way dependency rule (docs/architecture.md), read from the import statements (nothing is imported):
 
 - no cycle among modules through their module-level imports;
 - no cycle among packages through any import, lazy ones inside functions included;

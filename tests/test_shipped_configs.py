@@ -1,6 +1,6 @@
 """Every experiment YAML in configs/ loads, names presets that exist (or, configs/hf.yaml, the model
 directories given on its command line), and each of its training stages' DeepSpeed JSONs resolves and
-passes DeepSpeed's own config class at world size 2 (STYLE 7); `stablekd run configs/hf.yaml --dry-run`
+passes DeepSpeed's own config class at world size 2; `stablekd run configs/hf.yaml --dry-run`
 passes on model directories built here."""
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def run(tmp_path_factory):
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     ckpt = cfg.run_dir / "teacher" / "ckpt"
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000002", "step0000004"]
-    # A `latest` naming the older tag: DeepSpeed falls back on it in some load paths (DESIGN §9); the
+    # A `latest` naming the older tag: DeepSpeed falls back on it in some load paths; the
     # stage must load the tag complete.json names (step4), which the equivalence test below checks.
     (ckpt / "latest").write_text("step0000002")
 

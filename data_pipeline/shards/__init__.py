@@ -1,4 +1,4 @@
-"""Shard + manifest mechanics shared by the soft-label and candidate formats (DESIGN §4).
+"""Shard + manifest mechanics shared by the soft-label and candidate formats (docs/architecture.md).
 
 On disk, one directory per artifact:
 

@@ -34,7 +34,7 @@ class LaunchConfig:
     )
     launcher: str = _f("pdsh", "multi-node launcher of the deepspeed runner: pdsh, openmpi, mvapich, slurm")
     no_ssh: bool = _f(
-        False, "start each node yourself (`stablekd launch` on every node with launch.node_rank)"
+        False, "start each node yourself (`stablekd run`/`stage` on every node with launch.node_rank)"
     )
     node_rank: int = _f(-1, "this node's rank with launch.no_ssh")
     master_addr: str = _f("", "address of the first node (multi-node); empty = runner default")
@@ -106,7 +106,7 @@ class DataConfig:
         "regular expression that ends the answer in a response (default: the first line or sentence): "
         "what the task probe compares and the contrastive stage labels candidate groups by",
     )
-    bios: BiosConfig = _sub(BiosConfig, "the built-in synthetic biographies corpus (DESIGN §6)")
+    bios: BiosConfig = _sub(BiosConfig, "the built-in synthetic biographies corpus")
     seq_len: int = _f(128, "tokens per packed training sequence")
     num_workers: int = _f(0, "dataloader workers per rank (tokenization runs in them)")
 

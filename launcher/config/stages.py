@@ -51,7 +51,7 @@ class SoftLabelsConfig:
     draws: int = _f(
         8,
         "sampled: ids drawn per token (stored unique, with counts): 8 is 27 bytes/token; the default "
-        "encoding, chosen from benchmarks/soft_label_encodings.py (README: top-k is biased on real text)",
+        "encoding, chosen from benchmarks/soft_label_encodings.py (docs/results.md: top-k is biased on real text)",
     )
     proposal_temperature: float = _f(
         0.0, "sampled: draw from softmax(logits / this) and store importance weights; 0 = the teacher at T"
@@ -115,7 +115,8 @@ class StudentConfig:
         "student-s",
         "student preset (model/presets.py; student-s is ~1/4 of teacher-s, tiny-student ~1/4 of tiny) or a "
         "local Hugging Face directory of any causal-LM architecture with the run's tokenizer (the same by "
-        "content when it brings one; any number of padded embedding rows)",
+        "content when it brings one; any number of padded embedding rows), or with its own tokenizer through "
+        "distill.cross_tokenizer=uld|hybrid",
     )
 
     def __post_init__(self) -> None:

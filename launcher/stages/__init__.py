@@ -1,4 +1,4 @@
-"""The stage registry (DESIGN §2): every fact about a stage, written once.
+"""The stage registry (docs/architecture.md, The stage registry): every fact about a stage, written once.
 
 The pipeline driver (order, skip/resume, where DONE.json lives), the training loop (checkpoint and
 TensorBoard directories), the evaluate stage (which models the report has, in which column order), the

@@ -1,4 +1,4 @@
-"""Stage `contrastive`: the distilled student fine-tuned on candidate groups (DESIGN §5).
+"""Stage `contrastive`: the distilled student fine-tuned on candidate groups (docs/architecture.md).
 
     stablekd stage contrastive configs/quickstart.yaml run.out_dir=runs/quickstart
 
@@ -29,7 +29,7 @@ anchor), since rewarding it would train the model to answer nothing; another con
 anchor's answer is a false negative and leaves the denominator. With labels=none every continuation of
 a context is its positive. How many groups each rule labelled goes into DONE.json (`labels`) and the
 report. Bios contexts ask with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others, and
-on a user corpus it asks held-out records (no leakage, DESIGN §7).
+on a user corpus it asks held-out records (no leakage).
 
 Leaves contrastive/ckpt, contrastive/hf and contrastive/DONE.json. TensorBoard tb/contrastive: train/infonce,
 train/lm, train/pos_sim, train/neg_sim, train/acc1 (a positive scores highest), perf/*.

@@ -1,4 +1,4 @@
-"""Stage `distill`: a smaller student learns from the teacher's top-k soft labels.
+"""Stage `distill`: a smaller student learns from the teacher's soft labels.
 
     stablekd stage distill configs/quickstart.yaml run.out_dir=runs/quickstart
 
@@ -7,10 +7,12 @@ Soft labels come from (`artifacts.open_soft_labels`, one interface):
 - the shards of soft_labels/ (default), in epochs of equal length on every rank;
 - the same shards while the soft_labels stage still writes them (`distill.follow=true`);
 - the sharded ZeRO-3 teacher in this job (`distill.online=true`), loaded from its checkpoint as the
-  soft_labels stage loads it, labelling the looping training stream with the same k and T.
+  soft_labels stage loads it, labelling the looping training stream with the same encoding and T.
 Loss (objectives/kd_losses.py): alpha · KD + (1 − alpha) · CE, each the mean over the counted tokens of the
-global batch (terms "kd" and "ce" of the shared loop); KD is the `distill.kind` divergence on the k + 1
-bins (top-k + tail) at temperature T, × T². Eval loss: next-token cross-entropy on held-out text.
+global batch (terms "kd" and "ce" of the shared loop); KD is at temperature T, × T²: on `sampled` soft
+labels (the default encoding) an unbiased estimate of the forward KL (kind fkl only), on `topk` / `topp`
+the `distill.kind` divergence on the kept ids + one tail bin. Eval loss: next-token cross-entropy on
+held-out text.
 A student with another tokenizer (`distill.cross_tokenizer=uld|hybrid`, student.model a directory with its
 own) reads the same soft labels realigned by text (data_pipeline/align.py: its own tokens and labels, the
 teacher's entries at the positions where token boundaries coincide) and learns ULD or the hybrid there

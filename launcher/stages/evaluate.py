@@ -1,4 +1,4 @@
-"""Stage `evaluate`: the stability and efficiency report of every model the run has (DESIGN §7).
+"""Stage `evaluate`: the stability and efficiency report of every model the run has (docs/architecture.md).
 
 Models are the Hugging Face exports <run>/{teacher,student,contrastive}/hf, whichever exist, each loaded
 whole (fp32 on CPU, bf16 on a GPU) and evaluated with the same prompts and seeds. When every model has

@@ -8,7 +8,7 @@ teacher is loaded from its ZeRO-3 shards rank by rank and must be partitioned as
 (model/sharded_teacher.py). On another number of ranks (distill.include with distill.follow leaves this
 job part of the pool) the launching process first converts the checkpoint to a universal one.
 
-Leaves (DESIGN §4):
+Leaves (docs/architecture.md, File formats):
     soft_labels/           shard-r<rank>-<i>.safetensors + manifest.r<rank>.json while writing, manifest.json
                            when final: per token the token id, its loss mask and what
                            soft_labels.encoding keeps of softmax(logits / T) (topk, topp, sampled;
@@ -96,7 +96,7 @@ def _rows(
         seen += ids.shape[0]
 
 
-# A top-k/top-p set keeping less of the teacher's mass than this leaves the student a biased tail (README,
+# A top-k/top-p set keeping less of the teacher's mass than this leaves the student a biased tail (docs/results.md,
 # soft-label encodings: on KJV prose top-8 kept 0.56 and its student was 136 % worse than full logits).
 LOW_MASS = 0.9
 
@@ -119,7 +119,7 @@ def _fidelity_path(out: Path, rank: int) -> Path:
 def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     """Write this rank's soft-label shards; rank 0 finalizes manifest.json. Returns a summary (same on all ranks).
 
-    Fidelity (DESIGN §4): kept mass and KL(teacher ‖ what the encoding stores + uniform tail),
+    Fidelity: kept mass and KL(teacher ‖ what the encoding stores + uniform tail),
     encodings.fidelity, on up to soft_labels.fidelity_positions positions per rank, one in FIDELITY_RATE of each batch, drawn
     at random, until the budget is spent.
     """
@@ -246,7 +246,7 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
 
     One generate call per max(1, generate_batch_size // M) contexts, each context repeated M times
     ([contexts × M, width] rows, left-padded). Ranks with fewer calls run idle one-token generates so
-    the number of calls matches (synced_gpus needs that, DESIGN §9).
+    the number of calls matches (synced_gpus needs that).
     """
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
     tok = teacher.tokenizer
