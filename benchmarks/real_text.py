@@ -185,10 +185,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "kjv", help="benchmark directory (resumable)")
     ap.add_argument("--verses", type=Path, help="`bible -f` output instead of the bible program")
-    ap.add_argument("--student-steps", type=int, default=1200, help="steps of each student arm")
+    ap.add_argument(
+        "--student-steps", type=int, default=0, help="steps of each student arm (0: distill.max_steps)"
+    )
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "real_text.json")
     args = ap.parse_args()
     out = args.out.resolve()
+    os.chdir(REPO)  # the configs' data paths are relative to the repository
     corpus, pre, teacher = out / "corpus", out / "pretrain", out / "teacher"
     walls: dict[str, float] = {}
 
@@ -208,10 +211,11 @@ def main() -> None:
     single_rank.start(29541)
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    students = train_students(teacher, out, args.student_steps)
+    cfg = load_config(teacher / "config.yaml")
+    steps = args.student_steps or cfg.distill.max_steps
+    students = train_students(teacher, out, steps)
     walls["students_s"] = time.perf_counter() - t0
 
-    cfg = load_config(teacher / "config.yaml")
     exports = {
         "teacher_pretrained": pre / "teacher" / "hf",
         "teacher": teacher / "teacher" / "hf",
@@ -258,7 +262,7 @@ def main() -> None:
             "encoding": cfg.soft_labels.encoding,
             "draws": cfg.soft_labels.draws,
             "temperature": cfg.soft_labels.temperature,
-            "student_steps": args.student_steps,
+            "student_steps": steps,
             "heldout_books": manifest["heldout_books"],
             "heldout_bytes": len(held_text),
             "facts": manifest["facts"],
