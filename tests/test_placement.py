@@ -225,7 +225,8 @@ def test_a_failed_writer_stops_its_reader_and_a_failed_reader_lets_the_writer_fi
     plan.update(soft_labels="fails", distill="reads")
     t0 = time.monotonic()
     with pytest.raises(
-        SystemExit, match=r"stage soft_labels failed \(exit 1\): RuntimeError: teacher shard unreadable"
+        SystemExit,
+        match=r"stage soft_labels failed \(exit 1; full output: \S+\): RuntimeError: teacher shard unreadable",
     ):
         supervise.run_stages(cfg, ["soft_labels", "distill"])
     assert time.monotonic() - t0 < 20  # not the reader's 60 s
@@ -236,6 +237,6 @@ def test_a_failed_writer_stops_its_reader_and_a_failed_reader_lets_the_writer_fi
         time.sleep(0.1)
 
     plan.update(soft_labels="writes", distill="fails")
-    with pytest.raises(SystemExit, match=r"stage distill failed \(exit 1\)"):
+    with pytest.raises(SystemExit, match=r"stage distill failed \(exit 1; full output: \S+\)"):
         supervise.run_stages(cfg, ["soft_labels", "distill"])
     assert (tmp_path / "soft_labels").read_text() == "done"
