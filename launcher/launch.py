@@ -8,6 +8,7 @@ Running the command is launcher/supervise.py's; what of its output reaches the t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import socket
@@ -40,12 +41,13 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     """
     launch, placed = cfg.launch, placement.slots(cfg, stage)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    if placed is None:
+    srun = slurm_runner(cfg)
+    if placed is None and not (srun and not torch.cuda.is_available()):
         cmd += [
             "--num_gpus" if torch.cuda.is_available() else "--num_accelerators",
             str(launch.nproc_per_node),
         ]
-    else:
+    elif placed is not None:
         cmd += ["--include", placement.include_arg(placed)]
     if launch.hostfile:
         cmd += ["--hostfile", launch.hostfile, "--launcher", launch.launcher]
@@ -60,8 +62,23 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     if stage == "distill" and placement.concurrent(cfg) and (launch.master_port or launch.hostfile):
         port += 2  # not soft_labels' port, nor the one above it (a multi-node run's handshake store)
     cmd += ["--master_port", str(port), "--log_level", "warning", "--no_local_rank"]
-    cmd += ["--module", "stablekd.launcher.worker", stage, str(cfg.run_dir)]
+    if srun:
+        # The runner's slurm backend ignores --module (it runs `python -u <script>`), checks ssh to the
+        # first host unless told not to, and turns --num_accelerators into srun's --gpus-per-node (a GPU
+        # request a CPU cluster refuses: "Invalid generic resource"): the hostfile's slots= count instead.
+        worker = importlib.util.find_spec("stablekd.launcher.worker").origin  # its file, without importing it
+        cmd += ["--no_ssh_check", worker, stage, str(cfg.run_dir)]
+    else:
+        cmd += ["--module", "stablekd.launcher.worker", stage, str(cfg.run_dir)]
     return cmd
+
+
+def slurm_runner(cfg: ExperimentConfig) -> bool:
+    """Whether the deepspeed runner starts the ranks itself through srun (launch.launcher=slurm with a
+    hostfile, from inside a Slurm allocation): one `srun -n WORLD python -u worker.py ...`, no per-node
+    DeepSpeed launcher, so the ranks read their numbers from Slurm (worker.slurm_rank_env)."""
+    launch = cfg.launch
+    return bool(launch.hostfile) and launch.launcher == "slurm" and not launch.no_ssh
 
 
 def log_path(cfg: ExperimentConfig, stage: str) -> Path:
@@ -80,6 +97,14 @@ def stage_env(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg))}
     if cfg.launch.hostfile:
         env["DS_ENV_FILE"] = str(deepspeed_env_path(cfg))
+    if slurm_runner(cfg):
+        # The runner hands --master_addr/--master_port to DeepSpeed's per-node launcher only; its srun
+        # passes our environment instead (--export=ALL).
+        cmd = runner_command(cfg, stage)
+        env["MASTER_ADDR"] = (
+            cmd[cmd.index("--master_addr") + 1] if "--master_addr" in cmd else nodes.host_names(cfg)[0]
+        )
+        env["MASTER_PORT"] = cmd[cmd.index("--master_port") + 1]
     elif placement.slots(cfg, stage) is not None and not torch.cuda.is_available():
         # The runner checks --include against this node's slots, which DeepSpeed's CPU accelerator counts
         # from LOCAL_SIZE (else one per NUMA node). Its launcher sets each rank's own LOCAL_SIZE.

@@ -1,22 +1,48 @@
-"""What each rank runs: `python -m stablekd.launcher.worker <stage> <run_dir>` (started by the deepspeed runner)."""
+"""What each rank runs: `python -m stablekd.launcher.worker <stage> <run_dir>` (started by the deepspeed runner),
+or `python -u .../worker.py <stage> <run_dir>` where the runner's slurm backend starts it through srun."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-import traceback
-import warnings
-from contextlib import suppress
-from pathlib import Path
+
+if __name__ == "__main__" and sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a file (the runner's slurm backend): Python put launcher/ first on sys.path, where config/,
+    # models.py, status.py ... would shadow any top-level module of those names.
+    sys.path.pop(0)
+
+import importlib  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from contextlib import suppress  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from stablekd.launcher import diskspace, hints, rundir
 from stablekd.launcher.config import load_config
 from stablekd.launcher.ranks import RankStatus
 
 
+def slurm_rank_env(env: dict[str, str]) -> dict[str, str]:
+    """The variables DeepSpeed's per-node launcher would have set, from Slurm's, for a rank srun started
+    itself (the runner's slurm backend): {} where RANK is set already or this is no Slurm task. Slots are
+    even across hosts (the runner's slurm backend refuses others), so local size = tasks / nodes."""
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return {}
+    local = str(
+        int(env["SLURM_NTASKS"]) // int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    )
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env["SLURM_LOCALID"],
+        "LOCAL_SIZE": local,
+        "LOCAL_WORLD_SIZE": local,
+    }
+
+
 def main(argv: list[str]) -> None:
     stage, run_dir = argv
+    os.environ.update(slurm_rank_env(dict(os.environ)))
     # DeepSpeed 0.19 still calls collectives torch 2.13 deprecated: one warning per call site and rank.
     warnings.filterwarnings(
         "ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning
@@ -24,7 +50,9 @@ def main(argv: list[str]) -> None:
     cfg = load_config(Path(run_dir) / "config.yaml")
     status = None
     try:
-        status = RankStatus(cfg.run_dir, stage, int(os.environ["RANK"]))  # set by DeepSpeed's launcher
+        status = RankStatus(
+            cfg.run_dir, stage, int(os.environ["RANK"])
+        )  # set by DeepSpeed's launcher or from Slurm's
         importlib.import_module(f"stablekd.launcher.stages.{stage}").run(cfg)
     except BaseException as e:
         full = diskspace.disk_full(e, rundir.stage_dir(cfg, stage))

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
+from stablekd.launcher import worker
 from stablekd.launcher.config import load_config
-from stablekd.launcher.launch import runner_command, threads_per_rank, write_deepspeed_env
+from stablekd.launcher.launch import runner_command, stage_env, threads_per_rank, write_deepspeed_env
 from stablekd.launcher.placement import world_size
 from stablekd.launcher.supervise import STALE_BUILD_LOCK_S, run_stage, stale_build_locks
+from stablekd.launcher.worker import slurm_rank_env
 from tests.conftest import QUICKSTART
 
 
@@ -48,6 +52,38 @@ def test_hostfile_and_no_ssh_commands(tmp_path):
         load_config(QUICKSTART, [*common, "launch.no_ssh=true", "launch.node_rank=1"]), "teacher"
     )
     assert per_node[per_node.index("--no_ssh") + 1 : per_node.index("--no_ssh") + 3] == ["--node_rank", "1"]
+
+
+def test_deepspeed_runner_slurm_backend_command_and_rank_environment(tmp_path):
+    """launch.launcher=slurm: the runner's slurm backend runs `srun -n WORLD python -u <script>`, so the
+    worker goes as a file (it ignores --module), ssh is not checked, a CPU run asks srun for no GPUs, and
+    the ranks take their numbers from Slurm and the rendezvous from our environment (tests/test_slurm.py
+    runs it for real)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=2\nnodeB slots=2\n")
+    overrides = [f"run.out_dir={tmp_path}", f"launch.hostfile={hostfile}", "launch.nproc_per_node=2"]
+    overrides += ["launch.launcher=slurm", "launch.master_addr=10.0.0.1", "launch.master_port=29600"]
+    cfg = load_config(QUICKSTART, overrides)
+    cmd = runner_command(cfg, "teacher")
+    assert cmd[cmd.index("--launcher") + 1] == "slurm" and "--no_ssh_check" in cmd and "--module" not in cmd
+    assert cmd[-3:] == [str(Path(worker.__file__)), "teacher", str(tmp_path)]
+    if not torch.cuda.is_available():
+        assert "--num_accelerators" not in cmd  # srun --gpus-per-node 2: "Invalid generic resource"
+    env = stage_env(cfg, "teacher")
+    assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "29600"
+    task = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "2"}
+    assert slurm_rank_env(task) == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+    }
+    assert slurm_rank_env({**task, "RANK": "0"}) == {}  # DeepSpeed's launcher numbered it: left alone
+    pdsh = runner_command(load_config(QUICKSTART, overrides[:3]), "teacher")
+    assert pdsh[-4:-2] == ["--module", "stablekd.launcher.worker"] and "MASTER_ADDR" not in stage_env(
+        load_config(QUICKSTART, overrides[:3]), "teacher"
+    )
 
 
 def test_deepspeed_env_has_no_comments(tmp_path, monkeypatch):
