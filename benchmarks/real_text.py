@@ -290,6 +290,18 @@ KEYS = [
 ]  # fmt: skip
 
 
+def summary(result: dict) -> str:
+    """The README's sentence on this benchmark (tests/test_kjv_corpus.py holds it to the committed JSON)."""
+    m, comp = result["models"], result["compressors"]
+    best = min(comp, key=comp.get)
+    return (
+        f"held-out bits per byte: teacher {m['teacher']['bpb']:.3f} ({best} {comp[best]:.3f}), distilled "
+        f"student {m['student']['bpb']:.3f}, its CE-trained twin {m['ce_twin']['bpb']:.3f}; fact exact match "
+        f"on rephrased questions {m['teacher']['fact_em_rephrased']:.3f} / {m['student']['fact_em_rephrased']:.3f}"
+        f" / {m['ce_twin']['fact_em_rephrased']:.3f}"
+    )
+
+
 def table(result: dict) -> str:
     """The Markdown table: one column per model, compressors as the last rows of bits per byte."""
     arms = list(result["models"])

@@ -130,3 +130,21 @@ def test_compressors_pay_less_for_text_they_have_seen():
     assert set(seen) >= {"xz", "bz2"}
     for name in seen:
         assert seen[name] < 1.0 < 4.0 < unseen[name], (name, seen[name], unseen[name])
+
+
+def test_committed_real_text_results_are_what_the_docs_quote():
+    """docs/results.md's table and the README's sentence are the committed JSON's, not copies that drift."""
+    result = json.loads((ROOT / "benchmarks" / "results" / "real_text.json").read_text())
+    assert set(result) >= {"commit", "cpu", "compressors", "models"}
+    assert set(result["models"]) >= {"teacher", "ce_twin", "student"}
+    for arm in ("teacher", "ce_twin", "student"):
+        assert set(result["models"][arm]) >= {
+            "bpb",
+            "rep_4",
+            "task_contradiction",
+            "fact_em_rephrased",
+            "fact_em_unasked",
+        }
+    real_text = _load("real_text")
+    assert real_text.table(result) in (ROOT / "docs" / "results.md").read_text()
+    assert real_text.summary(result) in (ROOT / "README.md").read_text()
