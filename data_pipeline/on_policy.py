@@ -9,7 +9,8 @@ i (counted from the start of the run) is on-policy when ⌊(i + 1)·λ⌋ > ⌊i
 second one and every rank decides alike. An on-policy micro-batch still draws the source's batch (the
 source advances as it would offline) and uses the first `prompt_tokens` tokens of each of its records as
 prompts: the student continues each by sampling (`sample`, under a seed of (seed, i, rank), so a resumed
-run samples what the uninterrupted one would; the training RNG is left untouched), the teacher scores the
+run samples what the uninterrupted one would; drawn from a generator of its own, so the training RNG,
+CPU and CUDA, is left untouched), the teacher scores the
 whole sequence once (its logits (B, T, V) are the batch's `teacher_logits`, the only copy), and the loss
 counts the generated tokens only: the prompt and what follows a generated EOS are masked.
 
@@ -52,8 +53,9 @@ class OnPolicy:
 
     Args:
         batches: decoded soft-label batches with state_dict/load_state_dict (artifacts.open_soft_labels).
-        sample: prompts (B, P) -> sequences (B, P + N) sampled by the student (N new tokens; rows that end
-            early are padded after their EOS).
+        sample: (prompts (B, P), seed) -> sequences (B, P + N) sampled by the student (N new tokens; rows
+            that end early are padded after their EOS) with a generator of its own seeded by `seed`: neither
+            the global nor any CUDA generator is used or reseeded (launcher/distillation.py `sampler`).
         teacher: `logits(ids)` (B, T) -> (B, T, V) over the run's ids (model.sharded_teacher.ShardedTeacher).
         share: λ in (0, 1]. prompt_tokens: P. seed, rank: what the sampling seed is made of.
         eos_id: the tokenizer's EOS.
@@ -62,7 +64,7 @@ class OnPolicy:
     def __init__(
         self,
         batches: Any,
-        sample: Callable[[torch.Tensor], torch.Tensor],
+        sample: Callable[[torch.Tensor, int], torch.Tensor],
         teacher: Teacher,
         share: float,
         prompt_tokens: int,
@@ -95,9 +97,8 @@ class OnPolicy:
         """The on-policy micro-batch `index` made from the source's `batch` (its records' first tokens)."""
         prompts = batch["input_ids"][:, : self.prompt_tokens].long()
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():  # the loop's RNG (dropout) is not consumed
-            torch.manual_seed(self.seed_of(index))
-            ids = self.sample(prompts).cpu()
+        with torch.no_grad():  # `sample` draws from its own generator: the loop's RNG (dropout) is untouched
+            ids = self.sample(prompts, self.seed_of(index)).cpu()
         t1 = time.perf_counter()
         with torch.no_grad():
             logits = self.teacher.logits(ids)

@@ -29,6 +29,15 @@ from stablekd.data_pipeline.errors import DataError
 from stablekd.data_pipeline.tasks import Document, parse_record
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+# A .jsonl file with more than this share of its records in none of the known forms (or with no usable
+# record at all) is refused before a run starts (`check_records`): one bad record in a large file is noise
+# the readers skip and count, a file written in another schema ("answer" throughout) is a mistake that
+# would otherwise train on nothing of it, or on whatever else the corpus holds.
+MAX_BAD_RECORD_SHARE = 0.10
+RECORD_FORMS = (
+    '"text", "prompt" + "response" (a non-blank response) or "messages" (role/content pairs, one a '
+    "non-blank assistant message)"
+)
 TEXT_UNITS = ("paragraph", "line", "file")
 SPLITS = ("all", "train", "eval")
 _GLOB_CHARS = frozenset("*?[")
@@ -194,6 +203,61 @@ def _lines(path: Path, stats: SourceStats) -> Iterator[str]:
             stats.bad_lines += 1
             continue
         yield line.rstrip("\r\n")
+
+
+def _why_unusable(line: str) -> str | None:
+    """None for a record the readers take (a non-blank document), else what is wrong with it, briefly."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return "not valid JSON"
+    doc = parse_record(record)
+    if doc is not None and doc.text.strip():
+        return None
+    if doc is not None:
+        return "blank text"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    keys = ", ".join(json.dumps(k) for k in list(record)[:6]) + (", ..." if len(record) > 6 else "")
+    return f"keys {keys}" if record else "an empty object"
+
+
+def check_records(path: Path, max_share: float = MAX_BAD_RECORD_SHARE) -> None:
+    """Refuse a `.jsonl` file none of whose records is usable, or more than `max_share` of whose records
+    are in no known form (what `read_documents` skips as bad lines): a DataError of one line naming the
+    file, the first such line and the forms expected. One read of the file, parsing each record once
+    (the launching process runs it before any rank starts: 0.7-1.0 s for 4.2 MB of records measured on
+    a shared 2-core machine; .txt files are not read)."""
+    records = bad = usable = 0
+    first_bad = first_blank = ""
+    stats = SourceStats()  # a truncated .gz ends the file early: the lines before it are still judged
+    for lineno, raw in enumerate(_raw_lines(path, stats), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError:
+            why: str | None = "not UTF-8"
+        else:
+            if not line.strip():
+                continue
+            why = _why_unusable(line)
+        records += 1
+        if why is None:
+            usable += 1
+        elif why == "blank text":  # an empty document, not a malformed one: skipped, refused only if all are
+            first_blank = first_blank or f"line {lineno}: {why}"
+        else:
+            bad += 1
+            first_bad = first_bad or f"line {lineno}: {why}"
+    if records and not usable:
+        raise DataError(
+            f"{path}: no usable record in {records} (first: {first_bad or first_blank}); expected each record "
+            f"to have {RECORD_FORMS}"
+        )
+    if bad > max_share * records:
+        raise DataError(
+            f"{path}: {bad} of {records} records in no known form, more than the {max_share:.0%} allowed "
+            f"(first: {first_bad}); expected {RECORD_FORMS}"
+        )
 
 
 def _jsonl_documents(lines: Iterator[str], stats: SourceStats) -> Iterator[Document]:

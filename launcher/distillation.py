@@ -42,15 +42,42 @@ def teacher_token_bytes(cfg: ExperimentConfig, teacher: Any = None) -> TokenByte
     return TokenBytes.load(path)
 
 
-def sampler(student: torch.nn.Module, tokenizer: Any, cfg: ExperimentConfig, synced: bool) -> Callable:
-    """prompts (B, P) -> the student's sampled continuations (B, P + distill.on_policy_new_tokens): the
-    full distribution at distill.on_policy_temperature (no top-k/top-p cut), in eval mode (no dropout);
-    `synced` (a ZeRO-3 student on several ranks): every rank forwards until all have finished."""
-    d = cfg.distill
-    settings = dict(do_sample=True, temperature=d.on_policy_temperature, top_k=0, top_p=1.0)
-    config = generation_config(student, tokenizer, max_new_tokens=d.on_policy_new_tokens, **settings)
+class GumbelSampling:
+    """A logits processor that makes greedy decoding draw from softmax(scores / temperature) with a
+    torch.Generator of its own (Gumbel-max: argmax(log p + G) is a draw from p), seeded with `seed` on the
+    scores' device at the first step.
 
-    def sample(prompts: torch.Tensor) -> torch.Tensor:
+    Why not generate's own sampling: it draws with torch.multinomial from the global RNG, which only
+    reseeding can make reproducible, and torch.manual_seed reseeds every CUDA generator too (fork_rng
+    with devices=[] restores none of them): the training RNG would be changed. With this, generate runs
+    greedy and touches no global generator. Padded rows and other ids earlier processors set to −inf stay
+    out."""
+
+    def __init__(self, seed: int, temperature: float) -> None:
+        self.seed, self.temperature = seed, temperature
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        lp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        # Exponential(1) draws E: −log E is Gumbel(0, 1); argmax(lp − log E) is a draw from exp(lp).
+        race = torch.empty_like(lp).exponential_(generator=self.generator)
+        return lp - race.log()
+
+
+def sampler(student: torch.nn.Module, tokenizer: Any, cfg: ExperimentConfig, synced: bool) -> Callable:
+    """(prompts (B, P), seed) -> the student's sampled continuations (B, P + distill.on_policy_new_tokens):
+    the full distribution at distill.on_policy_temperature (no top-k/top-p cut), drawn with a generator of
+    its own seeded by `seed` (GumbelSampling: the global and CUDA RNGs are neither used nor reseeded), in
+    eval mode (no dropout); `synced` (a ZeRO-3 student on several ranks): every rank forwards until all
+    have finished."""
+    d = cfg.distill
+    config = generation_config(student, tokenizer, max_new_tokens=d.on_policy_new_tokens, do_sample=False)
+
+    def sample(prompts: torch.Tensor, seed: int) -> torch.Tensor:
+        from transformers import LogitsProcessorList
+
         device = next(student.parameters()).device
         was_training = student.training
         student.eval()
@@ -58,6 +85,7 @@ def sampler(student: torch.nn.Module, tokenizer: Any, cfg: ExperimentConfig, syn
             return student.generate(
                 input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
                 synced_gpus=synced, generation_config=config,
+                logits_processor=LogitsProcessorList([GumbelSampling(seed, d.on_policy_temperature)]),
             )  # fmt: skip
         finally:
             student.train(was_training)

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.errors import DataError
 from stablekd.data_pipeline.files import atomic_write
-from stablekd.data_pipeline.sources import iter_documents, resolve_paths
+from stablekd.data_pipeline.sources import check_records, iter_documents, resolve_paths
 from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher import models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, save_config, to_dict
@@ -20,10 +21,17 @@ from stablekd.launcher.stages import REGISTRY, spec
 
 
 def check_files(cfg: ExperimentConfig) -> None:
-    """Fail before any work when a named file or directory is missing."""
-    for paths in (cfg.data.paths, cfg.data.eval_paths):
-        if paths:
-            resolve_paths(paths)
+    """Fail before any work when a named file or directory is missing, or a `.jsonl` of the corpus is in
+    another schema (data_pipeline/sources.py `check_records`)."""
+    for key, paths in (("data.paths", cfg.data.paths), ("data.eval_paths", cfg.data.eval_paths)):
+        for path in resolve_paths(paths) if paths else []:
+            if path.name.endswith((".jsonl", ".jsonl.gz")):
+                # Here, not on the ranks: a file in another schema would otherwise be skipped record by
+                # record and only counted in the teacher's log after training (one read of each .jsonl).
+                try:
+                    check_records(path)
+                except DataError as e:
+                    raise ConfigError(f"{key}: {e}") from None
     if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_dir():
         raise ConfigError(
             f"tokenizer.path: {cfg.tokenizer.path} is not a directory (expected a tokenizer AutoTokenizer can load)"

@@ -166,6 +166,19 @@ def test_real_tokenizers_spell_the_text_byte_for_byte(real_tokenizers):
     assert vmap[the_sp] == the_bpe  # " the" in both conventions
 
 
+def _spelled(tb: TokenBytes, ids) -> bytes:
+    """The text ids spell, a special as one NUL byte, without the space a SentencePiece tokenizer adds to a
+    document's start (after a special): the only bytes two tokenisations of one text may differ in."""
+    out, doc_start = [], False
+    for i in ids:
+        piece = b"\0" if tb.special[i] else tb.piece(int(i))
+        if doc_start and tb.dummy_prefix and piece[:1] == b" ":
+            piece = piece[1:]
+        doc_start = bool(tb.special[i]) or (doc_start and not piece)
+        out.append(piece)
+    return b"".join(out)
+
+
 @pytest.mark.parametrize("direction", ["sp->bpe", "bpe->sp"])
 def test_real_tokenizers_aligned_positions_share_their_text(real_tokenizers, direction):
     """Every aligned pair has the same text before it on both sides, and most positions align."""
@@ -173,6 +186,7 @@ def test_real_tokenizers_aligned_positions_share_their_text(real_tokenizers, dir
     teacher, student = (sp, bpe) if direction == "sp->bpe" else (bpe, sp)
     tb_t, tb_s = TokenBytes.from_tokenizer(teacher), TokenBytes.from_tokenizer(student)
     docs = [TEXT, *PROSE.read_text().split("\n\n")[5:8]]
+    assert not any(doc[:1].isspace() for doc in docs)  # so a space at a document's start is an added one
     ids: list[int] = []
     for doc in docs:
         ids += teacher(doc, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
@@ -187,9 +201,10 @@ def test_real_tokenizers_aligned_positions_share_their_text(real_tokenizers, dir
         pairs = _pairs(rec)
         assert len(pairs) >= 0.5 * (L - 1)
         for t, s in pairs:
-            t_text = tb_t.text(row[1 : t + 1])  # from token 1: token 0 may hold a partial character
-            s_text = tb_s.text(s_ids[: s + 1])
-            assert s_text.replace(b" ", b"").endswith(t_text.replace(b" ", b"")), (t, s)
+            t_text = _spelled(tb_t, row[1 : t + 1])  # from token 1: token 0 may hold a partial character
+            s_text = _spelled(tb_s, s_ids[: s + 1])
+            # Byte for byte, whitespace included: a space or newline moved is what alignment can get wrong.
+            assert s_text.endswith(t_text), (t, s, s_text[-40:], t_text[-40:])
             # the teacher's entries moved to the student position are the teacher's at t
             assert out["topk_ids"][r, s, 0] == row[t]
             assert out["aligned"][r, s]

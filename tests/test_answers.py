@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from stablekd.data_pipeline.answers import ANSWER_STOP, answer, answer_key, judge_answers, majority, normalize
+from stablekd.data_pipeline.answers import answer, answer_key, judge_answers, majority, normalize
 
 
 def test_an_answer_is_the_first_line_or_sentence_normalised():
@@ -62,7 +62,18 @@ def test_majority_vote_on_hand_made_groups():
 def test_the_default_stop_is_what_the_config_says():
     from stablekd.launcher.config import ConfigError, ExperimentConfig
 
-    assert ExperimentConfig().data.answer_stop == ANSWER_STOP
+    # The config's default ends an answer at the first line or sentence, as its help says, and the
+    # functions' own default (the task probe's, called without a stop) cuts the same texts alike.
+    stop = ExperimentConfig().data.answer_stop
+    cases = {
+        " Enos. He begat Cainan.": "enos",
+        " Enos\nQ: who begat Cainan?": "enos",
+        " Enos! And Seth": "enos",
+        " 3.5 cubits high": "3.5 cubits high",  # a dot inside a number ends no sentence
+        " Enos begat Cainan": "enos begat cainan",
+    }
+    for text, expected in cases.items():
+        assert answer(text, stop=stop) == answer(text) == expected, text
     with pytest.raises(ConfigError, match="answer_stop: not a regular expression"):
         from stablekd.launcher.config import DataConfig
 

@@ -14,11 +14,11 @@ import time
 import pytest
 
 from stablekd.launcher import cli, console, done, launch, pipeline, prepare, rundir, supervise
-from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.config import ConfigError, load_config, save_config
 from stablekd.launcher.monitor import read_scalars
 from stablekd.launcher.stages import NAMES
 from stablekd.launcher.status import format_status, headline, report_table, run_status
-from tests.conftest import QUICKSTART, UPSTREAM, copy_run, run_stablekd
+from tests.conftest import QUICKSTART, REPO, UPSTREAM, copy_run, run_stablekd
 
 
 def test_stages_subset_keeps_pipeline_order(capsys):
@@ -268,3 +268,58 @@ def test_status_of_a_half_finished_run_then_resume_quietly(upstream, tmp_path):
     assert "[teacher] resumed from" in this and "[teacher] resumed from" in out.stderr  # ... ours to both
     assert out.stdout.splitlines()[-1] == f"tensorboard --logdir {run / 'tb'}"
     assert {s.name: s.state for s in run_status(run)}["teacher"] == "done"
+
+
+def test_bad_corpus_input_is_refused_before_anything_starts(tmp_path, capsys):
+    """A .jsonl in another schema stops `run --dry-run` (and `run`: the same check_files) in one line; a
+    data.eval_fraction beside data.eval_paths, and a data.paths override that would inherit a config
+    file's held-out files, are ConfigErrors naming both keys."""
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(40))
+    )
+    prose = tmp_path / "prose.txt"
+    prose.write_text("In the beginning God created the heaven and the earth.\n")
+    base = ["run", str(QUICKSTART), "--dry-run", f"run.out_dir={tmp_path / 'run'}"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main([*base, f"data.paths=[{prose}, {answers}]"])
+    assert e.value.code == 2 and not (tmp_path / "run").exists()
+    assert capsys.readouterr().err.splitlines() == [
+        f'stablekd: error: data.paths: {answers}: no usable record in 40 (first: line 1: keys "question", '
+        '"answer"); expected each record to have "text", "prompt" + "response" (a non-blank response) or '
+        '"messages" (role/content pairs, one a non-blank assistant message)'
+    ]
+    with pytest.raises(ConfigError, match=f"data.eval_paths: {answers}: no usable record"):
+        prepare.check_files(
+            load_config(QUICKSTART, [f"data.paths=[{prose}]", f"data.eval_paths=[{answers}]"])
+        )
+
+    # data.eval_fraction beside data.eval_paths would be ignored: refused, on the command line or in a file.
+    both = [f"data.paths=[{prose}]", f"data.eval_paths=[{prose}]", "data.eval_fraction=0.1"]
+    with pytest.raises(ConfigError, match=r"data\.eval_fraction: 0\.1 given with data\.eval_paths"):
+        load_config(QUICKSTART, both)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"data:\n  paths: [{prose}]\n  eval_paths: [{prose}]\n  eval_fraction: 0\n")
+    with pytest.raises(
+        ConfigError, match=r"exp\.yaml: data\.eval_fraction: 0\.0 given with data\.eval_paths"
+    ):
+        load_config(exp)
+    assert load_config(QUICKSTART, both[:2]).data.eval_fraction == 0.02  # the default: nothing was given
+
+    # configs/corpus.yaml's held-out files are Genesis questions: another data.paths must name its own.
+    corpus = REPO / "configs" / "corpus.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(corpus, [f"data.paths=[{prose}]"])
+    assert "data.paths overridden, but data.eval_paths still names" in str(e.value)
+    assert "tests/data/genesis_facts/heldout.jsonl" in str(e.value) and "'data.eval_paths=[]'" in str(e.value)
+    with pytest.raises(ConfigError, match="data.paths overridden"):
+        load_config(corpus, [f"data.paths=[{prose}]", "data.eval_fraction=0.1"])
+    own = load_config(corpus, [f"data.paths=[{prose}]", f"data.eval_paths=[{prose}]"])
+    share = load_config(corpus, [f"data.paths=[{prose}]", "data.eval_paths=[]", "data.eval_fraction=0.1"])
+    assert (own.data.eval_paths, share.data.eval_paths, share.data.eval_fraction) == ([str(prose)], [], 0.1)
+    genesis = load_config(corpus, [f"run.out_dir={tmp_path / 'g'}"])  # the shipped corpus, as shipped
+    assert genesis.data.eval_paths and genesis.data.paths[0].startswith("tests/data/genesis_facts/")
+    # The ranks reload config.yaml (every key written, nothing overridden): still accepted.
+    save_config(share, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").data == share.data

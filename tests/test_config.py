@@ -25,7 +25,19 @@ def test_quickstart_parses_and_overrides_apply():
             "teacher.lr=1",
         ],
     )
-    assert isinstance(cfg, ExperimentConfig)
+    # Keys no override names keep the YAML's value, not the schema's default (quickstart sets them apart),
+    # in an untouched section and beside an overridden key (data.bios.people) alike.
+    tree, defaults = yaml.safe_load(QUICKSTART.read_text()), ExperimentConfig()
+    kept = {
+        "soft_labels.encoding": (cfg.soft_labels.encoding, defaults.soft_labels.encoding),
+        "soft_labels.k": (cfg.soft_labels.k, defaults.soft_labels.k),
+        "data.bios.bios_per_person": (cfg.data.bios.bios_per_person, defaults.data.bios.bios_per_person),
+    }
+    for key, (got, default) in kept.items():
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        assert got == node != default, key
     assert str(cfg.run_dir) == "runs/t1"
     assert (cfg.launch.nproc_per_node, cfg.teacher.max_steps, cfg.teacher.ds_config) == (4, 200, "zero2.json")
     assert (cfg.teacher.model, cfg.tokenizer.vocab_size, cfg.data.bios.people) == ("tiny", 500, 30)

@@ -9,6 +9,7 @@ all five stages on 2 ranks with such models is tests/test_user_corpus.py.
 
 from __future__ import annotations
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.evaluation.bios_probe import HFGenerator
 from stablekd.launcher import models, prepare
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.model.build import build_model, count_params, flops_per_token, padded_ids
+from stablekd.model.build import build_model, count_params, flops_per_token, generation_config, padded_ids
 from stablekd.objectives.distill import SampledLabels, kd_sum
 from stablekd.objectives.kd_losses import soft_label_loss
 from stablekd.objectives.lm import nll_sum
@@ -69,11 +70,25 @@ def test_any_architecture_trains_on_soft_labels_with_its_padded_rows_cut(arch, t
     if not tied:  # a tied table's padded rows get no gradient through the (cut) head either way
         assert head[TOKENS:].abs().sum() == 0  # padded rows never count
 
-    # Generation never picks a padded row, even when the model prefers them.
-    with torch.no_grad():
-        model.get_output_embeddings().weight[TOKENS:] = model.get_output_embeddings().weight[:1] * 50
-    out = HFGenerator(model, tok, temperature=1.0, top_p=1.0).generate_ids([ids[0, :8].tolist()], 4, False, 8)
-    assert all(0 <= t < TOKENS for sample in out[0] for t in sample)
+    # Generation never picks a padded row, even when the model prefers them: their logits raised far
+    # above every real id's (a hook on the head, so every architecture, tied or biased, gets the same).
+    model.eval()
+    lift = torch.zeros(rows)
+    lift[TOKENS:] = 1e3
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out + lift)
+    prompt = ids[0, :8].tolist()
+    # Control: without the suppression the padded rows win, greedy and sampled, at every step.
+    for greedy in (True, False):
+        settings = dict(do_sample=not greedy, num_return_sequences=1, max_new_tokens=6, min_new_tokens=6)
+        free = generation_config(model, tok, **settings)
+        free.suppress_tokens = None
+        with torch.no_grad():
+            new = model.generate(input_ids=torch.tensor([prompt]), generation_config=free)[0, 8:]
+        assert len(new) == 6 and all(t >= TOKENS for t in new.tolist()), new
+    for greedy, n in ((True, 1), (False, 4)):
+        out = HFGenerator(model, tok, temperature=1.0, top_p=1.0).generate_ids([prompt], n, greedy, 6, 6)
+        assert all(len(sample) == 6 and all(0 <= t < TOKENS for t in sample) for sample in out[0]), out
+    hook.remove()
 
 
 def test_padded_kd_equals_unpadded_on_the_same_logits():
@@ -129,7 +144,14 @@ def test_a_teacher_directory_brings_its_tokenizer_and_a_student_must_share_it(to
     run = [f"run.out_dir={tmp_path / 'run'}", f"teacher.model={teacher}", f"data.paths=[{PROSE}]"]
     cfg = load_config(QUICKSTART, [*run, f"student.model={student}"])
     assert models.tokenizer_dir(cfg) == teacher and not models.trains_tokenizer(cfg)
-    # The same tokenizer saved by another process: other bytes, same content, same hash.
+    # The same tokenizer written another way (as another process or library version would: other key
+    # order, other indentation): other bytes, same content, same hash. Both save_pretrained calls above
+    # wrote identical bytes, so without the rewrite a byte hash would pass too.
+    path = student / "tokenizer.json"
+    parsed = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(reversed(parsed.items())), indent=4, ensure_ascii=True))
+    assert path.read_bytes() != (teacher / "tokenizer.json").read_bytes()
+    assert len(load_tokenizer(student)) == TOKENS  # still a tokenizer the libraries read
     assert tokenizer_hash(student) == tokenizer_hash(teacher)
     prepare.check_files(cfg)
 

@@ -106,6 +106,40 @@ def test_student_samples_teacher_scores_and_a_resume_samples_the_same(parts):
     assert next(it2) is batches[2] and torch.equal(next(it2)["input_ids"], first[3]["input_ids"])
 
 
+def test_sampling_uses_a_generator_of_its_own_and_reseeds_nothing(parts, monkeypatch):
+    """The sample is a function of its seed alone: the global RNG's state neither changes it nor is changed
+    by it, and no global seeding function runs (torch.manual_seed would reseed every CUDA generator of the
+    training RNG, which fork_rng(devices=[]) does not restore; on this CPU machine that call is the trace)."""
+    tok, student, teacher, batches, make = parts
+    sample = make().sample
+    prompts = batches[0]["input_ids"][:, :P]
+    seeding = []
+    for name in ("manual_seed", "seed"):
+        monkeypatch.setattr(torch, name, lambda *a, _n=name: seeding.append(_n))
+    for name in ("manual_seed", "manual_seed_all", "seed", "seed_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name: seeding.append(f"cuda.{_n}"))
+    torch.random.default_generator.manual_seed(1)
+    state = torch.get_rng_state()
+    a = sample(prompts, 11)
+    assert torch.equal(torch.get_rng_state(), state) and seeding == []
+    torch.random.default_generator.manual_seed(2)  # another global state: the same sample
+    assert torch.equal(sample(prompts, 11), a) and not torch.equal(sample(prompts, 12), a)
+    first = [b for _, b in zip(range(2), make(), strict=False)][1]
+    assert seeding == [] and torch.equal(
+        first["input_ids"], sample(batches[1]["input_ids"][:, :P], make().seed_of(1))
+    )
+
+
+def test_gumbel_sampling_draws_from_the_tempered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    draws = 40_000
+    for temperature in (1.0, 2.0):
+        pick = distillation.GumbelSampling(3, temperature)(None, logits.expand(draws, -1)).argmax(-1)
+        freq = torch.bincount(pick, minlength=5) / draws
+        expected = torch.softmax(logits / temperature, -1)
+        assert freq[4] == 0 and torch.allclose(freq, expected, atol=0.01), (temperature, freq, expected)
+
+
 def test_loss_is_kd_sum_on_the_generated_tokens_and_offline_batches_pass_through(parts):
     tok, student, teacher, batches, make = parts
     on = next(b for i, b in zip(range(2), make(), strict=False) if i == 1)

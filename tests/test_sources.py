@@ -3,7 +3,14 @@ import json
 
 import pytest
 
-from stablekd.data_pipeline.sources import Corpus, DataError, SourceStats, iter_documents, resolve_paths
+from stablekd.data_pipeline.sources import (
+    Corpus,
+    DataError,
+    SourceStats,
+    check_records,
+    iter_documents,
+    resolve_paths,
+)
 
 
 def _write(path, data: bytes):
@@ -255,3 +262,40 @@ def test_file_unit_drops_leading_and_trailing_blank_lines_and_splits_by_whole_te
     held = list(iter_documents(Corpus((f,), "file", "eval", 0.5)))
     train = list(iter_documents(Corpus((f,), "file", "train", 0.5)))
     assert sorted([*held, *train]) == ["  first\n\nsecond"] and len(held) + len(train) == 1
+
+
+def test_check_records_refuses_a_jsonl_in_another_schema_or_mostly_bad(tmp_path):
+    forms = '"text", "prompt" + "response"'
+    qa = [json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(30)]
+    with pytest.raises(DataError) as e:
+        check_records(_write(tmp_path / "answers.jsonl", ("\n".join(qa) + "\n").encode()))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'answers.jsonl'}: no usable record in 30 ")
+    assert 'first: line 1: keys "question", "answer"' in msg and forms in msg
+
+    good = [json.dumps({"text": f"doc {i}"}) for i in range(15)]
+    tasks = [
+        json.dumps({"prompt": "Q?", "response": " A."}),
+        json.dumps({"messages": [{"role": "assistant", "content": "x"}]}),
+    ]
+    # 2 bad of 20 records (10 %) pass, 3 of 21 do not; blank lines are no records, blank texts not bad.
+    ok = ["", *good, "  ", qa[0], *tasks, "{not json", json.dumps({"text": ""})]
+    check_records(_write(tmp_path / "ok.jsonl", "\n".join(ok).encode()))
+    bad = [*ok, json.dumps(["text"])]
+    with pytest.raises(DataError) as e:
+        check_records(_write(tmp_path / "bad.jsonl.gz", gzip.compress("\n".join(bad).encode())))
+    assert (
+        '3 of 21 records in no known form, more than the 10% allowed (first: line 18: keys "question", '
+        in str(e.value)
+    )
+    # The readers still skip and count what the check lets through.
+    stats = SourceStats()
+    assert len(list(iter_documents([tmp_path / "ok.jsonl"], stats))) == 17 and stats.bad_lines == 2
+    # Nothing usable at all: undecodable bytes or blank texts only, whatever the share.
+    with pytest.raises(DataError, match=r"no usable record in 2 \(first: line 1: not UTF-8\)"):
+        check_records(_write(tmp_path / "bytes.jsonl", b'\xff{"text": 1}\n{"text": " "}\n'))
+    with pytest.raises(DataError, match=r"no usable record in 1 \(first: line 2: blank text\)"):
+        check_records(_write(tmp_path / "blank.jsonl", b'\n{"text": " "}\n'))
+    check_records(
+        _write(tmp_path / "empty.jsonl", b"")
+    )  # an empty file is counted by the readers, not refused

@@ -185,13 +185,33 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
             raise ConfigError(
                 f"{p}: expected a mapping of sections (run, data, teacher, ...), got {type(tree).__name__}"
             )
+    written = dict(tree.get("data") or {}) if isinstance(tree.get("data"), dict) else {}
+    named = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. teacher.max_steps=200")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        named.add(key.strip())
         source = f"{source} + overrides" if "overrides" not in source else source
+    _check_heldout_follows_paths(written, tree.get("data"), named, source)
     return _build(ExperimentConfig, tree, "", source)
+
+
+def _check_heldout_follows_paths(written: dict, data: Any, named: set[str], source: str) -> None:
+    """A config file's data.eval_paths are the held-out text of *its* data.paths (configs/corpus.yaml:
+    Genesis questions): a command line that replaces data.paths and not data.eval_paths would evaluate the
+    user's corpus on that other corpus's held-out files. Refused, naming both keys; the user names their
+    held-out files, or `data.eval_paths=[]` for a share of their own documents (data.eval_fraction)."""
+    if not (written.get("eval_paths") and isinstance(data, dict)) or named & {"data", "data.eval_paths"}:
+        return
+    if data.get("paths") != written.get("paths"):
+        raise ConfigError(
+            f"{source}: data.paths overridden, but data.eval_paths still names the held-out files the config "
+            f"file gives for its own corpus ({', '.join(map(str, written['eval_paths']))}): give yours too, "
+            "'data.eval_paths=[held/]', or 'data.eval_paths=[]' to hold out a share of data.paths "
+            "(data.eval_fraction)"
+        )
 
 
 def to_dict(cfg: Any) -> dict:

@@ -92,14 +92,16 @@ class DataConfig:
     eval_paths: list[str] = _f(
         [],
         "held-out text for eval loss, perplexity and the report's prefixes; empty = a share of data.paths "
-        "(data.eval_fraction), or the bios held-out biographies",
+        "(data.eval_fraction), or the bios held-out biographies. Set in a config file, it goes with that "
+        "file's data.paths: overriding data.paths on the command line without it is refused",
     )
     eval_fraction: float = _f(
         0.02,
         "with data.paths and no data.eval_paths: share of the documents held out of every training stage "
         "(teacher, tokenizer, soft labels, distill, contrastive) for eval loss, perplexity and report "
         "prefixes, chosen by a hash of each document's text (stable when files are added or reordered; "
-        "identical documents land together); 0 = train on everything and skip eval loss",
+        "identical documents land together); 0 = train on everything and skip eval loss; a value other "
+        "than the default together with data.eval_paths is refused (the files replace the share)",
     )
     answer_stop: str = _f(
         ANSWER_STOP,
@@ -119,6 +121,14 @@ class DataConfig:
             re.compile(self.answer_stop)
         except re.error as e:
             raise ConfigError(f"answer_stop: not a regular expression: {self.answer_stop!r} ({e})") from None
+        # "Given" is told by value: ranks reload config.yaml, which writes every key, so whether the user
+        # wrote the key cannot be; the default written out is what an unset key means anyway.
+        default = type(self).__dataclass_fields__["eval_fraction"].default
+        if self.eval_paths and self.eval_fraction != default:
+            raise ConfigError(
+                f"eval_fraction: {self.eval_fraction} given with data.eval_paths, which replaces the held-out "
+                "share (all of data.paths then trains): give data.eval_paths or data.eval_fraction, not both"
+            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(
                 f"eval_fraction: expected a value in [0, 1) (0 = no held-out share), got {self.eval_fraction}"
