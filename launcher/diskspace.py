@@ -26,6 +26,7 @@ from pathlib import Path
 from stablekd.launcher import models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.stages import spec
+from stablekd.model.presets import PRESETS, param_count
 
 # DeepSpeed checkpoint bytes per parameter: fp32 master (4) + Adam exp_avg (4) + exp_avg_sq (4) + weights (<= 4).
 CKPT_BYTES_PER_PARAM = 16
@@ -58,13 +59,17 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _corpus_tokens(cfg: ExperimentConfig) -> int:
-    """Tokens in one pass of the training files: their bytes × tokens per byte of their first documents."""
+def _corpus_tokens(cfg: ExperimentConfig, bound: bool = False) -> int | None:
+    """Tokens in one pass of the training files: their bytes × tokens per byte of their first documents.
+    bound: at most one token per byte instead, without loading a tokenizer (None for gzipped files, whose
+    size on disk bounds nothing)."""
     from stablekd.data_pipeline.sources import iter_documents
     from stablekd.data_pipeline.tokenize import load_tokenizer
 
     files = rundir.train_files(cfg)
     total = sum(Path(f).stat().st_size for f in files)
+    if bound:
+        return None if any(str(f).endswith(".gz") for f in files) else total
     tok = load_tokenizer(models.tokenizer_dir(cfg))
     sample, tokens = 0, 0
     for doc in iter_documents(files):
@@ -75,19 +80,23 @@ def _corpus_tokens(cfg: ExperimentConfig) -> int:
     return math.ceil(total * tokens / max(1, sample))
 
 
-def soft_labels_bytes(cfg: ExperimentConfig) -> tuple[int, str]:
-    """(estimated bytes, how it was counted) of everything the soft_labels stage writes."""
+def soft_labels_bytes(cfg: ExperimentConfig, bound: bool = False) -> tuple[int, str] | None:
+    """(estimated bytes, how it was counted) of everything the soft_labels stage writes. bound: an upper
+    bound that loads no tokenizer (4-byte ids, one token per corpus byte; None where there is none)."""
     from stablekd.data_pipeline.encodings import schema
     from stablekd.data_pipeline.soft_labels import config_meta
     from stablekd.data_pipeline.tokenize import load_tokenizer
 
     sl, seq_len = cfg.soft_labels, cfg.data.seq_len
-    vocab = len(load_tokenizer(models.tokenizer_dir(cfg)))
+    vocab = 1 << 30 if bound else len(load_tokenizer(models.tokenizer_dir(cfg)))  # 1 << 30: int32 ids
     per_record = sum(
         dt.itemsize * math.prod(shape)
         for dt, shape in schema(config_meta(sl, "", "", vocab, seq_len)).values()
     )
-    records = sl.max_sequences or math.ceil(_corpus_tokens(cfg) / seq_len)
+    tokens = None if sl.max_sequences else _corpus_tokens(cfg, bound)
+    if not sl.max_sequences and tokens is None:
+        return None
+    records = sl.max_sequences or math.ceil(tokens / seq_len)
     groups = sl.candidate_contexts * (sl.candidates_per_context + 1) if sl.candidates else 0
     total = records * per_record + groups * seq_len * 4
     how = (
@@ -97,9 +106,19 @@ def soft_labels_bytes(cfg: ExperimentConfig) -> tuple[int, str]:
     return math.ceil(total * MARGIN), how
 
 
+def _params(cfg: ExperimentConfig, stage: str) -> int:
+    """Parameters of the model a training stage trains: a preset with the run's own SentencePiece
+    vocabulary by arithmetic (building even a meta-device model imports transformers: ~5 s a launch), any
+    other model on the meta device."""
+    name = models.teacher_source(cfg) if stage == "teacher" else cfg.student.model
+    if name in PRESETS and models.trains_tokenizer(cfg):
+        return param_count(name, cfg.tokenizer.vocab_size)
+    return sum(p.numel() for p in models.meta_model(cfg, stage)[1].parameters())
+
+
 def checkpoint_bytes(cfg: ExperimentConfig, stage: str) -> tuple[int, str]:
     """(estimated bytes, how it was counted) of a training stage's checkpoints at their peak, and its export."""
-    params = sum(p.numel() for p in models.meta_model(cfg, stage)[1].parameters())
+    params = _params(cfg, stage)
     section = getattr(cfg, stage)
     tags = section.keep_checkpoints + 1
     total = params * CKPT_BYTES_PER_PARAM * tags + (
@@ -117,14 +136,16 @@ def _mb(n: int) -> str:
 
 def check(cfg: ExperimentConfig, stage: str) -> None:
     """Refuse (ConfigError) a stage whose estimated output does not fit its filesystem's free space."""
+    out = rundir.stage_dir(cfg, stage)
+    free = free_bytes(out)
     if stage == "soft_labels":
-        estimate, how = soft_labels_bytes(cfg)
+        bound = soft_labels_bytes(cfg, bound=True)  # no tokenizer loaded when even the bound fits
+        estimate, how = bound if bound and bound[0] - _size(out) <= free else soft_labels_bytes(cfg)
     elif spec(stage).trains:
         estimate, how = checkpoint_bytes(cfg, stage)
     else:
         return  # the report: kilobytes
-    out = rundir.stage_dir(cfg, stage)
-    need, free = estimate - _size(out), free_bytes(out)
+    need = estimate - _size(out)
     if need > free:
         raise ConfigError(
             f"[{stage}] needs about {_mb(need)} more in {out} (estimate: {how}), but its filesystem has "

@@ -31,3 +31,12 @@ def preset(name: str) -> dict[str, int]:
             f"unknown model preset {name!r} (known: {', '.join(PRESETS)}; or a local Hugging Face directory)"
         )
     return dict(zip(_FIELDS, PRESETS[name], strict=True))
+
+
+def param_count(name: str, vocab: int) -> int:
+    """Parameters of a preset at vocabulary `vocab`, by arithmetic (what model/build.py builds: Llama,
+    untied embedding and head, no biases): no model and no transformers import needed."""
+    h, m, layers, heads, kv = (preset(name)[f] for f in _FIELDS)
+    attention = 2 * h * h + 2 * h * (kv * (h // heads))  # q and o; k and v over kv heads
+    block = attention + 3 * h * m + 2 * h  # + gate/up/down, two RMSNorms
+    return 2 * vocab * h + layers * block + h  # embedding, head, final RMSNorm

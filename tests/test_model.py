@@ -10,7 +10,7 @@ from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.launcher import models
 from stablekd.launcher.config import load_config
 from stablekd.model.build import build_model, count_params, flops_per_token, model_config
-from stablekd.model.presets import PRESETS
+from stablekd.model.presets import PRESETS, param_count
 from stablekd.model.tokenizer import train_tokenizer
 from tests.conftest import QUICKSTART
 
@@ -42,6 +42,14 @@ def test_local_directory(tok, tmp_path):
     assert models.teacher_source(cfg) == str(tmp_path / "hf")  # a Hugging Face directory as given
     assert models.teacher_source(load_config(QUICKSTART, ["teacher.model=student-s"])) == "student-s"
     # a previous run directory: tests/test_tasks.py (its ZeRO checkpoint, tokenizer and shapes)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_param_count_arithmetic_is_the_built_models(name, tok):
+    """The launching process's disk estimate counts a preset's parameters without building it."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(name, tok, 64))
+    assert param_count(name, len(tok)) == count_params(model)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -50,6 +50,7 @@ TOOLS = (
 )
 pytestmark = [
     pytest.mark.distributed,
+    pytest.mark.slurm,
     pytest.mark.skipif(
         os.geteuid() != 0 or any(shutil.which(t) is None for t in TOOLS),
         reason="needs root, Slurm (slurm-wlm: slurmctld, slurmd, sbatch) and munge for a real 2-node Slurm",
