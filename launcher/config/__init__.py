@@ -253,16 +253,23 @@ def changed(section: Any) -> dict:
 HASH_SCHEMA = 2
 
 
-def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
-    """`key (type, default): help` lines for every field, for `stablekd keys`."""
-    lines = []
+def keys(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, help) of every leaf field: what `stablekd keys` prints and
+    docs/configuration.md tabulates."""
+    out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
-            lines += describe(hints[f.name], key + ".")
+            out += keys(hints[f.name], key + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        lines.append(f"{key} ({tp}, default {default!r}): {f.metadata.get('help', '')}")
-    return lines
+        out.append(
+            (key, getattr(hints[f.name], "__name__", str(hints[f.name])), default, f.metadata.get("help", ""))
+        )
+    return out
+
+
+def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """`key (type, default): help` lines for every field, for `stablekd keys`."""
+    return [f"{key} ({tp}, default {default!r}): {about}" for key, tp, default, about in keys(cls, prefix)]

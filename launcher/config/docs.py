@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from stablekd.launcher.config import ExperimentConfig
+from stablekd.launcher.config import ExperimentConfig, keys
 
 HEADER = """# Configuration
 
@@ -43,18 +43,10 @@ def _code(value: str) -> str:
 
 
 def _rows(cls: type, prefix: str) -> list[str]:
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows += _rows(hints[f.name], key + ".")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        cells = (_cell(_code(key)), tp, _cell(_code(repr(default))), _text(f.metadata.get("help", "")))
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+    return [
+        "| " + " | ".join((_cell(_code(key)), tp, _cell(_code(repr(default))), _text(about))) + " |"
+        for key, tp, default, about in keys(cls, prefix)
+    ]
 
 
 def markdown() -> str:
