@@ -34,6 +34,10 @@ SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 # the readers skip and count, a file written in another schema ("answer" throughout) is a mistake that
 # would otherwise train on nothing of it, or on whatever else the corpus holds.
 MAX_BAD_RECORD_SHARE = 0.10
+# Records judged per file: a file in another schema shows in its first records, and the launching process
+# must not parse a multi-GB corpus at every launch (0.7-1.0 s per 4 MB here); the readers still skip and
+# count a bad record anywhere.
+SCAN_RECORDS = 10_000
 RECORD_FORMS = (
     '"text", "prompt" + "response" (a non-blank response) or "messages" (role/content pairs, one a '
     "non-blank assistant message)"
@@ -226,12 +230,14 @@ def check_records(path: Path, max_share: float = MAX_BAD_RECORD_SHARE) -> None:
     """Refuse a `.jsonl` file none of whose records is usable, or more than `max_share` of whose records
     are in no known form (what `read_documents` skips as bad lines): a DataError of one line naming the
     file, the first such line and the forms expected. One read of the file, parsing each record once
-    (the launching process runs it before any rank starts: 0.7-1.0 s for 4.2 MB of records measured on
-    a shared 2-core machine; .txt files are not read)."""
+    (the launching process runs it before any rank starts, on the first SCAN_RECORDS records of the file;
+    .txt files are not read)."""
     records = bad = usable = 0
     first_bad = first_blank = ""
     stats = SourceStats()  # a truncated .gz ends the file early: the lines before it are still judged
     for lineno, raw in enumerate(_raw_lines(path, stats), start=1):
+        if records == SCAN_RECORDS:
+            break
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError:

@@ -299,3 +299,16 @@ def test_check_records_refuses_a_jsonl_in_another_schema_or_mostly_bad(tmp_path)
     check_records(
         _write(tmp_path / "empty.jsonl", b"")
     )  # an empty file is counted by the readers, not refused
+
+
+def test_check_records_judges_only_the_first_scan_records(tmp_path, monkeypatch):
+    """The launching process parses a bounded prefix of each .jsonl, not a multi-GB corpus per launch."""
+    from stablekd.data_pipeline import sources
+
+    f = tmp_path / "late.jsonl"
+    f.write_text('{"text": "fine"}\n' * 5 + '{"answer": "x"}\n' * 50)
+    monkeypatch.setattr(sources, "SCAN_RECORDS", 5)
+    sources.check_records(f)  # the 50 bad records lie past the scanned prefix
+    monkeypatch.setattr(sources, "SCAN_RECORDS", 10)
+    with pytest.raises(DataError, match="5 of 10 records"):
+        sources.check_records(f)
