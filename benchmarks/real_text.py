@@ -10,11 +10,13 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
    (OUT/pretrain, PRETRAIN overrides);
 3. the teacher: that run continued on mixed.jsonl (prose + the training questions: configs/kjv.yaml,
    `teacher.init_from=OUT/pretrain`), then its soft labels (`--stages teacher,soft_labels`, OUT/teacher);
-4. the students, on the very same soft-label records in the same order (benchmarks/arms.py: the distill
+4. top-k soft labels of the same teacher and records (OUT/teacher_topk, `--stages soft_labels`; its teacher/
+   links OUT/teacher's);
+5. the students, on the very same soft-label records in the same order (benchmarks/arms.py: the distill
    stage's own assembly at world size 1, the same preset, seed, lr and schedule, --student-steps steps):
-   `student` (distill.alpha 1: KD on the sampled soft labels) and `ce_twin` (distill.alpha 0: next-token
-   cross-entropy on the same tokens, no teacher);
-5. scoring every model the same way (exported Hugging Face directories loaded whole, fp32 on CPU):
+   `student` (distill.alpha 1: KD on the sampled soft labels), `student_topk` (the same on the top-k
+   labels) and `ce_twin` (distill.alpha 0: next-token cross-entropy on the same tokens, no teacher);
+6. scoring every model the same way (exported Hugging Face directories loaded whole, fp32 on CPU):
    - bits per byte, perplexity and calibration error (ECE) over all of the held-out books;
    - fact exact match of kind (a) `fact_em_rephrased` (trained facts in a phrasing no training record
      uses, probe_rephrased.jsonl) with its cross-sample agreement/contradiction (greedy + evaluate.samples
@@ -73,7 +75,11 @@ CONFIG = REPO / "configs" / "kjv.yaml"
 # Pre-training on the prose alone: 1,600 x 16 x 256 = 6.6M tokens ≈ 5.7 passes of the training books
 PRETRAIN = ["teacher.max_steps=1600", "teacher.lr=2.0e-3", "teacher.warmup_steps=100"]
 ANSWER_TOKENS = 24  # an answer is one line: "an hundred and five years."
-ARMS = {"student": 1.0, "ce_twin": 0.0}  # arm -> distill.alpha
+# Soft-label runs of the one teacher: name -> overrides. "sampled" is the teacher's own run (OUT/teacher);
+# any other is OUT/teacher_<name>, whose teacher/ links the finished teacher's.
+LABELS = {"sampled": [], "topk": ["soft_labels.encoding=topk"]}
+# arm -> (its LABELS run, distill.alpha)
+ARMS = {"student": ("sampled", 1.0), "ce_twin": ("sampled", 0.0), "student_topk": ("topk", 1.0)}
 GOAL_COMPRESSOR_SHARE = 0.8
 GOAL_FACT_EM = 0.6
 GOAL_STUDENT_EM_SHARE = 0.95
@@ -117,11 +123,29 @@ def data_overrides(corpus: Path, train: str) -> list[str]:
     return [f"data.paths=[{as_given(corpus / train)}]", f"data.eval_paths=[{as_given(corpus / 'heldout')}]"]
 
 
-def train_students(src: Path, out: Path, steps: int) -> dict[str, dict]:
-    """The KD student and its CE twin on src's soft labels (see the module doc), each exported to
-    OUT/arms/<arm>/student/hf; an arm already exported is not retrained."""
+def label_runs(out: Path, teacher: Path, corpus: Path) -> dict[str, Path]:
+    """Each LABELS run directory, its soft labels written (`stablekd run --stages soft_labels` in a
+    directory whose teacher/ links the finished teacher: labelled, never retrained; resumable)."""
+    runs = {"sampled": teacher}
+    for name, overrides in LABELS.items():
+        if not overrides:
+            continue
+        run = runs[name] = out / f"teacher_{name}"
+        if not (run / "teacher").exists():
+            (run / "ds").mkdir(parents=True, exist_ok=True)
+            (run / "teacher").symlink_to(teacher / "teacher")
+            shutil.copy(teacher / "ds" / "teacher.json", run / "ds" / "teacher.json")
+        stablekd(["run", as_given(CONFIG), "--stages", "soft_labels", f"run.out_dir={as_given(run)}",
+                  f"teacher.init_from={as_given(out / 'pretrain')}", *data_overrides(corpus, "mixed.jsonl"),
+                  *overrides])  # fmt: skip
+    return runs
+
+
+def train_students(runs: dict[str, Path], out: Path, steps: int) -> dict[str, dict]:
+    """The KD students and the CE twin, each on its LABELS run's soft labels (see the module doc), each
+    exported to OUT/arms/<arm>/student/hf; an arm already exported is not retrained."""
     info = {}
-    for arm, alpha in ARMS.items():
+    for arm, (labels, alpha) in ARMS.items():
         arm_dir = out / "arms" / arm
         hf = arm_dir / "student" / "hf"
         summary = arm_dir / "arm.json"
@@ -130,11 +154,12 @@ def train_students(src: Path, out: Path, steps: int) -> dict[str, dict]:
             continue
         shutil.rmtree(arm_dir, ignore_errors=True)  # a half-trained arm is retrained from its start
         args = SimpleNamespace(alpha=alpha, student="", dtype="")
-        cfg = bench.arm_config(src, arm_dir, args, online=False, extra=["distill.log_every=10"])
-        print(f"[{arm}] distill.alpha={alpha}, {steps} steps", flush=True)
+        cfg = bench.arm_config(runs[labels], arm_dir, args, online=False, extra=["distill.log_every=10"])
+        print(f"[{arm}] {labels} soft labels, distill.alpha={alpha}, {steps} steps", flush=True)
         trained = bench.train_arm(cfg, "kd", steps)
         export_hf(trained["result"].engine.module, trained["tokenizer"], hf, trained["zero3"])
         info[arm] = {
+            "labels": labels,
             "alpha": alpha,
             "steps": trained["result"].steps,
             "tokens": trained["result"].tokens,
@@ -207,20 +232,22 @@ def main() -> None:
     stablekd(["run", as_given(CONFIG), "--stages", "teacher,soft_labels", f"run.out_dir={as_given(teacher)}",
               f"teacher.init_from={as_given(pre)}", *data_overrides(corpus, "mixed.jsonl")])  # fmt: skip
     walls["finetune_and_labels_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runs = label_runs(out, teacher, corpus)
+    walls["other_labels_s"] = time.perf_counter() - t0
 
     single_rank.start(29541)
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     cfg = load_config(teacher / "config.yaml")
     steps = args.student_steps or cfg.distill.max_steps
-    students = train_students(teacher, out, steps)
+    students = train_students(runs, out, steps)
     walls["students_s"] = time.perf_counter() - t0
 
     exports = {
         "teacher_pretrained": pre / "teacher" / "hf",
         "teacher": teacher / "teacher" / "hf",
-        "ce_twin": out / "arms" / "ce_twin" / "student" / "hf",
-        "student": out / "arms" / "student" / "student" / "hf",
+        **{arm: out / "arms" / arm / "student" / "hf" for arm in ARMS},
     }
     t0 = time.perf_counter()
     models = {}
