@@ -2,7 +2,8 @@
 uninterrupted run.
 
     python benchmarks/faults.py                                  # 20 kills per stage, every stage
-    python benchmarks/faults.py --stages teacher --cycles 2      # the short version the tests run
+    python benchmarks/faults.py --stages teacher --cycles 2 --set teacher.ds_config=zero2.json
+                                                                 # the short version the tests run
 
 One uninterrupted reference run of the tiny pipeline first (teacher -> soft_labels -> distill ->
 contrastive, 2 ranks, run.trace_samples on). Then, per stage, rounds: a copy of the reference run
@@ -65,15 +66,15 @@ OVERRIDES = [
 ]  # fmt: skip
 
 
-def command(run: Path, stage: str) -> list[str]:
+def command(run: Path, stage: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "stablekd.launcher.cli", "stage", stage, str(QUICKSTART),
-            f"run.out_dir={run}", *OVERRIDES]  # fmt: skip
+            f"run.out_dir={run}", *OVERRIDES, *extra]  # fmt: skip
 
 
-def run_stage(run: Path, stage: str) -> float:
+def run_stage(run: Path, stage: str, extra: list[str]) -> float:
     """Run `stage` to its end; its wall time. Raises with the output's tail if it fails."""
     t0 = time.perf_counter()
-    proc = subprocess.run(command(run, stage), cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(command(run, stage, extra), cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -88,6 +89,12 @@ def saving(run: Path, stage: str) -> bool:
         if any(p.name > named for p in ckpt.glob("step*")):
             return True
     return any(out.rglob("*.tmp"))
+
+
+def checkpoint_step(run: Path, stage: str) -> int:
+    """The step of the stage's last complete checkpoint (what a rerun resumes from); 0 if none."""
+    marker = run / spec(stage).out_dir / "ckpt" / "complete.json"
+    return json.loads(marker.read_text())["step"] if marker.exists() else 0
 
 
 def trace(run: Path, stage: str) -> list[str]:
@@ -156,18 +163,19 @@ def fresh_copy(ref: Path, dst: Path, stage: str) -> None:
 
 
 def campaign(
-    stage: str, ref: Path, wall: float, cycles: int, rtol: float, rng: random.Random, work: Path
+    stage: str, ref: Path, wall: float, args: argparse.Namespace, rng: random.Random, work: Path
 ) -> dict:
-    kills, during_save, rounds = 0, 0, []
+    cycles, extra = args.cycles, args.set
+    kills, during_save, rounds, resume_steps = 0, 0, [], []
     while kills < cycles:
         run = work / f"{stage}-round{len(rounds)}"
         fresh_copy(ref, run, stage)
         round_kills = 0
         while not (run / spec(stage).out_dir / "DONE.json").exists():
             if kills >= cycles:  # the last round: let it finish
-                run_stage(run, stage)
+                run_stage(run, stage, extra)
                 break
-            proc = subprocess.Popen(command(run, stage), cwd=REPO, start_new_session=True,
+            proc = subprocess.Popen(command(run, stage, extra), cwd=REPO, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             try:
                 proc.wait(timeout=rng.uniform(0, wall))
@@ -175,23 +183,26 @@ def campaign(
                 during_save += saving(run, stage)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                resume_steps.append(checkpoint_step(run, stage))
                 kills, round_kills = kills + 1, round_kills + 1
                 continue
             if proc.returncode != 0:
                 raise RuntimeError(f"{stage}: a run exited {proc.returncode} without being killed ({run})")
-        rounds.append({"kills": round_kills, **compare(ref, run, stage, rtol)})
+        rounds.append({"kills": round_kills, **compare(ref, run, stage, args.rtol)})
         shutil.rmtree(run)
     return {
         "stage": stage,
         "cycles": kills,
         "rounds": len(rounds),
         "kills_during_save": during_save,
+        "resume_steps": resume_steps,  # per kill, the training step its rerun resumed from (0: none)
         "samples_lost": sum(r["lost"] for r in rounds),
         "samples_repeated": sum(r["repeated"] for r in rounds),
         "identical_rounds": sum(r["identical"] for r in rounds),
         "max_loss_dev": max(r["max_loss_dev"] for r in rounds),
         "ok": all(
-            r["lost"] == r["repeated"] == 0 and r["identical"] and r["max_loss_dev"] <= rtol for r in rounds
+            r["lost"] == r["repeated"] == 0 and r["identical"] and r["max_loss_dev"] <= args.rtol
+            for r in rounds
         ),
     }
 
@@ -204,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="runs/benchmarks/faults.json")
     ap.add_argument("--workdir", default="", help="where the runs go (default: a temp directory, removed)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run, after the tiny pipeline's (repeatable)")  # fmt: skip
     args = ap.parse_args(argv)
     stages = args.stages.split(",")
     if unknown := set(stages) - set(STAGES):
@@ -214,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         ref = work / "reference"
         walls = {}
         for stage in STAGES[: max(STAGES.index(s) for s in stages) + 1]:
-            walls[stage] = run_stage(ref, stage)
+            walls[stage] = run_stage(ref, stage, args.set)
             print(f"reference {stage}: {walls[stage]:.1f}s", flush=True)
-        rows = [campaign(s, ref, walls[s], args.cycles, args.rtol, rng, work) for s in stages]
+        rows = [campaign(s, ref, walls[s], args, rng, work) for s in stages]
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -229,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"rtol": args.rtol, "seed": args.seed, "stages": rows, "walls_s": walls}, indent=2)
+        json.dumps(
+            {"rtol": args.rtol, "seed": args.seed, "set": args.set, "stages": rows, "walls_s": walls},
+            indent=2,
+        )
     )
     print(f"-> {out}")
     return 0 if all(r["ok"] for r in rows) else 1
