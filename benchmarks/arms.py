@@ -1,6 +1,6 @@
 """Training and scoring one arm of a distillation benchmark, shared by benchmarks/distill.py and
 benchmarks/cross_tokenizer.py: each arm in its own directory that links a finished run's inputs, trained
-with the distill stage's own assembly (launcher/distillation.py) at world size 1, exported and scored as
+with the distill stage's own assembly (launcher/rank/distillation.py) at world size 1, exported and scored as
 the evaluate stage loads models."""
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
-from stablekd.launcher import engine, models, prepare, rundir
+from stablekd.launcher import models, rundir
 from stablekd.launcher.config import load_config, save_config
-from stablekd.launcher.distillation import build_stage, student_batches
+from stablekd.launcher.driver import prepare
+from stablekd.launcher.rank import engine
+from stablekd.launcher.rank.distillation import build_stage, student_batches
 from stablekd.model.build import build_model, count_params, flops_per_token
 from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
 from stablekd.objectives.lm import lm_loss
@@ -139,7 +141,7 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
 def on_policy_split(cfg) -> dict[str, float | None]:
     """Mean seconds per on-policy micro-batch the student spent sampling and the teacher scoring (the rest
     of a step is the update and the offline micro-batches), and the generated tokens per one."""
-    from stablekd.launcher.monitor import read_scalars
+    from stablekd.launcher.rank.monitor import read_scalars
 
     tb = cfg.run_dir / "tb" / "distill"
     out = {}
@@ -151,7 +153,7 @@ def on_policy_split(cfg) -> dict[str, float | None]:
 
 def step_times(cfg, warmup: int) -> list[float]:
     """Per-step wall times the loop logged (perf/step_time_s, log_every = 1), warm-up steps dropped."""
-    from stablekd.launcher.monitor import read_scalars
+    from stablekd.launcher.rank.monitor import read_scalars
 
     times = read_scalars(cfg.run_dir / "tb" / "distill", "perf/step_time_s")
     return [v for s, v in sorted(times.items()) if s > warmup]

@@ -57,7 +57,7 @@ from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.launcher import rundir
 from stablekd.launcher.config import load_config
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.model.build import build_model, export_hf
 
 REPO = Path(__file__).resolve().parent.parent

@@ -81,7 +81,8 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator
-from stablekd.launcher import artifacts, models, rundir
+from stablekd.launcher import models, rundir
+from stablekd.launcher.rank import artifacts
 from stablekd.model.build import export_hf
 
 REPO = Path(__file__).resolve().parent.parent

@@ -81,7 +81,7 @@ GOAL_STUDENT_EM_SHARE = 0.95
 
 def stablekd(args: list[str]) -> None:
     """One `stablekd` command (an argument list), its console on ours; a failure stops the benchmark."""
-    cmd = [sys.executable, "-m", "stablekd.launcher.cli", *args]
+    cmd = [sys.executable, "-m", "stablekd.launcher.driver.cli", *args]
     print("$ stablekd " + " ".join(args), flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         raise SystemExit(f"stablekd {args[0]} failed: see its lines above")

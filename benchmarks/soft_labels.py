@@ -42,7 +42,7 @@ from stablekd.data_pipeline.stream import PackedStream
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.launcher import models, rundir
 from stablekd.launcher.config import load_config, save_config
-from stablekd.launcher.supervise import run_stage
+from stablekd.launcher.driver.supervise import run_stage
 from stablekd.model.build import build_model, count_params
 
 REPO = Path(__file__).resolve().parent.parent

@@ -35,9 +35,11 @@ import torch
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import engine, models, prepare, rundir
+from stablekd.launcher import models, rundir
 from stablekd.launcher.config import load_config
-from stablekd.launcher.monitor import measure_peak_flops, read_scalars
+from stablekd.launcher.driver import prepare
+from stablekd.launcher.rank import engine
+from stablekd.launcher.rank.monitor import measure_peak_flops, read_scalars
 from stablekd.model.build import build_model, count_params, flops_per_token
 from stablekd.objectives.lm import lm_loss, nll_sum
 

@@ -12,8 +12,8 @@ runner as `--include` (the runner refuses it beside `--num_gpus`), so both jobs 
 
 from __future__ import annotations
 
-from stablekd.launcher import nodes
 from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.driver import nodes
 
 Slots = dict[str, list[int]]  # host -> local slots (GPU indices on a GPU node), in hostfile order
 

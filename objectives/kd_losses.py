@@ -1,4 +1,4 @@
-"""The training loop's losses on soft-label batches (launcher/engine.py `Loss`): the teacher's tokenizer
+"""The training loop's losses on soft-label batches (launcher/rank/engine.py `Loss`): the teacher's tokenizer
 (`soft_label_loss`) and another one (`cross_tokenizer_loss`, on batches realigned by
 data_pipeline/align.py). Each returns terms "kd" and, when alpha < 1, "ce" as sums; the loop weighs them
 alpha and 1 − alpha and divides by the global counts (`soft_label_counts`, `cross_counts`).

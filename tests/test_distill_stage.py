@@ -32,9 +32,10 @@ from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.soft_labels import config_meta, soft_label_reader
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.data_pipeline.tokenize import load_tokenizer
-from stablekd.launcher import distillation, rundir
+from stablekd.launcher import rundir
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank import distillation
+from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.launcher.stages import distill
 from stablekd.model.build import build_model
 from stablekd.objectives.cross_tokenizer import cross_kd_sum

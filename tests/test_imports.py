@@ -3,9 +3,9 @@
 - no cycle among modules through their module-level imports;
 - no cycle among packages through any import, lazy ones inside functions included;
 - components (data_pipeline, model, objectives, evaluation, ds_configs) never import launcher;
-- no stage module imports the driver (launcher/pipeline.py) or another stage;
+- no stage module imports the driver (launcher/driver/pipeline.py) or another stage;
 - no benchmark imports a stage module (what a stage and a benchmark share is a component, or
-  launcher/distillation.py);
+  launcher/rank/distillation.py);
 - no module outside tests/ is over MAX_LINES lines (past ~500 a module holds more than one concern).
 
 Each rule is checked on a planted violation too, so the checks can fail.
@@ -146,7 +146,7 @@ def violations(root: Path) -> list[str]:
             out += [
                 f"stage {mod} imports {d}"
                 for d in sorted(deps)
-                if d == "stablekd.launcher.pipeline"
+                if d == "stablekd.launcher.driver.pipeline"
                 or (package_of(d) == "launcher.stages" and d != "stablekd.launcher.stages")
             ]
     stages = {f"stablekd.launcher.stages.{p.stem}" for p in (root / "launcher" / "stages").glob("*.py")}
@@ -188,8 +188,8 @@ def test_the_tree_keeps_the_house_rules():
         ),
         ({"model/a.py": "from stablekd.launcher.config import X\n"}, "component stablekd.model.a imports"),
         (
-            {"launcher/stages/s.py": "def run():\n    from stablekd.launcher import pipeline\n"},
-            "stage stablekd.launcher.stages.s imports stablekd.launcher.pipeline",
+            {"launcher/stages/s.py": "def run():\n    from stablekd.launcher.driver import pipeline\n"},
+            "stage stablekd.launcher.stages.s imports stablekd.launcher.driver.pipeline",
         ),
         ({"objectives/big.py": "x = 1\n" * (MAX_LINES + 1)}, f"objectives/big.py: {MAX_LINES + 1} lines"),
         (
@@ -202,7 +202,7 @@ def test_the_tree_keeps_the_house_rules():
     ],
 )
 def test_a_planted_violation_is_found(tmp_path, files, expected):
-    for name, text in {"launcher/pipeline.py": "", "launcher/stages/__init__.py": "", **files}.items():
+    for name, text in {"launcher/driver/pipeline.py": "", "launcher/stages/__init__.py": "", **files}.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     found = violations(tmp_path)

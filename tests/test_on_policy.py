@@ -10,8 +10,8 @@ import torch
 
 from stablekd.data_pipeline.on_policy import OnPolicy, generated_labels, is_on_policy
 from stablekd.data_pipeline.tokenize import load_tokenizer
-from stablekd.launcher import distillation
 from stablekd.launcher.config import load_config
+from stablekd.launcher.rank import distillation
 from stablekd.model.build import build_model
 from stablekd.objectives.distill import kd_sum
 from stablekd.objectives.kd_losses import ON_POLICY, on_policy_counts, soft_label_loss, with_on_policy

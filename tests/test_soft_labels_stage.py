@@ -38,8 +38,9 @@ from stablekd.data_pipeline.soft_labels import (
 )
 from stablekd.data_pipeline.stream import PackedStream
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
-from stablekd.launcher import cli, done, models, prepare, rundir
+from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.driver import cli, prepare
 from stablekd.launcher.stages import NAMES
 from stablekd.model.build import build_model
 from tests.conftest import run_group

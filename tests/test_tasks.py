@@ -24,8 +24,9 @@ from stablekd.data_pipeline.stream import PackedStream
 from stablekd.data_pipeline.tasks import Document, encode_documents, parse_record, render
 from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.evaluation.task_probe import probe_tasks
-from stablekd.launcher import models, prepare
+from stablekd.launcher import models
 from stablekd.launcher.config import ConfigError, EvaluateConfig, load_config, save_config
+from stablekd.launcher.driver import prepare
 from stablekd.model.tokenizer import train_tokenizer
 from stablekd.objectives.distill import soft_label_counts, soft_label_targets
 from stablekd.objectives.lm import IGNORE_INDEX

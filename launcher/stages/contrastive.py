@@ -61,8 +61,9 @@ from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import artifacts, done, engine, hints, models, rundir
+from stablekd.launcher import done, hints, models, rundir
 from stablekd.launcher.config import ConfigError, ContrastiveConfig, ExperimentConfig
+from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.objectives.contrastive import (
     ProjectionHead,

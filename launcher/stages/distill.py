@@ -36,8 +36,9 @@ from stablekd.data_pipeline.soft_labels import KIND as SOFT_LABELS
 from stablekd.data_pipeline.stream import eval_batches
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import artifacts, distillation, done, engine, models, rundir
+from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.rank import artifacts, distillation, engine
 from stablekd.model.build import build_model
 from stablekd.model.build import rows as embedding_rows
 

@@ -43,8 +43,10 @@ from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
-from stablekd.launcher import artifacts, done, launch, models, rundir
+from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
+from stablekd.launcher.driver import launch
+from stablekd.launcher.rank import artifacts
 from stablekd.launcher.stages import MODELS, model_stage
 from stablekd.model.build import count_params
 
@@ -170,7 +172,7 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 def run(cfg: ExperimentConfig) -> None:
     if needs_ranks(cfg):  # started by the deepspeed runner on every rank (pipeline.run)
-        from stablekd.launcher import engine
+        from stablekd.launcher.rank import engine
 
         rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
         if torch.cuda.is_available():  # whole models go to "cuda": this rank's device

@@ -20,8 +20,10 @@ from stablekd.data_pipeline.sources import SourceStats
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import artifacts, done, engine, models, prepare, rundir
+from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.driver import prepare
+from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.objectives.lm import lm_loss
 

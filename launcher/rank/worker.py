@@ -1,4 +1,4 @@
-"""What each rank runs: `python -m stablekd.launcher.worker <stage> <run_dir>` (started by the deepspeed runner),
+"""What each rank runs: `python -m stablekd.launcher.rank.worker <stage> <run_dir>` (started by the deepspeed runner),
 or `python -u .../worker.py <stage> <run_dir>` where the runner's slurm backend starts it through srun."""
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import warnings  # noqa: E402
 from contextlib import suppress  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from stablekd.launcher import diskspace, hints, rundir
+from stablekd.launcher import hints, rundir
 from stablekd.launcher.config import load_config
-from stablekd.launcher.ranks import RankStatus
+from stablekd.launcher.driver import diskspace
+from stablekd.launcher.rank_status import RankStatus
 
 
 def slurm_rank_env(env: dict[str, str]) -> dict[str, str]:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # annotations only
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from stablekd.launcher import engine
+    from stablekd.launcher.rank import engine
 
 
 def check_teacher_checkpoint(cfg: ExperimentConfig, stage: str) -> None:

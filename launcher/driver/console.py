@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from stablekd.launcher.config import ExperimentConfig
-from stablekd.launcher.launch import log_path
+from stablekd.launcher.driver.launch import log_path
 from stablekd.launcher.stages import NAMES
 
 # tqdm redraws its bar by writing "\r" + bar, e.g. "teacher:  42%|####   | 42/100 [00:10<00:14, 4.1it/s,

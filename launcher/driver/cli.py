@@ -28,10 +28,11 @@ from pathlib import Path
 
 from stablekd.data_pipeline.errors import DataError
 from stablekd.data_pipeline.files import atomic_write
-from stablekd.launcher import models, pipeline, placement, prepare, rundir
+from stablekd.launcher import models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, describe, load_config
+from stablekd.launcher.driver import pipeline, prepare
+from stablekd.launcher.driver.status import format_status, report_table, run_status
 from stablekd.launcher.stages import NAMES, REGISTRY
-from stablekd.launcher.status import format_status, report_table, run_status
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 

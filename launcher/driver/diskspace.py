@@ -9,7 +9,7 @@ large side so that a stage refused is one that would not have fit:
   measured on its first documents ÷ seq_len; plus candidate groups at int32 and full seq_len.
 - checkpoints: parameters × 16 bytes (DeepSpeed's ZeRO checkpoint: the fp32 master copy and Adam's two
   moments, 12 bytes, in the ranks' optim_states files; the weights in the training dtype, at most 4 more,
-  in the model_states files) × (keep_checkpoints + 1) tags: launcher/engine.py deletes an old tag only
+  in the model_states files) × (keep_checkpoints + 1) tags: launcher/rank/engine.py deletes an old tag only
   after the new one is complete, so one more than kept exists during a save; plus the Hugging Face export
   (4 bytes a parameter) when export_hf. Only what is not on disk yet counts: the stage directory's
   current size (a resumed stage's checkpoints and shards) is taken off.

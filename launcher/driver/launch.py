@@ -2,8 +2,8 @@
 or on the slots launcher/placement.py gives it (two jobs side by side).
 
 Thin on purpose (gpt-neox's deepy.py): we resolve config and hand off to DeepSpeed's own runner, as an
-argument list (never a shell string). The ranks run `python -m stablekd.launcher.worker <stage> <run_dir>`.
-Running the command is launcher/supervise.py's; what of its output reaches the terminal, console.py's.
+argument list (never a shell string). The ranks run `python -m stablekd.launcher.rank.worker <stage> <run_dir>`.
+Running the command is launcher/driver/supervise.py's; what of its output reaches the terminal, console.py's.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from stablekd.data_pipeline.files import atomic_write
-from stablekd.launcher import nodes, placement
+from stablekd.launcher import placement
 from stablekd.launcher.config import ExperimentConfig
+from stablekd.launcher.driver import nodes
 
 
 def _free_port() -> int:
@@ -36,7 +37,7 @@ def threads_per_rank(cfg: ExperimentConfig) -> int:
 def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     """The deepspeed runner invocation, e.g. for 2 CPU ranks on this node:
     python -m deepspeed.launcher.runner --num_accelerators 2 --master_port P --log_level warning
-        --no_local_rank --module stablekd.launcher.worker teacher runs/quickstart
+        --no_local_rank --module stablekd.launcher.rank.worker teacher runs/quickstart
     A job placed on part of the pool (launcher/placement.py) names its slots with --include instead.
     """
     launch, placed = cfg.launch, placement.slots(cfg, stage)
@@ -66,10 +67,12 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
         # The runner's slurm backend ignores --module (it runs `python -u <script>`), checks ssh to the
         # first host unless told not to, and turns --num_accelerators into srun's --gpus-per-node (a GPU
         # request a CPU cluster refuses: "Invalid generic resource"): the hostfile's slots= count instead.
-        worker = importlib.util.find_spec("stablekd.launcher.worker").origin  # its file, without importing it
+        worker = importlib.util.find_spec(
+            "stablekd.launcher.rank.worker"
+        ).origin  # its file, without importing it
         cmd += ["--no_ssh_check", worker, stage, str(cfg.run_dir)]
     else:
-        cmd += ["--module", "stablekd.launcher.worker", stage, str(cfg.run_dir)]
+        cmd += ["--module", "stablekd.launcher.rank.worker", stage, str(cfg.run_dir)]
     return cmd
 
 
