@@ -35,7 +35,7 @@ import torch
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.data_pipeline.tokenize import load_tokenizer
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import models, rundir
+from stablekd.launcher import models, placement, rundir
 from stablekd.launcher.config import load_config
 from stablekd.launcher.driver import prepare
 from stablekd.launcher.rank import engine
@@ -94,7 +94,7 @@ def bare_deepspeed_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
 
     cfg.teacher.ds_config, cfg.teacher.dtype = ds_name, dtype
     cfg.teacher.max_steps = WINDOW + steps
-    ds = prepare.resolve_ds_config(cfg, "teacher")
+    ds = placement.resolve_ds_config(cfg, "teacher")
     ds.pop("tensorboard", None)  # no writer: the bare loop logs nothing
     from transformers.integrations import HfDeepSpeedConfig
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from stablekd.launcher import done, rundir
+from stablekd.launcher import done, placement, rundir
 from stablekd.launcher.config import ConfigError, load_config, save_config
 from stablekd.launcher.driver import cli, console, launch, pipeline, prepare, supervise
 from stablekd.launcher.driver.status import format_status, headline, report_table, run_status
@@ -44,7 +44,7 @@ def test_dry_run_prints_commands_and_skips_and_writes_nothing(tmp_path, capsys):
     # A teacher finished with exactly this config (its DeepSpeed JSON included): the dry run skips it.
     marker = rundir.done_path(cfg, "teacher")
     marker.parent.mkdir(parents=True)
-    ds = prepare.resolve_ds_config(cfg, "teacher")
+    ds = placement.resolve_ds_config(cfg, "teacher")
     marker.write_text(json.dumps({"config_hash": done.stage_hash(cfg, "teacher", ds)}))
     before = sorted(tmp_path.rglob("*"))
     capsys.readouterr()  # DeepSpeed's import-time line, printed by the resolve above (not the dry run)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from stablekd.launcher.config import load_config
-from stablekd.launcher.driver.launch import runner_command, stage_env, threads_per_rank, write_deepspeed_env
+from stablekd.launcher.driver.launch import runner_command, stage_env, write_deepspeed_env
 from stablekd.launcher.driver.supervise import STALE_BUILD_LOCK_S, run_stage, stale_build_locks
-from stablekd.launcher.placement import world_size
+from stablekd.launcher.placement import threads_per_rank, world_size
 from stablekd.launcher.rank import worker
 from stablekd.launcher.rank.worker import slurm_rank_env
 from tests.conftest import QUICKSTART

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from stablekd.launcher import rank_status
+from stablekd.launcher import placement, rank_status
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.driver import nodes
 from stablekd.launcher.driver.launch import _free_port
@@ -42,8 +42,8 @@ def _lead_in_thread(cfg, prepared: str) -> tuple[threading.Thread, dict]:
 
 def test_hostfile_hosts_and_slots(tmp_path):
     node0, _ = _cfgs(tmp_path)
-    assert nodes.hosts(node0) == [("127.0.0.1", 2), ("127.0.0.2", 2)]
-    assert nodes.host_names(load_config(None, [])) == ["localhost"]
+    assert placement.hosts(node0) == [("127.0.0.1", 2), ("127.0.0.2", 2)]
+    assert placement.host_names(load_config(None, [])) == ["localhost"]
 
 
 def test_nodes_meet_only_in_this_launch_and_only_on_one_config(tmp_path):

@@ -84,7 +84,7 @@ def _ds_config(args: argparse.Namespace) -> None:
     another ds_config must not overwrite it."""
     cfg = load_config(args.config, args.overrides)
     prepare.check_files(cfg)  # what `run` refuses up front (a missing corpus, hostfile, ds JSON) too
-    ds = prepare.resolve_ds_config(cfg, args.stage)
+    ds = placement.resolve_ds_config(cfg, args.stage)
     source = getattr(cfg, args.stage).ds_config
     if args.out:
         out = Path(args.out)

@@ -1,5 +1,6 @@
-"""Full disks: a stage that cannot fit is refused before it starts, and one whose disk fills anyway (another
-process wrote) ends in one line naming the path and the errno, never a traceback.
+"""Full disks: a stage that cannot fit is refused before it starts; one whose disk fills anyway (another
+process wrote) ends in one line naming the path and the errno, never a traceback (launcher/diskfull.py, which
+ranks and the launching process share).
 
 Before a stage starts, the launching process compares an estimate of what the stage will write with the
 free space of the filesystem it writes to (`shutil.disk_usage`). The estimates are estimates, on the
@@ -17,14 +18,13 @@ large side so that a stage refused is one that would not have fit:
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import shutil
 from pathlib import Path
 
 from stablekd.launcher import models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.diskfull import free_bytes
 from stablekd.launcher.stages import spec
 from stablekd.model.presets import PRESETS, param_count
 
@@ -33,10 +33,6 @@ CKPT_BYTES_PER_PARAM = 16
 EXPORT_BYTES_PER_PARAM = 4  # save_pretrained of fp32 weights (bf16 halves it: the estimate stays high)
 MARGIN = 1.1  # on top of every estimate: shard headers, manifests, tokenizer copies, rounding
 SAMPLE_BYTES = 1 << 20  # the corpus text tokenized to measure tokens per byte
-# A stage that fails while its filesystem has less than this left failed for want of space, whatever its
-# error says: libraries hide the errno (torch.save under DeepSpeed's save_checkpoint raised "basic_ios::clear:
-# iostream error", then "unexpected pos 128 vs 0"; safetensors says "StorageFull").
-NEARLY_FULL = 1 << 20
 
 
 def _size(path: Path) -> int:
@@ -49,14 +45,6 @@ def _size(path: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
-
-
-def free_bytes(path: Path) -> int:
-    """Free space (for this user) of the filesystem `path` is or will be on (its nearest existing parent)."""
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
 
 
 def _corpus_tokens(cfg: ExperimentConfig, bound: bool = False) -> int | None:
@@ -151,29 +139,3 @@ def check(cfg: ExperimentConfig, stage: str) -> None:
             f"[{stage}] needs about {_mb(need)} more in {out} (estimate: {how}), but its filesystem has "
             f"{_mb(free)} free: free space or use a run.out_dir on a larger filesystem"
         )
-
-
-def full_line(stage: str, path: Path | str) -> str:
-    """What the user sees when a disk fills during a stage (one line, rank or launcher alike)."""
-    return (
-        f"stablekd: [{stage}] failed: no space left on device writing {path} (errno {errno.ENOSPC}); "
-        "free space and rerun the same command to resume"
-    )
-
-
-def _chain(e: BaseException | None):
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
-def disk_full(e: BaseException, where: Path) -> Path | str | None:
-    """The path a write failed on for want of space when `e` means a full disk, else None: an OSError
-    ENOSPC in its chain (its file, else `where`), or any error while `where`'s filesystem is (nearly)
-    full (see NEARLY_FULL)."""
-    for x in _chain(e):
-        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
-            return x.filename or where
-    return where if free_bytes(where) < NEARLY_FULL else None

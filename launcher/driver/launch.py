@@ -9,7 +9,6 @@ Running the command is launcher/driver/supervise.py's; what of its output reache
 from __future__ import annotations
 
 import importlib.util
-import os
 import shlex
 import socket
 import sys
@@ -27,11 +26,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def threads_per_rank(cfg: ExperimentConfig) -> int:
-    """Cores ÷ local ranks unless set: two ranks each taking every core run at half speed."""
-    return cfg.launch.threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
 
 
 def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
@@ -55,7 +49,7 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
         if launch.no_ssh:
             cmd += ["--no_ssh", "--node_rank", str(launch.node_rank)]
     addr = launch.master_addr
-    if addr and placed and launch.hostfile and next(iter(placed)) != nodes.host_names(cfg)[0]:
+    if addr and placed and launch.hostfile and next(iter(placed)) != placement.host_names(cfg)[0]:
         addr = next(iter(placed))  # its rank 0 is on its first host, which the runner reaches by that name
     if addr:
         cmd += ["--master_addr", addr]
@@ -97,7 +91,7 @@ def deepspeed_env_path(cfg: ExperimentConfig) -> Path:
 
 def stage_env(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
     """The environment variables a stage's job gets on top of ours (written nowhere: see run_stages)."""
-    env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg))}
+    env = {"OMP_NUM_THREADS": str(placement.threads_per_rank(cfg))}
     if cfg.launch.hostfile:
         env["DS_ENV_FILE"] = str(deepspeed_env_path(cfg))
     if slurm_runner(cfg):
@@ -105,7 +99,7 @@ def stage_env(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
         # passes our environment instead (--export=ALL).
         cmd = runner_command(cfg, stage)
         env["MASTER_ADDR"] = (
-            cmd[cmd.index("--master_addr") + 1] if "--master_addr" in cmd else nodes.host_names(cfg)[0]
+            cmd[cmd.index("--master_addr") + 1] if "--master_addr" in cmd else placement.host_names(cfg)[0]
         )
         env["MASTER_PORT"] = cmd[cmd.index("--master_port") + 1]
     elif placement.slots(cfg, stage) is not None and not torch.cuda.is_available():

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.shards.format import ShardError
-from stablekd.launcher import done, hints, models, placement, rundir
+from stablekd.launcher import diskfull, done, hints, models, placement, rundir
 from stablekd.launcher.config import (
     ConfigError,
     ExperimentConfig,
@@ -84,7 +84,7 @@ def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None
     ) as e:  # this process's own writes: config.yaml, corpus, tokenizer, data_order.json, DONE.json
         if e.errno != errno.ENOSPC:
             raise
-        raise SystemExit(diskspace.full_line(at["stage"], e.filename or cfg.run_dir)) from None
+        raise SystemExit(diskfull.full_line(at["stage"], e.filename or cfg.run_dir)) from None
 
 
 def _groups(cfg: ExperimentConfig, stages: list[str]) -> list[list[str]]:
@@ -206,7 +206,7 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
             todo.append("tokenizer/ (SentencePiece)")
         todo += [f"ds/{s}.json" for s in stages if spec(s).trains]
         lines.append(f"# prepare {cfg.run_dir}: " + ", ".join(todo))
-    ds = {s: prepare.resolve_ds_config(cfg, s) for s in stages if spec(s).trains}
+    ds = {s: placement.resolve_ds_config(cfg, s) for s in stages if spec(s).trains}
     for stage in stages:
         in_process = _in_process(cfg, stage)
         if follower and in_process:

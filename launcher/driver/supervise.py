@@ -20,9 +20,9 @@ from pathlib import Path
 
 import psutil
 
-from stablekd.launcher import placement, rank_status
+from stablekd.launcher import diskfull, placement, rank_status
 from stablekd.launcher.config import ExperimentConfig
-from stablekd.launcher.driver import diskspace, launch
+from stablekd.launcher.driver import launch
 from stablekd.launcher.driver.console import ConsoleFilter, LogFile, SideBySide
 from stablekd.launcher.stages import NAMES
 
@@ -194,7 +194,7 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
         if job.proc.returncode != 0 and _full(
             job.console.log.error
         ):  # this process's log could not be written
-            raise SystemExit(diskspace.full_line(job.stage, job.log))
+            raise SystemExit(diskfull.full_line(job.stage, job.log))
         if job.proc.returncode != 0:
             slots = placement.slots(cfg, job.stage) or placement.pool(cfg)  # where its ranks ran
             lost = rank_status.lost(cfg.run_dir, job.stage, started, slots)

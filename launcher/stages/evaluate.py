@@ -43,9 +43,8 @@ from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
-from stablekd.launcher import done, models, rundir
+from stablekd.launcher import done, models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
-from stablekd.launcher.driver import launch
 from stablekd.launcher.rank import artifacts
 from stablekd.launcher.stages import MODELS, model_stage
 from stablekd.model.build import count_params
@@ -192,7 +191,7 @@ def run(cfg: ExperimentConfig) -> None:
     # teacher took 145 s with 2 threads and 28 s with 1 (1 thread was ~1.2x slower on idle cores).
     threads = torch.get_num_threads()
     if not torch.cuda.is_available():
-        torch.set_num_threads(launch.threads_per_rank(cfg))
+        torch.set_num_threads(placement.threads_per_rank(cfg))
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load says nothing here
     try:
