@@ -1,6 +1,6 @@
 """Training and scoring one arm of a distillation benchmark, shared by benchmarks/distill.py and
 benchmarks/cross_tokenizer.py: each arm in its own directory that links a finished run's inputs, trained
-with the distill stage's own assembly (launcher/rank/distillation.py) at world size 1, exported and scored as
+with the distill stage's own assembly (launcher/rank/distill_parts.py) at world size 1, exported and scored as
 the evaluate stage loads models."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
@@ -28,7 +28,7 @@ from stablekd.launcher import models, rundir
 from stablekd.launcher.config import load_config, save_config
 from stablekd.launcher.driver import prepare
 from stablekd.launcher.rank import engine
-from stablekd.launcher.rank.distillation import build_stage, student_batches
+from stablekd.launcher.rank.distill_parts import build_stage, student_batches
 from stablekd.model.build import build_model, count_params, flops_per_token
 from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
 from stablekd.objectives.lm import lm_loss

@@ -78,7 +78,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from stablekd.data_pipeline import bios
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator
 from stablekd.launcher import models, rundir

@@ -60,7 +60,7 @@ from transformers.utils import logging as hf_logging
 from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.sources import Corpus, resolve_paths
 from stablekd.data_pipeline.stream import eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks

@@ -58,7 +58,7 @@ from stablekd.data_pipeline.soft_labels import (  # noqa: E402
     soft_label_reader,
 )
 from stablekd.data_pipeline.stream import PackedStream  # noqa: E402
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash  # noqa: E402
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
 from stablekd.launcher import models, rundir  # noqa: E402
 from stablekd.launcher.config import load_config, save_config  # noqa: E402
 from stablekd.model.build import export_hf  # noqa: E402

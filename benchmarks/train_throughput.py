@@ -33,7 +33,7 @@ import single_rank  # benchmarks/single_rank.py: this script's folder is on sys.
 import torch
 
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher import models, placement, rundir
 from stablekd.launcher.config import load_config

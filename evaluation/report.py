@@ -40,7 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import read_documents
-from stablekd.data_pipeline.tokenize import encode
+from stablekd.data_pipeline.tokenizer import encode
 from stablekd.evaluation import chart, metrics
 from stablekd.evaluation.bios_probe import HFGenerator, ProbeSettings, TextGenerator
 from stablekd.objectives.lm import IGNORE_INDEX, chunk_rows, nll_sum, shifted_labels
@@ -114,7 +114,7 @@ def perplexity(
 ) -> Perplexity:
     """Perplexity, counted tokens, calibration error and bits per byte over `batches` (dicts with
     input_ids and labels, (B, T)), the distribution over the tokenizer's `vocab` ids (a padded
-    vocabulary's extra rows cut off, as in training: objectives/distill.py). The calibration error is that
+    vocabulary's extra rows cut off, as in training: objectives/kd.py). The calibration error is that
     of the next-token top-1 prediction: confidence = its probability, correct = it is the next token,
     ECE_BINS equal-width bins (`metrics.calibration_error`). Bits per byte divide the same NLL (in bits) by
     the UTF-8 bytes of the counted tokens (`byte_lengths` per id: data_pipeline/align.py TokenBytes; a

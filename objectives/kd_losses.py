@@ -12,7 +12,7 @@ import torch
 
 from stablekd.objectives.agreement import AGREEMENT_TOKENS, agreement_sums
 from stablekd.objectives.cross_tokenizer import cross_kd_sum
-from stablekd.objectives.distill import (
+from stablekd.objectives.kd import (
     check_params,
     kd_sum,
     soft_label_targets,
@@ -31,7 +31,7 @@ def soft_label_loss(
 ) -> Callable[[torch.nn.Module, dict], Loss]:
     """Loss on soft-label batches of the student's own tokenizer: terms "kd" (``kd_sum``) and "ce";
     metrics student_topk_mass and top1_agreement. `vocab`: the tokenizer's size V; the student's logits
-    past it (padded rows) are cut off (objectives/distill.py, Vocabulary)."""
+    past it (padded rows) are cut off (objectives/kd.py, Vocabulary)."""
     check_params(kind, temperature, beta, skew)
 
     def loss(model: torch.nn.Module, batch: dict) -> Loss:

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.bios import ATTRIBUTES, TEMPLATES
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, build_questions, probe
 from stablekd.launcher import done, models, rundir

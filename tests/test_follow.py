@@ -18,7 +18,7 @@ import pytest
 
 from stablekd.data_pipeline.shards.format import ShardError, rank_manifest_name, shard_name
 from stablekd.data_pipeline.soft_labels import soft_label_meta
-from stablekd.data_pipeline.tokenize import tokenizer_hash
+from stablekd.data_pipeline.tokenizer import tokenizer_hash
 from stablekd.launcher import models, rundir
 from stablekd.launcher.config import ExperimentConfig, load_config
 from stablekd.launcher.rank import artifacts

@@ -10,7 +10,7 @@
   neither side;
 - no stage module imports another stage;
 - no benchmark imports a stage module (what a stage and a benchmark share is a component, or
-  launcher/rank/distillation.py);
+  launcher/rank/distill_parts.py);
 - no module outside tests/ is over MAX_LINES lines (past ~500 a module holds more than one concern).
 
 Each rule is checked on a planted violation too, so the checks can fail.

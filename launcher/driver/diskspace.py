@@ -52,7 +52,7 @@ def _corpus_tokens(cfg: ExperimentConfig, bound: bool = False) -> int | None:
     bound: at most one token per byte instead, without loading a tokenizer (None for gzipped files, whose
     size on disk bounds nothing)."""
     from stablekd.data_pipeline.sources import iter_documents
-    from stablekd.data_pipeline.tokenize import load_tokenizer
+    from stablekd.data_pipeline.tokenizer import load_tokenizer
 
     files = rundir.train_files(cfg)
     total = sum(Path(f).stat().st_size for f in files)
@@ -73,7 +73,7 @@ def soft_labels_bytes(cfg: ExperimentConfig, bound: bool = False) -> tuple[int, 
     bound that loads no tokenizer (4-byte ids, one token per corpus byte; None where there is none)."""
     from stablekd.data_pipeline.encodings import schema
     from stablekd.data_pipeline.soft_labels import config_meta
-    from stablekd.data_pipeline.tokenize import load_tokenizer
+    from stablekd.data_pipeline.tokenizer import load_tokenizer
 
     sl, seq_len = cfg.soft_labels, cfg.data.seq_len
     vocab = 1 << 30 if bound else len(load_tokenizer(models.tokenizer_dir(cfg)))  # 1 << 30: int32 ids

@@ -95,7 +95,7 @@ def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
     t0 = time.perf_counter()
     docs = itertools.islice(iter_documents(rundir.train_files(cfg)), cfg.tokenizer.train_sentences)
     try:
-        from stablekd.model.tokenizer import (
+        from stablekd.data_pipeline.tokenizer import (
             train_tokenizer,  # sentencepiece, transformers: only when training
         )
 

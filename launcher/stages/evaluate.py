@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.stream import eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks

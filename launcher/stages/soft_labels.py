@@ -55,7 +55,7 @@ from stablekd.data_pipeline.soft_labels import (
     finalize_soft_labels,
 )
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
-from stablekd.data_pipeline.tokenize import tokenizer_hash
+from stablekd.data_pipeline.tokenizer import tokenizer_hash
 from stablekd.launcher import done, hints, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.rank import artifacts, engine

@@ -18,7 +18,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline.sources import SourceStats
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import done, models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig

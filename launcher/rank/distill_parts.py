@@ -17,7 +17,7 @@ from stablekd.launcher import models, rundir
 from stablekd.launcher.config import ExperimentConfig
 from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import flops_per_token, generation_config
-from stablekd.objectives.distill import soft_label_counts, soft_label_weights
+from stablekd.objectives.kd import soft_label_counts, soft_label_weights
 from stablekd.objectives.kd_losses import (
     ON_POLICY,
     cross_counts,
