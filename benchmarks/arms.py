@@ -185,7 +185,7 @@ def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str
                 held, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
             )
             if batches:  # a user corpus's held-out share may hold no document
-                ppl = report.perplexity(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+                ppl = report.held_out_scores(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
                 m["ppl"], m["ece"], m["bpb"] = ppl.ppl, ppl.ece, ppl.bits_per_byte
         if people:
             m.update(probe(gen, people, [], ecfg).metrics)  # trained people only: what the goals are about

@@ -159,7 +159,7 @@ def score(hf: Path, cfg, corpus: Path) -> dict[str, float]:
     m: dict[str, float] = {"params": count_params(model)}
     with torch.inference_mode():
         batches = eval_batches(held, hf, cfg.data.seq_len, report.PPL_MICRO_BATCH, 10**9, 0, 1)  # all of it
-        ppl = report.perplexity(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+        ppl = report.held_out_scores(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
         m.update(ppl=ppl.ppl, ece=ppl.ece, bpb=ppl.bits_per_byte, heldout_tokens=ppl.tokens)
         answers = dataclasses.replace(ecfg, max_new_tokens=ANSWER_TOKENS)
         for kind, with_templates in (("rephrased", True), ("unasked", False)):

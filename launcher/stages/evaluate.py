@@ -40,7 +40,7 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.stream import eval_batches
 from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
-from stablekd.evaluation import report
+from stablekd.evaluation import metrics, report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
 from stablekd.launcher import done, models, placement, rundir
@@ -131,15 +131,15 @@ def _perplexity(
     tok_dir: Path,
     cfg: ExperimentConfig,
     tok: PreTrainedTokenizerBase,
-) -> report.Perplexity | None:
-    """`report.perplexity` on the first evaluate.ppl_batches held-out batches of the model's own tokenizer
+) -> report.HeldOutScores | None:
+    """`report.held_out_scores` on the first evaluate.ppl_batches held-out batches of the model's own tokenizer
     (its ids, and the bytes they stand for: bits per byte); None when `files` yield no batch."""
     batches = eval_batches(
         files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, cfg.evaluate.ppl_batches, 0, 1
     )
     if not batches:
         return None
-    return report.perplexity(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+    return report.held_out_scores(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
 
 
 def _trained_task_records(cfg: ExperimentConfig) -> int:
@@ -351,7 +351,8 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             if encoder_name != "teacher":
                 notes.append(f"coherence encoder: {encoder_name} (the run has no teacher/hf)")
         for name in found:
-            results[name]["coherence"] = report.coherence(encoder, enc_tok, prefixes, greedy[name])
+            pairs = report.embed(encoder, enc_tok, prefixes), report.embed(encoder, enc_tok, greedy[name])
+            results[name]["coherence"] = metrics.coherence(*pairs)
         del encoder
     if rank != 0:
         return
