@@ -1,6 +1,6 @@
 """Training and scoring one arm of a distillation benchmark, shared by benchmarks/distill.py and
 benchmarks/cross_tokenizer.py: each arm in its own directory that links a finished run's inputs, trained
-with the distill stage's own assembly (launcher/distillation.py) at world size 1, exported and scored as
+with the distill stage's own assembly (launcher/rank/distill_parts.py) at world size 1, exported and scored as
 the evaluate stage loads models."""
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from transformers.integrations import HfDeepSpeedConfig
 from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
-from stablekd.launcher import engine, models, prepare, rundir
+from stablekd.launcher import models, rundir
 from stablekd.launcher.config import load_config, save_config
-from stablekd.launcher.distillation import build_stage, student_batches
+from stablekd.launcher.driver import prepare
+from stablekd.launcher.rank import engine
+from stablekd.launcher.rank.distill_parts import build_stage, student_batches
 from stablekd.model.build import build_model, count_params, flops_per_token
 from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
 from stablekd.objectives.lm import lm_loss
@@ -139,7 +141,7 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
 def on_policy_split(cfg) -> dict[str, float | None]:
     """Mean seconds per on-policy micro-batch the student spent sampling and the teacher scoring (the rest
     of a step is the update and the offline micro-batches), and the generated tokens per one."""
-    from stablekd.launcher.monitor import read_scalars
+    from stablekd.launcher.rank.monitor import read_scalars
 
     tb = cfg.run_dir / "tb" / "distill"
     out = {}
@@ -151,7 +153,7 @@ def on_policy_split(cfg) -> dict[str, float | None]:
 
 def step_times(cfg, warmup: int) -> list[float]:
     """Per-step wall times the loop logged (perf/step_time_s, log_every = 1), warm-up steps dropped."""
-    from stablekd.launcher.monitor import read_scalars
+    from stablekd.launcher.rank.monitor import read_scalars
 
     times = read_scalars(cfg.run_dir / "tb" / "distill", "perf/step_time_s")
     return [v for s, v in sorted(times.items()) if s > warmup]
@@ -183,7 +185,7 @@ def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str
                 held, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
             )
             if batches:  # a user corpus's held-out share may hold no document
-                ppl = report.perplexity(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+                ppl = report.held_out_scores(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
                 m["ppl"], m["ece"], m["bpb"] = ppl.ppl, ppl.ece, ppl.bits_per_byte
         if people:
             m.update(probe(gen, people, [], ecfg).metrics)  # trained people only: what the goals are about

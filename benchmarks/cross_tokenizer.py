@@ -53,11 +53,11 @@ from transformers.utils import logging as hf_logging
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.sources import iter_documents
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.launcher import rundir
 from stablekd.launcher.config import load_config
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.model.build import build_model, export_hf
 
 REPO = Path(__file__).resolve().parent.parent

@@ -36,7 +36,7 @@ recorded, since other work on the cores skews every time.
 
 Quality (CE, KD offline and the control, after --steps steps each): each student is exported to Hugging Face format
 and loaded whole (fp32 on CPU, as the evaluate stage loads models), then held-out perplexity
-(`report.perplexity` over the first `evaluate.ppl_batches` held-out batches of 8) and the bios probe on
+(`report.held_out_scores` over the first `evaluate.ppl_batches` held-out batches of 8) and the bios probe on
 trained people (`bios_probe.probe` with the run's `evaluate` settings and seed: accuracy of the greedy
 answer, self-consistency and cross-sample contradiction over 1 + K answers, in-text contradiction of free
 bios), and generation tokens/s on one fixed batch. The teacher's figures come from <run>/eval/report.json
@@ -78,10 +78,11 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from stablekd.data_pipeline import bios
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator
-from stablekd.launcher import artifacts, models, rundir
+from stablekd.launcher import models, rundir
+from stablekd.launcher.rank import artifacts
 from stablekd.model.build import export_hf
 
 REPO = Path(__file__).resolve().parent.parent

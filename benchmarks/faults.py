@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.launcher.stages import NAMES, spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ OVERRIDES = [
 
 
 def command(run: Path, stage: str, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "stablekd.launcher.cli", "stage", stage, str(QUICKSTART),
+    return [sys.executable, "-m", "stablekd.launcher.driver.cli", "stage", stage, str(QUICKSTART),
             f"run.out_dir={run}", *OVERRIDES, *extra]  # fmt: skip
 
 

@@ -61,7 +61,7 @@ section "bf16 matmul"
 "$PY" - <<'EOF'
 import torch
 
-from stablekd.launcher.monitor import measure_peak_flops
+from stablekd.launcher.rank.monitor import measure_peak_flops
 
 n, iters = 8192, 50
 for i in range(torch.cuda.device_count()):
@@ -134,12 +134,12 @@ ARGS=(
   "distill.save_every=$DISTILL_STEPS"
   evaluate.samples=3 evaluate.max_prompts=50 evaluate.free_bios=10 evaluate.prefixes=20
 )
-"$PY" -m stablekd.launcher.cli ds-config estimate configs/gpu.yaml "${ARGS[@]}"
+"$PY" -m stablekd.launcher.driver.cli ds-config estimate configs/gpu.yaml "${ARGS[@]}"
 # A hung collective must not eat the session: each stage gets a bound.
 for stage_limit in teacher:420 soft_labels:300 distill:300 evaluate:300; do
   stage="${stage_limit%%:*}"
   section "stage $stage"
-  timeout "${stage_limit##*:}" "$PY" -m stablekd.launcher.cli stage "$stage" configs/gpu.yaml "${ARGS[@]}"
+  timeout "${stage_limit##*:}" "$PY" -m stablekd.launcher.driver.cli stage "$stage" configs/gpu.yaml "${ARGS[@]}"
 done
 
 section "throughput and MFU (TensorBoard scalars; the first logged window is warm-up and left out)"
@@ -147,7 +147,7 @@ section "throughput and MFU (TensorBoard scalars; the first logged window is war
 import sys
 from pathlib import Path
 
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank.monitor import read_scalars
 
 
 def mean(tb: Path, tag: str, steps: list[int]) -> float:

@@ -62,7 +62,7 @@ from transformers.utils import logging as hf_logging
 from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.sources import Corpus, resolve_paths
 from stablekd.data_pipeline.stream import eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
@@ -87,7 +87,7 @@ GOAL_STUDENT_EM_SHARE = 0.95
 
 def stablekd(args: list[str]) -> None:
     """One `stablekd` command (an argument list), its console on ours; a failure stops the benchmark."""
-    cmd = [sys.executable, "-m", "stablekd.launcher.cli", *args]
+    cmd = [sys.executable, "-m", "stablekd.launcher.driver.cli", *args]
     print("$ stablekd " + " ".join(args), flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         raise SystemExit(f"stablekd {args[0]} failed: see its lines above")
@@ -184,7 +184,7 @@ def score(hf: Path, cfg, corpus: Path) -> dict[str, float]:
     m: dict[str, float] = {"params": count_params(model)}
     with torch.inference_mode():
         batches = eval_batches(held, hf, cfg.data.seq_len, report.PPL_MICRO_BATCH, 10**9, 0, 1)  # all of it
-        ppl = report.perplexity(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+        ppl = report.held_out_scores(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
         m.update(ppl=ppl.ppl, ece=ppl.ece, bpb=ppl.bits_per_byte, heldout_tokens=ppl.tokens)
         answers = dataclasses.replace(ecfg, max_new_tokens=ANSWER_TOKENS)
         for kind, with_templates in (("rephrased", True), ("unasked", False)):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from stablekd.launcher import engine
+from stablekd.launcher.rank import engine
 
 
 def start(port: int, threads: int = 0) -> None:

@@ -13,7 +13,7 @@ stored + flat tail) on every position of the first 8 sequences (`encodings.fidel
 (the run's `student.model`, same seed) trains --steps steps at world size 1 with the distill stage's
 loss (`distill.kind` fkl, alpha 1) on that arm's shards, all arms on the same sequences in the same
 order, and is scored like the evaluate stage: held-out perplexity and expected calibration error
-(`report.perplexity`), bios accuracy on trained people where the run has the bios corpus. Step time is
+(`report.held_out_scores`), bios accuracy on trained people where the run has the bios corpus. Step time is
 the median of the loop's `perf/step_time_s` after --warmup, relative to the CE control's (the same
 shards, alpha 0: next-token cross-entropy on the same sequences).
 
@@ -58,7 +58,7 @@ from stablekd.data_pipeline.soft_labels import (  # noqa: E402
     soft_label_reader,
 )
 from stablekd.data_pipeline.stream import PackedStream  # noqa: E402
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash  # noqa: E402
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash  # noqa: E402
 from stablekd.launcher import models, rundir  # noqa: E402
 from stablekd.launcher.config import load_config, save_config  # noqa: E402
 from stablekd.model.build import export_hf  # noqa: E402

@@ -39,10 +39,10 @@ from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.soft_labels import FIDELITY_RATE, SoftLabelWriter, config_meta
 from stablekd.data_pipeline.stream import PackedStream
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.launcher import models, rundir
 from stablekd.launcher.config import load_config, save_config
-from stablekd.launcher.supervise import run_stage
+from stablekd.launcher.driver.supervise import run_stage
 from stablekd.model.build import build_model, count_params
 
 REPO = Path(__file__).resolve().parent.parent

@@ -33,11 +33,13 @@ import single_rank  # benchmarks/single_rank.py: this script's folder is on sys.
 import torch
 
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import engine, models, prepare, rundir
+from stablekd.launcher import models, placement, rundir
 from stablekd.launcher.config import load_config
-from stablekd.launcher.monitor import measure_peak_flops, read_scalars
+from stablekd.launcher.driver import prepare
+from stablekd.launcher.rank import engine
+from stablekd.launcher.rank.monitor import measure_peak_flops, read_scalars
 from stablekd.model.build import build_model, count_params, flops_per_token
 from stablekd.objectives.lm import lm_loss, nll_sum
 
@@ -92,7 +94,7 @@ def bare_deepspeed_loop(cfg, ds_name: str, steps: int, dtype: str) -> float:
 
     cfg.teacher.ds_config, cfg.teacher.dtype = ds_name, dtype
     cfg.teacher.max_steps = WINDOW + steps
-    ds = prepare.resolve_ds_config(cfg, "teacher")
+    ds = placement.resolve_ds_config(cfg, "teacher")
     ds.pop("tensorboard", None)  # no writer: the bare loop logs nothing
     from transformers.integrations import HfDeepSpeedConfig
 

@@ -38,7 +38,7 @@ from stablekd.data_pipeline.bios import (
 )
 from stablekd.data_pipeline.sources import read_documents
 from stablekd.data_pipeline.tasks import encode_documents
-from stablekd.data_pipeline.tokenize import encode
+from stablekd.data_pipeline.tokenizer import encode
 
 QUESTION_SHARE = 4  # every 4th context starts a biography, the other three ask a question
 

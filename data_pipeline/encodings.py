@@ -32,7 +32,7 @@ packing below a byte.
 
 Decoded batches (what the losses read, `decode`): topk and topp give `topk_ids` / `topk_logprobs` [B, L, k]
 float32, a topp position with fewer entries padded with its own first id at log-prob −inf (the losses
-treat such repeats as absent: objectives/distill.py); sampled gives `sample_ids` [B, L, N] (padding: the
+treat such repeats as absent: objectives/kd.py); sampled gives `sample_ids` [B, L, N] (padding: the
 first id, weight 0) and `sample_weights` [B, L, N] float32.
 """
 

@@ -34,6 +34,6 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
 
 def read_marker(ckpt_dir: Path) -> dict | None:
     """A checkpoint directory's `complete.json` (the last complete tag, its step, world size and config
-    hash; launcher/engine.py writes it), or None when no checkpoint was ever completed."""
+    hash; launcher/rank/engine.py writes it), or None when no checkpoint was ever completed."""
     marker = Path(ckpt_dir) / "complete.json"
     return json.loads(marker.read_text()) if marker.exists() else None

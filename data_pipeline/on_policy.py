@@ -55,7 +55,7 @@ class OnPolicy:
         batches: decoded soft-label batches with state_dict/load_state_dict (artifacts.open_soft_labels).
         sample: (prompts (B, P), seed) -> sequences (B, P + N) sampled by the student (N new tokens; rows
             that end early are padded after their EOS) with a generator of its own seeded by `seed`: neither
-            the global nor any CUDA generator is used or reseeded (launcher/distillation.py `sampler`).
+            the global nor any CUDA generator is used or reseeded (launcher/rank/distill_parts.py `sampler`).
         teacher: `logits(ids)` (B, T) -> (B, T, V) over the run's ids (model.sharded_teacher.ShardedTeacher).
         share: λ in (0, 1]. prompt_tokens: P. seed, rank: what the sampling seed is made of.
         eos_id: the tokenizer's EOS.

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from stablekd.data_pipeline.errors import DataError
 from stablekd.data_pipeline.sources import Corpus, SourceStats, as_corpus, read_documents
 from stablekd.data_pipeline.tasks import Document, encode_documents
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.objectives.lm import IGNORE_INDEX
 
 _TOKENIZE_BATCH = 64  # documents per tokenizer call: amortises the call, keeps memory small

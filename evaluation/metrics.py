@@ -150,3 +150,11 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
         return math.exp(nll_sum / n_tokens)
     except OverflowError:
         return math.inf
+
+
+def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
+    """nll_sum (nats, summed over predicted tokens) / ln 2 / the UTF-8 bytes of those tokens: comparable
+    across tokenizers, where perplexity is not. ValueError when n_bytes <= 0."""
+    if n_bytes <= 0:
+        raise ValueError(f"bits per byte needs n_bytes > 0, got {n_bytes}")
+    return nll_sum / math.log(2) / n_bytes

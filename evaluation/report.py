@@ -1,7 +1,10 @@
-"""Perplexity, degeneration, coherence and efficiency of one model, and the report of all of them.
+"""Measuring one model (held-out scores, degeneration, the embeddings coherence compares, efficiency) and the
+report of all of them.
 
-The pieces take a model (or a `TextGenerator`) and return numbers; `launcher/stages/evaluate.py` wires
-them for every model of a run and calls `write_report`.
+The pieces take a model (or a `TextGenerator`) and return numbers; each metric itself is defined once, in
+evaluation/metrics.py (pure functions on counts, texts, answers and embeddings), under the name its report
+key has (`ppl` = `metrics.perplexity`, `coherence` = `metrics.coherence`). `launcher/stages/evaluate.py`
+wires the pieces for every model of a run and calls `write_report`.
 
 - Perplexity: exp(mean next-token NLL) over the first `ppl_batches` packed held-out batches of
   `PPL_MICRO_BATCH` sequences (the stream the teacher's eval loss reads, so ppl = exp(eval loss)).
@@ -40,7 +43,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stablekd.data_pipeline.files import atomic_write
 from stablekd.data_pipeline.sources import read_documents
-from stablekd.data_pipeline.tokenize import encode
+from stablekd.data_pipeline.tokenizer import encode
 from stablekd.evaluation import chart, metrics
 from stablekd.evaluation.bios_probe import HFGenerator, ProbeSettings, TextGenerator
 from stablekd.objectives.lm import IGNORE_INDEX, chunk_rows, nll_sum, shifted_labels
@@ -95,10 +98,10 @@ EFFICIENCY_KEYS = ("params", "gen_tokens_per_s", "peak_mem_mib")
 RATIO_KEYS = (*EFFICIENCY_KEYS, "bios_accuracy", "bios_cross_contradiction", "ppl", "bpb")
 
 
-# --- perplexity ----------------------------------------------------------------------------------
+# --- held-out scores: perplexity, calibration, bits per byte ---------------------------------
 
 
-class Perplexity(NamedTuple):
+class HeldOutScores(NamedTuple):
     ppl: float  # exp(summed NLL / counted tokens)
     tokens: int  # counted tokens
     ece: float  # expected calibration error of the next-token top-1
@@ -106,15 +109,15 @@ class Perplexity(NamedTuple):
 
 
 @torch.no_grad()
-def perplexity(
+def held_out_scores(
     model: PreTrainedModel,
     batches: Sequence[dict[str, torch.Tensor]],
     vocab: int | None = None,
     byte_lengths: np.ndarray | None = None,
-) -> Perplexity:
+) -> HeldOutScores:
     """Perplexity, counted tokens, calibration error and bits per byte over `batches` (dicts with
     input_ids and labels, (B, T)), the distribution over the tokenizer's `vocab` ids (a padded
-    vocabulary's extra rows cut off, as in training: objectives/distill.py). The calibration error is that
+    vocabulary's extra rows cut off, as in training: objectives/kd.py). The calibration error is that
     of the next-token top-1 prediction: confidence = its probability, correct = it is the next token,
     ECE_BINS equal-width bins (`metrics.calibration_error`). Bits per byte divide the same NLL (in bits) by
     the UTF-8 bytes of the counted tokens (`byte_lengths` per id: data_pipeline/align.py TokenBytes; a
@@ -136,8 +139,9 @@ def perplexity(
         b = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1).cpu()
         for row, values in enumerate((torch.ones_like(conf), conf, (pred == target[keep]).float())):
             bins[row].index_add_(0, b, values.double().cpu())
-    bpb = total / math.log(2) / size if size else None
-    return Perplexity(metrics.perplexity(total, count), count, metrics.calibration_error(*bins.tolist()), bpb)
+    bpb = metrics.bits_per_byte(total, size) if size else None
+    ece = metrics.calibration_error(*bins.tolist())
+    return HeldOutScores(metrics.perplexity(total, count), count, ece, bpb)
 
 
 def _top1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +231,7 @@ def degeneration(cont: Continuations) -> dict[str, float]:
     return out
 
 
-# --- coherence -----------------------------------------------------------------------------------
+# --- embeddings, for coherence -------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -253,15 +257,6 @@ def embed(
         m = mask.unsqueeze(-1).float()  # (b, T, 1)
         rows.append((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1))  # (b, D)
     return torch.cat(rows)
-
-
-def coherence(
-    encoder: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prefixes: Sequence[str],
-    conts: Sequence[str],
-) -> float:
-    return metrics.coherence(embed(encoder, tokenizer, prefixes), embed(encoder, tokenizer, conts))
 
 
 # --- efficiency ----------------------------------------------------------------------------------

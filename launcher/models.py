@@ -6,10 +6,10 @@ directory of any causal-LM architecture. A directory that holds its own tokenize
 another) and no SentencePiece is trained. `teacher.init_from` continues a previous stablekd run: its
 tokenizer, its model source and its ZeRO checkpoint.
 
-Vocabulary rule (objectives/distill.py states it for the losses): the run's ids are 0 .. len(tokenizer) − 1.
+Vocabulary rule (objectives/kd.py states it for the losses): the run's ids are 0 .. len(tokenizer) − 1.
 A model may have more embedding rows (released checkpoints pad: Qwen2.5-7B has 152,064 rows for a
 tokenizer of 151,665); those rows are never stored, compared or counted. Two models can learn from each
-other when their tokenizers are the same by content (`data_pipeline.tokenize.tokenizer_hash`), whatever their
+other when their tokenizers are the same by content (`data_pipeline.tokenizer.tokenizer_hash`), whatever their
 row counts.
 
 Used by the driver (preparation, dry run), stage preflights and ranks; imports no stage and not the driver.
@@ -21,7 +21,7 @@ import functools
 from pathlib import Path
 
 from stablekd.data_pipeline.files import read_marker
-from stablekd.data_pipeline.tokenize import own_tokenizer, tokenizer_hash
+from stablekd.data_pipeline.tokenizer import own_tokenizer, tokenizer_hash
 from stablekd.launcher.config import ConfigError, ExperimentConfig, load_config
 from stablekd.launcher.stages import spec
 
@@ -79,7 +79,7 @@ def meta_model(cfg: ExperimentConfig, stage: str):  # -> (name, torch.nn.Module 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from stablekd.data_pipeline.tokenize import load_tokenizer
+    from stablekd.data_pipeline.tokenizer import load_tokenizer
     from stablekd.model.build import model_config
 
     name = teacher_source(cfg) if stage == "teacher" else cfg.student.model
@@ -103,7 +103,7 @@ def meta_model(cfg: ExperimentConfig, stage: str):  # -> (name, torch.nn.Module 
 
 def describe_tokenizer(path: Path) -> str:
     """`path (N tokens, hash 0123abcd)` for messages that compare tokenizers."""
-    from stablekd.data_pipeline.tokenize import load_tokenizer  # transformers: only on this error path
+    from stablekd.data_pipeline.tokenizer import load_tokenizer  # transformers: only on this error path
 
     return f"{path} ({len(load_tokenizer(path))} tokens, hash {tokenizer_hash(path)[:12]})"
 

@@ -1,4 +1,6 @@
-"""Which slots (hosts × local ranks) each stage's job runs on, and the world size that makes.
+"""Which slots (hosts × local ranks) each stage's job runs on, and what that fixes: the world size, the
+threads per rank, the resolved DeepSpeed JSON. Shared: the launching process places jobs with it, the ranks
+read the world size and JSON their stage was placed with.
 
 Every stage runs on the whole pool (launch.nproc_per_node slots on this node, or on each hostfile node up
 to its slots) unless distill.include places the distill job on part of it. With distill.follow as well,
@@ -12,7 +14,11 @@ runner as `--include` (the runner refuses it beside `--num_gpus`), so both jobs 
 
 from __future__ import annotations
 
-from stablekd.launcher import nodes
+import os
+from pathlib import Path
+
+from stablekd.ds_configs import resolve as ds_resolve
+from stablekd.launcher import rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 
 Slots = dict[str, list[int]]  # host -> local slots (GPU indices on a GPU node), in hostfile order
@@ -20,8 +26,8 @@ Slots = dict[str, list[int]]  # host -> local slots (GPU indices on a GPU node),
 
 def pool(cfg: ExperimentConfig) -> Slots:
     """Every slot of the run: launch.nproc_per_node on this node, or on each hostfile node (at most its slots)."""
-    hosts = nodes.hosts(cfg) or [("localhost", cfg.launch.nproc_per_node)]
-    return {h: list(range(min(n, cfg.launch.nproc_per_node))) for h, n in hosts}
+    listed = hosts(cfg) or [("localhost", cfg.launch.nproc_per_node)]
+    return {h: list(range(min(n, cfg.launch.nproc_per_node))) for h, n in listed}
 
 
 def parse(text: str, within: Slots, key: str = "distill.include") -> Slots:
@@ -97,3 +103,37 @@ def check(cfg: ExperimentConfig) -> None:
             f"distill.include: {cfg.distill.include!r} takes every slot of the pool ({include_arg(pool(cfg))}); "
             "with distill.follow the soft_labels job runs beside it and needs at least one"
         )
+
+
+def hosts(cfg: ExperimentConfig) -> list[tuple[str, int]]:
+    """(host, slots) of each hostfile line, in order; [] without a hostfile."""
+    if not cfg.launch.hostfile:
+        return []
+    out = []
+    for line in Path(cfg.launch.hostfile).read_text().splitlines():
+        fields = line.split()
+        if fields and not fields[0].startswith("#"):
+            slots = next((int(f.split("=")[1]) for f in fields[1:] if f.startswith("slots=")), 1)
+            out.append((fields[0], slots))
+    return out
+
+
+def host_names(cfg: ExperimentConfig) -> list[str]:
+    """Node i's address (hostfile order); this machine alone without a hostfile."""
+    return [h for h, _ in hosts(cfg)] or ["localhost"]
+
+
+def threads_per_rank(cfg: ExperimentConfig) -> int:
+    """Cores ÷ local ranks unless set: two ranks each taking every core run at half speed."""
+    return cfg.launch.threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
+
+
+def resolve_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
+    """The stage's DeepSpeed JSON with "auto" filled, validated with DeepSpeed's config class (not written)."""
+    train_cfg = getattr(cfg, stage)
+    raw, path = ds_resolve.load(train_cfg.ds_config)
+    ds = ds_resolve.resolve(
+        raw, train_cfg, world_size(cfg, stage), rundir.tb_dir(cfg, stage) / "deepspeed", str(path)
+    )
+    ds_resolve.validate(ds, world_size(cfg, stage), str(path))
+    return ds

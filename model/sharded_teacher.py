@@ -42,7 +42,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline.errors import ConfigError
 from stablekd.data_pipeline.files import read_marker
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.model.build import build_model, generation_config
 

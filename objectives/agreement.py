@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stablekd.objectives.distill import check_student, check_topk_ids, counted_rows
 from stablekd.objectives.divergences import topk_entries
+from stablekd.objectives.kd import check_student, check_topk_ids, counted_rows
 
 
 def agreement_sums(

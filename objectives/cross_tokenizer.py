@@ -1,6 +1,6 @@
 """Distillation across tokenizers: a student whose vocabulary is not the teacher's (docs/architecture.md).
 
-Conventions (the rest as objectives/distill.py states them):
+Conventions (the rest as objectives/kd.py states them):
 
 - Positions. The batch comes from data_pipeline/align.py: student position s is `aligned` when the teacher
   position it was matched with predicts the text that starts where student token s ends; the teacher's
@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stablekd.objectives.distill import SampledLabels, Teacher, check_params
 from stablekd.objectives.divergences import FP16_FLOOR, NEG_INF, divergence, log1mexp, topk_entries
+from stablekd.objectives.kd import SampledLabels, Teacher, check_params
 from stablekd.objectives.lm import chunk_rows, compute_dtype
 
 MODES = ("uld", "hybrid")
@@ -120,7 +120,7 @@ def cross_kd_sum(
             each (B, T, k), ids in the teacher's vocabulary.
         aligned: (B, T) bool, the positions that count.
         mode: "uld" or "hybrid" (module docstring); hybrid needs `vmap` (V_teacher,) int64.
-        kind, beta, skew: the divergence of hybrid's mapped bins (objectives/distill.py `kd_sum`).
+        kind, beta, skew: the divergence of hybrid's mapped bins (objectives/kd.py `kd_sum`).
         same_next: (B, T) bool, where hybrid applies (else ULD); None = every aligned position.
     """
     if mode not in MODES:

@@ -1,4 +1,4 @@
-"""Divergences between a teacher's and a student's log-probabilities on shared bins (objectives/distill.py
+"""Divergences between a teacher's and a student's log-probabilities on shared bins (objectives/kd.py
 states the conventions): KL, reverse KL, generalized JSD, TVD, skew KL, in the log domain and NaN-free
 in forward and backward where bins hold −inf (zero probability); and the k + 1 top-k + tail bins.
 """

@@ -1,4 +1,4 @@
-"""The training loop's losses on soft-label batches (launcher/engine.py `Loss`): the teacher's tokenizer
+"""The training loop's losses on soft-label batches (launcher/rank/engine.py `Loss`): the teacher's tokenizer
 (`soft_label_loss`) and another one (`cross_tokenizer_loss`, on batches realigned by
 data_pipeline/align.py). Each returns terms "kd" and, when alpha < 1, "ce" as sums; the loop weighs them
 alpha and 1 − alpha and divides by the global counts (`soft_label_counts`, `cross_counts`).
@@ -12,7 +12,7 @@ import torch
 
 from stablekd.objectives.agreement import AGREEMENT_TOKENS, agreement_sums
 from stablekd.objectives.cross_tokenizer import cross_kd_sum
-from stablekd.objectives.distill import (
+from stablekd.objectives.kd import (
     check_params,
     kd_sum,
     soft_label_targets,
@@ -31,7 +31,7 @@ def soft_label_loss(
 ) -> Callable[[torch.nn.Module, dict], Loss]:
     """Loss on soft-label batches of the student's own tokenizer: terms "kd" (``kd_sum``) and "ce";
     metrics student_topk_mass and top1_agreement. `vocab`: the tokenizer's size V; the student's logits
-    past it (padded rows) are cut off (objectives/distill.py, Vocabulary)."""
+    past it (padded rows) are cut off (objectives/kd.py, Vocabulary)."""
     check_params(kind, temperature, beta, skew)
 
     def loss(model: torch.nn.Module, batch: dict) -> Loss:

@@ -154,6 +154,6 @@ def lm_counts(batch: dict) -> dict[str, int]:
 def lm_loss(model: torch.nn.Module, batch: dict, vocab: int | None = None) -> Loss:
     """Next-token cross-entropy (term "lm"): the teacher's loss and every stage's eval loss. `vocab`: the
     tokenizer's size; logits past it (a padded vocabulary's rows) are cut off, as in every other loss
-    (objectives/distill.py); stages pass it with functools.partial."""
+    (objectives/kd.py); stages pass it with functools.partial."""
     logits = model(input_ids=batch["input_ids"]).logits[..., :vocab]  # (B, T, V): a view
     return Loss({"lm": nll_sum(logits, batch["labels"])[0]})

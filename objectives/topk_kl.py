@@ -1,5 +1,5 @@
 """Forward KL on top-k + tail bins with its gradient written out, over the whole (N, V) logits in row chunks
-(objectives/distill.py `kd_sum` calls it for kind fkl on top-k labels)."""
+(objectives/kd.py `kd_sum` calls it for kind fkl on top-k labels)."""
 
 from __future__ import annotations
 

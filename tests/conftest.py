@@ -33,7 +33,7 @@ TINY = [
 
 
 def stablekd_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "stablekd.launcher.cli", *args]
+    return [sys.executable, "-m", "stablekd.launcher.driver.cli", *args]
 
 
 def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:

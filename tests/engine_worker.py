@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import engine
 from stablekd.launcher.config import TrainConfig
-from stablekd.launcher.worker import leave
+from stablekd.launcher.rank import engine
+from stablekd.launcher.rank.worker import leave
 from stablekd.model.build import init_weights
 from stablekd.model.presets import preset
 from stablekd.objectives.lm import IGNORE_INDEX, Loss, shifted_labels
@@ -111,7 +111,7 @@ def main(run_dir: str, result: str) -> None:
     if rank == 0:
         Path(result).write_text(json.dumps({"losses": out.losses, "eval_raised": everyone}))
     torch.distributed.barrier()
-    leave(0)  # as stablekd's own worker ends (launcher/worker.py)
+    leave(0)  # as stablekd's own worker ends (launcher/rank/worker.py)
 
 
 if __name__ == "__main__":

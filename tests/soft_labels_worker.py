@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stablekd.launcher import artifacts
 from stablekd.launcher.config import load_config
+from stablekd.launcher.rank import artifacts
+from stablekd.launcher.rank.worker import leave
 from stablekd.launcher.stages import soft_labels
-from stablekd.launcher.worker import leave
 
 
 def main(run_dir: str, result: str) -> None:
@@ -49,7 +49,7 @@ def main(run_dir: str, result: str) -> None:
     if rank == 0:
         Path(result).write_text(json.dumps(parts, indent=1))
     dist.barrier()
-    leave(0)  # as stablekd's own worker ends (launcher/worker.py)
+    leave(0)  # as stablekd's own worker ends (launcher/rank/worker.py)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ import torch
 
 from stablekd.data_pipeline.align import Aligner, TokenBytes, realign_batch, vocab_map
 from stablekd.data_pipeline.errors import DataError
-from stablekd.data_pipeline.tokenize import load_tokenizer
-from stablekd.model.tokenizer import train_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 from tests.hf_models import PROSE, byte_level_tokenizer
 
 EOS = "</s>"

@@ -13,11 +13,12 @@ import time
 
 import pytest
 
-from stablekd.launcher import cli, console, done, launch, pipeline, prepare, rundir, supervise
+from stablekd.launcher import done, placement, rundir
 from stablekd.launcher.config import ConfigError, load_config, save_config
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.driver import cli, console, launch, pipeline, prepare, supervise
+from stablekd.launcher.driver.status import format_status, headline, report_table, run_status
+from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.launcher.stages import NAMES
-from stablekd.launcher.status import format_status, headline, report_table, run_status
 from tests.conftest import QUICKSTART, REPO, UPSTREAM, copy_run, run_stablekd
 
 
@@ -43,7 +44,7 @@ def test_dry_run_prints_commands_and_skips_and_writes_nothing(tmp_path, capsys):
     # A teacher finished with exactly this config (its DeepSpeed JSON included): the dry run skips it.
     marker = rundir.done_path(cfg, "teacher")
     marker.parent.mkdir(parents=True)
-    ds = prepare.resolve_ds_config(cfg, "teacher")
+    ds = placement.resolve_ds_config(cfg, "teacher")
     marker.write_text(json.dumps({"config_hash": done.stage_hash(cfg, "teacher", ds)}))
     before = sorted(tmp_path.rglob("*"))
     capsys.readouterr()  # DeepSpeed's import-time line, printed by the resolve above (not the dry run)
@@ -61,7 +62,7 @@ def test_dry_run_prints_commands_and_skips_and_writes_nothing(tmp_path, capsys):
         assert re.fullmatch(r"OMP_NUM_THREADS=\d+", c[0])
         assert c[1:4] == [sys.executable, "-m", "deepspeed.launcher.runner"]
         assert c[c.index("--num_accelerators") + 1] == "2" and c[c.index("--master_port") + 1] == "29555"
-        assert c[-4:] == ["--module", "stablekd.launcher.worker", c[-2], str(run)]
+        assert c[-4:] == ["--module", "stablekd.launcher.rank.worker", c[-2], str(run)]
 
     cli.main(["stage", "teacher", str(QUICKSTART), *common, "--dry-run"])
     assert f"# teacher: done already ({marker}), would be skipped" in capsys.readouterr().out
@@ -262,7 +263,7 @@ def test_status_of_a_half_finished_run_then_resume_quietly(upstream, tmp_path):
     attempts = (run / "logs" / "teacher.log").read_text().split("\n=== ")  # the upstream run's, then this one
     this = attempts[-1]
     assert len(attempts) == 2 and this.splitlines()[0].endswith(
-        f"--module stablekd.launcher.worker teacher {run}"
+        f"--module stablekd.launcher.rank.worker teacher {run}"
     )
     assert "[WARNING] [real_accelerator.py" in this  # DeepSpeed's lines went to the log ...
     assert "[teacher] resumed from" in this and "[teacher] resumed from" in out.stderr  # ... ours to both

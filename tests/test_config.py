@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from stablekd.launcher.cli import main
 from stablekd.launcher.config import ConfigError, ExperimentConfig, describe, load_config
+from stablekd.launcher.driver.cli import main
 from tests.conftest import QUICKSTART, run_stablekd
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stablekd.launcher.cli import main
+from stablekd.launcher.driver.cli import main
 from tests.conftest import QUICKSTART, run_stablekd
 
 BASE = yaml.safe_load(QUICKSTART.read_text())

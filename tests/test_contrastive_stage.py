@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.contexts import bios_contexts, bios_truth, judge_continuations
-from stablekd.data_pipeline.tokenize import encode, load_tokenizer
+from stablekd.data_pipeline.tokenizer import encode, load_tokenizer
 from stablekd.evaluation.bios_probe import build_questions
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank.monitor import read_scalars
 from tests.conftest import (
     QUICKSTART,
     REPO,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stablekd.objectives.cross_tokenizer import cross_kd_sum, teacher_probs
-from stablekd.objectives.distill import SampledLabels
+from stablekd.objectives.kd import SampledLabels
 from stablekd.objectives.kd_losses import cross_counts, cross_tokenizer_loss
 
 VT, VS, K = 11, 9, 4

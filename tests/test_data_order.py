@@ -1,5 +1,5 @@
 """A stage resumed on other data, or reading it in another order, is refused before any rank starts
-(launcher/data_order.py); one that has not started or has finished is not."""
+(launcher/driver/data_order.py); one that has not started or has finished is not."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from stablekd.launcher import data_order, rundir
+from stablekd.launcher import rundir
 from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.driver import data_order
 
 
 @pytest.fixture

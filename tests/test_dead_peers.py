@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from stablekd.launcher.ranks import status_path
-from stablekd.launcher.supervise import FAILED_RANK_GRACE_S
+from stablekd.launcher.driver.supervise import FAILED_RANK_GRACE_S
+from stablekd.launcher.rank_status import status_path
 from tests.conftest import QUICKSTART, REPO, TINY, stablekd_cmd
 
 pytestmark = pytest.mark.distributed

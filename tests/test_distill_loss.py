@@ -1,6 +1,6 @@
-"""KD divergences (objectives/distill.py) against a naive float64 reference written with Python loops.
+"""KD divergences (objectives/kd.py) against a naive float64 reference written with Python loops.
 
-The reference below re-derives everything from objectives/distill.py's conventions: position t of the logits
+The reference below re-derives everything from objectives/kd.py's conventions: position t of the logits
 predicts labels[t + 1]; a top-k teacher is compared on k+1 bins (the ids + a tail bin); every divergence
 is multiplied by T²; a KL term whose left side has zero mass is 0, and one whose right side has zero
 mass is dropped (instead of +inf).
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from stablekd.objectives.agreement import agreement_sums
-from stablekd.objectives.distill import KINDS, distill_loss, kd_sum
 from stablekd.objectives.divergences import FP16_FLOOR, teacher_topk_bins
+from stablekd.objectives.kd import KINDS, distill_loss, kd_sum
 
 B, T, V, K = 2, 6, 11, 4
 TEMP = 2.0
@@ -408,7 +408,7 @@ def test_agreement_sums_hand_built():
 def test_checkpointed_chunks_give_the_same_loss_and_gradient(monkeypatch):
     # Small chunks are not checkpointed (CHECKPOINT_ELEMENTS); forcing every chunk under checkpointing
     # must not change the loss or the gradient.
-    import stablekd.objectives.distill as distill_mod
+    import stablekd.objectives.kd as distill_mod
 
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 11, dtype=torch.float64)

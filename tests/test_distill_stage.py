@@ -31,14 +31,15 @@ from stablekd.data_pipeline.online import OnlineSoftLabels
 from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.soft_labels import config_meta, soft_label_reader
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
-from stablekd.data_pipeline.tokenize import load_tokenizer
-from stablekd.launcher import distillation, rundir
+from stablekd.data_pipeline.tokenizer import load_tokenizer
+from stablekd.launcher import rundir
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank import distill_parts
+from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.launcher.stages import distill
 from stablekd.model.build import build_model
 from stablekd.objectives.cross_tokenizer import cross_kd_sum
-from stablekd.objectives.distill import kd_sum, soft_label_counts
+from stablekd.objectives.kd import kd_sum, soft_label_counts
 from stablekd.objectives.kd_losses import ON_POLICY, cross_counts, on_policy_counts
 from stablekd.objectives.lm import nll_sum
 from tests.conftest import (
@@ -109,7 +110,7 @@ def reference_losses(run: Path, steps: int, student_tok: Path | None = None) -> 
         teacher = build_model(cfg.teacher.model, tok, cfg.data.seq_len, seed=12345)  # weights from the load
         tag = json.loads((ckpt / "complete.json").read_text())["tag"]
         teacher.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag))
-        sample = distillation.sampler(model, tok, cfg, synced=False)
+        sample = distill_parts.sampler(model, tok, cfg, synced=False)
         if (
             d.online
         ):  # each rank's looping stream, labelled by the consolidated teacher as the job's labels it

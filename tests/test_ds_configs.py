@@ -7,8 +7,8 @@ import json
 import pytest
 
 from stablekd.ds_configs.resolve import PACKAGE_DIR, fast_bf16, load, resolve, validate
-from stablekd.launcher.cli import main
 from stablekd.launcher.config import ConfigError, TrainConfig
+from stablekd.launcher.driver.cli import main
 from tests.conftest import QUICKSTART
 
 SHIPPED = sorted(p.name for p in PACKAGE_DIR.glob("*.json"))

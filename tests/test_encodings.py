@@ -1,4 +1,4 @@
-"""Soft-label encodings (data_pipeline/encodings.py) and their losses (objectives/distill.py): 8-bit
+"""Soft-label encodings (data_pipeline/encodings.py) and their losses (objectives/kd.py): 8-bit
 log-probs within the stated bound, top-p entries and budget, sampled ids with unbiased weights, losses
 against float64 references written here, the sampled gradient's expectation, fidelity, and the format
 through writer, shards and reader."""
@@ -19,7 +19,7 @@ from stablekd.data_pipeline.soft_labels import (
     soft_label_meta,
     soft_label_reader,
 )
-from stablekd.objectives.distill import SampledLabels, kd_sum
+from stablekd.objectives.kd import SampledLabels, kd_sum
 
 V, L = 40, 5
 

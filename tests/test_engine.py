@@ -1,4 +1,4 @@
-"""The loop's loss normalisation (launcher/engine.py docstring) with terms of different denominators.
+"""The loop's loss normalisation (launcher/rank/engine.py docstring) with terms of different denominators.
 
 A real 2-rank ZeRO-2 launch (tests/engine_worker.py) against a plain single-process loop that forms each
 step's objective over the whole global batch: Σ_t w_t · Σ sum_t / N_t. Masks differ across ranks and
@@ -76,7 +76,7 @@ def test_evaluate_without_held_out_text_is_none_not_nan(tmp_path):
     line and logs no eval/loss scalar), never NaN. One gloo process, no DeepSpeed launch."""
     import torch.distributed as dist
 
-    from stablekd.launcher import engine
+    from stablekd.launcher.rank import engine
     from stablekd.objectives.lm import lm_loss
 
     class Wrapped(torch.nn.Module):  # what evaluate uses of a DeepSpeed engine: device, eval/train, forward

@@ -14,11 +14,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.bios import ATTRIBUTES, TEMPLATES
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.evaluation import report
 from stablekd.evaluation.bios_probe import HFGenerator, build_questions, probe
-from stablekd.launcher import cli, done, models, pipeline, prepare, rundir
+from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, EvaluateConfig, load_config
+from stablekd.launcher.driver import cli, pipeline, prepare
 from stablekd.launcher.stages import evaluate as evaluate_stage
 from stablekd.launcher.stages.evaluate import find_models
 from stablekd.model.build import build_model, count_params

@@ -18,9 +18,10 @@ import pytest
 
 from stablekd.data_pipeline.shards.format import ShardError, rank_manifest_name, shard_name
 from stablekd.data_pipeline.soft_labels import soft_label_meta
-from stablekd.data_pipeline.tokenize import tokenizer_hash
-from stablekd.launcher import artifacts, models, rundir
+from stablekd.data_pipeline.tokenizer import tokenizer_hash
+from stablekd.launcher import models, rundir
 from stablekd.launcher.config import ExperimentConfig, load_config
+from stablekd.launcher.rank import artifacts
 from tests.conftest import QUICKSTART
 from tests.follow_writer import RECORDS_PER_SHARD
 

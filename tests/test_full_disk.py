@@ -1,4 +1,4 @@
-"""Full disks (launcher/diskspace.py): a stage that cannot fit is refused before any rank starts, naming
+"""Full disks (launcher/driver/diskspace.py): a stage that cannot fit is refused before any rank starts, naming
 both numbers and the path; a disk that fills while a stage writes ends it in one line naming the path and
 the errno, leaves nothing half-written taken as complete, and the same command finishes once there is room.
 Each test mounts a small tmpfs (needs root; skipped where mount is not permitted)."""
@@ -20,8 +20,9 @@ import pytest
 from stablekd.data_pipeline.shards.manifest import finalize
 from stablekd.data_pipeline.shards.reader import ShardReader
 from stablekd.data_pipeline.shards.writer import ShardWriter
-from stablekd.launcher import cli, diskspace
+from stablekd.launcher import diskfull
 from stablekd.launcher.config import load_config
+from stablekd.launcher.driver import cli, diskspace
 from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd
 
 
@@ -60,7 +61,7 @@ def test_stage_that_cannot_fit_is_refused_before_any_rank(tmp_path, capsys):
         assert e.value.code == 2
         cfg = load_config(QUICKSTART, args)
         estimate, how = diskspace.checkpoint_bytes(cfg, "teacher")
-        free = diskspace.free_bytes(run / "teacher")
+        free = diskfull.free_bytes(run / "teacher")
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("stablekd: error")]
     assert line == (
         f"stablekd: error: [teacher] needs about {estimate / 1e6:.1f} MB more in {run / 'teacher'} (estimate: "

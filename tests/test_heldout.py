@@ -11,9 +11,10 @@ import pytest
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.sources import iter_documents
-from stablekd.launcher import done, prepare, rundir
+from stablekd.launcher import done, rundir
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.status import headline
+from stablekd.launcher.driver import prepare
+from stablekd.launcher.driver.status import headline
 
 PARAGRAPHS = [f"Paragraph {i}, first line.\n  Its second line, number {i}." for i in range(400)]
 DOCUMENTS = [p.replace("\n  ", " ") for p in PARAGRAPHS]  # a paragraph's lines join with one space

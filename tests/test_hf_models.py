@@ -16,12 +16,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.evaluation.bios_probe import HFGenerator
-from stablekd.launcher import models, prepare
+from stablekd.launcher import models
 from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.driver import prepare
 from stablekd.model.build import build_model, count_params, flops_per_token, generation_config, padded_ids
-from stablekd.objectives.distill import SampledLabels, kd_sum
+from stablekd.objectives.kd import SampledLabels, kd_sum
 from stablekd.objectives.kd_losses import soft_label_loss
 from stablekd.objectives.lm import nll_sum
 from tests.conftest import QUICKSTART

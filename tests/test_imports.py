@@ -3,9 +3,14 @@
 - no cycle among modules through their module-level imports;
 - no cycle among packages through any import, lazy ones inside functions included;
 - components (data_pipeline, model, objectives, evaluation, ds_configs) never import launcher;
-- no stage module imports the driver (launcher/pipeline.py) or another stage;
+- the launcher's two sides stay apart: the rank side (launcher/rank/, the stage modules) never imports the
+  launching process's side (launcher/driver/), the driver never imports the rank side (it reaches a stage
+  module only through the registry at run time, for its preflight and the in-process evaluate), and the
+  shared modules (launcher/*.py, launcher/config/, the registry launcher/stages/__init__.py) import
+  neither side;
+- no stage module imports another stage;
 - no benchmark imports a stage module (what a stage and a benchmark share is a component, or
-  launcher/distillation.py);
+  launcher/rank/distill_parts.py);
 - no module outside tests/ is over MAX_LINES lines (past ~500 a module holds more than one concern).
 
 Each rule is checked on a planted violation too, so the checks can fail.
@@ -113,10 +118,25 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def package_of(module: str) -> str:
-    """stablekd.launcher.stages.teacher -> launcher.stages; stablekd.model.build -> model. The stage registry
-    (launcher/stages/__init__.py) is the launcher's table that the driver, CLI and engine read: launcher."""
+    """stablekd.launcher.stages.teacher -> launcher.stages; stablekd.launcher.driver.cli -> launcher.driver;
+    stablekd.launcher.rank.engine -> launcher.rank; stablekd.model.build -> model. The launcher's shared
+    modules, its config and the stage registry (launcher/stages/__init__.py, the table that the driver, CLI
+    and engine read) are launcher."""
     parts = module.split(".")[1:]
-    return ".".join(parts[:2]) if parts[:2] == ["launcher", "stages"] and len(parts) > 2 else parts[0]
+    if parts[:2] == ["launcher", "stages"]:
+        return "launcher.stages" if len(parts) > 2 else "launcher"
+    if parts[:2] in (["launcher", "driver"], ["launcher", "rank"]):
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+# The launcher's sides: the packages each may not import (package_of names).
+SIDES = {
+    "launcher.driver": ("launcher.rank", "launcher.stages"),
+    "launcher.rank": ("launcher.driver",),
+    "launcher.stages": ("launcher.driver",),
+    "launcher": ("launcher.driver", "launcher.rank", "launcher.stages"),
+}
 
 
 def package_graph(every: dict[str, set[str]]) -> dict[str, set[str]]:
@@ -142,13 +162,11 @@ def violations(root: Path) -> list[str]:
             out += [
                 f"component {mod} imports {d}" for d in sorted(deps) if package_of(d).startswith("launcher")
             ]
-        if pkg == "launcher.stages" and mod != "stablekd.launcher.stages":
-            out += [
-                f"stage {mod} imports {d}"
-                for d in sorted(deps)
-                if d == "stablekd.launcher.pipeline"
-                or (package_of(d) == "launcher.stages" and d != "stablekd.launcher.stages")
-            ]
+        out += [
+            f"{pkg} module {mod} imports {d}" for d in sorted(deps) if package_of(d) in SIDES.get(pkg, ())
+        ]
+        if pkg == "launcher.stages":
+            out += [f"stage {mod} imports {d}" for d in sorted(deps) if package_of(d) == "launcher.stages"]
     stages = {f"stablekd.launcher.stages.{p.stem}" for p in (root / "launcher" / "stages").glob("*.py")}
     stages.discard("stablekd.launcher.stages.__init__")
     for p in sorted((root / "benchmarks").glob("*.py")) if (root / "benchmarks").is_dir() else []:
@@ -188,8 +206,34 @@ def test_the_tree_keeps_the_house_rules():
         ),
         ({"model/a.py": "from stablekd.launcher.config import X\n"}, "component stablekd.model.a imports"),
         (
-            {"launcher/stages/s.py": "def run():\n    from stablekd.launcher import pipeline\n"},
-            "stage stablekd.launcher.stages.s imports stablekd.launcher.pipeline",
+            {"launcher/stages/s.py": "def run():\n    from stablekd.launcher.driver import pipeline\n"},
+            "launcher.stages module stablekd.launcher.stages.s imports stablekd.launcher.driver.pipeline",
+        ),
+        (
+            {"launcher/stages/s.py": "from stablekd.launcher.stages import t\n", "launcher/stages/t.py": ""},
+            "stage stablekd.launcher.stages.s imports stablekd.launcher.stages.t",
+        ),
+        (
+            {"launcher/rank/e.py": "from stablekd.launcher.driver.pipeline import run\n"},
+            "launcher.rank module stablekd.launcher.rank.e imports stablekd.launcher.driver.pipeline",
+        ),
+        (
+            {
+                "launcher/driver/c.py": "def f():\n    from stablekd.launcher.rank import e\n",
+                "launcher/rank/e.py": "",
+            },
+            "launcher.driver module stablekd.launcher.driver.c imports stablekd.launcher.rank.e",
+        ),
+        (
+            {
+                "launcher/driver/c.py": "from stablekd.launcher.stages.s import run\n",
+                "launcher/stages/s.py": "",
+            },
+            "launcher.driver module stablekd.launcher.driver.c imports stablekd.launcher.stages.s",
+        ),
+        (
+            {"launcher/shared.py": "from stablekd.launcher.driver import pipeline\n"},
+            "launcher module stablekd.launcher.shared imports stablekd.launcher.driver.pipeline",
         ),
         ({"objectives/big.py": "x = 1\n" * (MAX_LINES + 1)}, f"objectives/big.py: {MAX_LINES + 1} lines"),
         (
@@ -202,7 +246,7 @@ def test_the_tree_keeps_the_house_rules():
     ],
 )
 def test_a_planted_violation_is_found(tmp_path, files, expected):
-    for name, text in {"launcher/pipeline.py": "", "launcher/stages/__init__.py": "", **files}.items():
+    for name, text in {"launcher/driver/pipeline.py": "", "launcher/stages/__init__.py": "", **files}.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     found = violations(tmp_path)

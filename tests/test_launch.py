@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stablekd.launcher import worker
 from stablekd.launcher.config import load_config
-from stablekd.launcher.launch import runner_command, stage_env, threads_per_rank, write_deepspeed_env
-from stablekd.launcher.placement import world_size
-from stablekd.launcher.supervise import STALE_BUILD_LOCK_S, run_stage, stale_build_locks
-from stablekd.launcher.worker import slurm_rank_env
+from stablekd.launcher.driver.launch import runner_command, stage_env, write_deepspeed_env
+from stablekd.launcher.driver.supervise import STALE_BUILD_LOCK_S, run_stage, stale_build_locks
+from stablekd.launcher.placement import threads_per_rank, world_size
+from stablekd.launcher.rank import worker
+from stablekd.launcher.rank.worker import slurm_rank_env
 from tests.conftest import QUICKSTART
 
 
@@ -27,7 +27,7 @@ def test_single_node_command(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert cmd[3:5] == ["--num_accelerators", "2"]  # CPU here; --num_gpus on a GPU node
     assert cmd[cmd.index("--master_port") + 1] == "29555"
-    assert cmd[-4:] == ["--module", "stablekd.launcher.worker", "teacher", str(tmp_path)]
+    assert cmd[-4:] == ["--module", "stablekd.launcher.rank.worker", "teacher", str(tmp_path)]
     assert "--hostfile" not in cmd and all(isinstance(a, str) for a in cmd)
     auto = runner_command(load_config(QUICKSTART, ["launch.master_port=0"]), "teacher")
     assert 0 < int(auto[auto.index("--master_port") + 1]) < 65536  # a free port picked for us
@@ -81,7 +81,7 @@ def test_deepspeed_runner_slurm_backend_command_and_rank_environment(tmp_path):
     }
     assert slurm_rank_env({**task, "RANK": "0"}) == {}  # DeepSpeed's launcher numbered it: left alone
     pdsh = runner_command(load_config(QUICKSTART, overrides[:3]), "teacher")
-    assert pdsh[-4:-2] == ["--module", "stablekd.launcher.worker"] and "MASTER_ADDR" not in stage_env(
+    assert pdsh[-4:-2] == ["--module", "stablekd.launcher.rank.worker"] and "MASTER_ADDR" not in stage_env(
         load_config(QUICKSTART, overrides[:3]), "teacher"
     )
 

@@ -138,6 +138,13 @@ def test_perplexity():
         m.perplexity(1.0, 0)
 
 
+def test_bits_per_byte():
+    # 8 ln 2 nats = 8 bits over 4 bytes -> 2 bits per byte
+    assert m.bits_per_byte(8 * math.log(2), 4) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        m.bits_per_byte(1.0, 0)
+
+
 def test_calibration_error_by_hand_and_from_a_model():
     # bin 0: 2 predictions, confidence 0.1 + 0.3, one right -> |1 - 0.4| = 0.6; bin 1: 1 prediction,
     # confidence 0.9, right -> 0.1. ECE = (0.6 + 0.1) / 3.
@@ -159,15 +166,15 @@ def test_calibration_error_by_hand_and_from_a_model():
             return type("Out", (), {"logits": logits})()
 
     ids = torch.tensor([[1, 0, 0, 0, 0, 2]])  # targets of positions 0..4: 0, 0, 0, 0, 2
-    _, n, ece, bpb = report.perplexity(Fixed(), [{"input_ids": ids, "labels": ids}])
+    _, n, ece, bpb = report.held_out_scores(Fixed(), [{"input_ids": ids, "labels": ids}])
     assert n == 5 and ece == pytest.approx(0.0, abs=1e-6) and bpb is None
     # Bits per byte: the same NLL in bits over the bytes of the counted tokens (token 0: 2 bytes, 2: 3).
-    scored = report.perplexity(
+    scored = report.held_out_scores(
         Fixed(), [{"input_ids": ids, "labels": ids}], byte_lengths=np.array([2, 1, 3, 1, 1])
     )
     nll_bits = -(4 * math.log2(0.8) + math.log2(0.05))
     assert scored.bits_per_byte == pytest.approx(nll_bits / (4 * 2 + 3), rel=1e-6)
     right = torch.tensor([[1, 0, 0, 0, 0, 0]])
-    assert report.perplexity(Fixed(), [{"input_ids": right, "labels": right}])[2] == pytest.approx(
+    assert report.held_out_scores(Fixed(), [{"input_ids": right, "labels": right}])[2] == pytest.approx(
         0.2, abs=1e-6
     )

@@ -6,12 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 from stablekd.launcher import models
 from stablekd.launcher.config import load_config
 from stablekd.model.build import build_model, count_params, flops_per_token, model_config
 from stablekd.model.presets import PRESETS, param_count
-from stablekd.model.tokenizer import train_tokenizer
 from tests.conftest import QUICKSTART
 
 

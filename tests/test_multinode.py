@@ -1,6 +1,6 @@
 """Two "nodes" for real: two network namespaces joined by a veth pair, one rank each, started the way a
 user without passwordless ssh starts them (`launch.no_ssh=true launch.node_rank=R` on every node; they
-meet in the handshake of launcher/nodes.py).
+meet in the handshake of launcher/driver/nodes.py).
 
 Node 1 is killed after a checkpoint: node 0 must exit non-zero naming it, within launch.timeout_s plus a
 margin; the same two commands then resume, and the 2-node ZeRO-3 run's losses, both attempts together,
@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank.monitor import read_scalars
 from tests.conftest import QUICKSTART, REPO, TINY, stablekd_cmd
 from tests.test_teacher_distributed import reference_losses
 

@@ -1,5 +1,5 @@
-"""The no_ssh node handshake on a real TCP store (launcher/nodes.py) and the rank status files a failed
-job is explained from (launcher/ranks.py). The multi-node and dead-rank jobs themselves are in
+"""The no_ssh node handshake on a real TCP store (launcher/driver/nodes.py) and the rank status files a failed
+job is explained from (launcher/rank_status.py). The multi-node and dead-rank jobs themselves are in
 tests/test_multinode.py and tests/test_dead_peers.py."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from stablekd.launcher import nodes, ranks
+from stablekd.launcher import placement, rank_status
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.launch import _free_port
+from stablekd.launcher.driver import nodes
+from stablekd.launcher.driver.launch import _free_port
 
 
 def _cfgs(tmp_path, timeout_s=3):
@@ -41,8 +42,8 @@ def _lead_in_thread(cfg, prepared: str) -> tuple[threading.Thread, dict]:
 
 def test_hostfile_hosts_and_slots(tmp_path):
     node0, _ = _cfgs(tmp_path)
-    assert nodes.hosts(node0) == [("127.0.0.1", 2), ("127.0.0.2", 2)]
-    assert nodes.host_names(load_config(None, [])) == ["localhost"]
+    assert placement.hosts(node0) == [("127.0.0.1", 2), ("127.0.0.2", 2)]
+    assert placement.host_names(load_config(None, [])) == ["localhost"]
 
 
 def test_nodes_meet_only_in_this_launch_and_only_on_one_config(tmp_path):
@@ -75,8 +76,8 @@ def test_nodes_meet_only_in_this_launch_and_only_on_one_config(tmp_path):
 def test_lost_rank_is_the_one_without_an_end(tmp_path, monkeypatch):
     started = time.time()
     monkeypatch.setattr("signal.signal", lambda *a: None)  # not this test process's SIGTERM handler
-    status = [ranks.RankStatus(tmp_path, "teacher", r) for r in range(4)]
-    old = ranks.status_path(tmp_path, "teacher", 5)  # a file of an earlier launch: not this job's
+    status = [rank_status.RankStatus(tmp_path, "teacher", r) for r in range(4)]
+    old = rank_status.status_path(tmp_path, "teacher", 5)  # a file of an earlier launch: not this job's
     old.write_text(
         json.dumps({"rank": 5, "pid": 1, "host": "h", "started": started - 600, "state": "running"})
     )
@@ -85,14 +86,14 @@ def test_lost_rank_is_the_one_without_an_end(tmp_path, monkeypatch):
     status[0].end("stopped")
     status[1].end("stopped")
     # Rank 3 (node 1 with 2 ranks per node) never wrote an end: it is the one lost.
-    msg = ranks.lost(tmp_path, "teacher", started, slots)
+    msg = rank_status.lost(tmp_path, "teacher", started, slots)
     assert msg.startswith("lost rank 3 (pid ") and "on node 1, 10.0.0.2)" in msg and "rank 5" not in msg
     status[3].end("stopped")  # every rank ended: the first to fail is named
-    msg = ranks.lost(tmp_path, "teacher", started, slots)
+    msg = rank_status.lost(tmp_path, "teacher", started, slots)
     assert msg.startswith("rank 2 (pid ") and msg.endswith("failed: RuntimeError: Connection closed by peer")
-    assert ranks.lost(tmp_path, "distill", started, slots) == ""
+    assert rank_status.lost(tmp_path, "distill", started, slots) == ""
     # A job on uneven slots (distill.include): its rank 1 is the second host's only one.
-    placed = [ranks.RankStatus(tmp_path, "distill", r) for r in range(2)]
+    placed = [rank_status.RankStatus(tmp_path, "distill", r) for r in range(2)]
     placed[0].end("stopped")
-    msg = ranks.lost(tmp_path, "distill", started, {"10.0.0.1": [3], "10.0.0.2": [0]})
+    msg = rank_status.lost(tmp_path, "distill", started, {"10.0.0.1": [3], "10.0.0.2": [0]})
     assert msg.startswith("lost rank 1 (pid ") and "on node 1, 10.0.0.2)" in msg

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from stablekd.data_pipeline.on_policy import OnPolicy, generated_labels, is_on_policy
-from stablekd.data_pipeline.tokenize import load_tokenizer
-from stablekd.launcher import distillation
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.launcher.config import load_config
+from stablekd.launcher.rank import distill_parts
 from stablekd.model.build import build_model
-from stablekd.objectives.distill import kd_sum
+from stablekd.objectives.kd import kd_sum
 from stablekd.objectives.kd_losses import ON_POLICY, on_policy_counts, soft_label_loss, with_on_policy
 from stablekd.objectives.lm import IGNORE_INDEX
 from tests.conftest import QUICKSTART
@@ -74,7 +74,7 @@ def parts(tmp_path_factory):
                                    f"distill.on_policy_new_tokens={N}"])  # fmt: skip
 
     def make(share=0.5, rank=0):
-        sample = distillation.sampler(student, tok, cfg, synced=False)
+        sample = distill_parts.sampler(student, tok, cfg, synced=False)
         return OnPolicy(Records(batches), sample, teacher, share, P, 7, rank, tok.eos_token_id)
 
     return tok, student, teacher, batches, make
@@ -134,7 +134,7 @@ def test_gumbel_sampling_draws_from_the_tempered_distribution():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
     draws = 40_000
     for temperature in (1.0, 2.0):
-        pick = distillation.GumbelSampling(3, temperature)(None, logits.expand(draws, -1)).argmax(-1)
+        pick = distill_parts.GumbelSampling(3, temperature)(None, logits.expand(draws, -1)).argmax(-1)
         freq = torch.bincount(pick, minlength=5) / draws
         expected = torch.softmax(logits / temperature, -1)
         assert freq[4] == 0 and torch.allclose(freq, expected, atol=0.01), (temperature, freq, expected)
@@ -160,7 +160,7 @@ def test_share_zero_builds_todays_stage(parts):
     for share, terms in ((0.0, {"kd"}), (0.5, {"kd", ON_POLICY})):
         cfg = load_config(QUICKSTART, ["data.seq_len=16", "distill.on_policy_prompt_tokens=4",
                                        "distill.on_policy_new_tokens=4", f"distill.on_policy={share}"])  # fmt: skip
-        stage = distillation.build_stage(cfg, student, tok, Records(batches), [])
+        stage = distill_parts.build_stage(cfg, student, tok, Records(batches), [])
         assert set(stage.weights) == terms
 
 

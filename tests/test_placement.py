@@ -16,12 +16,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stablekd.launcher import launch, placement, supervise
+from stablekd.launcher import placement
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.console import SideBySide
-from stablekd.launcher.launch import runner_command, stage_env
-from stablekd.launcher.monitor import read_scalars
-from stablekd.launcher.pipeline import _groups, dry_run
+from stablekd.launcher.driver import launch, supervise
+from stablekd.launcher.driver.console import SideBySide
+from stablekd.launcher.driver.launch import runner_command, stage_env
+from stablekd.launcher.driver.pipeline import _groups, dry_run
+from stablekd.launcher.rank.monitor import read_scalars
 from tests.conftest import (
     QUICKSTART,
     REPO,

@@ -16,9 +16,11 @@ from stablekd.data_pipeline.shards.format import ShardError
 from stablekd.data_pipeline.shards.manifest import finalize
 from stablekd.data_pipeline.shards.reader import ShardReader
 from stablekd.data_pipeline.shards.writer import ShardWriter
-from stablekd.launcher import artifacts, data_order, done, hints, rundir
+from stablekd.launcher import done, hints, rundir
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.ranks import status_path
+from stablekd.launcher.driver import data_order
+from stablekd.launcher.rank import artifacts
+from stablekd.launcher.rank_status import status_path
 from tests.conftest import QUICKSTART
 
 
@@ -109,7 +111,7 @@ def test_a_rank_stopped_after_recording_its_failure_keeps_it(tmp_path):
     # supervise.py stops a job as soon as one rank records a failure, often while that rank still prints
     # its traceback: the failure (and its repair command) must survive the SIGTERM.
     child = (
-        "import os, signal, sys; from stablekd.launcher.ranks import RankStatus\n"
+        "import os, signal, sys; from stablekd.launcher.rank_status import RankStatus\n"
         "s = RankStatus(sys.argv[1], 'distill', 0); s.end('failed: ShardError: x; to redo it: ...')\n"
         "os.kill(os.getpid(), signal.SIGTERM)"
     )

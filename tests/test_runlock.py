@@ -1,4 +1,4 @@
-"""One run per run directory (launcher/runlock.py): a second launch is refused naming the holder; the lock
+"""One run per run directory (launcher/driver/runlock.py): a second launch is refused naming the holder; the lock
 dies with its holder and never with a child it started."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stablekd.launcher import runlock
 from stablekd.launcher.config import ConfigError
+from stablekd.launcher.driver import runlock
 from tests.conftest import QUICKSTART, REPO, TINY, run_stablekd, stablekd_cmd
 
 # A launcher stand-in: takes the lock, starts a long child the way supervise.py starts the runner, says so.
 HOLDER = """
 import subprocess, sys, time
-from stablekd.launcher import runlock
+from stablekd.launcher.driver import runlock
 with runlock.hold(sys.argv[1]):
     child = subprocess.Popen(["sleep", "60"])
     print(child.pid, flush=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stablekd.launcher import prepare
 from stablekd.launcher.config import load_config
+from stablekd.launcher.driver import prepare
 from stablekd.launcher.stages import REGISTRY
 from stablekd.model.presets import preset
 from tests.conftest import REPO, run_stablekd

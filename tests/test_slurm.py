@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank.monitor import read_scalars
 from tests.conftest import QUICKSTART, REPO, TINY
 from tests.test_teacher_distributed import reference_losses
 

@@ -37,9 +37,10 @@ from stablekd.data_pipeline.soft_labels import (
     soft_label_reader,
 )
 from stablekd.data_pipeline.stream import PackedStream
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
-from stablekd.launcher import cli, done, models, prepare, rundir
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.driver import cli, prepare
 from stablekd.launcher.stages import NAMES
 from stablekd.model.build import build_model
 from tests.conftest import run_group
@@ -361,7 +362,7 @@ class _Batches:
 def test_online_source_stores_what_the_writer_stores(tmp_path, encoding):
     """Same logits -> the online batch equals the offline record bit for bit (cast, clip, widening)."""
     tok_dir = tmp_path / "tok"
-    from stablekd.model.tokenizer import train_tokenizer
+    from stablekd.data_pipeline.tokenizer import train_tokenizer
 
     texts = [f"person {i} was born in city {i % 7} and works at firm {i % 5}." for i in range(200)]
     train_tokenizer(texts, 320, tok_dir)
@@ -414,7 +415,7 @@ def test_bios_contexts_are_true_continuations():
 
 
 def test_tokenized_contexts(tmp_path):
-    from stablekd.model.tokenizer import train_tokenizer
+    from stablekd.data_pipeline.tokenizer import train_tokenizer
 
     docs = [f"Document number {i} talks about topic {i % 3} at some length." for i in range(100)]
     train_tokenizer(docs, 300, tmp_path / "tok")

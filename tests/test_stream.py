@@ -9,8 +9,7 @@ from torch.utils.data import DataLoader
 
 from stablekd.data_pipeline.sources import Corpus, DataError, SourceStats, iter_documents
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
-from stablekd.data_pipeline.tokenize import encode, load_tokenizer
-from stablekd.model.tokenizer import train_tokenizer
+from stablekd.data_pipeline.tokenizer import encode, load_tokenizer, train_tokenizer
 
 WORDS = "the a cat dog sat ran on under mat log red blue quick slow bird fish tree house".split()
 

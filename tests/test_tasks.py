@@ -22,12 +22,12 @@ from stablekd.data_pipeline.soft_labels import (
 from stablekd.data_pipeline.sources import Corpus, SourceStats, read_documents
 from stablekd.data_pipeline.stream import PackedStream
 from stablekd.data_pipeline.tasks import Document, encode_documents, parse_record, render
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 from stablekd.evaluation.task_probe import probe_tasks
-from stablekd.launcher import models, prepare
+from stablekd.launcher import models
 from stablekd.launcher.config import ConfigError, EvaluateConfig, load_config, save_config
-from stablekd.model.tokenizer import train_tokenizer
-from stablekd.objectives.distill import soft_label_counts, soft_label_targets
+from stablekd.launcher.driver import prepare
+from stablekd.objectives.kd import soft_label_counts, soft_label_targets
 from stablekd.objectives.lm import IGNORE_INDEX
 
 QA = [(f"Question {i}: where was person {i} born?\nAnswer:", f" In city {i % 7}.") for i in range(40)]

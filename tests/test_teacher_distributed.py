@@ -19,9 +19,9 @@ from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
-from stablekd.data_pipeline.tokenize import load_tokenizer
+from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.launcher.config import load_config
-from stablekd.launcher.monitor import read_scalars as tb_scalars
+from stablekd.launcher.rank.monitor import read_scalars as tb_scalars
 from stablekd.launcher.rundir import train_files
 from stablekd.model.build import build_model
 from stablekd.objectives.lm import nll_sum

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from stablekd.evaluation import report
-from stablekd.launcher.monitor import Monitor
+from stablekd.launcher.rank.monitor import Monitor
 
 MODELS = {
     "teacher": {"ppl": 3.5, "bios_accuracy": 0.9, "params": 4.0e6},

@@ -6,8 +6,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from stablekd.data_pipeline import bios
-from stablekd.data_pipeline.tokenize import encode, load_tokenizer, tokenizer_hash
-from stablekd.model.tokenizer import train_tokenizer
+from stablekd.data_pipeline.tokenizer import encode, load_tokenizer, tokenizer_hash, train_tokenizer
 
 
 def test_round_trip_through_autotokenizer(tmp_path):
@@ -37,7 +36,7 @@ def test_long_documents_train_a_tokenizer(tmp_path):
     assert len(tok) == 400
     assert len(encode(tok, files[:1])[0]) < 1.05 * len(encode(by_line, files[:1])[0])
 
-    from stablekd.model.tokenizer import _pieces
+    from stablekd.data_pipeline.tokenizer import _pieces
 
     assert list(_pieces(corpus.train[:5])) == corpus.train[:5]
     text = files[0] + " " + "x" * 5000 + " tail"

@@ -12,8 +12,8 @@ import json
 import pytest
 
 from stablekd.launcher import done, rundir
-from stablekd.launcher.cli import main
 from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.driver.cli import main
 from stablekd.launcher.stages import REGISTRY
 from tests.conftest import QUICKSTART, TINY
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from stablekd.data_pipeline.sources import Corpus, iter_documents
 from stablekd.data_pipeline.stream import eval_batches
-from stablekd.launcher.monitor import read_scalars
+from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.objectives.lm import IGNORE_INDEX, nll_sum
 from tests.conftest import QUICKSTART, REPO, run_stablekd
 from tests.hf_models import byte_level_tokenizer, model_dir

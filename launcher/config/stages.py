@@ -128,7 +128,7 @@ CROSS_TOKENIZER = ("off", "uld", "hybrid")
 
 @dataclass
 class DistillConfig(TrainConfig):
-    """The student learns from the teacher's soft labels: alpha·KD + (1 − alpha)·CE (objectives/distill.py)."""
+    """The student learns from the teacher's soft labels: alpha·KD + (1 − alpha)·CE (objectives/kd.py)."""
 
     ds_config: str = _f("zero2.json", "DeepSpeed JSON of the student: a file in ds_configs/ or a path")
     max_steps: int = _f(600, "optimizer steps")

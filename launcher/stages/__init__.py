@@ -27,7 +27,7 @@ class StageSpec:
     # Earlier stages whose output it reads when they exist (evaluate: every model the run has): checked
     # like `needs` once the stage's directory exists, ignored while it does not.
     uses: tuple[str, ...] = ()
-    # Config keys besides the shared ones (launcher/data_order.py) that fix the order of what it reads:
+    # Config keys besides the shared ones (launcher/driver/data_order.py) that fix the order of what it reads:
     # a resume with another value is refused.
     order: tuple[str, ...] = ()
 

@@ -59,10 +59,11 @@ from stablekd.data_pipeline.contexts import bios_truth, judge_continuations
 from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import artifacts, done, engine, hints, models, rundir
+from stablekd.launcher import done, hints, models, rundir
 from stablekd.launcher.config import ConfigError, ContrastiveConfig, ExperimentConfig
+from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.objectives.contrastive import (
     ProjectionHead,
@@ -73,7 +74,7 @@ from stablekd.objectives.contrastive import (
     simctg_sum,
     supcon_sum,
 )
-from stablekd.objectives.distill import kd_sum, soft_label_targets, soft_label_teacher
+from stablekd.objectives.kd import kd_sum, soft_label_targets, soft_label_teacher
 from stablekd.objectives.lm import IGNORE_INDEX, Loss, lm_loss, nll_sum, shifted_labels
 
 
@@ -311,7 +312,7 @@ def _embedding_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, t
 
 def make_loss(cfg: ExperimentConfig, vocab: int):
     """InfoNCE (the configured scorer) + lam · (KD or CE) on the model's logits over the tokenizer's
-    `vocab` ids (padded embedding rows cut off: objectives/distill.py)."""
+    `vocab` ids (padded embedding rows cut off: objectives/kd.py)."""
     c, d = cfg.contrastive, cfg.distill
 
     def loss(model, batch: dict) -> Loss:

@@ -34,10 +34,11 @@ from transformers.integrations import HfDeepSpeedConfig
 from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.soft_labels import KIND as SOFT_LABELS
 from stablekd.data_pipeline.stream import eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import artifacts, distillation, done, engine, models, rundir
+from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.rank import artifacts, distill_parts, engine
 from stablekd.model.build import build_model
 from stablekd.model.build import rows as embedding_rows
 
@@ -99,11 +100,11 @@ def run(cfg: ExperimentConfig) -> None:
     tokenizer = load_tokenizer(tok_dir)
     student = build_model(cfg.student.model, tokenizer, seq_len, cfg.run.seed)
     micro = ds["train_micro_batch_size_per_gpu"]
-    batches, aligner = distillation.student_batches(
+    batches, aligner = distill_parts.student_batches(
         cfg, rank, world, micro, tokenizer, teacher, student, zero3
     )
     evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, d.eval_batches, rank, world)
-    stage = distillation.build_stage(cfg, student, tokenizer, batches, evals, aligner)
+    stage = distill_parts.build_stage(cfg, student, tokenizer, batches, evals, aligner)
     result = engine.train(stage, d, ds, run_dir, done.stage_hash(cfg, "distill"), cfg.run.trace_samples)
 
     produced = {"source": "online teacher" if d.online else str(rundir.stage_dir(cfg, "soft_labels"))}

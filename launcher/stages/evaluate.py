@@ -39,12 +39,13 @@ from transformers.utils import logging as hf_logging
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.stream import eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
-from stablekd.evaluation import report
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
+from stablekd.evaluation import metrics, report
 from stablekd.evaluation.bios_probe import HFGenerator, probe
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
-from stablekd.launcher import artifacts, done, launch, models, rundir
+from stablekd.launcher import done, models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
+from stablekd.launcher.rank import artifacts
 from stablekd.launcher.stages import MODELS, model_stage
 from stablekd.model.build import count_params
 
@@ -130,15 +131,15 @@ def _perplexity(
     tok_dir: Path,
     cfg: ExperimentConfig,
     tok: PreTrainedTokenizerBase,
-) -> report.Perplexity | None:
-    """`report.perplexity` on the first evaluate.ppl_batches held-out batches of the model's own tokenizer
+) -> report.HeldOutScores | None:
+    """`report.held_out_scores` on the first evaluate.ppl_batches held-out batches of the model's own tokenizer
     (its ids, and the bytes they stand for: bits per byte); None when `files` yield no batch."""
     batches = eval_batches(
         files, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, cfg.evaluate.ppl_batches, 0, 1
     )
     if not batches:
         return None
-    return report.perplexity(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+    return report.held_out_scores(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
 
 
 def _trained_task_records(cfg: ExperimentConfig) -> int:
@@ -170,7 +171,7 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 def run(cfg: ExperimentConfig) -> None:
     if needs_ranks(cfg):  # started by the deepspeed runner on every rank (pipeline.run)
-        from stablekd.launcher import engine
+        from stablekd.launcher.rank import engine
 
         rank, _ = engine.setup_distributed(cfg.launch.threads_per_rank, cfg.launch.timeout_s)
         if torch.cuda.is_available():  # whole models go to "cuda": this rank's device
@@ -190,7 +191,7 @@ def run(cfg: ExperimentConfig) -> None:
     # teacher took 145 s with 2 threads and 28 s with 1 (1 thread was ~1.2x slower on idle cores).
     threads = torch.get_num_threads()
     if not torch.cuda.is_available():
-        torch.set_num_threads(launch.threads_per_rank(cfg))
+        torch.set_num_threads(placement.threads_per_rank(cfg))
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load says nothing here
     try:
@@ -350,7 +351,8 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
             if encoder_name != "teacher":
                 notes.append(f"coherence encoder: {encoder_name} (the run has no teacher/hf)")
         for name in found:
-            results[name]["coherence"] = report.coherence(encoder, enc_tok, prefixes, greedy[name])
+            pairs = report.embed(encoder, enc_tok, prefixes), report.embed(encoder, enc_tok, greedy[name])
+            results[name]["coherence"] = metrics.coherence(*pairs)
         del encoder
     if rank != 0:
         return

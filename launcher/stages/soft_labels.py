@@ -55,10 +55,11 @@ from stablekd.data_pipeline.soft_labels import (
     finalize_soft_labels,
 )
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
-from stablekd.data_pipeline.tokenize import tokenizer_hash
-from stablekd.launcher import artifacts, done, engine, hints, models, rundir
+from stablekd.data_pipeline.tokenizer import tokenizer_hash
+from stablekd.launcher import done, hints, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
-from stablekd.launcher.monitor import Monitor
+from stablekd.launcher.rank import artifacts, engine
+from stablekd.launcher.rank.monitor import Monitor
 from stablekd.model.build import pad_id
 from stablekd.model.sharded_teacher import ShardedTeacher
 from stablekd.objectives.lm import IGNORE_INDEX

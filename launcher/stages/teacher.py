@@ -18,10 +18,11 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline.sources import SourceStats
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
-from stablekd.data_pipeline.tokenize import load_tokenizer, tokenizer_hash
+from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import artifacts, done, engine, models, prepare, rundir
+from stablekd.launcher import done, models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.objectives.lm import lm_loss
 
@@ -37,7 +38,7 @@ def preflight(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"teacher.init_from: {theirs_path} missing (the previous run's resolved DeepSpeed JSON)"
         )
-    theirs, ours = json.loads(theirs_path.read_text()), prepare.resolve_ds_config(cfg, "teacher")
+    theirs, ours = json.loads(theirs_path.read_text()), placement.resolve_ds_config(cfg, "teacher")
     for what, a, b in (
         ("ZeRO stage", zero_stage(theirs), zero_stage(ours)),
         ("bf16", theirs.get("bf16", {}).get("enabled"), ours.get("bf16", {}).get("enabled")),

@@ -1,4 +1,4 @@
-"""What each rank runs: `python -m stablekd.launcher.worker <stage> <run_dir>` (started by the deepspeed runner),
+"""What each rank runs: `python -m stablekd.launcher.rank.worker <stage> <run_dir>` (started by the deepspeed runner),
 or `python -u .../worker.py <stage> <run_dir>` where the runner's slurm backend starts it through srun."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import warnings  # noqa: E402
 from contextlib import suppress  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from stablekd.launcher import diskspace, hints, rundir
+from stablekd.launcher import diskfull, hints, rundir
 from stablekd.launcher.config import load_config
-from stablekd.launcher.ranks import RankStatus
+from stablekd.launcher.rank_status import RankStatus
 
 
 def slurm_rank_env(env: dict[str, str]) -> dict[str, str]:
@@ -55,10 +55,10 @@ def main(argv: list[str]) -> None:
         )  # set by DeepSpeed's launcher or from Slurm's
         importlib.import_module(f"stablekd.launcher.stages.{stage}").run(cfg)
     except BaseException as e:
-        full = diskspace.disk_full(e, rundir.stage_dir(cfg, stage))
+        full = diskfull.disk_full(e, rundir.stage_dir(cfg, stage))
         if full:  # the launching process shows the first such line of any rank, once (console.py)
             # one write(): print's separate "\n" lets another rank's line land in the middle of this one
-            sys.stderr.write(diskspace.full_line(stage, full) + "\n")
+            sys.stderr.write(diskfull.full_line(stage, full) + "\n")
             sys.stderr.flush()
         # the component's message shortened, then the command that repairs the artifact it refuses, if any
         why = f"{type(e).__name__}: {hints.repair(cfg, e, limit=400)}"

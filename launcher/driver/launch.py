@@ -2,14 +2,13 @@
 or on the slots launcher/placement.py gives it (two jobs side by side).
 
 Thin on purpose (gpt-neox's deepy.py): we resolve config and hand off to DeepSpeed's own runner, as an
-argument list (never a shell string). The ranks run `python -m stablekd.launcher.worker <stage> <run_dir>`.
-Running the command is launcher/supervise.py's; what of its output reaches the terminal, console.py's.
+argument list (never a shell string). The ranks run `python -m stablekd.launcher.rank.worker <stage> <run_dir>`.
+Running the command is launcher/driver/supervise.py's; what of its output reaches the terminal, console.py's.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shlex
 import socket
 import sys
@@ -18,8 +17,9 @@ from pathlib import Path
 import torch
 
 from stablekd.data_pipeline.files import atomic_write
-from stablekd.launcher import nodes, placement
+from stablekd.launcher import placement
 from stablekd.launcher.config import ExperimentConfig
+from stablekd.launcher.driver import nodes
 
 
 def _free_port() -> int:
@@ -28,15 +28,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def threads_per_rank(cfg: ExperimentConfig) -> int:
-    """Cores ÷ local ranks unless set: two ranks each taking every core run at half speed."""
-    return cfg.launch.threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.launch.nproc_per_node)
-
-
 def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     """The deepspeed runner invocation, e.g. for 2 CPU ranks on this node:
     python -m deepspeed.launcher.runner --num_accelerators 2 --master_port P --log_level warning
-        --no_local_rank --module stablekd.launcher.worker teacher runs/quickstart
+        --no_local_rank --module stablekd.launcher.rank.worker teacher runs/quickstart
     A job placed on part of the pool (launcher/placement.py) names its slots with --include instead.
     """
     launch, placed = cfg.launch, placement.slots(cfg, stage)
@@ -54,7 +49,7 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
         if launch.no_ssh:
             cmd += ["--no_ssh", "--node_rank", str(launch.node_rank)]
     addr = launch.master_addr
-    if addr and placed and launch.hostfile and next(iter(placed)) != nodes.host_names(cfg)[0]:
+    if addr and placed and launch.hostfile and next(iter(placed)) != placement.host_names(cfg)[0]:
         addr = next(iter(placed))  # its rank 0 is on its first host, which the runner reaches by that name
     if addr:
         cmd += ["--master_addr", addr]
@@ -66,10 +61,12 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
         # The runner's slurm backend ignores --module (it runs `python -u <script>`), checks ssh to the
         # first host unless told not to, and turns --num_accelerators into srun's --gpus-per-node (a GPU
         # request a CPU cluster refuses: "Invalid generic resource"): the hostfile's slots= count instead.
-        worker = importlib.util.find_spec("stablekd.launcher.worker").origin  # its file, without importing it
+        worker = importlib.util.find_spec(
+            "stablekd.launcher.rank.worker"
+        ).origin  # its file, without importing it
         cmd += ["--no_ssh_check", worker, stage, str(cfg.run_dir)]
     else:
-        cmd += ["--module", "stablekd.launcher.worker", stage, str(cfg.run_dir)]
+        cmd += ["--module", "stablekd.launcher.rank.worker", stage, str(cfg.run_dir)]
     return cmd
 
 
@@ -94,7 +91,7 @@ def deepspeed_env_path(cfg: ExperimentConfig) -> Path:
 
 def stage_env(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
     """The environment variables a stage's job gets on top of ours (written nowhere: see run_stages)."""
-    env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg))}
+    env = {"OMP_NUM_THREADS": str(placement.threads_per_rank(cfg))}
     if cfg.launch.hostfile:
         env["DS_ENV_FILE"] = str(deepspeed_env_path(cfg))
     if slurm_runner(cfg):
@@ -102,7 +99,7 @@ def stage_env(cfg: ExperimentConfig, stage: str) -> dict[str, str]:
         # passes our environment instead (--export=ALL).
         cmd = runner_command(cfg, stage)
         env["MASTER_ADDR"] = (
-            cmd[cmd.index("--master_addr") + 1] if "--master_addr" in cmd else nodes.host_names(cfg)[0]
+            cmd[cmd.index("--master_addr") + 1] if "--master_addr" in cmd else placement.host_names(cfg)[0]
         )
         env["MASTER_PORT"] = cmd[cmd.index("--master_port") + 1]
     elif placement.slots(cfg, stage) is not None and not torch.cuda.is_available():

@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING
 
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.shards.format import ShardError
-from stablekd.launcher import diskspace, done, hints, models, nodes, placement, prepare, rundir, runlock
+from stablekd.launcher import diskfull, done, hints, models, placement, rundir
 from stablekd.launcher.config import (
     ConfigError,
     ExperimentConfig,
     config_hash,
     to_dict,
 )
+from stablekd.launcher.driver import diskspace, nodes, prepare, runlock
+from stablekd.launcher.driver.status import headline, wall
 from stablekd.launcher.stages import spec
-from stablekd.launcher.status import headline, wall
 
 if TYPE_CHECKING:  # annotations only: the driver process does not import torch/DeepSpeed to plan a run
     pass
@@ -67,7 +68,7 @@ def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None
     logs/<stage>.log (this process's own to logs/pipeline.log) and the terminal gets our own lines and
     the progress bar (console.ConsoleFilter).
     """
-    from stablekd.launcher.console import driver_log
+    from stablekd.launcher.driver.console import driver_log
 
     # One run per directory: node 0 (the one that prepares it) holds the run directory's lock until its
     # last stage has ended; the other nodes of a no_ssh launch write only what node 0's launch told them to.
@@ -83,7 +84,7 @@ def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None
     ) as e:  # this process's own writes: config.yaml, corpus, tokenizer, data_order.json, DONE.json
         if e.errno != errno.ENOSPC:
             raise
-        raise SystemExit(diskspace.full_line(at["stage"], e.filename or cfg.run_dir)) from None
+        raise SystemExit(diskfull.full_line(at["stage"], e.filename or cfg.run_dir)) from None
 
 
 def _groups(cfg: ExperimentConfig, stages: list[str]) -> list[list[str]]:
@@ -98,11 +99,11 @@ def _groups(cfg: ExperimentConfig, stages: list[str]) -> list[list[str]]:
 
 
 def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool, at: dict) -> None:
-    from stablekd.launcher import data_order
-    from stablekd.launcher.console import driver_log
+    from stablekd.launcher.driver import data_order
+    from stablekd.launcher.driver.console import driver_log
 
     # With launch.no_ssh every node runs this command; node 0 prepares, the others wait for it
-    from stablekd.launcher.supervise import run_stages
+    from stablekd.launcher.driver.supervise import run_stages
 
     # With launch.no_ssh every node runs this command; node 0 prepares, the others wait for it
     # (the run directory is on a filesystem every node sees) and never run in-process stages.
@@ -177,15 +178,15 @@ def dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
     Starts nothing and writes nothing: the DeepSpeed JSONs are resolved and checked in memory. Stages are
     judged as the directory is now; one after a stage that would run may be judged again once it has.
     """
-    from stablekd.launcher.console import diverted
+    from stablekd.launcher.driver.console import diverted
 
     with diverted(sys.stderr, python_warnings=False):  # stdout: only the plan
         return _dry_run(cfg, stages)
 
 
 def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
-    from stablekd.launcher import data_order
-    from stablekd.launcher.launch import display_command
+    from stablekd.launcher.driver import data_order
+    from stablekd.launcher.driver.launch import display_command
 
     prepare.check_files(cfg)
     models.check_stages(cfg, stages)
@@ -205,7 +206,7 @@ def _dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
             todo.append("tokenizer/ (SentencePiece)")
         todo += [f"ds/{s}.json" for s in stages if spec(s).trains]
         lines.append(f"# prepare {cfg.run_dir}: " + ", ".join(todo))
-    ds = {s: prepare.resolve_ds_config(cfg, s) for s in stages if spec(s).trains}
+    ds = {s: placement.resolve_ds_config(cfg, s) for s in stages if spec(s).trains}
     for stage in stages:
         in_process = _in_process(cfg, stage)
         if follower and in_process:

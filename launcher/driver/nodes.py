@@ -13,8 +13,8 @@ launch.timeout_s, naming that node. (master_port itself stays free for the deeps
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
+from stablekd.launcher import placement
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 
 # The rendezvous port of a multi-node job without launch.master_port: every node must pick the same one
@@ -22,29 +22,11 @@ from stablekd.launcher.config import ConfigError, ExperimentConfig
 DEFAULT_MASTER_PORT = 29500
 
 
-def hosts(cfg: ExperimentConfig) -> list[tuple[str, int]]:
-    """(host, slots) of each hostfile line, in order; [] without a hostfile."""
-    if not cfg.launch.hostfile:
-        return []
-    out = []
-    for line in Path(cfg.launch.hostfile).read_text().splitlines():
-        fields = line.split()
-        if fields and not fields[0].startswith("#"):
-            slots = next((int(f.split("=")[1]) for f in fields[1:] if f.startswith("slots=")), 1)
-            out.append((fields[0], slots))
-    return out
-
-
-def host_names(cfg: ExperimentConfig) -> list[str]:
-    """Node i's address (hostfile order); this machine alone without a hostfile."""
-    return [h for h, _ in hosts(cfg)] or ["localhost"]
-
-
 def _store(cfg: ExperimentConfig, is_master: bool):
     from torch.distributed import TCPStore  # torch only where nodes meet: planning a run does not need it
 
     launch = cfg.launch
-    addr = launch.master_addr or host_names(cfg)[0]
+    addr = launch.master_addr or placement.host_names(cfg)[0]
     port = (launch.master_port or DEFAULT_MASTER_PORT) + 1
     try:
         return TCPStore(
@@ -65,7 +47,7 @@ def _store(cfg: ExperimentConfig, is_master: bool):
 
 def lead(cfg: ExperimentConfig, prepared_hash: str) -> None:
     """Node 0, after preparing: publish `prepared_hash`, wait until every other node has answered."""
-    names = host_names(cfg)
+    names = placement.host_names(cfg)
     store = _store(cfg, is_master=True)
     store.set("prepared", prepared_hash)
     keys = [f"node{i}" for i in range(1, len(names))]

@@ -28,10 +28,11 @@ from pathlib import Path
 
 from stablekd.data_pipeline.errors import DataError
 from stablekd.data_pipeline.files import atomic_write
-from stablekd.launcher import models, pipeline, placement, prepare, rundir
+from stablekd.launcher import models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, describe, load_config
+from stablekd.launcher.driver import pipeline, prepare
+from stablekd.launcher.driver.status import format_status, report_table, run_status
 from stablekd.launcher.stages import NAMES, REGISTRY
-from stablekd.launcher.status import format_status, report_table, run_status
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -83,7 +84,7 @@ def _ds_config(args: argparse.Namespace) -> None:
     another ds_config must not overwrite it."""
     cfg = load_config(args.config, args.overrides)
     prepare.check_files(cfg)  # what `run` refuses up front (a missing corpus, hostfile, ds JSON) too
-    ds = prepare.resolve_ds_config(cfg, args.stage)
+    ds = placement.resolve_ds_config(cfg, args.stage)
     source = getattr(cfg, args.stage).ds_config
     if args.out:
         out = Path(args.out)

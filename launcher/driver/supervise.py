@@ -20,9 +20,10 @@ from pathlib import Path
 
 import psutil
 
-from stablekd.launcher import diskspace, launch, placement, ranks
+from stablekd.launcher import diskfull, placement, rank_status
 from stablekd.launcher.config import ExperimentConfig
-from stablekd.launcher.console import ConsoleFilter, LogFile, SideBySide
+from stablekd.launcher.driver import launch
+from stablekd.launcher.driver.console import ConsoleFilter, LogFile, SideBySide
 from stablekd.launcher.stages import NAMES
 
 # A torch extension build (DeepSpeed's cpu_adam for ZeRO offload, its fused Adam on GPU) holds its lock file
@@ -62,7 +63,7 @@ class _Job:
     log: Path
     proc: subprocess.Popen
     console: ConsoleFilter
-    run_dir: Path  # where its ranks record how they ended (launcher/ranks.py)
+    run_dir: Path  # where its ranks record how they ended (launcher/rank_status.py)
     started: float  # time.time() of its launch
     last_data: float = 0.0  # time.monotonic() of its last output
     exited: float = 0.0  # when its runner was first seen exited
@@ -115,7 +116,7 @@ def _pump(jobs: list[_Job]) -> None:
                 job.exited = job.exited or now
                 if now - max(job.exited, job.last_data) >= 1.0:
                     job.open, job.ended = False, now
-            if job.open and job.stopping is None and ranks.failed(job.run_dir, job.stage, job.started):
+            if job.open and job.stopping is None and rank_status.failed(job.run_dir, job.stage, job.started):
                 # A rank failed: the job cannot succeed. DeepSpeed's launcher would give a silent (hung)
                 # rank 30 s after SIGTERM; the others have recorded how they ended well before 5 s.
                 _stop(job, FAILED_RANK_GRACE_S)
@@ -193,10 +194,10 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
         if job.proc.returncode != 0 and _full(
             job.console.log.error
         ):  # this process's log could not be written
-            raise SystemExit(diskspace.full_line(job.stage, job.log))
+            raise SystemExit(diskfull.full_line(job.stage, job.log))
         if job.proc.returncode != 0:
             slots = placement.slots(cfg, job.stage) or placement.pool(cfg)  # where its ranks ran
-            lost = ranks.lost(cfg.run_dir, job.stage, started, slots)
+            lost = rank_status.lost(cfg.run_dir, job.stage, started, slots)
             why = lost or job.console.first_error
             # the log first: `why` may end with the command that repairs what the stage refused
             raise SystemExit(

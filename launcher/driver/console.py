@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from stablekd.launcher.config import ExperimentConfig
-from stablekd.launcher.launch import log_path
+from stablekd.launcher.driver.launch import log_path
 from stablekd.launcher.stages import NAMES
 
 # tqdm redraws its bar by writing "\r" + bar, e.g. "teacher:  42%|####   | 42/100 [00:10<00:14, 4.1it/s,
@@ -31,7 +31,7 @@ _BAR = re.compile(r"[^\r\n]*?(?:\d+%\|[^|\r\n]*\|[^\[\r\n]*|\d+(?:\.\d+)?[kMGT]?
 _OURS = re.compile(rf"(?:[\w.-]+: )?(?:stablekd:|\[(?:{'|'.join(NAMES)})\])")
 
 
-# A rank's line for a full disk (diskspace.full_line): every rank that hits it may print one; the terminal
+# A rank's line for a full disk (launcher/diskfull.py full_line): every rank that hits it may print one; the terminal
 # gets the first, once, as the job's failure (supervise.py).
 _DISK_FULL = re.compile(r"(?:[\w.-]+: )?(stablekd: \[\w+\] failed: no space left on device .*? to resume)")
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.launcher import hints
 from stablekd.launcher.config import ConfigError, TrainConfig
-from stablekd.launcher.monitor import Monitor, measure_peak_flops, peak_memory_bytes
+from stablekd.launcher.rank.monitor import Monitor, measure_peak_flops, peak_memory_bytes
 from stablekd.launcher.stages import spec
 from stablekd.model.sharded_teacher import load_initial_weights
 from stablekd.objectives.lm import Loss, lm_counts

@@ -1,5 +1,6 @@
-"""Full disks: a stage that cannot fit is refused before it starts, and one whose disk fills anyway (another
-process wrote) ends in one line naming the path and the errno, never a traceback.
+"""Full disks: a stage that cannot fit is refused before it starts; one whose disk fills anyway (another
+process wrote) ends in one line naming the path and the errno, never a traceback (launcher/diskfull.py, which
+ranks and the launching process share).
 
 Before a stage starts, the launching process compares an estimate of what the stage will write with the
 free space of the filesystem it writes to (`shutil.disk_usage`). The estimates are estimates, on the
@@ -9,7 +10,7 @@ large side so that a stage refused is one that would not have fit:
   measured on its first documents ÷ seq_len; plus candidate groups at int32 and full seq_len.
 - checkpoints: parameters × 16 bytes (DeepSpeed's ZeRO checkpoint: the fp32 master copy and Adam's two
   moments, 12 bytes, in the ranks' optim_states files; the weights in the training dtype, at most 4 more,
-  in the model_states files) × (keep_checkpoints + 1) tags: launcher/engine.py deletes an old tag only
+  in the model_states files) × (keep_checkpoints + 1) tags: launcher/rank/engine.py deletes an old tag only
   after the new one is complete, so one more than kept exists during a save; plus the Hugging Face export
   (4 bytes a parameter) when export_hf. Only what is not on disk yet counts: the stage directory's
   current size (a resumed stage's checkpoints and shards) is taken off.
@@ -17,14 +18,13 @@ large side so that a stage refused is one that would not have fit:
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import shutil
 from pathlib import Path
 
 from stablekd.launcher import models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.diskfull import free_bytes
 from stablekd.launcher.stages import spec
 from stablekd.model.presets import PRESETS, param_count
 
@@ -33,10 +33,6 @@ CKPT_BYTES_PER_PARAM = 16
 EXPORT_BYTES_PER_PARAM = 4  # save_pretrained of fp32 weights (bf16 halves it: the estimate stays high)
 MARGIN = 1.1  # on top of every estimate: shard headers, manifests, tokenizer copies, rounding
 SAMPLE_BYTES = 1 << 20  # the corpus text tokenized to measure tokens per byte
-# A stage that fails while its filesystem has less than this left failed for want of space, whatever its
-# error says: libraries hide the errno (torch.save under DeepSpeed's save_checkpoint raised "basic_ios::clear:
-# iostream error", then "unexpected pos 128 vs 0"; safetensors says "StorageFull").
-NEARLY_FULL = 1 << 20
 
 
 def _size(path: Path) -> int:
@@ -51,20 +47,12 @@ def _size(path: Path) -> int:
     return total
 
 
-def free_bytes(path: Path) -> int:
-    """Free space (for this user) of the filesystem `path` is or will be on (its nearest existing parent)."""
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
 def _corpus_tokens(cfg: ExperimentConfig, bound: bool = False) -> int | None:
     """Tokens in one pass of the training files: their bytes × tokens per byte of their first documents.
     bound: at most one token per byte instead, without loading a tokenizer (None for gzipped files, whose
     size on disk bounds nothing)."""
     from stablekd.data_pipeline.sources import iter_documents
-    from stablekd.data_pipeline.tokenize import load_tokenizer
+    from stablekd.data_pipeline.tokenizer import load_tokenizer
 
     files = rundir.train_files(cfg)
     total = sum(Path(f).stat().st_size for f in files)
@@ -85,7 +73,7 @@ def soft_labels_bytes(cfg: ExperimentConfig, bound: bool = False) -> tuple[int, 
     bound that loads no tokenizer (4-byte ids, one token per corpus byte; None where there is none)."""
     from stablekd.data_pipeline.encodings import schema
     from stablekd.data_pipeline.soft_labels import config_meta
-    from stablekd.data_pipeline.tokenize import load_tokenizer
+    from stablekd.data_pipeline.tokenizer import load_tokenizer
 
     sl, seq_len = cfg.soft_labels, cfg.data.seq_len
     vocab = 1 << 30 if bound else len(load_tokenizer(models.tokenizer_dir(cfg)))  # 1 << 30: int32 ids
@@ -151,29 +139,3 @@ def check(cfg: ExperimentConfig, stage: str) -> None:
             f"[{stage}] needs about {_mb(need)} more in {out} (estimate: {how}), but its filesystem has "
             f"{_mb(free)} free: free space or use a run.out_dir on a larger filesystem"
         )
-
-
-def full_line(stage: str, path: Path | str) -> str:
-    """What the user sees when a disk fills during a stage (one line, rank or launcher alike)."""
-    return (
-        f"stablekd: [{stage}] failed: no space left on device writing {path} (errno {errno.ENOSPC}); "
-        "free space and rerun the same command to resume"
-    )
-
-
-def _chain(e: BaseException | None):
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
-def disk_full(e: BaseException, where: Path) -> Path | str | None:
-    """The path a write failed on for want of space when `e` means a full disk, else None: an OSError
-    ENOSPC in its chain (its file, else `where`), or any error while `where`'s filesystem is (nearly)
-    full (see NEARLY_FULL)."""
-    for x in _chain(e):
-        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
-            return x.filename or where
-    return where if free_bytes(where) < NEARLY_FULL else None

@@ -9,7 +9,7 @@ the open file description, which an inherited descriptor shares, so a DeepSpeed 
 inherited it and outlived a killed launcher would keep the directory locked with nobody left to name.
 
 Only the node that prepares the directory takes it (node 0 with launch.no_ssh: the others meet it on the
-handshake, launcher/nodes.py); `status`, `ds-config` and `--dry-run` only read and never take it. On a
+handshake, launcher/driver/nodes.py); `status`, `ds-config` and `--dry-run` only read and never take it. On a
 network filesystem the lock is as good as the filesystem's locking (NFSv4 maps flock onto its own locks).
 """
 

@@ -13,10 +13,11 @@ import torch
 
 from stablekd.data_pipeline.align import TOKEN_BYTES_FILE, Aligner, Realign, TokenBytes
 from stablekd.data_pipeline.on_policy import OnPolicy
-from stablekd.launcher import artifacts, engine, models, rundir
+from stablekd.launcher import models, rundir
 from stablekd.launcher.config import ExperimentConfig
+from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import flops_per_token, generation_config
-from stablekd.objectives.distill import soft_label_counts, soft_label_weights
+from stablekd.objectives.kd import soft_label_counts, soft_label_weights
 from stablekd.objectives.kd_losses import (
     ON_POLICY,
     cross_counts,

@@ -2,12 +2,12 @@
 
 Per stage of the registry, in pipeline order:
 - done: DONE.json present; its headline figures (`headline`, also printed by the driver when a stage ends);
-- resumable: a checkpoint whose complete.json names a tag (launcher/engine.py): its step, and which ranks
+- resumable: a checkpoint whose complete.json names a tag (launcher/rank/engine.py): its step, and which ranks
   wrote files into that tag (DeepSpeed's `*zero_pp_rank_<r>_mp_rank_00_*`, our `stablekd_rank<r>.pt`);
   or, for a stage that writes shards (soft_labels), the records its ranks committed;
 - started: something on disk (its directory, TensorBoard, log) but nothing to resume from;
 - not started.
-With the last value of the loss and throughput scalars under tb/<stage> (launcher/engine.py's tags).
+With the last value of the loss and throughput scalars under tb/<stage> (launcher/rank/engine.py's tags).
 """
 
 from __future__ import annotations

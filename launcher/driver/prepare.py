@@ -95,7 +95,7 @@ def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
     t0 = time.perf_counter()
     docs = itertools.islice(iter_documents(rundir.train_files(cfg)), cfg.tokenizer.train_sentences)
     try:
-        from stablekd.model.tokenizer import (
+        from stablekd.data_pipeline.tokenizer import (
             train_tokenizer,  # sentencepiece, transformers: only when training
         )
 
@@ -108,20 +108,9 @@ def _prepare_tokenizer(cfg: ExperimentConfig) -> None:
     )
 
 
-def resolve_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
-    """The stage's DeepSpeed JSON with "auto" filled, validated with DeepSpeed's config class (not written)."""
-    train_cfg = getattr(cfg, stage)
-    raw, path = ds_resolve.load(train_cfg.ds_config)
-    ds = ds_resolve.resolve(
-        raw, train_cfg, placement.world_size(cfg, stage), rundir.tb_dir(cfg, stage) / "deepspeed", str(path)
-    )
-    ds_resolve.validate(ds, placement.world_size(cfg, stage), str(path))
-    return ds
-
-
 def prepare_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
     """Resolve the stage's DeepSpeed JSON, validate it with DeepSpeed's config class, write ds/<stage>.json."""
-    ds = resolve_ds_config(cfg, stage)
+    ds = placement.resolve_ds_config(cfg, stage)
     out = rundir.ds_path(cfg, stage)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(ds, indent=2))  # other nodes' ranks read it

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from stablekd.data_pipeline.files import read_marker
-from stablekd.data_pipeline.tokenize import tokenizer_hash
+from stablekd.data_pipeline.tokenizer import tokenizer_hash
 from stablekd.ds_configs import resolve as ds_resolve
 from stablekd.launcher import done, hints, models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # annotations only
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from stablekd.launcher import engine
+    from stablekd.launcher.rank import engine
 
 
 def check_teacher_checkpoint(cfg: ExperimentConfig, stage: str) -> None:
