@@ -12,18 +12,19 @@ tokenizer of 151,665); those rows are never stored, compared or counted. Two mod
 other when their tokenizers are the same by content (`data_pipeline.tokenizer.tokenizer_hash`), whatever their
 row counts.
 
-Used by the driver (preparation, dry run), stage preflights and ranks; imports no stage and not the driver.
+Used by the driver (preparation, dry run, preflight) and the ranks; imports no stage and not the driver.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.tokenizer import own_tokenizer, tokenizer_hash
 from stablekd.launcher.config import ConfigError, ExperimentConfig, load_config
-from stablekd.launcher.stages import spec
+from stablekd.launcher.stages import MODELS, model_stage, spec
 
 
 def previous_run(cfg: ExperimentConfig) -> ExperimentConfig | None:
@@ -205,3 +206,47 @@ def check_stages(cfg: ExperimentConfig, stages: list[str]) -> None:
 def cross_tokenizer(cfg: ExperimentConfig) -> bool:
     """Whether the student reads the soft labels through the cross-tokenizer path."""
     return cfg.distill.cross_tokenizer != "off"
+
+
+def find_models(run_dir: Path) -> dict[str, Path]:
+    """name -> <run>/<name>/hf for each model exported there, or <run>/teacher/ckpt for a teacher with a
+    complete ZeRO-3 checkpoint and no export; a ConfigError when none can be evaluated."""
+    found: dict[str, Path] = {}
+    for name in MODELS:  # the report's column order
+        hf, ckpt = run_dir / model_stage(name).out_dir / "hf", run_dir / model_stage(name).ckpt_dir
+        if (hf / "config.json").is_file():
+            found[name] = hf
+        elif name == "teacher" and (ckpt / "complete.json").is_file():
+            found[name] = ckpt  # evaluated from its ZeRO-3 shards, on the teacher's ranks
+        elif ckpt.is_dir():
+            # A sharded-only model would silently drop out of the report (and the teacher is the
+            # default coherence encoder): stop and say how to get the export.
+            what = "no complete.json (no complete checkpoint)" if name == "teacher" else "exists"
+            raise ConfigError(
+                f"evaluate: {name}/hf missing ({hf}) and {ckpt} {what}: rerun the {name} with "
+                f"{name}.export_hf=true (evaluate loads Hugging Face directories, and ZeRO-3 shards only "
+                "for a teacher whose checkpoint is complete)"
+            )
+    if not found:
+        paths = ", ".join(str(run_dir / model_stage(n).out_dir / "hf") for n in MODELS)
+        raise ConfigError(
+            f"evaluate: no model to evaluate: none of {paths} exists (run the teacher stage first)"
+        )
+    return found
+
+
+def encoder_dir(src: str) -> Path:
+    """A local HF model directory, or a sentence-transformers one (its Transformer module's folder)."""
+    root = Path(src)
+    if not root.is_dir():
+        raise ConfigError(
+            f"evaluate.coherence_encoder: {src} is not a directory (expected a local Hugging Face or "
+            "sentence-transformers model directory; empty = the teacher)"
+        )
+    if not (root / "config.json").is_file() and (root / "modules.json").is_file():
+        for module in json.loads((root / "modules.json").read_text()):
+            if module.get("type", "").endswith("Transformer"):
+                root = root / module.get("path", "")
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"evaluate.coherence_encoder: {src} holds no config.json (not a model directory)")
+    return root

@@ -34,9 +34,9 @@ from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.launcher import rundir
 from stablekd.launcher.config import ConfigError, load_config
+from stablekd.launcher.driver import preflight
 from stablekd.launcher.rank import distill_parts
 from stablekd.launcher.rank.monitor import read_scalars
-from stablekd.launcher.stages import distill
 from stablekd.model.build import build_model
 from stablekd.objectives.cross_tokenizer import cross_kd_sum
 from stablekd.objectives.kd import kd_sum, soft_label_counts
@@ -219,12 +219,12 @@ def test_student_rows_padded_pass_too_few_refused_and_labels_of_another_tokenize
         model.save_pretrained(tmp_path / str(rows))
         cfg.student.model = str(tmp_path / str(rows))
         if rows > len(tok):
-            distill.preflight(cfg)  # a padded vocabulary: its extra rows never count
+            preflight.distill(cfg)  # a padded vocabulary: its extra rows never count
             continue
         with pytest.raises(
             ConfigError, match=rf"{rows} embedding rows, but its tokenizer .* has {len(tok)} ids"
         ):
-            distill.preflight(cfg)
+            preflight.distill(cfg)
     cfg.student.model = "tiny-student"
     manifest = upstream / "soft_labels" / "manifest.json"
     text = manifest.read_text()
@@ -236,12 +236,12 @@ def test_student_rows_padded_pass_too_few_refused_and_labels_of_another_tokenize
             ConfigError,
             match=rf"manifest.json: soft labels of a tokenizer with {len(tok)} ids \(hash 000000000000\)",
         ):
-            distill.preflight(cfg)
+            preflight.distill(cfg)
     finally:
         manifest.write_text(text)
     cfg.student.model, cfg.distill.temperature = "tiny-student", 1.0
     with pytest.raises(ConfigError, match="distill.temperature 1.0 != soft_labels.temperature 2.0"):
-        distill.preflight(cfg)
+        preflight.distill(cfg)
 
 
 def test_a_student_with_another_tokenizer_resumes_after_a_kill_on_the_plain_pytorch_curve(upstream, tmp_path):

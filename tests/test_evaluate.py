@@ -21,7 +21,6 @@ from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, EvaluateConfig, load_config
 from stablekd.launcher.driver import cli, pipeline, prepare
 from stablekd.launcher.stages import evaluate as evaluate_stage
-from stablekd.launcher.stages.evaluate import find_models
 from stablekd.model.build import build_model, count_params
 from tests.conftest import QUICKSTART, UPSTREAM, copy_run
 
@@ -327,15 +326,15 @@ def test_too_little_held_out_text_shows_figures_missing_with_the_reason(tmp_path
 
 def test_missing_models_are_named(tmp_path):
     with pytest.raises(ConfigError, match="teacher/hf.*student/hf"):
-        find_models(tmp_path)
+        models.find_models(tmp_path)
     (tmp_path / "teacher" / "ckpt").mkdir(parents=True)
     with pytest.raises(ConfigError, match="teacher/hf missing.*no complete.json.*teacher.export_hf=true"):
-        find_models(tmp_path)
+        models.find_models(tmp_path)
     (tmp_path / "teacher" / "ckpt" / "complete.json").write_text("{}")
-    assert find_models(tmp_path) == {"teacher": tmp_path / "teacher" / "ckpt"}  # from its shards
+    assert models.find_models(tmp_path) == {"teacher": tmp_path / "teacher" / "ckpt"}  # from its shards
     (tmp_path / "student" / "ckpt").mkdir(parents=True)
     with pytest.raises(ConfigError, match="student/hf missing.*student.export_hf=true"):
-        find_models(tmp_path)
+        models.find_models(tmp_path)
 
 
 def test_report_ratios_and_markdown():

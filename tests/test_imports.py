@@ -5,7 +5,7 @@
 - components (data_pipeline, model, objectives, evaluation, ds_configs) never import launcher;
 - the launcher's two sides stay apart: the rank side (launcher/rank/, the stage modules) never imports the
   launching process's side (launcher/driver/), the driver never imports the rank side (it reaches a stage
-  module only through the registry at run time, for its preflight and the in-process evaluate), and the
+  module only through the registry at run time, for the in-process evaluate), and the
   shared modules (launcher/*.py, launcher/config/, the registry launcher/stages/__init__.py) import
   neither side;
 - no stage module imports another stage;

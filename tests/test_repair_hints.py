@@ -18,8 +18,7 @@ from stablekd.data_pipeline.shards.reader import ShardReader
 from stablekd.data_pipeline.shards.writer import ShardWriter
 from stablekd.launcher import done, hints, rundir
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.driver import data_order
-from stablekd.launcher.rank import artifacts
+from stablekd.launcher.driver import data_order, preflight
 from stablekd.launcher.rank_status import status_path
 from tests.conftest import QUICKSTART
 
@@ -93,7 +92,7 @@ def test_missing_and_incomplete_teacher_checkpoint(tmp_path):
     cfg = _cfg(tmp_path / "run")
     ckpt = rundir.ckpt_dir(cfg, "teacher")
     with pytest.raises(ConfigError) as e:
-        artifacts.check_teacher_checkpoint(cfg, "soft_labels")
+        preflight.teacher_checkpoint(cfg, "soft_labels")
     assert str(e.value) == (
         f"{ckpt}/complete.json: missing: no complete teacher checkpoint; run `stablekd stage teacher "
         f"{cfg.run_dir / 'config.yaml'}` to finish it"
@@ -101,7 +100,7 @@ def test_missing_and_incomplete_teacher_checkpoint(tmp_path):
     ckpt.mkdir(parents=True)  # complete.json names a tag that is gone: resuming cannot help
     (ckpt / "complete.json").write_text(json.dumps({"tag": "step0000004", "step": 4, "world_size": 1}))
     with pytest.raises(ConfigError) as e:
-        artifacts.check_teacher_checkpoint(cfg, "soft_labels")
+        preflight.teacher_checkpoint(cfg, "soft_labels")
     assert (
         str(e.value) == f"{ckpt / 'step0000004'}: named in complete.json but missing; {_redo(cfg, 'teacher')}"
     )

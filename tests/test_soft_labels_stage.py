@@ -40,7 +40,7 @@ from stablekd.data_pipeline.stream import PackedStream
 from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, load_config
-from stablekd.launcher.driver import cli, prepare
+from stablekd.launcher.driver import cli, preflight, prepare
 from stablekd.launcher.stages import NAMES
 from stablekd.model.build import build_model
 from tests.conftest import run_group
@@ -99,9 +99,7 @@ def run(tmp_path_factory):
     (ckpt / "latest").write_text("step0000002")
 
     prepare.prepare(cfg, ["soft_labels"])  # what `stablekd stage soft_labels` does before launching
-    from stablekd.launcher.stages.soft_labels import preflight
-
-    preflight(cfg)  # as pipeline.run does before starting the ranks
+    preflight.soft_labels(cfg)  # as pipeline.run does before starting the ranks
     result = out.parent / "worker.json"
     cmd = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
@@ -299,11 +297,9 @@ def test_world_size_mismatch_says_what_to_run(tmp_path):
 
 
 def test_preflight_without_teacher(tmp_path):
-    from stablekd.launcher.stages.soft_labels import preflight
-
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"run.out_dir={tmp_path}"])
     with pytest.raises(ConfigError) as e:
-        preflight(cfg)
+        preflight.soft_labels(cfg)
     assert str(e.value) == (
         f"{tmp_path / 'teacher' / 'ckpt'}/complete.json: missing: no complete teacher checkpoint; "
         f"run `stablekd stage teacher {tmp_path / 'config.yaml'}` to finish it"

@@ -28,7 +28,7 @@ from stablekd.launcher.config import (
     config_hash,
     to_dict,
 )
-from stablekd.launcher.driver import diskspace, nodes, prepare, runlock
+from stablekd.launcher.driver import diskspace, nodes, preflight, prepare, runlock
 from stablekd.launcher.driver.status import headline, wall
 from stablekd.launcher.stages import spec
 
@@ -57,8 +57,10 @@ def _wait_for(path: Path, what: str, timeout_s: float) -> None:
 def _in_process(cfg: ExperimentConfig, stage: str) -> bool:
     """The stage runs in the launching process: not on ranks, and not an in-process stage whose
     `needs_ranks(cfg)` says True (evaluate of a teacher in ZeRO-3 shards starts ranks too)."""
+    if spec(stage).on_ranks:
+        return False  # its module is not imported here: the ranks import it (seconds of DeepSpeed and models)
     module = importlib.import_module(spec(stage).module)
-    return not spec(stage).on_ranks and not (hasattr(module, "needs_ranks") and module.needs_ranks(cfg))
+    return not (hasattr(module, "needs_ranks") and module.needs_ranks(cfg))
 
 
 def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None:
@@ -129,10 +131,9 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool, at: dict) -> N
         done.check_upstream(cfg, stage)
         if not follower:  # node 0 checks the shared run directory's filesystem for every node
             diskspace.check(cfg, stage)
-        module = importlib.import_module(spec(stage).module)
-        if hasattr(module, "preflight"):
+        if check := getattr(preflight, stage, None):
             try:  # what the previous stage left, checked before any rank starts
-                module.preflight(cfg)
+                check(cfg)
             except ShardError as e:  # a shard or manifest it refuses: the command that redoes it
                 raise ConfigError(hints.repair(cfg, e)) from None
         return True

@@ -1,45 +1,22 @@
 """What ranks read of the stages before them and leave for the ones after, in one place for every stage:
 the sharded ZeRO-3 teacher, soft-label batches (offline shards or the online teacher), and the end every
-training stage shares (Hugging Face export, DONE.json). Heavy imports (torch, DeepSpeed) stay inside the
-functions: the launching process imports this module to check a teacher checkpoint.
+training stage shares (Hugging Face export, DONE.json).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.tokenizer import tokenizer_hash
 from stablekd.ds_configs import resolve as ds_resolve
-from stablekd.launcher import done, hints, models, placement, rundir
-from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher import done, models, rundir
+from stablekd.launcher.config import ExperimentConfig
 
 if TYPE_CHECKING:  # annotations only
     import torch
     from transformers import PreTrainedTokenizerBase
 
     from stablekd.launcher.rank import engine
-
-
-def check_teacher_checkpoint(cfg: ExperimentConfig, stage: str) -> None:
-    """Before the ranks of a stage that loads the sharded teacher start (its preflight): a complete teacher
-    checkpoint that a job of this stage's world size can load. When training saved its shards on another
-    number of ranks (distill.include placed the job on fewer), node 0 converts it to a universal checkpoint
-    once; the other nodes' ranks meet node 0's, which start after it, so they neither convert nor check."""
-    from stablekd.model.sharded_teacher import checkpoint_source, make_universal  # deepspeed
-
-    if rundir.follower(cfg):
-        return
-    ckpt, world = rundir.ckpt_dir(cfg, "teacher"), placement.world_size(cfg, stage)
-    if made := make_universal(ckpt, world):
-        rundir.say(
-            f"{stage}: the teacher's ZeRO shards are of another world size; made {made} for {world} ranks"
-        )
-    try:
-        checkpoint_source(ckpt, world)
-    except ConfigError as e:  # no complete checkpoint: train (resume) it; one named but gone: train it anew
-        fix = hints.finish(cfg, "teacher") if read_marker(ckpt) is None else hints.redo(cfg, "teacher")
-        raise ConfigError(f"{e}; {fix}") from None
 
 
 def sharded_teacher(cfg: ExperimentConfig):  # -> model.sharded_teacher.ShardedTeacher

@@ -4,8 +4,9 @@ The pipeline driver (order, skip/resume, where DONE.json lives), the training lo
 TensorBoard directories), the evaluate stage (which models the report has, in which column order), the
 CLI (`stablekd stage NAME` choices), the file checks and the upstream check (what a stage reads has
 finished: `done.check_upstream`) read this table. Adding a stage is one row here
-and one module `launcher/stages/<name>.py` with `run(cfg)` (optionally `preflight(cfg)` and, for an
-in-process stage, `needs_ranks(cfg)`).
+and one module `launcher/stages/<name>.py` with `run(cfg)` (for an in-process stage, also
+`needs_ranks(cfg)`); its checks before ranks start, if any, are a function of its name in
+launcher/driver/preflight.py.
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import done, hints, models, rundir
-from stablekd.launcher.config import ConfigError, ContrastiveConfig, ExperimentConfig
+from stablekd.launcher import done, models, rundir
+from stablekd.launcher.config import ContrastiveConfig, ExperimentConfig
 from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.objectives.contrastive import (
@@ -76,32 +76,6 @@ from stablekd.objectives.contrastive import (
 )
 from stablekd.objectives.kd import kd_sum, soft_label_targets, soft_label_teacher
 from stablekd.objectives.lm import IGNORE_INDEX, Loss, lm_loss, nll_sum, shifted_labels
-
-
-def preflight(cfg: ExperimentConfig) -> None:
-    """The distilled student and the candidate groups exist and match this run's tokenizer."""
-    hf = rundir.stage_dir(cfg, "distill") / "hf"
-    if not (hf / "config.json").is_file():
-        raise ConfigError(
-            f"{hf}: missing (distill exports it with distill.export_hf=true); "
-            + hints.redo(cfg, "distill", f"run `{hints.command(cfg, 'distill')} distill.export_hf=true`")
-        )
-    cand = rundir.stage_dir(cfg, "soft_labels") / "candidates"
-    meta = read_manifest(cand, CANDIDATES, {"tokenizer_hash": tokenizer_hash(models.tokenizer_dir(cfg))})[
-        "meta"
-    ]
-    if meta["ctx_len"] + meta["max_new_tokens"] > cfg.data.seq_len:
-        raise ConfigError(
-            f"{cand}: contexts of {meta['ctx_len']} + continuations of {meta['max_new_tokens']} tokens exceed "
-            f"data.seq_len {cfg.data.seq_len}, the positions the student was trained on"
-        )
-    if cfg.contrastive.lm == "kd":
-        read_manifest(rundir.stage_dir(cfg, "soft_labels"), "soft_labels")
-    if cfg.contrastive.labels == "truth" and cfg.data.paths:
-        raise ConfigError(
-            "contrastive.labels=truth: the ground truth exists for the built-in bios corpus only; this run "
-            "trains on data.paths (use auto, reference or majority)"
-        )
 
 
 class LMWithHead(torch.nn.Module):

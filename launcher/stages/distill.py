@@ -26,65 +26,16 @@ train/student_topk_mass, train/top1_agreement (train/aligned_share across tokeni
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from transformers import AutoConfig
 from transformers.integrations import HfDeepSpeedConfig
 
-from stablekd.data_pipeline.shards.manifest import read_manifest
-from stablekd.data_pipeline.soft_labels import KIND as SOFT_LABELS
 from stablekd.data_pipeline.stream import eval_batches
 from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import done, models, rundir
-from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher.config import ExperimentConfig
 from stablekd.launcher.rank import artifacts, distill_parts, engine
 from stablekd.model.build import build_model
-from stablekd.model.build import rows as embedding_rows
-
-
-def _check_student(cfg: ExperimentConfig) -> None:
-    """Refuse a student that cannot read the soft labels: fewer embedding rows than its tokenizer has ids,
-    soft labels of another tokenizer than the run's, another T. (A student directory with another tokenizer
-    of its own and distill.cross_tokenizer=off is refused earlier, by models.check_models; more rows than
-    ids, a padded vocabulary, is fine.)"""
-    d, sl = cfg.distill, cfg.soft_labels
-    if d.temperature != sl.temperature:
-        raise ConfigError(
-            f"distill.temperature {d.temperature} != soft_labels.temperature {sl.temperature}: the soft "
-            "labels hold the teacher's log-probs at soft_labels.temperature; set both to the same T"
-        )
-    tok_dir, student_tok = models.tokenizer_dir(cfg), models.student_tokenizer_dir(cfg)
-    vocab, tok_hash = len(load_tokenizer(tok_dir)), tokenizer_hash(tok_dir)
-    if Path(cfg.student.model).is_dir():
-        rows, ids = (
-            embedding_rows(AutoConfig.from_pretrained(cfg.student.model)),
-            len(load_tokenizer(student_tok)),
-        )
-        if rows < ids:
-            raise ConfigError(
-                f"student.model {cfg.student.model}: {rows} embedding rows, but its tokenizer "
-                f"{models.describe_tokenizer(student_tok)} has {ids} ids: every id needs a row"
-            )
-    if d.online:
-        return  # the teacher in this job labels with the run's tokenizer
-    out = rundir.stage_dir(cfg, "soft_labels")
-    if d.follow and not (out / "manifest.json").is_file():
-        return  # the writer may not have started: the reader checks every rank manifest as it comes
-    meta = read_manifest(out, SOFT_LABELS)["meta"]
-    if meta["tokenizer_hash"] != tok_hash or meta["vocab_size"] != vocab:
-        raise ConfigError(
-            f"{out / 'manifest.json'}: soft labels of a tokenizer with {meta['vocab_size']} ids (hash "
-            f"{meta['tokenizer_hash'][:12]}), but the run's tokenizer is {models.describe_tokenizer(tok_dir)}: "
-            "relabel with `stablekd stage soft_labels` after changing the tokenizer"
-        )
-
-
-def preflight(cfg: ExperimentConfig) -> None:
-    """What the launching process checks before starting ranks: a one-line error instead of a rank traceback."""
-    if cfg.distill.online or cfg.distill.on_policy:
-        artifacts.check_teacher_checkpoint(cfg, "distill")
-    _check_student(cfg)
 
 
 def run(cfg: ExperimentConfig) -> None:

@@ -46,35 +46,8 @@ from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
 from stablekd.launcher import done, models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
 from stablekd.launcher.rank import artifacts
-from stablekd.launcher.stages import MODELS, model_stage
+from stablekd.launcher.stages import model_stage
 from stablekd.model.build import count_params
-
-
-def find_models(run_dir: Path) -> dict[str, Path]:
-    """name -> <run>/<name>/hf for each model exported there, or <run>/teacher/ckpt for a teacher with a
-    complete ZeRO-3 checkpoint and no export; a ConfigError when none can be evaluated."""
-    found: dict[str, Path] = {}
-    for name in MODELS:  # the report's column order
-        hf, ckpt = run_dir / model_stage(name).out_dir / "hf", run_dir / model_stage(name).ckpt_dir
-        if (hf / "config.json").is_file():
-            found[name] = hf
-        elif name == "teacher" and (ckpt / "complete.json").is_file():
-            found[name] = ckpt  # evaluated from its ZeRO-3 shards, on the teacher's ranks
-        elif ckpt.is_dir():
-            # A sharded-only model would silently drop out of the report (and the teacher is the
-            # default coherence encoder): stop and say how to get the export.
-            what = "no complete.json (no complete checkpoint)" if name == "teacher" else "exists"
-            raise ConfigError(
-                f"evaluate: {name}/hf missing ({hf}) and {ckpt} {what}: rerun the {name} with "
-                f"{name}.export_hf=true (evaluate loads Hugging Face directories, and ZeRO-3 shards only "
-                "for a teacher whose checkpoint is complete)"
-            )
-    if not found:
-        paths = ", ".join(str(run_dir / model_stage(n).out_dir / "hf") for n in MODELS)
-        raise ConfigError(
-            f"evaluate: no model to evaluate: none of {paths} exists (run the teacher stage first)"
-        )
-    return found
 
 
 def _sharded(path: Path) -> bool:
@@ -84,7 +57,7 @@ def _sharded(path: Path) -> bool:
 def needs_ranks(cfg: ExperimentConfig) -> bool:
     """True when a model is evaluated from ZeRO-3 shards: the stage then runs on ranks, not in-process."""
     try:
-        return any(_sharded(p) for p in find_models(cfg.run_dir).values())
+        return any(_sharded(p) for p in models.find_models(cfg.run_dir).values())
     except ConfigError:
         return False  # nothing to evaluate: preflight says so
 
@@ -106,23 +79,6 @@ def _load(
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     tok_dir = path if _has_tokenizer(path) else fallback_tok
     return model, load_tokenizer(tok_dir), tok_dir
-
-
-def _encoder_dir(src: str) -> Path:
-    """A local HF model directory, or a sentence-transformers one (its Transformer module's folder)."""
-    root = Path(src)
-    if not root.is_dir():
-        raise ConfigError(
-            f"evaluate.coherence_encoder: {src} is not a directory (expected a local Hugging Face or "
-            "sentence-transformers model directory; empty = the teacher)"
-        )
-    if not (root / "config.json").is_file() and (root / "modules.json").is_file():
-        for module in json.loads((root / "modules.json").read_text()):
-            if module.get("type", "").endswith("Transformer"):
-                root = root / module.get("path", "")
-    if not (root / "config.json").is_file():
-        raise ConfigError(f"evaluate.coherence_encoder: {src} holds no config.json (not a model directory)")
-    return root
 
 
 def _perplexity(
@@ -156,17 +112,6 @@ def _contrastive_labels(cfg: ExperimentConfig) -> dict | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get("produced", {}).get("labels")
-
-
-def preflight(cfg: ExperimentConfig) -> None:
-    """Fail before any work when there is no model to evaluate or the coherence encoder is not a directory."""
-    find_models(cfg.run_dir)
-    if cfg.evaluate.coherence_encoder:
-        _encoder_dir(cfg.evaluate.coherence_encoder)
-    if not cfg.data.paths and not (cfg.run_dir / "data" / "truth.json").is_file():
-        raise ConfigError(
-            f"evaluate: {cfg.run_dir / 'data' / 'truth.json'} missing (the bios corpus's ground truth)"
-        )
 
 
 def run(cfg: ExperimentConfig) -> None:
@@ -208,8 +153,8 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
     t_start = time.perf_counter()
     say = rundir.say if rank == 0 else (lambda msg: None)
     ecfg, run_dir = cfg.evaluate, cfg.run_dir
-    found = find_models(run_dir)
-    encoder_src = _encoder_dir(ecfg.coherence_encoder) if ecfg.coherence_encoder else None
+    found = models.find_models(run_dir)
+    encoder_src = models.encoder_dir(ecfg.coherence_encoder) if ecfg.coherence_encoder else None
     device, dtype = _device_dtype()
     run_tok_dir = models.tokenizer_dir(cfg)
     run_tok = load_tokenizer(run_tok_dir)

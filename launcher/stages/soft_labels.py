@@ -56,23 +56,13 @@ from stablekd.data_pipeline.soft_labels import (
 )
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
 from stablekd.data_pipeline.tokenizer import tokenizer_hash
-from stablekd.launcher import done, hints, models, rundir
+from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.rank import artifacts, engine
 from stablekd.launcher.rank.monitor import Monitor
 from stablekd.model.build import pad_id
 from stablekd.model.sharded_teacher import ShardedTeacher
 from stablekd.objectives.lm import IGNORE_INDEX
-
-
-def preflight(cfg: ExperimentConfig) -> None:
-    """Checks the launching process runs before starting ranks: a clear one-line error instead of a rank traceback."""
-    artifacts.check_teacher_checkpoint(cfg, "soft_labels")
-    if not rundir.ds_path(cfg, "teacher").is_file():
-        raise ConfigError(
-            f"{rundir.ds_path(cfg, 'teacher')}: missing (written when the teacher stage starts); "
-            f"{hints.finish(cfg, 'teacher')}"
-        )
 
 
 def rank_quota(max_sequences: int, rank: int, world: int) -> int | None:

@@ -20,35 +20,11 @@ from stablekd.data_pipeline.sources import SourceStats
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
 from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
-from stablekd.launcher import done, models, placement, rundir
-from stablekd.launcher.config import ConfigError, ExperimentConfig
+from stablekd.launcher import done, models, rundir
+from stablekd.launcher.config import ExperimentConfig
 from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.objectives.lm import lm_loss
-
-
-def preflight(cfg: ExperimentConfig) -> None:
-    """A previous run to start from must have been trained as this one trains: same ZeRO stage and dtype
-    (DeepSpeed lays out and names its checkpoint files by both)."""
-    init = models.teacher_init_checkpoint(cfg)
-    if init is None:
-        return
-    theirs_path = init.parent.parent / "ds" / "teacher.json"
-    if not theirs_path.is_file():
-        raise ConfigError(
-            f"teacher.init_from: {theirs_path} missing (the previous run's resolved DeepSpeed JSON)"
-        )
-    theirs, ours = json.loads(theirs_path.read_text()), placement.resolve_ds_config(cfg, "teacher")
-    for what, a, b in (
-        ("ZeRO stage", zero_stage(theirs), zero_stage(ours)),
-        ("bf16", theirs.get("bf16", {}).get("enabled"), ours.get("bf16", {}).get("enabled")),
-    ):
-        if a != b:
-            raise ConfigError(
-                f"teacher.init_from: {init} was saved with {what} {a}, this run has {b}; use the same "
-                f"teacher.ds_config / teacher.dtype, or start from the exported model "
-                f"(teacher.model={init.parent / 'hf'})"
-            )
 
 
 def run(cfg: ExperimentConfig) -> None:
