@@ -9,7 +9,7 @@ training stream once; its logits are kept in memory and every arm encodes the sa
 
 Per arm: bytes per token on disk (shards / tokens), write throughput (encode + serialise + sha256 +
 rename, tokens/s), read throughput (`Decoded(ShardLoader(...))`, tokens/s), kept mass and KL(teacher ‖
-stored + flat tail) on every position of the first 8 sequences (`encodings.fidelity`). Then a student
+stored + flat tail) on every position of the first 8 sequences (`data_pipeline.fidelity`). Then a student
 (the run's `student.model`, same seed) trains --steps steps at world size 1 with the distill stage's
 loss (`distill.kind` fkl, alpha 1) on that arm's shards, all arms on the same sequences in the same
 order, and is scored like the evaluate stage: held-out perplexity and expected calibration error

@@ -1,7 +1,7 @@
-"""The soft-label encoding registry (data_pipeline/encodings.py): an encoding defined and registered only in
-this file goes through the meta builder, the writer, shards, the reader, the decoded stream, the loss and
-the fidelity measure with no other file knowing it; the config's encoding keys are the registry's, with the
-defaults that stage hashes were made with."""
+"""The soft-label encoding registry (data_pipeline/encoding_registry.py, read through encodings.py): an
+encoding defined and registered only in this file goes through the meta builder, the writer, shards, the
+reader, the decoded stream, the loss and the fidelity measure with no other file knowing it; the config's
+encoding keys are the registry's, with the defaults that stage hashes were made with."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     """Write this rank's soft-label shards; rank 0 finalizes manifest.json. Returns a summary (same on all ranks).
 
     Fidelity: kept mass and KL(teacher ‖ what the encoding stores + uniform tail),
-    encodings.fidelity, on up to soft_labels.fidelity_positions positions per rank, one in FIDELITY_RATE of each batch, drawn
+    data_pipeline.fidelity, on up to soft_labels.fidelity_positions positions per rank, one in FIDELITY_RATE of each batch, drawn
     at random, until the budget is spent.
     """
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
