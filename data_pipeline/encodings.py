@@ -67,7 +67,7 @@ def parameters() -> list[Param]:
 
 def describe() -> str:
     """The help of soft_labels.encoding."""
-    return "what a record stores per token (data_pipeline/encodings.py): " + ", ".join(
+    return "what a record stores per token (data_pipeline/encoding_registry.py): " + ", ".join(
         f"{cls.name} ({cls.summary})" for cls in REGISTRY.values()
     )
 
@@ -93,7 +93,9 @@ def meta_params(encoding: str, values: Mapping[str, Any]) -> dict[str, Any]:
     parameter of any encoding; the encoding's defaults for those left out), as their types."""
     known = {p.name for p in parameters()}
     if unknown := sorted(set(values) - known):
-        raise ConfigError(f"unknown soft-label parameter(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        raise ConfigError(
+            f"unknown soft-label parameter(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
     own = [*SHARED, *get(encoding).params]
     return {"encoding": encoding, **{p.name: type(p.default)(values.get(p.name, p.default)) for p in own}}
 
