@@ -9,7 +9,7 @@ training stream once; its logits are kept in memory and every arm encodes the sa
 
 Per arm: bytes per token on disk (shards / tokens), write throughput (encode + serialise + sha256 +
 rename, tokens/s), read throughput (`Decoded(ShardLoader(...))`, tokens/s), kept mass and KL(teacher ‖
-stored + flat tail) on every position of the first 8 sequences (`encodings.fidelity`). Then a student
+stored + flat tail) on every position of the first 8 sequences (`data_pipeline.fidelity`). Then a student
 (the run's `student.model`, same seed) trains --steps steps at world size 1 with the distill stage's
 loss (`distill.kind` fkl, alpha 1) on that arm's shards, all arms on the same sequences in the same
 order, and is scored like the evaluate stage: held-out perplexity and expected calibration error
@@ -47,8 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import single_rank  # noqa: E402
 from distill import score, step_times, train_arm  # noqa: E402  (benchmarks/distill.py: the arm loop)
 
-from stablekd.data_pipeline import bios  # noqa: E402
-from stablekd.data_pipeline.encodings import Decoded, fidelity  # noqa: E402
+from stablekd.data_pipeline import bios, encodings  # noqa: E402
+from stablekd.data_pipeline.encodings import Decoded  # noqa: E402
+from stablekd.data_pipeline.fidelity import fidelity  # noqa: E402
 from stablekd.data_pipeline.shards.loader import ShardLoader  # noqa: E402
 from stablekd.data_pipeline.soft_labels import (  # noqa: E402
     SoftLabelWriter,
@@ -67,15 +68,15 @@ REPO = Path(__file__).resolve().parent.parent
 GOAL_BYTES = 32
 GOAL_PPL = 0.01
 
-# name -> soft_labels settings (the rest of the section as the run has it)
+# name -> soft_labels settings (the rest of the section as the run has it): the reference, then each
+# registered encoding's arms (data_pipeline/encodings.py)
 ARMS: dict[str, dict] = {
-    "full": {"encoding": "topk", "k": -1, "logprob_bits": 16},  # k = V: every id, the full-logit loss
-    "topk32": {"encoding": "topk", "k": 32, "logprob_bits": 16},
-    "topk32-8bit": {"encoding": "topk", "k": 32, "logprob_bits": 8},
-    "topk8-8bit": {"encoding": "topk", "k": 8, "logprob_bits": 8},
-    "topp.95-8bit": {"encoding": "topp", "k": 32, "mass": 0.95, "mean_entries": 8, "logprob_bits": 8},
-    "sampled8": {"encoding": "sampled", "draws": 8},
-    "sampled12": {"encoding": "sampled", "draws": 12},
+    "full": {"encoding": encodings.TopK.name, "k": -1, "logprob_bits": 16},  # k = V: the full-logit loss
+    **{
+        arm: {"encoding": name, **params}
+        for name, enc in encodings.REGISTRY.items()
+        for arm, params in enc.arms.items()
+    },
 }
 
 
@@ -110,7 +111,7 @@ def arm_run(src: Path, work: Path, name: str, settings: dict, vocab: int, args) 
         if (src / part).exists():
             (arm / part).symlink_to(src / part)
     (arm / "ds").mkdir()
-    sl = {**settings, "k": vocab if settings.get("k") == -1 else settings.get("k", 32)}
+    sl = {**settings, "k": vocab if settings.get("k") == -1 else settings.get("k", encodings.K.default)}
     overrides = [f"soft_labels.{k}={v}" for k, v in sl.items()] + [
         f"run.out_dir={arm}", "launch.nproc_per_node=1", "launch.hostfile=", "distill.log_every=1",
         "distill.eval_every=0", "distill.save_every=1000000000", "distill.export_hf=false",

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
+from stablekd.data_pipeline.fidelity import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.soft_labels import FIDELITY_RATE, SoftLabelWriter, config_meta
 from stablekd.data_pipeline.stream import PackedStream

@@ -76,8 +76,7 @@ class OnlineSoftLabels:
     """
 
     def __init__(self, batches: Any, teacher: Teacher, meta: dict, in_step: bool = True) -> None:
-        if meta.get("encoding", "topk") != "sampled" and not 1 <= meta["k"] <= teacher.vocab_size:
-            raise ValueError(f"k must be in [1, vocab_size={teacher.vocab_size}], got {meta['k']}")
+        encodings.check(meta["encoding"], meta, teacher.vocab_size)
         if not meta["temperature"] > 0:
             raise ValueError(f"temperature must be > 0, got {meta['temperature']}")
         self.batches, self.teacher, self.meta, self.in_step = batches, teacher, meta, in_step

@@ -3,14 +3,14 @@
 One record = one training sequence of `seq_len` tokens: `input_ids` (uint16 when the vocabulary fits, else
 int32), `loss_mask` (uint8: 1 where the token is learned, 0 where it is context, the prompt of a task
 record, data_pipeline/tasks.py) and what the encoding stores of the teacher's distribution at
-temperature T (`soft_labels.encoding`, data_pipeline/encodings.py: topk, topp, sampled; log-probs in
-16 or 8 bits). The manifest meta names the encoding and its parameters; a set written before encodings
-existed (meta without "encoding") is read as topk with int32 input_ids, and one without "loss_mask" as
-every token learned. Readers widen stored ids and codes to int32 (ShardReader).
+temperature T (`soft_labels.encoding`, one of the registry in data_pipeline/encodings.py). The manifest
+meta names the encoding and its parameters; a set written before encodings existed (meta without
+"encoding") is read as topk with int32 input_ids, and one without "loss_mask" as every token learned.
+Readers widen stored ids and codes to int32 (ShardReader).
 
 Stage code, per writer rank (the mechanics are in shards/):
 
-    meta = soft_label_meta(ckpt_id, tok_hash, vocab_size, T, k, L, **encoding params)
+    meta = soft_label_meta(ckpt_id, tok_hash, vocab_size, T, L, encoding, **its params)
     w = SoftLabelWriter(out_dir, rank, meta, records_per_shard=256, world_size=world, seed=seed)
     for input_ids, labels in sequences[w.records_written:]:     # resume: skip what is committed
         w.add_logits(input_ids, teacher(input_ids).logits, labels != -100)
@@ -42,11 +42,6 @@ KIND = "soft_labels"
 FIDELITY_RATE = (
     8  # the stage's fidelity record samples one position in 8 of each batch until its budget is spent
 )
-_PARAMS = {  # the meta keys of each encoding besides the shared ones
-    "topk": ("k",),
-    "topp": ("k", "mass", "mean_entries"),
-    "sampled": ("draws", "proposal_temperature"),
-}
 
 
 def soft_label_meta(
@@ -54,29 +49,19 @@ def soft_label_meta(
     tokenizer_hash: str,
     vocab_size: int,
     temperature: float,
-    k: int,
     seq_len: int,
-    encoding: str = "topk",
-    mass: float = 0.9,
-    mean_entries: int = 8,
-    draws: int = 12,
-    proposal_temperature: float = 0.0,
-    logprob_bits: int = 16,
+    encoding: str = encodings.DEFAULT,
+    **params: Any,
 ) -> dict:
-    """Manifest meta of a soft-label set: the shared keys and the encoding's own (data_pipeline/encodings.py);
-    readers check any subset of it against their config (`encoding_meta`)."""
-    if encoding not in _PARAMS:
-        raise ValueError(f"encoding must be one of {', '.join(_PARAMS)}, got {encoding!r}")
-    if encoding != "sampled" and not 1 <= k <= vocab_size:
-        raise ValueError(f"k must be in [1, vocab_size={vocab_size}], got {k}")
+    """Manifest meta of a soft-label set: the shared keys and the encoding's own (data_pipeline/encodings.py),
+    `params` its parameters (those left out take the config's defaults; those of other encodings are
+    dropped); readers check any subset of it against their config (`encoding_meta`)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    if logprob_bits not in (8, 16):
-        raise ValueError(f"logprob_bits must be 8 or 16, got {logprob_bits}")
-    params = {"k": int(k), "mass": float(mass), "mean_entries": int(mean_entries), "draws": int(draws)}
-    params["proposal_temperature"] = float(proposal_temperature)
+    own = encodings.meta_params(encoding, params)
+    encodings.check(encoding, own, vocab_size)
     return {
         "teacher_checkpoint": str(teacher_checkpoint),
         "tokenizer_hash": str(tokenizer_hash),
@@ -84,18 +69,16 @@ def soft_label_meta(
         "temperature": float(temperature),
         "seq_len": int(seq_len),
         "loss_mask": True,
-        "encoding": encoding,
-        "logprob_bits": int(logprob_bits),
         "token_bytes": TOKEN_BYTES_FILE,  # each id's bytes, beside the shards: the records' text (align.py)
-        **{key: params[key] for key in _PARAMS[encoding]},
+        **own,
     }
 
 
 def config_meta(sl: Any, teacher_checkpoint: str, tokenizer_hash: str, vocab_size: int, seq_len: int) -> dict:
     """`soft_label_meta` of a run's soft_labels section (launcher.config.SoftLabelsConfig)."""
     return soft_label_meta(
-        teacher_checkpoint, tokenizer_hash, vocab_size, sl.temperature, sl.k, seq_len, sl.encoding, sl.mass,
-        sl.mean_entries, sl.draws, sl.proposal_temperature, sl.logprob_bits,
+        teacher_checkpoint, tokenizer_hash, vocab_size, sl.temperature, seq_len, sl.encoding,
+        **encodings.settings(sl),
     )  # fmt: skip
 
 
@@ -104,9 +87,7 @@ def encoding_meta(sl: Any, seq_len: int) -> dict:
     return {
         "temperature": float(sl.temperature),
         "seq_len": int(seq_len),
-        "encoding": sl.encoding,
-        "logprob_bits": int(sl.logprob_bits),
-        **{key: getattr(sl, key) for key in _PARAMS[sl.encoding]},
+        **encodings.meta_params(sl.encoding, encodings.settings(sl)),
     }
 
 
@@ -177,7 +158,7 @@ class SoftLabelWriter(ShardWriter):
     ) -> None:
         """Buffer B records of the topk encoding from their values: input_ids [B, L], topk_ids [B, L, k],
         topk_logprobs [B, L, k] (-inf allowed), loss_mask [B, L] (truthy = learned; None = every token)."""
-        if self.meta.get("encoding", "topk") != "topk":
+        if not isinstance(encodings.of(self.meta), encodings.TopK):
             raise ShardError(
                 f"{self.path}: add_batch takes top-k values; this set is {self.meta['encoding']}"
             )
@@ -191,11 +172,12 @@ class SoftLabelWriter(ShardWriter):
                 )
         if tids.size and (tids.min() < 0 or tids.max() >= V):
             raise ShardError(f"{self.path}: topk_ids outside [0, vocab_size={V})")
-        stored = {
-            "topk_ids": tids.astype(encodings.id_dtype(V)),
-            "topk_logprobs": encodings.store_logprobs(tlp, self.meta.get("logprob_bits", 16)),
-        }
-        self._add(input_ids, loss_mask, stored)
+        topk = encodings.of(self.meta)
+        self._add(
+            input_ids,
+            loss_mask,
+            {"topk_ids": tids.astype(topk.ids), "topk_logprobs": topk.store_logprobs(tlp)},
+        )
 
     def add_logits(
         self,

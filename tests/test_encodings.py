@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from stablekd.data_pipeline.encodings import Decoded, decode, dequantize, encode, fidelity, quantize, schema
+from stablekd.data_pipeline.encodings import Decoded, decode, encode, schema
+from stablekd.data_pipeline.fidelity import fidelity
+from stablekd.data_pipeline.logprobs import dequantize, quantize
 from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.soft_labels import (
     SoftLabelWriter,
@@ -204,8 +206,7 @@ def test_fidelity_is_the_kl_to_the_stored_entries_plus_a_flat_tail():
 )
 def test_writer_shards_and_reader_give_the_decoded_batches(tmp_path, params):
     torch.manual_seed(5)
-    params = dict(params)
-    meta = soft_label_meta("teacher/ckpt/step1", "h", V, 1.0, params.pop("k", 0), L, **params)
+    meta = soft_label_meta("teacher/ckpt/step1", "h", V, 1.0, L, **params)
     w = SoftLabelWriter(tmp_path, 0, meta, records_per_shard=3)
     logits, ids = torch.randn(4, L, V) * 2, torch.randint(0, V, (4, L))
     mask = torch.ones(4, L, dtype=torch.int32)
@@ -241,7 +242,7 @@ def test_encoding_settings_are_checked(overrides, message):
 def test_a_reader_refuses_a_set_of_another_encoding(tmp_path):
     from stablekd.data_pipeline.shards.format import ShardError
 
-    meta = soft_label_meta("c", "h", V, 1.0, 4, L)
+    meta = soft_label_meta("c", "h", V, 1.0, L, "topk", k=4, logprob_bits=16)
     w = SoftLabelWriter(tmp_path, 0, meta, records_per_shard=2)
     w.add_logits(torch.zeros(1, L, dtype=torch.long), torch.randn(1, L, V))
     w.close()

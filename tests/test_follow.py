@@ -52,7 +52,7 @@ def _start_writer(cfg: ExperimentConfig, shards: int, marker: Path) -> subproces
     (tok / "tokenizer.model").write_bytes(b"stands in for a SentencePiece model")
     sl = cfg.soft_labels  # the quickstart's encoding: top-k with one-byte log-probs
     meta = soft_label_meta(
-        "teacher/step-1", tokenizer_hash(tok), V, sl.temperature, K, cfg.data.seq_len, sl.encoding,
+        "teacher/step-1", tokenizer_hash(tok), V, sl.temperature, cfg.data.seq_len, sl.encoding, k=K,
         logprob_bits=sl.logprob_bits,
     )  # fmt: skip
     meta_json = cfg.run_dir / "meta.json"

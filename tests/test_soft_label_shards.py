@@ -15,7 +15,9 @@ import safetensors.numpy as stnp
 import torch
 
 from stablekd.data_pipeline import candidates as cg
-from stablekd.data_pipeline.encodings import compress, fidelity, id_dtype, merge_fidelity, tail_mass
+from stablekd.data_pipeline.encodings import id_dtype
+from stablekd.data_pipeline.fidelity import fidelity, merge_fidelity
+from stablekd.data_pipeline.logprobs import compress, tail_mass
 from stablekd.data_pipeline.shards.format import ShardError
 from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.shards.manifest import _ordered_prefix, finalize
@@ -29,7 +31,16 @@ from stablekd.data_pipeline.soft_labels import (
 )
 
 L, K, V = 8, 4, 2000  # record ids (input_ids[:, 0]) go up to 1009
-META = soft_label_meta("teacher/step-10", "tok-abc123", vocab_size=V, temperature=2.0, k=K, seq_len=L)
+META = soft_label_meta(
+    "teacher/step-10",
+    "tok-abc123",
+    vocab_size=V,
+    temperature=2.0,
+    seq_len=L,
+    encoding="topk",
+    k=K,
+    logprob_bits=16,
+)
 EXPECT = {k: META[k] for k in ("tokenizer_hash", "vocab_size", "temperature", "k", "seq_len")}
 
 
@@ -308,7 +319,7 @@ def test_compress_and_fidelity_by_hand() -> None:
 def test_topk_dtype_boundary(tmp_path: Path) -> None:
     assert id_dtype(65536) == np.uint16 and id_dtype(65537) == np.int32 and id_dtype(32000) == np.uint16
     for vocab, top_id, stored in ((65536, 65535, np.uint16), (65537, 65536, np.int32)):
-        meta = soft_label_meta("t", "h", vocab_size=vocab, temperature=1.0, k=1, seq_len=2)
+        meta = soft_label_meta("t", "h", vocab, 1.0, 2, "topk", k=1, logprob_bits=16)
         out = tmp_path / f"v{vocab}"
         w = SoftLabelWriter(out, 0, meta, records_per_shard=4)
         w.add_batch(np.zeros((1, 2)), np.full((1, 2, 1), top_id), np.zeros((1, 2, 1)))
@@ -322,7 +333,7 @@ def test_topk_dtype_boundary(tmp_path: Path) -> None:
 
 
 def test_add_logits_and_fp16_clip(tmp_path: Path) -> None:
-    meta = soft_label_meta("t", "h", vocab_size=6, temperature=1.0, k=3, seq_len=2)
+    meta = soft_label_meta("t", "h", 6, 1.0, 2, "topk", k=3, logprob_bits=16)
     w = SoftLabelWriter(tmp_path / "a", 0, meta, records_per_shard=4)
     logits = torch.tensor(
         [[[0.0, 1.0, 2.0, -float("inf"), -float("inf"), -float("inf")], [3.0, 0, 0, 0, 0, 0]]]

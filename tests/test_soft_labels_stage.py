@@ -354,7 +354,10 @@ class _Batches:
         self.pos = state["pos"]
 
 
-@pytest.mark.parametrize("encoding", [{}, {"encoding": "topp", "mean_entries": 2, "logprob_bits": 8}])
+@pytest.mark.parametrize(
+    "encoding",
+    [{"encoding": "topk", "logprob_bits": 16}, {"encoding": "topp", "mean_entries": 2, "logprob_bits": 8}],
+)
 def test_online_source_stores_what_the_writer_stores(tmp_path, encoding):
     """Same logits -> the online batch equals the offline record bit for bit (cast, clip, widening)."""
     tok_dir = tmp_path / "tok"
@@ -370,7 +373,7 @@ def test_online_source_stores_what_the_writer_stores(tmp_path, encoding):
     for b in batches:  # a task record's prompt: its first tokens are context, not learned
         b["labels"] = b["input_ids"].masked_fill(torch.arange(16) < 5, -100)
     teacher = _PlainTeacher(model)
-    meta = soft_label_meta("x", "h", V, 0.5, 5, 16, **encoding)
+    meta = soft_label_meta("x", "h", V, 0.5, 16, k=5, **encoding)
     online = OnlineSoftLabels(_Batches(batches), teacher, meta)
     got = list(online)
     assert online.state_dict() == {"online": True, "stream": {"pos": 2}}

@@ -121,7 +121,7 @@ def test_packed_stream_labels_prompts_minus_100_and_resumes_inside_a_record(tok,
 
 
 def test_soft_labels_keep_the_mask_and_the_losses_count_only_learned_tokens(tmp_path):
-    meta = soft_label_meta("teacher/ckpt/step1", "h", 50, 1.0, 4, 6)
+    meta = soft_label_meta("teacher/ckpt/step1", "h", 50, 1.0, 6, "topk", k=4, logprob_bits=16)
     w = SoftLabelWriter(tmp_path, 0, meta, records_per_shard=2)
     ids = torch.arange(12).view(2, 6)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -239,7 +239,7 @@ def test_teacher_model_directory_brings_its_tokenizer(tmp_path):
 
 
 def test_mask_array_is_uint8_on_disk(tmp_path):
-    meta = soft_label_meta("c", "h", 50, 1.0, 2, 3)
+    meta = soft_label_meta("c", "h", 50, 1.0, 3, "topk", k=2, logprob_bits=16)
     w = SoftLabelWriter(tmp_path, 0, meta, records_per_shard=1)
     w.add_batch(np.zeros((1, 3), np.int32), np.zeros((1, 3, 2), np.int64), np.zeros((1, 3, 2)))
     w.close()

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from stablekd.data_pipeline import encodings
 from stablekd.data_pipeline.errors import ConfigError
 from stablekd.data_pipeline.files import atomic_write
 from stablekd.launcher.config.fields import _sub
@@ -76,10 +77,14 @@ class ExperimentConfig:
                 f"token, got {self.soft_labels.k}"
             )
         d = self.distill
-        if self.soft_labels.encoding == "sampled" and d.kind != "fkl" and d.on_policy < 1:
+        kinds = encodings.get(self.soft_labels.encoding).kinds
+        if kinds is not None and d.kind not in kinds and d.on_policy < 1:
+            others = [
+                name for name, enc in encodings.REGISTRY.items() if enc.kinds is None or d.kind in enc.kinds
+            ]
             raise ConfigError(
-                f"distill.kind: sampled soft labels estimate the forward KL only (kind fkl), got "
-                f"{d.kind!r}; use soft_labels.encoding topk or topp for other divergences (on-policy "
+                f"distill.kind: {self.soft_labels.encoding} soft labels support kind {', '.join(kinds)} only, "
+                f"got {d.kind!r}; use soft_labels.encoding {' or '.join(others)} for it (on-policy "
                 "micro-batches take theirs from distill.on_policy_kind)"
             )
         if d.on_policy and d.on_policy_prompt_tokens + d.on_policy_new_tokens > self.data.seq_len:

@@ -3,10 +3,10 @@ distill, contrastive, evaluate."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 
+from stablekd.data_pipeline import encodings
 from stablekd.data_pipeline.errors import ConfigError
-from stablekd.data_pipeline.formats import ENCODINGS
 from stablekd.launcher.config.fields import _at_least, _f, _model, _positive, _probability
 from stablekd.launcher.config.sections import TrainConfig
 
@@ -33,30 +33,19 @@ class TeacherConfig(TrainConfig):
         _model("model", self.model)
 
 
+# soft_labels.encoding and every encoding's parameters, read from the registry (data_pipeline/encodings.py):
+# an encoding added there brings its keys, defaults, help and checks without an edit here.
+_EncodingKeys = make_dataclass(
+    "_EncodingKeys",
+    [("encoding", str, _f(encodings.DEFAULT, encodings.describe()))]
+    + [(p.name, type(p.default), _f(p.default, p.help)) for p in encodings.parameters()],
+)
+
+
 @dataclass
-class SoftLabelsConfig:
+class SoftLabelsConfig(_EncodingKeys):
     """The sharded ZeRO-3 teacher labels the training stream and samples candidate groups."""
 
-    encoding: str = _f(
-        "sampled",
-        "what a record stores per token (data_pipeline/encodings.py): topk (k ids + log-probs), topp "
-        "(ids until their mass reaches soft_labels.mass, at most k, within mean_entries per token on "
-        "average), sampled (soft_labels.draws ids drawn from the teacher, with counts: unbiased, fkl only)",
-    )
-    k: int = _f(32, "topk: ids and log-probs stored per token; topp: the most entries a token keeps")
-    mass: float = _f(0.9, "topp: a token's entries stop once they hold this much teacher probability")
-    mean_entries: int = _f(
-        8, "topp: room per token, on average over a sequence (the least probable entries go first)"
-    )
-    draws: int = _f(
-        8,
-        "sampled: ids drawn per token (stored unique, with counts): 8 is 27 bytes/token; the default "
-        "encoding, chosen from benchmarks/soft_label_encodings.py (docs/results.md: top-k is biased on real text)",
-    )
-    proposal_temperature: float = _f(
-        0.0, "sampled: draw from softmax(logits / this) and store importance weights; 0 = the teacher at T"
-    )
-    logprob_bits: int = _f(8, "8 (one byte: round(255·sqrt(p)), encodings.py) or 16 (float16) per log-prob")
     temperature: float = _f(1.0, "teacher temperature T of the stored log-probs")
     max_sequences: int = _f(
         0,
@@ -86,23 +75,8 @@ class SoftLabelsConfig:
     top_p: float = _f(0.95, "nucleus sampling threshold for candidates")
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "k", "micro_batch_size", "records_per_shard", "candidate_contexts")
-        _at_least(self, 1, "mean_entries", "draws")
-        if self.encoding not in ENCODINGS:
-            raise ConfigError(f"encoding: expected one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
-        if self.logprob_bits not in (8, 16):
-            raise ConfigError(f"logprob_bits: expected 8 or 16, got {self.logprob_bits}")
-        for key in ("k", "draws"):  # counts are stored in one byte
-            if self.encoding != "topk" and getattr(self, key) > 255:
-                raise ConfigError(
-                    f"{key}: at most 255 with encoding {self.encoding}, got {getattr(self, key)}"
-                )
-        if not 0.0 < self.mass <= 1.0:
-            raise ConfigError(f"mass: expected a value in (0, 1], got {self.mass}")
-        if self.proposal_temperature < 0:
-            raise ConfigError(
-                f"proposal_temperature: expected >= 0 (0 = the teacher), got {self.proposal_temperature}"
-            )
+        encodings.check(self.encoding, encodings.settings(self))
+        _at_least(self, 1, "micro_batch_size", "records_per_shard", "candidate_contexts")
         _at_least(self, 1, "candidates_per_context", "generate_batch_size", "max_new_tokens")
         _at_least(self, 0, "max_sequences", "fidelity_positions")
         _positive(self, "temperature", "sample_temperature")

@@ -5,7 +5,7 @@ ranks and the launching process share).
 Before a stage starts, the launching process compares an estimate of what the stage will write with the
 free space of the filesystem it writes to (`shutil.disk_usage`). The estimates are estimates, on the
 large side so that a stage refused is one that would not have fit:
-- soft labels: bytes per record (the encoding's arrays, data_pipeline/encodings.py `schema`) × records,
+- soft labels: bytes per record (the encoding's arrays, data_pipeline/encodings.py `record_bytes`) × records,
   where records = soft_labels.max_sequences, or one pass of the corpus: its bytes × tokens per byte
   measured on its first documents ÷ seq_len; plus candidate groups at int32 and full seq_len.
 - checkpoints: parameters × 16 bytes (DeepSpeed's ZeRO checkpoint: the fp32 master copy and Adam's two
@@ -71,16 +71,13 @@ def _corpus_tokens(cfg: ExperimentConfig, bound: bool = False) -> int | None:
 def soft_labels_bytes(cfg: ExperimentConfig, bound: bool = False) -> tuple[int, str] | None:
     """(estimated bytes, how it was counted) of everything the soft_labels stage writes. bound: an upper
     bound that loads no tokenizer (4-byte ids, one token per corpus byte; None where there is none)."""
-    from stablekd.data_pipeline.encodings import schema
+    from stablekd.data_pipeline.encodings import record_bytes
     from stablekd.data_pipeline.soft_labels import config_meta
     from stablekd.data_pipeline.tokenizer import load_tokenizer
 
     sl, seq_len = cfg.soft_labels, cfg.data.seq_len
     vocab = 1 << 30 if bound else len(load_tokenizer(models.tokenizer_dir(cfg)))  # 1 << 30: int32 ids
-    per_record = sum(
-        dt.itemsize * math.prod(shape)
-        for dt, shape in schema(config_meta(sl, "", "", vocab, seq_len)).values()
-    )
+    per_record = record_bytes(config_meta(sl, "", "", vocab, seq_len))
     tokens = None if sl.max_sequences else _corpus_tokens(cfg, bound)
     if not sl.max_sequences and tokens is None:
         return None

@@ -11,7 +11,7 @@ job part of the pool) the launching process first converts the checkpoint to a u
 Leaves (docs/architecture.md, File formats):
     soft_labels/           shard-r<rank>-<i>.safetensors + manifest.r<rank>.json while writing, manifest.json
                            when final: per token the token id, its loss mask and what
-                           soft_labels.encoding keeps of softmax(logits / T) (topk, topp, sampled;
+                           soft_labels.encoding keeps of softmax(logits / T) (the registry of
                            data_pipeline/encodings.py). meta: teacher checkpoint, tokenizer hash, vocab
                            size, T, seq_len, the encoding and its parameters, fidelity, and
                            `token_bytes`: the file beside the shards that gives each teacher id's bytes,
@@ -40,11 +40,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from stablekd.data_pipeline import bios
+from stablekd.data_pipeline import bios, encodings
 from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.candidates import CandidateWriter, candidate_meta, pack_groups, trim_generated
 from stablekd.data_pipeline.contexts import Context, bios_contexts, document_contexts, tokenize_contexts
-from stablekd.data_pipeline.encodings import fidelity, merge_fidelity
+from stablekd.data_pipeline.fidelity import fidelity, merge_fidelity
 from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.online import lockstep
 from stablekd.data_pipeline.shards.manifest import finalize
@@ -93,13 +93,16 @@ LOW_MASS = 0.9
 
 
 def low_mass_warning(encoding: str, kept_mass: float) -> str | None:
-    """The line a run gets when its top-k/top-p labels keep too little of the teacher (None when they do not)."""
-    if encoding == "sampled" or kept_mass >= LOW_MASS:
+    """The line a run gets when its truncating labels (top-k, top-p: `truncates` in the encoding registry)
+    keep too little of the teacher (None when they do not)."""
+    if not encodings.get(encoding).truncates or kept_mass >= LOW_MASS:
         return None
+    unbiased = " or ".join(
+        f"soft_labels.encoding={n}" for n, e in encodings.REGISTRY.items() if not e.truncates
+    )
     return (
         f"[soft_labels] warning: the stored {encoding} entries keep {kept_mass:.3f} of the teacher's mass on "
-        f"average (< {LOW_MASS}): the student learns a biased tail; soft_labels.encoding=sampled is unbiased "
-        "at the same bytes per token"
+        f"average (< {LOW_MASS}): the student learns a biased tail; {unbiased} is unbiased (docs/results.md)"
     )
 
 
@@ -111,7 +114,7 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     """Write this rank's soft-label shards; rank 0 finalizes manifest.json. Returns a summary (same on all ranks).
 
     Fidelity: kept mass and KL(teacher ‖ what the encoding stores + uniform tail),
-    encodings.fidelity, on up to soft_labels.fidelity_positions positions per rank, one in FIDELITY_RATE of each batch, drawn
+    data_pipeline.fidelity, on up to soft_labels.fidelity_positions positions per rank, one in FIDELITY_RATE of each batch, drawn
     at random, until the budget is spent.
     """
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
