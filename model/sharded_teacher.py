@@ -177,7 +177,7 @@ class ShardedTeacher:
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 synced_gpus=synced,
-                generation_config=generation_config(self.engine.module, self.tokenizer, **kwargs),
+                generation_config=generation_config(self.tokenizer, **kwargs),
             )
 
     def idle_generate(self) -> None:
