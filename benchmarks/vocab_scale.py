@@ -5,8 +5,9 @@
 A Llama-style student of hidden 256 (2 layers, untied head: 2·V·256 embedding parameters) trains on
 micro-batches of 4 × 512 tokens with torch AdamW, one process. Arms, each in a fresh process so its
 memory high-water mark is its own:
-- `floor`: the same step with a loss that does not touch the head (the mean square of the last hidden
-  state): the trunk's, the embeddings' and the optimizer's own memory and time;
+- `floor`: the same step with a loss that does not touch the head's output (the mean square of the last
+  hidden state, + 0 · Σ head weight so the head has its gradient and Adam state as in every other arm):
+  the trunk's, the parameters' and the optimizer's own memory and time;
 - `ce`: next-token cross-entropy as the teacher stage computes it (objectives/lm.py `lm_loss`: from the
   last hidden state, one chunk of logits at a time, model/head.py);
 - `ce (whole logits)`: the same chunked cross-entropy (`nll_sum`) on the head's whole (B·T, V) logits,
@@ -46,7 +47,9 @@ ARMS = ("floor", "ce", "ce (whole logits)", "ce (F.cross_entropy)", "kd topk8 fk
 
 def _floor(model: torch.nn.Module, batch: dict) -> Loss:
     hidden = model.base_model(input_ids=batch["input_ids"], use_cache=False)[0]  # (B, T, H): no head
-    return Loss({"lm": hidden.float().pow(2).mean()})
+    # 0 · Σ head weight: the head gets a (zero) gradient and Adam state like in every other arm, so the
+    # floor differs from them only by what their loss computes.
+    return Loss({"lm": hidden.float().pow(2).mean() + 0 * model.lm_head.weight.sum()})
 
 
 def _whole_ce(model: torch.nn.Module, batch: dict) -> Loss:

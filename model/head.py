@@ -83,54 +83,106 @@ def _forward_chunks(h, w, b, transform, loss: HeadLoss, slices: list[slice]) -> 
     return total
 
 
+class _Grads:
+    """Gradient buffers of h, w and b, filled chunk by chunk from a chunk's gradient w.r.t. its logits; w's
+    and b's accumulated in float32 (float64 stays)."""
+
+    def __init__(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, needs: tuple) -> None:
+        self.acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        self.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+        self.h = torch.zeros_like(h)
+        self.w = torch.zeros(w.shape, dtype=self.acc, device=w.device) if needs[1] else None
+        self.b = torch.zeros(b.shape, dtype=self.acc, device=b.device) if b is not None and needs[2] else None
+
+    def add(self, s: slice, hs: torch.Tensor, w: torch.Tensor, gz: torch.Tensor) -> None:
+        self.h[s] = gz @ w
+        if self.w is not None:
+            self.w.addmm_(gz.t().to(self.acc), hs.to(self.acc))
+        if self.b is not None:
+            self.b += gz.sum(0).to(self.acc)
+
+    def result(self, scale: torch.Tensor | None = None) -> tuple:
+        """(∂h, ∂w, ∂b) in the inputs' dtypes, times `scale` (a one-element grad_output) when given."""
+        out = []
+        for g, dtype in zip((self.h, self.w, self.b), self.dtypes, strict=True):
+            if g is not None and scale is not None:
+                g.mul_(scale.reshape(()).to(g.dtype))
+            out.append(None if g is None else g.to(dtype))
+        return tuple(out)
+
+
+def _grad_of_chunk(h, w, b, transform, loss: HeadLoss, s: slice, grad_output=None, observe: bool = False):
+    """(fn's value on chunk s, its gradient w.r.t. the chunk's raw logits weighted by grad_output): the
+    chunk's logits made once, autograd through the transform and the loss only (not the matmul)."""
+    with torch.enable_grad():
+        raw = F.linear(h[s], w, b).detach().requires_grad_()
+        z = raw if transform is None else transform(raw)
+        if observe and loss.observe is not None:
+            loss.observe(z.detach(), s)
+        part = loss.fn(z, s)
+        if grad_output is None and part.numel() != 1:
+            return part.detach(), None
+        (gz,) = torch.autograd.grad(part, raw, grad_output)
+    return part.detach(), gz
+
+
 class _ChunkedHead(torch.autograd.Function):
-    """Σ over row chunks of loss.fn(logits of the chunk), from hidden h (N, H), weight w (V, H) (already cut
-    to the vocabulary: a view) and bias b (V,) or None. Backward recomputes each chunk's logits, takes the
-    gradient of ⟨grad_output, fn⟩ w.r.t. them (autograd on the chunk, so every loss's own backward,
-    written-out or traced, is reused), and accumulates h's rows and w's and b's gradients from it."""
+    """Σ over row chunks of loss.fn(logits of the chunk), from hidden h (N, H), weight w (V, H) (cut to the
+    vocabulary) and bias b (V,) or None; the gradient of a chunk w.r.t. its logits comes from autograd on
+    that chunk alone, so every loss's own backward (written out or traced) is reused, and gives h's rows
+    and w's and b's gradients by two matmuls.
+
+    A scalar loss (one term: CE, KD at alpha 1, on-policy) takes its gradients in forward, as a fused
+    linear cross-entropy does, and backward only scales them: the logits are made once. A loss of several
+    values (KD + CE, per-sequence scores) cannot be weighted before backward: forward computes the values
+    and backward makes each chunk's logits again, weighted by grad_output.
+    """
 
     @staticmethod
     def forward(ctx, h, w, b, transform, loss: HeadLoss, slices: list[slice]):
-        ctx.save_for_backward(h, w, b)
-        ctx.transform, ctx.loss, ctx.slices = transform, loss, slices
-        return _forward_chunks(h, w, b, transform, loss, slices)
+        total, grads = None, None
+        for i, s in enumerate(slices):
+            if i == 0 or grads is not None:
+                part, gz = _grad_of_chunk(h, w, b, transform, loss, s, observe=True)
+                if gz is not None:
+                    grads = grads or _Grads(h, w, b, ctx.needs_input_grad)
+                    grads.add(s, h[s], w, gz)
+            else:
+                _, z = _chunk_logits(h[s], w, b, transform)
+                if loss.observe is not None:
+                    loss.observe(z, s)
+                part = loss.fn(z, s)
+            total = part if total is None else total + part
+        ctx.grads = grads
+        if grads is None:
+            ctx.save_for_backward(h, w, b)
+            ctx.transform, ctx.loss, ctx.slices = transform, loss, slices
+        return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if ctx.grads is not None:  # scaled in place: a second backward must not scale them again
+            grads, ctx.grads = ctx.grads, None
+            return (*grads.result(grad), None, None, None)
+        if not ctx.saved_tensors:
+            raise RuntimeError(
+                "a head loss's gradients were taken in forward and spent by the first backward"
+            )
         h, w, b = ctx.saved_tensors
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        gh = torch.zeros_like(h)
-        gw = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
-        gb = (
-            torch.zeros(b.shape, dtype=acc, device=b.device)
-            if b is not None and ctx.needs_input_grad[2]
-            else None
-        )
+        grads = _Grads(h, w, b, ctx.needs_input_grad)
         for s in ctx.slices:
-            hs = h[s]
-            with torch.enable_grad():
-                raw = F.linear(hs, w, b).detach().requires_grad_()
-                z = raw if ctx.transform is None else ctx.transform(raw)
-                (gz,) = torch.autograd.grad(ctx.loss.fn(z, s), raw, grad)  # (n, V)
-            gh[s] = gz @ w
-            if gw is not None:
-                gw.addmm_(gz.t().to(acc), hs.to(acc))
-            if gb is not None:
-                gb += gz.sum(0).to(acc)
-        return (
-            gh,
-            None if gw is None else gw.to(w.dtype),
-            None if gb is None else gb.to(b.dtype),
-            None, None, None,
-        )  # fmt: skip
+            grads.add(s, h[s], w, _grad_of_chunk(h, w, b, ctx.transform, ctx.loss, s, grad)[1])
+        return (*grads.result(), None, None, None)
 
 
 def chunked_loss(head: torch.nn.Linear, hidden: torch.Tensor, loss: HeadLoss) -> torch.Tensor:
     """Σ over chunks of loss.fn on the head's logits of `hidden` (..., H), never all of them at once."""
     V = head.vocab
     h = hidden.reshape(-1, hidden.shape[-1])
-    w = head.weight[:V]
-    b = None if head.bias is None else head.bias[:V]
+    # The weight itself when nothing is cut: a slice's backward would allocate another (V, H) gradient.
+    cut = V < head.weight.shape[0]
+    w = head.weight[:V] if cut else head.weight
+    b = head.bias[:V] if cut and head.bias is not None else head.bias
     rows = head.rows or chunk_rows(V)
     # With no live row, one chunk anyway: fn's zeros, of its shape and in the graph (an all-masked
     # micro-batch still backwards through every parameter, as ZeRO's hooks expect).

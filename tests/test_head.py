@@ -158,14 +158,17 @@ def test_gradcheck_of_the_chunked_head_with_bias_and_soft_cap():
     def loss(z, s):  # two terms: CE and a traced divergence on the top-k bins
         return torch.stack([ce(z, s), kd_rows(z, (topk[s], lp[s]), live[s], "gjsd", 1.5, 0.3, 0.1)])
 
-    def f(h, w, b):
+    def f(h, w, b, fn=loss):
         head = SimpleNamespace(
             vocab=v, rows=3, transform=lambda x: torch.tanh(x / 2.0) * 2.0, weight=w, bias=b
         )
-        return chunked_loss(head, h, HeadLoss(loss, live))
+        return chunked_loss(head, h, HeadLoss(fn, live))
 
-    assert torch.autograd.gradcheck(f, (h, w, b))
-    assert f(h, w, b).shape == (2,)
+    def mixed(z, s):  # one value: its gradients are taken in forward; two: backward remakes the logits
+        return loss(z, s) @ torch.tensor([0.3, 0.7], dtype=z.dtype)
+
+    assert f(h, w, b).shape == (2,) and torch.autograd.gradcheck(f, (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w, b: f(h, w, b, mixed), (h, w, b))
 
 
 def test_no_loss_and_no_evaluation_asks_for_whole_logits(monkeypatch):
