@@ -16,6 +16,8 @@ memory high-water mark is its own:
   float32 log-softmax of the batch for backward;
 - `kd topk8 fkl`: the distill stage's loss (`soft_label_loss`, forward KL on top-8 + tail bins, plus the
   agreement metrics), soft labels as a reader returns them;
+- `kd topk8 fkl + ce`: the same at alpha 0.5 (two terms: the head remakes each chunk's logits in
+  backward, model/head.py);
 - `kd sampled8`: the same on 8 sampled draws per token (the default encoding).
 All arms but `floor` and the two whole-logits ones never hold (B·T, V) logits. Peak memory: the process's resident high-water mark (VmHWM) over the timed steps, reset after one warm-up
 step, and the part of it above the resident size before the steps (what the step itself adds beyond
@@ -42,7 +44,9 @@ from stablekd.objectives.kd_losses import soft_label_loss
 from stablekd.objectives.lm import Loss, lm_loss, nll_sum
 
 REPO = Path(__file__).resolve().parent.parent
-ARMS = ("floor", "ce", "ce (whole logits)", "ce (F.cross_entropy)", "kd topk8 fkl", "kd sampled8")
+ARMS = (
+    "floor", "ce", "ce (whole logits)", "ce (F.cross_entropy)", "kd topk8 fkl", "kd topk8 fkl + ce", "kd sampled8",
+)  # fmt: skip
 
 
 def _floor(model: torch.nn.Module, batch: dict) -> Loss:
@@ -65,7 +69,7 @@ def _stock_ce(model: torch.nn.Module, batch: dict) -> Loss:
 def _batch(arm: str, vocab: int, micro: int, tokens: int, gen: torch.Generator) -> dict:
     ids = torch.randint(0, vocab, (micro, tokens), generator=gen)
     batch = {"input_ids": ids, "labels": ids}
-    if arm == "kd topk8 fkl":
+    if arm.startswith("kd topk8"):
         lp = torch.log_softmax(torch.randn(micro, tokens, 8, generator=gen), -1) - 0.1  # 0.1 nats of tail
         batch["topk_ids"] = torch.randint(0, vocab, (micro, tokens, 8), generator=gen)
         batch["topk_logprobs"] = lp.sort(-1, descending=True).values
@@ -99,6 +103,7 @@ def one_arm(arm: str, vocab: int, steps: int, micro: int, tokens: int) -> dict:
         "ce (whole logits)": _whole_ce,
         "ce (F.cross_entropy)": _stock_ce,
         "kd topk8 fkl": soft_label_loss("fkl"),
+        "kd topk8 fkl + ce": soft_label_loss("fkl", alpha=0.5),
         "kd sampled8": soft_label_loss("fkl"),
     }[arm]
     batch = _batch(arm, vocab, micro, tokens, torch.Generator().manual_seed(1))
