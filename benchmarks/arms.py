@@ -167,10 +167,9 @@ def device_dtype() -> tuple[torch.device, torch.dtype]:
 def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str, float]:
     """Held-out perplexity, bios probe on trained people, generation tokens/s of one exported model."""
     device, dtype = device_dtype()
-    tok = load_tokenizer(
-        hf_dir
-    )  # exported with its tokenizer: the run's, or the student's own across tokenizers
-    model = load_model(hf_dir, tok, dtype).to(device).eval()
+    tok_dir = hf_dir  # exported with its tokenizer: the run's, or the student's own across tokenizers
+    tok = load_tokenizer(tok_dir)
+    model = load_model(tok_dir, tok, dtype).to(device).eval()
     ecfg = cfg.evaluate
     gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
     m: dict[str, float] = {}

@@ -12,9 +12,9 @@ parameter, buffer or config (an export is byte for byte what it was) and gives t
   state, after the final norm, is what the head reads) and then the head on it, which returns
   ``(Σ over row chunks of fn(logits_chunk, rows), last_hidden_state)``. A chunk's logits are the head's
   matmul, bias and the architecture's final logit transform (`logit_transform`) on chunk_rows(V) rows
-  (~64 MiB of float32 per chunk at any V); backward recomputes each chunk's logits, differentiates `fn` on
-  them and writes the chunk's gradients w.r.t. the hidden rows and the head's weight and bias straight into
-  their buffers. Peak memory is O(chunk × V + B·T × H + V × H) whatever the loss: CE, every KD kind and
+  (~64 MiB of float32 per chunk at any V); autograd on the chunk alone differentiates `fn` on them, and two
+  matmuls write the chunk's gradients w.r.t. the hidden rows and the head's weight and bias straight into
+  their buffers: in forward for a one-value loss, in backward (the chunk made again) for several values. Peak memory is O(chunk × V + B·T × H + V × H) whatever the loss: CE, every KD kind and
   encoding, cross-tokenizer, on-policy and the contrastive likelihood scorer all go through here.
 
 ZeRO-3: the work is done inside the head module's own forward, so DeepSpeed's module hooks gather its
@@ -225,8 +225,3 @@ def install_head(model: torch.nn.Module, vocab: int, rows: int | None = None) ->
     model.forward = forward
     model._head_installed = True
     return model
-
-
-def vocab_of(model: torch.nn.Module) -> int:
-    """The tokenizer size the installed head cuts to (a DeepSpeed engine's module is looked through)."""
-    return getattr(model, "module", model).get_output_embeddings().vocab
