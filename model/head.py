@@ -153,7 +153,7 @@ class _ChunkedHead(torch.autograd.Function):
                     loss.observe(z, s)
                 part = loss.fn(z, s)
             total = part if total is None else total + part
-        ctx.grads = grads
+        ctx.grads, ctx.applied = grads, None
         if grads is None:
             ctx.save_for_backward(h, w, b)
             ctx.transform, ctx.loss, ctx.slices = transform, loss, slices
@@ -161,12 +161,20 @@ class _ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if ctx.grads is not None:  # scaled in place: a second backward must not scale them again
-            grads, ctx.grads = ctx.grads, None
-            return (*grads.result(grad), None, None, None)
-        if not ctx.saved_tensors:
-            raise RuntimeError(
-                "a head loss's gradients were taken in forward and spent by the first backward"
+        if ctx.grads is not None:
+            scale = grad.reshape(())
+            if ctx.applied is None:  # scaled in place: no second (V, H) buffer
+                ctx.applied = scale
+                return (*ctx.grads.result(scale), None, None, None)
+            # Another backward through the same graph (retain_graph): from the buffers scaled the first time.
+            if ctx.applied == 0:
+                raise RuntimeError("a second backward through a head loss first backpropagated with weight 0")
+            ratio = scale / ctx.applied
+            return (
+                *(None if g is None else g * ratio.to(g.dtype) for g in ctx.grads.result()),
+                None,
+                None,
+                None,
             )
         h, w, b = ctx.saved_tensors
         grads = _Grads(h, w, b, ctx.needs_input_grad)
