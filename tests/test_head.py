@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaCo
 from stablekd.model import head as head_module
 from stablekd.model.head import chunked_loss, install_head
 from stablekd.objectives.cross_tokenizer import cross_kd_sum
-from stablekd.objectives.distill import SampledLabels, kd_rows, kd_sum
+from stablekd.objectives.kd import SampledLabels, kd_rows, kd_sum
 from stablekd.objectives.kd_losses import cross_tokenizer_loss, soft_label_loss, with_on_policy
 from stablekd.objectives.lm import HeadLoss, ce_fn, lm_loss, nll_sum
 
@@ -173,8 +173,8 @@ def test_gradcheck_of_the_chunked_head_with_bias_and_soft_cap():
 
 def test_no_loss_and_no_evaluation_asks_for_whole_logits(monkeypatch):
     """The head's plain forward raises, as a head too big for memory would: every training stage's loss and
-    the report's perplexity still run, and backward reaches the head's weight."""
-    from stablekd.evaluation.report import perplexity
+    the report's held-out scores still run, and backward reaches the head's weight."""
+    from stablekd.evaluation.report import held_out_scores
     from stablekd.launcher.config import load_config
     from stablekd.launcher.stages import contrastive
     from tests.test_contrastive_stage import _groups
@@ -236,5 +236,5 @@ def test_no_loss_and_no_evaluation_asks_for_whole_logits(monkeypatch):
         assert (
             model.lm_head.weight.grad[:V].abs().sum() > 0 and model.lm_head.weight.grad[V:].abs().sum() == 0
         )
-    ppl = perplexity(model, [{"input_ids": labels, "labels": labels}])
+    ppl = held_out_scores(model, [{"input_ids": labels, "labels": labels}])
     assert ppl.tokens == B * (T - 1) and ppl.ppl > 1
