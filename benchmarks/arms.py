@@ -5,7 +5,6 @@ the evaluate stage loads models."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline.align import TokenBytes
@@ -29,7 +27,7 @@ from stablekd.launcher.config import load_config, save_config
 from stablekd.launcher.driver import prepare
 from stablekd.launcher.rank import engine
 from stablekd.launcher.rank.distill_parts import build_stage, student_batches
-from stablekd.model.build import build_model, count_params, flops_per_token
+from stablekd.model.build import build_model, count_params, flops_per_token, load_model
 from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
 from stablekd.objectives.lm import lm_loss
 
@@ -114,12 +112,11 @@ def train_arm(cfg, kind: str, steps: int, teacher=None) -> dict:
     micro, d = ds["train_micro_batch_size_per_gpu"], cfg.distill
     evals = eval_batches(rundir.eval_files(cfg), tok_dir, L, micro, d.eval_batches, 0, 1)
     fpt = flops_per_token(student, L)
-    lm = functools.partial(lm_loss, vocab=len(tokenizer))  # padded embedding rows cut, as the stages do
     if kind == "ce":
         stream = PackedStream(
             rundir.train_files(cfg), tok_dir, L, micro, 0, 1, cfg.data.num_workers, loop=True
         )
-        stage = engine.Stage("distill", student, StreamLoader(stream), lm, evals, fpt)
+        stage = engine.Stage("distill", student, StreamLoader(stream), lm_loss, evals, fpt)
     else:
         batches, aligner = student_batches(cfg, 0, 1, micro, tokenizer, teacher, student, zero3)
         stage = build_stage(cfg, student, tokenizer, batches, evals, aligner)
@@ -172,9 +169,9 @@ def device_dtype() -> tuple[torch.device, torch.dtype]:
 def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str, float]:
     """Held-out perplexity, bios probe on trained people, generation tokens/s of one exported model."""
     device, dtype = device_dtype()
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
     tok_dir = hf_dir  # exported with its tokenizer: the run's, or the student's own across tokenizers
     tok = load_tokenizer(tok_dir)
+    model = load_model(tok_dir, tok, dtype).to(device).eval()
     ecfg = cfg.evaluate
     gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
     m: dict[str, float] = {}
@@ -185,7 +182,7 @@ def score(hf_dir: Path, cfg, people: list, speed_prompts: list[str]) -> dict[str
                 held, tok_dir, cfg.data.seq_len, report.PPL_MICRO_BATCH, ecfg.ppl_batches, 0, 1
             )
             if batches:  # a user corpus's held-out share may hold no document
-                ppl = report.held_out_scores(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+                ppl = report.held_out_scores(model, batches, TokenBytes.from_tokenizer(tok).lengths)
                 m["ppl"], m["ece"], m["bpb"] = ppl.ppl, ppl.ece, ppl.bits_per_byte
         if people:
             m.update(probe(gen, people, [], ecfg).metrics)  # trained people only: what the goals are about

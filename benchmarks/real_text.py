@@ -56,7 +56,6 @@ import compressors
 import kjv_corpus
 import single_rank
 import torch
-from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from stablekd.data_pipeline.align import TokenBytes
@@ -68,7 +67,7 @@ from stablekd.evaluation.bios_probe import HFGenerator
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
 from stablekd.launcher import rundir
 from stablekd.launcher.config import load_config
-from stablekd.model.build import count_params, export_hf
+from stablekd.model.build import count_params, export_hf, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "kjv.yaml"
@@ -176,15 +175,15 @@ def train_students(runs: dict[str, Path], out: Path, steps: int) -> dict[str, di
 def score(hf: Path, cfg, corpus: Path) -> dict[str, float]:
     """Every metric of the table for one exported model (see the module doc)."""
     device, dtype = bench.device_dtype()
-    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=dtype).to(device).eval()
     tok = load_tokenizer(hf)
+    model = load_model(hf, tok, dtype).to(device).eval()
     ecfg = cfg.evaluate
     gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
     held = rundir.eval_files(cfg)
     m: dict[str, float] = {"params": count_params(model)}
     with torch.inference_mode():
         batches = eval_batches(held, hf, cfg.data.seq_len, report.PPL_MICRO_BATCH, 10**9, 0, 1)  # all of it
-        ppl = report.held_out_scores(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+        ppl = report.held_out_scores(model, batches, TokenBytes.from_tokenizer(tok).lengths)
         m.update(ppl=ppl.ppl, ece=ppl.ece, bpb=ppl.bits_per_byte, heldout_tokens=ppl.tokens)
         answers = dataclasses.replace(ecfg, max_new_tokens=ANSWER_TOKENS)
         for kind, with_templates in (("rephrased", True), ("unasked", False)):

@@ -5,17 +5,24 @@
 A Llama-style student of hidden 256 (2 layers, untied head: 2·V·256 embedding parameters) trains on
 micro-batches of 4 × 512 tokens with torch AdamW, one process. Arms, each in a fresh process so its
 memory high-water mark is its own:
-- `ce`: next-token cross-entropy as the teacher stage computes it (objectives/lm.py `lm_loss`: chunked,
-  the gradient written out);
+- `floor`: the same step with a loss that does not touch the head's output (the mean square of the last
+  hidden state, + 0 · Σ head weight so the head has its gradient and Adam state as in every other arm):
+  the trunk's, the parameters' and the optimizer's own memory and time;
+- `ce`: next-token cross-entropy as the teacher stage computes it (objectives/lm.py `lm_loss`: from the
+  last hidden state, one chunk of logits at a time, model/head.py);
+- `ce (whole logits)`: the same chunked cross-entropy (`nll_sum`) on the head's whole (B·T, V) logits,
+  as every stage computed it before the head computed losses;
 - `ce (F.cross_entropy)`: PyTorch's stock loss on the whole (B·T, V) logits, for reference: it keeps a
   float32 log-softmax of the batch for backward;
 - `kd topk8 fkl`: the distill stage's loss (`soft_label_loss`, forward KL on top-8 + tail bins, plus the
   agreement metrics), soft labels as a reader returns them;
+- `kd topk8 fkl + ce`: the same at alpha 0.5 (two terms: the head remakes each chunk's logits in
+  backward, model/head.py);
 - `kd sampled8`: the same on 8 sampled draws per token (the default encoding).
-Peak memory: the process's resident high-water mark (VmHWM) over the timed steps, reset after one warm-up
+All arms but `floor` and the two whole-logits ones never hold (B·T, V) logits. Peak memory: the process's resident high-water mark (VmHWM) over the timed steps, reset after one warm-up
 step, and the part of it above the resident size before the steps (what the step itself adds beyond
-weights, gradients and Adam state). Time: median of the timed steps. Ratios are to the `ce` arm of the same
-vocabulary, all measured in one run. Prints a table, writes benchmarks/results/vocab_scale.json.
+weights, gradients and Adam state). Time: median of the timed steps. Ratios are to the `floor` arm of the same
+vocabulary (memory) and to `ce (whole logits)` (time), all measured in one run. Prints a table, writes benchmarks/results/vocab_scale.json.
 """
 
 from __future__ import annotations
@@ -32,11 +39,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stablekd.model.head import install_head
 from stablekd.objectives.kd_losses import soft_label_loss
-from stablekd.objectives.lm import Loss, lm_loss
+from stablekd.objectives.lm import Loss, lm_loss, nll_sum
 
 REPO = Path(__file__).resolve().parent.parent
-ARMS = ("ce", "ce (F.cross_entropy)", "kd topk8 fkl", "kd sampled8")
+ARMS = (
+    "floor", "ce", "ce (whole logits)", "ce (F.cross_entropy)", "kd topk8 fkl", "kd topk8 fkl + ce", "kd sampled8",
+)  # fmt: skip
+
+
+def _floor(model: torch.nn.Module, batch: dict) -> Loss:
+    hidden = model.base_model(input_ids=batch["input_ids"], use_cache=False)[0]  # (B, T, H): no head
+    # 0 · Σ head weight: the head gets a (zero) gradient and Adam state like in every other arm, so the
+    # floor differs from them only by what their loss computes.
+    return Loss({"lm": hidden.float().pow(2).mean() + 0 * model.lm_head.weight.sum()})
+
+
+def _whole_ce(model: torch.nn.Module, batch: dict) -> Loss:
+    return Loss({"lm": nll_sum(model(input_ids=batch["input_ids"]).logits, batch["labels"])[0]})
 
 
 def _stock_ce(model: torch.nn.Module, batch: dict) -> Loss:
@@ -48,7 +69,7 @@ def _stock_ce(model: torch.nn.Module, batch: dict) -> Loss:
 def _batch(arm: str, vocab: int, micro: int, tokens: int, gen: torch.Generator) -> dict:
     ids = torch.randint(0, vocab, (micro, tokens), generator=gen)
     batch = {"input_ids": ids, "labels": ids}
-    if arm == "kd topk8 fkl":
+    if arm.startswith("kd topk8"):
         lp = torch.log_softmax(torch.randn(micro, tokens, 8, generator=gen), -1) - 0.1  # 0.1 nats of tail
         batch["topk_ids"] = torch.randint(0, vocab, (micro, tokens, 8), generator=gen)
         batch["topk_logprobs"] = lp.sort(-1, descending=True).values
@@ -74,13 +95,16 @@ def one_arm(arm: str, vocab: int, steps: int, micro: int, tokens: int) -> dict:
         vocab_size=vocab, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=tokens, tie_word_embeddings=False,
     )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = install_head(LlamaForCausalLM(config), vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = {
+        "floor": _floor,
         "ce": lm_loss,
+        "ce (whole logits)": _whole_ce,
         "ce (F.cross_entropy)": _stock_ce,
-        "kd topk8 fkl": soft_label_loss("fkl", vocab=vocab),
-        "kd sampled8": soft_label_loss("fkl", vocab=vocab),
+        "kd topk8 fkl": soft_label_loss("fkl"),
+        "kd topk8 fkl + ce": soft_label_loss("fkl", alpha=0.5),
+        "kd sampled8": soft_label_loss("fkl"),
     }[arm]
     batch = _batch(arm, vocab, micro, tokens, torch.Generator().manual_seed(1))
 
@@ -123,11 +147,20 @@ def main() -> None:
             rows.append({"vocab": vocab, "arm": arm, **json.loads(out.strip().splitlines()[-1])})
             print(f"  V {vocab} {arm}: {rows[-1]}", file=sys.stderr, flush=True)
     for row in rows:
-        ce = next(r for r in rows if r["vocab"] == row["vocab"] and r["arm"] == "ce")
-        row["peak_vs_ce"] = row["peak_mib"] / ce["peak_mib"]
-        row["step_mem_vs_ce"] = row["step_mib"] / ce["step_mib"]
-        row["time_vs_ce"] = row["step_s"] / ce["step_s"]
+        same = {r["arm"]: r for r in rows if r["vocab"] == row["vocab"]}
+        if "floor" in same:
+            row["peak_vs_floor"] = row["peak_mib"] / same["floor"]["peak_mib"]
+        if "ce (whole logits)" in same:
+            row["time_vs_whole_ce"] = row["step_s"] / same["ce (whole logits)"]["step_s"]
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
     result = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": commit,
+        "cpu_flags": sorted(f for f in flags if f.startswith(("amx", "avx512", "avx2"))),
+        "steps": args.steps,
         "student": "Llama, hidden 256, 2 layers, untied head",
         "micro_batch": f"{args.micro} × {args.tokens} tokens",
         "threads": torch.get_num_threads(),
@@ -140,12 +173,12 @@ def main() -> None:
         f"median of {args.steps} steps"
     )
     print(
-        f"{'V':>7} {'arm':22} {'step s':>7} {'vs ce':>6} {'peak MiB':>9} {'vs ce':>6} {'step MiB':>9} {'vs ce':>6}"
+        f"{'V':>7} {'arm':22} {'step s':>7} {'vs whole ce':>11} {'peak MiB':>9} {'vs floor':>8} {'step MiB':>9}"
     )
     for r in rows:
         print(
-            f"{r['vocab']:7d} {r['arm']:22} {r['step_s']:7.2f} {r['time_vs_ce']:6.2f} {r['peak_mib']:9.0f} "
-            f"{r['peak_vs_ce']:6.2f} {r['step_mib']:9.0f} {r['step_mem_vs_ce']:6.2f}"
+            f"{r['vocab']:7d} {r['arm']:22} {r['step_s']:7.2f} {r.get('time_vs_whole_ce', float('nan')):11.2f} "
+            f"{r['peak_mib']:9.0f} {r.get('peak_vs_floor', float('nan')):8.2f} {r['step_mib']:9.0f}"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

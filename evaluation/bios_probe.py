@@ -123,7 +123,7 @@ class HFGenerator:
                     attention_mask=mask.to(self.device),
                     synced_gpus=self.synced_gpus,
                     generation_config=generation_config(
-                        self.model, self.tokenizer, do_sample=not greedy, num_return_sequences=n,
+                        self.tokenizer, do_sample=not greedy, num_return_sequences=n,
                         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **sampling,
                     ),
                 )  # fmt: skip  # (b * n, width + new), rows prompt-major: prompt 0's n samples first

@@ -46,7 +46,7 @@ from stablekd.data_pipeline.sources import read_documents
 from stablekd.data_pipeline.tokenizer import encode
 from stablekd.evaluation import chart, metrics
 from stablekd.evaluation.bios_probe import HFGenerator, ProbeSettings, TextGenerator
-from stablekd.objectives.lm import IGNORE_INDEX, chunk_rows, nll_sum, shifted_labels
+from stablekd.objectives.lm import HeadLoss, ce_fn, next_token_rows
 
 PPL_MICRO_BATCH = 8  # sequences per perplexity forward: 8 × seq_len tokens
 SPEED_BATCH = 8  # prompts in the fixed tokens/s batch
@@ -112,12 +112,11 @@ class HeldOutScores(NamedTuple):
 def held_out_scores(
     model: PreTrainedModel,
     batches: Sequence[dict[str, torch.Tensor]],
-    vocab: int | None = None,
     byte_lengths: np.ndarray | None = None,
 ) -> HeldOutScores:
     """Perplexity, counted tokens, calibration error and bits per byte over `batches` (dicts with
-    input_ids and labels, (B, T)), the distribution over the tokenizer's `vocab` ids (a padded
-    vocabulary's extra rows cut off, as in training: objectives/kd.py). The calibration error is that
+    input_ids and labels, (B, T)), from the last hidden state one chunk of logits at a time (model/head.py:
+    over the tokenizer's ids, a padded vocabulary's rows cut as in training). The calibration error is that
     of the next-token top-1 prediction: confidence = its probability, correct = it is the next token,
     ECE_BINS equal-width bins (`metrics.calibration_error`). Bits per byte divide the same NLL (in bits) by
     the UTF-8 bytes of the counted tokens (`byte_lengths` per id: data_pipeline/align.py TokenBytes; a
@@ -126,34 +125,37 @@ def held_out_scores(
     total, count, size = 0.0, 0, 0
     bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # counts, confidence sums, correct sums
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"].to(device)).logits[..., :vocab]  # (B, T, V)
         labels = batch["labels"].to(device)
-        loss, n = nll_sum(logits, labels)
-        total, count = total + loss.item(), count + int(n)
-        target = shifted_labels(labels)  # (B, T): the token each position predicts, -100 = not counted
-        keep = target != IGNORE_INDEX
+        nll, counted = ce_fn(labels)
+        targets = next_token_rows(labels)[0][:, 0]  # (B*T,): the token each position predicts
+
+        loss, _ = model(
+            input_ids=batch["input_ids"].to(device),
+            head_loss=HeadLoss(nll, counted, _calibration(bins, counted, targets)),
+        )
+        total, count = total + loss.item(), count + int(counted.sum())
         if byte_lengths is not None:
-            size += int(byte_lengths[target[keep].cpu().numpy()].sum())
-        conf, pred = _top1(logits.reshape(-1, logits.shape[-1]))  # (B*T,) each
-        conf, pred = conf[keep.flatten()], pred[keep.flatten()]  # (N,) each
-        b = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1).cpu()
-        for row, values in enumerate((torch.ones_like(conf), conf, (pred == target[keep]).float())):
-            bins[row].index_add_(0, b, values.double().cpu())
+            size += int(byte_lengths[targets[counted].cpu().numpy()].sum())
     bpb = metrics.bits_per_byte(total, size) if size else None
     ece = metrics.calibration_error(*bins.tolist())
     return HeldOutScores(metrics.perplexity(total, count), count, ece, bpb)
 
 
-def _top1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of logits (n, V) -> (probability of the argmax = exp(max − logsumexp), argmax), chunk by chunk:
-    no float32 softmax of the whole batch at a large vocabulary."""
-    conf, pred = [], []
-    for chunk in x.split(chunk_rows(x.shape[-1])):
-        chunk = chunk.float()
-        top, arg = chunk.max(-1)
-        conf.append((top - chunk.logsumexp(-1)).exp())
-        pred.append(arg)
-    return torch.cat(conf), torch.cat(pred)
+def _calibration(bins: torch.Tensor, counted: torch.Tensor, targets: torch.Tensor):
+    """A HeadLoss observer adding each chunk's counted rows into the ECE bins (counts, confidence sums,
+    correct sums): confidence = the top-1 probability exp(max − logsumexp), correct = it is the target."""
+
+    def observe(z: torch.Tensor, s: slice) -> None:
+        keep = counted[s]
+        z = z.float()
+        top, pred = z.max(-1)
+        conf = (top - z.logsumexp(-1)).exp()[keep]
+        b = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1).cpu()
+        correct = (pred[keep] == targets[s][keep]).float()
+        for row, values in enumerate((torch.ones_like(conf), conf, correct)):
+            bins[row].index_add_(0, b, values.double().cpu())
+
+    return observe
 
 
 # --- degeneration --------------------------------------------------------------------------------

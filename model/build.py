@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from stablekd.model.head import install_head
 from stablekd.model.presets import preset
 
 
@@ -41,19 +42,23 @@ def model_config(name: str, tokenizer: PreTrainedTokenizerBase, max_positions: i
 def build_model(
     name_or_dir: str, tokenizer: PreTrainedTokenizerBase, max_positions: int, seed: int
 ) -> PreTrainedModel:
-    """A fresh model from a preset name, or the weights of a local Hugging Face directory."""
+    """A fresh model from a preset name, or the weights of a local Hugging Face directory; its head cut to
+    the tokenizer's ids and computing losses chunk by chunk (model/head.py)."""
     if Path(name_or_dir).is_dir():
-        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
-        if rows(model.config) < len(tokenizer):
-            raise ValueError(
-                f"{name_or_dir}: {rows(model.config)} embedding rows < tokenizer size {len(tokenizer)}"
-            )
-        return model
+        return load_model(Path(name_or_dir), tokenizer, torch.float32)
     model = AutoModelForCausalLM.from_config(
         model_config(name_or_dir, tokenizer, max_positions), dtype=torch.float32
     )
     init_weights(model, seed)
-    return model
+    return install_head(model, len(tokenizer))
+
+
+def load_model(path: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
+    """A Hugging Face directory's causal LM with the head of model/head.py over the tokenizer's ids."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if rows(model.config) < len(tokenizer):
+        raise ValueError(f"{path}: {rows(model.config)} embedding rows < tokenizer size {len(tokenizer)}")
+    return install_head(model, len(tokenizer))
 
 
 def init_weights(model: PreTrainedModel, seed: int) -> None:
@@ -92,23 +97,12 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def padded_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Embedding rows past the tokenizer (a padded vocabulary): ids no text has, never generated or counted."""
-    return list(range(len(tokenizer), rows(model.config)))
-
-
-def generation_config(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **settings: Any
-) -> GenerationConfig:
-    """The whole decoding set-up of a generate call: the run's `settings`, the tokenizer's pad and EOS, no
-    padded row, and nothing from the model directory's generation_config.json (a release's
-    repetition_penalty or top_k would decode that model unlike the others in the report)."""
-    return GenerationConfig(
-        pad_token_id=pad_id(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        suppress_tokens=padded_ids(model, tokenizer) or None,
-        **settings,
-    )
+def generation_config(tokenizer: PreTrainedTokenizerBase, **settings: Any) -> GenerationConfig:
+    """The whole decoding set-up of a generate call: the run's `settings`, the tokenizer's pad and EOS, and
+    nothing from the model directory's generation_config.json (a release's repetition_penalty or top_k
+    would decode that model unlike the others in the report). No padded row is ever generated: the head
+    (model/head.py) gives logits over the tokenizer's ids only."""
+    return GenerationConfig(pad_token_id=pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id, **settings)
 
 
 def count_params(model: torch.nn.Module) -> int:

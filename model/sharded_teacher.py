@@ -157,12 +157,10 @@ class ShardedTeacher:
         return self.engine.device
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, L, V] logits over the run's V = len(tokenizer) ids (a view that drops padded rows; the
-        engine's dtype: bf16 when the teacher trained in bf16)."""
+        """[B, L] -> [B, L, V] logits over the run's V = len(tokenizer) ids (the built model's head cuts padded
+        rows: model/head.py; the engine's dtype: bf16 when the teacher trained in bf16)."""
         with torch.no_grad():
-            return self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits[
-                ..., : self.vocab_size
-            ]
+            return self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits
 
     def idle_forward(self) -> None:
         """One forward of a single EOS token, output discarded: this rank's share of a round it has no data for."""
@@ -177,7 +175,7 @@ class ShardedTeacher:
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 synced_gpus=synced,
-                generation_config=generation_config(self.engine.module, self.tokenizer, **kwargs),
+                generation_config=generation_config(self.tokenizer, **kwargs),
             )
 
     def idle_generate(self) -> None:

@@ -257,14 +257,30 @@ def continuation_logprob(
     scored tokens gives 0.
 
     Memory: the log-probs come from `nll_rows` (objectives/lm.py): chunk by chunk, float32 temporaries
-    of one chunk, no copy of the (N, W, V) logits, which stay a view (also when cut to the tokenizer's
-    vocabulary); positions that score nothing (the context) are skipped chunk-wise.
+    of one chunk, no copy of the (N, W, V) logits; positions that score nothing (the context) are skipped
+    chunk-wise. The training stage does not make the logits at all: it gives `continuation_rows` to the
+    model's head (model/head.py), which computes them one chunk at a time.
     """
     N, W, V = logits.shape
-    targets = F.pad(input_ids[:, 1:], (0, 1))  # (N, W): position t predicts token t + 1
-    scored = F.pad(cont_mask[:, 1:].bool(), (0, 1))  # (N, W): ... when t + 1 is a continuation token
-    nll = nll_rows(logits.reshape(N * W, V), targets.reshape(-1, 1), scored.reshape(-1, 1)).view(N, W)
-    return -nll.sum(1) / scored.sum(1).clamp_min(1)
+    fn, scored, n = continuation_rows(input_ids, cont_mask)
+    return fn(logits.reshape(N * W, V), slice(0, N * W)) / n
+
+
+def continuation_rows(input_ids: torch.Tensor, cont_mask: torch.Tensor):
+    """(fn, scored, n) for `continuation_logprob` from rows of logits: fn(logits (r, V), rows) -> (N,) the
+    summed log-probability of each sequence's continuation tokens among the rows `rows` of the flattened
+    (N·W) positions (a HeadLoss fn, objectives/lm.py), scored (N·W,) the rows that score, n (N,) the
+    scored tokens per sequence (at least 1: a row without any gives 0)."""
+    N, W = input_ids.shape
+    targets = F.pad(input_ids[:, 1:], (0, 1)).reshape(-1, 1)  # position t predicts token t + 1
+    scored = F.pad(cont_mask[:, 1:].bool(), (0, 1)).reshape(-1)  # ... when t + 1 is a continuation token
+    seq = torch.arange(N * W, device=input_ids.device) // W  # the sequence of each row
+
+    def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
+        nll = nll_rows(z, targets[s], scored[s, None], rows=z.shape[0])
+        return nll.new_zeros(N).index_add(0, seq[s], -nll)
+
+    return fn, scored, scored.view(N, W).sum(1).clamp_min(1)
 
 
 # --------------------------------------------------------------------------------------------------

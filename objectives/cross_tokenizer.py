@@ -132,24 +132,57 @@ def cross_kd_sum(
     if tuple(aligned.shape) != (B, T):
         raise ValueError(f"aligned: expected shape {(B, T)}, got {tuple(aligned.shape)}")
     ids, p = teacher_probs(teacher)
-    k = ids.shape[-1]
     flat = student_logits.reshape(B * T, V)
     rows_idx = aligned.reshape(-1).nonzero().squeeze(1)
-    tokens = rows_idx.numel()
-    dtype = compute_dtype(flat)
-    if vmap is not None:
-        vmap = vmap.to(flat.device)
-        unmapped = torch.ones(V, dtype=torch.bool, device=flat.device)
-        unmapped[vmap[(vmap >= 0) & (vmap < V)]] = False
-    total = flat[:0].to(dtype).sum()  # 0, in the graph: an all-unaligned micro-batch can backward
+    unmapped = unmapped_ids(vmap, V, flat.device)
+    ids, p = ids.reshape(B * T, -1), p.reshape(B * T, -1)
+    exact = None if same_next is None else same_next.reshape(-1)
+    total = (
+        flat[:0].to(compute_dtype(flat)).sum()
+    )  # 0, in the graph: an all-unaligned micro-batch can backward
     for chunk in rows_idx.split(chunk_rows(V) if chunk_tokens is None else chunk_tokens):
-        lq = F.log_softmax(flat[chunk].to(dtype) / temperature, dim=-1)  # (n, V)
-        pc = p.reshape(B * T, k)[chunk].to(dtype)
-        if mode == "uld":
-            per_row = uld_rows(lq, pc)
-        else:
-            per_row = hybrid_rows(lq, ids.reshape(B * T, k)[chunk], pc, vmap, unmapped, kind, beta, skew)
-            if same_next is not None and not (exact := same_next.reshape(-1)[chunk]).all():
-                per_row = torch.where(exact, per_row, uld_rows(lq, pc))
-        total = total + per_row.sum()
-    return total * temperature**2, torch.tensor(tokens)
+        total = total + cross_rows(
+            flat[chunk], ids[chunk], p[chunk], mode, vmap, unmapped, kind, temperature, beta, skew,
+            None if exact is None else exact[chunk],
+        )  # fmt: skip
+    return total, torch.tensor(rows_idx.numel())
+
+
+def unmapped_ids(vmap: torch.Tensor | None, vocab: int, device: torch.device) -> torch.Tensor | None:
+    """(vocab,) bool: the student ids no teacher id maps to (hybrid's ULD part), None without a vmap."""
+    if vmap is None:
+        return None
+    vmap = vmap.to(device)
+    unmapped = torch.ones(vocab, dtype=torch.bool, device=device)
+    unmapped[vmap[(vmap >= 0) & (vmap < vocab)]] = False
+    return unmapped
+
+
+def cross_rows(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    p: torch.Tensor,
+    mode: str,
+    vmap: torch.Tensor | None,
+    unmapped: torch.Tensor | None,
+    kind: str,
+    temperature: float,
+    beta: float,
+    skew: float,
+    exact: torch.Tensor | None,
+) -> torch.Tensor:
+    """T² · Σ of the `mode` loss over aligned rows: the student's logits (n, V), the teacher's entries ids
+    and probabilities p (n, k) (``teacher_probs``), hybrid's `vmap`/`unmapped` (``unmapped_ids``) and where
+    it applies, `exact` (n,) (None: every row). ``cross_kd_sum`` checks the arguments; the head
+    (model/head.py) calls it on the aligned rows of one chunk of logits."""
+    dtype = compute_dtype(logits)
+    lq = F.log_softmax(logits.to(dtype) / temperature, dim=-1)  # (n, V)
+    pc = p.to(dtype)
+    if mode == "uld":
+        per_row = uld_rows(lq, pc)
+    else:
+        vmap = vmap.to(logits.device)
+        per_row = hybrid_rows(lq, ids, pc, vmap, unmapped, kind, beta, skew)
+        if exact is not None and not exact.all():
+            per_row = torch.where(exact, per_row, uld_rows(lq, pc))
+    return per_row.sum() * temperature**2

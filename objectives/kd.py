@@ -17,9 +17,9 @@ Conventions, stated once here (docs/architecture.md, Loss conventions, summarise
   only kind "fkl" is defined for it.
 - Vocabulary. Ids are the tokenizer's, 0 .. V − 1 with V = len(tokenizer). A model with more embedding
   rows (a padded vocabulary: released checkpoints pad to a multiple of 64 or 128) has logits past V that
-  no text can be: the teacher's are cut before anything is stored, the student's before any loss
-  (``soft_label_loss(vocab=V)``: ``logits[..., :V]``), so padded rows of either model never count and
-  a teacher and a student with one tokenizer and different padded sizes compare exactly.
+  no text can be: the head every built model has cuts them (model/head.py), so padded rows of either
+  model are never stored, counted or generated, and a teacher and a student with one tokenizer and
+  different padded sizes compare exactly. The functions here take logits already cut.
 - Temperature. Both distributions are taken at T (the student's logits are divided by T) and every
   divergence is multiplied by T² (Hinton et al. 2015), so the gradient scale does not shrink as 1/T².
   Other tools differ: torchtune's kd_losses and TRL's ``generalized_jsd_loss`` do not multiply by T².
@@ -41,7 +41,9 @@ Conventions, stated once here (docs/architecture.md, Loss conventions, summarise
   gradients written out and keep nothing of size (n, V) but the logits they were given. The traced
   divergences keep each chunk's temporaries unless the batch holds at least ``CHECKPOINT_ELEMENTS``
   values; then every chunk runs under non-reentrant activation checkpointing, so with a 128k vocabulary
-  only one chunk's float32 temporaries are alive in forward and in backward.
+  only one chunk's float32 temporaries are alive in forward and in backward. The training stages never
+  hand these functions whole logits: the model's head (model/head.py) computes one chunk of logits at a
+  time from the last hidden state and calls ``kd_rows`` / ``nll_rows`` on it.
 """
 
 from __future__ import annotations
@@ -228,36 +230,69 @@ def kd_sum(
         (loss_sum, tokens): loss_sum a float32 scalar (float64 for float64 logits) connected to the
         graph even when nothing is counted; tokens an int64 scalar. An all-masked batch gives (0, 0).
     """
-    topk = _check(student_logits, teacher, labels, kind, temperature, beta, skew)
+    _check(student_logits, teacher, labels, kind, temperature, beta, skew)
     B, T, V = student_logits.shape
-    rows = chunk_rows(V) if chunk_tokens is None else chunk_tokens
-    if rows < 1:
+    if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     live = (shifted_labels(labels) != IGNORE_INDEX).reshape(B * T)  # the counted rows
-    tokens = live.sum()
-    # (B*T, V): a view, also of a vocabulary-cut logits[..., :V]. Uncounted rows are computed and weighted 0
-    # instead of gathered out, which would copy the logits; split() (not slicing) so backward assembles the
-    # chunks' gradients in one cat, not one full-size buffer each.
+    # (B*T, V): a view. Uncounted rows are computed and weighted 0 instead of gathered out, which would copy
+    # the logits.
     flat = student_logits.reshape(B * T, V)
+    kd = kd_rows(flat, teacher_rows(teacher), live, kind, temperature, beta, skew, chunk_tokens)
+    return kd, live.sum()
+
+
+def teacher_rows(teacher: Teacher) -> Teacher:
+    """A teacher input (B, T, ...) as rows (B·T, ...) of the flattened positions (views)."""
+    if isinstance(teacher, torch.Tensor):
+        return teacher.reshape(-1, teacher.shape[-1])
+    ids, values = (t.reshape(-1, t.shape[-1]) for t in teacher)
+    return SampledLabels(ids, values) if isinstance(teacher, SampledLabels) else (ids, values)
+
+
+def slice_teacher(teacher: Teacher, rows: slice) -> Teacher:
+    """The rows `rows` of a teacher input in rows (``teacher_rows``)."""
+    if isinstance(teacher, torch.Tensor):
+        return teacher[rows]
+    if isinstance(teacher, SampledLabels):
+        return SampledLabels(teacher.ids[rows], teacher.weights[rows])
+    return teacher[0][rows], teacher[1][rows]
+
+
+def kd_rows(
+    flat: torch.Tensor,
+    teacher: Teacher,
+    live: torch.Tensor,
+    kind: str,
+    temperature: float,
+    beta: float,
+    skew: float,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """``kd_sum`` on rows: Σ over the `live` rows of T²·divergence between the student's logits flat (N, V)
+    and the teacher's rows (``teacher_rows``: (N, V) logits, (N, k) top-k or SampledLabels), chunk by chunk
+    (`rows` per chunk; None: chunk_rows(V)). Arguments are not checked: ``kd_sum`` checks them. The head
+    (model/head.py) calls it on one chunk of logits at a time."""
+    rows = rows or chunk_rows(flat.shape[-1])
     if isinstance(teacher, SampledLabels):  # −Σ w log q: a weighted cross-entropy (objectives/lm.py)
-        w = teacher.weights.reshape(B * T, -1).to(compute_dtype(flat)).masked_fill(~live[:, None], 0.0)
-        ids = teacher.ids.reshape(B * T, -1)
-        return nll_rows(flat, ids, w, temperature, rows).sum() * temperature**2, tokens
+        w = teacher.weights.to(compute_dtype(flat)).masked_fill(~live[:, None], 0.0)
+        return nll_rows(flat, teacher.ids, w, temperature, rows).sum() * temperature**2
+    topk = not isinstance(teacher, torch.Tensor)
     if topk and kind == "fkl" and not teacher[1].requires_grad:  # the gradient written out, for the student
-        lp = teacher_topk_bins(teacher[1].reshape(B * T, -1).to(compute_dtype(flat)))  # (B*T, k + 1)
-        ids = teacher[0].reshape(B * T, -1).long()
-        return TopkForwardKL.apply(flat, ids, lp, live, temperature, rows) * temperature**2, tokens
+        lp = teacher_topk_bins(teacher[1].to(compute_dtype(flat)))  # (N, k + 1)
+        return TopkForwardKL.apply(flat, teacher[0].long(), lp, live, temperature, rows) * temperature**2
     if topk:
-        ids_chunks = teacher[0].reshape(B * T, -1).split(rows)  # (B*T, k)
-        teacher_flat = teacher[1].reshape(B * T, -1)  # (B*T, k)
+        ids_chunks, teacher_flat = teacher[0].split(rows), teacher[1]  # (N, k) each
     else:
-        ids_chunks, teacher_flat = itertools.repeat(None), teacher.reshape(B * T, V)
+        ids_chunks, teacher_flat = itertools.repeat(None), teacher
     fn = functools.partial(_chunk_kd_sum, kind=kind, temperature=temperature, beta=beta, skew=skew)
-    grad = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_flat.requires_grad)
+    grad = torch.is_grad_enabled() and (flat.requires_grad or teacher_flat.requires_grad)
     # The traced divergences keep their chunk's (n, V) temporaries for backward unless recomputed there,
-    # which pays once the batch is large.
-    recompute = grad and flat.numel() >= CHECKPOINT_ELEMENTS
+    # which pays once the batch is large (not for one chunk: the head recomputes it already).
+    recompute = grad and flat.numel() >= CHECKPOINT_ELEMENTS and flat.shape[0] > rows
     parts = []
+    # split() (not slicing) so backward assembles the chunks' gradients in one cat, not one full-size
+    # buffer each.
     for alive, s_chunk, t_chunk, i_chunk, l_chunk in zip(
         live_chunks(live, rows),
         flat.split(rows),
@@ -277,8 +312,8 @@ def kd_sum(
         parts.append(part)
     if not parts:
         # 0, yet in the graph, so an all-masked micro-batch can backward.
-        return flat[:0].to(compute_dtype(flat)).sum(), tokens
-    return torch.stack(parts).sum(), tokens
+        return flat[:0].to(compute_dtype(flat)).sum()
+    return torch.stack(parts).sum()
 
 
 def distill_loss(

@@ -10,15 +10,22 @@ from collections.abc import Callable
 
 import torch
 
-from stablekd.objectives.agreement import AGREEMENT_TOKENS, agreement_sums
-from stablekd.objectives.cross_tokenizer import cross_kd_sum
+from stablekd.objectives.agreement import AGREEMENT_TOKENS, agreement_observer
+from stablekd.objectives.cross_tokenizer import cross_rows, teacher_probs, unmapped_ids
 from stablekd.objectives.kd import (
     check_params,
-    kd_sum,
+    kd_rows,
+    slice_teacher,
     soft_label_targets,
     soft_label_teacher,
+    teacher_rows,
 )
-from stablekd.objectives.lm import IGNORE_INDEX, Loss, nll_sum, shifted_labels
+from stablekd.objectives.lm import IGNORE_INDEX, HeadLoss, Loss, ce_fn, shifted_labels
+
+
+def _terms(model: torch.nn.Module, batch: dict, loss: HeadLoss) -> torch.Tensor:
+    """The model's head computes `loss` from the last hidden state chunk by chunk (model/head.py)."""
+    return model(input_ids=batch["input_ids"].long(), head_loss=loss)[0]
 
 
 def soft_label_loss(
@@ -27,22 +34,25 @@ def soft_label_loss(
     beta: float = 0.5,
     skew: float = 0.1,
     alpha: float = 1.0,
-    vocab: int | None = None,
 ) -> Callable[[torch.nn.Module, dict], Loss]:
     """Loss on soft-label batches of the student's own tokenizer: terms "kd" (``kd_sum``) and "ce";
-    metrics student_topk_mass and top1_agreement. `vocab`: the tokenizer's size V; the student's logits
-    past it (padded rows) are cut off (objectives/kd.py, Vocabulary)."""
+    metrics student_topk_mass and top1_agreement; from the last hidden state, one chunk of logits at a time."""
     check_params(kind, temperature, beta, skew)
 
     def loss(model: torch.nn.Module, batch: dict) -> Loss:
         labels = soft_label_targets(batch)  # (B, T); the model predicts position t + 1
-        logits = model(input_ids=batch["input_ids"].long()).logits[..., :vocab]  # (B, T, V): a view
         teacher = soft_label_teacher(batch)
-        kd, _ = kd_sum(logits, teacher, labels, kind, temperature, beta, skew)
-        sums = {"kd": kd}
-        if alpha < 1.0:  # a zero-weight CE term would cost a full log-softmax and its backward per step
-            sums["ce"] = nll_sum(logits, labels)[0]
-        agree = agreement_sums(logits.detach(), teacher[0], labels, max_tokens=AGREEMENT_TOKENS)
+        rows = teacher_rows(teacher)
+        ce, live = ce_fn(labels)
+
+        def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
+            kd = kd_rows(z, slice_teacher(rows, s), live[s], kind, temperature, beta, skew, z.shape[0])
+            # a zero-weight CE term would cost a log-softmax and its backward per chunk
+            return torch.stack([kd, ce(z, s)]) if alpha < 1.0 else kd[None]
+
+        observe, agree = agreement_observer(teacher[0], labels, max_tokens=AGREEMENT_TOKENS)
+        terms = _terms(model, batch, HeadLoss(fn, live, observe))
+        sums = dict(zip(("kd", "ce"), terms, strict=False))
         seen = float(agree["tokens"])
         return Loss(sums, {k: (float(agree[k]), seen) for k in ("student_topk_mass", "top1_agreement")})
 
@@ -56,24 +66,33 @@ def cross_tokenizer_loss(
     beta: float = 0.5,
     skew: float = 0.1,
     alpha: float = 1.0,
-    vocab: int | None = None,
     vmap: torch.Tensor | None = None,
 ) -> Callable[[torch.nn.Module, dict], Loss]:
     """Loss on realigned batches (data_pipeline/align.py `realign_batch`): terms "kd" (``cross_kd_sum``,
     `mode` uld or hybrid, hybrid with `vmap`) and "ce" on the student's own tokens; metric aligned_share
-    (aligned student positions / counted teacher positions). `vocab`: the student tokenizer's size."""
+    (aligned student positions / counted teacher positions)."""
     check_params(kind, temperature, beta, skew)
+    if mode == "hybrid" and vmap is None:
+        raise ValueError("mode 'hybrid' needs vmap (teacher id -> student id)")
 
     def loss(model: torch.nn.Module, batch: dict) -> Loss:
-        logits = model(input_ids=batch["input_ids"].long()).logits[..., :vocab]
-        teacher, aligned = soft_label_teacher(batch), batch["aligned"]
-        kd, n = cross_kd_sum(
-            logits, teacher, aligned, mode, vmap, kind, temperature, beta, skew, batch["same_next"]
+        ids, p = (t.reshape(-1, t.shape[-1]) for t in teacher_probs(soft_label_teacher(batch)))
+        aligned, exact = batch["aligned"].reshape(-1).bool(), batch["same_next"].reshape(-1)
+        ce, counted = ce_fn(batch["labels"])
+
+        def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
+            r = aligned[s].nonzero().squeeze(1)  # the chunk's aligned rows
+            unmapped = unmapped_ids(vmap, z.shape[-1], z.device)  # (V,): cheap beside the chunk's (n, V)
+            kd = cross_rows(
+                z[r], ids[s][r], p[s][r], mode, vmap, unmapped, kind, temperature, beta, skew, exact[s][r]
+            )
+            return torch.stack([kd, ce(z, s)]) if alpha < 1.0 else kd[None]
+
+        terms = _terms(model, batch, HeadLoss(fn, aligned | counted))
+        return Loss(
+            dict(zip(("kd", "ce"), terms, strict=False)),
+            {"aligned_share": (float(aligned.sum()), float(batch["teacher_positions"].sum()))},
         )
-        sums = {"kd": kd}
-        if alpha < 1.0:
-            sums["ce"] = nll_sum(logits, batch["labels"])[0]
-        return Loss(sums, {"aligned_share": (float(n), float(batch["teacher_positions"].sum()))})
 
     return loss
 
@@ -87,7 +106,6 @@ def with_on_policy(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
-    vocab: int | None = None,
 ) -> Callable[[torch.nn.Module, dict], Loss]:
     """`offline` on soft-label micro-batches; on on-policy ones (a `teacher_logits` key) the term
     ON_POLICY: ``kd_sum`` of the `kind` divergence between the teacher's full logits and the student's on
@@ -98,10 +116,15 @@ def with_on_policy(
     def loss(model: torch.nn.Module, batch: dict) -> Loss:
         if "teacher_logits" not in batch:
             return offline(model, batch)
-        logits = model(input_ids=batch["input_ids"].long()).logits[..., :vocab]
-        kd, n = kd_sum(logits, batch["teacher_logits"], batch["labels"], kind, temperature, beta, skew)
+        teacher = teacher_rows(batch["teacher_logits"])  # (B·T, V)
+        _, live = ce_fn(batch["labels"])
+
+        def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
+            return kd_rows(z, teacher[s], live[s], kind, temperature, beta, skew, z.shape[0])
+
+        kd = _terms(model, batch, HeadLoss(fn, live))
         metrics = {k: (float(batch[k]), 1.0) for k in ("generate_s", "teacher_s")}
-        return Loss({ON_POLICY: kd}, {"generated_tokens": (float(n), 1.0), **metrics})
+        return Loss({ON_POLICY: kd}, {"generated_tokens": (float(live.sum()), 1.0), **metrics})
 
     return loss
 

@@ -6,6 +6,7 @@ batch (all micro-batches of a step on all ranks), so neither accumulation nor wo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -151,9 +152,45 @@ def lm_counts(batch: dict) -> dict[str, int]:
     return {"lm": n}
 
 
-def lm_loss(model: torch.nn.Module, batch: dict, vocab: int | None = None) -> Loss:
-    """Next-token cross-entropy (term "lm"): the teacher's loss and every stage's eval loss. `vocab`: the
-    tokenizer's size; logits past it (a padded vocabulary's rows) are cut off, as in every other loss
-    (objectives/kd.py); stages pass it with functools.partial."""
-    logits = model(input_ids=batch["input_ids"]).logits[..., :vocab]  # (B, T, V): a view
-    return Loss({"lm": nll_sum(logits, batch["labels"])[0]})
+@dataclass
+class HeadLoss:
+    """A loss the model's head computes from the last hidden state, chunk by chunk (model/head.py), instead
+    of returning logits: ``model(input_ids=..., head_loss=HeadLoss(fn, live))`` returns (Σ over row chunks
+    of fn, the last hidden state (B, T, H)).
+
+    fn(logits, rows): logits (n, V) of the rows `rows` (a slice of the flattened B·T positions), already cut
+        to the tokenizer's ids -> a tensor of one shape for every chunk (per-term sums, per-sequence sums).
+        It must depend on the logits only through those rows: backward calls it again on the same rows.
+    live: (B·T,) bool, the rows that count for anything; chunks without one are skipped.
+    observe(logits, rows): called once per chunk in forward, without gradient (training metrics).
+    """
+
+    fn: Callable[[torch.Tensor, slice], torch.Tensor]
+    live: torch.Tensor | None = None
+    observe: Callable[[torch.Tensor, slice], None] | None = None
+
+
+def next_token_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (B, T) -> (targets (B·T, 1) ids, counted (B·T,) bool) of the flattened positions: what
+    `nll_rows` takes for cross-entropy, on any slice of rows."""
+    targets = shifted_labels(labels).reshape(-1, 1)
+    counted = targets[:, 0] != IGNORE_INDEX
+    return targets.clamp(min=0), counted
+
+
+def ce_fn(labels: torch.Tensor) -> tuple[Callable[[torch.Tensor, slice], torch.Tensor], torch.Tensor]:
+    """(fn, counted rows) of the summed next-token cross-entropy against labels (B, T), for a HeadLoss."""
+    targets, counted = next_token_rows(labels)
+
+    def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
+        return nll_rows(z, targets[s], counted[s, None], rows=max(1, z.shape[0])).sum()
+
+    return fn, counted
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> Loss:
+    """Next-token cross-entropy (term "lm"): the teacher's loss and every stage's eval loss, from the last
+    hidden state chunk by chunk (the head cuts a padded vocabulary's rows: model/head.py)."""
+    fn, counted = ce_fn(batch["labels"])
+    total, _ = model(input_ids=batch["input_ids"], head_loss=HeadLoss(fn, counted))
+    return Loss({"lm": total})

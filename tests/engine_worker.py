@@ -25,6 +25,7 @@ from stablekd.launcher.config import TrainConfig
 from stablekd.launcher.rank import engine
 from stablekd.launcher.rank.worker import leave
 from stablekd.model.build import init_weights
+from stablekd.model.head import install_head
 from stablekd.model.presets import preset
 from stablekd.objectives.lm import IGNORE_INDEX, Loss, shifted_labels
 
@@ -42,7 +43,7 @@ def tiny_model() -> torch.nn.Module:
     )
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     init_weights(model, 7)
-    return model
+    return install_head(model, VOCAB)  # as model/build.py builds every model: lm_loss takes the head's path
 
 
 def masked_batch(rank: int, index: int) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,6 +31,7 @@ from tests.conftest import (
     run_stablekd,
     stablekd_cmd,
 )
+from tests.fixed_model import LogitsLM
 
 STUDENT = [
     "student.model=tiny-student",
@@ -201,15 +201,12 @@ def test_positives_only_verified_where_the_truth_is_known():
     assert counts(ContrastiveConfig(scorer="embedding"))(batch)["infonce"] == 3
 
 
-class _TokenLM(torch.nn.Module):
+def _TokenLM(vocab: int) -> torch.nn.Module:
     """logits[t] depend on input_ids[t] only: enough to tell which tokens a score reads."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.table = torch.nn.Embedding(vocab, vocab)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        return SimpleNamespace(logits=self.table(input_ids))
+    table = torch.nn.Embedding(vocab, vocab)
+    model = LogitsLM(lambda input_ids, **_: table(input_ids), vocab, rows=5)
+    model.table = table
+    return model
 
 
 def _groups(attributes: list[int], G: int = 2, C: int = 3, T: int = 6) -> dict:
@@ -259,11 +256,11 @@ def test_score_tokens_score_only_the_start_of_each_continuation():
     for n in (2, 0):
         for name, b in (("same", batch), ("changed", changed)):
             torch.manual_seed(1)  # the same negatives
-            out[n, name] = _likelihood_scores(model, b, ContrastiveConfig(negatives=2, score_tokens=n), 50)[0]
+            out[n, name] = _likelihood_scores(model, b, ContrastiveConfig(negatives=2, score_tokens=n))[0]
     torch.testing.assert_close(out[2, "same"], out[2, "changed"])
     assert not torch.allclose(out[0, "same"], out[0, "changed"])
     torch.manual_seed(1)  # more than the stored continuation tokens: all of them, like 0
-    wide = _likelihood_scores(model, batch, ContrastiveConfig(negatives=2, score_tokens=64), 50)[0]
+    wide = _likelihood_scores(model, batch, ContrastiveConfig(negatives=2, score_tokens=64))[0]
     torch.testing.assert_close(wide, out[0, "same"])
 
 

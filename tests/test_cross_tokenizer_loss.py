@@ -11,6 +11,7 @@ import torch
 from stablekd.objectives.cross_tokenizer import cross_kd_sum, teacher_probs
 from stablekd.objectives.kd import SampledLabels
 from stablekd.objectives.kd_losses import cross_counts, cross_tokenizer_loss
+from tests.fixed_model import fixed
 
 VT, VS, K = 11, 9, 4
 
@@ -134,10 +135,6 @@ def test_hybrid_gjsd_kind_and_all_unaligned_batch():
 def test_loop_loss_terms_counts_and_share():
     logits, (ids, lp), aligned = _case(2)
 
-    class Fixed(torch.nn.Module):
-        def forward(self, input_ids):
-            return type("Out", (), {"logits": logits.float()})()
-
     labels = torch.randint(0, VS, (2, 5))
     labels[0, :2] = -100
     batch = {
@@ -145,7 +142,7 @@ def test_loop_loss_terms_counts_and_share():
         "topk_ids": ids, "topk_logprobs": lp.float(), "teacher_positions": torch.tensor([4, 4]),
         "same_next": aligned,
     }  # fmt: skip
-    out = cross_tokenizer_loss("hybrid", alpha=0.5, vmap=VMAP)(Fixed(), batch)
+    out = cross_tokenizer_loss("hybrid", alpha=0.5, vmap=VMAP)(fixed(logits.float()), batch)
     assert set(out.sums) == {"kd", "ce"}
     assert out.metrics["aligned_share"] == (float(aligned.sum()), 8.0)
     assert cross_counts(batch) == {"kd": int(aligned.sum()), "ce": 7}  # shifted: 8 − the one at [0, 1]

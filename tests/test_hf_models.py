@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,11 +20,13 @@ from stablekd.evaluation.bios_probe import HFGenerator
 from stablekd.launcher import models
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.driver import prepare
-from stablekd.model.build import build_model, count_params, flops_per_token, generation_config, padded_ids
+from stablekd.model.build import build_model, count_params, flops_per_token, generation_config
+from stablekd.model.head import install_head
 from stablekd.objectives.kd import SampledLabels, kd_sum
 from stablekd.objectives.kd_losses import soft_label_loss
 from stablekd.objectives.lm import nll_sum
 from tests.conftest import QUICKSTART
+from tests.fixed_model import fixed
 from tests.hf_models import PROSE, byte_level_tokenizer, model_dir
 
 ARCHS = ("llama", "qwen2", "gpt2", "mistral", "phi")
@@ -45,7 +46,7 @@ def test_any_architecture_trains_on_soft_labels_with_its_padded_rows_cut(arch, t
     rows = TOKENS + 64 + 8 * ARCHS.index(arch)  # each its own padded size
     src = model_dir(tmp_path / arch, arch, tok, rows)
     model = build_model(str(src), tok, 64, seed=0)
-    assert model.config.vocab_size == rows and padded_ids(model, tok) == list(range(TOKENS, rows))
+    assert model.config.vocab_size == rows and model.get_output_embeddings().vocab == TOKENS
 
     # FLOPs from the model's own matrices: 6 × (all 2-D weights but embedding tables, + a tied head) + attention.
     c = model.config
@@ -63,7 +64,7 @@ def test_any_architecture_trains_on_soft_labels_with_its_padded_rows_cut(arch, t
         "sample_ids": torch.randint(0, TOKENS, (2, 48, 4), generator=gen),
         "sample_weights": torch.full((2, 48, 4), 0.25),
     }
-    loss = soft_label_loss(alpha=0.5, vocab=TOKENS)(model, batch)
+    loss = soft_label_loss(alpha=0.5)(model, batch)
     total = loss.sums["kd"] + loss.sums["ce"]
     total.backward()
     head = model.get_output_embeddings().weight.grad
@@ -76,16 +77,20 @@ def test_any_architecture_trains_on_soft_labels_with_its_padded_rows_cut(arch, t
     model.eval()
     lift = torch.zeros(rows)
     lift[TOKENS:] = 1e3
-    hook = model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out + lift)
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _i, out: out + lift[: out.shape[-1]]
+    )
     prompt = ids[0, :8].tolist()
-    # Control: without the suppression the padded rows win, greedy and sampled, at every step.
+    # Control: a head over every row (no cut) lets the padded rows win, greedy and sampled, at every step.
+    install_head(model, rows)
     for greedy in (True, False):
         settings = dict(do_sample=not greedy, num_return_sequences=1, max_new_tokens=6, min_new_tokens=6)
-        free = generation_config(model, tok, **settings)
-        free.suppress_tokens = None
         with torch.no_grad():
-            new = model.generate(input_ids=torch.tensor([prompt]), generation_config=free)[0, 8:]
-        assert len(new) == 6 and all(t >= TOKENS for t in new.tolist()), new
+            new = model.generate(
+                input_ids=torch.tensor([prompt]), generation_config=generation_config(tok, **settings)
+            )
+        assert len(new[0, 8:]) == 6 and all(t >= TOKENS for t in new[0, 8:].tolist()), new
+    install_head(model, TOKENS)
     for greedy, n in ((True, 1), (False, 4)):
         out = HFGenerator(model, tok, temperature=1.0, top_p=1.0).generate_ids([prompt], n, greedy, 6, 6)
         assert all(len(sample) == 6 and all(0 <= t < TOKENS for t in sample) for sample in out[0]), out
@@ -97,18 +102,17 @@ def test_padded_kd_equals_unpadded_on_the_same_logits():
     logits = torch.randn(2, 7, 20, generator=gen, dtype=torch.float64)
     padded = torch.cat([logits, 5 + torch.randn(2, 7, 12, generator=gen, dtype=torch.float64)], -1)
     ids = torch.randint(0, 20, (2, 7))
-    model = lambda x: lambda input_ids: SimpleNamespace(logits=x)  # noqa: E731  (a fixed-logits "model")
     topk = torch.randint(0, 20, (2, 7, 3), generator=gen)
     lp = torch.log_softmax(torch.randn(2, 7, 20, generator=gen), -1).gather(-1, topk)
     for labels in ({"topk_ids": topk, "topk_logprobs": lp}, {"sample_ids": topk, "sample_weights": lp.exp()}):
         batch = {"input_ids": ids, **labels}
         for kind in ("fkl", "rkl", "gjsd") if "topk_ids" in labels else ("fkl",):
-            loss = soft_label_loss(kind, 2.0, alpha=0.3, vocab=20)
-            cut, full = loss(model(padded), batch).sums, loss(model(logits), batch).sums
+            loss = soft_label_loss(kind, 2.0, alpha=0.3)
+            cut, full = loss(fixed(padded, vocab=20, rows=3), batch).sums, loss(fixed(logits), batch).sums
             for term in ("kd", "ce"):
                 assert torch.allclose(cut[term], full[term], rtol=1e-12), (kind, term)
             # Without the cut the padded rows take mass: the check can fail.
-            assert not torch.allclose(soft_label_loss(kind, 2.0)(model(padded), batch).sums["kd"], full["kd"])
+            assert not torch.allclose(soft_label_loss(kind, 2.0)(fixed(padded), batch).sums["kd"], full["kd"])
 
 
 def test_chunked_cross_entropy_and_sampled_kd_match_the_unchunked_ones():

@@ -154,16 +154,14 @@ def test_calibration_error_by_hand_and_from_a_model():
     # A "model" whose logits are fixed: every position is 80 % sure of token 0, and the next token is
     # token 0 in 4 of 5 positions -> perfectly calibrated (ECE 0); always right -> ECE 0.2.
     from stablekd.evaluation import report
+    from tests.fixed_model import LogitsLM
 
-    class Fixed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
+    def trunk(input_ids, **_):
+        logits = torch.full((*input_ids.shape, 5), math.log(0.05))
+        logits[..., 0] = math.log(0.8)
+        return logits
 
-        def forward(self, input_ids):
-            logits = torch.full((*input_ids.shape, 5), math.log(0.05))
-            logits[..., 0] = math.log(0.8)
-            return type("Out", (), {"logits": logits})()
+    Fixed = lambda: LogitsLM(trunk, 5, rows=2)  # noqa: E731  (chunks of 2 rows: the bins add up across chunks)
 
     ids = torch.tensor([[1, 0, 0, 0, 0, 2]])  # targets of positions 0..4: 0, 0, 0, 0, 2
     _, n, ece, bpb = report.held_out_scores(Fixed(), [{"input_ids": ids, "labels": ids}])

@@ -144,7 +144,7 @@ def test_loss_is_kd_sum_on_the_generated_tokens_and_offline_batches_pass_through
     tok, student, teacher, batches, make = parts
     on = next(b for i, b in zip(range(2), make(), strict=False) if i == 1)
     offline = soft_label_loss()
-    loss = with_on_policy(offline, "gjsd", 2.0, beta=0.3, vocab=len(tok))
+    loss = with_on_policy(offline, "gjsd", 2.0, beta=0.3)
     out = loss(student, on)
     ref, n = kd_sum(
         student(input_ids=on["input_ids"]).logits, on["teacher_logits"], on["labels"], "gjsd", 2.0, 0.3

@@ -4,7 +4,6 @@ teacher) and the stage for the shared loop."""
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -74,7 +73,7 @@ def sampler(student: torch.nn.Module, tokenizer: Any, cfg: ExperimentConfig, syn
     eval mode (no dropout); `synced` (a ZeRO-3 student on several ranks): every rank forwards until all
     have finished."""
     d = cfg.distill
-    config = generation_config(student, tokenizer, max_new_tokens=d.on_policy_new_tokens, do_sample=False)
+    config = generation_config(tokenizer, max_new_tokens=d.on_policy_new_tokens, do_sample=False)
 
     def sample(prompts: torch.Tensor, seed: int) -> torch.Tensor:
         from transformers import LogitsProcessorList
@@ -137,22 +136,20 @@ def build_stage(
     """The distill stage for the shared loop: `student` learning from `batches` with alpha · KD + (1 − alpha)
     · CE over its tokenizer's ids (across tokenizers when `aligner` realigned them), plus the on-policy
     term (weight 1) on its own samples with distill.on_policy; eval loss on `evals`."""
-    d, vocab = cfg.distill, len(tokenizer)
+    d = cfg.distill
     if aligner is None:
-        loss = soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab)
+        loss = soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha)
         count = soft_label_counts
     else:
         vmap = torch.from_numpy(aligner.vocab_map) if d.cross_tokenizer == "hybrid" else None
-        loss = cross_tokenizer_loss(
-            d.cross_tokenizer, d.kind, d.temperature, d.beta, d.skew, d.alpha, vocab, vmap
-        )
+        loss = cross_tokenizer_loss(d.cross_tokenizer, d.kind, d.temperature, d.beta, d.skew, d.alpha, vmap)
         count = cross_counts
     weights = soft_label_weights(d.alpha)
     if d.on_policy:
-        loss = with_on_policy(loss, d.on_policy_kind or d.kind, d.temperature, d.beta, d.skew, vocab)
+        loss = with_on_policy(loss, d.on_policy_kind or d.kind, d.temperature, d.beta, d.skew)
         count = on_policy_counts(count)
         weights[ON_POLICY] = 1.0
     return engine.Stage(
         "distill", student, batches, loss, evals, flops_per_token(student, cfg.data.seq_len),
-        weights=weights, count=count, eval_loss=functools.partial(lm_loss, vocab=vocab),
+        weights=weights, count=count, eval_loss=lm_loss,
     )  # fmt: skip

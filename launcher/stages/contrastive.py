@@ -37,7 +37,6 @@ train/lm, train/pos_sim, train/neg_sim, train/acc1 (a positive scores highest), 
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -67,15 +66,21 @@ from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.objectives.contrastive import (
     ProjectionHead,
-    continuation_logprob,
+    continuation_rows,
     embedding_scores,
     gather_no_grad,
     pool_continuation,
     simctg_sum,
     supcon_sum,
 )
-from stablekd.objectives.kd import kd_sum, soft_label_targets, soft_label_teacher
-from stablekd.objectives.lm import IGNORE_INDEX, Loss, lm_loss, nll_sum, shifted_labels
+from stablekd.objectives.kd import (
+    kd_rows,
+    slice_teacher,
+    soft_label_targets,
+    soft_label_teacher,
+    teacher_rows,
+)
+from stablekd.objectives.lm import IGNORE_INDEX, HeadLoss, Loss, ce_fn, lm_loss, shifted_labels
 
 
 class LMWithHead(torch.nn.Module):
@@ -225,7 +230,7 @@ def pick_negatives(
 
 
 def _likelihood_scores(
-    model, batch: dict, c: ContrastiveConfig, vocab: int
+    model, batch: dict, c: ContrastiveConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """scores [B, G + K] = mean log p(y | x_b) over the first `c.score_tokens` tokens of context b's own G
     continuations, then of K = `c.negatives` continuations of other contexts drawn from the global batch
@@ -255,10 +260,12 @@ def _likelihood_scores(
     }
     laid = candidate_batch(rows)  # [B, G + K, W] each
     flat = {k: laid[k].flatten(0, 1) for k in ("input_ids", "attention_mask", "position_ids", "cont_mask")}
-    logits = model(
-        input_ids=flat["input_ids"], attention_mask=flat["attention_mask"], position_ids=flat["position_ids"]
-    ).logits[..., :vocab]  # [B·(G + K), W, V]: the tokenizer's ids, padded rows cut (a view)
-    scores = continuation_logprob(logits, flat["input_ids"], flat["cont_mask"]).view(B, G + K)
+    fn, scored, n = continuation_rows(flat["input_ids"], flat["cont_mask"])
+    logprob, _ = model(
+        input_ids=flat["input_ids"], attention_mask=flat["attention_mask"], position_ids=flat["position_ids"],
+        head_loss=HeadLoss(fn, scored),
+    )  # fmt: skip  # the head's chunks of [B·(G + K)·W, V] logits, never all of them
+    scores = (logprob / n).view(B, G + K)
     positive = torch.cat([_positive(batch), torch.zeros(B, K, dtype=torch.bool, device=cand.device)], 1)
     # Another context's continuation stating this context's true answer is not a negative.
     false_neg = (pool_key[neg] == batch["truth_key"][:, None]) & (batch["truth_key"][:, None] >= 0)
@@ -284,31 +291,30 @@ def _embedding_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, t
     return embedding_scores(features, groups, batch["answer_key"].flatten())
 
 
-def make_loss(cfg: ExperimentConfig, vocab: int):
-    """InfoNCE (the configured scorer) + lam · (KD or CE) on the model's logits over the tokenizer's
-    `vocab` ids (padded embedding rows cut off: objectives/kd.py)."""
+def make_loss(cfg: ExperimentConfig):
+    """InfoNCE (the configured scorer) + lam · (KD or CE), from the last hidden state chunk by chunk (the
+    head cuts padded embedding rows: model/head.py)."""
     c, d = cfg.contrastive, cfg.distill
 
     def loss(model, batch: dict) -> Loss:
         if c.scorer == "likelihood":
-            scores, positive, valid = _likelihood_scores(model, batch, c, vocab)
+            scores, positive, valid = _likelihood_scores(model, batch, c)
         else:
             scores, positive, valid = _embedding_scores(model, batch)
         nce, _, stats = supcon_sum(scores, positive, valid, c.tau)
         lm_batch = _lm_batch(batch)
         ids, labels = lm_batch["input_ids"].long(), _lm_labels(lm_batch)  # [B, L] each
-        out = model(input_ids=ids, output_hidden_states=c.margin > 0)
-        logits = out.logits[..., :vocab]  # [B, L, V]
+        fn, live = ce_fn(labels)
         if c.lm == "kd":
-            teacher = soft_label_teacher(lm_batch)
-            lm, _ = kd_sum(logits, teacher, labels, d.kind, d.temperature, d.beta, d.skew)
-        else:
-            lm, _ = nll_sum(logits, labels)
+            teacher = teacher_rows(soft_label_teacher(lm_batch))
+
+            def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
+                return kd_rows(z, slice_teacher(teacher, s), live[s], d.kind, d.temperature, d.beta, d.skew)
+
+        lm, hidden = model(input_ids=ids, head_loss=HeadLoss(fn, live))
         sums = {"infonce": nce, "lm": lm}
         if c.margin > 0:
-            sums["simctg"] = simctg_sum(
-                out.hidden_states[-1], torch.ones_like(ids, dtype=torch.bool), c.margin
-            )[0]
+            sums["simctg"] = simctg_sum(hidden, torch.ones_like(ids, dtype=torch.bool), c.margin)[0]
         anchors = float(stats["anchors"])
         metrics = {
             "pos_sim": (float(stats["pos_sim"]), anchors),
@@ -359,9 +365,9 @@ def run(cfg: ExperimentConfig) -> None:
     evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, c.eval_batches, rank, world)
     weights = {"infonce": 1.0, "lm": c.lam, **({"simctg": 1.0} if c.margin > 0 else {})}
     stage = engine.Stage(
-        "contrastive", model, batches, make_loss(cfg, len(tokenizer)), evals, flops_per_token(lm, seq_len),
+        "contrastive", model, batches, make_loss(cfg), evals, flops_per_token(lm, seq_len),
         weights=weights, count=counts(c), tokens=lambda b: b["lm_input_ids"].numel() + b["cand_ids"].numel(),
-        eval_loss=functools.partial(lm_loss, vocab=len(tokenizer)),
+        eval_loss=lm_loss,
     )  # fmt: skip
     result = engine.train(stage, c, ds, run_dir, done.stage_hash(cfg, "contrastive"), cfg.run.trace_samples)
 

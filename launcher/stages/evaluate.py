@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModel,
-    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -47,7 +46,7 @@ from stablekd.launcher import done, models, placement, rundir
 from stablekd.launcher.config import ConfigError, ExperimentConfig, to_dict
 from stablekd.launcher.rank import artifacts
 from stablekd.launcher.stages import model_stage
-from stablekd.model.build import count_params
+from stablekd.model.build import count_params, load_model
 
 
 def _sharded(path: Path) -> bool:
@@ -76,9 +75,9 @@ def _device_dtype() -> tuple[torch.device, torch.dtype]:
 def _load(
     path: Path, fallback_tok: Path, device: torch.device, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     tok_dir = path if _has_tokenizer(path) else fallback_tok
-    return model, load_tokenizer(tok_dir), tok_dir
+    tokenizer = load_tokenizer(tok_dir)
+    return load_model(path, tokenizer, dtype).to(device).eval(), tokenizer, tok_dir
 
 
 def _perplexity(
@@ -95,7 +94,7 @@ def _perplexity(
     )
     if not batches:
         return None
-    return report.held_out_scores(model, batches, len(tok), TokenBytes.from_tokenizer(tok).lengths)
+    return report.held_out_scores(model, batches, TokenBytes.from_tokenizer(tok).lengths)
 
 
 def _trained_task_records(cfg: ExperimentConfig) -> int:

@@ -11,7 +11,6 @@ teacher/hf (Hugging Face format, unless teacher.export_hf=false) and teacher/DON
 
 from __future__ import annotations
 
-import functools
 import json
 
 from transformers.integrations import HfDeepSpeedConfig
@@ -46,9 +45,8 @@ def run(cfg: ExperimentConfig) -> None:
     evals = eval_batches(
         rundir.eval_files(cfg), tok_dir, seq_len, micro, cfg.teacher.eval_batches, rank, world
     )
-    lm = functools.partial(lm_loss, vocab=len(tokenizer))  # padded embedding rows never count
     stage = engine.Stage(
-        "teacher", model, StreamLoader(stream), lm, evals, flops_per_token(model, seq_len),
+        "teacher", model, StreamLoader(stream), lm_loss, evals, flops_per_token(model, seq_len),
         init_checkpoint=models.teacher_init_checkpoint(cfg),
     )  # fmt: skip
     result = engine.train(
