@@ -10,9 +10,11 @@ error: a probe that asked nothing is a bug, not a score.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,3 +160,62 @@ def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
     if n_bytes <= 0:
         raise ValueError(f"bits per byte needs n_bytes > 0, got {n_bytes}")
     return nll_sum / math.log(2) / n_bytes
+
+
+# --- the report's rows: every metric's key, label and where it is computed ------------------------
+
+ECE_BINS = 15  # equal-width confidence bins of the calibration error
+
+# Every report key -> (label, how to read it), in report.md's row order. The keys are what eval/report.json,
+# TensorBoard (`stability/<key>`) and the benchmarks' results JSONs carry: keep a key's meaning.
+METRICS: dict[str, tuple[str, str]] = {
+    "ppl": ("perplexity, held-out text", "lower is better; only between models of one tokenizer"),
+    "bpb": ("bits per byte, held-out text", "lower is better; compares across tokenizers"),
+    "ece": ("calibration error (ECE)", f"next-token top-1, {ECE_BINS} bins; lower is better"),
+    "bios_ppl": ("perplexity, held-out biographies", "lower is better"),
+    "bios_accuracy": ("bios accuracy (greedy)", "trained people"),
+    "bios_answered": ("bios answered (greedy parses)", "trained people"),
+    "bios_self_consistency": ("bios self-consistency", "share of 1+K answers = modal answer"),
+    "bios_cross_contradiction": ("bios cross-sample contradiction", "share of questions with >=2 values"),
+    "bios_intext_contradiction": ("bios in-text contradiction", "share of free bios"),
+    "bios_unseen_accuracy": ("unseen: accuracy (chance level)", "people never trained on"),
+    "bios_unseen_answered": ("unseen: answered", "people never trained on"),
+    "bios_unseen_self_consistency": ("unseen: self-consistency", "consistent invention"),
+    "bios_unseen_cross_contradiction": ("unseen: cross-sample contradiction", "people never trained on"),
+    "bios_unseen_intext_contradiction": ("unseen: in-text contradiction", "people never trained on"),
+    "task_exact_match": ("task: exact match", "greedy answer vs the reference response (normalised)"),
+    "task_agreement": ("task: agreement", "share of 1 + K answers equal to the modal one"),
+    "task_contradiction": ("task: contradiction", "prompts whose answers take >= 2 values"),
+    "task_paraphrase_contradiction": (
+        "task: paraphrase contradiction",
+        "greedy answers differ across templates",
+    ),
+    "task_paraphrase_exact_match": (
+        "task: exact match, templates",
+        "greedy, mean over evaluate.task_templates",
+    ),
+    "task_rep_2": ("task: rep-2 (%)", "within sampled answers; lower is better"),
+    "task_rep_3": ("task: rep-3 (%)", "within sampled answers; lower is better"),
+    "rep_2": ("rep-2 (%)", "greedy continuations; lower is better"),
+    "rep_3": ("rep-3 (%)", "greedy continuations; lower is better"),
+    "rep_4": ("rep-4 (%)", "greedy continuations; lower is better"),
+    "diversity": ("diversity", "prod (1 - rep-n/100); higher is better"),
+    "distinct_2": ("distinct-2 within K samples", "higher = samples differ more"),
+    "coherence": ("coherence (cosine)", "prefix vs greedy continuation"),
+    "params": ("parameters", ""),
+    "gen_tokens_per_s": ("generation tokens/s", "one fixed batch"),
+    "peak_mem_mib": ("peak memory (MiB)", "load + evaluate"),
+}
+
+# The metrics of generated continuations, computed for every model by evaluation/report.py `degeneration`:
+# key -> (what it reads, function). "greedy": one greedy continuation per held-out prefix (list[str]);
+# "samples": each prefix's K sampled continuations (list[list[str]]). A new metric of generated text is a
+# function above, its row in METRICS and its entry here: this file only (the report, its sample sizes, the
+# "missing" rule, TensorBoard and report.md follow).
+CONTINUATION_METRICS: dict[str, tuple[str, Callable[[Any], float]]] = {
+    "rep_2": ("greedy", functools.partial(rep_n, n=2)),
+    "rep_3": ("greedy", functools.partial(rep_n, n=3)),
+    "rep_4": ("greedy", functools.partial(rep_n, n=4)),
+    "diversity": ("greedy", diversity),
+    "distinct_2": ("samples", lambda groups: sum(distinct_n(g, 2) for g in groups) / len(groups)),
+}

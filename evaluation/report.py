@@ -3,7 +3,8 @@ report of all of them.
 
 The pieces take a model (or a `TextGenerator`) and return numbers; each metric itself is defined once, in
 evaluation/metrics.py (pure functions on counts, texts, answers and embeddings), under the name its report
-key has (`ppl` = `metrics.perplexity`, `coherence` = `metrics.coherence`). `launcher/stages/evaluate.py`
+key has (`ppl` = `metrics.perplexity`, `coherence` = `metrics.coherence`), with its row of the report
+(`metrics.METRICS`); the metrics of continuations are computed from `metrics.CONTINUATION_METRICS`. `launcher/stages/evaluate.py`
 wires the pieces for every model of a run and calls `write_report`.
 
 - Perplexity: exp(mean next-token NLL) over the first `ppl_batches` packed held-out batches of
@@ -51,47 +52,6 @@ from stablekd.objectives.lm import HeadLoss, ce_fn, next_token_rows
 PPL_MICRO_BATCH = 8  # sequences per perplexity forward: 8 × seq_len tokens
 SPEED_BATCH = 8  # prompts in the fixed tokens/s batch
 
-ECE_BINS = 15  # equal-width confidence bins of the calibration error
-
-# Report rows: key -> (label, how to read it). Order = row order of report.md.
-METRICS: dict[str, tuple[str, str]] = {
-    "ppl": ("perplexity, held-out text", "lower is better; only between models of one tokenizer"),
-    "bpb": ("bits per byte, held-out text", "lower is better; compares across tokenizers"),
-    "ece": ("calibration error (ECE)", f"next-token top-1, {ECE_BINS} bins; lower is better"),
-    "bios_ppl": ("perplexity, held-out biographies", "lower is better"),
-    "bios_accuracy": ("bios accuracy (greedy)", "trained people"),
-    "bios_answered": ("bios answered (greedy parses)", "trained people"),
-    "bios_self_consistency": ("bios self-consistency", "share of 1+K answers = modal answer"),
-    "bios_cross_contradiction": ("bios cross-sample contradiction", "share of questions with >=2 values"),
-    "bios_intext_contradiction": ("bios in-text contradiction", "share of free bios"),
-    "bios_unseen_accuracy": ("unseen: accuracy (chance level)", "people never trained on"),
-    "bios_unseen_answered": ("unseen: answered", "people never trained on"),
-    "bios_unseen_self_consistency": ("unseen: self-consistency", "consistent invention"),
-    "bios_unseen_cross_contradiction": ("unseen: cross-sample contradiction", "people never trained on"),
-    "bios_unseen_intext_contradiction": ("unseen: in-text contradiction", "people never trained on"),
-    "task_exact_match": ("task: exact match", "greedy answer vs the reference response (normalised)"),
-    "task_agreement": ("task: agreement", "share of 1 + K answers equal to the modal one"),
-    "task_contradiction": ("task: contradiction", "prompts whose answers take >= 2 values"),
-    "task_paraphrase_contradiction": (
-        "task: paraphrase contradiction",
-        "greedy answers differ across templates",
-    ),
-    "task_paraphrase_exact_match": (
-        "task: exact match, templates",
-        "greedy, mean over evaluate.task_templates",
-    ),
-    "task_rep_2": ("task: rep-2 (%)", "within sampled answers; lower is better"),
-    "task_rep_3": ("task: rep-3 (%)", "within sampled answers; lower is better"),
-    "rep_2": ("rep-2 (%)", "greedy continuations; lower is better"),
-    "rep_3": ("rep-3 (%)", "greedy continuations; lower is better"),
-    "rep_4": ("rep-4 (%)", "greedy continuations; lower is better"),
-    "diversity": ("diversity", "prod (1 - rep-n/100); higher is better"),
-    "distinct_2": ("distinct-2 within K samples", "higher = samples differ more"),
-    "coherence": ("coherence (cosine)", "prefix vs greedy continuation"),
-    "params": ("parameters", ""),
-    "gen_tokens_per_s": ("generation tokens/s", "one fixed batch"),
-    "peak_mem_mib": ("peak memory (MiB)", "load + evaluate"),
-}
 EFFICIENCY_KEYS = ("params", "gen_tokens_per_s", "peak_mem_mib")
 # Student/teacher ratios in the report (issue: "ratios of parameters, accuracy, contradiction, perplexity
 # and generation speed"): what the smaller model costs and what it keeps.
@@ -118,12 +78,12 @@ def held_out_scores(
     input_ids and labels, (B, T)), from the last hidden state one chunk of logits at a time (model/head.py:
     over the tokenizer's ids, a padded vocabulary's rows cut as in training). The calibration error is that
     of the next-token top-1 prediction: confidence = its probability, correct = it is the next token,
-    ECE_BINS equal-width bins (`metrics.calibration_error`). Bits per byte divide the same NLL (in bits) by
+    metrics.ECE_BINS equal-width bins (`metrics.calibration_error`). Bits per byte divide the same NLL (in bits) by
     the UTF-8 bytes of the counted tokens (`byte_lengths` per id: data_pipeline/align.py TokenBytes; a
     special token has none), so models with different tokenizers compare on it where perplexity cannot."""
     device = next(model.parameters()).device
     total, count, size = 0.0, 0, 0
-    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # counts, confidence sums, correct sums
+    bins = torch.zeros(3, metrics.ECE_BINS, dtype=torch.float64)  # counts, confidence sums, correct sums
     for batch in batches:
         labels = batch["labels"].to(device)
         nll, counted = ce_fn(labels)
@@ -150,7 +110,7 @@ def _calibration(bins: torch.Tensor, counted: torch.Tensor, targets: torch.Tenso
         z = z.float()
         top, pred = z.max(-1)
         conf = (top - z.logsumexp(-1)).exp()[keep]
-        b = (conf * ECE_BINS).long().clamp(max=ECE_BINS - 1).cpu()
+        b = (conf * metrics.ECE_BINS).long().clamp(max=metrics.ECE_BINS - 1).cpu()
         correct = (pred[keep] == targets[s][keep]).float()
         for row, values in enumerate((torch.ones_like(conf), conf, correct)):
             bins[row].index_add_(0, b, values.double().cpu())
@@ -210,27 +170,29 @@ def continuation_sizes(n_prefixes: int, cfg: ProbeSettings) -> tuple[dict[str, s
     held-out prefixes continued to evaluate.max_new_tokens tokens."""
     tokens = n_prefixes * cfg.max_new_tokens
     greedy = f"{n_prefixes} held-out prefixes × {cfg.max_new_tokens} tokens"
-    sizes = {k: greedy for k in ("rep_2", "rep_3", "rep_4", "diversity", "coherence")}
-    sizes["distinct_2"] = f"{n_prefixes} prefixes × {cfg.samples} samples × {cfg.max_new_tokens} tokens"
+    size = {
+        "greedy": greedy,
+        "samples": f"{n_prefixes} prefixes × {cfg.samples} samples × {cfg.max_new_tokens} tokens",
+    }
+    sizes = {k: size[reads] for k, (reads, _) in metrics.CONTINUATION_METRICS.items()}
+    sizes["coherence"] = greedy
     missing = {}
     if tokens < MIN_CONTINUATION_TOKENS:
         why = (
             f"{tokens} generated tokens < {MIN_CONTINUATION_TOKENS} (raise evaluate.prefixes or "
             "evaluate.max_new_tokens, or give more held-out text)"
         )
-        missing = {k: why for k in ("rep_2", "rep_3", "rep_4", "diversity", "distinct_2")}
+        missing = dict.fromkeys(metrics.CONTINUATION_METRICS, why)
     if n_prefixes < MIN_PREFIXES:
         missing["coherence"] = f"{n_prefixes} held-out prefixes < {MIN_PREFIXES}"
     return sizes, missing
 
 
 def degeneration(cont: Continuations) -> dict[str, float]:
-    """rep-2/3/4 and diversity of the greedy continuations; distinct-2 within each prefix's samples."""
-    out = {f"rep_{n}": metrics.rep_n(cont.greedy, n) for n in (2, 3, 4)}
-    out["diversity"] = metrics.diversity(cont.greedy)
-    if cont.samples:
-        out["distinct_2"] = sum(metrics.distinct_n(s, 2) for s in cont.samples) / len(cont.samples)
-    return out
+    """Every `metrics.CONTINUATION_METRICS` (rep-2/3/4 and diversity of the greedy continuations, distinct-2
+    within each prefix's samples, ...) of one model's continuations; those on samples only when K > 0."""
+    texts = {"greedy": cont.greedy, "samples": cont.samples}
+    return {k: fn(texts[reads]) for k, (reads, fn) in metrics.CONTINUATION_METRICS.items() if texts[reads]}
 
 
 # --- embeddings, for coherence -------------------------------------------------------------------
@@ -395,7 +357,7 @@ def markdown(report: dict, samples: dict[str, dict], picture: str | None = None)
     names = list(report["models"])
     sizes, missing = report.get("sizes", {}), report.get("missing", {})
     shown = {k for n in names for k in report["models"][n]} | set(missing)
-    keys = [k for k in METRICS if k in shown]
+    keys = [k for k in metrics.METRICS if k in shown]
     keys += sorted(shown - set(keys))
     out = ["# Stability report", ""] + ([f"![the key metrics per model]({picture})", ""] if picture else [])
     out += [
@@ -403,7 +365,7 @@ def markdown(report: dict, samples: dict[str, dict], picture: str | None = None)
         "| --- | " + " | ".join("---:" for _ in names) + " | --- | --- |",
     ]
     for k in keys:
-        label, note = METRICS.get(k, (k, ""))
+        label, note = metrics.METRICS.get(k, (k, ""))
         if k in missing:
             note = f"missing: {missing[k]}"
         cells = [_fmt(k, report["models"][n].get(k)) for n in names]
@@ -427,7 +389,7 @@ def write_report(report: dict, samples: dict[str, dict], eval_dir: Path, tb_dir:
     charted metric), and the same report in TensorBoard under `tb_dir` (`write_tensorboard`)."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": eval_dir / "report.json", "md": eval_dir / "report.md", "png": eval_dir / "report.png"}
-    picture = chart.draw(report["models"], {k: label for k, (label, _) in METRICS.items()})
+    picture = chart.draw(report["models"], {k: label for k, (label, _) in metrics.METRICS.items()})
     if picture is None:
         paths.pop("png").unlink(missing_ok=True)  # a stale picture would contradict the new table
     else:

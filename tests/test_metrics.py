@@ -2,6 +2,7 @@
 
 import math
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -176,3 +177,36 @@ def test_calibration_error_by_hand_and_from_a_model():
     assert report.held_out_scores(Fixed(), [{"input_ids": right, "labels": right}])[2] == pytest.approx(
         0.2, abs=1e-6
     )
+
+
+def test_a_new_metric_of_generated_text_is_one_entry_in_metrics(monkeypatch):
+    """CONTRIBUTING, Adding a metric: a function, its METRICS row and its CONTINUATION_METRICS entry, all in
+    evaluation/metrics.py; the report computes it, sizes it, shows it missing when too little was generated
+    and labels it in report.md without a change to evaluation/report.py."""
+    from stablekd.evaluation import report
+
+    assert set(m.CONTINUATION_METRICS) <= set(m.METRICS)  # every computed key has its row
+    monkeypatch.setitem(m.METRICS, "mean_words", ("mean words per continuation", "greedy"))
+    monkeypatch.setitem(
+        m.CONTINUATION_METRICS,
+        "mean_words",
+        ("greedy", lambda texts: sum(len(t.split()) for t in texts) / len(texts)),
+    )
+    cont = report.Continuations(greedy=["a b c", "a b c d e"], samples=[["x y", "x y"], ["z", "z w"]])
+    values = report.degeneration(cont)
+    assert values["mean_words"] == 4.0 and values["rep_2"] == pytest.approx(
+        100 / 3
+    )  # "a b", "b c" twice of 6
+    assert values["distinct_2"] == pytest.approx((1 / 2 + 1) / 2)
+    cfg = SimpleNamespace(max_new_tokens=4, samples=2)  # the ProbeSettings fields it reads
+    sizes, missing = report.continuation_sizes(2, cfg)
+    assert sizes["mean_words"] == "2 held-out prefixes × 4 tokens" and "mean_words" in missing
+    text = report.markdown({"models": {"teacher": values}}, {})
+    assert "| mean words per continuation (`mean_words`) | 4.000 |" in text
+    assert report.degeneration(report.Continuations(["a b"], [])).keys() == {
+        "rep_2",
+        "rep_3",
+        "rep_4",
+        "diversity",
+        "mean_words",
+    }

@@ -227,7 +227,7 @@ def _evaluate(cfg: ExperimentConfig, rank: int) -> None:
         if ppl is not None:
             m["ppl"], m["ece"], m["bpb"] = ppl.ppl, ppl.ece, ppl.bits_per_byte
             sizes["ppl"] = sizes["bpb"] = f"{ppl.tokens} held-out tokens"
-            sizes["ece"] = f"{ppl.tokens} held-out tokens, {report.ECE_BINS} bins"
+            sizes["ece"] = f"{ppl.tokens} held-out tokens, {metrics.ECE_BINS} bins"
             if ppl.tokens < report.MIN_PPL_TOKENS:
                 why = f"{ppl.tokens} held-out tokens < {report.MIN_PPL_TOKENS}"
                 missing["ppl"] = missing["ece"] = missing["bpb"] = why
