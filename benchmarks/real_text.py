@@ -43,7 +43,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from types import SimpleNamespace
 import arms as bench  # benchmarks/arms.py: this script's folder is on sys.path
 import compressors
 import kjv_corpus
+import provenance
 import single_rank
 import torch
 from transformers.utils import logging as hf_logging
@@ -90,26 +90,6 @@ def stablekd(args: list[str]) -> None:
     print("$ stablekd " + " ".join(args), flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         raise SystemExit(f"stablekd {args[0]} failed: see its lines above")
-
-
-def cpu_kind() -> dict:
-    """The CPU's model name and whether it has AMX / AVX512-BF16 (bf16 fast): figures compare within a kind."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    return {
-        "model": name or platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "amx_bf16": "amx_bf16" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-    }
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + ("+changes" if dirty else "")
 
 
 def as_given(path: Path) -> str:
@@ -272,8 +252,8 @@ def main() -> None:
     }  # fmt: skip
     manifest = json.loads((corpus / "manifest.json").read_text())
     result = {
-        "commit": commit(),
-        "cpu": cpu_kind(),
+        "commit": provenance.commit(),
+        "cpu": provenance.cpu_kind(),
         "command": "python benchmarks/real_text.py " + " ".join(sys.argv[1:]),
         "compressors": comp,
         "models": models,

@@ -1,0 +1,128 @@
+"""The quickstart, measured: `stablekd quickstart` on the built-in bios corpus, its report as the README's table.
+
+    python benchmarks/quickstart.py [--out runs/qs]      # resumable: finished stages are not redone
+
+Runs the shipped pipeline (configs/quickstart.yaml, every stage, 2 ranks) into OUT, then writes
+benchmarks/results/quickstart.json: commit, cpu, command, the seconds of each stage (from the stages'
+DONE.json finish times: the first from this script's start, so a resumed run's first figure is only what
+this invocation spent) and eval/report.json's models, ratios and sample sizes. Prints the README's table
+(`table`; tests/test_docs.py holds the README to the committed JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import provenance
+
+from stablekd.launcher import rundir
+from stablekd.launcher.config import load_config
+from stablekd.launcher.driver.cli import QUICKSTART
+from stablekd.launcher.stages import NAMES
+
+REPO = provenance.REPO
+MODEL_NAMES = {"teacher": "teacher", "student": "distilled student", "contrastive": "contrastive student"}
+# README rows: (label, report keys shown " / "-joined, format, report key whose sample size ends the label)
+ROWS: list[tuple[str, tuple[str, ...], str, str | None]] = [
+    ("parameters", ("params",), "params", None),
+    ("bios accuracy (greedy)", ("bios_accuracy",), ".3f", "bios_accuracy"),
+    ("answered (greedy parses)", ("bios_answered",), ".3f", None),
+    ("self-consistency (1 + K answers)", ("bios_self_consistency",), ".3f", None),
+    ("cross-sample contradiction, trained people", ("bios_cross_contradiction",), ".3f", None),
+    ("cross-sample contradiction, unseen people", ("bios_unseen_cross_contradiction",), ".3f", None),
+    ("in-text contradiction", ("bios_intext_contradiction",), ".3f", "bios_intext_contradiction"),
+    ("rep-2 / rep-3 / rep-4 (%)", ("rep_2", "rep_3", "rep_4"), ".1f", "rep_2"),
+    ("diversity", ("diversity",), ".3f", None),
+    ("coherence (cosine, teacher's embeddings)", ("coherence",), ".3f", None),
+    ("held-out perplexity", ("ppl",), ".3f", "ppl"),
+    ("calibration error (ECE)", ("ece",), ".3f", "ece"),
+    ("generation tokens/s (one fixed batch)", ("gen_tokens_per_s",), "ratio", None),
+]
+
+
+def _cell(values: dict, ratios: dict | None, keys: tuple[str, ...], fmt: str) -> str:
+    """`values`' keys formatted; params and speed with the ratio to the teacher's (`ratios`: None for the teacher)."""
+    if any(values.get(k) is None for k in keys):
+        return "–"
+    if fmt == "params":
+        text = f"{values['params'] / 1e6:.2f}M"
+    elif fmt == "ratio":
+        text = f"{values[keys[0]]:.0f}"
+    else:
+        return " / ".join(format(values[k], fmt) for k in keys)
+    ratio = (ratios or {}).get(keys[0])
+    return text if ratio is None else f"{text} ({ratio:.2g}×)"
+
+
+def table(result: dict) -> str:
+    """The README's table: one column per model, the report's sample sizes in the labels."""
+    models, sizes = result["models"], result["sizes"]
+    names = [n for n in MODEL_NAMES if n in models]
+    ratios = {n: result["ratios"].get(f"{n}/teacher") for n in names}
+    lines = [
+        "| metric | " + " | ".join(MODEL_NAMES[n] for n in names) + " |",
+        "| --- |" + " ---: |" * len(names),
+    ]
+    for label, keys, fmt, size_key in ROWS:
+        if all(models[n].get(keys[0]) is None for n in names):
+            continue
+        if size_key and sizes.get(size_key):
+            label = f"{label}, {sizes[size_key]}"
+        cells = [_cell(models[n], ratios[n], keys, fmt) for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_seconds(cfg, started: float) -> dict[str, float]:
+    """Each finished stage's seconds: its DONE.json finish time minus the previous one's (the first: minus
+    `started`), in pipeline order."""
+    out, last = {}, started
+    for name in NAMES:
+        path = rundir.done_path(cfg, name)
+        if path.is_file():
+            end = dt.datetime.fromisoformat(json.loads(path.read_text())["finished"]).timestamp()
+            out[name] = round(max(0.0, end - last))
+            last = end
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/qs", help="run directory (run.out_dir; resumable)")
+    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "quickstart.json")
+    args = ap.parse_args()
+    os.chdir(REPO)  # run.out_dir is relative to the working directory
+    overrides = [f"run.out_dir={args.out}"]
+    started = time.time()
+    cmd = [sys.executable, "-m", "stablekd.launcher.driver.cli", "quickstart", *overrides]
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise SystemExit("stablekd quickstart failed: see its lines above")
+    wall = time.time() - started
+    cfg = load_config(QUICKSTART, overrides)
+    report = json.loads((cfg.run_dir / "eval" / "report.json").read_text())
+    result = {
+        "commit": provenance.commit(),
+        "cpu": provenance.cpu_kind(),
+        "command": "stablekd quickstart " + " ".join(overrides),
+        "wall_s": round(wall),
+        "stage_s": stage_seconds(cfg, started),
+        "models": report["models"],
+        "ratios": report["ratios"],
+        "sizes": report["sizes"],
+        "missing": report["missing"],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"-> {args.json}")
+
+
+if __name__ == "__main__":
+    main()
