@@ -192,9 +192,11 @@ def chunked_loss(head: torch.nn.Linear, hidden: torch.Tensor, loss: HeadLoss) ->
     w = head.weight[:V] if cut else head.weight
     b = head.bias[:V] if cut and head.bias is not None else head.bias
     rows = head.rows or chunk_rows(V)
-    # With no live row, one chunk anyway: fn's zeros, of its shape and in the graph (an all-masked
-    # micro-batch still backwards through every parameter, as ZeRO's hooks expect).
-    slices = _chunks(h.shape[0], rows, loss.live) or [slice(0, rows)]
+    slices = loss.slices  # the caller's own chunks (the teacher side's encoders)
+    if slices is None:
+        # With no live row, one chunk anyway: fn's zeros, of its shape and in the graph (an all-masked
+        # micro-batch still backwards through every parameter, as ZeRO's hooks expect).
+        slices = _chunks(h.shape[0], rows, loss.live) or [slice(0, rows)]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b)):
         return _ChunkedHead.apply(h, w, b, head.transform, loss, slices)
     return _forward_chunks(h, w, b, head.transform, loss, slices)
