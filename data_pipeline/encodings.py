@@ -16,6 +16,10 @@ padded with its own first id at log-prob −inf, which the losses treat as absen
 by every `distill.kind`; or samples, `sample_ids` [B, L, N] (padding: the first id, weight 0) and
 `sample_weights` [B, L, N] float32, for kind fkl only.
 
+The teacher side (the soft-label stage's writer, the online source) encodes without the whole [B, L, V]
+logits: `encode_head` runs the teacher's head with a HeadLoss whose function encodes one chunk of rows at a
+time, in the chunks `Encoding.encoder` names, which give `encode`'s bytes (docs/architecture.md, Soft labels).
+
 The launching process reads the registry to check a config, without importing torch (~1.5 s): torch and
 the modules that need it are imported inside the methods that compute.
 """

@@ -199,8 +199,8 @@ class SoftLabelWriter(ShardWriter):
     ) -> None:
         """What `add_logits` buffers for the teacher's logits of input_ids [B, L], without them: the teacher's
         head (`teacher.head(input_ids, head_loss)`, data_pipeline/online.py's Teacher) makes them one chunk
-        of rows at a time and each chunk is encoded and dropped (encodings.encode_head); the same bytes.
-        `observe(logits, rows)` sees each chunk too."""
+        of rows at a time and each chunk is encoded and dropped (encodings.encode_head): the bytes add_logits
+        stores from logits of the values the head made. `observe(logits, rows)` sees each chunk too."""
         seed = self.seed_of(self.records_added)
         with torch.no_grad():
             arrays = encodings.encode_head(

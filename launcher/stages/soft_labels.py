@@ -164,9 +164,8 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
         picked = None
         if budget > 0:
             take = min(budget, math.ceil(ids.numel() / FIDELITY_RATE))
-            picked = PickedRows(
-                torch.randperm(ids.numel(), generator=gen)[:take]
-            )  # flat positions in [b * L]
+            pos = torch.randperm(ids.numel(), generator=gen)[:take]  # flat positions in [b * L]
+            picked = PickedRows(pos)
         # The teacher's head makes the logits one chunk of rows at a time; each is encoded (and its
         # fidelity rows copied to the host) and dropped: no [b, L, V] tensor.
         writer.add_teacher(teacher, ids, labels != IGNORE_INDEX, None if picked is None else picked.observe)
