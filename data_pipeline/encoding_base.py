@@ -95,6 +95,14 @@ class Encoding(ABC):
         """Teacher logits [B, L, V] -> `arrays()` for B records, as numpy in their storage dtypes.
         Record b draws, if at all, with a generator seeded `seed + b` (`per_record`)."""
 
+    def encoder(self, B: int, L: int, V: int, seed: int) -> ChunkEncoder:
+        """What `encode` gives for B records of L positions over V ids, from their logits taken one chunk of
+        rows at a time (the teacher side, `encodings.encode_head`). By default whole records: as many as
+        fit chunk_rows(V) rows, at least one, each group through `encode` with the seed of its first record
+        (the same arrays by the contract above); an encoding that goes through `per_record` returns
+        `PositionChunks`, whose chunks are per_record's own."""
+        return RecordChunks(self, B, L, V, seed)
+
     @abstractmethod
     def decode(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Stored arrays of a batch (as a ShardLoader gives them: ids and codes widened to int32) -> one of
@@ -134,7 +142,8 @@ class Encoding(ABC):
         [n, V] float32 log-probs are the only full-vocabulary temporaries at any vocabulary and length:
         `rows(log_softmax(x / T), x, generator)` per chunk x [n, V] (float32), the chunks' results
         concatenated, `finish` applied to the record's; stacked over records, on the host. Record b's
-        generator is seeded `seed + b`, so what it draws depends neither on batching nor on resumes."""
+        generator is seeded `seed + b`, so what it draws depends neither on batching nor on resumes.
+        `PositionChunks` does the same from logits fed one of these chunks at a time."""
         import torch
 
         from stablekd.objectives.lm import chunk_rows
@@ -148,3 +157,110 @@ class Encoding(ABC):
                 parts.append(rows((x / T).log_softmax(-1), x, gen))
             recs.append(finish({key: torch.cat([part[key] for part in parts]) for key in parts[0]}))
         return {key: torch.stack([r[key] for r in recs]).cpu() for key in recs[0]}
+
+
+# ------------------------------------------------------------------- encoding logits fed chunk by chunk
+
+
+class ChunkEncoder:
+    """An encoding of B records of L positions computed from their logits one chunk at a time: `slices`
+    are the chunks, rows of the flattened [B·L, V] logits, that `add` must be given in that order (as the
+    model's head hands them to a HeadLoss, model/head.py); `result()` is then what `encode` gives on the
+    whole [B, L, V] logits, byte for byte, without them ever existing."""
+
+    slices: list[slice]
+
+    def add(self, x: torch.Tensor, rows: slice) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class RecordChunks(ChunkEncoder):
+    """Groups of whole records through `encode`, each with the seed of its first record: the fallback for
+    an encoding that only has `encode` (largest chunk: one record's [L, V] when that is over the budget)."""
+
+    def __init__(self, enc: Encoding, B: int, L: int, V: int, seed: int) -> None:
+        from stablekd.objectives.lm import chunk_rows
+
+        g = max(1, chunk_rows(V) // max(1, L))  # records per chunk
+        self.enc, self.L, self.V, self.seed, self.parts = enc, L, V, seed, []
+        self.slices = [slice(b * L, min(b + g, B) * L) for b in range(0, B, g)]
+
+    def add(self, x: torch.Tensor, rows: slice) -> None:
+        x = x.reshape(-1, self.L, self.V)
+        self.parts.append(self.enc.encode(x, self.seed + rows.start // self.L))
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {key: np.concatenate([p[key] for p in self.parts]) for key in self.parts[0]}
+
+
+class RowChunks(ChunkEncoder):
+    """An encoding whose every position is encoded on its own, without drawing (topk): flat chunks of
+    chunk_rows(V) rows across records, `rows(x [n, V]) -> {name: [n, ...]}` each, concatenated and shaped
+    [B, L, ...] on the logits' device, then `store` (the encoding's casts to the storage dtypes)."""
+
+    def __init__(self, B: int, L: int, V: int, rows: Callable, store: Callable) -> None:
+        from stablekd.objectives.lm import chunk_rows
+
+        n = chunk_rows(V)
+        self.B, self.L, self.rows, self.store, self.parts = B, L, rows, store, []
+        self.slices = [slice(s, min(s + n, B * L)) for s in range(0, B * L, n)]
+
+    def add(self, x: torch.Tensor, rows: slice) -> None:
+        self.parts.append(self.rows(x))
+
+    def result(self) -> dict[str, np.ndarray]:
+        import torch
+
+        out = {}
+        for key in self.parts[0]:
+            a = torch.cat([p[key] for p in self.parts])
+            out[key] = a.reshape(self.B, self.L, *a.shape[1:])
+        return self.store(out)
+
+
+class PositionChunks(ChunkEncoder):
+    """`Encoding.per_record` fed chunk by chunk: a record's positions in runs of chunk_rows(V) from its
+    first, record after record, so each call of `rows` sees the rows it sees in per_record and record b's
+    generator (seeded `seed + b`) is drawn from in the same order; `store` applied to the stacked result."""
+
+    def __init__(
+        self,
+        enc: Encoding,
+        B: int,
+        L: int,
+        V: int,
+        seed: int,
+        rows: Callable,
+        finish: Callable,
+        store: Callable,
+    ) -> None:
+        from stablekd.objectives.lm import chunk_rows
+
+        n = chunk_rows(V)
+        self.enc, self.L, self.seed, self.rows, self.finish, self.store = enc, L, seed, rows, finish, store
+        self.slices = [slice(b * L + s, b * L + min(s + n, L)) for b in range(B) for s in range(0, L, n)]
+        self.recs: list[dict] = []
+        self.parts: list[dict] = []
+        self.gen = None
+
+    def add(self, x: torch.Tensor, rows: slice) -> None:
+        import torch
+
+        b, start = divmod(rows.start, self.L)
+        if start == 0:
+            self.gen = torch.Generator(device=x.device).manual_seed(self.seed + b)
+            self.parts = []
+        x = x.detach().float()  # [n, V]
+        self.parts.append(self.rows((x / self.enc.meta["temperature"]).log_softmax(-1), x, self.gen))
+        if rows.stop == (b + 1) * self.L:
+            self.recs.append(
+                self.finish({key: torch.cat([p[key] for p in self.parts]) for key in self.parts[0]})
+            )
+
+    def result(self) -> dict[str, np.ndarray]:
+        import torch
+
+        return self.store({key: torch.stack([r[key] for r in self.recs]).cpu() for key in self.recs[0]})

@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stablekd.data_pipeline.encoding_base import Arrays, Encoding, Param
+from stablekd.data_pipeline.encoding_base import (
+    Arrays,
+    ChunkEncoder,
+    Encoding,
+    Param,
+    PositionChunks,
+    RowChunks,
+)
 from stablekd.data_pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -99,10 +106,19 @@ class TopK(Encoding):
         return {"topk_ids": (self.ids, shape), "topk_logprobs": (self.logprobs, shape)}
 
     def encode(self, logits: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
+        return self._store(self._rows(logits))
+
+    def encoder(self, B: int, L: int, V: int, seed: int) -> ChunkEncoder:
+        return RowChunks(B, L, V, self._rows, self._store)
+
+    def _rows(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         from stablekd.data_pipeline.logprobs import compress
 
-        ids, lp = compress(logits, self.meta["k"], self.meta["temperature"])
-        return {"topk_ids": self.store_ids(ids), "topk_logprobs": self.store_logprobs(lp)}
+        ids, lp = compress(logits, self.meta["k"], self.meta["temperature"])  # in chunks of chunk_rows(V)
+        return {"ids": ids, "lp": lp}
+
+    def _store(self, out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {"topk_ids": self.store_ids(out["ids"]), "topk_logprobs": self.store_logprobs(out["lp"])}
 
     def decode(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         lp = batch["topk_logprobs"]  # float16 stays (the loss widens it and reads its floor as −inf)
@@ -136,11 +152,19 @@ class TopP(Encoding):
         }
 
     def encode(self, logits: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
-        k, mass, cap = self.meta["k"], self.meta["mass"], logits.shape[1] * self.meta["mean_entries"]
-        out = self.per_record(
-            logits, seed, lambda lp, x, gen: dict(zip(("lp", "ids"), lp.topk(k, dim=-1), strict=True)),
-            lambda rec: _topp(rec["lp"], rec["ids"], mass, cap),
-        )  # fmt: skip
+        return self._store(self.per_record(logits, seed, self._rows, self._finish))
+
+    def encoder(self, B: int, L: int, V: int, seed: int) -> ChunkEncoder:
+        return PositionChunks(self, B, L, V, seed, self._rows, self._finish, self._store)
+
+    def _rows(self, lp: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return dict(zip(("lp", "ids"), lp.topk(self.meta["k"], dim=-1), strict=True))
+
+    def _finish(self, rec: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cap = rec["lp"].shape[0] * self.meta["mean_entries"]  # the record's L positions
+        return _topp(rec["lp"], rec["ids"], self.meta["mass"], cap)
+
+    def _store(self, out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         return {
             "entry_counts": out["entry_counts"].numpy(),
             "entry_ids": self.store_ids(out["entry_ids"]),
@@ -209,9 +233,14 @@ class Sampled(Encoding):
         return out
 
     def encode(self, logits: torch.Tensor, seed: int) -> dict[str, np.ndarray]:
+        return self._store(self.per_record(logits, seed, self._rows))
+
+    def encoder(self, B: int, L: int, V: int, seed: int) -> ChunkEncoder:
+        return PositionChunks(self, B, L, V, seed, self._rows, lambda rec: rec, self._store)
+
+    def _store(self, out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         from stablekd.data_pipeline.logprobs import half
 
-        out = self.per_record(logits, seed, self._rows)
         stored = {
             "sample_ids": self.store_ids(out["sample_ids"]),
             "sample_counts": out["sample_counts"].numpy(),

@@ -16,6 +16,10 @@ padded with its own first id at log-prob −inf, which the losses treat as absen
 by every `distill.kind`; or samples, `sample_ids` [B, L, N] (padding: the first id, weight 0) and
 `sample_weights` [B, L, N] float32, for kind fkl only.
 
+The teacher side (the soft-label stage's writer, the online source) encodes without the whole [B, L, V]
+logits: `encode_head` runs the teacher's head with a HeadLoss whose function encodes one chunk of rows at a
+time, in the chunks `Encoding.encoder` names, which give `encode`'s bytes (docs/architecture.md, Soft labels).
+
 The launching process reads the registry to check a config, without importing torch (~1.5 s): torch and
 the modules that need it are imported inside the methods that compute.
 """
@@ -23,7 +27,7 @@ the modules that need it are imported inside the methods that compute.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,6 +46,8 @@ from stablekd.data_pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+    from stablekd.objectives.lm import HeadLoss
 
 __all__ = [  # the framework and registry names, importable from here
     "DEFAULT", "K", "LEGACY", "LOGPROB_BITS", "REGISTRY", "SHARED", "Arrays", "Encoding", "Param", "TopK",
@@ -132,6 +138,35 @@ def encode(logits: torch.Tensor, meta: Mapping[str, Any], seed: int = 0) -> dict
     generator seeded `seed + b`: a writer passes its seed of the first record's index, so a record's draws
     do not depend on batching or resumes."""
     return of(meta).encode(logits, seed)
+
+
+def encode_head(
+    head: Callable[[HeadLoss], Any],
+    shape: tuple[int, int],
+    meta: Mapping[str, Any],
+    seed: int = 0,
+    observe: Callable[[torch.Tensor, slice], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """What `encode` gives on a teacher's logits [B, L, V] of `shape` (B, L), byte for byte, without those
+    logits: `head(head_loss)` runs the teacher with the HeadLoss given (``model(input_ids=...,
+    head_loss=...)``, model/head.py), whose head makes the logits from the last hidden state one chunk of
+    rows at a time, in the encoding's own chunks (`Encoding.encoder`: a record's positions in the runs
+    `per_record` takes, flat runs for topk), inside the head module's forward (under ZeRO-3 its weight is
+    gathered once, not per chunk); each chunk is encoded and dropped. The loss it sums is 0. `observe(logits,
+    rows)` sees every chunk too (the stage's fidelity rows)."""
+    from stablekd.objectives.lm import HeadLoss
+
+    V = int(meta["vocab_size"])
+    enc = of(meta).encoder(*shape, V, seed)
+
+    def fn(z: torch.Tensor, rows: slice) -> torch.Tensor:
+        if z.shape[-1] != V:
+            raise ValueError(f"the teacher's head makes {z.shape[-1]} logits per position, the meta says {V}")
+        enc.add(z, rows)
+        return z.new_zeros(())
+
+    head(HeadLoss(fn, observe=observe, slices=enc.slices))
+    return enc.result()
 
 
 def decode(batch: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -68,6 +68,22 @@ def _fidelity(rows: torch.Tensor, meta: dict) -> dict[str, float | None]:
     }
 
 
+class PickedRows:
+    """The rows `pos` (flat positions of a batch's [B·L, V] logits, in that order) of the chunks a model's
+    head hands over (`observe`, a HeadLoss's: model/head.py), copied to the host: `rows` is then
+    logits.reshape(-1, V)[pos].cpu() without the whole logits ever existing (the stage's fidelity sample)."""
+
+    def __init__(self, pos: torch.Tensor) -> None:
+        self.pos, self.rows = pos.cpu(), None
+
+    def observe(self, logits: torch.Tensor, rows: slice) -> None:
+        if self.rows is None:
+            self.rows = torch.empty(len(self.pos), logits.shape[-1], dtype=logits.dtype)
+        hit = ((self.pos >= rows.start) & (self.pos < rows.stop)).nonzero()[:, 0]
+        if len(hit):
+            self.rows[hit] = logits[(self.pos[hit] - rows.start).to(logits.device)].cpu()
+
+
 def merge_fidelity(parts: Iterable[dict[str, float | None]]) -> dict[str, float | None]:
     """Token-weighted combination of `fidelity` results (batches, ranks); kl stays None if any part has none."""
     parts = [p for p in parts if p and p.get("tokens", 0) > 0]

@@ -5,7 +5,9 @@ interface of `Decoded(ShardLoader(soft_label_reader(...)), meta)`: iterate it fo
 (encodings.decode: input_ids, loss_mask, and topk_ids / topk_logprobs or sample_ids / sample_weights)
 
 decoded from the very arrays the offline writer would have stored for the same sequences (the same
-`encodings.encode`, the same casts), and save/restore its position with `state_dict` / `load_state_dict`.
+`encodings.encode_head`, the same casts), and save/restore its position with `state_dict` / `load_state_dict`.
+The teacher never makes a batch's whole [B, L, V] logits: its head makes them from the last hidden state
+one chunk of rows at a time, each encoded and dropped (data_pipeline/encodings.py, `encode_head`).
 
 ZeRO-3 gathers each layer's parameters collectively, so every rank must run the same number of teacher
 forwards. `lockstep` keeps them together: once a rank's stream is exhausted it runs an idle forward for
@@ -16,6 +18,7 @@ the extra all-reduce per batch is all it costs there.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -23,17 +26,22 @@ import torch.distributed as dist
 
 from stablekd.data_pipeline import encodings
 from stablekd.data_pipeline.shards.reader import widen
-from stablekd.objectives.lm import IGNORE_INDEX
+from stablekd.objectives.lm import IGNORE_INDEX, HeadLoss
 
 T = TypeVar("T")
 
 
 class Teacher(Protocol):
-    """What the online source needs of a (possibly ZeRO-3 partitioned) teacher."""
+    """What the online source and the soft-label writer need of a (possibly ZeRO-3 partitioned) teacher
+    (model.sharded_teacher.ShardedTeacher)."""
 
     vocab_size: int
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [B, L] -> [B, L, V]
+    # [B, L] -> Σ of head_loss.fn over the chunks of logits the head makes from the last hidden state
+    # (``model(input_ids=..., head_loss=...)[0]``, model/head.py): what the soft labels are encoded from
+    def head(self, input_ids: torch.Tensor, head_loss: HeadLoss) -> torch.Tensor: ...
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [B, L] -> [B, L, V]: on-policy only
 
     def idle_forward(self) -> None: ...  # one forward whose output is discarded (keeps ZeRO-3 in step)
 
@@ -66,7 +74,7 @@ class OnlineSoftLabels:
     Args:
         batches: a resumable stream of {"input_ids": [B, L], "labels": [B, L]} batches (a StreamLoader
             over the training PackedStream, as the offline stage reads); its state is this source's state.
-        teacher: `logits(input_ids)` and `idle_forward()` (model.sharded_teacher.ShardedTeacher).
+        teacher: `head(input_ids, head_loss)` and `idle_forward()` (model.sharded_teacher.ShardedTeacher).
         meta: a soft-label meta (`soft_label_meta`: encoding, its parameters, T, vocabulary): each batch is
             encoded and decoded exactly as a shard would store and a reader would return it.
         in_step: run `lockstep` so every rank runs the same number of teacher forwards (ZeRO-3 needs it);
@@ -88,10 +96,9 @@ class OnlineSoftLabels:
                 self.teacher.idle_forward()
                 continue
             ids = batch["input_ids"]  # [B, L]
-            with torch.no_grad():
-                logits = self.teacher.logits(ids)  # [B, L, V]
             seed = int(torch.randint(0, 2**62, ()))
-            stored = encodings.encode(logits, self.meta, seed)
+            with torch.no_grad():  # the teacher's head encodes chunk by chunk: no [B, L, V] logits
+                stored = encodings.encode_head(partial(self.teacher.head, ids), ids.shape, self.meta, seed)
             stored = {k: torch.from_numpy(widen(v)) for k, v in stored.items()}
             stored["input_ids"] = ids.to(torch.int32)
             stored["loss_mask"] = (batch["labels"] != IGNORE_INDEX).to(torch.int32)

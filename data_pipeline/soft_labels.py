@@ -13,7 +13,7 @@ Stage code, per writer rank (the mechanics are in shards/):
     meta = soft_label_meta(ckpt_id, tok_hash, vocab_size, T, L, encoding, **its params)
     w = SoftLabelWriter(out_dir, rank, meta, records_per_shard=256, world_size=world, seed=seed)
     for input_ids, labels in sequences[w.records_written:]:     # resume: skip what is committed
-        w.add_logits(input_ids, teacher(input_ids).logits, labels != -100)
+        w.add_teacher(teacher, input_ids, labels != -100)    # the head encodes chunk by chunk
     w.close()
     barrier()
     if rank == 0: finalize_soft_labels(out_dir, world, fidelity_summary)
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +189,24 @@ class SoftLabelWriter(ShardWriter):
     ) -> None:
         """Encode teacher logits [B, L, V] as the meta says (encodings.encode) and buffer the B records."""
         self._add(input_ids, loss_mask, encodings.encode(logits, self.meta, self.seed_of(self.records_added)))
+
+    def add_teacher(
+        self,
+        teacher: Any,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor | np.ndarray | None = None,
+        observe: Callable[[torch.Tensor, slice], None] | None = None,
+    ) -> None:
+        """What `add_logits` buffers for the teacher's logits of input_ids [B, L], without them: the teacher's
+        head (`teacher.head(input_ids, head_loss)`, data_pipeline/online.py's Teacher) makes them one chunk
+        of rows at a time and each chunk is encoded and dropped (encodings.encode_head): the bytes add_logits
+        stores from logits of the values the head made. `observe(logits, rows)` sees each chunk too."""
+        seed = self.seed_of(self.records_added)
+        with torch.no_grad():
+            arrays = encodings.encode_head(
+                partial(teacher.head, input_ids), tuple(input_ids.shape), self.meta, seed, observe
+            )
+        self._add(input_ids, loss_mask, arrays)
 
 
 def finalize_soft_labels(out_dir: str | os.PathLike, world_size: int, fidelity: dict | None = None) -> dict:

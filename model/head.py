@@ -15,7 +15,9 @@ parameter, buffer or config (an export is byte for byte what it was) and gives t
   (~64 MiB of float32 per chunk at any V); autograd on the chunk alone differentiates `fn` on them, and two
   matmuls write the chunk's gradients w.r.t. the hidden rows and the head's weight and bias straight into
   their buffers: in forward for a one-value loss, in backward (the chunk made again) for several values. Peak memory is O(chunk × V + B·T × H + V × H) whatever the loss: CE, every KD kind and
-  encoding, cross-tokenizer, on-policy and the contrastive likelihood scorer all go through here.
+  encoding, cross-tokenizer, on-policy and the contrastive likelihood scorer all go through here. So does
+  the teacher side's soft-label encoding, without gradient: a HeadLoss whose fn encodes a chunk and returns
+  0, in the encoder's own chunks (`HeadLoss.slices`; data_pipeline/encodings.py, `encode_head`).
 
 ZeRO-3: the work is done inside the head module's own forward, so DeepSpeed's module hooks gather its
 partitioned weight once for the forward (and once for the backward, as for any layer), never per chunk, and
@@ -192,9 +194,11 @@ def chunked_loss(head: torch.nn.Linear, hidden: torch.Tensor, loss: HeadLoss) ->
     w = head.weight[:V] if cut else head.weight
     b = head.bias[:V] if cut and head.bias is not None else head.bias
     rows = head.rows or chunk_rows(V)
-    # With no live row, one chunk anyway: fn's zeros, of its shape and in the graph (an all-masked
-    # micro-batch still backwards through every parameter, as ZeRO's hooks expect).
-    slices = _chunks(h.shape[0], rows, loss.live) or [slice(0, rows)]
+    slices = loss.slices  # the caller's own chunks (the teacher side's encoders)
+    if slices is None:
+        # With no live row, one chunk anyway: fn's zeros, of its shape and in the graph (an all-masked
+        # micro-batch still backwards through every parameter, as ZeRO's hooks expect).
+        slices = _chunks(h.shape[0], rows, loss.live) or [slice(0, rows)]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b)):
         return _ChunkedHead.apply(h, w, b, head.transform, loss, slices)
     return _forward_chunks(h, w, b, head.transform, loss, slices)

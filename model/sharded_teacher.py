@@ -45,6 +45,7 @@ from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.model.build import build_model, generation_config
+from stablekd.objectives.lm import HeadLoss
 
 UNIVERSAL_SUFFIX = "_universal"
 
@@ -157,14 +158,27 @@ class ShardedTeacher:
         return self.engine.device
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, L, V] logits over the run's V = len(tokenizer) ids (the built model's head cuts padded
-        rows: model/head.py; the engine's dtype: bf16 when the teacher trained in bf16)."""
+        """[B, L] -> the whole [B, L, V] logits over the run's V = len(tokenizer) ids (the built model's head
+        cuts padded rows: model/head.py; the engine's dtype: bf16 when the teacher trained in bf16). Only
+        on-policy scoring (data_pipeline/on_policy.py) still asks for them; soft labels go through `head`."""
         with torch.no_grad():
             return self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits
 
+    def head(self, input_ids: torch.Tensor, head_loss: HeadLoss) -> torch.Tensor:
+        """[B, L] -> Σ over row chunks of head_loss.fn on the logits the head makes one chunk at a time from
+        the last hidden state (model/head.py), inside the head module's forward: under ZeRO-3 its weight is
+        gathered once per call, and no [B, L, V] tensor exists. The soft-label writer and the online
+        teacher encode chunk by chunk this way (data_pipeline/encodings.py, `encode_head`)."""
+        with torch.no_grad():
+            total, _ = self.engine(input_ids=input_ids.to(self.device), head_loss=head_loss)
+        return total
+
     def idle_forward(self) -> None:
-        """One forward of a single EOS token, output discarded: this rank's share of a round it has no data for."""
-        self.logits(torch.tensor([[self.tokenizer.eos_token_id]]))
+        """One forward of a single EOS token through the trunk and the head, output discarded: this rank's
+        share of a round it has no data for (the head path, as `head`: the same parameters gathered in the
+        same order as a `logits` forward)."""
+        eos = torch.tensor([[self.tokenizer.eos_token_id]])
+        self.head(eos, HeadLoss(lambda z, rows: z.new_zeros(())))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """`generate` under ZeRO-3: synced_gpus keeps each rank forwarding until every rank has finished

@@ -162,12 +162,18 @@ class HeadLoss:
         to the tokenizer's ids -> a tensor of one shape for every chunk (per-term sums, per-sequence sums).
         It must depend on the logits only through those rows: backward calls it again on the same rows.
     live: (B·T,) bool, the rows that count for anything; chunks without one are skipped.
-    observe(logits, rows): called once per chunk in forward, without gradient (training metrics).
+    observe(logits, rows): called once per chunk in forward, without gradient (training metrics, the
+        soft-label stage's fidelity rows).
+    slices: the row chunks themselves, in the order fn sees them (then `live` is not read), for a caller
+        whose results depend on where chunks start: the teacher side's encoders (data_pipeline/encodings.py,
+        `encode_head`) take a record's positions in the runs `Encoding.per_record` takes them in. None: the
+        head's own even chunks of chunk_rows(V) rows.
     """
 
     fn: Callable[[torch.Tensor, slice], torch.Tensor]
     live: torch.Tensor | None = None
     observe: Callable[[torch.Tensor, slice], None] | None = None
+    slices: list[slice] | None = None
 
 
 def next_token_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

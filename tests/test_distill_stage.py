@@ -283,8 +283,11 @@ class PlainTeacher:
         self.model = model
         self.vocab_size = model.config.vocab_size
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:  # on-policy scoring
         return self.model(input_ids=ids).logits
+
+    def head(self, ids: torch.Tensor, head_loss) -> torch.Tensor:  # online soft labels, chunk by chunk
+        return self.model(input_ids=ids, head_loss=head_loss)[0]
 
 
 def test_on_policy_with_the_sharded_teacher_matches_plain_pytorch_and_resumes_on_the_same_samples(

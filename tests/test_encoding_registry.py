@@ -98,6 +98,26 @@ def test_an_encoding_registered_in_one_place_round_trips_through_writer_and_read
         soft_label_reader(tmp_path, {**expect, "width": 3})
 
 
+def test_an_encoding_with_only_encode_is_fed_to_the_teacher_side_by_whole_records(toy, monkeypatch):
+    """The teacher side (encodings.encode_head) hands an encoding its logits one chunk at a time; one that
+    only implements `encode` gets whole records, as many as the chunk budget holds (at least one), each
+    group with the seed of its first record: the arrays `encode` makes of the whole batch."""
+    from stablekd.objectives import lm
+
+    meta = soft_label_meta("c", "h", V, T, L, "toy", width=4)
+    monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 2 * L * V)  # two records a chunk
+    logits = torch.randn(5, L, V, generator=torch.Generator().manual_seed(2))
+    enc = encodings.of(meta).encoder(5, L, V, 9)
+    assert [(s.start, s.stop) for s in enc.slices] == [(0, 2 * L), (2 * L, 4 * L), (4 * L, 5 * L)]
+    for s in enc.slices:
+        enc.add(logits.reshape(-1, V)[s], s)
+    got, want = enc.result(), encodings.encode(logits, meta, 9)
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes() for k in want)
+    monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 1)  # a record over the budget: one record a chunk
+    assert len(encodings.of(meta).encoder(5, L, V, 9).slices) == 5
+
+
 def test_the_config_keys_of_the_encodings_are_the_registry_with_the_hashed_defaults():
     """Stage hashes count only values that differ from the defaults (launcher/config: changed), so a default
     changed in the registry would change what a resumed run computes under the same hash: these stay, or

@@ -250,3 +250,78 @@ def test_a_reader_refuses_a_set_of_another_encoding(tmp_path):
     want = {**meta, "encoding": "sampled", "draws": 8}
     with pytest.raises(ShardError, match="encoding"):
         soft_label_reader(tmp_path, {k: want[k] for k in ("encoding", "draws")})
+
+
+# Every registered encoding's arms, the parameters each meaning draws or truncates differently.
+HEAD_ARMS = [
+    {"encoding": "topk", "k": 5, "logprob_bits": 16},
+    {"encoding": "topk", "k": 5, "logprob_bits": 8},
+    {"encoding": "topp", "k": 6, "mass": 0.8, "mean_entries": 2, "logprob_bits": 8},
+    {"encoding": "topp", "k": 6, "mass": 0.99, "mean_entries": 9, "logprob_bits": 16},
+    {"encoding": "sampled", "draws": 8, "proposal_temperature": 0.0},
+    {"encoding": "sampled", "draws": 12, "proposal_temperature": 1.5},
+]
+
+
+def test_the_head_arms_cover_every_registered_encoding():
+    from stablekd.data_pipeline.encodings import REGISTRY
+
+    assert {a["encoding"] for a in HEAD_ARMS} == set(REGISTRY)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_encoded_chunk_by_chunk_is_encoded_from_whole_logits_byte_for_byte(monkeypatch, arch):
+    """The teacher side's encoders (`Encoding.encoder`, fed one chunk of rows at a time as the head hands
+    them over) store exactly the bytes `encode` stores from the whole [B, L, V] logits, every encoding, a
+    chunk budget of 4 rows (records cut into several chunks, the last of 1 row), sampled draws included:
+    first fed the rows of a real model's whole logits, then end to end through the model's head
+    (`encode_head`) against `encode` on the logits the head made (the head's chunk matmuls may round
+    differently from one (B·L, H) × (H, V) matmul: BLAS results depend on the row count)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
+
+    from stablekd.data_pipeline import encodings
+    from stablekd.data_pipeline.fidelity import PickedRows
+    from stablekd.model.head import install_head
+    from stablekd.objectives import lm
+
+    Vt, rows, B, Lt = 90, 97, 3, 13  # tokenizer ids, embedding rows (padded), records, positions
+    small = dict(
+        vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    config = (
+        LlamaConfig(tie_word_embeddings=False, **small)
+        if arch == "llama"
+        else Gemma2Config(head_dim=16, num_key_value_heads=1, final_logit_softcapping=2.0, **small)
+    )
+    model = install_head(AutoModelForCausalLM.from_config(config).eval(), Vt)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.get_output_embeddings().weight, std=0.5)  # spread-out distributions
+    ids = torch.randint(0, Vt, (B, Lt))
+    monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 4 * Vt)  # 4 rows a chunk: 4 chunks a record, one of 1 row
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits  # [B, L, V]: the reference path
+    assert whole.shape == (B, Lt, Vt)
+
+    def same(got: dict, want: dict, arm: dict) -> None:
+        assert got.keys() == want.keys(), arm
+        for name in want:
+            assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, (arm, name)
+            assert got[name].tobytes() == want[name].tobytes(), (arm, name)
+
+    for arm in HEAD_ARMS:
+        meta = soft_label_meta("c", "h", Vt, 0.7, Lt, **arm)
+        enc = encodings.of(meta).encoder(B, Lt, Vt, 123)
+        assert len(enc.slices) >= 3 * B and max(s.stop - s.start for s in enc.slices) <= 4  # several a record
+        assert min(s.stop - s.start for s in enc.slices) == 1 or arm["encoding"] == "topk"
+        for s in enc.slices:
+            enc.add(whole.reshape(-1, Vt)[s], s)
+        same(enc.result(), encode(whole, meta, 123), arm)
+
+        made = PickedRows(torch.arange(B * Lt))  # every row the head makes, as it makes them
+        with torch.no_grad():
+            got = encodings.encode_head(
+                lambda hl: model(input_ids=ids, head_loss=hl), (B, Lt), meta, 123, made.observe
+            )
+        assert torch.allclose(made.rows, whole.reshape(-1, Vt), rtol=1e-5, atol=1e-6)
+        same(got, encode(made.rows.reshape(B, Lt, Vt), meta, 123), arm)

@@ -44,7 +44,7 @@ from stablekd.data_pipeline import bios, encodings
 from stablekd.data_pipeline.align import TokenBytes
 from stablekd.data_pipeline.candidates import CandidateWriter, candidate_meta, pack_groups, trim_generated
 from stablekd.data_pipeline.contexts import Context, bios_contexts, document_contexts, tokenize_contexts
-from stablekd.data_pipeline.fidelity import fidelity, merge_fidelity
+from stablekd.data_pipeline.fidelity import PickedRows, fidelity, merge_fidelity
 from stablekd.data_pipeline.files import atomic_write, read_marker
 from stablekd.data_pipeline.online import lockstep
 from stablekd.data_pipeline.shards.manifest import finalize
@@ -116,6 +116,10 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     Fidelity: kept mass and KL(teacher ‖ what the encoding stores + uniform tail),
     data_pipeline.fidelity, on up to soft_labels.fidelity_positions positions per rank, one in FIDELITY_RATE of each batch, drawn
     at random, until the budget is spent.
+
+    The teacher never makes a batch's whole [b, L, V] logits: its head makes them from the last hidden state
+    one chunk of rows at a time (~64 MiB of float32), each encoded and dropped (`SoftLabelWriter.add_teacher`);
+    the fidelity positions' rows ([take, V], at most one in FIDELITY_RATE of a batch) are copied to the host.
     """
     sl, rank, world = cfg.soft_labels, dist.get_rank(), dist.get_world_size()
     out, tok_dir, seq_len = (
@@ -157,14 +161,17 @@ def label_stream(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
             teacher.idle_forward()
             continue
         ids, labels = row
-        logits = teacher.logits(ids)  # [b, L, V]
+        picked = None
         if budget > 0:
             take = min(budget, math.ceil(ids.numel() / FIDELITY_RATE))
             pos = torch.randperm(ids.numel(), generator=gen)[:take]  # flat positions in [b * L]
-            flat = logits.reshape(-1, logits.shape[-1])  # [b, L, V] -> [b * L, V]
-            fid = merge_fidelity([fid, fidelity(flat[pos.to(flat.device)].cpu(), meta)])
+            picked = PickedRows(pos)
+        # The teacher's head makes the logits one chunk of rows at a time; each is encoded (and its
+        # fidelity rows copied to the host) and dropped: no [b, L, V] tensor.
+        writer.add_teacher(teacher, ids, labels != IGNORE_INDEX, None if picked is None else picked.observe)
+        if picked is not None:
+            fid = merge_fidelity([fid, fidelity(picked.rows, meta)])  # [take, V] on the host
             budget -= take
-        writer.add_logits(ids, logits, labels != IGNORE_INDEX)
         tokens += ids.numel()
         monitor.advance({"tokens": str(tokens)})  # records_written only moves when a shard is committed
         if rounds % 10 == 0:
