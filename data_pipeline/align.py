@@ -252,8 +252,10 @@ class Aligner:
         encoded = iter(self.tok(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
         return [self._record(row, m, p, encoded) for row, m, p in zip(ids, learned, pieces, strict=True)]
 
-    def _pieces(self, row: np.ndarray) -> list[tuple]:
-        """The record as ("special", axis start) and ("text", str, axis start of the str) pieces."""
+    def _pieces(self, row: np.ndarray, sampled: bool = False) -> list[tuple]:
+        """The record as ("special", axis start) and ("text", str, axis start of the str) pieces. Bytes that
+        are no UTF-8 inside the text are a DataError, or with `sampled` (the model's own samples: byte
+        pieces in any order) U+FFFD each, as a tokenizer's decode shows them."""
         special = self.teacher.special[row]
         units = np.where(special, 1, self.teacher.lengths[row])
         starts = np.concatenate([[0], np.cumsum(units)[:-1]])
@@ -271,7 +273,7 @@ class Aligner:
             if i > 0 and self.teacher.dummy_prefix and raw[:1] == b" ":
                 lead = 1  # a document's start (after a special): the teacher's dummy-prefix space is no text
             try:
-                text = raw[lead : len(raw) - trail].decode()
+                text = raw[lead : len(raw) - trail].decode(errors="replace" if sampled else "strict")
             except UnicodeDecodeError as e:
                 raise DataError(f"soft-label record: teacher tokens {i}..{j} are not UTF-8 text ({e})") from e
             if text:
@@ -282,11 +284,12 @@ class Aligner:
     def tokens(self, rows: list[np.ndarray]) -> list[list[int]]:
         """Teacher id sequences -> the student's ids of the same text, each special as the student's EOS
         (a record's text rules: partial UTF-8 characters at the edges and a SentencePiece teacher's
-        dummy-prefix space after a special are left out). A SentencePiece student's dummy-prefix space on a
+        dummy-prefix space after a special are left out; bytes that are no UTF-8 inside it, which a
+        model's samples may hold, are U+FFFD each). A SentencePiece student's dummy-prefix space on a
         text that does not start with one is dropped when it is a token of its own (`▁` before `.`); merged
         into a word (`▁Enos`) it stays, the one byte the student's ids add. Candidate groups are
         re-tokenised with it (data_pipeline/candidate_realign.py)."""
-        pieces = [self._pieces(np.asarray(row, np.int64)) for row in rows]
+        pieces = [self._pieces(np.asarray(row, np.int64), sampled=True) for row in rows]
         texts = [text for p in pieces for kind, text, *_ in p if kind == "text"]
         encoded = iter(self.tok(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
         out = []

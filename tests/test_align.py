@@ -300,3 +300,14 @@ def test_candidate_groups_are_the_same_text_in_the_students_ids(real_tokenizers,
     for i in range(3):
         assert context(cut, i) == context(out, i)[-3:]
         assert [row(cut, i, g) for g in range(3)] == [row(out, i, g)[:2] for g in range(3)]
+
+
+def test_sampled_bytes_that_are_no_utf8_become_replacement_characters():
+    """A tiny teacher samples byte pieces in any order: in a candidate row that is U+FFFD (what decode
+    shows and the labels read); in a soft-label record, text of the corpus, it stays an error."""
+    teacher = Pieces([b"a", b"\xcc", b"b"])
+    student = Pieces([b"a", b"b", "\ufffd".encode()])
+    aligner = Aligner(teacher.bytes(), student, 8, student.bytes())
+    assert aligner.tokens([np.asarray([0, 1, 2, 3]), np.asarray([1, 1])]) == [[0, 1, 3, 2], [1, 1]]
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        _align(teacher, student, [1, 2, 3])
