@@ -410,8 +410,12 @@ def run(cfg: ExperimentConfig) -> None:
     result = engine.train(stage, c, ds, run_dir, done.stage_hash(cfg, "contrastive"), cfg.run.trace_samples)
 
     module = result.engine.module
+    produced = {"scorer": c.scorer, "labels": labels}
+    if models.cross_tokenizer(cfg):
+        produced["cross_tokenizer"] = cfg.distill.cross_tokenizer
+    inputs = {"start": str(start), "tokenizer_hash": tokenizer_hash(run_tok)}
+    inputs["student_tokenizer_hash"] = tokenizer_hash(tok_dir)
     artifacts.finish_training(
         cfg, "contrastive", result, module.lm if isinstance(module, LMWithHead) else module, tokenizer, ds,
-        {"scorer": c.scorer, "labels": labels, **({"cross_tokenizer": cfg.distill.cross_tokenizer} if retokenize else {})},
-        {"start": str(start), "tokenizer_hash": tokenizer_hash(run_tok), "student_tokenizer_hash": tokenizer_hash(tok_dir)},
+        produced, inputs,
     )  # fmt: skip
