@@ -311,3 +311,12 @@ def test_sampled_bytes_that_are_no_utf8_become_replacement_characters():
     assert aligner.tokens([np.asarray([0, 1, 2, 3]), np.asarray([1, 1])]) == [[0, 1, 3, 2], [1, 1]]
     with pytest.raises(DataError, match="not UTF-8 text"):
         _align(teacher, student, [1, 2, 3])
+    # A row that is only the start of a character spells nothing: in a group it is the student's EOS (a
+    # continuation needs a token to have a mean log-likelihood).
+    from stablekd.data_pipeline.candidate_realign import realign_groups
+    from stablekd.data_pipeline.candidates import pack_groups
+
+    assert aligner.tokens([np.asarray([2])]) == [[]]
+    group = {k: torch.from_numpy(v) for k, v in pack_groups([[0, 1]], [[[2], [3, 0]]], 4, 4).items()}
+    out = realign_groups(group, aligner, 4, 4)
+    assert out["cand_ids"].tolist() == [[[0, 0], [2, 0]]] and out["cand_len"].tolist() == [[1, 2]]
