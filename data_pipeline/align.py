@@ -252,8 +252,10 @@ class Aligner:
         encoded = iter(self.tok(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
         return [self._record(row, m, p, encoded) for row, m, p in zip(ids, learned, pieces, strict=True)]
 
-    def _pieces(self, row: np.ndarray) -> list[tuple]:
-        """The record as ("special", axis start) and ("text", str, axis start of the str) pieces."""
+    def _pieces(self, row: np.ndarray, sampled: bool = False) -> list[tuple]:
+        """The record as ("special", axis start) and ("text", str, axis start of the str) pieces. Bytes that
+        are no UTF-8 inside the text are a DataError, or with `sampled` (the model's own samples: byte
+        pieces in any order) U+FFFD each, as a tokenizer's decode shows them."""
         special = self.teacher.special[row]
         units = np.where(special, 1, self.teacher.lengths[row])
         starts = np.concatenate([[0], np.cumsum(units)[:-1]])
@@ -271,13 +273,53 @@ class Aligner:
             if i > 0 and self.teacher.dummy_prefix and raw[:1] == b" ":
                 lead = 1  # a document's start (after a special): the teacher's dummy-prefix space is no text
             try:
-                text = raw[lead : len(raw) - trail].decode()
+                text = raw[lead : len(raw) - trail].decode(errors="replace" if sampled else "strict")
             except UnicodeDecodeError as e:
                 raise DataError(f"soft-label record: teacher tokens {i}..{j} are not UTF-8 text ({e})") from e
             if text:
                 out.append(("text", text, int(starts[i]) + lead))
             i = j
         return out
+
+    def tokens(self, rows: list[np.ndarray]) -> list[list[int]]:
+        """Teacher id sequences -> the student's ids of the same text, each special as the student's EOS
+        (a record's text rules: partial UTF-8 characters at the edges and a SentencePiece teacher's
+        dummy-prefix space after a special are left out; bytes that are no UTF-8 inside it, which a
+        model's samples may hold, are U+FFFD each). A SentencePiece student's dummy-prefix space on a
+        text that does not start with one is dropped when it is a token of its own (`▁` before `.`); merged
+        into a word (`▁Enos`) it stays, the one byte the student's ids add. Candidate groups are
+        re-tokenised with it (data_pipeline/candidate_realign.py)."""
+        pieces = [self._pieces(np.asarray(row, np.int64), sampled=True) for row in rows]
+        texts = [text for p in pieces for kind, text, *_ in p if kind == "text"]
+        encoded = iter(self.tok(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        out = []
+        for p in pieces:
+            ids: list[int] = []
+            for kind, text, _ in p:
+                if kind == "special":
+                    ids.append(self.eos)
+                else:
+                    spelled = next(encoded)
+                    ends = self._ends(spelled, text)  # byte for byte, or a DataError naming the tokenizer
+                    ids.extend(int(i) for i, e in zip(spelled, ends, strict=True) if e > 0)
+            out.append(ids)
+        return out
+
+    def _ends(self, ids: list[int], text: str) -> np.ndarray:
+        """The byte (within `text`) where each of the student's tokens of `text` ends; a DataError unless
+        they spell it byte for byte (a SentencePiece dummy-prefix space excepted)."""
+        ends = np.cumsum(self.student.lengths[ids])
+        size, total = len(text.encode()), int(ends[-1]) if len(ends) else 0
+        if total == size + 1 and self.student.piece(ids[0])[:1] == b" " and not text.startswith(" "):
+            return np.maximum(ends - 1, 0)  # the dummy-prefix space is not in the text
+        if total != size:
+            name = getattr(self.tok, "name_or_path", "") or type(self.tok).__name__
+            raise DataError(
+                f"the student's tokenizer {name} does not reproduce the text byte for byte ({total} bytes "
+                f"from {size}; a normalizer? cross-tokenizer reading needs one that keeps the text): "
+                f"{text[:60]!r}"
+            )
+        return ends
 
     def _record(
         self, row: np.ndarray, learned: np.ndarray, pieces: list[tuple], encoded: Iterator
@@ -294,17 +336,7 @@ class Aligner:
                 s_end.append(start + 1)
                 continue
             ids = next(encoded)
-            ends = np.cumsum(self.student.lengths[ids])
-            size, total = len(text.encode()), int(ends[-1]) if len(ends) else 0
-            if total == size + 1 and self.student.piece(ids[0])[:1] == b" " and not text.startswith(" "):
-                ends = np.maximum(ends - 1, 0)  # the dummy-prefix space is not in the text
-            elif total != size:
-                name = getattr(self.tok, "name_or_path", "") or type(self.tok).__name__
-                raise DataError(
-                    f"the student's tokenizer {name} does not reproduce the text byte for byte ({total} bytes "
-                    f"from {size}; a normalizer? cross-tokenizer reading needs one that keeps the text): "
-                    f"{text[:60]!r}"
-                )
+            ends = self._ends(ids, text)
             s_ids.extend(int(i) for i in ids)
             s_start.extend(int(start + e) for e in np.concatenate([[0], ends[:-1]]))
             s_end.extend(int(start + e) for e in ends)

@@ -188,21 +188,6 @@ def student_tokenizer_dir(cfg: ExperimentConfig) -> Path:
     return tokenizer_dir(cfg)
 
 
-def check_stages(cfg: ExperimentConfig, stages: list[str]) -> None:
-    """Before any work: a student with a tokenizer of its own (distill.cross_tokenizer) has no contrastive
-    stage yet (its candidate groups and KD stream are in the teacher's tokens)."""
-    own = own_tokenizer(cfg.student.model)
-    if "contrastive" not in stages or not cross_tokenizer(cfg) or own is None:
-        return
-    if tokenizer_hash(own) != tokenizer_hash(tokenizer_dir(cfg)):
-        raise ConfigError(
-            f"contrastive: student.model {cfg.student.model} has its own tokenizer "
-            f"(distill.cross_tokenizer={cfg.distill.cross_tokenizer}), and the contrastive stage reads candidate "
-            "groups in the teacher's tokens, not realigned for it (not built yet): run the other stages, "
-            "`stablekd run <config> --stages teacher,soft_labels,distill,evaluate`"
-        )
-
-
 def cross_tokenizer(cfg: ExperimentConfig) -> bool:
     """Whether the student reads the soft labels through the cross-tokenizer path."""
     return cfg.distill.cross_tokenizer != "off"

@@ -147,6 +147,17 @@ def _gather_padded(x: torch.Tensor, differentiable: bool) -> tuple[torch.Tensor,
     return gathered, sum(sizes[:rank])
 
 
+def global_width(x: torch.Tensor) -> torch.Tensor:
+    """x [..., W] right-padded with zeros to the widest W of any rank (equal shapes for a gather); x itself
+    on one process or when every rank's W is the same."""
+    if _world()[1] == 1:
+        return x
+    width = torch.tensor([x.shape[-1]], dtype=torch.long, device=x.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    pad = int(width) - x.shape[-1]
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Concatenate x (n_r, ...) of every rank along dim 0, autograd-aware.
 

@@ -76,25 +76,42 @@ def cross_tokenizer_loss(
         raise ValueError("mode 'hybrid' needs vmap (teacher id -> student id)")
 
     def loss(model: torch.nn.Module, batch: dict) -> Loss:
-        ids, p = (t.reshape(-1, t.shape[-1]) for t in teacher_probs(soft_label_teacher(batch)))
-        aligned, exact = batch["aligned"].reshape(-1).bool(), batch["same_next"].reshape(-1)
-        ce, counted = ce_fn(batch["labels"])
-
-        def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
-            r = aligned[s].nonzero().squeeze(1)  # the chunk's aligned rows
-            unmapped = unmapped_ids(vmap, z.shape[-1], z.device)  # (V,): cheap beside the chunk's (n, V)
-            kd = cross_rows(
-                z[r], ids[s][r], p[s][r], mode, vmap, unmapped, kind, temperature, beta, skew, exact[s][r]
-            )
-            return torch.stack([kd, ce(z, s)]) if alpha < 1.0 else kd[None]
-
-        terms = _terms(model, batch, HeadLoss(fn, aligned | counted))
+        head = cross_head_loss(batch, mode, kind, temperature, beta, skew, vmap, alpha)
+        terms = _terms(model, batch, head)
         return Loss(
             dict(zip(("kd", "ce"), terms, strict=False)),
-            {"aligned_share": (float(aligned.sum()), float(batch["teacher_positions"].sum()))},
+            {"aligned_share": (float(batch["aligned"].sum()), float(batch["teacher_positions"].sum()))},
         )
 
     return loss
+
+
+def cross_head_loss(
+    batch: dict,
+    mode: str,
+    kind: str,
+    temperature: float,
+    beta: float,
+    skew: float,
+    vmap: torch.Tensor | None,
+    alpha: float = 1.0,
+) -> HeadLoss:
+    """The head's loss on a realigned batch: per chunk the sum of ``cross_rows`` over its aligned rows
+    and, when alpha < 1, CE on the student's learned tokens (`cross_tokenizer_loss`'s terms; the
+    contrastive stage's KD anchor across tokenizers is the first alone)."""
+    ids, p = (t.reshape(-1, t.shape[-1]) for t in teacher_probs(soft_label_teacher(batch)))
+    aligned, exact = batch["aligned"].reshape(-1).bool(), batch["same_next"].reshape(-1)
+    ce, counted = ce_fn(batch["labels"])
+
+    def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
+        r = aligned[s].nonzero().squeeze(1)  # the chunk's aligned rows
+        unmapped = unmapped_ids(vmap, z.shape[-1], z.device)  # (V,): cheap beside the chunk's (n, V)
+        kd = cross_rows(
+            z[r], ids[s][r], p[s][r], mode, vmap, unmapped, kind, temperature, beta, skew, exact[s][r]
+        )
+        return torch.stack([kd, ce(z, s)]) if alpha < 1.0 else kd[None]
+
+    return HeadLoss(fn, aligned | counted)
 
 
 ON_POLICY = "on_policy_kd"  # the loop's term of on-policy micro-batches (data_pipeline/on_policy.py)

@@ -223,3 +223,100 @@ def test_a_student_tokenizer_that_rewrites_the_text_is_refused_by_name():
         DataError, match="tokenizer /models/collapsing does not reproduce the text byte for byte"
     ):
         _align(teacher, student, [1, 2, 2, 1])
+
+
+# ------------------------------------------------------------------ candidate groups for another tokenizer
+
+
+def _candidate_batch(tok, prompts: list[str], answers: list[list[str]]) -> dict:
+    """Groups in `tok`'s ids as the soft_labels stage writes them: EOS + the prompt, then continuations that
+    carry on its encoding (sampled after the context), each ending with EOS; the last row a reference."""
+    from stablekd.data_pipeline.candidates import pack_groups
+
+    ctx, rows = [], []
+    for prompt, group in zip(prompts, answers, strict=True):
+        head = tok(prompt, add_special_tokens=False)["input_ids"]
+        ctx.append([tok.eos_token_id, *head])
+        rows.append([])
+        for answer in group:
+            whole = tok(prompt + answer, add_special_tokens=False)["input_ids"]
+            assert whole[: len(head)] == head  # the continuation starts at a token boundary
+            rows[-1].append([*whole[len(head) :], tok.eos_token_id])
+    packed = pack_groups(ctx, rows, 40, 24, [True, False, True])
+    return {k: torch.from_numpy(v) for k, v in packed.items()}
+
+
+PROMPTS = ["In the beginning God created", "And Seth lived an hundred and five years, and begat", "Dieu créa"]
+ANSWERS = [
+    [" the heaven and the earth.", " light.", " the heaven"],
+    [" Enos:", ".", " Enos, and"],  # "." does not start with a space: no dummy prefix for it
+    [" le ciel — 日本.", " la terre", " 日本"],
+]
+
+
+@pytest.mark.parametrize("direction", ["sp->bpe", "bpe->sp"])
+def test_candidate_groups_are_the_same_text_in_the_students_ids(real_tokenizers, direction):
+    """Each context and continuation spells the teacher's text byte for byte in the student's ids, the
+    groups keep their rows, order and reference flags, and the result is the same however it is batched."""
+    from stablekd.data_pipeline.candidate_realign import realign_groups
+
+    sp, bpe = real_tokenizers
+    teacher, student = (sp, bpe) if direction == "sp->bpe" else (bpe, sp)
+    tb_t, tb_s = TokenBytes.from_tokenizer(teacher), TokenBytes.from_tokenizer(student)
+    aligner = Aligner(tb_t, student, 64, tb_s)
+    batch = {**_candidate_batch(teacher, PROMPTS, ANSWERS), "verdict": torch.tensor([[1, -1, 0]] * 3)}
+    out = realign_groups(batch, aligner, ctx_len=40, cont_len=32)
+    assert out["cand_ids"].shape[:2] == (3, 3) and out["cand_ids"].shape[2] <= 32
+    assert out["reference"].tolist() == [1, 0, 1] and out["verdict"] is batch["verdict"]
+
+    def context(b: dict, i: int) -> list[int]:
+        return b["context_ids"][i, b["context_ids"].shape[1] - int(b["context_len"][i]) :].tolist()
+
+    def row(b: dict, i: int, g: int) -> list[int]:
+        return b["cand_ids"][i, g, : int(b["cand_len"][i, g])].tolist()
+
+    for i in range(3):
+        ctx_s = context(out, i)
+        assert ctx_s[0] == student.eos_token_id  # the teacher's EOS is the student's
+        assert _spelled(tb_s, ctx_s) == _spelled(tb_t, context(batch, i))
+        for g in range(3):
+            ids = row(out, i, g)
+            assert ids[-1] == student.eos_token_id
+            assert _spelled(tb_s, ids) == _spelled(tb_t, row(batch, i, g)), (i, g)
+            own = student(ANSWERS[i][g], add_special_tokens=False)["input_ids"]
+            if tb_s.piece(own[0]) == b" " and not ANSWERS[i][g].startswith(" "):
+                own = own[1:]  # a lone dummy-prefix piece: no byte of the text
+            assert ids == [*own, student.eos_token_id]  # the student's own spelling of the continuation
+    # Deterministic and independent of batching: one group at a time gives the same rows.
+    again = realign_groups(batch, aligner, ctx_len=40, cont_len=32)
+    assert all(torch.equal(again[k], out[k]) for k in ("context_ids", "cand_ids", "cand_len"))
+    for i in range(3):
+        alone = realign_groups({k: v[i : i + 1] for k, v in batch.items()}, aligner, 40, 32)
+        assert context(alone, 0) == context(out, i)
+        assert [row(alone, 0, g) for g in range(3)] == [row(out, i, g) for g in range(3)]
+    # Widths: a context keeps its last ctx_len tokens, a continuation its first cont_len.
+    cut = realign_groups(batch, aligner, ctx_len=3, cont_len=2)
+    assert cut["context_ids"].shape[1] == 3 and cut["cand_ids"].shape[2] == 2
+    for i in range(3):
+        assert context(cut, i) == context(out, i)[-3:]
+        assert [row(cut, i, g) for g in range(3)] == [row(out, i, g)[:2] for g in range(3)]
+
+
+def test_sampled_bytes_that_are_no_utf8_become_replacement_characters():
+    """A tiny teacher samples byte pieces in any order: in a candidate row that is U+FFFD (what decode
+    shows and the labels read); in a soft-label record, text of the corpus, it stays an error."""
+    teacher = Pieces([b"a", b"\xcc", b"b"])
+    student = Pieces([b"a", b"b", "\ufffd".encode()])
+    aligner = Aligner(teacher.bytes(), student, 8, student.bytes())
+    assert aligner.tokens([np.asarray([0, 1, 2, 3]), np.asarray([1, 1])]) == [[0, 1, 3, 2], [1, 1]]
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        _align(teacher, student, [1, 2, 3])
+    # A row that is only the start of a character spells nothing: in a group it is the student's EOS (a
+    # continuation needs a token to have a mean log-likelihood).
+    from stablekd.data_pipeline.candidate_realign import realign_groups
+    from stablekd.data_pipeline.candidates import pack_groups
+
+    assert aligner.tokens([np.asarray([2])]) == [[]]
+    group = {k: torch.from_numpy(v) for k, v in pack_groups([[0, 1]], [[[2], [3, 0]]], 4, 4).items()}
+    out = realign_groups(group, aligner, 4, 4)
+    assert out["cand_ids"].tolist() == [[[0, 0], [2, 0]]] and out["cand_len"].tolist() == [[1, 2]]

@@ -24,6 +24,7 @@ from stablekd.objectives.contrastive import (
     embedding_scores,
     false_negative_mask,
     gather_with_grad,
+    global_width,
     pool_continuation,
     simctg_sum,
     supcon_sum,
@@ -204,6 +205,9 @@ def _rank_main(rank: int, port: int, out: Path) -> None:
                     offset=offset,
                 )
             )
+        # Candidate rows re-tokenised for another tokenizer are as wide as each rank's longest: padded to
+        # the widest rank's with zeros before they are gathered.
+        results.append(dict(widened=global_width(torch.ones(2, 3 + 2 * rank, dtype=torch.long))))
         torch.save(results, out / f"rank{rank}.pt")
         torch.distributed.destroy_process_group()
     except BaseException:
@@ -251,6 +255,8 @@ def test_two_rank_gather_matches_single_process(tmp_path):
         assert r0["totals"][0].item() == pytest.approx(loss.item(), rel=1e-9), split
         torch.testing.assert_close(r0["w"], lin.weight.grad, rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(r0["b"], lin.bias.grad, rtol=1e-7, atol=1e-9)
+    assert ranks[0][-1]["widened"].tolist() == [[1, 1, 1, 0, 0]] * 2
+    assert ranks[1][-1]["widened"].tolist() == [[1] * 5] * 2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ ground-truth judging and no-leakage rules it relies on (no launches).
 
 Launches: a 4-step distillation from the conftest `upstream` run (the student to fine-tune), an 8-step
 likelihood-scorer run, the same run killed with SIGKILL after a checkpoint and rerun, and 2 steps of the
-embedding scorer with the SimCTG term. The 2-rank gather of the InfoNCE loss and its gradients is checked
+embedding scorer with the SimCTG term. Across tokenizers: a 4-step hybrid distillation of a Llama
+student with a byte-level BPE tokenizer of its own, then its 8-step contrastive run (groups re-tokenised,
+KD anchor across tokenizers) uninterrupted and killed and rerun. The 2-rank gather of the InfoNCE loss and its gradients is checked
 against one process in tests/test_contrastive_loss.py.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.contexts import bios_contexts, bios_truth, judge_continuations
@@ -133,6 +135,63 @@ def test_embedding_scorer_with_simctg(student, tmp_path):
     assert all(-1.0 <= v <= 1.0 for s in sims for v in s.values())  # cosines
     assert len(read_scalars(tb, "train/simctg")) == 2
     assert (run / "contrastive" / "hf" / "config.json").is_file()
+
+
+def _xtok(run: Path, student: Path) -> list[str]:
+    """The contrastive stage's arguments for a student with its own tokenizer (KD anchor across tokenizers)."""
+    return _args(run, f"student.model={student}", "distill.cross_tokenizer=hybrid")
+
+
+@pytest.fixture(scope="module")
+def xtok_student(upstream, tmp_path_factory) -> tuple[Path, Path]:
+    """(run after a cross-tokenizer distillation, the student directory): a Llama student with a
+    byte-level BPE tokenizer of its own (300 ids) distilled from the SentencePiece teacher's soft labels."""
+    from tests.hf_models import byte_level_tokenizer, model_dir
+
+    root = tmp_path_factory.mktemp("xtok")
+    student = model_dir(root / "student", "llama", byte_level_tokenizer(root / "bpe", 300), 320, positions=32)
+    run = copy_run(upstream, root / "run")
+    run_stablekd("stage", "distill", *_xtok(run, student)[2:])
+    return run, student
+
+
+@pytest.mark.distributed
+def test_a_student_with_its_own_tokenizer_is_killed_resumed_and_ends_as_an_uninterrupted_run(
+    xtok_student, tmp_path
+):
+    """Candidate groups re-tokenised for the student, the KD anchor through the distill stage's hybrid loss
+    on realigned soft labels: killed with SIGKILL after a checkpoint and rerun, the curve after the resume
+    is that of an uninterrupted run (same groups, same realigned LM batches, same negatives)."""
+    student_run, student = xtok_student
+    full = copy_run(student_run, tmp_path / "full")
+    run_stablekd(*_xtok(full, student))
+    run = copy_run(student_run, tmp_path / "run")
+    proc = subprocess.Popen(
+        stablekd_cmd(*_xtok(run, student)), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    resumed_from = kill_after_checkpoint(proc, run / "contrastive", 2)
+    assert resumed_from < 8
+    out = run_stablekd(*_xtok(run, student))
+    assert f"at step {resumed_from}" in out.stderr + out.stdout
+    expected, after = (read_scalars(r / "tb" / "contrastive", "train/loss") for r in (full, run))
+    steps = range(resumed_from + 1, 9)
+    assert [after[s] for s in steps] == pytest.approx([expected[s] for s in steps], rel=1e-5)
+    tb = full / "tb" / "contrastive"
+    lm, acc = read_scalars(tb, "train/lm"), read_scalars(tb, "train/acc1")
+    assert len(lm) == 8 and all(0 < v < 100 for v in lm.values())  # KD across tokenizers, finite
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    done = json.loads((run / "contrastive" / "DONE.json").read_text())
+    assert done["produced"]["steps"] == 8 and done["produced"]["cross_tokenizer"] == "hybrid"
+    assert done["inputs"]["student_tokenizer_hash"] != done["inputs"]["tokenizer_hash"]
+    assert (
+        sum(done["produced"]["labels"]["groups"].values()) == 6
+    )  # every context, judged on the teacher's ids
+    exported = AutoTokenizer.from_pretrained(run / "contrastive" / "hf")
+    assert len(exported) == 300  # the student's own
+    model = AutoModelForCausalLM.from_pretrained(run / "contrastive" / "hf")
+    start = AutoModelForCausalLM.from_pretrained(student_run / "student" / "hf")
+    assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), start.parameters(), strict=True))
 
 
 # --------------------------------------------------------------------------------------- no launches
@@ -303,3 +362,44 @@ def test_groups_of_a_user_corpus_are_labelled_by_reference_or_majority(tmp_path)
     )
     (n,) = list(GroupsWithLM([batch], [{"input_ids": torch.zeros(3, 4)}], labeller(none, tok, 3)))
     assert _positive(n).all()  # labels=none: every continuation of a context is its positive
+
+
+def test_a_student_with_its_own_tokenizer_gets_the_groups_in_its_ids_with_the_teachers_labels(tmp_path):
+    """Across tokenizers (data_pipeline/candidate_realign.py): each group is judged on the teacher's ids,
+    then re-tokenised row for row, so every row keeps its verdict and its text."""
+    import functools
+
+    from stablekd.data_pipeline.align import Aligner, TokenBytes
+    from stablekd.data_pipeline.answers import continuation_texts
+    from stablekd.data_pipeline.candidate_realign import realign_groups
+    from stablekd.data_pipeline.candidates import pack_groups
+    from stablekd.launcher.config import load_config
+    from stablekd.launcher.stages.contrastive import GroupsWithLM, labeller
+    from tests.hf_models import byte_level_tokenizer
+
+    tok, student = byte_level_tokenizer(tmp_path / "t", 512), byte_level_tokenizer(tmp_path / "s", 300)
+    prompt = "Q: Whom did Seth beget?\nA:"
+    ctx = [tok.eos_token_id, *encode(tok, [prompt])[0]]
+    texts = [
+        [" Enos.", " Cainan.", " Enos and Cainan.", " Enos."],
+        [" Cainan.", " Cainan.", " Enos.", " Jared."],
+    ]
+    groups = [[encode(tok, [t])[0] + [tok.eos_token_id] for t in g] for g in texts]
+    batch = {k: torch.as_tensor(v) for k, v in pack_groups([ctx] * 2, groups, 16, 8, [True, False]).items()}
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path}]"])
+    label = labeller(cfg, tok, voters=3)
+    lm = [{"input_ids": torch.zeros(2, 4)}]
+    aligner = Aligner(TokenBytes.from_tokenizer(tok), student, 32)
+    retokenize = functools.partial(realign_groups, aligner=aligner, ctx_len=16, cont_len=16)
+    (plain,) = list(GroupsWithLM([batch], lm, label))
+    (across,) = list(GroupsWithLM([batch], lm, label, retokenize))
+    for key in ("verdict", "known", "answer_key", "truth_key", "attribute", "reference"):
+        assert torch.equal(across[key], plain[key]), key
+    assert plain["verdict"].tolist() == [[1, -1, -1, 1], [1, 1, -1, 0]]  # reference; majority, gold left out
+    assert not torch.equal(across["cand_ids"][..., :8], plain["cand_ids"])  # other ids, the same text:
+    for b in range(2):
+        rows = [[x[b, g, : int(x_len[b, g])].tolist() for g in range(4)] for x, x_len in (
+            (across["cand_ids"], across["cand_len"]), (plain["cand_ids"], plain["cand_len"])
+        )]  # fmt: skip
+        s_ctx = across["context_ids"][b, -int(across["context_len"][b]) :].tolist()
+        assert continuation_texts(student, s_ctx, rows[0]) == continuation_texts(tok, ctx, rows[1])

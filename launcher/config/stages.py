@@ -221,7 +221,12 @@ class ContrastiveConfig(TrainConfig):
         1.0, "InfoNCE temperature (likelihood scores are nats/token; embedding cosines want ~0.1)"
     )
     lam: float = _f(1.0, "weight of the language-model term (lm) that keeps it a language model")
-    lm: str = _f("kd", "the lam term: kd (the soft-label stream, distill.kind at distill.temperature) or ce")
+    lm: str = _f(
+        "kd",
+        "the lam term: kd (the soft-label stream, distill.kind at distill.temperature; for a student with its "
+        "own tokenizer realigned and through distill.cross_tokenizer's loss, as in distill) or ce (in the "
+        "student's tokens)",
+    )
     negatives: int = _f(
         8,
         "likelihood scorer: other contexts' continuations scored per context; 0 = a context's own rows "

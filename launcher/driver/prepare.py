@@ -120,7 +120,6 @@ def prepare_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
 def prepare(cfg: ExperimentConfig, stages: list[str]) -> None:
     """Everything the ranks read, made once in the launching process: config.yaml, corpus, tokenizer, ds JSONs."""
     check_files(cfg)
-    models.check_stages(cfg, stages)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.run_dir / "config.yaml")
     _prepare_corpus(cfg)

@@ -125,6 +125,12 @@ def student_batches(
     return batches, None
 
 
+def cross_vmap(cfg: ExperimentConfig, aligner: Aligner) -> torch.Tensor | None:
+    """Teacher id -> student id of the same bytes for distill.cross_tokenizer=hybrid (its exact part), else
+    None (uld compares sorted probabilities only)."""
+    return torch.from_numpy(aligner.vocab_map) if cfg.distill.cross_tokenizer == "hybrid" else None
+
+
 def build_stage(
     cfg: ExperimentConfig,
     student: torch.nn.Module,
@@ -141,7 +147,7 @@ def build_stage(
         loss = soft_label_loss(d.kind, d.temperature, d.beta, d.skew, d.alpha)
         count = soft_label_counts
     else:
-        vmap = torch.from_numpy(aligner.vocab_map) if d.cross_tokenizer == "hybrid" else None
+        vmap = cross_vmap(cfg, aligner)
         loss = cross_tokenizer_loss(d.cross_tokenizer, d.kind, d.temperature, d.beta, d.skew, d.alpha, vmap)
         count = cross_counts
     weights = soft_label_weights(d.alpha)

@@ -31,12 +31,19 @@ a context is its positive. How many groups each rule labelled goes into DONE.jso
 report. Bios contexts ask with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others, and
 on a user corpus it asks held-out records (no leakage).
 
+A student with its own tokenizer (distill.cross_tokenizer, student/hf exported with it): each group is
+labelled on the teacher's ids, then re-tokenised for the student by text (data_pipeline/candidate_realign.py);
+the KD term reads the soft labels realigned as the distill stage reads them (distill_parts.student_batches)
+through its cross-tokenizer loss (objectives/kd_losses.py `cross_head_loss`: distill.cross_tokenizer,
+counted over the aligned positions), the CE term and the eval loss read the corpus in its tokens.
+
 Leaves contrastive/ckpt, contrastive/hf and contrastive/DONE.json. TensorBoard tb/contrastive: train/infonce,
 train/lm, train/pos_sim, train/neg_sim, train/acc1 (a positive scores highest), perf/*.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -46,7 +53,9 @@ import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline import bios
+from stablekd.data_pipeline.align import Aligner, TokenBytes
 from stablekd.data_pipeline.answers import Judgement, continuation_texts, judge_answers
+from stablekd.data_pipeline.candidate_realign import realign_groups
 from stablekd.data_pipeline.candidates import KIND as CANDIDATES
 from stablekd.data_pipeline.candidates import (
     candidate_batch,
@@ -62,13 +71,14 @@ from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import done, models, rundir
 from stablekd.launcher.config import ContrastiveConfig, ExperimentConfig
-from stablekd.launcher.rank import artifacts, engine
+from stablekd.launcher.rank import artifacts, distill_parts, engine
 from stablekd.model.build import build_model, flops_per_token
 from stablekd.objectives.contrastive import (
     ProjectionHead,
     continuation_rows,
     embedding_scores,
     gather_no_grad,
+    global_width,
     pool_continuation,
     simctg_sum,
     supcon_sum,
@@ -80,6 +90,7 @@ from stablekd.objectives.kd import (
     soft_label_teacher,
     teacher_rows,
 )
+from stablekd.objectives.kd_losses import cross_head_loss
 from stablekd.objectives.lm import IGNORE_INDEX, HeadLoss, Loss, ce_fn, lm_loss, shifted_labels
 
 
@@ -133,10 +144,12 @@ def label_summary(groups, label: Labeller) -> dict:
 
 
 class GroupsWithLM:
-    """Candidate groups (each labelled) zipped with LM batches; one resumable position."""
+    """Candidate groups (each labelled) zipped with LM batches; one resumable position. With `retokenize`
+    (a student with its own tokenizer: data_pipeline/candidate_realign.py) the groups are labelled on the
+    teacher's ids, which the labeller's tokenizer reads, then re-tokenised row for row."""
 
-    def __init__(self, groups, lm, label: Labeller) -> None:
-        self.groups, self.lm, self.label = groups, lm, label
+    def __init__(self, groups, lm, label: Labeller, retokenize: Callable[[dict], dict] | None = None) -> None:
+        self.groups, self.lm, self.label, self.retokenize = groups, lm, label, retokenize
 
     def __iter__(self) -> Iterator[dict]:
         for g, lm in zip(self.groups, self.lm, strict=True):
@@ -148,6 +161,8 @@ class GroupsWithLM:
                 judged = self.label(*group_rows(g, b))
                 verdicts[b], keys[b] = torch.tensor(judged.verdicts), torch.tensor(judged.keys)
                 truth_keys[b], known[b], asked[b] = judged.truth_key, judged.known, judged.attribute
+            if self.retokenize is not None:
+                g = self.retokenize(g)
             yield {
                 **g,
                 "verdict": verdicts,  # [B, G] +1 positive, -1 hard negative, 0 left out (or no label)
@@ -196,7 +211,11 @@ def counts(c: ContrastiveConfig) -> Callable[[dict], dict[str, int]]:
             anchors = int(pos.any(-1).sum())
         else:  # an anchor per continuation with another positive in its group
             anchors = int((pos & (pos.sum(-1, keepdim=True) >= 2)).sum())
-        lm = int((shifted_labels(_lm_labels(_lm_batch(batch))) != IGNORE_INDEX).sum())
+        lm_batch = _lm_batch(batch)
+        if "aligned" in lm_batch:  # KD across tokenizers: the aligned positions (objectives/kd_losses.py)
+            lm = int(lm_batch["aligned"].sum())
+        else:
+            lm = int((shifted_labels(_lm_labels(lm_batch)) != IGNORE_INDEX).sum())
         out = {"infonce": anchors, "lm": lm}
         if c.margin > 0:
             out["simctg"] = batch["lm_input_ids"].shape[0]
@@ -236,7 +255,8 @@ def _likelihood_scores(
     continuations, then of K = `c.negatives` continuations of other contexts drawn from the global batch
     (with `c.similar_negatives`, those asking about the same attribute first); positive / valid masks of
     the same shape."""
-    cand = batch["cand_ids"][..., : c.score_tokens or None]  # [B, G, T], T <= the stored width
+    # [B, G, T], T <= the stored width; as wide as on every rank (re-tokenised groups vary) to be gathered
+    cand = global_width(batch["cand_ids"][..., : c.score_tokens or None])
     T = cand.shape[-1]
     cand_len = batch["cand_len"].clamp(max=T)
     keys = batch["answer_key"]
@@ -291,9 +311,10 @@ def _embedding_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, t
     return embedding_scores(features, groups, batch["answer_key"].flatten())
 
 
-def make_loss(cfg: ExperimentConfig):
+def make_loss(cfg: ExperimentConfig, vmap: torch.Tensor | None = None):
     """InfoNCE (the configured scorer) + lam · (KD or CE), from the last hidden state chunk by chunk (the
-    head cuts padded embedding rows: model/head.py)."""
+    head cuts padded embedding rows: model/head.py). KD on realigned soft labels (a student with its own
+    tokenizer) is the distill stage's cross-tokenizer KD (`cross_head_loss`; `vmap` for hybrid)."""
     c, d = cfg.contrastive, cfg.distill
 
     def loss(model, batch: dict) -> Loss:
@@ -305,13 +326,17 @@ def make_loss(cfg: ExperimentConfig):
         lm_batch = _lm_batch(batch)
         ids, labels = lm_batch["input_ids"].long(), _lm_labels(lm_batch)  # [B, L] each
         fn, live = ce_fn(labels)
-        if c.lm == "kd":
+        head = HeadLoss(fn, live)
+        if c.lm == "kd" and "aligned" in lm_batch:
+            head = cross_head_loss(lm_batch, d.cross_tokenizer, d.kind, d.temperature, d.beta, d.skew, vmap)
+        elif c.lm == "kd":
             teacher = teacher_rows(soft_label_teacher(lm_batch))
 
-            def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
+            def kd(z: torch.Tensor, s: slice) -> torch.Tensor:
                 return kd_rows(z, slice_teacher(teacher, s), live[s], d.kind, d.temperature, d.beta, d.skew)
 
-        lm, hidden = model(input_ids=ids, head_loss=HeadLoss(fn, live))
+            head = HeadLoss(kd, live)
+        lm, hidden = model(input_ids=ids, head_loss=head)
         sums = {"infonce": nce, "lm": lm}
         if c.margin > 0:
             sums["simctg"] = simctg_sum(hidden, torch.ones_like(ids, dtype=torch.bool), c.margin)[0]
@@ -326,14 +351,18 @@ def make_loss(cfg: ExperimentConfig):
     return loss
 
 
-def _lm_batches(cfg: ExperimentConfig, rank: int, world: int, micro: int):
+def _lm_batches(cfg: ExperimentConfig, rank: int, world: int, micro: int, tokenizer) -> tuple:
+    """The LM term's batches in the student's tokens and, for KD across tokenizers, the Aligner that
+    realigned the soft labels (the distill stage's: distill_parts.student_batches), else None."""
+    if cfg.contrastive.lm == "kd" and models.cross_tokenizer(cfg):
+        return distill_parts.student_batches(cfg, rank, world, micro, tokenizer)
     if cfg.contrastive.lm == "kd":
-        return artifacts.open_soft_labels(cfg, rank, world, micro)
+        return artifacts.open_soft_labels(cfg, rank, world, micro), None
     stream = PackedStream(
-        rundir.train_files(cfg), models.tokenizer_dir(cfg), cfg.data.seq_len, micro, rank, world,
+        rundir.train_files(cfg), models.student_tokenizer_dir(cfg), cfg.data.seq_len, micro, rank, world,
         cfg.data.num_workers,
     )  # fmt: skip
-    return StreamLoader(stream)
+    return StreamLoader(stream), None
 
 
 def run(cfg: ExperimentConfig) -> None:
@@ -343,36 +372,50 @@ def run(cfg: ExperimentConfig) -> None:
     ds = json.loads(rundir.ds_path(cfg, "contrastive").read_text())
     zero3 = zero_stage(ds) == 3
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None  # noqa: F841  (built inside zero.Init)
-    tok_dir = models.tokenizer_dir(cfg)
-    tokenizer = load_tokenizer(tok_dir)
+    # Candidates are in the run's (teacher's) ids; the student may have its own (distill.cross_tokenizer).
+    run_tok, tok_dir = models.tokenizer_dir(cfg), models.student_tokenizer_dir(cfg)
+    teacher_tokenizer, tokenizer = load_tokenizer(run_tok), load_tokenizer(tok_dir)
     start = rundir.stage_dir(cfg, "distill") / "hf"
     lm = build_model(str(start), tokenizer, seq_len, cfg.run.seed)
     with torch.random.fork_rng():  # one head on every rank: seed_rng gave each rank its own stream
         torch.manual_seed(cfg.run.seed)
         model = LMWithHead(lm, c.head_dim) if c.scorer == "embedding" else lm
     micro = ds["train_micro_batch_size_per_gpu"]
-    groups = training_groups(
-        rundir.stage_dir(cfg, "soft_labels") / "candidates", {"tokenizer_hash": tokenizer_hash(tok_dir)},
-        micro, rank, world, cfg.data.num_workers,
-    )  # fmt: skip
     cand_dir = rundir.stage_dir(cfg, "soft_labels") / "candidates"
-    label = labeller(cfg, tokenizer, read_manifest(cand_dir, CANDIDATES)["meta"]["m"])
+    groups = training_groups(
+        cand_dir, {"tokenizer_hash": tokenizer_hash(run_tok)}, micro, rank, world, cfg.data.num_workers
+    )
+    meta = read_manifest(cand_dir, CANDIDATES)["meta"]
+    label = labeller(cfg, teacher_tokenizer, meta["m"])
     labels = {"rule": c.labels}
     if rank == 0:  # the whole candidate set, once: what DONE.json and the report say of the labels
         labels.update(label_summary(ShardLoader(candidate_reader(cand_dir), 64), label))
         rundir.say(f"[contrastive] labels ({c.labels}): {labels['groups']} groups, rows {labels['rows']}")
-    batches = GroupsWithLM(groups, _lm_batches(cfg, rank, world, micro), label)
+    lm_batches, kd_aligner = _lm_batches(cfg, rank, world, micro, tokenizer)
+    vmap = distill_parts.cross_vmap(cfg, kd_aligner) if kd_aligner is not None else None
+    retokenize = None
+    if tokenizer_hash(tok_dir) != tokenizer_hash(run_tok):
+        aligner = kd_aligner or Aligner(TokenBytes.from_tokenizer(teacher_tokenizer), tokenizer, seq_len)
+        retokenize = functools.partial(
+            realign_groups, aligner=aligner, ctx_len=meta["ctx_len"], cont_len=seq_len - meta["ctx_len"]
+        )
+    batches = GroupsWithLM(groups, lm_batches, label, retokenize)
     evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, c.eval_batches, rank, world)
     weights = {"infonce": 1.0, "lm": c.lam, **({"simctg": 1.0} if c.margin > 0 else {})}
     stage = engine.Stage(
-        "contrastive", model, batches, make_loss(cfg), evals, flops_per_token(lm, seq_len),
+        "contrastive", model, batches, make_loss(cfg, vmap), evals, flops_per_token(lm, seq_len),
         weights=weights, count=counts(c), tokens=lambda b: b["lm_input_ids"].numel() + b["cand_ids"].numel(),
         eval_loss=lm_loss,
     )  # fmt: skip
     result = engine.train(stage, c, ds, run_dir, done.stage_hash(cfg, "contrastive"), cfg.run.trace_samples)
 
     module = result.engine.module
+    produced = {"scorer": c.scorer, "labels": labels}
+    if models.cross_tokenizer(cfg):
+        produced["cross_tokenizer"] = cfg.distill.cross_tokenizer
+    inputs = {"start": str(start), "tokenizer_hash": tokenizer_hash(run_tok)}
+    inputs["student_tokenizer_hash"] = tokenizer_hash(tok_dir)
     artifacts.finish_training(
         cfg, "contrastive", result, module.lm if isinstance(module, LMWithHead) else module, tokenizer, ds,
-        {"scorer": c.scorer, "labels": labels}, {"start": str(start), "tokenizer_hash": tokenizer_hash(tok_dir)},
+        produced, inputs,
     )  # fmt: skip
