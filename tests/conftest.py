@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -30,6 +31,19 @@ TINY = [
     "teacher.eval_batches=2",
     "teacher.export_hf=false",
 ]
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py as a module (the folder is no package; its scripts import each other by name)."""
+    folder = str(REPO / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(folder)
 
 
 def stablekd_cmd(*args: str) -> list[str]:

@@ -4,32 +4,21 @@ books, no question of either held-out kind leaked into training."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SLICE = ROOT / "tests" / "data" / "kjv_slice.txt"
 
 
-def _load(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
-kjv = _load("kjv_corpus")
-compressors = _load("compressors")
+kjv = benchmark_module("kjv_corpus")
+compressors = benchmark_module("compressors")
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +134,6 @@ def test_committed_real_text_results_are_what_the_docs_quote():
             "fact_em_rephrased",
             "fact_em_unasked",
         }
-    real_text = _load("real_text")
+    real_text = benchmark_module("real_text")
     assert real_text.table(result) in (ROOT / "docs" / "results.md").read_text()
     assert real_text.summary(result) in (ROOT / "README.md").read_text()
