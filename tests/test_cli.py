@@ -324,3 +324,19 @@ def test_bad_corpus_input_is_refused_before_anything_starts(tmp_path, capsys):
     # The ranks reload config.yaml (every key written, nothing overridden): still accepted.
     save_config(share, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml").data == share.data
+
+
+def test_quickstart_command_finds_its_shipped_config(tmp_path):
+    """`stablekd quickstart`, the README's first command, through the installed console script: it reads
+    the packaged configs/quickstart.yaml (a path computed from the module's own place broke when the CLI
+    moved into launcher/driver/)."""
+    from stablekd.launcher.driver.cli import QUICKSTART as shipped
+
+    assert shipped.is_file() and shipped.read_bytes() == QUICKSTART.read_bytes()
+    exe = os.path.join(os.path.dirname(sys.executable), "stablekd")
+    out = subprocess.run(
+        [exe, "quickstart", "--dry-run", f"run.out_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "teacher" in out.stdout and not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ Config errors print one line naming the key or file and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ from stablekd.launcher.driver import pipeline, prepare
 from stablekd.launcher.driver.status import format_status, report_table, run_status
 from stablekd.launcher.stages import NAMES, REGISTRY
 
-QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+# The shipped package data (stablekd/configs), wherever the package is installed or edited from.
+QUICKSTART = Path(str(importlib.resources.files("stablekd.configs") / "quickstart.yaml"))
 
 
 def _parser() -> argparse.ArgumentParser:
