@@ -10,6 +10,7 @@ The link checker is also run on planted broken links, so the check can fail.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from stablekd.launcher.config.docs import markdown
-from tests.conftest import REPO
+from tests.conftest import REPO, benchmark_module
 
 PAGES = [
     "README.md",
@@ -136,3 +137,15 @@ def test_ci_runs_the_readmes_test_command():
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert "python -m pip install --quiet torch==2.13.0" in ci
     assert "python -m pytest -q" in ci
+
+
+def test_the_quickstart_table_is_the_committed_json():
+    """The README's and docs/results.md's quickstart table is benchmarks/quickstart.py's table of the
+    committed benchmarks/results/quickstart.json: a re-measurement changes the JSON and the pages together."""
+    result = json.loads((REPO / "benchmarks" / "results" / "quickstart.json").read_text())
+    assert set(result) >= {"commit", "cpu", "command", "models", "ratios", "sizes"}
+    assert set(result["models"]) == {"teacher", "student", "contrastive"}
+    table = benchmark_module("quickstart").table(result)
+    assert "| cross-sample contradiction, trained people |" in table
+    for page in ("README.md", "docs/results.md"):
+        assert table in (REPO / page).read_text(encoding="utf-8"), page
