@@ -289,7 +289,8 @@ def main() -> None:
 KEYS = [
     ("params", "parameters", ".3g"), ("bpb", "held-out bits per byte", ".3f"), ("ppl", "perplexity", ".1f"),
     ("ece", "ECE", ".3f"), ("fact_em_rephrased", "fact EM, (a) rephrased", ".3f"),
-    ("fact_em_unasked", "fact EM, (b) unasked", ".3f"), ("task_contradiction", "contradiction (a), K samples", ".3f"),
+    ("fact_em_unasked", "fact EM, (b) unasked", ".3f"), ("fact_agreement_rephrased", "agreement (a), K samples", ".3f"),
+    ("task_contradiction", "contradiction (a), K samples", ".3f"),
     ("task_paraphrase_contradiction", "paraphrase contradiction (a)", ".3f"),
     ("rep_2", "rep-2 (%)", ".1f"), ("rep_3", "rep-3 (%)", ".1f"), ("rep_4", "rep-4 (%)", ".1f"),
     ("distinct_2", "distinct-2", ".3f"), ("gen_tokens_per_s", "generation tokens/s", ".0f"),
