@@ -7,9 +7,10 @@ to its slots) unless distill.include places the distill job on part of it. With 
 soft_labels runs on the rest of the pool, so `stablekd run` starts the two jobs side by side: the
 student learns from the shards while the sharded teacher still writes them.
 
-distill.include uses the deepspeed runner's `--include` syntax: `localhost:1` (slot 1 of this node),
-`node2@node3` (every slot of two hostfile nodes), `node1:0,1@node2`. A placed job passes its slots to the
-runner as `--include` (the runner refuses it beside `--num_gpus`), so both jobs name their slots.
+distill.include uses DeepSpeed's `--include` syntax: `localhost:1` (slot 1 of this node), `node2@node3`
+(every slot of two hostfile nodes), `node1:0,1@node2`. Both jobs name their slots: on one node to the
+per-node launcher as its world info, over a hostfile to the runner as `--include` (which it refuses beside
+`--num_gpus`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def parse(text: str, within: Slots, key: str = "distill.include") -> Slots:
                 "(launch.nproc_per_node and the hostfile's slots=)"
             )
         out[host] = sorted(set(chosen))
-    return {h: out[h] for h in within if h in out}  # the runner numbers ranks in hostfile order
+    return {h: out[h] for h in within if h in out}  # DeepSpeed numbers ranks in hostfile order
 
 
 def concurrent(cfg: ExperimentConfig) -> bool:
@@ -64,7 +65,7 @@ def concurrent(cfg: ExperimentConfig) -> bool:
 
 
 def slots(cfg: ExperimentConfig, stage: str) -> Slots | None:
-    """The slots of `stage`'s job; None = the whole pool (the runner's --num_accelerators / --num_gpus)."""
+    """The slots of `stage`'s job; None = the whole pool."""
     if not cfg.distill.include or stage not in ("distill", "soft_labels"):
         return None
     distill = parse(cfg.distill.include, pool(cfg))
@@ -89,12 +90,12 @@ def include_arg(placed: Slots) -> str:
 
 def check(cfg: ExperimentConfig) -> None:
     """distill.include names slots of the pool, leaves soft_labels some when they run side by side, and
-    is not combined with launch.no_ssh (whose nodes each start one runner for one job)."""
+    is not combined with launch.no_ssh (whose nodes each start one launcher for one job)."""
     if not cfg.distill.include:
         return
     if cfg.launch.no_ssh:
         raise ConfigError(
-            "distill.include: not with launch.no_ssh (every node would start both jobs' runners); use the "
+            "distill.include: not with launch.no_ssh (every node would start both jobs' launchers); use the "
             "pdsh/openmpi/slurm launcher, or start `stablekd stage distill ... distill.follow=true` on the "
             "distill nodes yourself"
         )

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +71,17 @@ def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedP
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def launch_script(script: Path, *args: str) -> list[str]:
+    """DeepSpeed's per-node launcher running a test's worker script on 2 ranks of this node (as stablekd
+    starts a stage on one node: launcher/driver/launch.py), on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    slots = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={slots}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "--no_local_rank", str(script), *args]  # fmt: skip
+
+
 def run_stablekd(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     proc = run_group(stablekd_cmd(*args), timeout, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if check and proc.returncode != 0:
@@ -82,6 +98,7 @@ UPSTREAM = [
     "launch.nproc_per_node=2",
     "teacher.max_steps=6",
     "teacher.dtype=fp32",
+    "teacher.save_every=3",  # two tags, step3 and step6: a load of the wrong one shows (test_soft_labels_stage)
     # The stage tests compare stored top-k log-probs with a plain teacher's: exact float16 values. The
     # default encoding (sampled) runs end to end in test_user_corpus; 8-bit values in test_encodings.
     "soft_labels.encoding=topk",
@@ -105,6 +122,122 @@ def upstream(tmp_path_factory) -> Path:
     for stage in ("teacher", "soft_labels"):
         run_stablekd("stage", stage, str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM)
     return run
+
+
+# The hung job (tests/test_runlock.py, tests/test_dead_peers.py): a teacher that would run for minutes.
+HUNG_TIMEOUT_S = 15
+
+
+@pytest.fixture(scope="session")
+def hung_job(tmp_path_factory) -> SimpleNamespace:
+    """One 2-rank teacher job and what happened around it (one launch for two tests): once it has a
+    checkpoint, rank 1 is stopped (SIGSTOP: alive but silent; launch.timeout_s=HUNG_TIMEOUT_S); while the
+    job hangs, a second launch of the same command on its directory and `stablekd status` run side by
+    side; then the job is waited for."""
+    from stablekd.launcher.driver import runlock
+    from stablekd.launcher.rank_status import status_path
+
+    run = tmp_path_factory.mktemp("hung") / "run"
+    args = ["stage", "teacher", str(QUICKSTART), *TINY, f"run.out_dir={run}", "launch.nproc_per_node=2",
+            f"launch.timeout_s={HUNG_TIMEOUT_S}", "teacher.max_steps=5000", "teacher.save_every=2"]  # fmt: skip
+    job = subprocess.Popen(
+        stablekd_cmd(*args), cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    got = SimpleNamespace(run=run, pid=job.pid)
+    marker = run / "teacher" / "ckpt" / "complete.json"
+    try:
+        deadline = time.time() + 300
+        while not (marker.exists() and json.loads(marker.read_text())["step"] >= 2):
+            assert job.poll() is None and time.time() < deadline, "no checkpoint at step 2"
+            time.sleep(0.05)
+        got.rank1 = json.loads(status_path(run, "teacher", 1).read_text())
+        os.kill(got.rank1["pid"], signal.SIGSTOP)
+        got.stopped = time.time()
+        config = (run / "config.yaml").read_bytes()
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:  # both within the timeout: the job holds the directory
+            second = pool.submit(run_stablekd, *args, check=False)
+            status = pool.submit(run_stablekd, "status", str(run), check=False)  # reads only: takes no lock
+            got.second, got.status = second.result(), status.result()
+        got.refused_in = time.monotonic() - t0
+        got.alive = job.poll() is None
+        got.config_kept = (run / "config.yaml").read_bytes() == config
+        got.holder = runlock.holder(run)
+        got.ranks = [p.pid for p in psutil.Process(job.pid).children(recursive=True)]
+        got.lock_holders = [pid for pid in got.ranks if opened_by(pid, run / "stablekd.lock")]
+        got.out = job.communicate(timeout=HUNG_TIMEOUT_S + 60)[0]
+        got.took = time.time() - got.stopped
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    got.returncode = job.returncode
+    return got
+
+
+def opened_by(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` open (its /proc fd links)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.path.realpath(fd) == str(path.resolve()) for fd in fds.iterdir())
+
+
+# The students of tests/test_distill_stage.py, which tests/test_contrastive_stage.py fine-tunes.
+DISTILL = [
+    "student.model=tiny-student",
+    "distill.ds_config=zero3.json",
+    "distill.dtype=fp32",
+    "distill.max_steps=16",
+    "distill.micro_batch_size=1",
+    "distill.grad_accum=2",
+    "distill.warmup_steps=2",
+    "distill.lr=0.01",
+    "distill.kind=gjsd",
+    "distill.beta=0.3",
+    "distill.temperature=2.0",
+    "distill.alpha=0.6",
+    "distill.save_every=2",
+    "distill.eval_every=0",
+    "distill.eval_batches=1",
+    "distill.log_every=1",
+]
+# A Llama student with a byte-level BPE tokenizer of its own (hybrid KD across tokenizers), ZeRO-2.
+XTOK = ["distill.cross_tokenizer=hybrid", "distill.max_steps=8", "distill.ds_config=zero2.json"]
+
+
+def distill_args(run: Path, *extra: str) -> list[str]:
+    return ["stage", "distill", str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM, *DISTILL, *extra]
+
+
+@pytest.fixture(scope="session")
+def distilled(upstream, tmp_path_factory) -> Path:
+    """`upstream` after a 16-step ZeRO-3 distillation of the tiny student (2 ranks)."""
+    run = copy_run(upstream, tmp_path_factory.mktemp("full") / "run")
+    run_stablekd(*distill_args(run))
+    return run
+
+
+@pytest.fixture(scope="session")
+def xtok_distilled(upstream, tmp_path_factory) -> SimpleNamespace:
+    """`upstream` after the distillation of a student with its own tokenizer (XTOK), killed with SIGKILL
+    after a checkpoint and rerun to the end: the run, the student's directory, its tokenizer, the step the
+    rerun resumed from, the first launch's curve and the rerun's output."""
+    from stablekd.launcher.rank.monitor import read_scalars
+    from tests.hf_models import byte_level_tokenizer, model_dir
+
+    root = tmp_path_factory.mktemp("xtok")
+    bpe = root / "bpe"
+    student = model_dir(root / "student", "llama", byte_level_tokenizer(bpe, 300), 320, positions=32)
+    run = copy_run(upstream, root / "run")
+    args = distill_args(run, f"student.model={student}", *XTOK)
+    proc = subprocess.Popen(
+        stablekd_cmd(*args), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    resumed_from = kill_after_checkpoint(proc, run / "student", 4)
+    first = read_scalars(run / "tb" / "distill", "train/loss")
+    out = run_stablekd(*args)
+    return SimpleNamespace(run=run, student=student, bpe=bpe, resumed_from=resumed_from, first=first, out=out)
 
 
 def deepspeed_shm_buffers() -> set[str]:

@@ -1,7 +1,7 @@
-"""What each rank runs for tests/test_engine.py (started by the deepspeed runner, 2 ranks, ZeRO-2):
+"""What each rank runs for tests/test_engine.py (started by DeepSpeed's per-node launcher, 2 ranks, ZeRO-2):
 
-    python -m deepspeed.launcher.runner --num_accelerators 2 --master_port P --no_local_rank \
-        tests/engine_worker.py <run_dir> <result.json>
+    python -u -m deepspeed.launcher.launch --world_info=<{"localhost": [0, 1]}> --master_addr=127.0.0.1 \
+        --master_port=P --no_local_rank tests/engine_worker.py <run_dir> <result.json>
 
 `engine.train` on a stage whose loss has two terms with different denominators ("tok": next-token NLL
 over counted tokens; "seq": per-sequence mean NLL over sequences with a counted token), weights 0.7 / 0.3,

@@ -1,7 +1,7 @@
-"""What each rank runs for tests/test_soft_labels_stage.py (started by the deepspeed runner, 2 ranks):
+"""What each rank runs for tests/test_soft_labels_stage.py (started by DeepSpeed's per-node launcher, 2 ranks):
 
-    python -m deepspeed.launcher.runner --num_accelerators 2 --master_port P --no_local_rank \
-        tests/soft_labels_worker.py <run_dir> <result.json>
+    python -u -m deepspeed.launcher.launch --world_info=<{"localhost": [0, 1]}> --master_addr=127.0.0.1 \
+        --master_port=P --no_local_rank tests/soft_labels_worker.py <run_dir> <result.json>
 
 1. the `soft_labels` stage itself (`stages.soft_labels.run`, what `stablekd stage soft_labels` runs per rank);
 2. with the sharded teacher the stage returns, the online source's first batch on each rank next to the

@@ -60,9 +60,16 @@ def test_dry_run_prints_commands_and_skips_and_writes_nothing(tmp_path, capsys):
     assert [c[-2] for c in commands] == ["soft_labels", "distill"]  # pipeline order, teacher skipped
     for c in commands:
         assert re.fullmatch(r"OMP_NUM_THREADS=\d+", c[0])
-        assert c[1:4] == [sys.executable, "-m", "deepspeed.launcher.runner"]
-        assert c[c.index("--num_accelerators") + 1] == "2" and c[c.index("--master_port") + 1] == "29555"
-        assert c[-4:] == ["--module", "stablekd.launcher.rank.worker", c[-2], str(run)]
+        assert c[1:5] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+        assert "--world_info=eyJsb2NhbGhvc3QiOiBbMCwgMV19" in c  # base64 of {"localhost": [0, 1]}
+        assert "--master_port=29555" in c
+        assert c[-5:] == [
+            "--no_local_rank",
+            "--log_level=warning",
+            "stablekd.launcher.rank.worker",
+            c[-2],
+            str(run),
+        ]
 
     cli.main(["stage", "teacher", str(QUICKSTART), *common, "--dry-run"])
     assert f"# teacher: done already ({marker}), would be skipped" in capsys.readouterr().out
@@ -136,7 +143,7 @@ def test_console_shows_our_lines_and_the_bar_and_logs_everything():
 
 def test_failed_job_prints_its_error_and_log(tmp_path, monkeypatch, capsys):
     cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path}"])
-    monkeypatch.setattr(launch, "runner_command", lambda cfg, stage: [sys.executable, "-c", CHILD])
+    monkeypatch.setattr(launch, "job_command", lambda cfg, stage: [sys.executable, "-c", CHILD])
     with pytest.raises(SystemExit) as e:
         supervise.run_stage(cfg, "teacher")
     log = tmp_path / "logs" / "teacher.log"
@@ -146,10 +153,35 @@ def test_failed_job_prints_its_error_and_log(tmp_path, monkeypatch, capsys):
     assert log.read_text().startswith("=== ") and "Traceback" in log.read_text()
 
 
+# A launcher told to stop after a rank recorded its failure: its output ends, then it takes a while to exit.
+SLOW_TO_EXIT = """
+import os, signal, sys, time
+from pathlib import Path
+from stablekd.launcher.rank_status import RankStatus
+RankStatus(Path(sys.argv[1]), "teacher", 0).end("failed: RuntimeError: boom")
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # still stopping its ranks
+print("RuntimeError: boom", flush=True)
+os.close(1), os.close(2)
+time.sleep(1.5)
+os._exit(1)
+"""
+
+
+def test_a_stopped_launcher_that_exits_after_its_output_ends_still_fails_the_stage(tmp_path, monkeypatch):
+    """Its exit status is read by its Popen, not reaped by the wait for its process tree (which would leave
+    Popen an exit status of 0: a failed stage taken for one that ended without a word)."""
+    cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path}"])
+    monkeypatch.setattr(
+        launch, "job_command", lambda cfg, stage: [sys.executable, "-c", SLOW_TO_EXIT, str(tmp_path)]
+    )
+    with pytest.raises(SystemExit, match=r"^stablekd: stage teacher failed \(exit 1; .*RuntimeError: boom"):
+        supervise.run_stage(cfg, "teacher")
+
+
 def test_job_whose_child_outlives_it_does_not_hang(tmp_path, monkeypatch, capsys):
     # A rank's child that keeps the pipe open (here `sleep`, holding stdout) must not keep us waiting.
     child = "import subprocess; subprocess.Popen(['sleep', '20']); print('[teacher] finished')"
-    monkeypatch.setattr(launch, "runner_command", lambda cfg, stage: [sys.executable, "-c", child])
+    monkeypatch.setattr(launch, "job_command", lambda cfg, stage: [sys.executable, "-c", child])
     t0 = time.monotonic()
     supervise.run_stage(load_config(QUICKSTART, [f"run.out_dir={tmp_path}"]), "teacher")
     assert time.monotonic() - t0 < 15
@@ -250,7 +282,7 @@ def test_status_of_a_half_finished_run_then_resume_quietly(upstream, tmp_path):
         f.rename(run / "teacher" / "ckpt" / "step0000006" / f.name)
 
     # Resume the teacher for real (at max_steps: it only evaluates and writes DONE.json): the terminal
-    # gets our lines only, the log everything the runner and ranks printed.
+    # gets our lines only, the log everything the launcher and ranks printed.
     out = run_stablekd("stage", "teacher", str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM)
     err = out.stderr.splitlines()
     assert "stablekd: [teacher] started, resuming from step 6" in err
@@ -263,7 +295,7 @@ def test_status_of_a_half_finished_run_then_resume_quietly(upstream, tmp_path):
     attempts = (run / "logs" / "teacher.log").read_text().split("\n=== ")  # the upstream run's, then this one
     this = attempts[-1]
     assert len(attempts) == 2 and this.splitlines()[0].endswith(
-        f"--module stablekd.launcher.rank.worker teacher {run}"
+        f"--log_level=warning stablekd.launcher.rank.worker teacher {run}"
     )
     assert "[WARNING] [real_accelerator.py" in this  # DeepSpeed's lines went to the log ...
     assert "[teacher] resumed from" in this and "[teacher] resumed from" in out.stderr  # ... ours to both

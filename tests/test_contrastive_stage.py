@@ -1,11 +1,11 @@
 """Stage `contrastive` (launcher/stages/contrastive.py): real 2-rank launches through the CLI, and the
 ground-truth judging and no-leakage rules it relies on (no launches).
 
-Launches: a 4-step distillation from the conftest `upstream` run (the student to fine-tune), an 8-step
-likelihood-scorer run, the same run killed with SIGKILL after a checkpoint and rerun, and 2 steps of the
-embedding scorer with the SimCTG term. Across tokenizers: a 4-step hybrid distillation of a Llama
-student with a byte-level BPE tokenizer of its own, then its 8-step contrastive run (groups re-tokenised,
-KD anchor across tokenizers) uninterrupted and killed and rerun. The 2-rank gather of the InfoNCE loss and its gradients is checked
+Launches: from the conftest `distilled` student (tests/test_distill_stage.py's), an 8-step likelihood-scorer
+run, the same run killed with SIGKILL after a checkpoint and rerun, and 2 steps of the embedding scorer with
+the SimCTG term. Across tokenizers: from the conftest `xtok_distilled` student (a Llama student with a
+byte-level BPE tokenizer of its own, hybrid KD), its 8-step contrastive run (groups re-tokenised, KD anchor
+across tokenizers) uninterrupted and killed and rerun. The 2-rank gather of the InfoNCE loss and its gradients is checked
 against one process in tests/test_contrastive_loss.py.
 """
 
@@ -25,9 +25,11 @@ from stablekd.data_pipeline.tokenizer import encode, load_tokenizer
 from stablekd.evaluation.bios_probe import build_questions
 from stablekd.launcher.rank.monitor import read_scalars
 from tests.conftest import (
+    DISTILL,
     QUICKSTART,
     REPO,
     UPSTREAM,
+    XTOK,
     copy_run,
     kill_after_checkpoint,
     run_stablekd,
@@ -35,15 +37,6 @@ from tests.conftest import (
 )
 from tests.fixed_model import LogitsLM
 
-STUDENT = [
-    "student.model=tiny-student",
-    "distill.max_steps=4",
-    "distill.micro_batch_size=2",
-    "distill.eval_every=0",
-    "distill.eval_batches=1",
-    "distill.temperature=2.0",
-    "distill.dtype=fp32",
-]
 CONTRASTIVE = [
     "contrastive.max_steps=8",
     "contrastive.micro_batch_size=2",
@@ -64,22 +57,15 @@ def _args(run: Path, *extra: str) -> list[str]:
         str(QUICKSTART),
         f"run.out_dir={run}",
         *UPSTREAM,
-        *STUDENT,
+        *DISTILL,
         *CONTRASTIVE,
         *extra,
     ]
 
 
 @pytest.fixture(scope="module")
-def student(upstream, tmp_path_factory) -> Path:
-    run = copy_run(upstream, tmp_path_factory.mktemp("student") / "run")
-    run_stablekd("stage", "distill", str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM, *STUDENT)
-    return run
-
-
-@pytest.fixture(scope="module")
-def tuned(student, tmp_path_factory) -> Path:
-    run = copy_run(student, tmp_path_factory.mktemp("tuned") / "run")
+def tuned(distilled, tmp_path_factory) -> Path:
+    run = copy_run(distilled, tmp_path_factory.mktemp("tuned") / "run")
     run_stablekd(*_args(run))
     return run
 
@@ -103,8 +89,8 @@ def test_likelihood_run_logs_and_exports(tuned):
 
 
 @pytest.mark.distributed
-def test_kill_and_resume_continues_the_same_curve(student, tuned, tmp_path):
-    run = copy_run(student, tmp_path / "run")
+def test_kill_and_resume_continues_the_same_curve(distilled, tuned, tmp_path):
+    run = copy_run(distilled, tmp_path / "run")
     proc = subprocess.Popen(
         stablekd_cmd(*_args(run)), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -121,8 +107,8 @@ def test_kill_and_resume_continues_the_same_curve(student, tuned, tmp_path):
 
 
 @pytest.mark.distributed
-def test_embedding_scorer_with_simctg(student, tmp_path):
-    run = copy_run(student, tmp_path / "run")
+def test_embedding_scorer_with_simctg(distilled, tmp_path):
+    run = copy_run(distilled, tmp_path / "run")
     extra = [
         "contrastive.scorer=embedding",
         "contrastive.tau=0.1",
@@ -139,30 +125,17 @@ def test_embedding_scorer_with_simctg(student, tmp_path):
 
 def _xtok(run: Path, student: Path) -> list[str]:
     """The contrastive stage's arguments for a student with its own tokenizer (KD anchor across tokenizers)."""
-    return _args(run, f"student.model={student}", "distill.cross_tokenizer=hybrid")
-
-
-@pytest.fixture(scope="module")
-def xtok_student(upstream, tmp_path_factory) -> tuple[Path, Path]:
-    """(run after a cross-tokenizer distillation, the student directory): a Llama student with a
-    byte-level BPE tokenizer of its own (300 ids) distilled from the SentencePiece teacher's soft labels."""
-    from tests.hf_models import byte_level_tokenizer, model_dir
-
-    root = tmp_path_factory.mktemp("xtok")
-    student = model_dir(root / "student", "llama", byte_level_tokenizer(root / "bpe", 300), 320, positions=32)
-    run = copy_run(upstream, root / "run")
-    run_stablekd("stage", "distill", *_xtok(run, student)[2:])
-    return run, student
+    return _args(run, f"student.model={student}", *XTOK)
 
 
 @pytest.mark.distributed
 def test_a_student_with_its_own_tokenizer_is_killed_resumed_and_ends_as_an_uninterrupted_run(
-    xtok_student, tmp_path
+    xtok_distilled, tmp_path
 ):
     """Candidate groups re-tokenised for the student, the KD anchor through the distill stage's hybrid loss
     on realigned soft labels: killed with SIGKILL after a checkpoint and rerun, the curve after the resume
     is that of an uninterrupted run (same groups, same realigned LM batches, same negatives)."""
-    student_run, student = xtok_student
+    student_run, student = xtok_distilled.run, xtok_distilled.student
     full = copy_run(student_run, tmp_path / "full")
     run_stablekd(*_xtok(full, student))
     run = copy_run(student_run, tmp_path / "run")

@@ -1,7 +1,8 @@
 """Stage `distill` (launcher/stages/distill.py) on real 2-rank DeepSpeed launches through the CLI.
 
-Launches: the tiny teacher and its soft labels (conftest `upstream`), a 16-step ZeRO-3 distillation; a ZeRO-2
-student with a tokenizer of its own (cross-tokenizer) and an on-policy student (λ = 0.5: the ZeRO-3 teacher
+Launches: the tiny teacher and its soft labels (conftest `upstream`), a 16-step ZeRO-3 distillation (conftest
+`distilled`); a ZeRO-2 student with a tokenizer of its own (cross-tokenizer, conftest `xtok_distilled`; both
+students are fine-tuned again by tests/test_contrastive_stage.py) and an on-policy student (λ = 0.5: the ZeRO-3 teacher
 in the job scores its samples and labels the other micro-batches online), each killed with SIGKILL after a
 checkpoint and rerun and compared with a plain single-process loop (the resume of the reader position is checked there, on the batches that
 wrap the same reader).
@@ -43,46 +44,18 @@ from stablekd.objectives.kd import kd_sum, soft_label_counts
 from stablekd.objectives.kd_losses import ON_POLICY, cross_counts, on_policy_counts
 from stablekd.objectives.lm import nll_sum
 from tests.conftest import (
+    DISTILL,
     QUICKSTART,
     REPO,
     UPSTREAM,
     copy_run,
+    distill_args,
     kill_after_checkpoint,
     run_stablekd,
     stablekd_cmd,
 )
-from tests.hf_models import byte_level_tokenizer, model_dir
 
 pytestmark = pytest.mark.distributed
-DISTILL = [
-    "student.model=tiny-student",
-    "distill.ds_config=zero3.json",
-    "distill.dtype=fp32",
-    "distill.max_steps=16",
-    "distill.micro_batch_size=1",
-    "distill.grad_accum=2",
-    "distill.warmup_steps=2",
-    "distill.lr=0.01",
-    "distill.kind=gjsd",
-    "distill.beta=0.3",
-    "distill.temperature=2.0",
-    "distill.alpha=0.6",
-    "distill.save_every=2",
-    "distill.eval_every=0",
-    "distill.eval_batches=1",
-    "distill.log_every=1",
-]
-
-
-def _args(run: Path, *extra: str) -> list[str]:
-    return ["stage", "distill", str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM, *DISTILL, *extra]
-
-
-@pytest.fixture(scope="module")
-def distilled(upstream, tmp_path_factory) -> Path:
-    run = copy_run(upstream, tmp_path_factory.mktemp("full") / "run")
-    run_stablekd(*_args(run))
-    return run
 
 
 def reference_losses(run: Path, steps: int, student_tok: Path | None = None) -> list[float]:
@@ -232,32 +205,17 @@ def test_student_rows_padded_pass_too_few_refused_and_labels_of_another_tokenize
         preflight.distill(cfg)
 
 
-def test_a_student_with_another_tokenizer_resumes_after_a_kill_on_the_plain_pytorch_curve(upstream, tmp_path):
+def test_a_student_with_another_tokenizer_resumes_after_a_kill_on_the_plain_pytorch_curve(xtok_distilled):
     """A Llama student with a byte-level BPE tokenizer of its own learns from the SentencePiece teacher's
-    soft labels (hybrid); killed after a checkpoint and rerun, its whole curve (both launches) is that of a
-    plain single-process loop on the same realigned batches: the same aligned positions after the resume.
-    A ZeRO-2 student this time (the other distill launches are ZeRO-3)."""
-    tok = byte_level_tokenizer(tmp_path / "bpe", 300)
-    student = model_dir(tmp_path / "student", "llama", tok, 320, positions=32)
-    run = copy_run(upstream, tmp_path / "run")
-    args = _args(
-        run,
-        f"student.model={student}",
-        "distill.cross_tokenizer=hybrid",
-        "distill.max_steps=8",
-        "distill.ds_config=zero2.json",
-    )
-    proc = subprocess.Popen(
-        stablekd_cmd(*args), cwd=REPO, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    resumed_from = kill_after_checkpoint(proc, run / "student", 4)
-    first = read_scalars(run / "tb" / "distill", "train/loss")
-    out = run_stablekd(*args)
+    soft labels (hybrid); killed after a checkpoint and rerun (conftest `xtok_distilled`), its whole curve
+    (both launches) is that of a plain single-process loop on the same realigned batches: the same aligned
+    positions after the resume. A ZeRO-2 student this time (the other distill launches are ZeRO-3)."""
+    x = xtok_distilled
+    run, resumed_from, first, out = x.run, x.resumed_from, x.first, x.out
     assert f"at step {resumed_from}" in out.stderr + out.stdout
     after = read_scalars(run / "tb" / "distill", "train/loss")
     curve = [first[s] for s in range(1, resumed_from + 1)] + [after[s] for s in range(resumed_from + 1, 9)]
-    assert curve == pytest.approx(reference_losses(run, 8, tmp_path / "bpe"), rel=2e-4)
+    assert curve == pytest.approx(reference_losses(run, 8, x.bpe), rel=2e-4)
     share = read_scalars(run / "tb" / "distill", "train/aligned_share")
     assert all(0.2 < v <= 1 for v in share.values())
     done = json.loads((run / "student" / "DONE.json").read_text())
@@ -300,13 +258,13 @@ def test_on_policy_with_the_sharded_teacher_matches_plain_pytorch_and_resumes_on
     teacher: the same samples after the resume, the same loss."""
     run = copy_run(upstream, tmp_path / "run")
     proc = subprocess.Popen(
-        stablekd_cmd(*_args(run, *ON_POLICY_ARGS)), cwd=REPO, start_new_session=True,
+        stablekd_cmd(*distill_args(run, *ON_POLICY_ARGS)), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     resumed_from = kill_after_checkpoint(proc, run / "student", 2)
     first = read_scalars(run / "tb" / "distill", "train/loss")
     assert resumed_from < 4
-    run_stablekd(*_args(run, *ON_POLICY_ARGS))
+    run_stablekd(*distill_args(run, *ON_POLICY_ARGS))
     tb = run / "tb" / "distill"
     after = read_scalars(tb, "train/loss")
     curve = [first[s] for s in range(1, resumed_from + 1)] + [after[s] for s in range(resumed_from + 1, 5)]

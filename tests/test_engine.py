@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
 
 import pytest
 import torch
 from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-from tests.conftest import REPO, run_group
+from tests.conftest import REPO, launch_script, run_group
 from tests.engine_worker import ACCUM, STEPS, TRAIN, WEIGHTS, counts, masked_batch, term_sums, tiny_model
 
 
@@ -53,14 +51,8 @@ def reference(per_micro_mean: bool = False) -> list[float]:
 
 @pytest.mark.distributed
 def test_terms_with_different_denominators_over_uneven_masks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     result = tmp_path / "losses.json"
-    cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port",
-        str(port), "--no_local_rank", str(REPO / "tests" / "engine_worker.py"), str(tmp_path), str(result),
-    ]  # fmt: skip
+    cmd = launch_script(REPO / "tests" / "engine_worker.py", str(tmp_path), str(result))
     proc = run_group(cmd, 300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = json.loads(result.read_text())

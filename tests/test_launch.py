@@ -1,7 +1,10 @@
-"""The deepspeed runner command: an argument list for one node, a hostfile, or one node of many."""
+"""The command that starts a stage's ranks, as an argument list: DeepSpeed's per-node launcher for one node
+or one node of many (launch.no_ssh), its runner for a hostfile job."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import sys
 import time
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 from stablekd.launcher.config import load_config
-from stablekd.launcher.driver.launch import runner_command, stage_env, write_deepspeed_env
+from stablekd.launcher.driver.launch import job_command, runner_command, stage_env, write_deepspeed_env
 from stablekd.launcher.driver.supervise import STALE_BUILD_LOCK_S, run_stage, stale_build_locks
 from stablekd.launcher.placement import threads_per_rank, world_size
 from stablekd.launcher.rank import worker
@@ -19,18 +22,25 @@ from stablekd.launcher.rank.worker import slurm_rank_env
 from tests.conftest import QUICKSTART
 
 
+def _world_info(cmd: list[str]) -> dict[str, list[int]]:
+    (arg,) = [a for a in cmd if a.startswith("--world_info=")]
+    return json.loads(base64.urlsafe_b64decode(arg.split("=", 1)[1]))
+
+
 def test_single_node_command(tmp_path):
     cfg = load_config(
         QUICKSTART, [f"run.out_dir={tmp_path}", "launch.nproc_per_node=2", "launch.master_port=29555"]
     )
-    cmd = runner_command(cfg, "teacher")
-    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
-    assert cmd[3:5] == ["--num_accelerators", "2"]  # CPU here; --num_gpus on a GPU node
-    assert cmd[cmd.index("--master_port") + 1] == "29555"
-    assert cmd[-4:] == ["--module", "stablekd.launcher.rank.worker", "teacher", str(tmp_path)]
-    assert "--hostfile" not in cmd and all(isinstance(a, str) for a in cmd)
-    auto = runner_command(load_config(QUICKSTART, ["launch.master_port=0"]), "teacher")
-    assert 0 < int(auto[auto.index("--master_port") + 1]) < 65536  # a free port picked for us
+    cmd = job_command(cfg, "teacher")
+    assert cmd[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    assert _world_info(cmd) == {"localhost": [0, 1]}  # what the runner's --num_accelerators 2 gives
+    assert "--master_addr=127.0.0.1" in cmd and "--master_port=29555" in cmd
+    assert cmd[-6:] == ["--module", "--no_local_rank", "--log_level=warning", "stablekd.launcher.rank.worker",
+                        "teacher", str(tmp_path)]  # fmt: skip
+    assert all(isinstance(a, str) for a in cmd) and not any(a.startswith("--node_rank") for a in cmd)
+    auto = job_command(load_config(QUICKSTART, ["launch.master_port=0"]), "teacher")
+    (port,) = [a for a in auto if a.startswith("--master_port=")]
+    assert 0 < int(port.split("=")[1]) < 65536  # a free port picked for us
 
 
 def test_hostfile_and_no_ssh_commands(tmp_path):
@@ -44,14 +54,18 @@ def test_hostfile_and_no_ssh_commands(tmp_path):
         "launch.master_port=29600",
     ]
     cfg = load_config(QUICKSTART, common)
-    cmd = runner_command(cfg, "teacher")
+    cmd = job_command(cfg, "teacher")  # the runner starts every node's launcher over pdsh
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert cmd[cmd.index("--hostfile") + 1] == str(hostfile) and cmd[cmd.index("--launcher") + 1] == "pdsh"
     assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and "--no_ssh" not in cmd
     assert world_size(cfg) == 8
-    per_node = runner_command(
+    # launch.no_ssh: each node starts its own per-node launcher, told the whole world and which node it is.
+    per_node = job_command(
         load_config(QUICKSTART, [*common, "launch.no_ssh=true", "launch.node_rank=1"]), "teacher"
     )
-    assert per_node[per_node.index("--no_ssh") + 1 : per_node.index("--no_ssh") + 3] == ["--node_rank", "1"]
+    assert per_node[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    assert _world_info(per_node) == {"node-a": [0, 1, 2, 3], "node-b": [0, 1, 2, 3]}
+    assert "--node_rank=1" in per_node and "--master_addr=10.0.0.1" in per_node
 
 
 def test_deepspeed_runner_slurm_backend_command_and_rank_environment(tmp_path):

@@ -20,7 +20,7 @@ from stablekd.launcher import placement
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.driver import launch, supervise
 from stablekd.launcher.driver.console import SideBySide
-from stablekd.launcher.driver.launch import runner_command, stage_env
+from stablekd.launcher.driver.launch import job_command, runner_command
 from stablekd.launcher.driver.pipeline import _groups, dry_run
 from stablekd.launcher.rank.monitor import read_scalars
 from tests.conftest import (
@@ -88,10 +88,12 @@ def test_distill_include_splits_the_pool(tmp_path):
 
 def test_single_node_jobs_name_their_slots_and_the_dry_run_says_so(tmp_path, capsys):
     cfg = _cfg(tmp_path, "launch.nproc_per_node=2", "distill.follow=true", "distill.include=localhost:1")
-    cmd = runner_command(cfg, "distill")
-    assert cmd[3:5] == ["--include", "localhost:1"] and "--master_addr" not in cmd
-    # DeepSpeed's CPU accelerator counts this node's slots from LOCAL_SIZE (else NUMA nodes: 1 here).
-    assert stage_env(cfg, "distill")["LOCAL_SIZE"] == "2" and "LOCAL_SIZE" not in stage_env(cfg, "teacher")
+    cmd = job_command(cfg, "distill")  # the per-node launcher on slot 1 of this node
+    assert (
+        cmd[3] == "deepspeed.launcher.launch" and "--world_info=eyJsb2NhbGhvc3QiOiBbMV19" in cmd
+    )  # {"localhost": [1]}
+    labels = job_command(cfg, "soft_labels")
+    assert "--world_info=eyJsb2NhbGhvc3QiOiBbMF19" in labels  # {"localhost": [0]}
     lines = dry_run(cfg, ["soft_labels", "distill"])
     assert "# soft_labels: would run on 1 ranks (localhost:0), beside distill (distill.follow)" in lines
     assert "# distill: would run on 1 ranks (localhost:1), beside soft_labels (distill.follow)" in lines
@@ -198,10 +200,10 @@ def test_run_starts_distill_beside_the_soft_labels_writer(upstream, tmp_path):
 
 
 def test_a_failed_writer_stops_its_reader_and_a_failed_reader_lets_the_writer_finish(tmp_path, monkeypatch):
-    """run_stages with stand-in jobs (the runner's process tree is what is stopped): soft_labels failing
+    """run_stages with stand-in jobs (the launcher's process tree is what is stopped): soft_labels failing
     stops distill at once; distill failing leaves soft_labels to finish its shards."""
     cfg = _cfg(tmp_path)
-    # The reader stands in for a runner whose ranks are its children: one child records its pid and sleeps,
+    # The reader stands in for a launcher whose ranks are its children: one child records its pid and sleeps,
     # deaf to SIGTERM (a rank stuck in a collective): it is killed once the grace period is over.
     grandchild = (
         "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -219,7 +221,7 @@ def test_a_failed_writer_stops_its_reader_and_a_failed_reader_lets_the_writer_fi
     plan: dict[str, str] = {}
     monkeypatch.setattr(
         launch,
-        "runner_command",
+        "job_command",
         lambda cfg, stage: [sys.executable, "-c", jobs[plan[stage]], str(tmp_path / stage)],
     )
 

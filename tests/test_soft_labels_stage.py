@@ -1,7 +1,8 @@
 """Stage `soft_labels` (launcher/stages/soft_labels.py, model/sharded_teacher.py, data_pipeline/{online,contexts}.py).
 
-Two DeepSpeed launches in all (module fixture `run`): the teacher stage (tiny Llama, ZeRO-3, fp32, 2 ranks)
-and tests/soft_labels_worker.py (the soft_labels stage on 2 ranks + online-vs-offline on the same batch).
+One DeepSpeed launch of its own (module fixture `run`): tests/soft_labels_worker.py (the soft_labels stage on
+2 ranks + online-vs-offline on the same batch) from the conftest `upstream` teacher (tiny Llama, ZeRO-3, fp32,
+2 ranks).
 The rest checks their output in this process: against the teacher consolidated with DeepSpeed's own
 `zero_to_fp32` and run in plain PyTorch, the training stream, the reader and the candidate format.
 
@@ -15,8 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,26 +43,12 @@ from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.driver import cli, preflight, prepare
 from stablekd.launcher.stages import NAMES
 from stablekd.model.build import build_model
-from tests.conftest import run_group
+from tests.conftest import UPSTREAM, copy_run, launch_script, run_group
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOL, RTOL = 1e-4, 2.0**-10  # see the module docstring
+OLD_TAG, TAG = "step0000003", "step0000006"  # the upstream teacher's checkpoints
 
-TEACHER = [
-    "teacher.model=tiny",
-    "teacher.max_steps=4",
-    "teacher.save_every=2",  # leaves step2 and step4: loading the wrong tag would show
-    "teacher.eval_every=4",
-    "teacher.eval_batches=1",
-    "teacher.micro_batch_size=4",
-    "teacher.dtype=fp32",
-    "teacher.export_hf=false",
-    "data.bios.people=20",
-    "data.bios.unseen_people=2",
-    "tokenizer.vocab_size=400",
-    "data.seq_len=32",
-    "launch.nproc_per_node=2",
-]
 SOFT = [
     "soft_labels.encoding=topk",  # compared value by value with a plain teacher: float16 log-probs
     "soft_labels.logprob_bits=16",
@@ -79,33 +65,24 @@ SOFT = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(cfg, per-rank worker results) after the teacher stage and the soft_labels stage, 2 ranks each."""
-    out = tmp_path_factory.mktemp("sl") / "run"
-    overrides = [f"run.out_dir={out}", *TEACHER, *SOFT]
-    cli.main(["stage", "teacher", str(ROOT / "configs" / "quickstart.yaml"), *overrides])
+def run(upstream, tmp_path_factory):
+    """(cfg, per-rank worker results) after the soft_labels stage on 2 ranks (tests/soft_labels_worker.py) from
+    the conftest `upstream` teacher (tiny Llama, ZeRO-3, fp32, 2 ranks), its own soft labels removed."""
+    out = copy_run(upstream, tmp_path_factory.mktemp("sl") / "run")
+    shutil.rmtree(out / "soft_labels")
+    overrides = [f"run.out_dir={out}", *UPSTREAM, *SOFT]
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     ckpt = cfg.run_dir / "teacher" / "ckpt"
-    assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000002", "step0000004"]
+    assert sorted(p.name for p in ckpt.glob("step*")) == [OLD_TAG, TAG]  # teacher.save_every=3, 6 steps
     # A `latest` naming the older tag: DeepSpeed falls back on it in some load paths; the
-    # stage must load the tag complete.json names (step4), which the equivalence test below checks.
-    (ckpt / "latest").write_text("step0000002")
+    # stage must load the tag complete.json names, which the equivalence test below checks.
+    (ckpt / "latest").write_text(OLD_TAG)
 
     prepare.prepare(cfg, ["soft_labels"])  # what `stablekd stage soft_labels` does before launching
     preflight.soft_labels(cfg)  # as pipeline.run does before starting the ranks
     result = out.parent / "worker.json"
-    cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
-        "--master_port", str(_port()), "--no_local_rank",
-        str(ROOT / "tests" / "soft_labels_worker.py"), str(cfg.run_dir), str(result),
-    ]  # fmt: skip
+    cmd = launch_script(ROOT / "tests" / "soft_labels_worker.py", str(cfg.run_dir), str(result))
     proc = run_group(cmd, 600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return cfg, json.loads(result.read_text())
@@ -126,7 +103,7 @@ def test_stage_outputs(run):
     m = read_manifest(
         out, "soft_labels", {"tokenizer_hash": tokenizer_hash(tok_dir), "k": 8, "temperature": 2.0}
     )
-    assert m["meta"]["teacher_checkpoint"] == "teacher/ckpt/step0000004"
+    assert m["meta"]["teacher_checkpoint"] == f"teacher/ckpt/{TAG}"
     assert m["meta"]["seq_len"] == 32 and m["meta"]["vocab_size"] == 400
     assert m["schema"]["topk_ids"]["dtype"] == "uint16" and m["schema"]["topk_logprobs"]["dtype"] == "float16"
     assert m["total_records"] == 5 and m["writer_world_size"] == 2
@@ -175,9 +152,9 @@ def test_equals_consolidated_teacher(run):
     swapped = stored_ids != ref_ids
     assert ((at_stored - ref_vals).abs()[swapped] <= tol[swapped]).all()  # ids differ only at ties
     assert swapped.float().mean() < 0.05
-    # Weights of the other tag (the one `latest` names) give other log-probs: the load took step4.
+    # Weights of the other tag (the one `latest` names) give other log-probs: the load took TAG.
     old = build_model("tiny", tok, cfg.data.seq_len, seed=12345)
-    old.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="step0000002"))
+    old.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=OLD_TAG))
     with torch.no_grad():
         ref_old = torch.log_softmax(old(input_ids=ids).logits.float() / 2.0, dim=-1)
     assert (ref_old.gather(-1, stored_ids) - stored_lp).abs().max() > 1e-3
@@ -238,7 +215,7 @@ def test_candidates(run):
     m = read_manifest(out, "candidates")
     meta = m["meta"]
     assert meta["m"] == 2 and meta["gold"] and meta["max_new_tokens"] == 6
-    assert meta["teacher_checkpoint"] == "teacher/ckpt/step0000004"
+    assert meta["teacher_checkpoint"] == f"teacher/ckpt/{TAG}"
     assert m["total_records"] == 5
     per_rank = {r: sum(s["records"] for s in m["shards"] if s["rank"] == r) for r in (0, 1)}
     assert per_rank == {0: 3, 1: 2}  # uneven: the generate calls were padded, no deadlock

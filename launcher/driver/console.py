@@ -1,4 +1,4 @@
-"""What of a job's output reaches the terminal. The runner's and the ranks' stdout and stderr come through
+"""What of a job's output reaches the terminal. DeepSpeed's launcher's and the ranks' stdout and stderr come through
 one pipe per job; every line goes to `<run_dir>/logs/<stage>.log`, the terminal gets only our own lines
 (`stablekd: ...`, `[<stage>] ...`) and rank 0's tqdm bar (the bars of jobs side by side share one line),
 unless `verbose`, which shows everything. In-process stages write through `driver_log` likewise.

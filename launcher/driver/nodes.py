@@ -7,7 +7,7 @@ last launch looks the same), so the nodes meet on a TCP store that node 0 serves
 port launch.master_port + 1, for the length of the handshake only: node 0 publishes the config hash it
 prepared, each node answers with its own, and node 0 closes the store once every node has answered. A
 node that never comes, or that runs another config, fails the handshake on every node within
-launch.timeout_s, naming that node. (master_port itself stays free for the deepspeed runner's ranks.)
+launch.timeout_s, naming that node. (master_port itself stays free for the ranks' own rendezvous.)
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def _in_process(cfg: ExperimentConfig, stage: str) -> bool:
 
 
 def run(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) -> None:
-    """Prepare, then launch each stage not already done (DeepSpeed runner, one job per stage).
+    """Prepare, then launch each stage not already done (DeepSpeed's launcher, one job per stage).
 
     `verbose`: every line of DeepSpeed, PyTorch and the ranks on the terminal; else those go only to
     logs/<stage>.log (this process's own to logs/pipeline.log) and the terminal gets our own lines and
@@ -174,7 +174,7 @@ def _run(cfg: ExperimentConfig, stages: list[str], verbose: bool, at: dict) -> N
 
 def dry_run(cfg: ExperimentConfig, stages: list[str]) -> list[str]:
     """What `run` would do with the run directory as it stands: a `#` line per step and each job's command
-    as one shell line (its environment, then the runner's argument list, shell-quoted).
+    as one shell line (its environment, then the launcher's argument list, shell-quoted).
 
     Starts nothing and writes nothing: the DeepSpeed JSONs are resolved and checked in memory. Stages are
     judged as the directory is now; one after a stage that would run may be judged again once it has.

@@ -1,6 +1,7 @@
-"""Running jobs: start the runner command (launch.py) in its own process group, pump its output through
-the console filter, and stop a job's whole process tree when it or its partner fails (the runner does not
-forward SIGTERM); a stale torch extension build lock fails a stage before any rank would wait on it.
+"""Running jobs: start a job's command (launch.py: DeepSpeed's per-node launcher or its runner) in its own
+process group, pump its output through the console filter, and stop a job's whole process tree when it or
+its partner fails (a single-node runner does not forward SIGTERM); a stale torch extension build lock fails
+a stage before any rank would wait on it.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class _Job:
     run_dir: Path  # where its ranks record how they ended (launcher/rank_status.py)
     started: float  # time.time() of its launch
     last_data: float = 0.0  # time.monotonic() of its last output
-    exited: float = 0.0  # when its runner was first seen exited
+    exited: float = 0.0  # when its launcher was first seen exited
     open: bool = True
     ended: float = 0.0  # when its output ended
     stopping: list[psutil.Process] | None = None  # its processes, once it was told to stop
@@ -74,14 +75,15 @@ class _Job:
 
 
 def _stop(job: _Job, grace: float | None = None) -> None:
-    """SIGTERM the job's runner and every process under it (the ranks record "stopped"; a single-node
-    runner does not pass the signal on to DeepSpeed's per-node launcher); `_pump` kills what is left
-    after `grace` seconds (None: STOP_GRACE_S). A runner already reaped is skipped (its pid may be another process's now)."""
+    """SIGTERM the job's launcher and every process under it (the ranks record "stopped"; a single-node
+    runner would not pass the signal on to DeepSpeed's per-node launcher); `_pump` kills what is left after
+    `grace` seconds (None: STOP_GRACE_S). A launcher already reaped is skipped (its pid may be another
+    process's now)."""
     if job.proc.poll() is not None:
         return
     try:
-        runner = psutil.Process(job.proc.pid)
-        job.stopping = [runner, *runner.children(recursive=True)]
+        top = psutil.Process(job.proc.pid)
+        job.stopping = [top, *top.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
     for p in job.stopping:
@@ -97,7 +99,7 @@ def _kill(procs: list[psutil.Process]) -> None:
 
 
 def _pump(jobs: list[_Job]) -> None:
-    """Feed each job's output to its console until its pipe closes, or until its runner has exited and the
+    """Feed each job's output to its console until its pipe closes, or until its launcher has exited and the
     pipe stayed silent for a second since (a process a rank started may outlive it holding the pipe open).
     A job that fails stops the jobs of later stages: they read what it writes."""
     stopped = False
@@ -131,7 +133,13 @@ def _pump(jobs: list[_Job]) -> None:
             stopped = True
     for job in jobs:
         if job.stopping:  # its output has ended, maybe not all of its processes: the rest of the grace
-            _kill(psutil.wait_procs(job.stopping, timeout=max(0.0, job.kill_at - time.monotonic()))[1])
+            # The launcher through Popen: psutil would reap it first, and Popen then reads exit status 0.
+            try:
+                job.proc.wait(timeout=max(0.0, job.kill_at - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+            rest = [p for p in job.stopping if p.pid != job.proc.pid]
+            _kill(psutil.wait_procs(rest, timeout=max(0.0, job.kill_at - time.monotonic()))[1])
         job.proc.wait()
         job.console.feed(b"", final=True)
 
@@ -170,7 +178,7 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
                 if sys.stderr.isatty():  # tqdm sizes its bar from these when its stream is our pipe
                     cols, lines = shutil.get_terminal_size()
                     env.update(COLUMNS=str((cols - 3 * (len(stages) - 1)) // len(stages)), LINES=str(lines))
-                cmd = launch.runner_command(cfg, stage)
+                cmd = launch.job_command(cfg, stage)
                 log = launch.log_path(cfg, stage)
                 log.parent.mkdir(parents=True, exist_ok=True)
                 f = stack.enter_context(LogFile(log))  # a resumed stage appends
@@ -181,7 +189,7 @@ def run_stages(cfg: ExperimentConfig, stages: list[str], verbose: bool = False) 
                 stack.callback(proc.stdout.close)
                 jobs.append(_Job(stage, log, proc, console, cfg.run_dir, started))
             _pump(jobs)
-        except BaseException:  # Ctrl-C: as subprocess.run does, do not leave the runners behind
+        except BaseException:  # Ctrl-C: as subprocess.run does, do not leave the launchers behind
             for job in jobs:
                 job.proc.kill()
                 job.proc.wait()
