@@ -1,9 +1,12 @@
 """The quickstart, measured: `stablekd quickstart` on the built-in bios corpus, its report as the README's table.
 
     python benchmarks/quickstart.py [--out runs/qs]      # resumable: finished stages are not redone
+    python benchmarks/quickstart.py --seed 1 --out runs/qs_seed1   # another run.seed: quickstart_seed1.json
+    python benchmarks/quickstart.py --seeds              # the committed seeds side by side (seeds_table)
 
 Runs the shipped pipeline (configs/quickstart.yaml, every stage, 2 ranks) into OUT, then writes
-benchmarks/results/quickstart.json: commit, cpu, command, the seconds of each stage (from the stages'
+benchmarks/results/quickstart.json (quickstart_seed<N>.json with --seed N: run.seed seeds model init, data
+order and sampling; the corpus is the same): commit, cpu, command, the seconds of each stage (from the stages'
 DONE.json finish times: the first from this script's start, so a resumed run's first figure is only what
 this invocation spent) and eval/report.json's models, ratios and sample sizes. Prints the README's table
 (`table`; tests/test_docs.py holds the README to the committed JSON).
@@ -28,6 +31,7 @@ from stablekd.launcher.driver.cli import QUICKSTART
 from stablekd.launcher.stages import NAMES
 
 REPO = provenance.REPO
+RESULTS = REPO / "benchmarks" / "results"
 MODEL_NAMES = {"teacher": "teacher", "student": "distilled student", "contrastive": "contrastive student"}
 # README rows: (label, report keys shown " / "-joined, format, report key whose sample size ends the label)
 ROWS: list[tuple[str, tuple[str, ...], str, str | None]] = [
@@ -80,6 +84,34 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_results() -> dict[int, dict]:
+    """The committed runs by run.seed: quickstart.json is the config's seed (0), quickstart_seed<N>.json N."""
+    out = {0: json.loads((RESULTS / "quickstart.json").read_text())}
+    for path in sorted(RESULTS.glob("quickstart_seed*.json")):
+        out[int(path.stem.removeprefix("quickstart_seed"))] = json.loads(path.read_text())
+    return out
+
+
+def seeds_table(results: dict[int, dict]) -> str:
+    """One row per seed: cross-sample contradiction on trained people (teacher / distilled / contrastive) and
+    the contrastive student's ratio to the distilled one's (the stability goal: <= 0.5x), accuracy, perplexity."""
+    lines = [
+        "| run.seed | commit | CPU | contradiction T / D / C | C ÷ D | accuracy T / D / C | ppl T / D / C |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for seed, r in sorted(results.items()):
+        m = r["models"]
+        cells = [
+            " / ".join(f"{m[n][key]:.3f}" for n in MODEL_NAMES)
+            for key in ("bios_cross_contradiction", "bios_accuracy", "ppl")
+        ]
+        ratio = m["contrastive"]["bios_cross_contradiction"] / m["student"]["bios_cross_contradiction"]
+        lines.append(
+            f"| {seed} | {r['commit'][:7]} | {'AMX' if r['cpu'].get('amx_bf16') else 'no AMX'} | {cells[0]} | {ratio:.2f} | {cells[1]} | {cells[2]} |"
+        )
+    return "\n".join(lines)
+
+
 def stage_seconds(cfg, started: float) -> dict[str, float]:
     """Each finished stage's seconds: its DONE.json finish time minus the previous one's (the first: minus
     `started`), in pipeline order."""
@@ -96,10 +128,18 @@ def stage_seconds(cfg, started: float) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/qs", help="run directory (run.out_dir; resumable)")
-    ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "quickstart.json")
+    ap.add_argument("--seed", type=int, help="run.seed (default: the config's, 0)")
+    ap.add_argument("--json", type=Path, help="default: benchmarks/results/quickstart[_seed<N>].json")
+    ap.add_argument("--seeds", action="store_true", help="print the committed seeds' table and exit")
     args = ap.parse_args()
+    if args.seeds:
+        print(seeds_table(seed_results()))
+        return
     os.chdir(REPO)  # run.out_dir is relative to the working directory
-    overrides = [f"run.out_dir={args.out}"]
+    overrides = [f"run.out_dir={args.out}"] + ([f"run.seed={args.seed}"] if args.seed is not None else [])
+    args.json = args.json or RESULTS / (
+        "quickstart.json" if args.seed is None else f"quickstart_seed{args.seed}.json"
+    )
     started = time.time()
     cmd = [sys.executable, "-m", "stablekd.launcher.driver.cli", "quickstart", *overrides]
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
