@@ -15,7 +15,10 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
 5. the students, on the very same soft-label records in the same order (benchmarks/arms.py: the distill
    stage's own assembly at world size 1, the same preset, seed, lr and schedule, --student-steps steps):
    `student` (distill.alpha 1: KD on the sampled soft labels), `student_topk` (the same on the top-k
-   labels) and `ce_twin` (distill.alpha 0: next-token cross-entropy on the same tokens, no teacher);
+   labels) and `ce_twin` (distill.alpha 0: next-token cross-entropy on the same tokens, no teacher); and a
+   student with a tokenizer of its own (a byte-level BPE of as many ids trained on the same text:
+   benchmarks/cross_tokenizer.py's `bpe_student`, OUT/arms/bpe_student), its records realigned from the
+   teacher's (distill.cross_tokenizer=hybrid): `xtok_ce` (alpha 0) and `xtok_hybrid` (alpha XTOK_ALPHA);
 6. scoring every model the same way (exported Hugging Face directories loaded whole, fp32 on CPU):
    - bits per byte, perplexity and calibration error (ECE) over all of the held-out books;
    - fact exact match of kind (a) `fact_em_rephrased` (trained facts in a phrasing no training record
@@ -33,7 +36,8 @@ models: arm -> metrics, settings, goals, wall time of each phase).
 
 Goals (issue "a teacher that knows the language"): teacher bits per byte <= 0.8 x the best compressor's;
 student <= ce_twin and <= teacher in bits per byte; student rep-4 <= teacher's; teacher fact_em_rephrased
->= 0.6 and student's >= 0.95 x the teacher's.
+>= 0.6 and student's >= 0.95 x the teacher's. Across tokenizers: xtok_hybrid gains over xtok_ce at least
+half of what `student` gains over `ce_twin`, in bits per byte.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from types import SimpleNamespace
 
 import arms as bench  # benchmarks/arms.py: this script's folder is on sys.path
 import compressors
+import cross_tokenizer
 import kjv_corpus
 import provenance
 import single_rank
@@ -77,8 +82,13 @@ ANSWER_TOKENS = 24  # an answer is one line: "an hundred and five years."
 # Soft-label runs of the one teacher: name -> overrides. "sampled" is the teacher's own run (OUT/teacher);
 # any other is OUT/teacher_<name>, whose teacher/ links the finished teacher's.
 LABELS = {"sampled": [], "topk": ["soft_labels.encoding=topk"]}
-# arm -> (its LABELS run, distill.alpha)
-ARMS = {"student": ("sampled", 1.0), "ce_twin": ("sampled", 0.0), "student_topk": ("topk", 1.0)}
+XTOK_ALPHA = 0.5  # as benchmarks/cross_tokenizer.py's hybrid arm
+# arm -> (its LABELS run, distill.alpha, the student's tokenizer: the run's, or "bpe": one of its own)
+ARMS = {
+    "student": ("sampled", 1.0, "run"), "ce_twin": ("sampled", 0.0, "run"), "student_topk": ("topk", 1.0, "run"),
+    "xtok_ce": ("sampled", 0.0, "bpe"), "xtok_hybrid": ("sampled", XTOK_ALPHA, "bpe"),
+}  # fmt: skip
+GOAL_XTOK_SHARE = 0.5
 GOAL_COMPRESSOR_SHARE = 0.8
 GOAL_FACT_EM = 0.6
 GOAL_STUDENT_EM_SHARE = 0.95
@@ -124,7 +134,7 @@ def train_students(runs: dict[str, Path], out: Path, steps: int) -> dict[str, di
     """The KD students and the CE twin, each on its LABELS run's soft labels (see the module doc), each
     exported to OUT/arms/<arm>/student/hf; an arm already exported is not retrained."""
     info = {}
-    for arm, (labels, alpha) in ARMS.items():
+    for arm, (labels, alpha, tokenizer) in ARMS.items():
         arm_dir = out / "arms" / arm
         hf = arm_dir / "student" / "hf"
         summary = arm_dir / "arm.json"
@@ -132,14 +142,21 @@ def train_students(runs: dict[str, Path], out: Path, steps: int) -> dict[str, di
             info[arm] = json.loads(summary.read_text())
             continue
         shutil.rmtree(arm_dir, ignore_errors=True)  # a half-trained arm is retrained from its start
-        args = SimpleNamespace(alpha=alpha, student="", dtype="")
-        cfg = bench.arm_config(runs[labels], arm_dir, args, online=False, extra=["distill.log_every=10"])
-        print(f"[{arm}] {labels} soft labels, distill.alpha={alpha}, {steps} steps", flush=True)
+        student, extra = "", ["distill.log_every=10"]
+        if tokenizer == "bpe":
+            student, extra = str(bpe_student(runs[labels], out)), [*extra, "distill.cross_tokenizer=hybrid"]
+        args = SimpleNamespace(alpha=alpha, student=student, dtype="")
+        cfg = bench.arm_config(runs[labels], arm_dir, args, online=False, extra=extra)
+        print(
+            f"[{arm}] {labels} soft labels, distill.alpha={alpha}, {tokenizer} tokenizer, {steps} steps",
+            flush=True,
+        )
         trained = bench.train_arm(cfg, "kd", steps)
         export_hf(trained["result"].engine.module, trained["tokenizer"], hf, trained["zero3"])
         info[arm] = {
             "labels": labels,
             "alpha": alpha,
+            "tokenizer": tokenizer,
             "steps": trained["result"].steps,
             "tokens": trained["result"].tokens,
             "train_wall_s": trained["wall_s"],
@@ -150,6 +167,17 @@ def train_students(runs: dict[str, Path], out: Path, steps: int) -> dict[str, di
         del trained
         gc.collect()
     return info
+
+
+def bpe_student(run: Path, out: Path) -> Path:
+    """OUT/arms/bpe_student: the student preset with a byte-level BPE tokenizer of the teacher's vocabulary
+    size trained on the run's training text (made once)."""
+    path = out / "arms" / "bpe_student"
+    if not (path / "config.json").is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        cfg = load_config(run / "config.yaml")
+        cross_tokenizer.bpe_student(cfg, path, len(load_tokenizer(run / "tokenizer")))
+    return path
 
 
 def score(hf: Path, cfg, corpus: Path) -> dict[str, float]:
@@ -240,6 +268,7 @@ def main() -> None:
 
     best = min(comp.values())
     t, s, c = models["teacher"], models["student"], models["ce_twin"]
+    xc, xh = models["xtok_ce"], models["xtok_hybrid"]
     goals = {
         f"teacher bpb <= {GOAL_COMPRESSOR_SHARE} x best compressor ({best:.3f})": t["bpb"] <= GOAL_COMPRESSOR_SHARE * best,
         "student bpb <= ce_twin bpb": s["bpb"] <= c["bpb"],
@@ -248,6 +277,9 @@ def main() -> None:
         f"teacher fact_em_rephrased >= {GOAL_FACT_EM}": t["fact_em_rephrased"] >= GOAL_FACT_EM,
         f"student fact_em_rephrased >= {GOAL_STUDENT_EM_SHARE} x teacher's": (
             s["fact_em_rephrased"] >= GOAL_STUDENT_EM_SHARE * t["fact_em_rephrased"]
+        ),
+        f"xtok_hybrid's bpb gain over xtok_ce >= {GOAL_XTOK_SHARE} x student's over ce_twin": (
+            xc["bpb"] - xh["bpb"] >= GOAL_XTOK_SHARE * (c["bpb"] - s["bpb"])
         ),
     }  # fmt: skip
     manifest = json.loads((corpus / "manifest.json").read_text())
@@ -269,6 +301,7 @@ def main() -> None:
             "draws": cfg.soft_labels.draws,
             "temperature": cfg.soft_labels.temperature,
             "student_steps": steps,
+            "xtok_alpha": XTOK_ALPHA,
             "heldout_books": manifest["heldout_books"],
             "heldout_bytes": len(held_text),
             "facts": manifest["facts"],
