@@ -72,6 +72,7 @@ from stablekd.evaluation.bios_probe import HFGenerator
 from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
 from stablekd.launcher import rundir
 from stablekd.launcher.config import load_config
+from stablekd.launcher.models import tokenizer_dir
 from stablekd.model.build import count_params, export_hf, load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,7 +177,7 @@ def bpe_student(run: Path, out: Path) -> Path:
     if not (path / "config.json").is_file():
         shutil.rmtree(path, ignore_errors=True)
         cfg = load_config(run / "config.yaml")
-        cross_tokenizer.bpe_student(cfg, path, len(load_tokenizer(run / "tokenizer")))
+        cross_tokenizer.bpe_student(cfg, path, len(load_tokenizer(tokenizer_dir(cfg))))
     return path
 
 
