@@ -17,7 +17,9 @@ parameter, buffer or config (an export is byte for byte what it was) and gives t
   their buffers: in forward for a one-value loss, in backward (the chunk made again) for several values. Peak memory is O(chunk × V + B·T × H + V × H) whatever the loss: CE, every KD kind and
   encoding, cross-tokenizer, on-policy and the contrastive likelihood scorer all go through here. So does
   the teacher side's soft-label encoding, without gradient: a HeadLoss whose fn encodes a chunk and returns
-  0, in the encoder's own chunks (`HeadLoss.slices`; data_pipeline/encodings.py, `encode_head`).
+  0, in the encoder's own chunks (`HeadLoss.slices`; data_pipeline/encodings.py, `encode_head`). On-policy
+  scoring makes the teacher's chunk beside the student's: the teacher's `last_hidden` and its head as
+  `HeadRows`, called inside the student's chunk loop (objectives/kd_losses.py, `with_on_policy`).
 
 ZeRO-3: the work is done inside the head module's own forward, so DeepSpeed's module hooks gather its
 partitioned weight once for the forward (and once for the backward, as for any layer), never per chunk, and
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from types import MethodType
 
 import torch
@@ -202,6 +205,55 @@ def chunked_loss(head: torch.nn.Linear, hidden: torch.Tensor, loss: HeadLoss) ->
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b)):
         return _ChunkedHead.apply(h, w, b, head.transform, loss, slices)
     return _forward_chunks(h, w, b, head.transform, loss, slices)
+
+
+def _nothing(z: torch.Tensor, rows: slice) -> torch.Tensor:
+    return z.new_zeros(())
+
+
+def last_hidden(model: Callable[..., tuple], input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, H): the last hidden state of `model` (an installed model or its DeepSpeed engine), the head's
+    input, without a row of logits: the head runs on zero rows, so under ZeRO-3 the same parameters are
+    gathered in the same order as in any head-path forward (DeepSpeed's prefetch trace stays valid). Without
+    gradient: what another model's loss reads (on-policy scoring)."""
+    with torch.no_grad():
+        return model(input_ids=input_ids, head_loss=HeadLoss(_nothing, slices=[slice(0, 0)]))[1]
+
+
+class HeadRows:
+    """A head as a function of hidden rows: (n, H) -> its logits (n, V), cut to its vocabulary, with its
+    bias and the architecture's logit transform (`_chunk_logits`, as `chunked_loss` makes a chunk), without
+    gradient. For a loss that needs another model's logits chunk by chunk beside its own (on-policy: the
+    teacher's, objectives/kd_losses.py `with_on_policy`), from that model's `last_hidden`.
+
+    Use it as a context manager: `gather()` (ZeRO-3: deepspeed.zero.GatheredParameters of the head's
+    parameters, a collective) is entered at the first call, so the weight is gathered once for all the
+    chunks, and left with the context. A loss that calls it at least once per use (chunked_loss always
+    runs a chunk) therefore gathers on every rank alike. Only the rows' logits ever exist."""
+
+    def __init__(self, head: torch.nn.Linear, gather: Callable[[], AbstractContextManager] | None = None):
+        self.head, self.gather = head, gather or nullcontext
+        self.stack: ExitStack | None = None
+        self.weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def __enter__(self) -> HeadRows:
+        self.stack = ExitStack()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self.stack, self.weights = self.stack, None, None
+        if stack is not None:
+            stack.close()
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.stack is None:
+            raise RuntimeError("HeadRows called outside its `with` block (its weight is not gathered there)")
+        with torch.no_grad():  # a teacher's parameters may require grad (its engine has an optimizer)
+            if self.weights is None:
+                self.stack.enter_context(self.gather())
+                head, V = self.head, self.head.vocab
+                self.weights = (head.weight[:V], None if head.bias is None else head.bias[:V])
+            return _chunk_logits(hidden, *self.weights, self.head.transform)[1]
 
 
 def _head_forward(self: torch.nn.Linear, hidden: torch.Tensor, loss: HeadLoss | None = None) -> torch.Tensor:
