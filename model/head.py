@@ -125,10 +125,21 @@ def _grad_of_chunk(h, w, b, transform, loss: HeadLoss, s: slice, grad_output=Non
         if observe and loss.observe is not None:
             loss.observe(z.detach(), s)
         part = loss.fn(z, s)
+        if isinstance(grad_output, tuple):  # HeadLoss.weights
+            grad_output = torch.tensor(grad_output, dtype=part.dtype, device=part.device)
         if grad_output is None and part.numel() != 1:
             return part.detach(), None
         (gz,) = torch.autograd.grad(part, raw, grad_output)
     return part.detach(), gz
+
+
+def _along(grad: torch.Tensor, direction: torch.Tensor) -> torch.Tensor | None:
+    """r with grad = r · direction up to the rounding of the products that made grad (the loop's weight
+    times its count's scale), or None: then the gradients taken in forward along `direction` are not it."""
+    grad = grad.to(direction.dtype)
+    r = (grad @ direction) / (direction @ direction)
+    eps = torch.finfo(direction.dtype).eps
+    return r if torch.allclose(grad, r * direction, rtol=8 * eps, atol=0) else None
 
 
 class _ChunkedHead(torch.autograd.Function):
@@ -138,8 +149,10 @@ class _ChunkedHead(torch.autograd.Function):
     and w's and b's gradients by two matmuls.
 
     A scalar loss (one term: CE, KD at alpha 1, on-policy) takes its gradients in forward, as a fused
-    linear cross-entropy does, and backward only scales them: the logits are made once. A loss of several
-    values (KD + CE, per-sequence scores) cannot be weighted before backward: forward computes the values
+    linear cross-entropy does, and backward only scales them: the logits are made once. So does a loss of
+    several values with `HeadLoss.weights` (KD + CE: alpha and 1 − alpha), along those weights, when
+    backward's grad_output is along them too. Otherwise (per-sequence scores, terms weighed by counts not
+    known here) a loss of several values cannot be weighted before backward: forward computes the values
     and backward makes each chunk's logits again, weighted by grad_output.
     """
 
@@ -148,7 +161,7 @@ class _ChunkedHead(torch.autograd.Function):
         total, grads = None, None
         for i, s in enumerate(slices):
             if i == 0 or grads is not None:
-                part, gz = _grad_of_chunk(h, w, b, transform, loss, s, observe=True)
+                part, gz = _grad_of_chunk(h, w, b, transform, loss, s, loss.weights, observe=True)
                 if gz is not None:
                     grads = grads or _Grads(h, w, b, ctx.needs_input_grad)
                     grads.add(s, h[s], w, gz)
@@ -158,16 +171,20 @@ class _ChunkedHead(torch.autograd.Function):
                     loss.observe(z, s)
                 part = loss.fn(z, s)
             total = part if total is None else total + part
-        ctx.grads, ctx.applied = grads, None
-        if grads is None:
+        ctx.grads, ctx.applied, ctx.direction = grads, None, None
+        if grads is None or loss.weights is not None:  # backward may have to make the chunks again
             ctx.save_for_backward(h, w, b)
             ctx.transform, ctx.loss, ctx.slices = transform, loss, slices
+        if grads is not None and loss.weights is not None:
+            ctx.direction = torch.tensor(loss.weights, dtype=total.dtype, device=total.device)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        scale = None
         if ctx.grads is not None:
-            scale = grad.reshape(())
+            scale = grad.reshape(()) if ctx.direction is None else _along(grad, ctx.direction)
+        if scale is not None:
             if ctx.applied is None:  # scaled in place: no second (V, H) buffer
                 ctx.applied = scale
                 return (*ctx.grads.result(scale), None, None, None)

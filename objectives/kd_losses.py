@@ -51,7 +51,10 @@ def soft_label_loss(
             return torch.stack([kd, ce(z, s)]) if alpha < 1.0 else kd[None]
 
         observe, agree = agreement_observer(teacher[0], labels, max_tokens=AGREEMENT_TOKENS)
-        terms = _terms(model, batch, HeadLoss(fn, live, observe))
+        # The loop weighs the terms alpha and 1 − alpha over one count (soft_label_counts): the head takes
+        # both terms' gradients in forward along those weights, from one chunk of logits.
+        weights = (alpha, 1.0 - alpha) if alpha < 1.0 else None
+        terms = _terms(model, batch, HeadLoss(fn, live, observe, weights=weights))
         sums = dict(zip(("kd", "ce"), terms, strict=False))
         seen = float(agree["tokens"])
         return Loss(sums, {k: (float(agree[k]), seen) for k in ("student_topk_mass", "top1_agreement")})

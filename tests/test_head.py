@@ -88,13 +88,17 @@ def test_every_loss_from_hidden_chunks_equals_it_on_whole_logits(arch):
             logits = whole()
             return 0.4 * kd_sum(logits, teacher, labels, kind, 2.0, 0.3)[0] + 0.6 * nll_sum(logits, labels)[0]
 
-        cases.append(
-            (
-                kind,
+        def weighed(loss=loss):  # as the loop weighs the terms: along HeadLoss.weights, taken in forward
+            sums = loss(model, batch).sums
+            return 0.4 * sums["kd"] + 0.6 * sums["ce"]
+
+        cases.append((kind, weighed, ref))
+        if kind == "fkl":  # each term from a call of its own: not along the weights, backward remakes chunks
+            cases.append((
+                "fkl, terms apart",
                 lambda loss=loss: 0.4 * loss(model, batch).sums["kd"] + 0.6 * loss(model, batch).sums["ce"],
                 ref,
-            )
-        )
+            ))  # fmt: skip
     sampled_batch = {"input_ids": ids, "loss_mask": batch["loss_mask"], **sampled}
     cases.append((
         "sampled",
@@ -167,6 +171,32 @@ def test_gradcheck_of_the_chunked_head_with_bias_and_soft_cap():
 
     assert f(h, w, b).shape == (2,) and torch.autograd.gradcheck(f, (h, w, b))
     assert torch.autograd.gradcheck(lambda h, w, b: f(h, w, b, mixed), (h, w, b))
+
+    # Two values with HeadLoss.weights (the loop's term weights): their gradients are taken in forward along
+    # the weights; a backward along them only scales them (fn not called again), any other backward makes
+    # the chunks again. Both give what the head without weights gives.
+    calls = []
+
+    def run(weights, out_grad):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+        head = SimpleNamespace(
+            vocab=v, rows=3, transform=lambda x: torch.tanh(x / 2.0) * 2.0, weight=leaves[1], bias=leaves[2]
+        )
+        value = chunked_loss(
+            head, leaves[0], HeadLoss(lambda z, s: calls.append(s) or loss(z, s), live, weights=weights)
+        )
+        calls.clear()
+        value.backward(out_grad)
+        return value, [t.grad for t in leaves], len(calls)
+
+    along = torch.tensor([0.3, 0.7], dtype=torch.float64) * 2.5
+    across = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    for out_grad, remade in ((along, False), (across, True), (along * 0, False)):
+        want, want_grads, _ = run(None, out_grad)
+        got, got_grads, calls_in_backward = run((0.3, 0.7), out_grad)
+        assert torch.equal(got, want) and (calls_in_backward > 0) == remade
+        for g, r in zip(got_grads, want_grads, strict=True):
+            assert torch.allclose(g, r, rtol=1e-12, atol=1e-14)
 
 
 def test_no_loss_and_no_evaluation_asks_for_whole_logits(monkeypatch):
