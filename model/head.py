@@ -14,7 +14,9 @@ parameter, buffer or config (an export is byte for byte what it was) and gives t
   matmul, bias and the architecture's final logit transform (`logit_transform`) on chunk_rows(V) rows
   (~64 MiB of float32 per chunk at any V); autograd on the chunk alone differentiates `fn` on them, and two
   matmuls write the chunk's gradients w.r.t. the hidden rows and the head's weight and bias straight into
-  their buffers: in forward for a one-value loss, in backward (the chunk made again) for several values. Peak memory is O(chunk × V + B·T × H + V × H) whatever the loss: CE, every KD kind and
+  their buffers: in forward for a one-value loss or one of several values told their weights
+  (`HeadLoss.weights`), in backward (the chunk made again) for the others. Peak memory is
+  O(chunk × V + B·T × H + V × H) whatever the loss: CE, every KD kind and
   encoding, cross-tokenizer, on-policy and the contrastive likelihood scorer all go through here. So does
   the teacher side's soft-label encoding, without gradient: a HeadLoss whose fn encodes a chunk and returns
   0, in the encoder's own chunks (`HeadLoss.slices`; data_pipeline/encodings.py, `encode_head`). On-policy
