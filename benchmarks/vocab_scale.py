@@ -1,6 +1,7 @@
 """Large vocabularies: peak memory and step time of a KD step vs a cross-entropy step, per vocabulary size.
 
     python benchmarks/vocab_scale.py [--vocabs 32000 128000 152064] [--steps 5] [--tokens 512] [--micro 4]
+        [--arms ce "kd topk8 fkl + ce" ...] [--rows 0 512]
 
 A Llama-style student of hidden 256 (2 layers, untied head: 2·V·256 embedding parameters) trains on
 micro-batches of 4 × 512 tokens with torch AdamW, one process. Arms, each in a fresh process so its
@@ -16,24 +17,29 @@ memory high-water mark is its own:
   float32 log-softmax of the batch for backward;
 - `kd topk8 fkl`: the distill stage's loss (`soft_label_loss`, forward KL on top-8 + tail bins, plus the
   agreement metrics), soft labels as a reader returns them;
-- `kd topk8 fkl + ce`: the same at alpha 0.5 (two terms: the head remakes each chunk's logits in
-  backward, model/head.py);
+- `kd topk8 fkl + ce`: the same at alpha 0.5 (two terms, whose weights the loss tells the head: it takes
+  their gradients in forward from one chunk of logits, as for one term, model/head.py);
+- `kd topk8 fkl + ce (remade)`: the same without telling the head the weights, as a loss whose terms are
+  weighed by counts only the loop knows (cross-tokenizer): backward makes each chunk's logits again;
 - `kd sampled8`: the same on 8 sampled draws per token (the default encoding).
 All arms but `floor` and the two whole-logits ones never hold (B·T, V) logits. Peak memory: the process's resident high-water mark (VmHWM) over the timed steps, reset after one warm-up
 step, and the part of it above the resident size before the steps (what the step itself adds beyond
-weights, gradients and Adam state). Time: median of the timed steps. Ratios are to the `floor` arm of the same
+weights, gradients and Adam state). `--rows`: the head's rows per chunk, each value a run of every chunked arm (0:
+chunk_rows(V), ~64 MiB of float32 logits a chunk). Time: median of the timed steps. Ratios are to the `floor` arm of the same
 vocabulary (memory) and to `ce (whole logits)` (time), all measured in one run. Prints a table, writes benchmarks/results/vocab_scale.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,12 +47,26 @@ import torch.nn.functional as F
 
 from stablekd.model.head import install_head
 from stablekd.objectives.kd_losses import soft_label_loss
-from stablekd.objectives.lm import Loss, lm_loss, nll_sum
+from stablekd.objectives.lm import HeadLoss, Loss, chunk_rows, lm_loss, nll_sum
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = (
-    "floor", "ce", "ce (whole logits)", "ce (F.cross_entropy)", "kd topk8 fkl", "kd topk8 fkl + ce", "kd sampled8",
+    "floor", "ce", "ce (whole logits)", "ce (F.cross_entropy)", "kd topk8 fkl", "kd topk8 fkl + ce",
+    "kd topk8 fkl + ce (remade)", "kd sampled8",
 )  # fmt: skip
+CHUNKED = ("ce", "kd topk8 fkl", "kd topk8 fkl + ce", "kd topk8 fkl + ce (remade)", "kd sampled8")
+
+
+def _unweighted(loss: Callable[[torch.nn.Module, dict], Loss]) -> Callable[[torch.nn.Module, dict], Loss]:
+    """`loss` with its HeadLoss.weights dropped: the head's path for terms it cannot weigh in forward."""
+
+    def run(model: torch.nn.Module, batch: dict) -> Loss:
+        def forward(head_loss: HeadLoss, **kwargs):
+            return model(head_loss=dataclasses.replace(head_loss, weights=None), **kwargs)
+
+        return loss(forward, batch)
+
+    return run
 
 
 def _floor(model: torch.nn.Module, batch: dict) -> Loss:
@@ -86,7 +106,7 @@ def _memory_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def one_arm(arm: str, vocab: int, steps: int, micro: int, tokens: int) -> dict:
+def one_arm(arm: str, vocab: int, steps: int, micro: int, tokens: int, rows: int = 0) -> dict:
     """Run one arm in this process; returns its figures."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,7 +115,7 @@ def one_arm(arm: str, vocab: int, steps: int, micro: int, tokens: int) -> dict:
         vocab_size=vocab, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=tokens, tie_word_embeddings=False,
     )  # fmt: skip
-    model = install_head(LlamaForCausalLM(config), vocab)
+    model = install_head(LlamaForCausalLM(config), vocab, rows or None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = {
         "floor": _floor,
@@ -104,6 +124,7 @@ def one_arm(arm: str, vocab: int, steps: int, micro: int, tokens: int) -> dict:
         "ce (F.cross_entropy)": _stock_ce,
         "kd topk8 fkl": soft_label_loss("fkl"),
         "kd topk8 fkl + ce": soft_label_loss("fkl", alpha=0.5),
+        "kd topk8 fkl + ce (remade)": _unweighted(soft_label_loss("fkl", alpha=0.5)),
         "kd sampled8": soft_label_loss("fkl"),
     }[arm]
     batch = _batch(arm, vocab, micro, tokens, torch.Generator().manual_seed(1))
@@ -131,20 +152,25 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    ap.add_argument("--one", nargs=2, metavar=("ARM", "VOCAB"), help=argparse.SUPPRESS)  # a child process
+    ap.add_argument("--rows", type=int, nargs="+", default=[0], help="rows per chunk (0: chunk_rows(V))")
+    ap.add_argument("--one", nargs=3, metavar=("ARM", "VOCAB", "ROWS"), help=argparse.SUPPRESS)  # a child
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vocab_scale.json"))
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one_arm(args.one[0], int(args.one[1]), args.steps, args.micro, args.tokens)))
+        arm, vocab, rows = args.one[0], int(args.one[1]), int(args.one[2])
+        print(json.dumps(one_arm(arm, vocab, args.steps, args.micro, args.tokens, rows)))
         return
 
     rows = []
     for vocab in args.vocabs:
-        for arm in args.arms:
-            cmd = [sys.executable, __file__, "--one", arm, str(vocab), "--steps", str(args.steps)]
+        # the head's chunks matter only to the arms that compute from the hidden state chunk by chunk
+        runs = [(a, r) for a in args.arms for r in (args.rows if a in CHUNKED else [0])]
+        for arm, chunk in runs:
+            cmd = [sys.executable, __file__, "--one", arm, str(vocab), str(chunk), "--steps", str(args.steps)]
             cmd += ["--micro", str(args.micro), "--tokens", str(args.tokens)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows.append({"vocab": vocab, "arm": arm, **json.loads(out.strip().splitlines()[-1])})
+            rows.append({"vocab": vocab, "arm": arm, "rows": chunk or chunk_rows(vocab),
+                         **json.loads(out.strip().splitlines()[-1])})  # fmt: skip
             print(f"  V {vocab} {arm}: {rows[-1]}", file=sys.stderr, flush=True)
     for row in rows:
         same = {r["arm"]: r for r in rows if r["vocab"] == row["vocab"]}
@@ -173,11 +199,13 @@ def main() -> None:
         f"median of {args.steps} steps"
     )
     print(
-        f"{'V':>7} {'arm':22} {'step s':>7} {'vs whole ce':>11} {'peak MiB':>9} {'vs floor':>8} {'step MiB':>9}"
+        f"{'V':>7} {'arm':22} {'rows':>5} {'step s':>7} {'vs whole ce':>11} {'peak MiB':>9} {'vs floor':>8} "
+        f"{'step MiB':>9}"
     )
     for r in rows:
         print(
-            f"{r['vocab']:7d} {r['arm']:22} {r['step_s']:7.2f} {r.get('time_vs_whole_ce', float('nan')):11.2f} "
+            f"{r['vocab']:7d} {r['arm']:22} {r['rows']:5d} {r['step_s']:7.2f} "
+            f"{r.get('time_vs_whole_ce', float('nan')):11.2f} "
             f"{r['peak_mib']:9.0f} {r.get('peak_vs_floor', float('nan')):8.2f} {r['step_mib']:9.0f}"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,16 @@ second one and every rank decides alike. An on-policy micro-batch still draws th
 source advances as it would offline) and uses the first `prompt_tokens` tokens of each of its records as
 prompts: the student continues each by sampling (`sample`, under a seed of (seed, i, rank), so a resumed
 run samples what the uninterrupted one would; drawn from a generator of its own, so the training RNG,
-CPU and CUDA, is left untouched), the teacher scores the
-whole sequence once (its logits (B, T, V) are the batch's `teacher_logits`, the only copy), and the loss
-counts the generated tokens only: the prompt and what follows a generated EOS are masked.
+CPU and CUDA, is left untouched), the teacher runs its trunk on the
+whole sequence once (its last hidden state (B, T, H) is the batch's `teacher_hidden`, its head the batch's
+`teacher_head`, a model/head.py `HeadRows`), and the loss counts the generated tokens only: the prompt and
+what follows a generated EOS are masked. The teacher's logits are made only inside the student's chunk
+loop, one chunk of rows beside the student's (objectives/kd_losses.py `with_on_policy`): neither model's
+(B·T, V) logits ever exist.
 
-Lockstep: `sample` (a ZeRO-3 student generates with synced_gpus) and the teacher's forward gather
-parameters collectively; every rank draws the same micro-batches, so every rank makes the same calls.
+Lockstep: `sample` (a ZeRO-3 student generates with synced_gpus), the teacher's forward and, in the loss,
+the teacher's head (gathered once per on-policy micro-batch) gather parameters collectively; every rank
+draws the same micro-batches and computes their losses in the same order, so every rank makes the same calls.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ class OnPolicy:
         sample: (prompts (B, P), seed) -> sequences (B, P + N) sampled by the student (N new tokens; rows
             that end early are padded after their EOS) with a generator of its own seeded by `seed`: neither
             the global nor any CUDA generator is used or reseeded (launcher/rank/distill_parts.py `sampler`).
-        teacher: `logits(ids)` (B, T) -> (B, T, V) over the run's ids (model.sharded_teacher.ShardedTeacher).
+        teacher: `hidden(ids)` (B, T) -> (B, T, H) its last hidden state and `head_rows()` its head as a
+            `HeadRows` over the run's ids (model.sharded_teacher.ShardedTeacher).
         share: λ in (0, 1]. prompt_tokens: P. seed, rank: what the sampling seed is made of.
         eos_id: the tokenizer's EOS.
     """
@@ -101,14 +106,15 @@ class OnPolicy:
             ids = self.sample(prompts, self.seed_of(index)).cpu()
         t1 = time.perf_counter()
         with torch.no_grad():
-            logits = self.teacher.logits(ids)
+            hidden = self.teacher.hidden(ids)
         labels = generated_labels(ids, prompts.shape[1], self.eos_id)
         return {
             "input_ids": ids,
             "labels": labels,
-            "teacher_logits": logits,
+            "teacher_hidden": hidden,
+            "teacher_head": self.teacher.head_rows(),  # not a tensor: moved, digested as nothing
             "generate_s": t1 - t0,  # floats, not tensors: a trace's batch digest stays the samples'
-            "teacher_s": time.perf_counter() - t1,
+            "teacher_s": time.perf_counter() - t1,  # the trunk; the head's matmuls are in the loss's time
         }
 
     def state_dict(self) -> dict:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ import torch.distributed as dist
 from stablekd.data_pipeline import encodings
 from stablekd.data_pipeline.shards.reader import widen
 from stablekd.objectives.lm import IGNORE_INDEX, HeadLoss
+
+if TYPE_CHECKING:  # a type only: model imports data_pipeline
+    from stablekd.model.head import HeadRows
 
 T = TypeVar("T")
 
@@ -41,7 +44,11 @@ class Teacher(Protocol):
     # (``model(input_ids=..., head_loss=...)[0]``, model/head.py): what the soft labels are encoded from
     def head(self, input_ids: torch.Tensor, head_loss: HeadLoss) -> torch.Tensor: ...
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [B, L] -> [B, L, V]: on-policy only
+    # on-policy scoring (data_pipeline/on_policy.py): [B, L] -> [B, L, H] the head's input, and the head as a
+    # function of hidden rows (model/head.py `last_hidden`, `HeadRows`)
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def head_rows(self) -> HeadRows: ...
 
     def idle_forward(self) -> None: ...  # one forward whose output is discarded (keeps ZeRO-3 in step)
 

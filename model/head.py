@@ -14,10 +14,14 @@ parameter, buffer or config (an export is byte for byte what it was) and gives t
   matmul, bias and the architecture's final logit transform (`logit_transform`) on chunk_rows(V) rows
   (~64 MiB of float32 per chunk at any V); autograd on the chunk alone differentiates `fn` on them, and two
   matmuls write the chunk's gradients w.r.t. the hidden rows and the head's weight and bias straight into
-  their buffers: in forward for a one-value loss, in backward (the chunk made again) for several values. Peak memory is O(chunk × V + B·T × H + V × H) whatever the loss: CE, every KD kind and
+  their buffers: in forward for a one-value loss or one of several values told their weights
+  (`HeadLoss.weights`), in backward (the chunk made again) for the others. Peak memory is
+  O(chunk × V + B·T × H + V × H) whatever the loss: CE, every KD kind and
   encoding, cross-tokenizer, on-policy and the contrastive likelihood scorer all go through here. So does
   the teacher side's soft-label encoding, without gradient: a HeadLoss whose fn encodes a chunk and returns
-  0, in the encoder's own chunks (`HeadLoss.slices`; data_pipeline/encodings.py, `encode_head`).
+  0, in the encoder's own chunks (`HeadLoss.slices`; data_pipeline/encodings.py, `encode_head`). On-policy
+  scoring makes the teacher's chunk beside the student's: the teacher's `last_hidden` and its head as
+  `HeadRows`, called inside the student's chunk loop (objectives/kd_losses.py, `with_on_policy`).
 
 ZeRO-3: the work is done inside the head module's own forward, so DeepSpeed's module hooks gather its
 partitioned weight once for the forward (and once for the backward, as for any layer), never per chunk, and
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from types import MethodType
 
 import torch
@@ -122,10 +127,21 @@ def _grad_of_chunk(h, w, b, transform, loss: HeadLoss, s: slice, grad_output=Non
         if observe and loss.observe is not None:
             loss.observe(z.detach(), s)
         part = loss.fn(z, s)
+        if isinstance(grad_output, tuple):  # HeadLoss.weights
+            grad_output = torch.tensor(grad_output, dtype=part.dtype, device=part.device)
         if grad_output is None and part.numel() != 1:
             return part.detach(), None
         (gz,) = torch.autograd.grad(part, raw, grad_output)
     return part.detach(), gz
+
+
+def _along(grad: torch.Tensor, direction: torch.Tensor) -> torch.Tensor | None:
+    """r with grad = r · direction up to the rounding of the products that made grad (the loop's weight
+    times its count's scale), or None: then the gradients taken in forward along `direction` are not it."""
+    grad = grad.to(direction.dtype)
+    r = (grad @ direction) / (direction @ direction)
+    eps = torch.finfo(direction.dtype).eps
+    return r if torch.allclose(grad, r * direction, rtol=8 * eps, atol=0) else None
 
 
 class _ChunkedHead(torch.autograd.Function):
@@ -135,8 +151,10 @@ class _ChunkedHead(torch.autograd.Function):
     and w's and b's gradients by two matmuls.
 
     A scalar loss (one term: CE, KD at alpha 1, on-policy) takes its gradients in forward, as a fused
-    linear cross-entropy does, and backward only scales them: the logits are made once. A loss of several
-    values (KD + CE, per-sequence scores) cannot be weighted before backward: forward computes the values
+    linear cross-entropy does, and backward only scales them: the logits are made once. So does a loss of
+    several values with `HeadLoss.weights` (KD + CE: alpha and 1 − alpha), along those weights, when
+    backward's grad_output is along them too. Otherwise (per-sequence scores, terms weighed by counts not
+    known here) a loss of several values cannot be weighted before backward: forward computes the values
     and backward makes each chunk's logits again, weighted by grad_output.
     """
 
@@ -145,7 +163,7 @@ class _ChunkedHead(torch.autograd.Function):
         total, grads = None, None
         for i, s in enumerate(slices):
             if i == 0 or grads is not None:
-                part, gz = _grad_of_chunk(h, w, b, transform, loss, s, observe=True)
+                part, gz = _grad_of_chunk(h, w, b, transform, loss, s, loss.weights, observe=True)
                 if gz is not None:
                     grads = grads or _Grads(h, w, b, ctx.needs_input_grad)
                     grads.add(s, h[s], w, gz)
@@ -155,16 +173,20 @@ class _ChunkedHead(torch.autograd.Function):
                     loss.observe(z, s)
                 part = loss.fn(z, s)
             total = part if total is None else total + part
-        ctx.grads, ctx.applied = grads, None
-        if grads is None:
+        ctx.grads, ctx.applied, ctx.direction = grads, None, None
+        if grads is None or loss.weights is not None:  # backward may have to make the chunks again
             ctx.save_for_backward(h, w, b)
             ctx.transform, ctx.loss, ctx.slices = transform, loss, slices
+        if grads is not None and loss.weights is not None:
+            ctx.direction = torch.tensor(loss.weights, dtype=total.dtype, device=total.device)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        scale = None
         if ctx.grads is not None:
-            scale = grad.reshape(())
+            scale = grad.reshape(()) if ctx.direction is None else _along(grad, ctx.direction)
+        if scale is not None:
             if ctx.applied is None:  # scaled in place: no second (V, H) buffer
                 ctx.applied = scale
                 return (*ctx.grads.result(scale), None, None, None)
@@ -202,6 +224,55 @@ def chunked_loss(head: torch.nn.Linear, hidden: torch.Tensor, loss: HeadLoss) ->
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b)):
         return _ChunkedHead.apply(h, w, b, head.transform, loss, slices)
     return _forward_chunks(h, w, b, head.transform, loss, slices)
+
+
+def _nothing(z: torch.Tensor, rows: slice) -> torch.Tensor:
+    return z.new_zeros(())
+
+
+def last_hidden(model: Callable[..., tuple], input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, H): the last hidden state of `model` (an installed model or its DeepSpeed engine), the head's
+    input, without a row of logits: the head runs on zero rows, so under ZeRO-3 the same parameters are
+    gathered in the same order as in any head-path forward (DeepSpeed's prefetch trace stays valid). Without
+    gradient: what another model's loss reads (on-policy scoring)."""
+    with torch.no_grad():
+        return model(input_ids=input_ids, head_loss=HeadLoss(_nothing, slices=[slice(0, 0)]))[1]
+
+
+class HeadRows:
+    """A head as a function of hidden rows: (n, H) -> its logits (n, V), cut to its vocabulary, with its
+    bias and the architecture's logit transform (`_chunk_logits`, as `chunked_loss` makes a chunk), without
+    gradient. For a loss that needs another model's logits chunk by chunk beside its own (on-policy: the
+    teacher's, objectives/kd_losses.py `with_on_policy`), from that model's `last_hidden`.
+
+    Use it as a context manager: `gather()` (ZeRO-3: deepspeed.zero.GatheredParameters of the head's
+    parameters, a collective) is entered at the first call, so the weight is gathered once for all the
+    chunks, and left with the context. A loss that calls it at least once per use (chunked_loss always
+    runs a chunk) therefore gathers on every rank alike. Only the rows' logits ever exist."""
+
+    def __init__(self, head: torch.nn.Linear, gather: Callable[[], AbstractContextManager] | None = None):
+        self.head, self.gather = head, gather or nullcontext
+        self.stack: ExitStack | None = None
+        self.weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def __enter__(self) -> HeadRows:
+        self.stack = ExitStack()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self.stack, self.weights = self.stack, None, None
+        if stack is not None:
+            stack.close()
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.stack is None:
+            raise RuntimeError("HeadRows called outside its `with` block (its weight is not gathered there)")
+        with torch.no_grad():  # a teacher's parameters may require grad (its engine has an optimizer)
+            if self.weights is None:
+                self.stack.enter_context(self.gather())
+                head, V = self.head, self.head.vocab
+                self.weights = (head.weight[:V], None if head.bias is None else head.bias[:V])
+            return _chunk_logits(hidden, *self.weights, self.head.transform)[1]
 
 
 def _head_forward(self: torch.nn.Linear, hidden: torch.Tensor, loss: HeadLoss | None = None) -> torch.Tensor:

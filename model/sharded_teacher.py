@@ -45,6 +45,7 @@ from stablekd.data_pipeline.files import read_marker
 from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.model.build import build_model, generation_config
+from stablekd.model.head import HeadRows, last_hidden
 from stablekd.objectives.lm import HeadLoss
 
 UNIVERSAL_SUFFIX = "_universal"
@@ -159,8 +160,9 @@ class ShardedTeacher:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] -> the whole [B, L, V] logits over the run's V = len(tokenizer) ids (the built model's head
-        cuts padded rows: model/head.py; the engine's dtype: bf16 when the teacher trained in bf16). Only
-        on-policy scoring (data_pipeline/on_policy.py) still asks for them; soft labels go through `head`."""
+        cuts padded rows: model/head.py; the engine's dtype: bf16 when the teacher trained in bf16). No
+        training path asks for them (soft labels go through `head`, on-policy scoring through `hidden` and
+        `head_rows`); tests compare against them."""
         with torch.no_grad():
             return self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits
 
@@ -172,6 +174,20 @@ class ShardedTeacher:
         with torch.no_grad():
             total, _ = self.engine(input_ids=input_ids.to(self.device), head_loss=head_loss)
         return total
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, L, H] the last hidden state, the head's input, through the engine (model/head.py
+        `last_hidden`: the head runs on zero rows, so a forward gathers what a `head` forward gathers)."""
+        with torch.no_grad():
+            return last_hidden(self.engine, input_ids.to(self.device))
+
+    def head_rows(self) -> HeadRows:
+        """The head as a function of hidden rows (model/head.py `HeadRows`): under ZeRO-3 its parameters
+        are gathered once per `with` block, at its first call (collective: every rank calls it alike)."""
+        model = getattr(self.engine, "module", self.engine)  # an engine's model, or a plain model (tests)
+        head = model.get_output_embeddings()
+        gather = (lambda: deepspeed.zero.GatheredParameters(list(head.parameters()))) if self.zero3 else None
+        return HeadRows(head, gather)
 
     def idle_forward(self) -> None:
         """One forward of a single EOS token through the trunk and the head, output discarded: this rank's

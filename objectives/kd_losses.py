@@ -51,7 +51,10 @@ def soft_label_loss(
             return torch.stack([kd, ce(z, s)]) if alpha < 1.0 else kd[None]
 
         observe, agree = agreement_observer(teacher[0], labels, max_tokens=AGREEMENT_TOKENS)
-        terms = _terms(model, batch, HeadLoss(fn, live, observe))
+        # The loop weighs the terms alpha and 1 − alpha over one count (soft_label_counts): the head takes
+        # both terms' gradients in forward along those weights, from one chunk of logits.
+        weights = (alpha, 1.0 - alpha) if alpha < 1.0 else None
+        terms = _terms(model, batch, HeadLoss(fn, live, observe, weights=weights))
         sums = dict(zip(("kd", "ce"), terms, strict=False))
         seen = float(agree["tokens"])
         return Loss(sums, {k: (float(agree[k]), seen) for k in ("student_topk_mass", "top1_agreement")})
@@ -124,22 +127,30 @@ def with_on_policy(
     beta: float = 0.5,
     skew: float = 0.1,
 ) -> Callable[[torch.nn.Module, dict], Loss]:
-    """`offline` on soft-label micro-batches; on on-policy ones (a `teacher_logits` key) the term
-    ON_POLICY: ``kd_sum`` of the `kind` divergence between the teacher's full logits and the student's on
-    the student's own generated tokens (no CE: a sample is no reference), metrics generated_tokens and
-    the seconds spent generating and scoring per on-policy micro-batch."""
+    """`offline` on soft-label micro-batches; on on-policy ones (a `teacher_hidden` key) the term
+    ON_POLICY: ``kd_sum`` of the `kind` divergence between the teacher's full-vocabulary logits and the
+    student's on the student's own generated tokens (no CE: a sample is no reference), metrics
+    generated_tokens and the seconds spent generating and scoring per on-policy micro-batch.
+
+    Chunk by chunk: within each row chunk of the student's head (model/head.py) the teacher's logits of the
+    same rows are made from its last hidden state (`teacher_hidden`, (B, T, H)) by its head
+    (`teacher_head`, a `HeadRows`: its cut, bias and logit transform; gathered once under ZeRO-3), so
+    neither model's (B·T, V) logits exist. The term is one value, so the head takes its gradients in
+    forward and never calls `fn` again in backward, after the teacher's head is released."""
     check_params(kind, temperature, beta, skew)
 
     def loss(model: torch.nn.Module, batch: dict) -> Loss:
-        if "teacher_logits" not in batch:
+        if "teacher_hidden" not in batch:
             return offline(model, batch)
-        teacher = teacher_rows(batch["teacher_logits"])  # (B·T, V)
+        hidden = batch["teacher_hidden"]
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, H)
         _, live = ce_fn(batch["labels"])
+        with batch["teacher_head"] as teacher:
 
-        def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
-            return kd_rows(z, teacher[s], live[s], kind, temperature, beta, skew, z.shape[0])
+            def fn(z: torch.Tensor, s: slice) -> torch.Tensor:
+                return kd_rows(z, teacher(hidden[s]), live[s], kind, temperature, beta, skew, z.shape[0])
 
-        kd = _terms(model, batch, HeadLoss(fn, live))
+            kd = _terms(model, batch, HeadLoss(fn, live))
         metrics = {k: (float(batch[k]), 1.0) for k in ("generate_s", "teacher_s")}
         return Loss({ON_POLICY: kd}, {"generated_tokens": (float(live.sum()), 1.0), **metrics})
 
@@ -150,7 +161,7 @@ def on_policy_counts(offline: Callable[[dict], dict[str, int]]) -> Callable[[dic
     """Counts of a mixed source: an on-policy micro-batch counts its generated tokens for ON_POLICY."""
 
     def count(batch: dict) -> dict[str, int]:
-        if "teacher_logits" not in batch:
+        if "teacher_hidden" not in batch:
             return offline(batch)
         return {ON_POLICY: int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())}
 

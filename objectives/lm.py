@@ -168,12 +168,17 @@ class HeadLoss:
         whose results depend on where chunks start: the teacher side's encoders (data_pipeline/encodings.py,
         `encode_head`) take a record's positions in the runs `Encoding.per_record` takes them in. None: the
         head's own even chunks of chunk_rows(V) rows.
+    weights: for an fn of several values (terms), the direction backward is expected to weigh them along
+        (the loop's term weights, when their counts are equal): the head then takes their gradients in
+        forward along it, as for one value, and backward only scales them when its grad_output is along it
+        (else it makes each chunk again, as without weights). None: no expectation.
     """
 
     fn: Callable[[torch.Tensor, slice], torch.Tensor]
     live: torch.Tensor | None = None
     observe: Callable[[torch.Tensor, slice], None] | None = None
     slices: list[slice] | None = None
+    weights: tuple[float, ...] | None = None
 
 
 def next_token_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

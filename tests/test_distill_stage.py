@@ -39,6 +39,7 @@ from stablekd.launcher.driver import preflight
 from stablekd.launcher.rank import distill_parts
 from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.model.build import build_model
+from stablekd.model.head import HeadRows, last_hidden
 from stablekd.objectives.cross_tokenizer import cross_kd_sum
 from stablekd.objectives.kd import kd_sum, soft_label_counts
 from stablekd.objectives.kd_losses import ON_POLICY, cross_counts, on_policy_counts
@@ -125,9 +126,10 @@ def reference_losses(run: Path, steps: int, student_tok: Path | None = None) -> 
         for b in batches:
             ids = b["input_ids"].long()
             logits = model(input_ids=ids).logits[..., : len(tok)]
-            if "teacher_logits" in b:
+            if "teacher_hidden" in b:  # the reference scores with the teacher's whole logits
                 kind = d.on_policy_kind or d.kind
-                kd, _ = kd_sum(logits, b["teacher_logits"], b["labels"], kind, d.temperature, d.beta)
+                whole = ranks[0].teacher.logits(ids).detach()
+                kd, _ = kd_sum(logits, whole, b["labels"], kind, d.temperature, d.beta)
                 (kd / n_op).backward()
                 loss += float(kd.detach()) / n_op
                 continue
@@ -241,8 +243,14 @@ class PlainTeacher:
         self.model = model
         self.vocab_size = model.config.vocab_size
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:  # on-policy scoring
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:  # the reference's on-policy scoring, whole
         return self.model(input_ids=ids).logits
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:  # on-policy scoring, chunk by chunk
+        return last_hidden(self.model, ids)
+
+    def head_rows(self) -> HeadRows:
+        return HeadRows(self.model.get_output_embeddings())
 
     def head(self, ids: torch.Tensor, head_loss) -> torch.Tensor:  # online soft labels, chunk by chunk
         return self.model(input_ids=ids, head_loss=head_loss)[0]

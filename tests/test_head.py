@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, PhiConfig
 
 from stablekd.model import head as head_module
-from stablekd.model.head import chunked_loss, install_head
+from stablekd.model.head import HeadRows, chunked_loss, install_head, last_hidden
 from stablekd.objectives.cross_tokenizer import cross_kd_sum
 from stablekd.objectives.kd import SampledLabels, kd_rows, kd_sum
 from stablekd.objectives.kd_losses import cross_tokenizer_loss, soft_label_loss, with_on_policy
@@ -21,8 +21,8 @@ V, ROWS, B, T, K = 52, 59, 2, 11, 4  # tokenizer ids, embedding rows (padded), b
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
-def _model(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
+def _model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     config = {
         "llama": lambda: LlamaConfig(vocab_size=ROWS, tie_word_embeddings=False, **SMALL),
         "gpt2": lambda: GPT2Config(vocab_size=ROWS, n_embd=16, n_layer=1, n_head=2),  # tied head
@@ -88,13 +88,17 @@ def test_every_loss_from_hidden_chunks_equals_it_on_whole_logits(arch):
             logits = whole()
             return 0.4 * kd_sum(logits, teacher, labels, kind, 2.0, 0.3)[0] + 0.6 * nll_sum(logits, labels)[0]
 
-        cases.append(
-            (
-                kind,
+        def weighed(loss=loss):  # as the loop weighs the terms: along HeadLoss.weights, taken in forward
+            sums = loss(model, batch).sums
+            return 0.4 * sums["kd"] + 0.6 * sums["ce"]
+
+        cases.append((kind, weighed, ref))
+        if kind == "fkl":  # each term from a call of its own: not along the weights, backward remakes chunks
+            cases.append((
+                "fkl, terms apart",
                 lambda loss=loss: 0.4 * loss(model, batch).sums["kd"] + 0.6 * loss(model, batch).sums["ce"],
                 ref,
-            )
-        )
+            ))  # fmt: skip
     sampled_batch = {"input_ids": ids, "loss_mask": batch["loss_mask"], **sampled}
     cases.append((
         "sampled",
@@ -102,19 +106,16 @@ def test_every_loss_from_hidden_chunks_equals_it_on_whole_logits(arch):
         lambda: kd_sum(whole(), SampledLabels(sampled["sample_ids"], sampled["sample_weights"]), labels, "fkl", 1.5)[0],
     ))  # fmt: skip
     gen = torch.Generator().manual_seed(2)
-    teacher_logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64)
-    on = {
-        "input_ids": ids,
-        "labels": labels,
-        "teacher_logits": teacher_logits,
-        "generate_s": 0.0,
-        "teacher_s": 0.0,
-    }
-    for kind in ("gjsd", "mse"):
+    # On-policy: a teacher of the same architecture (its tie, bias, soft-cap and padded rows) scores chunk by
+    # chunk from its last hidden state; the reference is its whole forward's logits.
+    tmodel = _model(arch, seed=1)
+    on = {"input_ids": ids, "labels": labels, "teacher_hidden": last_hidden(tmodel, ids),
+          "teacher_head": HeadRows(tmodel.lm_head), "generate_s": 0.0, "teacher_s": 0.0}  # fmt: skip
+    for kind in ("fkl", "gjsd", "mse"):
         cases.append((
             f"on-policy {kind}",
             lambda kind=kind: with_on_policy(soft_label_loss(), kind, 2.0, beta=0.3)(model, on).sums["on_policy_kd"],
-            lambda kind=kind: kd_sum(whole(), teacher_logits, labels, kind, 2.0, 0.3)[0],
+            lambda kind=kind: kd_sum(whole(), tmodel(input_ids=ids).logits.detach(), labels, kind, 2.0, 0.3)[0],
         ))  # fmt: skip
     aligned = torch.rand(B, T, generator=gen) < 0.6
     same_next = aligned & (torch.rand(B, T, generator=gen) < 0.5)
@@ -141,6 +142,7 @@ def test_every_loss_from_hidden_chunks_equals_it_on_whole_logits(arch):
         g, r = got(), ref()
         assert torch.allclose(g, r, rtol=1e-10, atol=0), (arch, name, g, r)
         _close(_grads(model, g), _grads(model, r))
+    assert all(p.grad is None for p in tmodel.parameters())  # the teacher's head is read, not trained
 
 
 def test_gradcheck_of_the_chunked_head_with_bias_and_soft_cap():
@@ -170,6 +172,32 @@ def test_gradcheck_of_the_chunked_head_with_bias_and_soft_cap():
     assert f(h, w, b).shape == (2,) and torch.autograd.gradcheck(f, (h, w, b))
     assert torch.autograd.gradcheck(lambda h, w, b: f(h, w, b, mixed), (h, w, b))
 
+    # Two values with HeadLoss.weights (the loop's term weights): their gradients are taken in forward along
+    # the weights; a backward along them only scales them (fn not called again), any other backward makes
+    # the chunks again. Both give what the head without weights gives.
+    calls = []
+
+    def run(weights, out_grad):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+        head = SimpleNamespace(
+            vocab=v, rows=3, transform=lambda x: torch.tanh(x / 2.0) * 2.0, weight=leaves[1], bias=leaves[2]
+        )
+        value = chunked_loss(
+            head, leaves[0], HeadLoss(lambda z, s: calls.append(s) or loss(z, s), live, weights=weights)
+        )
+        calls.clear()
+        value.backward(out_grad)
+        return value, [t.grad for t in leaves], len(calls)
+
+    along = torch.tensor([0.3, 0.7], dtype=torch.float64) * 2.5
+    across = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    for out_grad, remade in ((along, False), (across, True), (along * 0, False)):
+        want, want_grads, _ = run(None, out_grad)
+        got, got_grads, calls_in_backward = run((0.3, 0.7), out_grad)
+        assert torch.equal(got, want) and (calls_in_backward > 0) == remade
+        for g, r in zip(got_grads, want_grads, strict=True):
+            assert torch.allclose(g, r, rtol=1e-12, atol=1e-14)
+
 
 def test_no_loss_and_no_evaluation_asks_for_whole_logits(monkeypatch):
     """The head's plain forward raises, as a head too big for memory would: every training stage's loss and
@@ -188,14 +216,9 @@ def test_no_loss_and_no_evaluation_asks_for_whole_logits(monkeypatch):
         model(input_ids=torch.zeros(1, 3, dtype=torch.long))  # the patch can fail a test
     batch = _batch()
     labels = batch["input_ids"]
-    teacher_logits = torch.randn(B, T, V, dtype=torch.float64)
-    on = {
-        "input_ids": labels,
-        "labels": labels,
-        "teacher_logits": teacher_logits,
-        "generate_s": 0.0,
-        "teacher_s": 0.0,
-    }
+    tmodel = _model("gemma2", seed=1)  # the teacher's head too: tied, soft-capped, padded
+    on = {"input_ids": labels, "labels": labels, "teacher_hidden": last_hidden(tmodel, labels),
+          "teacher_head": HeadRows(tmodel.lm_head), "generate_s": 0.0, "teacher_s": 0.0}  # fmt: skip
     aligned = torch.ones(B, T, dtype=torch.bool)
     cross = {
         **batch,

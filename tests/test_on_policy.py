@@ -13,6 +13,7 @@ from stablekd.data_pipeline.tokenizer import load_tokenizer
 from stablekd.launcher.config import load_config
 from stablekd.launcher.rank import distill_parts
 from stablekd.model.build import build_model
+from stablekd.model.head import HeadRows, last_hidden
 from stablekd.objectives.kd import kd_sum
 from stablekd.objectives.kd_losses import ON_POLICY, on_policy_counts, soft_label_loss, with_on_policy
 from stablekd.objectives.lm import IGNORE_INDEX
@@ -57,8 +58,14 @@ class PlainTeacher:
     def __init__(self, model):
         self.model = model
 
-    def logits(self, ids):
+    def logits(self, ids):  # the whole logits: what the tests compare against
         return self.model(input_ids=ids).logits
+
+    def hidden(self, ids):
+        return last_hidden(self.model, ids)
+
+    def head_rows(self):
+        return HeadRows(self.model.get_output_embeddings())
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +97,10 @@ def test_student_samples_teacher_scores_and_a_resume_samples_the_same(parts):
     assert on["input_ids"].shape == (B, P + N) and torch.equal(
         on["input_ids"][:, :P], batches[1]["input_ids"][:, :P]
     )
-    assert torch.equal(on["teacher_logits"], teacher.logits(on["input_ids"]))  # scored once, whole sequence
+    assert "teacher_logits" not in on and on["teacher_hidden"].shape[:2] == (B, P + N)  # the whole sequence
+    with on["teacher_head"] as head:  # its head on the hidden rows: the whole forward's logits
+        rows = head(on["teacher_hidden"])
+    assert torch.allclose(rows, teacher.logits(on["input_ids"]), rtol=1e-5, atol=1e-6)
     assert (on["labels"][:, :P] == IGNORE_INDEX).all() and (on["labels"][:, P] != IGNORE_INDEX).all()
     again = [b for _, b in zip(range(4), make(), strict=False)]
     assert torch.equal(again[3]["input_ids"], first[3]["input_ids"])  # seeds of (seed, micro-batch, rank)
@@ -146,9 +156,8 @@ def test_loss_is_kd_sum_on_the_generated_tokens_and_offline_batches_pass_through
     offline = soft_label_loss()
     loss = with_on_policy(offline, "gjsd", 2.0, beta=0.3)
     out = loss(student, on)
-    ref, n = kd_sum(
-        student(input_ids=on["input_ids"]).logits, on["teacher_logits"], on["labels"], "gjsd", 2.0, 0.3
-    )
+    ids = on["input_ids"]
+    ref, n = kd_sum(student(input_ids=ids).logits, teacher.logits(ids), on["labels"], "gjsd", 2.0, 0.3)
     assert set(out.sums) == {ON_POLICY} and out.sums[ON_POLICY].item() == pytest.approx(ref.item(), rel=1e-6)
     assert out.metrics["generated_tokens"] == (float(n), 1.0)
     assert on_policy_counts(lambda b: {"kd": 1})(on) == {ON_POLICY: int(n)}

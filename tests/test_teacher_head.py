@@ -96,3 +96,62 @@ def test_the_teacher_side_runs_with_whole_logits_refused(tmp_path, monkeypatch):
             for k in want:
                 assert out[k].dtype == want[k].dtype and torch.equal(out[k], want[k]), (arm, k)
     assert teacher.head(batches[0]["input_ids"], HeadLoss(lambda z, s: z.new_ones(()))) > 1  # chunks summed
+
+
+def test_on_policy_scoring_and_loss_run_with_whole_logits_refused(tmp_path, monkeypatch):
+    """On-policy (issue 29): with the head's plain forward raising, the sharded teacher scores a sample (its
+    trunk in `scored`, its head gathered and run chunk by chunk inside the student's loss) and the student
+    backpropagates; the term and the student's gradients are those of kd_sum on the two whole forwards."""
+    from stablekd.data_pipeline.on_policy import OnPolicy
+    from stablekd.data_pipeline.tokenizer import train_tokenizer
+    from stablekd.model import head as head_module
+    from stablekd.model.sharded_teacher import ShardedTeacher
+    from stablekd.objectives import lm
+    from stablekd.objectives.kd import kd_sum
+    from stablekd.objectives.kd_losses import ON_POLICY, soft_label_loss, with_on_policy
+
+    texts = [f"person {i} was born in city {i % 7} and works at firm {i % 5}." for i in range(200)]
+    train_tokenizer(texts, 320, tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    model = build_model("tiny", tok, 16, seed=0).eval()
+    student = build_model("tiny-student", tok, 16, seed=1).eval()  # eval: no dropout, two forwards compare
+    teacher = ShardedTeacher(engine=model, tokenizer=tok, checkpoint_id="x", tag="t", step=0, zero3=False)
+    V, P = teacher.vocab_size, 5
+    gen = torch.Generator().manual_seed(0)
+    tail = torch.randint(0, V, (3, 11), generator=gen)
+    tail[0, 4] = tok.eos_token_id  # a sample that ends early: what follows its EOS is masked
+
+    def sample(prompts: torch.Tensor, seed: int) -> torch.Tensor:  # generating needs whole last-row logits
+        return torch.cat([prompts, tail], 1)
+
+    source = OnPolicy([], sample, teacher, 1.0, P, 7, 0, tok.eos_token_id)
+    prompts = {"input_ids": torch.randint(0, V, (3, 16), generator=gen)}
+    ids = sample(prompts["input_ids"][:, :P], 0)
+    monkeypatch.setattr(head_module, "full_logits", _refuse)
+    monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 5 * V)  # 5 rows a chunk: 4 chunks a record of 16
+    with pytest.raises(AssertionError, match="whole"):
+        teacher.logits(ids)
+    batch = source.scored(prompts, 0)
+    assert torch.equal(batch["input_ids"], ids) and "teacher_logits" not in batch
+    labels = batch["labels"]
+    for kind in ("fkl", "rkl", "mse"):
+        out = with_on_policy(soft_label_loss(), kind, 2.0)(student, batch)
+        student.zero_grad()
+        out.sums[ON_POLICY].backward()
+        got = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        monkeypatch.undo()  # the reference, from whole logits
+        ref, _ = kd_sum(student(input_ids=ids).logits, teacher.logits(ids).detach(), labels, kind, 2.0)
+        student.zero_grad()
+        ref.backward()
+        monkeypatch.setattr(head_module, "full_logits", _refuse)
+        monkeypatch.setattr(lm, "CHUNK_ELEMENTS", 5 * V)
+        assert torch.allclose(out.sums[ON_POLICY], ref, rtol=1e-5), (kind, out.sums[ON_POLICY], ref)
+        for n, p in student.named_parameters():
+            scale = p.grad.abs().max().clamp_min(1e-12)
+            assert (got[n] - p.grad).abs().max() / scale < 1e-4, (kind, n)
+        assert student.lm_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _refuse(*_a, **_k):
+    raise AssertionError("whole [B, L, V] logits asked for")
