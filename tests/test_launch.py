@@ -66,6 +66,8 @@ def test_hostfile_and_no_ssh_commands(tmp_path):
     assert per_node[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
     assert _world_info(per_node) == {"node-a": [0, 1, 2, 3], "node-b": [0, 1, 2, 3]}
     assert "--node_rank=1" in per_node and "--master_addr=10.0.0.1" in per_node
+    unnamed = [*common[:3], "launch.no_ssh=true", "launch.node_rank=1"]  # no master_addr: the first host
+    assert "--master_addr=node-a" in job_command(load_config(QUICKSTART, unnamed), "teacher")
 
 
 def test_deepspeed_runner_slurm_backend_command_and_rank_environment(tmp_path):

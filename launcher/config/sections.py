@@ -37,7 +37,11 @@ class LaunchConfig:
         False, "start each node yourself (`stablekd run`/`stage` on every node with launch.node_rank)"
     )
     node_rank: int = _f(-1, "this node's rank with launch.no_ssh")
-    master_addr: str = _f("", "address of the first node (multi-node); empty = runner default")
+    master_addr: str = _f(
+        "",
+        "address of the first node (multi-node); empty = the hostfile's first host with no_ssh, else the "
+        "runner asks that host (ssh hostname -I)",
+    )
     master_port: int = _f(0, "rendezvous port; 0 = a free port on one node, 29500 with a hostfile")
     threads_per_rank: int = _f(
         0, "torch threads per rank; 0 = CPU cores / ranks per node (oversubscription halves speed)"

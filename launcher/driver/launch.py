@@ -58,7 +58,8 @@ def node_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     ~3 s at every stage's start. The launcher sets each rank's visible devices to its slot."""
     launch, slots = cfg.launch, placement.slots(cfg, stage) or placement.pool(cfg)
     world_info = base64.urlsafe_b64encode(json.dumps(slots).encode()).decode()
-    addr = launch.master_addr if launch.hostfile else "127.0.0.1"
+    # no_ssh: the address the nodes' handshake uses too (launcher/driver/nodes.py)
+    addr = (launch.master_addr or placement.host_names(cfg)[0]) if launch.hostfile else "127.0.0.1"
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}"]
     cmd += [f"--master_addr={addr}", f"--master_port={_port(cfg, stage)}"]
     if launch.no_ssh:
