@@ -208,6 +208,11 @@ class ContrastiveConfig(TrainConfig):
     """The distilled student fine-tuned on candidate groups: InfoNCE + lam · (KD or CE) (objectives/contrastive.py)."""
 
     ds_config: str = _f("zero2.json", "DeepSpeed JSON of the student: a file in ds_configs/ or a path")
+    init_from: str = _f(
+        "",
+        "a Hugging Face directory of the student to start from instead of the distill stage's export "
+        "(student/hf), e.g. one distilled by a benchmark; the distill stage is then not needed",
+    )
     max_steps: int = _f(150, "optimizer steps")
     micro_batch_size: int = _f(4, "candidate groups (contexts) per rank per micro-batch; LM batches the same")
     lr: float = _f(3e-4, "peak learning rate (fine-tuning a trained student)")
