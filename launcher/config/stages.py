@@ -63,6 +63,11 @@ class SoftLabelsConfig(_EncodingKeys):
     candidate_contexts: int = _f(
         256, "contexts to sample candidates for (bios: questions and biography starts)"
     )
+    candidate_tasks_only: bool = _f(
+        False,
+        "data.paths: contexts from task records' prompts only (groups labelled by their reference "
+        "responses), plain documents skipped",
+    )
     candidates_per_context: int = _f(4, "M sampled continuations per context")
     generate_batch_size: int = _f(
         64,
