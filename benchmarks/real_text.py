@@ -16,7 +16,11 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
    stage's own assembly at world size 1, the same preset, seed, lr and schedule, --student-steps steps):
    `student` (distill.alpha 1: KD on the sampled soft labels), `student_topk` (the same on the top-k
    labels) and `ce_twin` (distill.alpha 0: next-token cross-entropy on the same tokens, no teacher);
-6. scoring every model the same way (exported Hugging Face directories loaded whole, fp32 on CPU):
+6. the contrastive arms (issue #28): the contrastive stage (`stablekd run --stages contrastive`) fine-tunes
+   the `student` arm's export (contrastive.init_from) on candidate groups of the same teacher, with the KD
+   term on its soft labels as the anchor; the groups and that stream are one more LABELS run
+   (OUT/teacher_candidates), each arm runs in OUT/arms/<arm>, whose teacher/ and soft_labels/ link it;
+7. scoring every model the same way (exported Hugging Face directories loaded whole, fp32 on CPU):
    - bits per byte, perplexity and calibration error (ECE) over all of the held-out books;
    - fact exact match of kind (a) `fact_em_rephrased` (trained facts in a phrasing no training record
      uses, probe_rephrased.jsonl) with its cross-sample agreement/contradiction (greedy + evaluate.samples
@@ -33,7 +37,9 @@ models: arm -> metrics, settings, goals, wall time of each phase).
 
 Goals (issue "a teacher that knows the language"): teacher bits per byte <= 0.8 x the best compressor's;
 student <= ce_twin and <= teacher in bits per byte; student rep-4 <= teacher's; teacher fact_em_rephrased
->= 0.6 and student's >= 0.95 x the teacher's.
+>= 0.6 and student's >= 0.95 x the teacher's. Issue #28 (each contrastive arm against the `student` arm it
+starts from): task cross-sample contradiction <= 0.5x, paraphrase contradiction <= 0.75x, fact exact match of
+both kinds >= the student's - 0.01, bits per byte <= +2 %.
 """
 
 from __future__ import annotations
@@ -76,12 +82,33 @@ PRETRAIN = ["teacher.max_steps=1600", "teacher.lr=2.0e-3", "teacher.warmup_steps
 ANSWER_TOKENS = 24  # an answer is one line: "an hundred and five years."
 # Soft-label runs of the one teacher: name -> overrides. "sampled" is the teacher's own run (OUT/teacher);
 # any other is OUT/teacher_<name>, whose teacher/ links the finished teacher's.
-LABELS = {"sampled": [], "topk": ["soft_labels.encoding=topk"]}
+# Candidate groups for the contrastive arms: the first 768 task records of mixed.jsonl (each of its 768
+# training questions once; no prose half, which would widen every stored context to ~220 tokens), 6 teacher
+# samples each at the probe's temperature (its samples' wrong answers are the hard negatives) + the
+# reference; answers are a few tokens. Its soft-label stream is the contrastive stage's KD anchor, labelled
+# for exactly the sequences the stage reads (CONTRASTIVE_STEPS x CONTRASTIVE_MICRO: no pass repeated).
+CONTRASTIVE_STEPS, CONTRASTIVE_MICRO = 192, 8  # 2 passes over the 768 groups
+CANDIDATES = [
+    "soft_labels.candidates=true", "soft_labels.candidate_tasks_only=true", "soft_labels.candidate_contexts=768",
+    "soft_labels.candidates_per_context=6", "soft_labels.sample_temperature=1.0", "soft_labels.max_new_tokens=16",
+    "soft_labels.generate_batch_size=96", f"soft_labels.max_sequences={CONTRASTIVE_STEPS * CONTRASTIVE_MICRO}",
+]  # fmt: skip
+LABELS = {"sampled": [], "topk": ["soft_labels.encoding=topk"], "candidates": CANDIDATES}
 # arm -> (its LABELS run, distill.alpha)
 ARMS = {"student": ("sampled", 1.0), "ce_twin": ("sampled", 0.0), "student_topk": ("topk", 1.0)}
+# contrastive arm -> (its LABELS run, the arm whose export it starts from, contrastive.* overrides); the
+# likelihood scorer, reference labels (every group has one), the KD anchor at contrastive.lam
+CONTRASTIVE = {
+    "contrastive": ("candidates", "student", [
+        f"contrastive.max_steps={CONTRASTIVE_STEPS}", f"contrastive.micro_batch_size={CONTRASTIVE_MICRO}",
+        "contrastive.lam=1.0", "contrastive.negatives=8",
+    ]),
+}  # fmt: skip
 GOAL_COMPRESSOR_SHARE = 0.8
 GOAL_FACT_EM = 0.6
 GOAL_STUDENT_EM_SHARE = 0.95
+# issue #28: each contrastive arm against the student it starts from
+GOAL_CONTRADICTION_SHARE, GOAL_PARAPHRASE_SHARE, GOAL_EM_DROP, GOAL_BPB_SHARE = 0.5, 0.75, 0.01, 1.02
 
 
 def stablekd(args: list[str]) -> None:
@@ -150,6 +177,55 @@ def train_students(runs: dict[str, Path], out: Path, steps: int) -> dict[str, di
         del trained
         gc.collect()
     return info
+
+
+def contrastive_arms(runs: dict[str, Path], out: Path, corpus: Path) -> dict[str, dict]:
+    """Each CONTRASTIVE arm: `stablekd run --stages contrastive` in OUT/arms/<arm>, whose teacher/ and
+    soft_labels/ link its LABELS run's (read only: the stage writes contrastive/, ds/, tb/), from the
+    exported arm it names (contrastive.init_from); exported to OUT/arms/<arm>/contrastive/hf. An arm with
+    its export and arm.json is not retrained; a killed one resumes from its checkpoint (the stage's own)."""
+    info = {}
+    for arm, (labels, start, overrides) in CONTRASTIVE.items():
+        arm_dir, src = out / "arms" / arm, runs[labels]
+        summary = arm_dir / "arm.json"
+        if (arm_dir / "contrastive" / "hf" / "config.json").is_file() and summary.is_file():
+            info[arm] = json.loads(summary.read_text())
+            continue
+        (arm_dir / "ds").mkdir(parents=True, exist_ok=True)
+        for part in ("teacher", "soft_labels"):
+            if not (arm_dir / part).exists():
+                (arm_dir / part).symlink_to((src / part).resolve())
+        shutil.copy(src / "ds" / "teacher.json", arm_dir / "ds" / "teacher.json")
+        hf = out / "arms" / start / "student" / "hf"
+        t0 = time.perf_counter()
+        stablekd(["run", as_given(CONFIG), "--stages", "contrastive", f"run.out_dir={as_given(arm_dir)}",
+                  f"teacher.init_from={as_given(out / 'pretrain')}", *data_overrides(corpus, "mixed.jsonl"),
+                  *LABELS[labels], f"contrastive.init_from={as_given(hf)}", *overrides])  # fmt: skip
+        produced = json.loads((arm_dir / "contrastive" / "DONE.json").read_text())["produced"]
+        info[arm] = {"labels": labels, "from": start, "overrides": overrides, "train_wall_s": time.perf_counter() - t0,
+                     "done": produced}  # fmt: skip
+        summary.write_text(json.dumps(info[arm], indent=1) + "\n")
+    return info
+
+
+def contrastive_goals(models: dict[str, dict], arm: str) -> dict[str, bool]:
+    """Issue #28's goals of one contrastive arm against the student it starts from (module doc)."""
+    c, s = models[arm], models[CONTRASTIVE[arm][1]]
+    return {
+        f"{arm} task contradiction <= {GOAL_CONTRADICTION_SHARE} x student's": (
+            c["task_contradiction"] <= GOAL_CONTRADICTION_SHARE * s["task_contradiction"]
+        ),
+        f"{arm} paraphrase contradiction <= {GOAL_PARAPHRASE_SHARE} x student's": (
+            c["task_paraphrase_contradiction"] <= GOAL_PARAPHRASE_SHARE * s["task_paraphrase_contradiction"]
+        ),
+        **{
+            f"{arm} fact_em_{kind} >= student's - {GOAL_EM_DROP}": (
+                c[f"fact_em_{kind}"] >= s[f"fact_em_{kind}"] - GOAL_EM_DROP
+            )
+            for kind in ("rephrased", "unasked")
+        },
+        f"{arm} bpb <= {GOAL_BPB_SHARE} x student's": c["bpb"] <= GOAL_BPB_SHARE * s["bpb"],
+    }
 
 
 def score(hf: Path, cfg, corpus: Path) -> dict[str, float]:
@@ -222,11 +298,15 @@ def main() -> None:
     steps = args.student_steps or cfg.distill.max_steps
     students = train_students(runs, out, steps)
     walls["students_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    students.update(contrastive_arms(runs, out, corpus))
+    walls["contrastive_s"] = time.perf_counter() - t0
 
     exports = {
         "teacher_pretrained": pre / "teacher" / "hf",
         "teacher": teacher / "teacher" / "hf",
         **{arm: out / "arms" / arm / "student" / "hf" for arm in ARMS},
+        **{arm: out / "arms" / arm / "contrastive" / "hf" for arm in CONTRASTIVE},
     }
     t0 = time.perf_counter()
     models = {}
@@ -250,6 +330,8 @@ def main() -> None:
             s["fact_em_rephrased"] >= GOAL_STUDENT_EM_SHARE * t["fact_em_rephrased"]
         ),
     }  # fmt: skip
+    for arm in CONTRASTIVE:
+        goals.update(contrastive_goals(models, arm))
     manifest = json.loads((corpus / "manifest.json").read_text())
     result = {
         "commit": provenance.commit(),
@@ -269,6 +351,11 @@ def main() -> None:
             "draws": cfg.soft_labels.draws,
             "temperature": cfg.soft_labels.temperature,
             "student_steps": steps,
+            "candidates": CANDIDATES,
+            "contrastive": {
+                arm: {"labels": lab, "from": start, "overrides": o}
+                for arm, (lab, start, o) in CONTRASTIVE.items()
+            },
             "heldout_books": manifest["heldout_books"],
             "heldout_bytes": len(held_text),
             "facts": manifest["facts"],
