@@ -19,7 +19,11 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
    student with a tokenizer of its own (a byte-level BPE of as many ids trained on the same text:
    benchmarks/cross_tokenizer.py's `bpe_student`, OUT/arms/bpe_student), its records realigned from the
    teacher's (distill.cross_tokenizer=hybrid): `xtok_ce` (alpha 0) and `xtok_hybrid` (alpha XTOK_ALPHA);
-6. scoring every model the same way (exported Hugging Face directories loaded whole, fp32 on CPU):
+6. the contrastive arms (issue #28): the contrastive stage (`stablekd run --stages contrastive`) fine-tunes
+   the `student` arm's export (contrastive.init_from) on candidate groups of the same teacher, with the KD
+   term on its soft labels as the anchor; the groups and that stream are one more LABELS run
+   (OUT/teacher_candidates), each arm runs in OUT/arms/<arm>, whose teacher/ and soft_labels/ link it;
+7. scoring every model the same way (exported Hugging Face directories loaded whole, fp32 on CPU):
    - bits per byte, perplexity and calibration error (ECE) over all of the held-out books;
    - fact exact match of kind (a) `fact_em_rephrased` (trained facts in a phrasing no training record
      uses, probe_rephrased.jsonl) with its cross-sample agreement/contradiction (greedy + evaluate.samples
@@ -30,14 +34,17 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
      their samples (exactly evaluate.max_new_tokens tokens each: evaluation/report.py);
    - generation tokens/s on one fixed batch;
    and the compressors' bits per byte on the same held-out text given the training prose
-   (benchmarks/compressors.py).
+   (benchmarks/compressors.py). Each model's figures are kept in OUT/scores/<arm>.json, reused for the
+   same export and commit.
 Prints the table and writes benchmarks/results/real_text.json (commit, cpu, command, compressors,
 models: arm -> metrics, settings, goals, wall time of each phase).
 
 Goals (issue "a teacher that knows the language"): teacher bits per byte <= 0.8 x the best compressor's;
 student <= ce_twin and <= teacher in bits per byte; student rep-4 <= teacher's; teacher fact_em_rephrased
 >= 0.6 and student's >= 0.95 x the teacher's. Across tokenizers: xtok_hybrid gains over xtok_ce at least
-half of what `student` gains over `ce_twin`, in bits per byte.
+half of what `student` gains over `ce_twin`, in bits per byte. Issue #28 (each contrastive arm against the
+`student` arm it starts from): task cross-sample contradiction <= 0.5x, paraphrase contradiction <= 0.75x, fact exact match of
+both kinds >= the student's - 0.01, bits per byte <= +2 %.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -82,7 +91,18 @@ PRETRAIN = ["teacher.max_steps=1600", "teacher.lr=2.0e-3", "teacher.warmup_steps
 ANSWER_TOKENS = 24  # an answer is one line: "an hundred and five years."
 # Soft-label runs of the one teacher: name -> overrides. "sampled" is the teacher's own run (OUT/teacher);
 # any other is OUT/teacher_<name>, whose teacher/ links the finished teacher's.
-LABELS = {"sampled": [], "topk": ["soft_labels.encoding=topk"]}
+# Candidate groups for the contrastive arms: the first 768 task records of mixed.jsonl (each of its 768
+# training questions once; no prose half, which would widen every stored context to ~220 tokens), 6 teacher
+# samples each at the probe's temperature (its samples' wrong answers are the hard negatives) + the
+# reference; answers are a few tokens. Its soft-label stream is the contrastive stage's KD anchor, labelled
+# for exactly the sequences the stage reads (CONTRASTIVE_STEPS x CONTRASTIVE_MICRO: no pass repeated).
+CONTRASTIVE_STEPS, CONTRASTIVE_MICRO = 192, 8  # 2 passes over the 768 groups
+CANDIDATES = [
+    "soft_labels.candidates=true", "soft_labels.candidate_tasks_only=true", "soft_labels.candidate_contexts=768",
+    "soft_labels.candidates_per_context=6", "soft_labels.sample_temperature=1.0", "soft_labels.max_new_tokens=16",
+    "soft_labels.generate_batch_size=96", f"soft_labels.max_sequences={CONTRASTIVE_STEPS * CONTRASTIVE_MICRO}",
+]  # fmt: skip
+LABELS = {"sampled": [], "topk": ["soft_labels.encoding=topk"], "candidates": CANDIDATES}
 XTOK_ALPHA = 0.5  # as benchmarks/cross_tokenizer.py's hybrid arm
 # arm -> (its LABELS run, distill.alpha, the student's tokenizer: the run's, or "bpe": one of its own)
 ARMS = {
@@ -90,9 +110,25 @@ ARMS = {
     "xtok_ce": ("sampled", 0.0, "bpe"), "xtok_hybrid": ("sampled", XTOK_ALPHA, "bpe"),
 }  # fmt: skip
 GOAL_XTOK_SHARE = 0.5
+# contrastive arm -> (its LABELS run, the arm whose export it starts from, contrastive.* overrides); the
+# likelihood scorer, reference labels (every group has one), the KD anchor at contrastive.lam.
+# contrastive_sharp: a context's own rows only (its samples' wrong answers are the negatives that make a
+# contradiction; other questions' answers are easy ones) at tau 0.2: with tau 1 the first setting raised
+# exact match but left the samples' contradiction where it was, bits per byte within 0.3 % (anchor kept).
+_CONTRASTIVE_RUN = [
+    f"contrastive.max_steps={CONTRASTIVE_STEPS}",
+    f"contrastive.micro_batch_size={CONTRASTIVE_MICRO}",
+]
+CONTRASTIVE = {
+    "contrastive": ("candidates", "student", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0", "contrastive.negatives=8"]),
+    "contrastive_sharp": ("candidates", "student", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0", "contrastive.negatives=0",
+                                                    "contrastive.tau=0.2"]),
+}  # fmt: skip
 GOAL_COMPRESSOR_SHARE = 0.8
 GOAL_FACT_EM = 0.6
 GOAL_STUDENT_EM_SHARE = 0.95
+# issue #28: each contrastive arm against the student it starts from
+GOAL_CONTRADICTION_SHARE, GOAL_PARAPHRASE_SHARE, GOAL_EM_DROP, GOAL_BPB_SHARE = 0.5, 0.75, 0.01, 1.02
 
 
 def stablekd(args: list[str]) -> None:
@@ -181,6 +217,55 @@ def bpe_student(run: Path, out: Path) -> Path:
     return path
 
 
+def contrastive_arms(runs: dict[str, Path], out: Path, corpus: Path) -> dict[str, dict]:
+    """Each CONTRASTIVE arm: `stablekd run --stages contrastive` in OUT/arms/<arm>, whose teacher/ and
+    soft_labels/ link its LABELS run's (read only: the stage writes contrastive/, ds/, tb/), from the
+    exported arm it names (contrastive.init_from); exported to OUT/arms/<arm>/contrastive/hf. An arm with
+    its export and arm.json is not retrained; a killed one resumes from its checkpoint (the stage's own)."""
+    info = {}
+    for arm, (labels, start, overrides) in CONTRASTIVE.items():
+        arm_dir, src = out / "arms" / arm, runs[labels]
+        summary = arm_dir / "arm.json"
+        if (arm_dir / "contrastive" / "hf" / "config.json").is_file() and summary.is_file():
+            info[arm] = json.loads(summary.read_text())
+            continue
+        (arm_dir / "ds").mkdir(parents=True, exist_ok=True)
+        for part in ("teacher", "soft_labels"):
+            if not (arm_dir / part).exists():
+                (arm_dir / part).symlink_to((src / part).resolve())
+        shutil.copy(src / "ds" / "teacher.json", arm_dir / "ds" / "teacher.json")
+        hf = out / "arms" / start / "student" / "hf"
+        t0 = time.perf_counter()
+        stablekd(["run", as_given(CONFIG), "--stages", "contrastive", f"run.out_dir={as_given(arm_dir)}",
+                  f"teacher.init_from={as_given(out / 'pretrain')}", *data_overrides(corpus, "mixed.jsonl"),
+                  *LABELS[labels], f"contrastive.init_from={as_given(hf)}", *overrides])  # fmt: skip
+        produced = json.loads((arm_dir / "contrastive" / "DONE.json").read_text())["produced"]
+        info[arm] = {"labels": labels, "from": start, "overrides": overrides, "train_wall_s": time.perf_counter() - t0,
+                     "done": produced}  # fmt: skip
+        summary.write_text(json.dumps(info[arm], indent=1) + "\n")
+    return info
+
+
+def contrastive_goals(models: dict[str, dict], arm: str) -> dict[str, bool]:
+    """Issue #28's goals of one contrastive arm against the student it starts from (module doc)."""
+    c, s = models[arm], models[CONTRASTIVE[arm][1]]
+    return {
+        f"{arm} task contradiction <= {GOAL_CONTRADICTION_SHARE} x student's": (
+            c["task_contradiction"] <= GOAL_CONTRADICTION_SHARE * s["task_contradiction"]
+        ),
+        f"{arm} paraphrase contradiction <= {GOAL_PARAPHRASE_SHARE} x student's": (
+            c["task_paraphrase_contradiction"] <= GOAL_PARAPHRASE_SHARE * s["task_paraphrase_contradiction"]
+        ),
+        **{
+            f"{arm} fact_em_{kind} >= student's - {GOAL_EM_DROP}": (
+                c[f"fact_em_{kind}"] >= s[f"fact_em_{kind}"] - GOAL_EM_DROP
+            )
+            for kind in ("rephrased", "unasked")
+        },
+        f"{arm} bpb <= {GOAL_BPB_SHARE} x student's": c["bpb"] <= GOAL_BPB_SHARE * s["bpb"],
+    }
+
+
 def score(hf: Path, cfg, corpus: Path) -> dict[str, float]:
     """Every metric of the table for one exported model (see the module doc)."""
     device, dtype = bench.device_dtype()
@@ -212,6 +297,41 @@ def score(hf: Path, cfg, corpus: Path) -> dict[str, float]:
             gen, prefixes[: report.SPEED_BATCH], ecfg.max_new_tokens
         )
     return m
+
+
+def scoring_digest(cfg) -> str:
+    """What the figures of an export depend on besides its weights: score() and ANSWER_TOKENS, the
+    evaluate section, the probe files and the evaluation package (not this file's arms: adding one keeps the
+    others' scores)."""
+    h = hashlib.sha256(inspect.getsource(score).encode())
+    h.update(f"{ANSWER_TOKENS} {sorted(dataclasses.asdict(cfg.evaluate).items())}".encode())
+    for path in sorted((REPO / "evaluation").glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def scored(arm: str, hf: Path, cfg, corpus: Path, out: Path) -> dict[str, float]:
+    """score() of one export, kept in OUT/scores/<arm>.json: scoring all models takes minutes each on a
+    shared CPU, and a rerun that adds an arm should pay for that arm only. Reused only for the same
+    export (its weights' names, sizes and mtimes: a retrained arm is scored again) and the same scoring
+    (`scoring_digest`)."""
+    weights = sorted(hf.glob("*.safetensors"))
+    key = {
+        "hf": str(hf),
+        "weights": [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights],
+        "scoring": scoring_digest(cfg),
+    }
+    path = out / "scores" / f"{arm}.json"
+    if path.is_file() and (kept := json.loads(path.read_text()))["key"] == key:
+        print(f"scoring {arm}: {path} (scored already)", flush=True)
+        return kept["metrics"]
+    print(f"scoring {arm}", flush=True)
+    t0 = time.perf_counter()
+    metrics = score(hf, cfg, corpus)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = {"key": key, "metrics": metrics, "wall_s": time.perf_counter() - t0}
+    path.write_text(json.dumps(kept, indent=1) + "\n")
+    return metrics
 
 
 def main() -> None:
@@ -251,17 +371,20 @@ def main() -> None:
     steps = args.student_steps or cfg.distill.max_steps
     students = train_students(runs, out, steps)
     walls["students_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    students.update(contrastive_arms(runs, out, corpus))
+    walls["contrastive_s"] = time.perf_counter() - t0
 
     exports = {
         "teacher_pretrained": pre / "teacher" / "hf",
         "teacher": teacher / "teacher" / "hf",
         **{arm: out / "arms" / arm / "student" / "hf" for arm in ARMS},
+        **{arm: out / "arms" / arm / "contrastive" / "hf" for arm in CONTRASTIVE},
     }
     t0 = time.perf_counter()
     models = {}
     for arm, hf in exports.items():
-        print(f"scoring {arm}", flush=True)
-        models[arm] = score(hf, cfg, corpus)
+        models[arm] = scored(arm, hf, cfg, corpus, out)
     walls["scoring_s"] = time.perf_counter() - t0
     train_text = compressors.read_text([corpus / "train"])
     held_text = compressors.read_text(resolve_paths([corpus / "heldout"]))
@@ -283,6 +406,8 @@ def main() -> None:
             xc["bpb"] - xh["bpb"] >= GOAL_XTOK_SHARE * (c["bpb"] - s["bpb"])
         ),
     }  # fmt: skip
+    for arm in CONTRASTIVE:
+        goals.update(contrastive_goals(models, arm))
     manifest = json.loads((corpus / "manifest.json").read_text())
     result = {
         "commit": provenance.commit(),
@@ -303,6 +428,11 @@ def main() -> None:
             "temperature": cfg.soft_labels.temperature,
             "student_steps": steps,
             "xtok_alpha": XTOK_ALPHA,
+            "candidates": CANDIDATES,
+            "contrastive": {
+                arm: {"labels": lab, "from": start, "overrides": o}
+                for arm, (lab, start, o) in CONTRASTIVE.items()
+            },
             "heldout_books": manifest["heldout_books"],
             "heldout_bytes": len(held_text),
             "facts": manifest["facts"],

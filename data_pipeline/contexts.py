@@ -98,13 +98,17 @@ def tokenize_contexts(tok, texts: Sequence[tuple[str, str, bool]]) -> list[Conte
     return out
 
 
-def document_contexts(files: Sequence[Path], tok, n: int, max_context: int) -> list[Context]:
+def document_contexts(
+    files: Sequence[Path], tok, n: int, max_context: int, tasks_only: bool = False
+) -> list[Context]:
     """The first n documents of at least 2 tokens as Contexts ([EOS] + context, gold + [EOS], reference).
 
     A task record: context = the tokens before its first learned token (the prompt, its last
     `max_context` tokens), gold = the first run of learned tokens (the response). A plain document (or a
     task record learned from its first token): split in half, the context keeps at most `max_context`
     tokens of the first half (its start) and the rest is gold. Only a task's response is a reference.
+    `tasks_only`: the first n task prompts, plain documents skipped (every group has a reference; a
+    prose half widens every stored context to its length).
     """
     eos = tok.eos_token_id
     out: list[Context] = []
@@ -118,6 +122,8 @@ def document_contexts(files: Sequence[Path], tok, n: int, max_context: int) -> l
         if start > 0:
             end = learned.index(False, start) if False in learned[start:] else len(ids)
             out.append(Context([eos, *ids[:start][-max_context:]], [*ids[start:end], eos], True))
+            continue
+        if tasks_only:
             continue
         c = min(len(ids) // 2, max_context)
         out.append(Context([eos, *ids[:c]], [*ids[c:], eos], False))

@@ -85,7 +85,8 @@ def upstream(cfg: ExperimentConfig, stage: str) -> dict[str, bool]:
 
     A `uses` stage counts only once its directory exists. distill.online reads the teacher instead of
     soft_labels/; distill.follow reads soft_labels/ while it is still written (required only to match
-    when it has finished); distill.on_policy scores the student's samples with the teacher too."""
+    when it has finished); distill.on_policy scores the student's samples with the teacher too;
+    contrastive.init_from starts from a student of its own instead of distill's."""
     row = spec(stage)
     needs = {s: True for s in row.needs}
     needs |= {s: True for s in row.uses if rundir.stage_dir(cfg, s).is_dir()}
@@ -95,6 +96,8 @@ def upstream(cfg: ExperimentConfig, stage: str) -> dict[str, bool]:
         needs["soft_labels"] = False
     if stage == "distill" and cfg.distill.on_policy:
         needs["teacher"] = True
+    if stage == "contrastive" and cfg.contrastive.init_from:
+        del needs["distill"]  # its student comes from elsewhere: this run's distill stage is not read
     return needs
 
 

@@ -76,7 +76,8 @@ def teacher_init_checkpoint(cfg: ExperimentConfig) -> Path | None:
 
 def meta_model(cfg: ExperimentConfig, stage: str):  # -> (name, torch.nn.Module on the meta device)
     """The model a training stage trains, built on the meta device (shapes only, no memory): the teacher
-    (a teacher continued from a run has that run's shapes) or, for later stages, the student."""
+    (a teacher continued from a run has that run's shapes) or, for later stages, the student (the
+    contrastive stage's contrastive.init_from when set)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -84,6 +85,8 @@ def meta_model(cfg: ExperimentConfig, stage: str):  # -> (name, torch.nn.Module 
     from stablekd.model.build import model_config
 
     name = teacher_source(cfg) if stage == "teacher" else cfg.student.model
+    if stage == "contrastive" and cfg.contrastive.init_from:
+        name = cfg.contrastive.init_from  # the student it starts from, whatever student.model says
     tok_dir = tokenizer_dir(cfg)
     vocab = len(load_tokenizer(tok_dir)) if tok_dir.is_dir() else cfg.tokenizer.vocab_size
 

@@ -72,6 +72,14 @@ def stage_dir(cfg: ExperimentConfig, stage: str) -> Path:
     return cfg.run_dir / spec(stage).out_dir
 
 
+def contrastive_start(cfg: ExperimentConfig) -> Path:
+    """The Hugging Face directory the contrastive stage fine-tunes: contrastive.init_from (a student
+    distilled outside this run), else the distill stage's export."""
+    if cfg.contrastive.init_from:
+        return Path(cfg.contrastive.init_from)
+    return stage_dir(cfg, "distill") / "hf"
+
+
 def ckpt_dir(cfg: ExperimentConfig, stage: str) -> Path:
     """Where the training loop keeps a stage's checkpoints (complete.json names the last complete tag)."""
     return cfg.run_dir / spec(stage).ckpt_dir

@@ -137,3 +137,23 @@ def test_committed_real_text_results_are_what_the_docs_quote():
     real_text = benchmark_module("real_text")
     assert real_text.table(result) in (ROOT / "docs" / "results.md").read_text()
     assert real_text.summary(result) in (ROOT / "README.md").read_text()
+
+
+def test_contrastive_goals_compare_each_arm_with_the_student_it_starts_from():
+    """Issue #28's goals, as real_text.py judges a contrastive arm: shares of the student's contradiction
+    and bits per byte, exact match within 0.01 below."""
+    real_text = benchmark_module("real_text")
+    student = {"task_contradiction": 0.8, "task_paraphrase_contradiction": 0.4, "bpb": 1.5,
+               "fact_em_rephrased": 0.5, "fact_em_unasked": 0.05}  # fmt: skip
+    met = {**student, "task_contradiction": 0.4, "task_paraphrase_contradiction": 0.3, "bpb": 1.53,
+           "fact_em_rephrased": 0.491, "fact_em_unasked": 0.05}  # fmt: skip
+    for arm, (_, start, _) in real_text.CONTRASTIVE.items():
+        goals = real_text.contrastive_goals({start: student, arm: met}, arm)
+        assert len(goals) == 5 and all(goals.values()), goals
+        missed = {**met, "task_contradiction": 0.41, "bpb": 1.531, "fact_em_unasked": 0.039}
+        goals = real_text.contrastive_goals({start: student, arm: missed}, arm)
+        assert [g for g, ok in goals.items() if not ok] == [
+            f"{arm} task contradiction <= 0.5 x student's",
+            f"{arm} fact_em_unasked >= student's - 0.01",
+            f"{arm} bpb <= 1.02 x student's",
+        ]

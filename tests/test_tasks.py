@@ -147,6 +147,16 @@ def test_candidate_contexts_of_task_records_are_their_prompts(tok, task_file):
     assert len(document_contexts([task_file], tok, 100, max_context=4)[0][0]) == 1 + 4  # EOS + the last 4
 
 
+def test_candidate_contexts_of_tasks_only_skip_plain_documents(tok, task_file, tmp_path):
+    mixed = tmp_path / "mixed.jsonl"
+    prose = [{"text": "In the beginning God created the heaven and the earth."}] * 2
+    qa = [{"prompt": p, "response": r} for p, r in QA[:2]]
+    mixed.write_text("".join(json.dumps(d) + "\n" for d in (prose[0], qa[0], prose[1], qa[1])))
+    assert [ref for _, _, ref in document_contexts([mixed], tok, 3, 100)] == [False, True, False]
+    got = document_contexts([mixed], tok, 3, 100, tasks_only=True)  # n counts the task prompts
+    assert got == document_contexts([task_file], tok, 2, 100)
+
+
 def test_task_probe_scores_exact_match_agreement_and_contradiction(tok):
     docs = [parse_record({"prompt": p, "response": r}) for p, r in QA[:4]]
 

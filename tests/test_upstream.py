@@ -111,6 +111,20 @@ def test_contrastive_needs_distill_and_soft_labels(tmp_path):
         done.check_upstream(cfg, "contrastive")
 
 
+def test_contrastive_from_a_student_of_its_own_needs_no_distill_stage(tmp_path):
+    """contrastive.init_from: a student distilled elsewhere (benchmarks/real_text.py's arms) is started
+    from; this run's soft labels (candidates, KD stream) still must be finished."""
+    hf = tmp_path / "student_hf"
+    cfg = _cfg(tmp_path / "run", f"contrastive.init_from={hf}")
+    _done(cfg, "teacher")
+    with pytest.raises(ConfigError, match=r"soft_labels/DONE.json missing"):
+        done.check_upstream(cfg, "contrastive")
+    _done(cfg, "soft_labels")
+    done.check_upstream(cfg, "contrastive")  # no student/DONE.json, none needed
+    assert rundir.contrastive_start(cfg) == hf
+    assert rundir.contrastive_start(_cfg(tmp_path / "run")) == rundir.stage_dir(cfg, "distill") / "hf"
+
+
 def test_evaluate_checks_each_model_present(tmp_path):
     cfg = _cfg(tmp_path / "run")
     _done(cfg, "teacher")

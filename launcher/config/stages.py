@@ -63,6 +63,11 @@ class SoftLabelsConfig(_EncodingKeys):
     candidate_contexts: int = _f(
         256, "contexts to sample candidates for (bios: questions and biography starts)"
     )
+    candidate_tasks_only: bool = _f(
+        False,
+        "data.paths: contexts from task records' prompts only (groups labelled by their reference "
+        "responses), plain documents skipped",
+    )
     candidates_per_context: int = _f(4, "M sampled continuations per context")
     generate_batch_size: int = _f(
         64,
@@ -208,6 +213,11 @@ class ContrastiveConfig(TrainConfig):
     """The distilled student fine-tuned on candidate groups: InfoNCE + lam · (KD or CE) (objectives/contrastive.py)."""
 
     ds_config: str = _f("zero2.json", "DeepSpeed JSON of the student: a file in ds_configs/ or a path")
+    init_from: str = _f(
+        "",
+        "a Hugging Face directory of the student to start from instead of the distill stage's export "
+        "(student/hf), e.g. one distilled by a benchmark; the distill stage is then not needed",
+    )
     max_steps: int = _f(150, "optimizer steps")
     micro_batch_size: int = _f(4, "candidate groups (contexts) per rank per micro-batch; LM batches the same")
     lr: float = _f(3e-4, "peak learning rate (fine-tuning a trained student)")

@@ -129,7 +129,9 @@ def distill(cfg: ExperimentConfig) -> None:
 
 def contrastive(cfg: ExperimentConfig) -> None:
     """The distilled student and the candidate groups exist and match this run's tokenizer."""
-    hf = rundir.stage_dir(cfg, "distill") / "hf"
+    hf = rundir.contrastive_start(cfg)
+    if cfg.contrastive.init_from and not (hf / "config.json").is_file():
+        raise ConfigError(f"contrastive.init_from: {hf} is no Hugging Face model directory (no config.json)")
     if not (hf / "config.json").is_file():
         raise ConfigError(
             f"{hf}: missing (distill exports it with distill.export_hf=true); "

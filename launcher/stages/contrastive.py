@@ -2,7 +2,7 @@
 
     stablekd stage contrastive configs/quickstart.yaml run.out_dir=runs/quickstart
 
-Starts from student/hf (the distill stage's export) and runs on ranks with its own DeepSpeed JSON
+Starts from student/hf (the distill stage's export; contrastive.init_from names another) and runs on ranks with its own DeepSpeed JSON
 (`contrastive.ds_config`). A micro-batch is B candidate groups (soft_labels/candidates/: a context and its
 G = M sampled + gold continuations, data_pipeline/candidates.py) plus B sequences of the soft-label stream
 (or the plain training stream with contrastive.lm=ce). Loss terms, each the mean over its own global count:
@@ -375,7 +375,7 @@ def run(cfg: ExperimentConfig) -> None:
     # Candidates are in the run's (teacher's) ids; the student may have its own (distill.cross_tokenizer).
     run_tok, tok_dir = models.tokenizer_dir(cfg), models.student_tokenizer_dir(cfg)
     teacher_tokenizer, tokenizer = load_tokenizer(run_tok), load_tokenizer(tok_dir)
-    start = rundir.stage_dir(cfg, "distill") / "hf"
+    start = rundir.contrastive_start(cfg)
     lm = build_model(str(start), tokenizer, seq_len, cfg.run.seed)
     with torch.random.fork_rng():  # one head on every rank: seed_rng gave each rank its own stream
         torch.manual_seed(cfg.run.seed)

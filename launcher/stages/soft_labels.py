@@ -234,7 +234,9 @@ def candidate_contexts(cfg: ExperimentConfig, tokenizer) -> list[Context]:
             raise ConfigError(
                 f"soft_labels.max_new_tokens {sl.max_new_tokens} leaves no room for a context in data.seq_len {cfg.data.seq_len}"
             )
-        return document_contexts(rundir.train_files(cfg), tokenizer, sl.candidate_contexts, room)
+        return document_contexts(
+            rundir.train_files(cfg), tokenizer, sl.candidate_contexts, room, sl.candidate_tasks_only
+        )
     people, _ = bios.load_truth(cfg.run_dir / "data" / "truth.json")
     contexts = tokenize_contexts(tokenizer, bios_contexts(people, sl.candidate_contexts, cfg.run.seed))
     room = max(1, cfg.data.seq_len - sl.max_new_tokens)
@@ -254,7 +256,10 @@ def sample_candidates(cfg: ExperimentConfig, teacher: ShardedTeacher) -> dict:
     out = rundir.stage_dir(cfg, "soft_labels") / "candidates"
     contexts = candidate_contexts(cfg, tok)
     if not contexts:
-        raise ConfigError("soft_labels.candidates: the corpus gave no context (documents of >= 2 tokens)")
+        raise ConfigError(
+            "soft_labels.candidates: the corpus gave no context (documents of >= 2 tokens"
+            + (", task records with soft_labels.candidate_tasks_only)" if sl.candidate_tasks_only else ")")
+        )
     M, T = sl.candidates_per_context, sl.max_new_tokens
     meta = candidate_meta(
         teacher.checkpoint_id, tokenizer_hash(models.tokenizer_dir(cfg)), teacher.vocab_size, M, T,
