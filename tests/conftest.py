@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -74,12 +72,10 @@ def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedP
 def launch_script(script: Path, *args: str) -> list[str]:
     """DeepSpeed's per-node launcher running a test's worker script on 2 ranks of this node (as stablekd
     starts a stage on one node: launcher/driver/launch.py), on a free port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    slots = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
-    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={slots}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "--no_local_rank", str(script), *args]  # fmt: skip
+    from stablekd.launcher.driver.launch import free_port, per_node_launcher
+
+    cmd = per_node_launcher({"localhost": [0, 1]}, "127.0.0.1", free_port())
+    return [*cmd, "--no_local_rank", str(script), *args]
 
 
 def run_stablekd(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

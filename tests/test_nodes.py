@@ -13,13 +13,13 @@ import pytest
 from stablekd.launcher import placement, rank_status
 from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.driver import nodes
-from stablekd.launcher.driver.launch import _free_port
+from stablekd.launcher.driver.launch import free_port
 
 
 def _cfgs(tmp_path, timeout_s=3):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\n127.0.0.1 slots=2\n127.0.0.2 slots=2\n")
-    port = _free_port()
+    port = free_port()
     base = [f"launch.hostfile={hostfile}", "launch.no_ssh=true", "launch.master_addr=127.0.0.1",
             f"launch.master_port={port - 1}", f"launch.timeout_s={timeout_s}", f"run.out_dir={tmp_path}"]  # fmt: skip
     return [load_config(None, [*base, f"launch.node_rank={r}"]) for r in (0, 1)]

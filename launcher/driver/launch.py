@@ -27,7 +27,7 @@ from stablekd.launcher.driver import nodes
 WORKER = "stablekd.launcher.rank.worker"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -42,7 +42,7 @@ def job_command(cfg: ExperimentConfig, stage: str) -> list[str]:
 
 def _port(cfg: ExperimentConfig, stage: str) -> int:
     launch = cfg.launch
-    port = launch.master_port or (_free_port() if not launch.hostfile else nodes.DEFAULT_MASTER_PORT)
+    port = launch.master_port or (free_port() if not launch.hostfile else nodes.DEFAULT_MASTER_PORT)
     if stage == "distill" and placement.concurrent(cfg) and (launch.master_port or launch.hostfile):
         port += 2  # not soft_labels' port, nor the one above it (a multi-node run's handshake store)
     return port
@@ -56,15 +56,21 @@ def node_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     slots of every node in hostfile order; `--node_rank`: which of them this one is, with launch.no_ssh).
     Started directly: the runner would only add a process that imports DeepSpeed to write those arguments,
     ~3 s at every stage's start. The launcher sets each rank's visible devices to its slot."""
-    launch, slots = cfg.launch, placement.slots(cfg, stage) or placement.pool(cfg)
-    world_info = base64.urlsafe_b64encode(json.dumps(slots).encode()).decode()
+    launch = cfg.launch
     # no_ssh: the address the nodes' handshake uses too (launcher/driver/nodes.py)
     addr = (launch.master_addr or placement.host_names(cfg)[0]) if launch.hostfile else "127.0.0.1"
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}"]
-    cmd += [f"--master_addr={addr}", f"--master_port={_port(cfg, stage)}"]
+    cmd = per_node_launcher(placement.slots(cfg, stage) or placement.pool(cfg), addr, _port(cfg, stage))
     if launch.no_ssh:
         cmd += [f"--node_rank={launch.node_rank}"]
     return [*cmd, "--module", "--no_local_rank", "--log_level=warning", WORKER, stage, str(cfg.run_dir)]
+
+
+def per_node_launcher(slots: placement.Slots, addr: str, port: int) -> list[str]:
+    """`python -u -m deepspeed.launcher.launch` for `slots` (host -> local slots, hostfile order) meeting at
+    addr:port; its options and the script follow."""
+    world_info = base64.urlsafe_b64encode(json.dumps(slots).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+            f"--master_addr={addr}", f"--master_port={port}"]  # fmt: skip
 
 
 def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
