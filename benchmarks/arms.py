@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import cell  # noqa: F401  (bench.cell: the scripts' table cells)
 from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline.align import TokenBytes
@@ -206,8 +207,3 @@ def teacher_figures(src: Path, cfg, people: list, speed_prompts: list[str]) -> t
 
 def median_or_none(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
-
-
-def cell(v, fmt: str) -> str:
-    """A table cell: `v` formatted, or – when missing."""
-    return "–" if v is None else format(v, fmt)

@@ -38,13 +38,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import arms as bench  # benchmarks/arms.py: this script's folder is on sys.path
+import provenance
 import single_rank
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -188,6 +188,7 @@ def main() -> None:
         >= GOAL_SHARE,
     }
     result = {
+        **provenance.header(),
         "run": str(src),
         "student": run_cfg.student.model,
         "bpe_vocab": vocab,
@@ -202,7 +203,6 @@ def main() -> None:
         "bpe_text_kept": kept_text(bench.arm_config(src, work / "kept", opts, online=False), student_dir),
         "dtype_path": "fp32" if not torch.cuda.is_available() else "see rows",
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
         "load_average": [load_before, os.getloadavg()[0]],
         "teacher_figures_from": teacher_from,
         "same_tokenizer_gain_bpb": same_gain,
@@ -213,31 +213,39 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 
-    f = bench.cell
-    print(
-        f"\nteacher {result['teacher_tokenizer']}; BPE student {vocab} ids; {run_cfg.student.model}, seq "
-        f"{result['seq_len']} × micro {result['micro_batch_size']}, {args.steps} steps per arm on the same "
-        f"records ({result['encoding']} k {result['k']}, {result['kind']} T {result['temperature']}); the BPE "
-        f"student keeps {result['bpe_text_kept']:.1%} of the records' text within seq_len"
-    )
-    print(
-        f"{'arm':13} {'alpha':>5} {'bpb':>7} {'ppl':>8} {'bios acc':>8} {'contra':>7} {'aligned':>7} {'step s':>7} {'gen tok/s':>9}"
-    )
-    for r in rows:
-        print(
-            f"{r['arm']:13} {f(r.get('alpha'), '.2f'):>5} {f(r['bpb'], '.4f'):>7} {f(r['ppl'], '.3f'):>8} "
-            f"{f(r['bios_accuracy'], '.3f'):>8} {f(r['bios_cross_contradiction'], '.3f'):>7} "
-            f"{f(r.get('aligned_share'), '.3f'):>7} {f(r.get('step_time_s'), '.4f'):>7} {f(r['gen_tokens_per_s'], '.0f'):>9}"
-        )
-    print(
-        f"bpb gain over CE: same tokenizer {same_gain:.4f}, ULD {cross_gain['ULD']:.4f}, hybrid "
-        f"{cross_gain['hybrid']:.4f} (recovered {f(recovered['hybrid'], '.2f')}); teacher from {teacher_from}"
-    )
-    for goal, ok in goals.items():
-        print(f"  [{'met' if ok else 'MISSED'}] {goal}")
+    print(table(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"-> {args.out} ({result['seconds']}s)")
+
+
+def table(result: dict) -> str:
+    """docs/results.md's table: one row per arm (bits per byte compare across tokenizers, perplexity within
+    one), then the gains over CE and the goals."""
+    f, (same, cross, rec) = (
+        bench.cell,
+        (result[k] for k in ("same_tokenizer_gain_bpb", "cross_gain_bpb", "recovered")),
+    )
+    lines = [
+        "| arm | alpha | bits/byte | ppl (own tokens) | bios accuracy | contradiction | aligned | step s | gen tok/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['arm']} | {f(r.get('alpha'), '.1f')} | {f(r['bpb'], '.4f')} | {f(r['ppl'], '.3f')} | "
+            f"{f(r['bios_accuracy'], '.3f')} | {f(r['bios_cross_contradiction'], '.3f')} | "
+            f"{f(r.get('aligned_share'), '.3f')} | {f(r.get('step_time_s'), '.4f')} | {f(r.get('gen_tokens_per_s'), ',.0f')} |"
+        )
+    lines += [
+        "",
+        f"Bits per byte gained over CE: same tokenizer {same:.4f}, ULD {cross['ULD']:.4f}, hybrid {cross['hybrid']:.4f} "
+        f"(hybrid recovers {f(rec['hybrid'], '.2f')} of the same-tokenizer gain). BPE student {result['bpe_vocab']:,} "
+        f"ids, {result['steps']} steps per arm, {result['encoding']} labels; it keeps {result['bpe_text_kept']:.1%} of "
+        "the records' text within seq_len.",
+        "",
+        *(f"- {'met' if ok else 'MISSED'}: {goal}" for goal, ok in result["goals"].items()),
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -54,13 +54,13 @@ import gc
 import json
 import operator
 import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import single_rank  # benchmarks/single_rank.py: this script's folder is on sys.path
+import provenance  # benchmarks/: this script's folder is on sys.path
+import single_rank
 import torch
 from arms import (
     arm_config,
@@ -278,6 +278,7 @@ def main() -> None:
     cfg0 = base  # the run's settings with this benchmark's overrides
     micro = cfg0.distill.micro_batch_size
     result = {
+        **provenance.header(),
         "run": str(src),
         "student": cfg0.student.model,
         "seq_len": cfg0.data.seq_len,
@@ -295,7 +296,6 @@ def main() -> None:
         "online_teacher_tag": arms["KD online"]["teacher_tag"] if "KD online" in arms else None,
         "warmup_steps": args.warmup,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
         "load_average": [load_before, load_after],
         "teacher_figures_from": teacher_from,
         "eval_settings": {
@@ -313,50 +313,36 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 
-    f = cell
-    print(
-        f"\nstudent {result['student']} ({ce['params'] / 1e6:.2f}M params), seq {result['seq_len']} × micro {micro}, "
-        f"{result['dtype_path']} path (DeepSpeed ZeRO-{result['zero_stage']}, world 1), {result['threads']} threads, "
-        f"KD {result['kind']} alpha {args.alpha} T {result['temperature']} k {result['k']}; step time = median "
-        f"after {args.warmup} warm-up steps; load average {load_before:.2f} -> {load_after:.2f}"
-    )
-    head = (f"{'arm':19} {'steps':>6} {'tokens':>9} {'step s':>8} {'vs CE':>6} {'ppl':>7} {'bios acc':>8} "
-            f"{'self-cons':>9} {'contra':>7} {'gen tok/s':>9} {'sample s':>8} {'score s':>7}")  # fmt: skip
-    print(head)
-    for r in rows:
-        print(
-            f"{r['arm']:19} {f(r['steps'], 'd'):>6} {f(r['tokens'], 'd'):>9} {f(r.get('step_time_s'), '.4f'):>8} "
-            f"{f(r.get('vs_ce'), '.3f'):>6} {f(r['ppl'], '.3f'):>7} {f(r['bios_accuracy'], '.3f'):>8} "
-            f"{f(r['bios_self_consistency'], '.3f'):>9} {f(r['bios_cross_contradiction'], '.3f'):>7} "
-            f"{f(r['gen_tokens_per_s'], '.0f'):>9} {f(r.get('on_policy_generate_s'), '.4f'):>8} "
-            f"{f(r.get('on_policy_teacher_s'), '.4f'):>7}"
-        )
-    print(
-        "on-policy arms: sample s / score s = mean seconds per on-policy micro-batch of the student's "
-        "generate and the teacher's forward (the rest of a step: offline micro-batches and the update); "
-        "@wall: as many steps as the KD offline arm's wall time pays for"
-    )
-    print(
-        f"bios: {result['eval_settings']['bios_questions']} questions on trained people, 1 greedy + "
-        f"{cfg0.evaluate.samples} samples each; ppl over {cfg0.evaluate.ppl_batches} × {report.PPL_MICRO_BATCH} "
-        f"held-out sequences; teacher figures from {teacher_from}"
-    )
+    print(table(result))
     if online_skip:
         print(f"KD online: skipped ({online_skip})")
-    if CONTROL in by:
-        print(
-            f"{CONTROL}: cross-entropy (the stage's loss at alpha 0, KD still computed) on the soft-label "
-            "sequences, which repeat with the same packing every epoch; CE reads a looping stream packed anew"
-        )
-    for goal, ok in goals.items():
-        print(f"goal {goal}: {'met' if ok else ('n/a' if ok is None else 'MISSED')}")
-    for what, ok in control.items():
-        print(f"control {what}: {'yes' if ok else ('n/a' if ok is None else 'no')}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out} ({result['seconds']:.0f}s)")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def table(result: dict) -> str:
+    """docs/results.md's table: one row per arm (step time = median after the warm-up steps; on-policy arms:
+    mean seconds per on-policy micro-batch of the student's sampling and the teacher's scoring), the goals."""
+    f = cell
+    lines = [
+        "| arm | steps | step s | vs CE | held-out ppl | bios acc | self-consistency | contradiction | gen tok/s "
+        "| sample s | score s |",
+        "| --- |" + " ---: |" * 10,
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['arm']} | {f(r['steps'], 'd')} | {f(r.get('step_time_s'), '.4f')} | {f(r.get('vs_ce'), '.3f')} | "
+            f"{f(r['ppl'], '.3f')} | {f(r['bios_accuracy'], '.3f')} | {f(r['bios_self_consistency'], '.3f')} | "
+            f"{f(r['bios_cross_contradiction'], '.3f')} | {f(r['gen_tokens_per_s'], ',.0f')} | "
+            f"{f(r.get('on_policy_generate_s'), '.4f')} | {f(r.get('on_policy_teacher_s'), '.4f')} |"
+        )
+    verdict = {True: "met", False: "MISSED", None: "n/a"}
+    lines += ["", *(f"- {verdict[ok]}: {goal}" for goal, ok in result["goals"].items())]
+    lines += [f"- control, {what}: {verdict[ok]}" for what, ok in result["control"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""What every results JSON records about where it was measured: the commit and the kind of CPU."""
+"""What every results JSON records about where it was measured: the commit, the kind of CPU, the command and
+the date (`header`). benchmarks/results/<script>[-<tag>].json is written by benchmarks/<script>.py, whose
+`table(result)` makes the Markdown table docs/results.md shows (tests/test_results.py holds them together)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,3 +33,19 @@ def commit() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()  # fmt: skip
     return out.stdout.strip() + ("+changes" if dirty else "")
+
+
+def header(command: list[str] | None = None) -> dict:
+    """The keys a results JSON starts with; `command` defaults to this process's own, as typed in the repo."""
+    argv = command or ["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]
+    return {
+        "commit": commit(),
+        "cpu": cpu_kind(),
+        "command": shlex.join(argv),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def cell(v, fmt: str) -> str:
+    """A table cell: `v` formatted, or – when missing."""
+    return "–" if v is None else format(v, fmt)

@@ -1,11 +1,11 @@
 """The quickstart, measured: `stablekd quickstart` on the built-in bios corpus, its report as the README's table.
 
     python benchmarks/quickstart.py [--out runs/qs]      # resumable: finished stages are not redone
-    python benchmarks/quickstart.py --seed 1 --out runs/qs_seed1   # another run.seed: quickstart_seed1.json
+    python benchmarks/quickstart.py --seed 1 --out runs/qs_seed1   # another run.seed: quickstart-seed1.json
     python benchmarks/quickstart.py --seeds              # the committed seeds side by side (seeds_table)
 
 Runs the shipped pipeline (configs/quickstart.yaml, every stage, 2 ranks) into OUT, then writes
-benchmarks/results/quickstart.json (quickstart_seed<N>.json with --seed N: run.seed seeds model init, data
+benchmarks/results/quickstart.json (quickstart-seed<N>.json with --seed N: run.seed seeds model init, data
 order and sampling; the corpus is the same): commit, cpu, command, the seconds of each stage (from the stages'
 DONE.json finish times: the first from this script's start, so a resumed run's first figure is only what
 this invocation spent) and eval/report.json's models, ratios and sample sizes. Prints the README's table
@@ -85,10 +85,10 @@ def table(result: dict) -> str:
 
 
 def seed_results() -> dict[int, dict]:
-    """The committed runs by run.seed: quickstart.json is the config's seed (0), quickstart_seed<N>.json N."""
+    """The committed runs by run.seed: quickstart.json is the config's seed (0), quickstart-seed<N>.json N."""
     out = {0: json.loads((RESULTS / "quickstart.json").read_text())}
-    for path in sorted(RESULTS.glob("quickstart_seed*.json")):
-        out[int(path.stem.removeprefix("quickstart_seed"))] = json.loads(path.read_text())
+    for path in sorted(RESULTS.glob("quickstart-seed*.json")):
+        out[int(path.stem.removeprefix("quickstart-seed"))] = json.loads(path.read_text())
     return out
 
 
@@ -129,7 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/qs", help="run directory (run.out_dir; resumable)")
     ap.add_argument("--seed", type=int, help="run.seed (default: the config's, 0)")
-    ap.add_argument("--json", type=Path, help="default: benchmarks/results/quickstart[_seed<N>].json")
+    ap.add_argument("--json", type=Path, help="default: benchmarks/results/quickstart[-seed<N>].json")
     ap.add_argument("--seeds", action="store_true", help="print the committed seeds' table and exit")
     args = ap.parse_args()
     if args.seeds:
@@ -138,7 +138,7 @@ def main() -> None:
     os.chdir(REPO)  # run.out_dir is relative to the working directory
     overrides = [f"run.out_dir={args.out}"] + ([f"run.seed={args.seed}"] if args.seed is not None else [])
     args.json = args.json or RESULTS / (
-        "quickstart.json" if args.seed is None else f"quickstart_seed{args.seed}.json"
+        "quickstart.json" if args.seed is None else f"quickstart-seed{args.seed}.json"
     )
     started = time.time()
     cmd = [sys.executable, "-m", "stablekd.launcher.driver.cli", "quickstart", *overrides]
@@ -148,9 +148,7 @@ def main() -> None:
     cfg = load_config(QUICKSTART, overrides)
     report = json.loads((cfg.run_dir / "eval" / "report.json").read_text())
     result = {
-        "commit": provenance.commit(),
-        "cpu": provenance.cpu_kind(),
-        "command": "stablekd quickstart " + " ".join(overrides),
+        **provenance.header(["stablekd", "quickstart", *overrides]),
         "wall_s": round(wall),
         "stage_s": stage_seconds(cfg, started),
         "models": report["models"],

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -44,8 +43,10 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 import single_rank  # noqa: E402
 from distill import score, step_times, train_arm  # noqa: E402  (benchmarks/distill.py: the arm loop)
+from provenance import cell  # noqa: E402
 
 from stablekd.data_pipeline import bios, encodings  # noqa: E402
 from stablekd.data_pipeline.encodings import Decoded  # noqa: E402
@@ -210,10 +211,22 @@ def main() -> None:
         train_and_score(cfg, {"arm": "CE"})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    table(rows, src, args, teacher_tps)
+    result = summarize(rows)
+    seed = "" if args.seed is None else f"-seed{args.seed}"
+    out = args.out or REPO / "benchmarks" / "results" / f"soft_label_encodings-{src.name}{seed}.json"
+    result = {
+        **provenance.header(),
+        "run": str(src), "sequences": args.sequences, "steps": args.steps, "seed": args.seed,
+        "teacher_tokens_per_s": teacher_tps, "threads": torch.get_num_threads(), **result,
+    }  # fmt: skip
+    print(table(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"-> {out}")
 
 
-def table(rows: list[dict], src: Path, args, teacher_tps: float) -> None:
+def summarize(rows: list[dict]) -> dict:
+    """Each arm's step time over CE's and perplexity over full logits'; the arms that meet the goal."""
     ref = next((r for r in rows if r["arm"] == "full"), None)
     ce = next(r for r in rows if r["arm"] == "CE")
     for r in rows:
@@ -225,33 +238,39 @@ def table(rows: list[dict], src: Path, args, teacher_tps: float) -> None:
         if ref and r["arm"] not in ("full", "CE") and r["bytes_per_token"] <= GOAL_BYTES
         and r.get("ppl_vs_full", 1) <= GOAL_PPL and r.get("ece", 1) <= ref.get("ece", 0) + 1e-9
     ]  # fmt: skip
-    cols = [("arm", "{:<14}"), ("bytes_per_token", "{:>8.1f}"), ("kept_mass", "{:>7.4f}"), ("kl_nats", "{:>8.4f}"),
-            ("write_tokens_per_s", "{:>9.0f}"), ("read_tokens_per_s", "{:>9.0f}"), ("step_vs_ce", "{:>6.2f}"),
-            ("ppl", "{:>8.3f}"), ("ppl_vs_full", "{:>+7.2%}"), ("ece", "{:>7.4f}"), ("bios_accuracy", "{:>6.3f}")]  # fmt: skip
-    print("\n" + " ".join(f"{c:>{len(f.format(0) if 's' not in f else f.format(''))}}" for c, f in cols))
-    for r in rows:
-        cells = []
-        for c, f in cols:
-            v = r.get(c)
-            cells.append(
-                f.format(v)
-                if v is not None
-                else f"{'–':>{len(f.format(0) if 's' not in f else f.format(''))}}"
-            )
-        print(" ".join(cells))
     choice = min(ok, key=lambda r: r["bytes_per_token"])["arm"] if ok else None
-    print(f"\nmeeting the goal (<= {GOAL_BYTES} B/token, ppl within {GOAL_PPL:.0%} of full, ECE <= full's): "
-          f"{', '.join(r['arm'] for r in ok) or 'none'}; smallest: {choice}")  # fmt: skip
-    seed = "" if args.seed is None else f"-seed{args.seed}"
-    out = args.out or REPO / "benchmarks" / "results" / f"soft_label_encodings-{src.name}{seed}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "run": str(src), "sequences": args.sequences, "steps": args.steps, "seed": args.seed,
-        "teacher_tokens_per_s": teacher_tps,
-        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "rows": rows, "meets_goal": [r["arm"] for r in ok], "smallest_meeting_goal": choice,
-    }, indent=2, default=str))  # fmt: skip
-    print(f"-> {out}")
+    return {"rows": rows, "meets_goal": [r["arm"] for r in ok], "smallest_meeting_goal": choice}
+
+
+def _rate(v: float | None) -> str:
+    """Tokens/s as the table shows them: 8.2k, 2.1M."""
+    if v is None:
+        return "–"
+    return f"{v / 1e6:.1f}M" if v >= 1e6 else f"{v / 1e3:.1f}k" if v >= 1e4 else f"{v:,.0f}"
+
+
+def table(result: dict) -> str:
+    """docs/results.md's table: one row per encoding arm and the CE control, then which arms meet the goal."""
+    f = cell
+    lines = [
+        "| arm | bytes/token | kept mass | KL to stored | write tok/s | read tok/s | step / CE | student ppl | vs full "
+        "| ECE | bios acc |",
+        "| --- |" + " ---: |" * 10,
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['arm']} | {f(r.get('bytes_per_token'), ',.0f')} | {f(r.get('kept_mass'), '.4f')} | "
+            f"{f(r.get('kl_nats'), '.4f')} | {_rate(r.get('write_tokens_per_s'))} | {_rate(r.get('read_tokens_per_s'))} | "
+            f"{f(r.get('step_vs_ce'), '.2f')} | {f(r.get('ppl'), '.3f')} | {f(r.get('ppl_vs_full'), '+.1%')} | "
+            f"{f(r.get('ece'), '.4f')} | {f(r.get('bios_accuracy'), '.3f')} |"
+        )
+    meets = ", ".join(result["meets_goal"]) or "none"
+    lines += [
+        "",
+        f"Meeting the goal (at most {GOAL_BYTES} bytes/token, perplexity within {GOAL_PPL:.0%} of full logits', ECE "
+        f"at most full's): {meets}; the smallest: {result['smallest_meeting_goal'] or 'none'}.",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

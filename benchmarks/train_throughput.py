@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import single_rank  # benchmarks/single_rank.py: this script's folder is on sys.path
+import provenance  # benchmarks/: this script's folder is on sys.path
+import single_rank
 import torch
 
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader
@@ -197,30 +198,37 @@ def main() -> None:
             )
         rows.append(row)
     result = {
+        **provenance.header(),
         "model": args.model,
         "params": params,
         "seq_len": cfg.data.seq_len,
         "micro_batch_size": cfg.teacher.micro_batch_size,
+        "steps": args.steps,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
         "peak_tflops": peak / 1e12,
         "repeats": args.repeats,
+        "load_average": os.getloadavg(),  # 1, 5 and 15 minutes at the end: other work skews times
         "rows": rows,
     }
-    print(
-        f"\n{args.model} ({params / 1e6:.1f}M params), seq {cfg.data.seq_len} × micro {cfg.teacher.micro_batch_size}, "
-        f"{torch.get_num_threads()} threads, matmul peak {peak / 1e12:.3f} TFLOP/s, median of {args.repeats} runs"
-    )
-    print(f"{'loop':30} {'tokens/s':>9} {'min–max':>13} {'MFU':>6} {'vs plain':>8} {'vs bare DS':>10}")
-    for r in rows:
-        vs = f"{r['vs_bare_deepspeed']:10.3f}" if "vs_bare_deepspeed" in r else " " * 10
-        spread = f"{r['min']:.0f}–{r['max']:.0f}"
-        print(
-            f"{r['loop']:30} {r['tokens_per_s']:9.0f} {spread:>13} {r['mfu']:6.2%} {r['vs_plain']:8.3f} {vs}"
-        )
+    print(table(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+
+
+def table(result: dict) -> str:
+    """docs/results.md's table: median tokens/s of each loop over the repeats, its spread, its ratios."""
+    lines = [
+        "| loop | tokens/s | min–max | MFU | vs plain PyTorch | stablekd / bare DeepSpeed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        vs = f"**{r['vs_bare_deepspeed']:.3f}**" if "vs_bare_deepspeed" in r else ""
+        lines.append(
+            f"| {r['loop']} | {r['tokens_per_s']:,.0f} | {r['min']:,.0f}–{r['max']:,.0f} | {r['mfu']:.2%} | "
+            f"{r['vs_plain']:.3f} | {vs} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import provenance
 import torch
 import torch.nn.functional as F
 
@@ -178,39 +178,36 @@ def main() -> None:
             row["peak_vs_floor"] = row["peak_mib"] / same["floor"]["peak_mib"]
         if "ce (whole logits)" in same:
             row["time_vs_whole_ce"] = row["step_s"] / same["ce (whole logits)"]["step_s"]
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
-    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
     result = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "commit": commit,
-        "cpu_flags": sorted(f for f in flags if f.startswith(("amx", "avx512", "avx2"))),
+        **provenance.header(),
         "steps": args.steps,
         "student": "Llama, hidden 256, 2 layers, untied head",
         "micro_batch": f"{args.micro} × {args.tokens} tokens",
         "threads": torch.get_num_threads(),
         "dtype": "fp32",
-        "cpu": platform.processor() or platform.machine(),
         "rows": rows,
     }
-    print(
-        f"\nstudent hidden 256, {args.micro} × {args.tokens} tokens, fp32, {torch.get_num_threads()} threads, "
-        f"median of {args.steps} steps"
-    )
-    print(
-        f"{'V':>7} {'arm':22} {'rows':>5} {'step s':>7} {'vs whole ce':>11} {'peak MiB':>9} {'vs floor':>8} "
-        f"{'step MiB':>9}"
-    )
-    for r in rows:
-        print(
-            f"{r['vocab']:7d} {r['arm']:22} {r['rows']:5d} {r['step_s']:7.2f} "
-            f"{r.get('time_vs_whole_ce', float('nan')):11.2f} "
-            f"{r['peak_mib']:9.0f} {r.get('peak_vs_floor', float('nan')):8.2f} {r['step_mib']:9.0f}"
-        )
+    print(table(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+
+
+def table(result: dict) -> str:
+    """docs/results.md's table: one row per (V, arm[, rows per chunk]), ratios within each V."""
+    chunks = any("rows" in r for r in result["rows"])  # files before --rows have no such column
+    head = "| V | arm |" + (" rows/chunk |" if chunks else "")
+    lines = [
+        head + " step s | vs whole-logits CE | peak MiB | vs floor | step's own MiB |",
+        "| ---: | --- |" + (" ---: |" if chunks else "") + " ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        rows = f" {r['rows']:,} |" if chunks else ""
+        lines.append(
+            f"| {r['vocab']:,} | `{r['arm']}` |{rows} {r['step_s']:.2f} | {provenance.cell(r.get('time_vs_whole_ce'), '.2f')} | "
+            f"{r['peak_mib']:,.0f} | {provenance.cell(r.get('peak_vs_floor'), '.2f')} | {r['step_mib']:,.0f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
