@@ -33,7 +33,8 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
      uses, probe_rephrased.jsonl) with its cross-sample agreement/contradiction (greedy + evaluate.samples
      answers) and the paraphrase check (evaluate.task_templates), and kind (b) `fact_em_unasked` (facts the
      prose states that no training question asks, probe_unasked.jsonl): evaluation/task_probe.py, answers
-     cut at data.answer_stop, at most ANSWER_TOKENS new tokens;
+     cut at data.answer_stop, at most ANSWER_TOKENS new tokens
+     (benchmarks/real_text_scores.py);
    - rep-2/3/4 and diversity of greedy continuations of evaluate.prefixes held-out prefixes, distinct-2 of
      their samples (exactly evaluate.max_new_tokens tokens each: evaluation/report.py);
    - generation tokens/s on one fixed batch;
@@ -55,9 +56,6 @@ per byte <= +2 % over the arm it starts from.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -72,26 +70,17 @@ import compressors
 import kjv_corpus
 import provenance
 import single_rank
-import torch
 from real_text_arms import bpe_student, kept_arm, load_teacher, train_export
+from real_text_scores import scored
 from transformers.utils import logging as hf_logging
 
-from stablekd.data_pipeline.align import TokenBytes
-from stablekd.data_pipeline.sources import Corpus, resolve_paths
-from stablekd.data_pipeline.stream import eval_batches
-from stablekd.data_pipeline.tokenizer import load_tokenizer
-from stablekd.evaluation import report
-from stablekd.evaluation.bios_probe import HFGenerator
-from stablekd.evaluation.task_probe import held_out_tasks, probe_tasks
-from stablekd.launcher import rundir
+from stablekd.data_pipeline.sources import resolve_paths
 from stablekd.launcher.config import load_config
-from stablekd.model.build import count_params, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "kjv.yaml"
 # Pre-training on the prose alone: 1,600 x 16 x 256 = 6.6M tokens ≈ 5.7 passes of the training books
 PRETRAIN = ["teacher.max_steps=1600", "teacher.lr=2.0e-3", "teacher.warmup_steps=100"]
-ANSWER_TOKENS = 24  # an answer is one line: "an hundred and five years."
 # Soft-label runs of the one teacher: name -> overrides. "sampled" is the teacher's own run (OUT/teacher);
 # any other is OUT/teacher_<name>, whose teacher/ links the finished teacher's.
 # Candidate groups for the contrastive arms: the first 768 task records of mixed.jsonl (each of its 768
@@ -279,74 +268,6 @@ def contrastive_goals(models: dict[str, dict], arm: str) -> dict[str, bool]:
     }
 
 
-def score(hf: Path, cfg, corpus: Path) -> dict[str, float]:
-    """Every metric of the table for one exported model (see the module doc)."""
-    device, dtype = bench.device_dtype()
-    tok = load_tokenizer(hf)
-    model = load_model(hf, tok, dtype).to(device).eval()
-    ecfg = cfg.evaluate
-    gen = HFGenerator(model, tok, ecfg.temperature, ecfg.top_p, ecfg.batch_size)
-    held = rundir.eval_files(cfg)
-    m: dict[str, float] = {"params": count_params(model)}
-    with torch.inference_mode():
-        batches = eval_batches(held, hf, cfg.data.seq_len, report.PPL_MICRO_BATCH, 10**9, 0, 1)  # all of it
-        ppl = report.held_out_scores(model, batches, TokenBytes.from_tokenizer(tok).lengths)
-        m.update(ppl=ppl.ppl, ece=ppl.ece, bpb=ppl.bits_per_byte, heldout_tokens=ppl.tokens)
-        answers = dataclasses.replace(ecfg, max_new_tokens=ANSWER_TOKENS)
-        for kind, with_templates in (("rephrased", True), ("unasked", False)):
-            docs = held_out_tasks(Corpus((corpus / f"probe_{kind}.jsonl",)), 10**9)
-            probe_cfg = answers if with_templates else dataclasses.replace(answers, task_templates=[])
-            r = probe_tasks(gen, tok, docs, probe_cfg, cfg.data.answer_stop).metrics
-            m[f"fact_em_{kind}"] = r["task_exact_match"]
-            m[f"fact_agreement_{kind}"] = r["task_agreement"]
-            m[f"fact_contradiction_{kind}"] = r["task_contradiction"]
-            if with_templates:  # kind (a) is the report's task probe: its keys as the report names them
-                m["task_contradiction"] = r["task_contradiction"]
-                m["task_paraphrase_contradiction"] = r["task_paraphrase_contradiction"]
-                m["task_paraphrase_exact_match"] = r["task_paraphrase_exact_match"]
-        prefixes = report.load_prefixes(held, tok, ecfg.prefixes, ecfg.prefix_tokens)
-        m.update(report.degeneration(report.continue_prefixes(gen, prefixes, ecfg)))
-        m["gen_tokens_per_s"] = report.generation_speed(
-            gen, prefixes[: report.SPEED_BATCH], ecfg.max_new_tokens
-        )
-    return m
-
-
-def scoring_digest(cfg) -> str:
-    """What the figures of an export depend on besides its weights: score() and ANSWER_TOKENS, the
-    evaluate section, the probe files and the evaluation package (not this file's arms: adding one keeps the
-    others' scores)."""
-    h = hashlib.sha256(inspect.getsource(score).encode())
-    h.update(f"{ANSWER_TOKENS} {sorted(dataclasses.asdict(cfg.evaluate).items())}".encode())
-    for path in sorted((REPO / "evaluation").glob("*.py")):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def scored(arm: str, hf: Path, cfg, corpus: Path, out: Path) -> dict[str, float]:
-    """score() of one export, kept in OUT/scores/<arm>.json: scoring all models takes minutes each on a
-    shared CPU, and a rerun that adds an arm should pay for that arm only. Reused only for the same
-    export (its weights' names, sizes and mtimes: a retrained arm is scored again) and the same scoring
-    (`scoring_digest`)."""
-    weights = sorted(hf.glob("*.safetensors"))
-    key = {
-        "hf": str(hf),
-        "weights": [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights],
-        "scoring": scoring_digest(cfg),
-    }
-    path = out / "scores" / f"{arm}.json"
-    if path.is_file() and (kept := json.loads(path.read_text()))["key"] == key:
-        print(f"scoring {arm}: {path} (scored already)", flush=True)
-        return kept["metrics"]
-    print(f"scoring {arm}", flush=True)
-    t0 = time.perf_counter()
-    metrics = score(hf, cfg, corpus)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = {"key": key, "metrics": metrics, "wall_s": time.perf_counter() - t0}
-    path.write_text(json.dumps(kept, indent=1) + "\n")
-    return metrics
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "kjv", help="benchmark directory (resumable)")
@@ -432,9 +353,7 @@ def main() -> None:
         goals.update(contrastive_goals(models, arm))
     manifest = json.loads((corpus / "manifest.json").read_text())
     result = {
-        "commit": provenance.commit(),
-        "cpu": provenance.cpu_kind(),
-        "command": "python benchmarks/real_text.py " + " ".join(sys.argv[1:]),
+        **provenance.header(),
         "compressors": comp,
         "models": models,
         "students": students,
@@ -476,14 +395,12 @@ def main() -> None:
     print(f"-> {args.json}")
 
 
-KEYS = [
-    ("params", "parameters", ".3g"), ("bpb", "held-out bits per byte", ".3f"), ("ppl", "perplexity", ".1f"),
-    ("ece", "ECE", ".3f"), ("fact_em_rephrased", "fact EM, (a) rephrased", ".3f"),
-    ("fact_em_unasked", "fact EM, (b) unasked", ".3f"), ("fact_agreement_rephrased", "agreement (a), K samples", ".3f"),
-    ("task_contradiction", "contradiction (a), K samples", ".3f"),
-    ("task_paraphrase_contradiction", "paraphrase contradiction (a)", ".3f"),
-    ("rep_2", "rep-2 (%)", ".1f"), ("rep_3", "rep-3 (%)", ".1f"), ("rep_4", "rep-4 (%)", ".1f"),
-    ("distinct_2", "distinct-2", ".3f"), ("gen_tokens_per_s", "generation tokens/s", ".0f"),
+# The table's columns (issue #28's list): key in a model's scores, header, format
+COLUMNS = [
+    ("params", "params (M)", ".2f"), ("bpb", "bits/byte", ".3f"), ("ece", "ECE", ".3f"),
+    ("fact_em_rephrased", "fact EM (a)", ".3f"), ("fact_em_unasked", "fact EM (b)", ".3f"),
+    ("task_contradiction", "contradiction (a)", ".3f"), ("task_paraphrase_contradiction", "paraphrase contra. (a)", ".3f"),
+    ("rep_4", "rep-4 %", ".1f"), ("distinct_2", "distinct-2", ".3f"), ("gen_tokens_per_s", "gen tok/s", ",.0f"),
 ]  # fmt: skip
 
 
@@ -499,19 +416,26 @@ def summary(result: dict) -> str:
     )
 
 
+def models_table(result: dict) -> str:
+    """One row per model (the README's table): the scores, and the minutes its own training took (the arms';
+    a contrastive or on-policy arm's on top of the arm it starts from)."""
+    lines = [
+        "| model | " + " | ".join(h for _, h, _ in COLUMNS) + " | train min |",
+        "| --- |" + " ---: |" * (len(COLUMNS) + 1),
+    ]
+    for name, m in result["models"].items():
+        wall = result["students"].get(name, {}).get("train_wall_s")
+        scaled = {**m, "params": m["params"] / 1e6}
+        cells = [bench.cell(scaled.get(key), fmt) for key, _, fmt in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {bench.cell(wall and wall / 60, '.0f')} |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
-    """The Markdown table: one column per model, compressors as the last rows of bits per byte."""
-    arms = list(result["models"])
-    lines = ["| metric | " + " | ".join(arms) + " |", "| --- |" + " ---: |" * len(arms)]
-    for key, label, fmt in KEYS:
-        cells = [bench.cell(result["models"][a].get(key), fmt) for a in arms]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for name, bpb in result["compressors"].items():
-        lines.append(
-            f"| {name} bits per byte (given the training text) | {bpb:.3f} |" + " |" * (len(arms) - 1)
-        )
+    """docs/results.md's table: the models, the compressors' bits per byte, the goals."""
+    comp = ", ".join(f"{name} {bpb:.3f}" for name, bpb in result["compressors"].items())
     goals = "\n".join(f"- {'met' if ok else 'MISSED'}: {g}" for g, ok in result["goals"].items())
-    return "\n".join(lines) + "\n\n" + goals
+    return f"{models_table(result)}\n\nCompressors' bits per byte on the same held-out text, given the training text: {comp}.\n\n{goals}"
 
 
 if __name__ == "__main__":
