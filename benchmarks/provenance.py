@@ -35,11 +35,15 @@ def commit() -> str:
     return out.stdout.strip() + ("+changes" if dirty else "")
 
 
+STARTED_AT = commit()  # at import: when the benchmark started
+
+
 def header(command: list[str] | None = None) -> dict:
-    """The keys a results JSON starts with; `command` defaults to this process's own, as typed in the repo."""
+    """The keys a results JSON starts with; `command` defaults to this process's own, as typed in the repo.
+    The commit is the one the benchmark started from (edits made while it ran are not its code)."""
     argv = command or ["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]
     return {
-        "commit": commit(),
+        "commit": STARTED_AT,
         "cpu": cpu_kind(),
         "command": shlex.join(argv),
         "date": time.strftime("%Y-%m-%d"),
