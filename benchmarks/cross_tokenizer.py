@@ -226,16 +226,15 @@ def table(result: dict) -> str:
         bench.cell,
         (result[k] for k in ("same_tokenizer_gain_bpb", "cross_gain_bpb", "recovered")),
     )
-    lines = [
-        "| arm | alpha | bits/byte | ppl (own tokens) | bios accuracy | contradiction | aligned | step s | gen tok/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['arm']} | {f(r.get('alpha'), '.1f')} | {f(r['bpb'], '.4f')} | {f(r['ppl'], '.3f')} | "
-            f"{f(r['bios_accuracy'], '.3f')} | {f(r['bios_cross_contradiction'], '.3f')} | "
-            f"{f(r.get('aligned_share'), '.3f')} | {f(r.get('step_time_s'), '.4f')} | {f(r.get('gen_tokens_per_s'), ',.0f')} |"
-        )
+    header = ["arm", "alpha", "bits/byte", "ppl (own tokens)", "bios accuracy", "contradiction", "aligned", "step s",
+              "gen tok/s"]  # fmt: skip
+    rows = [
+        [r["arm"], f(r.get("alpha"), ".1f"), f(r["bpb"], ".4f"), f(r["ppl"], ".3f"), f(r["bios_accuracy"], ".3f"),
+         f(r["bios_cross_contradiction"], ".3f"), f(r.get("aligned_share"), ".3f"), f(r.get("step_time_s"), ".4f"),
+         f(r.get("gen_tokens_per_s"), ",.0f")]
+        for r in result["rows"]
+    ]  # fmt: skip
+    lines = [provenance.markdown_table(header, rows)]
     lines += [
         "",
         f"Bits per byte gained over CE: same tokenizer {same:.4f}, ULD {cross['ULD']:.4f}, hybrid {cross['hybrid']:.4f} "

@@ -327,18 +327,15 @@ def table(result: dict) -> str:
     """docs/results.md's table: one row per arm (step time = median after the warm-up steps; on-policy arms:
     mean seconds per on-policy micro-batch of the student's sampling and the teacher's scoring), the goals."""
     f = cell
-    lines = [
-        "| arm | steps | step s | vs CE | held-out ppl | bios acc | self-consistency | contradiction | gen tok/s "
-        "| sample s | score s |",
-        "| --- |" + " ---: |" * 10,
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['arm']} | {f(r['steps'], 'd')} | {f(r.get('step_time_s'), '.4f')} | {f(r.get('vs_ce'), '.3f')} | "
-            f"{f(r['ppl'], '.3f')} | {f(r['bios_accuracy'], '.3f')} | {f(r['bios_self_consistency'], '.3f')} | "
-            f"{f(r['bios_cross_contradiction'], '.3f')} | {f(r['gen_tokens_per_s'], ',.0f')} | "
-            f"{f(r.get('on_policy_generate_s'), '.4f')} | {f(r.get('on_policy_teacher_s'), '.4f')} |"
-        )
+    header = ["arm", "steps", "step s", "vs CE", "held-out ppl", "bios acc", "self-consistency", "contradiction",
+              "gen tok/s", "sample s", "score s"]  # fmt: skip
+    rows = [
+        [r["arm"], f(r["steps"], "d"), f(r.get("step_time_s"), ".4f"), f(r.get("vs_ce"), ".3f"), f(r["ppl"], ".3f"),
+         f(r["bios_accuracy"], ".3f"), f(r["bios_self_consistency"], ".3f"), f(r["bios_cross_contradiction"], ".3f"),
+         f(r["gen_tokens_per_s"], ",.0f"), f(r.get("on_policy_generate_s"), ".4f"), f(r.get("on_policy_teacher_s"), ".4f")]
+        for r in result["rows"]
+    ]  # fmt: skip
+    lines = [provenance.markdown_table(header, rows)]
     verdict = {True: "met", False: "MISSED", None: "n/a"}
     lines += ["", *(f"- {verdict[ok]}: {goal}" for goal, ok in result["goals"].items())]
     lines += [f"- control, {what}: {verdict[ok]}" for what, ok in result["control"].items()]

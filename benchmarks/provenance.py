@@ -53,3 +53,11 @@ def header(command: list[str] | None = None) -> dict:
 def cell(v, fmt: str) -> str:
     """A table cell: `v` formatted, or – when missing."""
     return "–" if v is None else format(v, fmt)
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str = "") -> str:
+    """A Markdown table of cells; `align` one letter per column (l or r), default the first column left and the
+    others right (numbers)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, rule, *rows])

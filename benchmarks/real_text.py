@@ -419,16 +419,13 @@ def summary(result: dict) -> str:
 def models_table(result: dict) -> str:
     """One row per model (the README's table): the scores, and the minutes its own training took (the arms';
     a contrastive or on-policy arm's on top of the arm it starts from)."""
-    lines = [
-        "| model | " + " | ".join(h for _, h, _ in COLUMNS) + " | train min |",
-        "| --- |" + " ---: |" * (len(COLUMNS) + 1),
-    ]
+    rows = []
     for name, m in result["models"].items():
         wall = result["students"].get(name, {}).get("train_wall_s")
         scaled = {**m, "params": m["params"] / 1e6}
         cells = [bench.cell(scaled.get(key), fmt) for key, _, fmt in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {bench.cell(wall and wall / 60, '.0f')} |")
-    return "\n".join(lines)
+        rows.append([name, *cells, bench.cell(wall and wall / 60, ".0f")])
+    return provenance.markdown_table(["model", *(h for _, h, _ in COLUMNS), "train min"], rows)
 
 
 def table(result: dict) -> str:

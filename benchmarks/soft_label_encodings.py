@@ -252,18 +252,15 @@ def _rate(v: float | None) -> str:
 def table(result: dict) -> str:
     """docs/results.md's table: one row per encoding arm and the CE control, then which arms meet the goal."""
     f = cell
-    lines = [
-        "| arm | bytes/token | kept mass | KL to stored | write tok/s | read tok/s | step / CE | student ppl | vs full "
-        "| ECE | bios acc |",
-        "| --- |" + " ---: |" * 10,
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['arm']} | {f(r.get('bytes_per_token'), ',.0f')} | {f(r.get('kept_mass'), '.4f')} | "
-            f"{f(r.get('kl_nats'), '.4f')} | {_rate(r.get('write_tokens_per_s'))} | {_rate(r.get('read_tokens_per_s'))} | "
-            f"{f(r.get('step_vs_ce'), '.2f')} | {f(r.get('ppl'), '.3f')} | {f(r.get('ppl_vs_full'), '+.1%')} | "
-            f"{f(r.get('ece'), '.4f')} | {f(r.get('bios_accuracy'), '.3f')} |"
-        )
+    header = ["arm", "bytes/token", "kept mass", "KL to stored", "write tok/s", "read tok/s", "step / CE",
+              "student ppl", "vs full", "ECE", "bios acc"]  # fmt: skip
+    rows = [
+        [r["arm"], f(r.get("bytes_per_token"), ",.0f"), f(r.get("kept_mass"), ".4f"), f(r.get("kl_nats"), ".4f"),
+         _rate(r.get("write_tokens_per_s")), _rate(r.get("read_tokens_per_s")), f(r.get("step_vs_ce"), ".2f"),
+         f(r.get("ppl"), ".3f"), f(r.get("ppl_vs_full"), "+.1%"), f(r.get("ece"), ".4f"), f(r.get("bios_accuracy"), ".3f")]
+        for r in result["rows"]
+    ]  # fmt: skip
+    lines = [provenance.markdown_table(header, rows)]
     meets = ", ".join(result["meets_goal"]) or "none"
     lines += [
         "",

@@ -218,17 +218,13 @@ def main() -> None:
 
 def table(result: dict) -> str:
     """docs/results.md's table: median tokens/s of each loop over the repeats, its spread, its ratios."""
-    lines = [
-        "| loop | tokens/s | min–max | MFU | vs plain PyTorch | stablekd / bare DeepSpeed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in result["rows"]:
-        vs = f"**{r['vs_bare_deepspeed']:.3f}**" if "vs_bare_deepspeed" in r else ""
-        lines.append(
-            f"| {r['loop']} | {r['tokens_per_s']:,.0f} | {r['min']:,.0f}–{r['max']:,.0f} | {r['mfu']:.2%} | "
-            f"{r['vs_plain']:.3f} | {vs} |"
-        )
-    return "\n".join(lines)
+    header = ["loop", "tokens/s", "min–max", "MFU", "vs plain PyTorch", "stablekd / bare DeepSpeed"]
+    rows = [
+        [r["loop"], f"{r['tokens_per_s']:,.0f}", f"{r['min']:,.0f}–{r['max']:,.0f}", f"{r['mfu']:.2%}",
+         f"{r['vs_plain']:.3f}", f"**{r['vs_bare_deepspeed']:.3f}**" if "vs_bare_deepspeed" in r else ""]
+        for r in result["rows"]
+    ]  # fmt: skip
+    return provenance.markdown_table(header, rows)
 
 
 if __name__ == "__main__":

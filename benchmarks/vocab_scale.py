@@ -196,18 +196,15 @@ def main() -> None:
 def table(result: dict) -> str:
     """docs/results.md's table: one row per (V, arm[, rows per chunk]), ratios within each V."""
     chunks = any("rows" in r for r in result["rows"])  # files before --rows have no such column
-    head = "| V | arm |" + (" rows/chunk |" if chunks else "")
-    lines = [
-        head + " step s | vs whole-logits CE | peak MiB | vs floor | step's own MiB |",
-        "| ---: | --- |" + (" ---: |" if chunks else "") + " ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in result["rows"]:
-        rows = f" {r['rows']:,} |" if chunks else ""
-        lines.append(
-            f"| {r['vocab']:,} | `{r['arm']}` |{rows} {r['step_s']:.2f} | {provenance.cell(r.get('time_vs_whole_ce'), '.2f')} | "
-            f"{r['peak_mib']:,.0f} | {provenance.cell(r.get('peak_vs_floor'), '.2f')} | {r['step_mib']:,.0f} |"
-        )
-    return "\n".join(lines)
+    header = ["V", "arm", *(["rows/chunk"] if chunks else []), "step s", "vs whole-logits CE", "peak MiB", "vs floor",
+              "step's own MiB"]  # fmt: skip
+    rows = [
+        [f"{r['vocab']:,}", f"`{r['arm']}`", *([f"{r['rows']:,}"] if chunks else []), f"{r['step_s']:.2f}",
+         provenance.cell(r.get("time_vs_whole_ce"), ".2f"), f"{r['peak_mib']:,.0f}",
+         provenance.cell(r.get("peak_vs_floor"), ".2f"), f"{r['step_mib']:,.0f}"]
+        for r in result["rows"]
+    ]  # fmt: skip
+    return provenance.markdown_table(header, rows, "rl" + "r" * (len(header) - 2))
 
 
 if __name__ == "__main__":
