@@ -23,7 +23,8 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
    on its soft labels with distill.on_policy (GKD: a share λ of the micro-batches are its own continuations
    of record starts, scored by the teacher, loaded once at world size 1), in OUT/arms/<arm> as in 5;
 7. the contrastive arms (issue #28): the contrastive stage (`stablekd run --stages contrastive`) fine-tunes
-   the export of the arm it names (contrastive.init_from: `student`, or `on_policy` for the arm with both) on
+   the export of the arm it names (contrastive.init_from: `student`, `on_policy` for the arm with both,
+   `xtok_hybrid` for `xtok_contrastive`, whose groups and KD anchor are realigned to its own tokenizer) on
    candidate groups of the same teacher, with the KD term on its soft labels as the anchor; the groups and
    that stream are one more LABELS run (OUT/teacher_candidates), each arm runs in OUT/arms/<arm>, whose
    teacher/ and soft_labels/ link it;
@@ -41,6 +42,7 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
    and the compressors' bits per byte on the same held-out text given the training prose
    (benchmarks/compressors.py). Each model's figures are kept in OUT/scores/<arm>.json, reused for the
    same export and commit.
+`--skip ARM,...` leaves on-policy or contrastive arms out of one invocation (not trained, not scored).
 Prints the table and writes benchmarks/results/real_text.json (commit, cpu, command, compressors,
 models: arm -> metrics, settings, goals, wall time of each phase).
 
@@ -129,6 +131,10 @@ CONTRASTIVE = {
                                                     "contrastive.tau=0.2"]),
     "on_policy_contrastive": ("candidates", "on_policy", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
                                                           "contrastive.negatives=8"]),
+    # the student with its own tokenizer: candidate groups and the KD anchor realigned to its ids
+    # (contrastive_arms adds its student.model and the hybrid loss at its alpha)
+    "xtok_contrastive": ("candidates", "xtok_hybrid", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
+                                                       "contrastive.negatives=8"]),
 }  # fmt: skip
 GOAL_COMPRESSOR_SHARE = 0.8
 GOAL_FACT_EM = 0.6
@@ -195,13 +201,15 @@ def train_students(runs: dict[str, Path], out: Path, steps: int) -> dict[str, di
     return info
 
 
-def on_policy_arms(runs: dict[str, Path], out: Path) -> dict[str, dict]:
+def on_policy_arms(runs: dict[str, Path], out: Path, skip: set[str]) -> dict[str, dict]:
     """Each ON_POLICY arm: the export of the arm it starts from (student.model: a Hugging Face directory with
     the run's tokenizer) fine-tuned ON_POLICY_STEPS steps on that arm's soft labels and alpha with its
     overrides, the teacher scoring its samples (artifacts.sharded_teacher at world size 1, loaded once: every
     LABELS run has the one teacher; not at all when no arm is left to train); kept as train_students keeps."""
     info, teacher = {}, None
     for arm, (start, overrides) in ON_POLICY.items():
+        if arm in skip:
+            continue
         arm_dir = out / "arms" / arm
         if (kept := kept_arm(arm_dir)) is not None:
             info[arm] = kept
@@ -219,13 +227,17 @@ def on_policy_arms(runs: dict[str, Path], out: Path) -> dict[str, dict]:
     return info
 
 
-def contrastive_arms(runs: dict[str, Path], out: Path, corpus: Path) -> dict[str, dict]:
+def contrastive_arms(runs: dict[str, Path], out: Path, corpus: Path, skip: set[str]) -> dict[str, dict]:
     """Each CONTRASTIVE arm: `stablekd run --stages contrastive` in OUT/arms/<arm>, whose teacher/ and
     soft_labels/ link its LABELS run's (read only: the stage writes contrastive/, ds/, tb/), from the
     exported arm it names (contrastive.init_from); exported to OUT/arms/<arm>/contrastive/hf. An arm with
-    its export and arm.json is not retrained; a killed one resumes from its checkpoint (the stage's own)."""
+    its export and arm.json is not retrained; a killed one resumes from its checkpoint (the stage's own). An
+    arm from a student with its own tokenizer names that student (student.model) and its loss across
+    tokenizers (distill.cross_tokenizer=hybrid at its alpha: the KD anchor and the realigned groups)."""
     info = {}
     for arm, (labels, start, overrides) in CONTRASTIVE.items():
+        if arm in skip:
+            continue
         arm_dir, src = out / "arms" / arm, runs[labels]
         summary = arm_dir / "arm.json"
         if (arm_dir / "contrastive" / "hf" / "config.json").is_file() and summary.is_file():
@@ -237,6 +249,11 @@ def contrastive_arms(runs: dict[str, Path], out: Path, corpus: Path) -> dict[str
                 (arm_dir / part).symlink_to((src / part).resolve())
         shutil.copy(src / "ds" / "teacher.json", arm_dir / "ds" / "teacher.json")
         hf = out / "arms" / start / "student" / "hf"
+        _, alpha, tokenizer = ARMS.get(start, ("", 0.0, "run"))
+        if tokenizer == "bpe":
+            student = bpe_student(runs["sampled"], out)
+            overrides = [*overrides, f"student.model={as_given(student)}", "distill.cross_tokenizer=hybrid",
+                         f"distill.alpha={alpha}"]  # fmt: skip
         t0 = time.perf_counter()
         stablekd(["run", as_given(CONFIG), "--stages", "contrastive", f"run.out_dir={as_given(arm_dir)}",
                   f"teacher.init_from={as_given(out / 'pretrain')}", *data_overrides(corpus, "mixed.jsonl"),
@@ -276,7 +293,16 @@ def main() -> None:
         "--student-steps", type=int, default=0, help="steps of each student arm (0: distill.max_steps)"
     )
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "real_text.json")
+    ap.add_argument(
+        "--skip", default="", help="on-policy / contrastive arms to leave out this time (comma-separated)"
+    )
     args = ap.parse_args()
+    skip = {a for a in args.skip.split(",") if a}
+    if unknown := skip - set(ON_POLICY) - set(CONTRASTIVE):
+        ap.error(f"--skip: {', '.join(sorted(unknown))}: expected on-policy or contrastive arms: "
+                 f"{', '.join([*ON_POLICY, *CONTRASTIVE])}")  # fmt: skip
+    if orphans := [a for a, (_, start, _) in CONTRASTIVE.items() if start in skip and a not in skip]:
+        ap.error(f"--skip: {', '.join(orphans)}: each starts from an arm left out; skip it too")
     out = args.out.resolve()
     os.chdir(REPO)  # the configs' data paths are relative to the repository
     corpus, pre, teacher = out / "corpus", out / "pretrain", out / "teacher"
@@ -306,17 +332,17 @@ def main() -> None:
     students = train_students(runs, out, steps)
     walls["students_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    students.update(on_policy_arms(runs, out))  # before on_policy_contrastive starts from it
+    students.update(on_policy_arms(runs, out, skip))  # before on_policy_contrastive starts from it
     walls["on_policy_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    students.update(contrastive_arms(runs, out, corpus))
+    students.update(contrastive_arms(runs, out, corpus, skip))
     walls["contrastive_s"] = time.perf_counter() - t0
 
     exports = {
         "teacher_pretrained": pre / "teacher" / "hf",
         "teacher": teacher / "teacher" / "hf",
-        **{arm: out / "arms" / arm / "student" / "hf" for arm in [*ARMS, *ON_POLICY]},
-        **{arm: out / "arms" / arm / "contrastive" / "hf" for arm in CONTRASTIVE},
+        **{arm: out / "arms" / arm / "student" / "hf" for arm in [*ARMS, *ON_POLICY] if arm not in skip},
+        **{arm: out / "arms" / arm / "contrastive" / "hf" for arm in CONTRASTIVE if arm not in skip},
     }
     t0 = time.perf_counter()
     models = {}
@@ -344,12 +370,14 @@ def main() -> None:
         ),
     }  # fmt: skip
     for arm, (start, _) in ON_POLICY.items():
+        if arm in skip:
+            continue
         o = models[arm]
         goals[f"{arm} rep-4 <= teacher rep-4"] = o["rep_4"] <= t["rep_4"]
         goals[f"{arm} bpb <= {GOAL_BPB_SHARE} x {start}'s"] = (
             o["bpb"] <= GOAL_BPB_SHARE * models[start]["bpb"]
         )
-    for arm in CONTRASTIVE:
+    for arm in [a for a in CONTRASTIVE if a not in skip]:
         goals.update(contrastive_goals(models, arm))
     manifest = json.loads((corpus / "manifest.json").read_text())
     result = {
