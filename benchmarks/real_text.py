@@ -19,7 +19,7 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
    student with a tokenizer of its own (a byte-level BPE of as many ids trained on the same text:
    benchmarks/cross_tokenizer.py's `bpe_student`, OUT/arms/bpe_student), its records realigned from the
    teacher's (distill.cross_tokenizer=hybrid): `xtok_ce` (alpha 0) and `xtok_hybrid` (alpha XTOK_ALPHA);
-6. the on-policy arms (issue #28): `on_policy`, the `student` arm's export fine-tuned ON_POLICY_STEPS steps
+6. the on-policy arms (issue #28): `on_policy` and `on_policy_cold`, the `student` arm's export fine-tuned
    on its soft labels with distill.on_policy (GKD: a share λ of the micro-batches are its own continuations
    of record starts, scored by the teacher, loaded once at world size 1), in OUT/arms/<arm> as in 5;
 7. the contrastive arms (issue #28): the contrastive stage (`stablekd run --stages contrastive`) fine-tunes
@@ -104,18 +104,22 @@ ARMS = {
     "xtok_ce": ("sampled", 0.0, "bpe"), "xtok_hybrid": ("sampled", XTOK_ALPHA, "bpe"),
 }  # fmt: skip
 GOAL_XTOK_SHARE = 0.5
-# on-policy arm -> (the ARMS arm whose export it fine-tunes, on that arm's soft labels and alpha; distill.*
+# on-policy arm -> (the ARMS arm whose export it fine-tunes, on that arm's soft labels and alpha; steps; distill.*
 # overrides). λ 0.5, GKD's mixing rather than λ 1: every second micro-batch is the student's own continuation
 # of a record's first 32 tokens, scored by the teacher (distill.kind on each generated token), the others the
 # offline soft labels of whole 256-token records, which hold its bits per byte (the goal allows +2 %) while its
 # samples correct what it generates. lr and warm-up: the contrastive stage's for fine-tuning a trained student.
-# It reads the soft labels from their first record again (the student's 1,000 steps read them all). 128 steps
-# (64 on-policy micro-batches of 16): 6.3 s a step (sampling 4.6 s of an on-policy one) measured on 2 cores
-# shared with another benchmark, ~13 min + ~0.5 min to load both models; idle cores take a fraction of that.
-ON_POLICY_STEPS = 128
+# It reads the soft labels from their first record again (the student's 1,000 steps read them all); a step
+# took ~0.9 s (an on-policy micro-batch: sampling 0.44 s, the teacher's scoring 0.11 s) on 2 loaded cores.
+# `on_policy_cold` samples at T 0.3 for 64 tokens: rep-4 is measured on greedy 64-token continuations, and
+# samples at T 1 are diverse (distinct-2 ~0.94), so at T 1 the student never visits the loops its greedy
+# decoding falls into, where the teacher's scores would pull it out of them.
+_ON_POLICY_RUN = ["distill.on_policy=0.5", "distill.lr=3.0e-4", "distill.warmup_steps=10"]
 ON_POLICY = {
-    "on_policy": ("student", ["distill.on_policy=0.5", "distill.lr=3.0e-4", "distill.warmup_steps=10"])
-}
+    "on_policy": ("student", 128, _ON_POLICY_RUN),
+    "on_policy_cold": ("student", 256, [*_ON_POLICY_RUN, "distill.on_policy_temperature=0.3",
+                                        "distill.on_policy_new_tokens=64"]),
+}  # fmt: skip
 # contrastive arm -> (its LABELS run, the arm whose export it starts from, contrastive.* overrides); the
 # likelihood scorer, reference labels (every group has one), the KD anchor at contrastive.lam.
 # contrastive_sharp: a context's own rows only (its samples' wrong answers are the negatives that make a
@@ -203,11 +207,11 @@ def train_students(runs: dict[str, Path], out: Path, steps: int) -> dict[str, di
 
 def on_policy_arms(runs: dict[str, Path], out: Path, skip: set[str]) -> dict[str, dict]:
     """Each ON_POLICY arm: the export of the arm it starts from (student.model: a Hugging Face directory with
-    the run's tokenizer) fine-tuned ON_POLICY_STEPS steps on that arm's soft labels and alpha with its
+    the run's tokenizer) fine-tuned its steps on that arm's soft labels and alpha with its
     overrides, the teacher scoring its samples (artifacts.sharded_teacher at world size 1, loaded once: every
     LABELS run has the one teacher; not at all when no arm is left to train); kept as train_students keeps."""
     info, teacher = {}, None
-    for arm, (start, overrides) in ON_POLICY.items():
+    for arm, (start, steps, overrides) in ON_POLICY.items():
         if arm in skip:
             continue
         arm_dir = out / "arms" / arm
@@ -221,9 +225,9 @@ def on_policy_arms(runs: dict[str, Path], out: Path, skip: set[str]) -> dict[str
         )
         if teacher is None:
             teacher = load_teacher(runs[labels], cfg)
-        print(f"[{arm}] from {start}: {' '.join(overrides)}, {ON_POLICY_STEPS} steps", flush=True)
+        print(f"[{arm}] from {start}: {' '.join(overrides)}, {steps} steps", flush=True)
         summary = {"labels": labels, "alpha": alpha, "from": start, "overrides": overrides}
-        info[arm] = train_export(cfg, ON_POLICY_STEPS, summary, teacher)
+        info[arm] = train_export(cfg, steps, summary, teacher)
     return info
 
 
@@ -369,7 +373,7 @@ def main() -> None:
             xc["bpb"] - xh["bpb"] >= GOAL_XTOK_SHARE * (c["bpb"] - s["bpb"])
         ),
     }  # fmt: skip
-    for arm, (start, _) in ON_POLICY.items():
+    for arm, (start, _, _) in ON_POLICY.items():
         if arm in skip:
             continue
         o = models[arm]
@@ -397,10 +401,7 @@ def main() -> None:
             "temperature": cfg.soft_labels.temperature,
             "student_steps": steps,
             "xtok_alpha": XTOK_ALPHA,
-            "on_policy": {
-                "steps": ON_POLICY_STEPS,
-                **{a: {"from": st, "overrides": o} for a, (st, o) in ON_POLICY.items()},
-            },
+            "on_policy": {a: {"from": st, "steps": n, "overrides": o} for a, (st, n, o) in ON_POLICY.items()},
             "candidates": CANDIDATES,
             "contrastive": {
                 arm: {"labels": lab, "from": start, "overrides": o}
