@@ -274,22 +274,23 @@ def contrastive_arms(runs: dict[str, Path], out: Path, corpus: Path, skip: set[s
 
 
 def contrastive_goals(models: dict[str, dict], arm: str) -> dict[str, bool]:
-    """Issue #28's goals of one contrastive arm against the student it starts from (module doc)."""
-    c, s = models[arm], models[CONTRASTIVE[arm][1]]
+    """Issue #28's goals of one contrastive arm against the arm it starts from (module doc)."""
+    start = CONTRASTIVE[arm][1]
+    c, s = models[arm], models[start]
     return {
-        f"{arm} task contradiction <= {GOAL_CONTRADICTION_SHARE} x student's": (
+        f"{arm} task contradiction <= {GOAL_CONTRADICTION_SHARE} x {start}'s": (
             c["task_contradiction"] <= GOAL_CONTRADICTION_SHARE * s["task_contradiction"]
         ),
-        f"{arm} paraphrase contradiction <= {GOAL_PARAPHRASE_SHARE} x student's": (
+        f"{arm} paraphrase contradiction <= {GOAL_PARAPHRASE_SHARE} x {start}'s": (
             c["task_paraphrase_contradiction"] <= GOAL_PARAPHRASE_SHARE * s["task_paraphrase_contradiction"]
         ),
         **{
-            f"{arm} fact_em_{kind} >= student's - {GOAL_EM_DROP}": (
+            f"{arm} fact_em_{kind} >= {start}'s - {GOAL_EM_DROP}": (
                 c[f"fact_em_{kind}"] >= s[f"fact_em_{kind}"] - GOAL_EM_DROP
             )
             for kind in ("rephrased", "unasked")
         },
-        f"{arm} bpb <= {GOAL_BPB_SHARE} x student's": c["bpb"] <= GOAL_BPB_SHARE * s["bpb"],
+        f"{arm} bpb <= {GOAL_BPB_SHARE} x {start}'s": c["bpb"] <= GOAL_BPB_SHARE * s["bpb"],
     }
 
 

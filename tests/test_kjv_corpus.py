@@ -140,9 +140,9 @@ def test_committed_real_text_results_are_what_the_docs_quote():
     assert real_text.models_table(result) in readme  # the docs' whole table: tests/test_results.py
 
 
-def test_contrastive_goals_compare_each_arm_with_the_student_it_starts_from():
-    """Issue #28's goals, as real_text.py judges a contrastive arm: shares of the student's contradiction
-    and bits per byte, exact match within 0.01 below."""
+def test_contrastive_goals_compare_each_arm_with_the_arm_it_starts_from():
+    """Issue #28's goals, as real_text.py judges a contrastive arm: shares of its starting arm's contradiction
+    and bits per byte, exact match within 0.01 below, each goal naming that arm."""
     real_text = benchmark_module("real_text")
     student = {"task_contradiction": 0.8, "task_paraphrase_contradiction": 0.4, "bpb": 1.5,
                "fact_em_rephrased": 0.5, "fact_em_unasked": 0.05}  # fmt: skip
@@ -154,7 +154,7 @@ def test_contrastive_goals_compare_each_arm_with_the_student_it_starts_from():
         missed = {**met, "task_contradiction": 0.41, "bpb": 1.531, "fact_em_unasked": 0.039}
         goals = real_text.contrastive_goals({start: student, arm: missed}, arm)
         assert [g for g, ok in goals.items() if not ok] == [
-            f"{arm} task contradiction <= 0.5 x student's",
-            f"{arm} fact_em_unasked >= student's - 0.01",
-            f"{arm} bpb <= 1.02 x student's",
+            f"{arm} task contradiction <= 0.5 x {start}'s",
+            f"{arm} fact_em_unasked >= {start}'s - 0.01",
+            f"{arm} bpb <= 1.02 x {start}'s",
         ]
