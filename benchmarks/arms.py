@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import cell  # noqa: F401  (bench.cell: the scripts' table cells)
 from transformers.integrations import HfDeepSpeedConfig
 
 from stablekd.data_pipeline.align import TokenBytes

@@ -222,10 +222,8 @@ def main() -> None:
 def table(result: dict) -> str:
     """docs/results.md's table: one row per arm (bits per byte compare across tokenizers, perplexity within
     one), then the gains over CE and the goals."""
-    f, (same, cross, rec) = (
-        bench.cell,
-        (result[k] for k in ("same_tokenizer_gain_bpb", "cross_gain_bpb", "recovered")),
-    )
+    f = provenance.cell
+    same, cross, rec = result["same_tokenizer_gain_bpb"], result["cross_gain_bpb"], result["recovered"]
     header = ["arm", "alpha", "bits/byte", "ppl (own tokens)", "bios accuracy", "contradiction", "aligned", "step s",
               "gen tok/s"]  # fmt: skip
     rows = [

@@ -64,7 +64,6 @@ import single_rank
 import torch
 from arms import (
     arm_config,
-    cell,
     device_dtype,
     median_or_none,
     on_policy_split,
@@ -326,7 +325,7 @@ def main() -> None:
 def table(result: dict) -> str:
     """docs/results.md's table: one row per arm (step time = median after the warm-up steps; on-policy arms:
     mean seconds per on-policy micro-batch of the student's sampling and the teacher's scoring), the goals."""
-    f = cell
+    f = provenance.cell
     header = ["arm", "steps", "step s", "vs CE", "held-out ppl", "bios acc", "self-consistency", "contradiction",
               "gen tok/s", "sample s", "score s"]  # fmt: skip
     rows = [

@@ -147,7 +147,7 @@ CONTRASTIVE = {
 GOAL_COMPRESSOR_SHARE = 0.8
 GOAL_FACT_EM = 0.6
 GOAL_STUDENT_EM_SHARE = 0.95
-# issue #28: each contrastive arm against the student it starts from
+# issue #28: each contrastive arm against the arm it starts from
 GOAL_CONTRADICTION_SHARE, GOAL_PARAPHRASE_SHARE, GOAL_EM_DROP, GOAL_BPB_SHARE = 0.5, 0.75, 0.01, 1.02
 
 
@@ -209,15 +209,13 @@ def train_students(runs: dict[str, Path], out: Path, steps: int) -> dict[str, di
     return info
 
 
-def on_policy_arms(runs: dict[str, Path], out: Path, skip: set[str]) -> dict[str, dict]:
-    """Each ON_POLICY arm: the export of the arm it starts from (student.model: a Hugging Face directory with
+def on_policy_arms(runs: dict[str, Path], out: Path, arms: dict) -> dict[str, dict]:
+    """Each of `arms` (ON_POLICY's entries to run): the export of the arm it starts from (student.model: a Hugging Face directory with
     the run's tokenizer) fine-tuned its steps on that arm's soft labels and alpha with its
     overrides, the teacher scoring its samples (artifacts.sharded_teacher at world size 1, loaded once: every
     LABELS run has the one teacher; not at all when no arm is left to train); kept as train_students keeps."""
     info, teacher = {}, None
-    for arm, (start, steps, overrides) in ON_POLICY.items():
-        if arm in skip:
-            continue
+    for arm, (start, steps, overrides) in arms.items():
         arm_dir = out / "arms" / arm
         if (kept := kept_arm(arm_dir)) is not None:
             info[arm] = kept
@@ -235,17 +233,15 @@ def on_policy_arms(runs: dict[str, Path], out: Path, skip: set[str]) -> dict[str
     return info
 
 
-def contrastive_arms(runs: dict[str, Path], out: Path, corpus: Path, skip: set[str]) -> dict[str, dict]:
-    """Each CONTRASTIVE arm: `stablekd run --stages contrastive` in OUT/arms/<arm>, whose teacher/ and
+def contrastive_arms(runs: dict[str, Path], out: Path, corpus: Path, arms: dict) -> dict[str, dict]:
+    """Each of `arms` (CONTRASTIVE's entries to run): `stablekd run --stages contrastive` in OUT/arms/<arm>, whose teacher/ and
     soft_labels/ link its LABELS run's (read only: the stage writes contrastive/, ds/, tb/), from the
     exported arm it names (contrastive.init_from); exported to OUT/arms/<arm>/contrastive/hf. An arm with
     its export and arm.json is not retrained; a killed one resumes from its checkpoint (the stage's own). An
     arm from a student with its own tokenizer names that student (student.model) and its loss across
     tokenizers (distill.cross_tokenizer=hybrid at its alpha: the KD anchor and the realigned groups)."""
     info = {}
-    for arm, (labels, start, overrides) in CONTRASTIVE.items():
-        if arm in skip:
-            continue
+    for arm, (labels, start, overrides) in arms.items():
         arm_dir, src = out / "arms" / arm, runs[labels]
         summary = arm_dir / "arm.json"
         if (arm_dir / "contrastive" / "hf" / "config.json").is_file() and summary.is_file():
@@ -312,6 +308,8 @@ def main() -> None:
                  f"{', '.join([*ON_POLICY, *CONTRASTIVE])}")  # fmt: skip
     if orphans := [a for a, (_, start, _) in CONTRASTIVE.items() if start in skip and a not in skip]:
         ap.error(f"--skip: {', '.join(orphans)}: each starts from an arm left out; skip it too")
+    on_policy = {a: v for a, v in ON_POLICY.items() if a not in skip}
+    contrastive = {a: v for a, v in CONTRASTIVE.items() if a not in skip}
     out = args.out.resolve()
     os.chdir(REPO)  # the configs' data paths are relative to the repository
     corpus, pre, teacher = out / "corpus", out / "pretrain", out / "teacher"
@@ -341,17 +339,17 @@ def main() -> None:
     students = train_students(runs, out, steps)
     walls["students_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    students.update(on_policy_arms(runs, out, skip))  # before on_policy_contrastive starts from it
+    students.update(on_policy_arms(runs, out, on_policy))  # before on_policy_contrastive starts from it
     walls["on_policy_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    students.update(contrastive_arms(runs, out, corpus, skip))
+    students.update(contrastive_arms(runs, out, corpus, contrastive))
     walls["contrastive_s"] = time.perf_counter() - t0
 
     exports = {
         "teacher_pretrained": pre / "teacher" / "hf",
         "teacher": teacher / "teacher" / "hf",
-        **{arm: out / "arms" / arm / "student" / "hf" for arm in [*ARMS, *ON_POLICY] if arm not in skip},
-        **{arm: out / "arms" / arm / "contrastive" / "hf" for arm in CONTRASTIVE if arm not in skip},
+        **{arm: out / "arms" / arm / "student" / "hf" for arm in [*ARMS, *on_policy]},
+        **{arm: out / "arms" / arm / "contrastive" / "hf" for arm in contrastive},
     }
     t0 = time.perf_counter()
     models = {}
@@ -378,15 +376,13 @@ def main() -> None:
             xc["bpb"] - xh["bpb"] >= GOAL_XTOK_SHARE * (c["bpb"] - s["bpb"])
         ),
     }  # fmt: skip
-    for arm, (start, _, _) in ON_POLICY.items():
-        if arm in skip:
-            continue
+    for arm, (start, _, _) in on_policy.items():
         o = models[arm]
         goals[f"{arm} rep-4 <= teacher rep-4"] = o["rep_4"] <= t["rep_4"]
         goals[f"{arm} bpb <= {GOAL_BPB_SHARE} x {start}'s"] = (
             o["bpb"] <= GOAL_BPB_SHARE * models[start]["bpb"]
         )
-    for arm in [a for a in CONTRASTIVE if a not in skip]:
+    for arm in contrastive:
         goals.update(contrastive_goals(models, arm))
     manifest = json.loads((corpus / "manifest.json").read_text())
     result = {
@@ -457,8 +453,8 @@ def models_table(result: dict) -> str:
     for name, m in result["models"].items():
         wall = result["students"].get(name, {}).get("train_wall_s")
         scaled = {**m, "params": m["params"] / 1e6}
-        cells = [bench.cell(scaled.get(key), fmt) for key, _, fmt in COLUMNS]
-        rows.append([name, *cells, bench.cell(wall and wall / 60, ".0f")])
+        cells = [provenance.cell(scaled.get(key), fmt) for key, _, fmt in COLUMNS]
+        rows.append([name, *cells, provenance.cell(wall and wall / 60, ".0f")])
     return provenance.markdown_table(["model", *(h for _, h, _ in COLUMNS), "train min"], rows)
 
 

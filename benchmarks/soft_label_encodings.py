@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 import single_rank  # noqa: E402
 from distill import score, step_times, train_arm  # noqa: E402  (benchmarks/distill.py: the arm loop)
-from provenance import cell  # noqa: E402
 
 from stablekd.data_pipeline import bios, encodings  # noqa: E402
 from stablekd.data_pipeline.encodings import Decoded  # noqa: E402
@@ -251,7 +250,7 @@ def _rate(v: float | None) -> str:
 
 def table(result: dict) -> str:
     """docs/results.md's table: one row per encoding arm and the CE control, then which arms meet the goal."""
-    f = cell
+    f = provenance.cell
     header = ["arm", "bytes/token", "kept mass", "KL to stored", "write tok/s", "read tok/s", "step / CE",
               "student ppl", "vs full", "ECE", "bios acc"]  # fmt: skip
     rows = [
