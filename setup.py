@@ -45,5 +45,5 @@ setup(
         "pillow>=10.1",  # (tensorboard needs it too) eval/report.png
     ],
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
-    entry_points={"console_scripts": ["stablekd = stablekd.launcher.driver.cli:main"]},
+    entry_points={"console_scripts": ["stablekd = stablekd.launcher.driver.cli:console"]},
 )

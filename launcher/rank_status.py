@@ -68,6 +68,11 @@ def failed(run_dir: Path, stage: str, since: float) -> bool:
     return any(s["state"].startswith("failed") for s in _statuses(run_dir, stage, since))
 
 
+def done(run_dir: Path, stage: str, since: float, ranks: int) -> bool:
+    """Whether all `ranks` ranks of the job started at `since` have recorded "done"."""
+    return sum(s["state"] == "done" for s in _statuses(run_dir, stage, since)) >= ranks
+
+
 def lost(run_dir: Path, stage: str, since: float, slots: dict[str, list[int]]) -> str:
     """What the status files of the job started at `since` say went wrong: the ranks that never recorded
     an end, else the first to fail; "" when they say nothing. `slots` (the job's hosts in hostfile order,

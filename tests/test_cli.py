@@ -178,6 +178,39 @@ def test_a_stopped_launcher_that_exits_after_its_output_ends_still_fails_the_sta
         supervise.run_stage(cfg, "teacher")
 
 
+# A launcher that, like DeepSpeed's, reaps its ranks only when it polls (here: after SLEEP seconds), then
+# exits 3. Its ranks record the given ends and exit at once. Arguments: run dir, SLEEP, one state per rank.
+LATE_POLLER = """
+import subprocess, sys, time
+rank = ("import os, sys; from stablekd.launcher.rank_status import RankStatus; "
+        "s = RankStatus(sys.argv[1], 'teacher', int(sys.argv[2])); sys.argv[3] != 'running' and s.end(sys.argv[3]); "
+        "os._exit(0)")
+ranks = [subprocess.Popen([sys.executable, "-c", rank, sys.argv[1], str(r), state]) for r, state in enumerate(sys.argv[3:])]
+time.sleep(float(sys.argv[2]))
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(("states", "ends"), [(["done", "done"], "early"), (["done", "running"], "failed")])
+def test_a_job_whose_ranks_all_finished_ends_without_waiting_for_its_launcher(
+    tmp_path, monkeypatch, states, ends
+):
+    """Every rank recorded "done" and exited: the job has succeeded, and its launcher (which would poll for
+    30 s more, then exit 3) is ended at once. One rank that ended without a word: the launcher's exit
+    status stands, and the job fails naming that rank."""
+    cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path}", "launch.nproc_per_node=2"])
+    sleep = "30" if ends == "early" else "2"
+    command = [sys.executable, "-c", LATE_POLLER, str(tmp_path), sleep, *states]
+    monkeypatch.setattr(launch, "job_command", lambda cfg, stage: command)
+    t0 = time.monotonic()
+    if ends == "early":
+        supervise.run_stage(cfg, "teacher")
+        assert time.monotonic() - t0 < 15
+    else:
+        with pytest.raises(SystemExit, match=r"failed \(exit 3; .*lost rank 1 \(pid"):
+            supervise.run_stage(cfg, "teacher")
+
+
 def test_job_whose_child_outlives_it_does_not_hang(tmp_path, monkeypatch, capsys):
     # A rank's child that keeps the pipe open (here `sleep`, holding stdout) must not keep us waiting.
     child = "import subprocess; subprocess.Popen(['sleep', '20']); print('[teacher] finished')"
