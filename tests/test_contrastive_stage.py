@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from tests.conftest import (
     UPSTREAM,
     XTOK,
     copy_run,
+    early_launch,
     kill_after_checkpoint,
     run_stablekd,
     stablekd_cmd,
@@ -63,8 +65,8 @@ def _args(run: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def tuned(distilled, tmp_path_factory) -> Path:
+@early_launch("distilled")
+def tuned(tmp_path_factory, distilled: Path) -> Path:
     run = copy_run(distilled, tmp_path_factory.mktemp("tuned") / "run")
     run_stablekd(*_args(run))
     return run
@@ -106,9 +108,9 @@ def test_kill_and_resume_continues_the_same_curve(distilled, tuned, tmp_path):
     assert [after[s] for s in steps] == pytest.approx([full[s] for s in steps], rel=1e-5)
 
 
-@pytest.mark.distributed
-def test_embedding_scorer_with_simctg(distilled, tmp_path):
-    run = copy_run(distilled, tmp_path / "run")
+@early_launch("distilled")
+def simctg(tmp_path_factory, distilled: Path) -> Path:
+    run = copy_run(distilled, tmp_path_factory.mktemp("simctg") / "run")
     extra = [
         "contrastive.scorer=embedding",
         "contrastive.tau=0.1",
@@ -116,6 +118,12 @@ def test_embedding_scorer_with_simctg(distilled, tmp_path):
         "contrastive.max_steps=2",
     ]
     run_stablekd(*_args(run, *extra))
+    return run
+
+
+@pytest.mark.distributed
+def test_embedding_scorer_with_simctg(simctg):
+    run = simctg
     tb = run / "tb" / "contrastive"
     sims = read_scalars(tb, "train/pos_sim"), read_scalars(tb, "train/neg_sim")
     assert all(-1.0 <= v <= 1.0 for s in sims for v in s.values())  # cosines
@@ -128,16 +136,22 @@ def _xtok(run: Path, student: Path) -> list[str]:
     return _args(run, f"student.model={student}", *XTOK)
 
 
+@early_launch("xtok_distilled")
+def xtok_tuned(tmp_path_factory, xtok_distilled: SimpleNamespace) -> Path:
+    """`xtok_distilled` after an uninterrupted contrastive stage."""
+    run = copy_run(xtok_distilled.run, tmp_path_factory.mktemp("xtok_tuned") / "run")
+    run_stablekd(*_xtok(run, xtok_distilled.student))
+    return run
+
+
 @pytest.mark.distributed
 def test_a_student_with_its_own_tokenizer_is_killed_resumed_and_ends_as_an_uninterrupted_run(
-    xtok_distilled, tmp_path
+    xtok_distilled, xtok_tuned, tmp_path
 ):
     """Candidate groups re-tokenised for the student, the KD anchor through the distill stage's hybrid loss
     on realigned soft labels: killed with SIGKILL after a checkpoint and rerun, the curve after the resume
     is that of an uninterrupted run (same groups, same realigned LM batches, same negatives)."""
-    student_run, student = xtok_distilled.run, xtok_distilled.student
-    full = copy_run(student_run, tmp_path / "full")
-    run_stablekd(*_xtok(full, student))
+    student_run, student, full = xtok_distilled.run, xtok_distilled.student, xtok_tuned
     run = copy_run(student_run, tmp_path / "run")
     proc = subprocess.Popen(
         stablekd_cmd(*_xtok(run, student)), cwd=REPO, start_new_session=True,

@@ -28,6 +28,7 @@ from tests.conftest import (
     REPO,
     UPSTREAM,
     copy_run,
+    early_launch,
     kill_after_checkpoint,
     run_stablekd,
     stablekd_cmd,
@@ -146,17 +147,23 @@ def _beside(upstream: Path, run: Path) -> list[str]:
     ]
 
 
-@pytest.mark.distributed
-def test_run_starts_distill_beside_the_soft_labels_writer(upstream, tmp_path):
-    """`stablekd run` converts the 2-rank teacher checkpoint for the 1-rank soft_labels job and starts it
-    beside a 1-rank distill job that follows its shards; killed (both jobs) and rerun, it resumes both and
-    the student's curve is the uninterrupted one."""
-    run = tmp_path / "run"
+@early_launch("upstream")
+def beside(tmp_path_factory, upstream: Path) -> tuple[Path, str]:
+    """The two stages run side by side, uninterrupted: the run and the command's stderr."""
+    run = tmp_path_factory.mktemp("beside") / "run"
     args = _beside(upstream, run)
     (run / "teacher" / "ckpt" / ".universal.partial" / "step0000006_universal").mkdir(
         parents=True
     )  # a killed one
-    err = run_stablekd(*args).stderr
+    return run, run_stablekd(*args).stderr
+
+
+@pytest.mark.distributed
+def test_run_starts_distill_beside_the_soft_labels_writer(upstream, beside, tmp_path):
+    """`stablekd run` converts the 2-rank teacher checkpoint for the 1-rank soft_labels job and starts it
+    beside a 1-rank distill job that follows its shards; killed (both jobs) and rerun, it resumes both and
+    the student's curve is the uninterrupted one."""
+    run, err = beside
     assert "[soft_labels] started on localhost:0" in err and "[distill] started on localhost:1" in err
     tag = json.loads((run / "teacher" / "ckpt" / "complete.json").read_text())["tag"]
     assert (run / "teacher" / "ckpt" / f"{tag}_universal" / "zero").is_dir()  # shards of 2 ranks, job of 1
