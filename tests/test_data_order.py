@@ -81,6 +81,24 @@ def test_soft_labels_order_includes_the_candidate_keys_and_rank_manifests_count_
     with pytest.raises(ConfigError, match="soft_labels.candidate_contexts: 256 then, 8 now"):
         data_order.check(_cfg(tmp_path, corpus, "soft_labels.generate_batch_size=4",
                               "soft_labels.candidate_contexts=8"), "soft_labels")  # fmt: skip
+    with pytest.raises(ConfigError, match="soft_labels.candidate_tasks_only: False then, True now"):
+        data_order.check(_cfg(tmp_path, corpus, "soft_labels.generate_batch_size=4",
+                              "soft_labels.candidate_tasks_only=true"), "soft_labels")  # fmt: skip
+
+
+def test_a_key_added_to_the_order_later_reads_as_its_default_in_an_older_record(tmp_path, corpus):
+    """A stage recorded before soft_labels.candidate_tasks_only was part of its order resumes with the
+    default and is refused with the other value."""
+    cfg = _cfg(tmp_path, corpus)
+    data_order.record(cfg, "soft_labels")
+    path = cfg.run_dir / "soft_labels" / "data_order.json"
+    older = json.loads(path.read_text())
+    del older["soft_labels.candidate_tasks_only"]
+    path.write_text(json.dumps(older))
+    (cfg.run_dir / "soft_labels" / "manifest.r000.json").write_text("{}")
+    data_order.check(cfg, "soft_labels")
+    with pytest.raises(ConfigError, match="soft_labels.candidate_tasks_only: False then, True now"):
+        data_order.check(_cfg(tmp_path, corpus, "soft_labels.candidate_tasks_only=true"), "soft_labels")
 
 
 def test_each_training_file_is_read_once_per_launch_unless_it_changes(tmp_path, corpus, monkeypatch):

@@ -98,7 +98,10 @@ def check(cfg: ExperimentConfig, stage: str) -> None:
     """Refuse to resume `stage` on other inputs, or read in another order, than it started with."""
     path = rundir.stage_dir(cfg, stage) / FILE
     if in_progress(cfg, stage) and path.exists():
-        diff = changes(json.loads(path.read_text()), data_order(cfg, stage))
+        now = data_order(cfg, stage)
+        # A key added to the order after the stage started (a newer stablekd) was read at its default then.
+        defaults = {k: _value(ExperimentConfig(), k) for k in now if not k.startswith("file ")}
+        diff = changes({**defaults, **json.loads(path.read_text())}, now)
         if diff:
             raise ConfigError(
                 f"{stage}: cannot resume {path.parent} on other data: {'; '.join(diff)}. These fix which "

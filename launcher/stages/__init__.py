@@ -60,7 +60,11 @@ REGISTRY: tuple[StageSpec, ...] = (
         trains=False,
         needs=("teacher",),
         # which contexts a rank samples and the seed of each generate call
-        order=("soft_labels.candidate_contexts", "soft_labels.generate_batch_size"),
+        order=(
+            "soft_labels.candidate_contexts",
+            "soft_labels.generate_batch_size",
+            "soft_labels.candidate_tasks_only",  # which records the contexts are drawn from
+        ),
     ),
     # distill.online reads the teacher instead; distill.follow reads soft labels still being written
     StageSpec(
