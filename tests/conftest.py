@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 import pytest
+
+from tests import early_launch
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -88,53 +89,11 @@ def run_stablekd(*args: str, check: bool = True, timeout: float = 600) -> subpro
     return proc
 
 
-# The runs that several tests read (and the longest ones a single test reads) are launched one after another
-# in a thread beside the tests, in the order the tests will need them, from the session's start: a 2-rank
-# launch keeps ~1 of 2 cores busy (its start-up imports in one process at a time: the CLI, then DeepSpeed's
-# launcher), so the tests' own launches run beside them for little more than their own time. Only the runs
-# the selected tests use are launched; each has its own directory.
-_EARLY: dict[str, tuple[Callable[..., object], tuple[str, ...]]] = {}
-_LAUNCHED: dict[str, Future] = {}
-
-
-def early_launch(*needs: str):
-    """A session fixture named after the function it decorates, `make(tmp_path_factory, *needs' results)`,
-    launched early (above); a test waits for it where it is used and gets its failure. `needs`: earlier
-    early launches whose results it starts from."""
-
-    def register(make: Callable[..., object]):
-        assert all(n in _EARLY for n in needs), f"{make.__name__}: register {needs} first"
-        _EARLY[make.__name__] = (make, needs)
-
-        @pytest.fixture(scope="session", name=make.__name__)
-        def wait(_early_launches: None):
-            return _LAUNCHED[make.__name__].result()
-
-        return wait
-
-    return register
-
-
-def _launch(make: Callable[..., object], needs: tuple[str, ...], factory: pytest.TempPathFactory):
-    return make(factory, *(_LAUNCHED[n].result() for n in needs))  # started before it, on this thread
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _early_launches(request, tmp_path_factory):
-    first: dict[str, int] = {}  # each used run: the position of the first selected test that needs it
-    for i, item in enumerate(request.session.items):
-        for name in [n for n in item.fixturenames if n in _EARLY]:
-            first.setdefault(name, i)
-    for name in list(_EARLY)[::-1]:  # a run is needed where its dependents are (they come later in _EARLY)
-        for need in _EARLY[name][1] if name in first else ():
-            first[need] = min(first.get(need, first[name]), first[name])
-    pool = ThreadPoolExecutor(1, thread_name_prefix="early-launch")
-    try:
-        for name in sorted(first, key=lambda n: (first[n], list(_EARLY).index(n))):
-            _LAUNCHED[name] = pool.submit(_launch, *_EARLY[name], tmp_path_factory)
+    """Start the early launches the selected tests use (tests/early_launch.py)."""
+    with early_launch.started(request.session.items, tmp_path_factory):
         yield
-    finally:
-        pool.shutdown(cancel_futures=True)  # a session cut short (-x, ^C) starts no more of them
 
 
 # The tiny teacher, its soft labels and candidate groups, for the distill and contrastive stage tests.
@@ -161,7 +120,7 @@ UPSTREAM = [
 ]
 
 
-@early_launch()
+@early_launch.fixture()
 def upstream(tmp_path_factory) -> Path:
     """A run directory after the teacher and soft_labels stages (2 ranks each)."""
     run = tmp_path_factory.mktemp("upstream") / "run"
@@ -174,7 +133,7 @@ def upstream(tmp_path_factory) -> Path:
 HUNG_TIMEOUT_S = 15
 
 
-@early_launch()
+@early_launch.fixture()
 def hung_job(tmp_path_factory) -> SimpleNamespace:
     """One 2-rank teacher job and what happened around it (one launch for two tests): once it has a
     checkpoint, rank 1 is stopped (SIGSTOP: alive but silent; launch.timeout_s=HUNG_TIMEOUT_S); while the
@@ -255,7 +214,7 @@ def distill_args(run: Path, *extra: str) -> list[str]:
     return ["stage", "distill", str(QUICKSTART), f"run.out_dir={run}", *UPSTREAM, *DISTILL, *extra]
 
 
-@early_launch("upstream")
+@early_launch.fixture("upstream")
 def distilled(tmp_path_factory, upstream: Path) -> Path:
     """`upstream` after a 16-step ZeRO-3 distillation of the tiny student (2 ranks)."""
     run = copy_run(upstream, tmp_path_factory.mktemp("full") / "run")
@@ -263,7 +222,7 @@ def distilled(tmp_path_factory, upstream: Path) -> Path:
     return run
 
 
-@early_launch("upstream")
+@early_launch.fixture("upstream")
 def xtok_distilled(tmp_path_factory, upstream: Path) -> SimpleNamespace:
     """`upstream` after the distillation of a student with its own tokenizer (XTOK), killed with SIGKILL
     after a checkpoint and rerun to the end: the run, the student's directory, its tokenizer, the step the

@@ -25,6 +25,7 @@ from stablekd.data_pipeline.contexts import bios_contexts, bios_truth, judge_con
 from stablekd.data_pipeline.tokenizer import encode, load_tokenizer
 from stablekd.evaluation.bios_probe import build_questions
 from stablekd.launcher.rank.monitor import read_scalars
+from tests import early_launch
 from tests.conftest import (
     DISTILL,
     QUICKSTART,
@@ -32,7 +33,6 @@ from tests.conftest import (
     UPSTREAM,
     XTOK,
     copy_run,
-    early_launch,
     kill_after_checkpoint,
     run_stablekd,
     stablekd_cmd,
@@ -65,7 +65,7 @@ def _args(run: Path, *extra: str) -> list[str]:
     ]
 
 
-@early_launch("distilled")
+@early_launch.fixture("distilled")
 def tuned(tmp_path_factory, distilled: Path) -> Path:
     run = copy_run(distilled, tmp_path_factory.mktemp("tuned") / "run")
     run_stablekd(*_args(run))
@@ -108,7 +108,7 @@ def test_kill_and_resume_continues_the_same_curve(distilled, tuned, tmp_path):
     assert [after[s] for s in steps] == pytest.approx([full[s] for s in steps], rel=1e-5)
 
 
-@early_launch("distilled")
+@early_launch.fixture("distilled")
 def simctg(tmp_path_factory, distilled: Path) -> Path:
     run = copy_run(distilled, tmp_path_factory.mktemp("simctg") / "run")
     extra = [
@@ -136,7 +136,7 @@ def _xtok(run: Path, student: Path) -> list[str]:
     return _args(run, f"student.model={student}", *XTOK)
 
 
-@early_launch("xtok_distilled")
+@early_launch.fixture("xtok_distilled")
 def xtok_tuned(tmp_path_factory, xtok_distilled: SimpleNamespace) -> Path:
     """`xtok_distilled` after an uninterrupted contrastive stage."""
     run = copy_run(xtok_distilled.run, tmp_path_factory.mktemp("xtok_tuned") / "run")

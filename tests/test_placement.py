@@ -23,12 +23,12 @@ from stablekd.launcher.driver.console import SideBySide
 from stablekd.launcher.driver.launch import job_command, runner_command
 from stablekd.launcher.driver.pipeline import _groups, dry_run
 from stablekd.launcher.rank.monitor import read_scalars
+from tests import early_launch
 from tests.conftest import (
     QUICKSTART,
     REPO,
     UPSTREAM,
     copy_run,
-    early_launch,
     kill_after_checkpoint,
     run_stablekd,
     stablekd_cmd,
@@ -147,7 +147,7 @@ def _beside(upstream: Path, run: Path) -> list[str]:
     ]
 
 
-@early_launch("upstream")
+@early_launch.fixture("upstream")
 def beside(tmp_path_factory, upstream: Path) -> tuple[Path, str]:
     """The two stages run side by side, uninterrupted: the run and the command's stderr."""
     run = tmp_path_factory.mktemp("beside") / "run"

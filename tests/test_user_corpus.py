@@ -21,7 +21,8 @@ from stablekd.data_pipeline.sources import Corpus, iter_documents
 from stablekd.data_pipeline.stream import eval_batches
 from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.objectives.lm import IGNORE_INDEX, nll_sum
-from tests.conftest import QUICKSTART, REPO, early_launch, run_stablekd
+from tests import early_launch
+from tests.conftest import QUICKSTART, REPO, run_stablekd
 from tests.hf_models import byte_level_tokenizer, model_dir
 
 PROSE = REPO / "tests" / "data" / "kjv_genesis_exodus.txt"
@@ -50,7 +51,7 @@ def _task_file(path: Path) -> Path:
     return path
 
 
-@early_launch()
+@early_launch.fixture()
 def prose_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prose")
     tok = byte_level_tokenizer(tmp / "tok", TOKENS)

@@ -1,0 +1,64 @@
+"""Runs that tests read, launched early: one after another in a thread beside the tests, in the order the
+selected tests need them, from the session's start. A 2-rank launch keeps ~1 of 2 cores busy (its start-up
+imports in one process at a time: the CLI, then DeepSpeed's launcher), so the tests' own launches run
+beside these for little more than their own time. Only the runs the selected tests use are launched; each
+has its own directory.
+
+A module of its own: pytest loads tests/conftest.py as `conftest` and the test modules import it again as
+`tests.conftest`; both copies must see one registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+
+_MAKERS: dict[str, tuple[Callable[..., object], tuple[str, ...]]] = {}
+_LAUNCHED: dict[str, Future] = {}
+
+
+def fixture(*needs: str):
+    """A session fixture named after the function it decorates, `make(tmp_path_factory, *needs' results)`,
+    launched early; a test waits for it where it uses it and gets its failure there. `needs`: early
+    launches (registered before it) whose results it starts from."""
+
+    def register(make: Callable[..., object]):
+        assert all(n in _MAKERS for n in needs), f"{make.__name__}: register {needs} first"
+        _MAKERS.setdefault(make.__name__, (make, needs))  # conftest's own: once per copy of it
+
+        @pytest.fixture(scope="session", name=make.__name__)
+        def wait(_early_launches: None):
+            return _LAUNCHED[make.__name__].result()
+
+        return wait
+
+    return register
+
+
+def _launch(make: Callable[..., object], needs: tuple[str, ...], factory: pytest.TempPathFactory):
+    return make(factory, *(_LAUNCHED[n].result() for n in needs))  # launched before it, on this thread
+
+
+@contextmanager
+def started(items: Sequence[pytest.Item], factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Launch what `items` use, each before the first of them that needs it (and its needs before it)."""
+    names = list(_MAKERS)
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        for name in item.fixturenames:
+            if name in _MAKERS:
+                first.setdefault(name, i)
+    for name in reversed(names):  # needed where its dependents are: they were registered after it
+        for need in _MAKERS[name][1] if name in first else ():
+            first[need] = min(first.get(need, first[name]), first[name])
+    factory.getbasetemp()  # made here: made by two threads at once, it is two directories and a ValueError
+    pool = ThreadPoolExecutor(1, thread_name_prefix="early-launch")
+    try:
+        for name in sorted(first, key=lambda n: (first[n], names.index(n))):
+            _LAUNCHED[name] = pool.submit(_launch, *_MAKERS[name], factory)
+        yield
+    finally:
+        pool.shutdown(cancel_futures=True)  # a session cut short (-x, ^C) starts no more of them
