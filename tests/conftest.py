@@ -96,6 +96,12 @@ def _early_launches(request, tmp_path_factory):
         yield
 
 
+@pytest.fixture
+def no_early_launches() -> None:
+    """Every early launch has ended (tests/early_launch.py): nothing runs beside the test."""
+    early_launch.wait_all()
+
+
 # The tiny teacher, its soft labels and candidate groups, for the distill and contrastive stage tests.
 # Uneven on purpose: 7 sequences, one per shard (consumer rank 0 reads 4, rank 1 reads 3); 6 contexts.
 UPSTREAM = [

@@ -1,7 +1,8 @@
 """Runs that tests read, launched early: one after another in a thread beside the tests, in the order the
 selected tests need them, from the session's start. A 2-rank launch keeps ~1 of 2 cores busy (its start-up
 imports in one process at a time: the CLI, then DeepSpeed's launcher), so the tests' own launches run
-beside these for little more than their own time. Only the runs the selected tests use are launched; each
+beside these for little more than their own time. A test that a launch beside it would upset (one that
+compares wall times) asks for `no_early_launches` first. Only the runs the selected tests use are launched; each
 has its own directory.
 
 A module of its own: pytest loads tests/conftest.py as `conftest` and the test modules import it again as
@@ -44,7 +45,9 @@ def _launch(make: Callable[..., object], needs: tuple[str, ...], factory: pytest
 
 @contextmanager
 def started(items: Sequence[pytest.Item], factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Launch what `items` use, each before the first of them that needs it (and its needs before it)."""
+    """Launch what `items` use in two threads, each in the order the tests first need them: one for the
+    runs that start from another or that another starts from (upstream, distilled, ...: one after another
+    by nature), one for the runs that stand alone (from the session's first test on)."""
     names = list(_MAKERS)
     first: dict[str, int] = {}
     for i, item in enumerate(items):
@@ -54,11 +57,22 @@ def started(items: Sequence[pytest.Item], factory: pytest.TempPathFactory) -> It
     for name in reversed(names):  # needed where its dependents are: they were registered after it
         for need in _MAKERS[name][1] if name in first else ():
             first[need] = min(first.get(need, first[name]), first[name])
+    related: set[str] = set()  # the runs of the first thread
+    for name in first:
+        if _MAKERS[name][1]:
+            related |= {name, *_MAKERS[name][1]}
     factory.getbasetemp()  # made here: made by two threads at once, it is two directories and a ValueError
-    pool = ThreadPoolExecutor(1, thread_name_prefix="early-launch")
+    lanes = {True: ThreadPoolExecutor(1, "early-launch-chain"), False: ThreadPoolExecutor(1, "early-launch")}
     try:
         for name in sorted(first, key=lambda n: (first[n], names.index(n))):
-            _LAUNCHED[name] = pool.submit(_launch, *_MAKERS[name], factory)
+            _LAUNCHED[name] = lanes[name in related].submit(_launch, *_MAKERS[name], factory)
         yield
     finally:
-        pool.shutdown(cancel_futures=True)  # a session cut short (-x, ^C) starts no more of them
+        for lane in lanes.values():
+            lane.shutdown(cancel_futures=True)  # a session cut short (-x, ^C) starts no more of them
+
+
+def wait_all() -> None:
+    """Until every early launch has ended: for a test whose timing another launch beside it would upset."""
+    for future in _LAUNCHED.values():
+        future.exception()

@@ -148,12 +148,13 @@ def test_zero3_two_ranks_match_plain_pytorch(zero3_run):
     )
 
 
-def test_zero2_random_kills_lose_and_repeat_nothing_and_match_plain_pytorch(tmp_path):
+def test_zero2_random_kills_lose_and_repeat_nothing_and_match_plain_pytorch(no_early_launches, tmp_path):
     """The short version of the kill/resume campaign (benchmarks/faults.py) on ZeRO-2: an uninterrupted
     reference teacher run, then 2 kill -9 of the whole process group at random moments, rerun until done."""
     out, work = tmp_path / "faults.json", tmp_path / "runs"
     shm_before = deepspeed_shm_buffers()
-    # Seed 2 draws the kills at 96 % and 95 % of the reference's wall time: the tiny teacher's stage is
+    # Seed 2 draws the kills at 96 % and 95 % of the reference's wall time (no launch beside them: one that
+    # slowed the reference or a killed run alone would move the kills): the tiny teacher's stage is
     # mostly start-up (its 48 steps and 24 saves take ~1.5 s of ~14 s), so earlier kills would all hit
     # start-up and test no resume (seed 0's 84 % and 76 % did, in a CI rehearsal; one kill alone at 96 %
     # hit start-up once in a suite run: the two draws are two chances).
