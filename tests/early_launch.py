@@ -1,9 +1,9 @@
-"""Runs that tests read, launched early: one after another in a thread beside the tests, in the order the
-selected tests need them, from the session's start. A 2-rank launch keeps ~1 of 2 cores busy (its start-up
-imports in one process at a time: the CLI, then DeepSpeed's launcher), so the tests' own launches run
-beside these for little more than their own time. A test that a launch beside it would upset (one that
-compares wall times) asks for `no_early_launches` first. Only the runs the selected tests use are launched; each
-has its own directory.
+"""Runs that tests read, launched early: from the session's start, two at a time in threads beside the
+tests, in the order the selected tests first need them. A 2-rank launch keeps ~1 of 2 cores busy (its
+start-up imports in one process at a time: the CLI, then DeepSpeed's launcher), so the tests' own launches
+run beside these for little more than their own time. Only the runs the selected tests use are launched;
+each has its own directory. A test that a launch beside it would upset (one that compares wall times)
+asks for `no_early_launches` first.
 
 A module of its own: pytest loads tests/conftest.py as `conftest` and the test modules import it again as
 `tests.conftest`; both copies must see one registry.
@@ -11,12 +11,14 @@ A module of its own: pytest loads tests/conftest.py as `conftest` and the test m
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 
 import pytest
 
+THREADS = 2
 _MAKERS: dict[str, tuple[Callable[..., object], tuple[str, ...]]] = {}
 _LAUNCHED: dict[str, Future] = {}
 
@@ -39,15 +41,8 @@ def fixture(*needs: str):
     return register
 
 
-def _launch(make: Callable[..., object], needs: tuple[str, ...], factory: pytest.TempPathFactory):
-    return make(factory, *(_LAUNCHED[n].result() for n in needs))  # launched before it, on this thread
-
-
-@contextmanager
-def started(items: Sequence[pytest.Item], factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Launch what `items` use in two threads, each in the order the tests first need them: one for the
-    runs that start from another or that another starts from (upstream, distilled, ...: one after another
-    by nature), one for the runs that stand alone (from the session's first test on)."""
+def _first_needed(items: Sequence[pytest.Item]) -> list[str]:
+    """The early launches `items` use, in the order they are first needed (a run's needs just before it)."""
     names = list(_MAKERS)
     first: dict[str, int] = {}
     for i, item in enumerate(items):
@@ -57,22 +52,57 @@ def started(items: Sequence[pytest.Item], factory: pytest.TempPathFactory) -> It
     for name in reversed(names):  # needed where its dependents are: they were registered after it
         for need in _MAKERS[name][1] if name in first else ():
             first[need] = min(first.get(need, first[name]), first[name])
-    related: set[str] = set()  # the runs of the first thread
-    for name in first:
-        if _MAKERS[name][1]:
-            related |= {name, *_MAKERS[name][1]}
+    return sorted(first, key=lambda n: (first[n], names.index(n)))
+
+
+@contextmanager
+def started(items: Sequence[pytest.Item], factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Launch what `items` use: each thread takes the first run (in the order of need) whose needs have
+    ended, so a run waiting for another never holds a thread a ready one could use."""
+    pending = _first_needed(items)
+    for name in pending:
+        _LAUNCHED[name] = Future()
+    ready = threading.Condition()
+    stop = False
+
+    def work() -> None:
+        while True:
+            with ready:
+                while not stop and pending:
+                    name = next((n for n in pending if all(_LAUNCHED[m].done() for m in _MAKERS[n][1])), None)
+                    if name:
+                        pending.remove(name)
+                        break
+                    ready.wait()
+                else:
+                    return
+            future, (make, needs) = _LAUNCHED[name], _MAKERS[name]
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(make(factory, *(_LAUNCHED[n].result() for n in needs)))
+            except BaseException as e:  # pytest.fail's Failed too: the test that waits for it fails with it
+                future.set_exception(e)
+            with ready:
+                ready.notify_all()
+
     factory.getbasetemp()  # made here: made by two threads at once, it is two directories and a ValueError
-    lanes = {True: ThreadPoolExecutor(1, "early-launch-chain"), False: ThreadPoolExecutor(1, "early-launch")}
+    threads = [threading.Thread(target=work, name=f"early-launch-{i}", daemon=True) for i in range(THREADS)]
+    for t in threads:
+        t.start()
     try:
-        for name in sorted(first, key=lambda n: (first[n], names.index(n))):
-            _LAUNCHED[name] = lanes[name in related].submit(_launch, *_MAKERS[name], factory)
         yield
     finally:
-        for lane in lanes.values():
-            lane.shutdown(cancel_futures=True)  # a session cut short (-x, ^C) starts no more of them
+        with ready:  # a session cut short (-x, ^C) starts no more of them
+            stop = True
+            for name in pending:
+                _LAUNCHED[name].cancel()
+            ready.notify_all()
+        for t in threads:
+            t.join()
 
 
 def wait_all() -> None:
     """Until every early launch has ended: for a test whose timing another launch beside it would upset."""
     for future in _LAUNCHED.values():
-        future.exception()
+        if not future.cancelled():
+            future.exception()
