@@ -2,13 +2,14 @@
 uninterrupted run.
 
     python benchmarks/faults.py                                  # 20 kills per stage, every stage
-    python benchmarks/faults.py --stages teacher --cycles 2 --set teacher.ds_config=zero2.json
+    python benchmarks/faults.py --stages teacher --cycles 2 --after-progress --set teacher.ds_config=zero2.json
                                                                  # the short version the tests run
 
 One uninterrupted reference run of the tiny pipeline first (teacher -> soft_labels -> distill ->
 contrastive, 2 ranks, run.trace_samples on). Then, per stage, rounds: a copy of the reference run
 without that stage's output (and what follows it), the stage's command started and its whole process
-group SIGKILLed after a random delay in [0, the reference stage's wall time], again and again until a
+group SIGKILLed after a random delay in [0, the reference stage's wall time] (--after-progress: once the run
+has a checkpoint or soft-label manifest, a delay in [0, the time the reference ran after its first]), again and again until a
 run is not killed and finishes; each kill is a cycle. A round ends when the stage has finished, and is
 compared with the reference:
 - training stages: the sample trace (logs/samples/<stage>.r*.tsv, the last attempt's record of each
@@ -72,13 +73,28 @@ def command(run: Path, stage: str, extra: list[str]) -> list[str]:
             f"run.out_dir={run}", *OVERRIDES, *extra]  # fmt: skip
 
 
-def run_stage(run: Path, stage: str, extra: list[str]) -> float:
-    """Run `stage` to its end; its wall time. Raises with the output's tail if it fails."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(command(run, stage, extra), cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
+def progressed(run: Path, stage: str) -> bool:
+    """The stage has something a rerun resumes from: a complete checkpoint, a soft-label rank manifest."""
+    out = run / spec(stage).out_dir
+    return (out / "ckpt" / "complete.json").exists() or any(out.glob("**/manifest.r*.json"))
+
+
+def run_stage(run: Path, stage: str, extra: list[str]) -> tuple[float, float]:
+    """Run `stage` to its end: its wall time, and when it first had progress to resume from (its wall time
+    if never). Raises with the output's tail if it fails."""
+    t0, first = time.perf_counter(), None
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(command(run, stage, extra), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if first is None and progressed(run, stage):
+                first = time.perf_counter() - t0
+            time.sleep(0.02)
+        if proc.returncode != 0:
+            out.seek(0)
+            tail = out.read().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"{stage} failed (exit {proc.returncode}):\n{tail}")
+    wall = time.perf_counter() - t0
+    return wall, wall if first is None else first
 
 
 def saving(run: Path, stage: str) -> bool:
@@ -164,9 +180,10 @@ def fresh_copy(ref: Path, dst: Path, stage: str) -> None:
 
 
 def campaign(
-    stage: str, ref: Path, wall: float, args: argparse.Namespace, rng: random.Random, work: Path
+    stage: str, ref: Path, wall: tuple[float, float], args: argparse.Namespace, rng: random.Random, work: Path
 ) -> dict:
     cycles, extra = args.cycles, args.set
+    (total, first) = wall
     kills, during_save, rounds, resume_steps = 0, 0, [], []
     while kills < cycles:
         run = work / f"{stage}-round{len(rounds)}"
@@ -179,7 +196,12 @@ def campaign(
             proc = subprocess.Popen(command(run, stage, extra), cwd=REPO, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             try:
-                proc.wait(timeout=rng.uniform(0, wall))
+                if (
+                    args.after_progress
+                ):  # from the run's first checkpoint on, as long as the reference's lasted
+                    while proc.poll() is None and not progressed(run, stage):
+                        time.sleep(0.02)
+                proc.wait(timeout=rng.uniform(0, total - first if args.after_progress else total))
             except subprocess.TimeoutExpired:
                 during_save += saving(run, stage)
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -214,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cycles", type=int, default=20, help="kills per stage")
     ap.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of each train/loss")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--after-progress", action="store_true",
+                    help="kill only once the run has a checkpoint (or soft-label manifest) to resume from: at a "
+                         "random moment of the time the reference ran after its first one")  # fmt: skip
     ap.add_argument("--json", default="runs/benchmarks/faults.json")
     ap.add_argument("--workdir", default="", help="where the runs go (default: a temp directory, removed)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -229,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         walls = {}
         for stage in STAGES[: max(STAGES.index(s) for s in stages) + 1]:
             walls[stage] = run_stage(ref, stage, args.set)
-            print(f"reference {stage}: {walls[stage]:.1f}s", flush=True)
+            print(
+                f"reference {stage}: {walls[stage][0]:.1f}s (progress at {walls[stage][1]:.1f}s)", flush=True
+            )
         rows = [campaign(s, ref, walls[s], args, rng, work) for s in stages]
+        walls = {s: {"wall": w, "progress_at": f} for s, (w, f) in walls.items()}
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

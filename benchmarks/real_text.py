@@ -19,7 +19,8 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
    student with a tokenizer of its own (a byte-level BPE of as many ids trained on the same text:
    benchmarks/cross_tokenizer.py's `bpe_student`, OUT/arms/bpe_student), its records realigned from the
    teacher's (distill.cross_tokenizer=hybrid): `xtok_ce` (alpha 0) and `xtok_hybrid` (alpha XTOK_ALPHA);
-6. the on-policy arms (issue #28): `on_policy`, `on_policy_cold[_long]`: the `student` arm's export fine-tuned
+6. the on-policy arms (issue #28): `on_policy`, `on_policy_cold[_long]`, `on_policy_rkl`, `on_policy_gjsd` (the
+   divergence on its samples: reverse KL, generalised JSD at distill.beta): the `student` arm's export fine-tuned
    on its soft labels with distill.on_policy (GKD: a share λ of the micro-batches are its own continuations
    of record starts, scored by the teacher, loaded once at world size 1), in OUT/arms/<arm> as in 5;
 7. the contrastive arms (issue #28): the contrastive stage (`stablekd run --stages contrastive`) fine-tunes
@@ -120,6 +121,9 @@ ON_POLICY = {
     "on_policy": ("student", 128, _ON_POLICY_RUN),
     "on_policy_cold": ("student", 256, [*_ON_POLICY_RUN, *_COLD]),
     "on_policy_cold_long": ("student", 768, [*_ON_POLICY_RUN, *_COLD]),  # cold moved rep-4 88.7 -> 85.8 in 256
+    # the divergence on its own samples (GKD's finding: mode-seeking ones help on-policy), else as _cold
+    "on_policy_rkl": ("student", 256, [*_ON_POLICY_RUN, *_COLD, "distill.on_policy_kind=rkl"]),
+    "on_policy_gjsd": ("student", 256, [*_ON_POLICY_RUN, *_COLD, "distill.on_policy_kind=gjsd"]),
 }  # fmt: skip
 # contrastive arm -> (its LABELS run, the arm whose export it starts from, contrastive.* overrides); the
 # likelihood scorer, reference labels (every group has one), the KD anchor at contrastive.lam.
