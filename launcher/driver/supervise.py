@@ -113,7 +113,7 @@ def _end_if_finished(job: _Job) -> None:
             return  # recorded its end, still exiting
     except psutil.NoSuchProcess:
         return
-    job.proc.kill()  # it only has its poll left: reap its ranks and log their exit at info level
+    job.proc.kill()  # all it had left: reap its ranks (init does now) and log their exit at info level
     job.finished = True
 
 
