@@ -2,16 +2,16 @@
 uninterrupted run.
 
     python benchmarks/faults.py                                  # 20 kills per stage, every stage
-    python benchmarks/faults.py --stages teacher --cycles 2 --after-progress --set teacher.ds_config=zero2.json
-                                                                 # the short version the tests run
+    python benchmarks/faults.py --stages teacher --cycles 1 --seed 9 --after-progress \
+        --set teacher.ds_config=zero2.json                       # the short version the tests run
 
 One uninterrupted reference run of the tiny pipeline first (teacher -> soft_labels -> distill ->
 contrastive, 2 ranks, run.trace_samples on). Then, per stage, rounds: a copy of the reference run
 without that stage's output (and what follows it), the stage's command started and its whole process
-group SIGKILLed after a random delay in [0, the reference stage's wall time] (--after-progress: once the run
-has a checkpoint or soft-label manifest, a delay in [0, the time the reference ran after its first]), again and again until a
-run is not killed and finishes; each kill is a cycle. A round ends when the stage has finished, and is
-compared with the reference:
+group SIGKILLed after a random delay in [0, the reference stage's wall time] (--after-progress: from the
+moment the run has a checkpoint or a soft-label rank manifest, in [0, the time the reference ran after its
+first]), again and again until a run is not killed and finishes; each kill is a cycle. A round ends when
+the stage has finished, and is compared with the reference:
 - training stages: the sample trace (logs/samples/<stage>.r*.tsv, the last attempt's record of each
   step and micro-batch) must equal the reference's: samples lost = in the reference and not here,
   repeated = here more often than there; every train/loss in TensorBoard within --rtol of the reference;
@@ -183,7 +183,7 @@ def campaign(
     stage: str, ref: Path, wall: tuple[float, float], args: argparse.Namespace, rng: random.Random, work: Path
 ) -> dict:
     cycles, extra = args.cycles, args.set
-    (total, first) = wall
+    total, first = wall
     kills, during_save, rounds, resume_steps = 0, 0, [], []
     while kills < cycles:
         run = work / f"{stage}-round{len(rounds)}"
@@ -196,11 +196,9 @@ def campaign(
             proc = subprocess.Popen(command(run, stage, extra), cwd=REPO, start_new_session=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             try:
-                if (
-                    args.after_progress
-                ):  # from the run's first checkpoint on, as long as the reference's lasted
-                    while proc.poll() is None and not progressed(run, stage):
-                        time.sleep(0.02)
+                # --after-progress: from the run's first checkpoint on, as long as the reference's lasted
+                while args.after_progress and proc.poll() is None and not progressed(run, stage):
+                    time.sleep(0.02)
                 proc.wait(timeout=rng.uniform(0, total - first if args.after_progress else total))
             except subprocess.TimeoutExpired:
                 during_save += saving(run, stage)
