@@ -12,14 +12,15 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
+def atomic_write(path: str | Path, data: str | bytes, tmp: Path | None = None) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one, never half.
 
-    The temp file sits in the same directory (os.replace is atomic only within one filesystem) and is
-    fsynced before the rename, so after a crash the new name never points at unwritten blocks.
+    The temp file (`tmp`, default `tmp_path(path)`) sits in the same directory (os.replace is atomic only
+    within one filesystem) and is fsynced before the rename, so after a crash the new name never points at
+    unwritten blocks. A file that several processes write at once needs a `tmp` of each writer's own.
     """
     path = Path(path)
-    tmp = tmp_path(path)
+    tmp = tmp or tmp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,18 @@ def test_deepspeed_runner_slurm_backend_command_and_rank_environment(tmp_path):
     assert pdsh[-4:-2] == ["--module", "stablekd.launcher.rank.worker"] and "MASTER_ADDR" not in stage_env(
         load_config(QUICKSTART, overrides[:3]), "teacher"
     )
+
+
+def test_deepspeed_env_written_by_many_at_once(tmp_path):
+    """Every node of a launch.no_ssh run writes it in the shared run directory at the same moment: none of
+    the writers fails (a shared temp name did: renamed away by one writer before another's rename)."""
+    cfg = load_config(QUICKSTART, [f"run.out_dir={tmp_path}", "launch.nproc_per_node=2"])
+    tmp_path.mkdir(exist_ok=True)
+    env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "veth0"}
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda _: write_deepspeed_env(cfg, env), range(400)))
+    assert paths[0].read_text() == "GLOO_SOCKET_IFNAME=veth0\nOMP_NUM_THREADS=1\n"
+    assert [p.name for p in tmp_path.iterdir()] == [".deepspeed_env"]  # no temp file left
 
 
 def test_deepspeed_env_has_no_comments(tmp_path, monkeypatch):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import os
 import shlex
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -158,5 +160,9 @@ def write_deepspeed_env(cfg: ExperimentConfig, env: dict[str, str]) -> Path:
         if k in ("OMP_NUM_THREADS", "PYTHONPATH", "PYTHONUNBUFFERED") or k.startswith(("GLOO_", "NCCL_"))
     }
     path = deepspeed_env_path(cfg)
-    atomic_write(path, "".join(f"{k}={v}\n" for k, v in sorted(keep.items())))
+    # Every node of a launch.no_ssh run writes it in the shared run directory at once: a temp file of its
+    # own (a shared `.deepspeed_env.tmp` was renamed away under another node's feet).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    os.close(fd)
+    atomic_write(path, "".join(f"{k}={v}\n" for k, v in sorted(keep.items())), tmp=Path(tmp))
     return path
