@@ -63,14 +63,9 @@ def _statuses(run_dir: Path, stage: str, since: float) -> list[dict]:
     return out
 
 
-def failed(run_dir: Path, stage: str, since: float) -> bool:
-    """Whether a rank of the job started at `since` has recorded a failure."""
-    return any(s["state"].startswith("failed") for s in _statuses(run_dir, stage, since))
-
-
-def done(run_dir: Path, stage: str, since: float, ranks: int) -> bool:
-    """Whether all `ranks` ranks of the job started at `since` have recorded "done"."""
-    return sum(s["state"] == "done" for s in _statuses(run_dir, stage, since)) >= ranks
+def states(run_dir: Path, stage: str, since: float) -> list[str]:
+    """What each rank of the job started at `since` has recorded so far: "running", "done", "failed: ..."."""
+    return [s["state"] for s in _statuses(run_dir, stage, since)]
 
 
 def lost(run_dir: Path, stage: str, since: float, slots: dict[str, list[int]]) -> str:

@@ -184,9 +184,9 @@ def console() -> None:
     try:
         main()
         code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, int | None):
+    except SystemExit as e:  # as the interpreter would: an int is the status, a message is printed with 1
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if e.code is not None and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

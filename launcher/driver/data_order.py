@@ -100,7 +100,8 @@ def check(cfg: ExperimentConfig, stage: str) -> None:
     if in_progress(cfg, stage) and path.exists():
         now = data_order(cfg, stage)
         # A key added to the order after the stage started (a newer stablekd) was read at its default then.
-        defaults = {k: _value(ExperimentConfig(), k) for k in now if not k.startswith("file ")}
+        default = ExperimentConfig()
+        defaults = {k: _value(default, k) for k in now if not k.startswith("file ")}
         diff = changes({**defaults, **json.loads(path.read_text())}, now)
         if diff:
             raise ConfigError(

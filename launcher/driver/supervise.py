@@ -99,13 +99,11 @@ def _stop(job: _Job, grace: float | None = None) -> None:
     job.kill_at = time.monotonic() + (STOP_GRACE_S if grace is None else grace)
 
 
-def _end_if_finished(job: _Job) -> None:
-    """End the per-node launcher of a job whose ranks have all recorded "done" and exited. DeepSpeed's
-    launcher polls its ranks once a second and sleeps another second after the last has exited: ~1.5 s of
-    every stage's wall time (a tenth of a tiny one's) spent waiting on a job that has nothing left to do."""
-    if not job.ranks or job.stopping is not None or job.proc.poll() is not None:
-        return
-    if not rank_status.done(job.run_dir, job.stage, job.started, job.ranks):
+def _end_if_finished(job: _Job, states: list[str]) -> None:
+    """End the per-node launcher of a job whose ranks have all recorded "done" (`states`) and exited.
+    DeepSpeed's launcher polls its ranks once a second and sleeps another second after the last has exited:
+    ~1.5 s of every stage's wall time (a tenth of a tiny one's) spent waiting on a job with nothing left to do."""
+    if not job.ranks or states.count("done") < job.ranks:
         return
     try:
         ranks = psutil.Process(job.proc.pid).children()
@@ -141,12 +139,15 @@ def _pump(jobs: list[_Job]) -> None:
                 job.open, job.ended = False, time.monotonic()
         now = time.monotonic()
         for job in jobs:
-            _end_if_finished(job)
+            # how its ranks ended so far, read once: while its launcher runs and nobody stops it
+            running = job.stopping is None and job.proc.poll() is None
+            states = rank_status.states(job.run_dir, job.stage, job.started) if running else []
+            _end_if_finished(job, states)
             if job.open and job.proc.poll() is not None:
                 job.exited = job.exited or now
                 if now - max(job.exited, job.last_data) >= 1.0:
                     job.open, job.ended = False, now
-            if job.open and job.stopping is None and rank_status.failed(job.run_dir, job.stage, job.started):
+            if job.open and job.stopping is None and any(s.startswith("failed") for s in states):
                 # A rank failed: the job cannot succeed. DeepSpeed's launcher would give a silent (hung)
                 # rank 30 s after SIGTERM; the others have recorded how they ended well before 5 s.
                 _stop(job, FAILED_RANK_GRACE_S)
