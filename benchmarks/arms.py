@@ -28,7 +28,7 @@ from stablekd.launcher.driver import prepare
 from stablekd.launcher.rank import engine
 from stablekd.launcher.rank.distill_parts import build_stage, student_batches
 from stablekd.model.build import build_model, count_params, flops_per_token, load_model
-from stablekd.model.sharded_teacher import UNIVERSAL_SUFFIX, make_universal
+from stablekd.model.teacher_checkpoint import UNIVERSAL_SUFFIX, make_universal
 from stablekd.objectives.lm import lm_loss
 
 # --- arm directories -----------------------------------------------------------------------------

@@ -37,13 +37,15 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 
 from stablekd.data_pipeline.errors import DataError
 from stablekd.data_pipeline.files import atomic_write
+
+if TYPE_CHECKING:  # torch only for a batch's tensors: the launching process reads TOKEN_BYTES_FILE's name
+    import torch
 
 TOKEN_BYTES_FILE = "token_bytes.safetensors"
 TOKEN_BYTES_VERSION = "1"
@@ -372,6 +374,8 @@ def realign_batch(batch: dict[str, torch.Tensor], aligner: Aligner) -> dict[str,
     tokenizer, the teacher's entries moved to the aligned student positions (B, seq_len, k; teacher ids),
     `aligned` and `same_next` (B, seq_len) bool (`Realigned`) and `teacher_positions` (B,): the teacher's
     counted positions, for the share that aligns."""
+    import torch
+
     ids = batch["input_ids"].numpy()
     learned = batch["loss_mask"].numpy() != 0 if "loss_mask" in batch else np.ones(ids.shape, bool)
     recs = aligner.records(ids, learned)

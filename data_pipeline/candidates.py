@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from stablekd.data_pipeline.epochs import EqualEpochs
+from stablekd.data_pipeline.shards.format import CANDIDATES as KIND
 from stablekd.data_pipeline.shards.format import ShardError
 from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.shards.reader import ShardReader
 from stablekd.data_pipeline.shards.writer import ShardWriter
 
-KIND = "candidates"
 PAD_ID = 0
 
 

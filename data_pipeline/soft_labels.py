@@ -28,19 +28,22 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from stablekd.data_pipeline import encodings
 from stablekd.data_pipeline.align import TOKEN_BYTES_FILE
+from stablekd.data_pipeline.shards.format import SOFT_LABELS as KIND
 from stablekd.data_pipeline.shards.format import ShardError, rank_manifest_name
 from stablekd.data_pipeline.shards.manifest import finalize
-from stablekd.data_pipeline.shards.reader import ShardReader
 from stablekd.data_pipeline.shards.writer import ShardWriter
 
-KIND = "soft_labels"
+if TYPE_CHECKING:  # torch (~1.6 s to import) only where tensors are made: the launching process reads metas
+    import torch
+
+    from stablekd.data_pipeline.shards.reader import ShardReader
+
 FIDELITY_RATE = (
     8  # the stage's fidelity record samples one position in 8 of each batch until its budget is spent
 )
@@ -102,7 +105,7 @@ def soft_label_schema(meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]
 
 
 def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)  # a tensor, or array-like
 
 
 class SoftLabelWriter(ShardWriter):
@@ -164,6 +167,8 @@ class SoftLabelWriter(ShardWriter):
             raise ShardError(
                 f"{self.path}: add_batch takes top-k values; this set is {self.meta['encoding']}"
             )
+        import torch
+
         L, k, V = self.meta["seq_len"], self.meta["k"], self.meta["vocab_size"]
         tids, tlp = _np(topk_ids), torch.as_tensor(_np(topk_logprobs))
         B = _np(input_ids).shape[0] if _np(input_ids).ndim else -1
@@ -201,6 +206,8 @@ class SoftLabelWriter(ShardWriter):
         head (`teacher.head(input_ids, head_loss)`, data_pipeline/online.py's Teacher) makes them one chunk
         of rows at a time and each chunk is encoded and dropped (encodings.encode_head): the bytes add_logits
         stores from logits of the values the head made. `observe(logits, rows)` sees each chunk too."""
+        import torch
+
         seed = self.seed_of(self.records_added)
         with torch.no_grad():
             arrays = encodings.encode_head(
@@ -225,4 +232,6 @@ def soft_label_reader(out_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> 
     batches of them into what the losses read. `expect`: e.g. `encoding_meta(cfg.soft_labels, seq_len)`
     plus tokenizer_hash and vocab_size.
     """
+    from stablekd.data_pipeline.shards.reader import ShardReader
+
     return ShardReader(out_dir, KIND, *args, **kwargs)

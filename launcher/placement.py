@@ -15,6 +15,7 @@ per-node launcher as its world info, over a hostfile to the runner as `--include
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -130,11 +131,16 @@ def threads_per_rank(cfg: ExperimentConfig) -> int:
 
 
 def resolve_ds_config(cfg: ExperimentConfig, stage: str) -> dict:
-    """The stage's DeepSpeed JSON with "auto" filled, validated with DeepSpeed's config class (not written)."""
+    """The stage's DeepSpeed JSON with "auto" filled, validated with DeepSpeed's config class (not written).
+
+    Not validated again when it equals the run's ds/<stage>.json (written only after validation: a resume,
+    a later launch): DeepSpeed's config class imports DeepSpeed and torch, ~2 s of every launch."""
     train_cfg = getattr(cfg, stage)
     raw, path = ds_resolve.load(train_cfg.ds_config)
     ds = ds_resolve.resolve(
         raw, train_cfg, world_size(cfg, stage), rundir.tb_dir(cfg, stage) / "deepspeed", str(path)
     )
-    ds_resolve.validate(ds, world_size(cfg, stage), str(path))
+    written = rundir.ds_path(cfg, stage)
+    if not (written.is_file() and json.loads(written.read_text()) == ds):
+        ds_resolve.validate(ds, world_size(cfg, stage), str(path))
     return ds

@@ -89,6 +89,10 @@ def run_stablekd(*args: str, check: bool = True, timeout: float = 600) -> subpro
     return proc
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    early_launch.ordered(items)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _early_launches(request, tmp_path_factory):
     """Start the early launches the selected tests use (tests/early_launch.py)."""

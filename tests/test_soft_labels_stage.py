@@ -250,7 +250,8 @@ def test_stage_is_registered():
 
 
 def test_world_size_mismatch_says_what_to_run(tmp_path):
-    from stablekd.model.sharded_teacher import checkpoint_source, inference_ds_config
+    from stablekd.model.sharded_teacher import inference_ds_config
+    from stablekd.model.teacher_checkpoint import checkpoint_source
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(ConfigError, match="complete.json: missing"):

@@ -14,6 +14,9 @@ import numpy as np
 from stablekd.data_pipeline.files import atomic_write
 
 FORMAT_VERSION = 1
+# The kinds of artifact a manifest names (data_pipeline/soft_labels.py, candidates.py), here so that the
+# launching process reads manifests without importing torch.
+SOFT_LABELS, CANDIDATES = "soft_labels", "candidates"
 
 
 FINAL_MANIFEST = "manifest.json"

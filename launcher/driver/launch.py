@@ -19,9 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from stablekd.data_pipeline.files import atomic_write
+from stablekd.ds_configs.resolve import cuda_available
 from stablekd.launcher import placement
 from stablekd.launcher.config import ExperimentConfig
 from stablekd.launcher.driver import nodes
@@ -84,9 +83,9 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     launch, placed = cfg.launch, placement.slots(cfg, stage)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     srun = slurm_runner(cfg)
-    if placed is None and not (srun and not torch.cuda.is_available()):
+    if placed is None and not (srun and not cuda_available()):
         cmd += [
-            "--num_gpus" if torch.cuda.is_available() else "--num_accelerators",
+            "--num_gpus" if cuda_available() else "--num_accelerators",
             str(launch.nproc_per_node),
         ]
     elif placed is not None:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stablekd.data_pipeline.candidates import KIND as CANDIDATES
 from stablekd.data_pipeline.files import read_marker
+from stablekd.data_pipeline.shards.format import CANDIDATES, SOFT_LABELS
 from stablekd.data_pipeline.shards.manifest import read_manifest
-from stablekd.data_pipeline.soft_labels import KIND as SOFT_LABELS
 from stablekd.data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stablekd.ds_configs.resolve import zero_stage
 from stablekd.launcher import hints, models, placement, rundir
@@ -29,7 +28,7 @@ def teacher_checkpoint(cfg: ExperimentConfig, stage: str) -> None:
     with an online teacher). When training saved its shards on another number of ranks (distill.include
     placed the job on fewer), node 0 converts it to a universal checkpoint once; the other nodes' ranks
     meet node 0's, which start after it, so they neither convert nor check."""
-    from stablekd.model.sharded_teacher import checkpoint_source, make_universal  # DeepSpeed
+    from stablekd.model.teacher_checkpoint import checkpoint_source, make_universal
 
     if rundir.follower(cfg):
         return
@@ -91,7 +90,6 @@ def _student(cfg: ExperimentConfig) -> None:
             "labels hold the teacher's log-probs at soft_labels.temperature; set both to the same T"
         )
     tok_dir, student_tok = models.tokenizer_dir(cfg), models.student_tokenizer_dir(cfg)
-    vocab, tok_hash = len(load_tokenizer(tok_dir)), tokenizer_hash(tok_dir)
     if Path(cfg.student.model).is_dir():
         from transformers import AutoConfig
 
@@ -112,7 +110,9 @@ def _student(cfg: ExperimentConfig) -> None:
     if d.follow and not (out / "manifest.json").is_file():
         return  # the writer may not have started: the reader checks every rank manifest as it comes
     meta = read_manifest(out, SOFT_LABELS)["meta"]
-    if meta["tokenizer_hash"] != tok_hash or meta["vocab_size"] != vocab:
+    # The hash of the tokenizer's files: the same files have the same ids, so the vocabulary is not loaded
+    # (transformers and torch: ~2.5 s of every launch)
+    if meta["tokenizer_hash"] != tokenizer_hash(tok_dir):
         raise ConfigError(
             f"{out / 'manifest.json'}: soft labels of a tokenizer with {meta['vocab_size']} ids (hash "
             f"{meta['tokenizer_hash'][:12]}), but the run's tokenizer is {models.describe_tokenizer(tok_dir)}: "

@@ -38,9 +38,10 @@ def stale_build_locks() -> list[Path]:
     torch's FileBaton has every process that loads an extension wait while the lock file exists, with no
     timeout and no owner to check: a process killed while holding it makes every later rank wait forever.
     """
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    # torch.utils.cpp_extension.get_default_build_root() on Linux (user_cache_dir/torch_extensions),
+    # without importing torch: ~1.6 s of every launch
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.realpath(Path(cache) / "torch_extensions"))
     stale = []
     for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # <root>[/py311_cpu]/<extension>/lock
         try:

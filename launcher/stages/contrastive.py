@@ -56,7 +56,6 @@ from stablekd.data_pipeline import bios
 from stablekd.data_pipeline.align import Aligner, TokenBytes
 from stablekd.data_pipeline.answers import Judgement, continuation_texts, judge_answers
 from stablekd.data_pipeline.candidate_realign import realign_groups
-from stablekd.data_pipeline.candidates import KIND as CANDIDATES
 from stablekd.data_pipeline.candidates import (
     candidate_batch,
     candidate_reader,
@@ -64,6 +63,7 @@ from stablekd.data_pipeline.candidates import (
     training_groups,
 )
 from stablekd.data_pipeline.contexts import bios_truth, judge_continuations
+from stablekd.data_pipeline.shards.format import CANDIDATES
 from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.shards.manifest import read_manifest
 from stablekd.data_pipeline.stream import PackedStream, StreamLoader, eval_batches
