@@ -20,9 +20,11 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
    benchmarks/cross_tokenizer.py's `bpe_student`, OUT/arms/bpe_student), its records realigned from the
    teacher's (distill.cross_tokenizer=hybrid): `xtok_ce` (alpha 0) and `xtok_hybrid` (alpha XTOK_ALPHA);
 6. the on-policy arms (issue #28): `on_policy`, `on_policy_cold[_long]`, `on_policy_rkl`, `on_policy_gjsd` (the
-   divergence on its samples: reverse KL, generalised JSD at distill.beta): the `student` arm's export fine-tuned
-   on its soft labels with distill.on_policy (GKD: a share λ of the micro-batches are its own continuations
-   of record starts, scored by the teacher, loaded once at world size 1), in OUT/arms/<arm> as in 5;
+   divergence on its samples: reverse KL, generalised JSD at distill.beta), `on_policy_tasks` (continuing
+   task prompts): the `student` arm's export fine-tuned on its soft labels with distill.on_policy (GKD: a
+   share λ of the micro-batches are its own continuations of record starts, scored by the teacher, loaded
+   once at world size 1); `on_policy_scratch` trains the student from its initialisation that way, λ
+   ramped up (distill.on_policy_warmup_steps); in OUT/arms/<arm> as in 5;
 7. the contrastive arms (issue #28): the contrastive stage (`stablekd run --stages contrastive`) fine-tunes
    the export of the arm it names (contrastive.init_from: `student`, `on_policy` for the arm with both,
    `xtok_hybrid` for `xtok_contrastive`, whose groups and KD anchor are realigned to its own tokenizer) on
@@ -124,6 +126,12 @@ ON_POLICY = {
     # the divergence on its own samples (GKD's finding: mode-seeking ones help on-policy), else as _cold
     "on_policy_rkl": ("student", 256, [*_ON_POLICY_RUN, *_COLD, "distill.on_policy_kind=rkl"]),
     "on_policy_gjsd": ("student", 256, [*_ON_POLICY_RUN, *_COLD, "distill.on_policy_kind=gjsd"]),
+    # the prompt source: the questions of mixed.jsonl's task records (its training questions, none held out)
+    # instead of record starts: the teacher scores the student's own answers; else as _cold
+    "on_policy_tasks": ("student", 256, [*_ON_POLICY_RUN, *_COLD, "distill.on_policy_prompts=tasks"]),
+    # from scratch (start ""): the student's 1,000 steps at its own lr, λ ramped from 0 to 0.5 over the first
+    # 500 (its samples are noise until it has learnt something); its bits per byte against `student`'s
+    "on_policy_scratch": ("", 1000, ["distill.on_policy=0.5", "distill.on_policy_warmup_steps=500", *_COLD]),
 }  # fmt: skip
 # contrastive arm -> (its LABELS run, the arm whose export it starts from, contrastive.* overrides); the
 # likelihood scorer, reference labels (every group has one), the KD anchor at contrastive.lam.
@@ -224,14 +232,17 @@ def on_policy_arms(runs: dict[str, Path], out: Path, arms: dict) -> dict[str, di
         if (kept := kept_arm(arm_dir)) is not None:
             info[arm] = kept
             continue
-        labels, alpha, _ = ARMS[start]
-        args = SimpleNamespace(alpha=alpha, student=str(out / "arms" / start / "student" / "hf"), dtype="")
+        labels, alpha, _ = ARMS[start or "student"]
+        student = (
+            str(out / "arms" / start / "student" / "hf") if start else ""
+        )  # "": the config's, from scratch
+        args = SimpleNamespace(alpha=alpha, student=student, dtype="")
         cfg = bench.arm_config(
             runs[labels], arm_dir, args, online=False, extra=["distill.log_every=10", *overrides]
         )
         if teacher is None:
             teacher = load_teacher(runs[labels], cfg)
-        print(f"[{arm}] from {start}: {' '.join(overrides)}, {steps} steps", flush=True)
+        print(f"[{arm}] from {start or 'scratch'}: {' '.join(overrides)}, {steps} steps", flush=True)
         summary = {"labels": labels, "alpha": alpha, "from": start, "overrides": overrides}
         info[arm] = train_export(cfg, steps, summary, teacher)
     return info
@@ -381,7 +392,7 @@ def main() -> None:
         ),
     }  # fmt: skip
     for arm, (start, _, _) in on_policy.items():
-        o = models[arm]
+        o, start = models[arm], start or "student"  # from scratch: against the student of as many steps
         goals[f"{arm} rep-4 <= teacher rep-4"] = o["rep_4"] <= t["rep_4"]
         goals[f"{arm} bpb <= {GOAL_BPB_SHARE} x {start}'s"] = (
             o["bpb"] <= GOAL_BPB_SHARE * models[start]["bpb"]

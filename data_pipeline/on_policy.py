@@ -6,9 +6,10 @@ lets the student sample continuations and learn the teacher's distribution at ev
 
 `OnPolicy` wraps a soft-label batch source (offline shards or the online teacher, any encoding). Micro-batch
 i (counted from the start of the run) is on-policy when ⌊(i + 1)·λ⌋ > ⌊i·λ⌋, so λ = 0.5 takes every
-second one and every rank decides alike. An on-policy micro-batch still draws the source's batch (the
+second one and every rank decides alike; with a ramp λ rises linearly from 0 over its first micro-batches
+(`is_on_policy`). An on-policy micro-batch still draws the source's batch (the
 source advances as it would offline) and uses the first `prompt_tokens` tokens of each of its records as
-prompts: the student continues each by sampling (`sample`, under a seed of (seed, i, rank), so a resumed
+prompts, or as many task prompts (`TaskPrompts`): the student continues each by sampling (`sample`, under a seed of (seed, i, rank), so a resumed
 run samples what the uninterrupted one would; drawn from a generator of its own, so the training RNG,
 CPU and CUDA, is left untouched), the teacher runs its trunk on the
 whole sequence once (its last hidden state (B, T, H) is the batch's `teacher_hidden`, its head the batch's
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,9 +36,18 @@ from stablekd.data_pipeline.online import Teacher
 from stablekd.objectives.lm import IGNORE_INDEX
 
 
-def is_on_policy(index: int, share: float) -> bool:
-    """Whether micro-batch `index` of the run is on-policy at share λ = `share` (same on every rank)."""
-    return math.floor((index + 1) * share) > math.floor(index * share)
+def is_on_policy(index: int, share: float, ramp: int = 0) -> bool:
+    """Whether micro-batch `index` of the run is on-policy at share λ = `share` (same on every rank).
+
+    `ramp`: λ rises linearly from 0 to `share` over the first `ramp` micro-batches (a student trained from
+    scratch samples noise at first: its samples are worth scoring once it writes something). Micro-batch
+    i is on-policy when the running total of λ, S(x), passes an integer between x = i and i + 1; with no
+    ramp S(x) = λ·x, so λ = 0.5 takes every second micro-batch."""
+
+    def total(x: float) -> float:
+        return share * x * x / (2 * ramp) if x < ramp else share * (x - ramp / 2)
+
+    return math.floor(total(index + 1)) > math.floor(total(index))
 
 
 def generated_labels(ids: torch.Tensor, prompt_len: int, eos_id: int) -> torch.Tensor:
@@ -49,6 +59,35 @@ def generated_labels(ids: torch.Tensor, prompt_len: int, eos_id: int) -> torch.T
     after = (gen == eos_id).long().cumsum(-1) - (gen == eos_id).long() > 0  # past the first EOS
     labels[:, prompt_len:] = gen.masked_fill(after, IGNORE_INDEX)
     return labels
+
+
+class TaskPrompts:
+    """Task prompts to draw on-policy micro-batches from (distill.on_policy_prompts=tasks): the question a
+    task record asks, so the student learns from the teacher on its own answers, not only on its own prose.
+
+    A micro-batch of B is B prompts of one length (prompts of several lengths would need padding, which
+    neither the student's sampling nor the teacher's scoring of a record start has): one prompt drawn
+    uniformly, its length's prompts drawn B − 1 times with replacement. Drawn with a generator of its own
+    seeded like the samples, so a resumed run draws what the uninterrupted one would."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]]) -> None:
+        if not prompts:
+            raise ValueError("no task prompts")
+        self.by_length: dict[int, list[list[int]]] = {}
+        for ids in prompts:
+            self.by_length.setdefault(len(ids), []).append(list(ids))
+        self.count = len(prompts)
+
+    def draw(self, batch: int, seed: int) -> torch.Tensor:
+        """(batch, L) ids of `batch` prompts of one length L."""
+        gen = torch.Generator().manual_seed(seed)
+        first = int(torch.randint(self.count, (1,), generator=gen))
+        for same in self.by_length.values():  # insertion order: fixed by the prompts' order
+            if first < len(same):
+                break
+            first -= len(same)
+        picks = [first, *torch.randint(len(same), (batch - 1,), generator=gen).tolist()]
+        return torch.tensor([same[i] for i in picks], dtype=torch.long)
 
 
 class OnPolicy:
@@ -63,7 +102,8 @@ class OnPolicy:
         teacher: `hidden(ids)` (B, T) -> (B, T, H) its last hidden state and `head_rows()` its head as a
             `HeadRows` over the run's ids (model.sharded_teacher.ShardedTeacher).
         share: λ in (0, 1]. prompt_tokens: P. seed, rank: what the sampling seed is made of.
-        eos_id: the tokenizer's EOS.
+        eos_id: the tokenizer's EOS. ramp: micro-batches over which λ rises from 0 (`is_on_policy`).
+        prompts: `TaskPrompts` to continue instead of the records' first `prompt_tokens` tokens.
     """
 
     def __init__(
@@ -76,6 +116,8 @@ class OnPolicy:
         seed: int,
         rank: int,
         eos_id: int,
+        ramp: int = 0,
+        prompts: TaskPrompts | None = None,
     ) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share}")
@@ -87,6 +129,7 @@ class OnPolicy:
             rank,
             eos_id,
         )
+        self.ramp, self.prompts = ramp, prompts
         self.index = 0  # micro-batches drawn so far: the next one's number
 
     def seed_of(self, index: int) -> int:
@@ -96,11 +139,15 @@ class OnPolicy:
         for batch in self.batches:
             index = self.index
             self.index += 1
-            yield self.scored(batch, index) if is_on_policy(index, self.share) else batch
+            yield self.scored(batch, index) if is_on_policy(index, self.share, self.ramp) else batch
 
     def scored(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
-        """The on-policy micro-batch `index` made from the source's `batch` (its records' first tokens)."""
-        prompts = batch["input_ids"][:, : self.prompt_tokens].long()
+        """The on-policy micro-batch `index` made from the source's `batch` (its records' first tokens, or as
+        many task prompts)."""
+        if self.prompts is None:
+            prompts = batch["input_ids"][:, : self.prompt_tokens].long()
+        else:
+            prompts = self.prompts.draw(len(batch["input_ids"]), self.seed_of(index))
         t0 = time.perf_counter()
         with torch.no_grad():  # `sample` draws from its own generator: the loop's RNG (dropout) is untouched
             ids = self.sample(prompts, self.seed_of(index)).cpu()

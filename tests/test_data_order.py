@@ -86,6 +86,18 @@ def test_soft_labels_order_includes_the_candidate_keys_and_rank_manifests_count_
                               "soft_labels.candidate_tasks_only=true"), "soft_labels")  # fmt: skip
 
 
+def test_distill_order_includes_the_on_policy_ramp(tmp_path, corpus):
+    """Which micro-batches are the student's own samples: a resume on another ramp is refused."""
+    on_policy = ("distill.on_policy=0.5", "distill.on_policy_warmup_steps=4")
+    cfg = _cfg(tmp_path, corpus, *on_policy)
+    data_order.record(cfg, "distill")
+    _killed_after_a_checkpoint(cfg, "student")
+    data_order.check(cfg, "distill")
+    with pytest.raises(ConfigError, match="distill.on_policy_warmup_steps: 4 then, 8 now"):
+        data_order.check(_cfg(tmp_path, corpus, "distill.on_policy=0.5", "distill.on_policy_warmup_steps=8"),
+                         "distill")  # fmt: skip
+
+
 def test_a_key_added_to_the_order_later_reads_as_its_default_in_an_older_record(tmp_path, corpus):
     """A stage recorded before soft_labels.candidate_tasks_only was part of its order resumes with the
     default and is refused with the other value."""

@@ -114,7 +114,7 @@ def reference_losses(run: Path, steps: int, student_tok: Path | None = None) -> 
         draws = range(step * d.grad_accum, (step + 1) * d.grad_accum)
         batches = [
             ranks[r].scored(per_rank[r][i % epoch], i)
-            if is_on_policy(i, d.on_policy)
+            if is_on_policy(i, d.on_policy, d.on_policy_warmup_steps * d.grad_accum)
             else per_rank[r][i % epoch]
             for r in range(2)
             for i in draws
@@ -231,6 +231,7 @@ def test_a_student_with_another_tokenizer_resumes_after_a_kill_on_the_plain_pyto
 ON_POLICY_ARGS = [
     "distill.online=true",
     "distill.on_policy=0.5",
+    "distill.on_policy_warmup_steps=2",  # λ ramped over 4 micro-batches: 3, 5, 7 of 8 are on-policy, not 1
     "distill.on_policy_prompt_tokens=8",
     "distill.on_policy_new_tokens=8",
     "distill.max_steps=4",
@@ -259,8 +260,9 @@ class PlainTeacher:
 def test_on_policy_with_the_sharded_teacher_matches_plain_pytorch_and_resumes_on_the_same_samples(
     upstream, tmp_path
 ):
-    """λ = 0.5 (`distill.online=true distill.on_policy=0.5`): every second micro-batch is the ZeRO-3 student's
-    own samples, scored by the ZeRO-3 teacher of the job, the others online soft labels. Killed after a
+    """λ = 0.5 (`distill.online=true distill.on_policy=0.5`), ramped over the first 2 steps: after those
+    every second micro-batch is the ZeRO-3 student's own samples, scored by the ZeRO-3 teacher of the job,
+    the others online soft labels. Killed after a
     checkpoint and rerun, the whole curve (both launches) is that of a plain single-process loop that reads
     the same records, samples with the same seeds (seed, micro-batch, rank) and scores with the consolidated
     teacher: the same samples after the resume, the same loss."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stablekd.data_pipeline.on_policy import OnPolicy, generated_labels, is_on_policy
+from stablekd.data_pipeline.on_policy import OnPolicy, TaskPrompts, generated_labels, is_on_policy
 from stablekd.data_pipeline.tokenizer import load_tokenizer
-from stablekd.launcher.config import load_config
+from stablekd.launcher.config import ConfigError, load_config
 from stablekd.launcher.rank import distill_parts
 from stablekd.model.build import build_model
 from stablekd.model.head import HeadRows, last_hidden
@@ -27,6 +27,10 @@ def test_schedule_takes_every_round_share_of_micro_batches():
     assert [i for i in range(8) if is_on_policy(i, 0.5)] == [1, 3, 5, 7]
     assert [i for i in range(8) if is_on_policy(i, 0.25)] == [3, 7]
     assert all(is_on_policy(i, 1.0) for i in range(8)) and not any(is_on_policy(i, 0.0) for i in range(8))
+    # Ramped over 20 micro-batches: λ·20/2 = 5 of the first 20 (few early on), then every second one.
+    ramped = [i for i in range(40) if is_on_policy(i, 0.5, ramp=20)]
+    assert len([i for i in ramped if i < 20]) == 5 and len([i for i in ramped if i < 10]) == 1
+    assert ramped[5:] == list(range(21, 40, 2))
 
 
 def test_labels_count_the_generated_tokens_up_to_the_first_eos():
@@ -140,6 +144,68 @@ def test_sampling_uses_a_generator_of_its_own_and_reseeds_nothing(parts, monkeyp
     )
 
 
+def test_task_prompts_batch_one_length_and_a_resume_draws_the_same(parts):
+    """distill.on_policy_prompts=tasks: each on-policy micro-batch continues B task prompts of one length
+    (no padding), drawn by (seed, micro-batch, rank), every length in proportion to its prompts."""
+    tok, student, teacher, batches, _ = parts
+    prompts = [[3, 10, 11], [3, 12, 13], [3, 14], [3, 15, 16, 17], [3, 18]]
+    bank = TaskPrompts(prompts)
+    draws = [bank.draw(B, seed) for seed in range(300)]
+    assert all(d.shape[0] == B and d.tolist()[0] in prompts for d in draws)
+    assert all(row in prompts for d in draws for row in d.tolist())
+    assert torch.equal(bank.draw(B, 5), draws[5]) and any(not torch.equal(d, draws[5]) for d in draws)
+    share = {n: sum(d.shape[1] == n for d in draws) / len(draws) for n in (2, 3, 4)}
+    assert share == pytest.approx({2: 0.4, 3: 0.4, 4: 0.2}, abs=0.08)
+
+    cfg = load_config(QUICKSTART, ["data.seq_len=16", f"distill.on_policy_prompt_tokens={P}",
+                                   f"distill.on_policy_new_tokens={N}"])  # fmt: skip
+
+    def make(rank=0):
+        sample = distill_parts.sampler(student, tok, cfg, synced=False)
+        return OnPolicy(Records(batches), sample, teacher, 0.5, P, 7, rank, tok.eos_token_id, prompts=bank)
+
+    first = [b for _, b in zip(range(4), make(), strict=False)]
+    for index in (1, 3):
+        on, drawn = first[index], bank.draw(B, make().seed_of(index))
+        assert torch.equal(on["input_ids"][:, : drawn.shape[1]], drawn)
+        assert (
+            on["input_ids"].shape == (B, drawn.shape[1] + N)
+            and on["teacher_hidden"].shape[1] == drawn.shape[1] + N
+        )
+        assert (on["labels"][:, : drawn.shape[1]] == IGNORE_INDEX).all()
+    src = make()
+    it = iter(src)
+    next(it), next(it), next(it)
+    resumed = make()
+    resumed.load_state_dict(src.state_dict())
+    assert torch.equal(next(iter(resumed))["input_ids"], first[3]["input_ids"])
+
+
+def test_task_prompts_of_a_corpus_and_a_corpus_without_tasks(tmp_path, parts):
+    tok = parts[0]
+    tasks, prose = tmp_path / "tasks.jsonl", tmp_path / "prose.txt"
+    tasks.write_text(
+        '{"text": "A plain record among the tasks."}\n'
+        '{"prompt": "Who built the ark in the old story of the flood?", "response": " Noah."}\n'
+        '{"prompt": "Who?", "response": " Ruth."}\n'
+    )
+    prose.write_text("Prose only, no question here.\n")
+    args = ["data.seq_len=16", "distill.on_policy=0.5", "distill.on_policy_prompts=tasks",
+            f"distill.on_policy_prompt_tokens={P}", f"distill.on_policy_new_tokens={N}"]  # fmt: skip
+    cfg = load_config(QUICKSTART, [*args, f"data.paths=[{tasks}]", f"run.out_dir={tmp_path / 'run'}"])
+    bank = distill_parts.task_prompts(cfg, tok)
+    asked = [list(ids) for same in bank.by_length.values() for ids in same]
+    eos = tok.eos_token_id
+    assert bank.count == 2 and all(ids[0] == eos and len(ids) <= P for ids in asked)
+    ark = tok("Who built the ark in the old story of the flood?", add_special_tokens=False).input_ids
+    assert [eos, *ark[-(P - 1) :]] in asked  # a long question: its last P − 1 ids, after the EOS
+    cfg = load_config(QUICKSTART, [*args, f"data.paths=[{prose}]", f"run.out_dir={tmp_path / 'run2'}"])
+    with pytest.raises(ConfigError, match=f"no task record .* in data.paths {prose}"):
+        distill_parts.task_prompts(cfg, tok)
+    with pytest.raises(ConfigError, match="tasks draws the prompts of data.paths' task records"):
+        load_config(QUICKSTART, args)  # the bios corpus
+
+
 def test_gumbel_sampling_draws_from_the_tempered_distribution():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
     draws = 40_000
@@ -174,8 +240,6 @@ def test_share_zero_builds_todays_stage(parts):
 
 
 def test_config_refuses_what_cannot_run():
-    from stablekd.launcher.config import ConfigError
-
     base = ["data.seq_len=16", "distill.on_policy=0.5", "distill.on_policy_prompt_tokens=4"]
     with pytest.raises(
         ConfigError, match="on_policy_prompt_tokens \\+ on_policy_new_tokens = 36: expected at most"

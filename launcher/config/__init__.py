@@ -87,6 +87,11 @@ class ExperimentConfig:
                 f"got {d.kind!r}; use soft_labels.encoding {' or '.join(others)} for it (on-policy "
                 "micro-batches take theirs from distill.on_policy_kind)"
             )
+        if d.on_policy and d.on_policy_prompts == "tasks" and not self.data.paths:
+            raise ConfigError(
+                "distill.on_policy_prompts: tasks draws the prompts of data.paths' task records; the bios "
+                "corpus (no data.paths) has none: use records"
+            )
         if d.on_policy and d.on_policy_prompt_tokens + d.on_policy_new_tokens > self.data.seq_len:
             raise ConfigError(
                 f"distill.on_policy_prompt_tokens + on_policy_new_tokens = "

@@ -137,6 +137,18 @@ class DistillConfig(TrainConfig):
         "distill.on_policy_prompt_tokens tokens of a drawn record) and the sharded teacher in this job "
         "scores: distill.kind on every generated token (GKD); 0 = soft labels only",
     )
+    on_policy_warmup_steps: int = _f(
+        0,
+        "on-policy: λ rises linearly from 0 to distill.on_policy over this many steps (a student distilled "
+        "from scratch samples noise at first); 0 = λ from the first step",
+    )
+    on_policy_prompts: str = _f(
+        "records",
+        "on-policy prompts: records (the first distill.on_policy_prompt_tokens tokens of the drawn record) or "
+        "tasks (the prompts of the first distill.on_policy_task_prompts task records of data.paths, each "
+        "after an EOS and cut to its last on_policy_prompt_tokens − 1 tokens; B of one length per batch)",
+    )
+    on_policy_task_prompts: int = _f(1024, "on-policy with prompts=tasks: how many task records to draw from")
     on_policy_prompt_tokens: int = _f(32, "on-policy: tokens of each drawn record the student continues")
     on_policy_new_tokens: int = _f(32, "on-policy: tokens the student samples per record")
     on_policy_temperature: float = _f(1.0, "on-policy: the student's sampling temperature")
@@ -187,6 +199,16 @@ class DistillConfig(TrainConfig):
             raise ConfigError(
                 "on_policy_prompt_tokens, on_policy_new_tokens: expected >= 1, on_policy_temperature > 0, got "
                 f"{self.on_policy_prompt_tokens}, {self.on_policy_new_tokens}, {self.on_policy_temperature}"
+            )
+        if self.on_policy_prompts not in ("records", "tasks") or self.on_policy_task_prompts < 1:
+            raise ConfigError(
+                f"on_policy_prompts, on_policy_task_prompts: expected records or tasks, and >= 1, got "
+                f"{self.on_policy_prompts!r}, {self.on_policy_task_prompts}"
+            )
+        if self.on_policy_warmup_steps < 0 or (self.on_policy_warmup_steps and not self.on_policy):
+            raise ConfigError(
+                f"on_policy_warmup_steps: expected >= 0, and 0 without distill.on_policy, got "
+                f"{self.on_policy_warmup_steps} (on_policy {self.on_policy})"
             )
         if self.on_policy_kind and self.on_policy_kind not in (*kinds, "mse"):
             raise ConfigError(

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from stablekd.data_pipeline.align import TOKEN_BYTES_FILE, Aligner, Realign, TokenBytes
-from stablekd.data_pipeline.on_policy import OnPolicy
+from stablekd.data_pipeline.contexts import document_contexts
+from stablekd.data_pipeline.on_policy import OnPolicy, TaskPrompts
 from stablekd.launcher import models, rundir
-from stablekd.launcher.config import ExperimentConfig
+from stablekd.launcher.config import ConfigError, ExperimentConfig
 from stablekd.launcher.rank import artifacts, engine
 from stablekd.model.build import flops_per_token, generation_config
 from stablekd.objectives.kd import soft_label_counts, soft_label_weights
@@ -93,6 +94,21 @@ def sampler(student: torch.nn.Module, tokenizer: Any, cfg: ExperimentConfig, syn
     return sample
 
 
+def task_prompts(cfg: ExperimentConfig, tokenizer: Any) -> TaskPrompts:
+    """distill.on_policy_prompts=tasks: the prompts of the first distill.on_policy_task_prompts task records
+    of the run's training files, each [EOS] + its last on_policy_prompt_tokens − 1 ids."""
+    d, files = cfg.distill, rundir.train_files(cfg)
+    contexts = document_contexts(
+        files, tokenizer, d.on_policy_task_prompts, d.on_policy_prompt_tokens - 1, True
+    )
+    if not contexts:
+        raise ConfigError(
+            f"distill.on_policy_prompts=tasks: no task record (prompt + response, or messages) in "
+            f"data.paths {', '.join(map(str, files))}; use on_policy_prompts=records"
+        )
+    return TaskPrompts([c.context for c in contexts])
+
+
 def student_batches(
     cfg: ExperimentConfig,
     rank: int,
@@ -120,7 +136,8 @@ def student_batches(
         sample = sampler(student, tokenizer, cfg, zero3 and world > 1)
         batches = OnPolicy(
             batches, sample, teacher, d.on_policy, d.on_policy_prompt_tokens, cfg.run.seed, rank,
-            tokenizer.eos_token_id,
+            tokenizer.eos_token_id, d.on_policy_warmup_steps * d.grad_accum,
+            task_prompts(cfg, tokenizer) if d.on_policy_prompts == "tasks" else None,
         )  # fmt: skip
     return batches, None
 

@@ -75,6 +75,12 @@ REGISTRY: tuple[StageSpec, ...] = (
         model="student",
         sections=("student",),
         needs=("soft_labels",),
+        # which micro-batches are the student's own samples, and what they continue
+        order=(
+            "distill.on_policy_warmup_steps",
+            "distill.on_policy_prompts",
+            "distill.on_policy_task_prompts",
+        ),
     ),
     StageSpec(
         "contrastive",
