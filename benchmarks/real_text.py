@@ -149,6 +149,10 @@ CONTRASTIVE = {
     # the same own-rows arm pushed harder: 3.3x the lr, tau 0.1 (contrastive_sharp left agreement where it was)
     "contrastive_strong": ("candidates", "student", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0", "contrastive.negatives=0",
                                                      "contrastive.tau=0.1", "contrastive.lr=1.0e-3"]),
+    # model-scored hard-negative mining: `contrastive`, but only the 3 negatives (of its own wrong samples and
+    # 8 other contexts') the student scores highest count: the answers it would give, not the easy ones
+    "contrastive_mined": ("candidates", "student", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
+                                                    "contrastive.negatives=8", "contrastive.hard_negatives=3"]),
     "on_policy_contrastive": ("candidates", "on_policy", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
                                                           "contrastive.negatives=8"]),
     # the student with its own tokenizer: candidate groups and the KD anchor realigned to its ids

@@ -114,6 +114,22 @@ def supcon_sum(
 # --------------------------------------------------------------------------------------------------
 
 
+def hardest_negatives(
+    scores: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor, n: int
+) -> torch.Tensor:
+    """`valid` with each anchor's negatives cut to the `n` it scores highest: model-scored hard-negative
+    mining (the continuations the model finds most plausible while they contradict the truth are the ones
+    whose probability the loss should push down; the rest add little but noise to the denominator).
+    Positives are untouched; n = 0 keeps every negative. Chosen on the detached scores."""
+    negative = valid.bool() & ~positive.bool()
+    if n <= 0 or n >= scores.shape[1]:
+        return valid
+    ranked = scores.detach().float().masked_fill(~negative, float("-inf"))
+    top = ranked.topk(n, dim=1).indices
+    keep = torch.zeros_like(negative).scatter_(1, top, True) & negative
+    return (valid.bool() & positive.bool()) | keep
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size); (0, 1) without an initialised process group."""
     if dist.is_available() and dist.is_initialized():

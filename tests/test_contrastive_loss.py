@@ -25,6 +25,7 @@ from stablekd.objectives.contrastive import (
     false_negative_mask,
     gather_with_grad,
     global_width,
+    hardest_negatives,
     pool_continuation,
     simctg_sum,
     supcon_sum,
@@ -122,6 +123,24 @@ def test_supcon_sum_gradcheck():
     scores, positive, valid, _ = random_problem(2, [2, 3, 1])
     scores.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda s: supcon_sum(s, positive, valid, 0.3)[0], (scores,))
+
+
+def test_hardest_negatives_keeps_the_n_best_scored_negatives_and_every_positive():
+    scores = torch.tensor([[0.0, -3.0, -1.0, -0.5, -2.0, 5.0], [1.0, 2.0, -1.0, 3.0, 0.5, 0.0]])
+    positive = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1]], dtype=torch.bool)  # 5.0 and 0.5: masked
+    kept = hardest_negatives(scores, positive, valid, 2)
+    # row 0: the negatives -0.5 and -1.0 (not the first two, not the masked 5.0); row 1: 3.0 and 0.0
+    assert kept.tolist() == [[1, 0, 1, 1, 0, 0], [1, 1, 0, 1, 0, 1]]
+    assert torch.equal(hardest_negatives(scores, positive, valid, 0), valid)
+    assert torch.equal(hardest_negatives(scores, positive, valid, 9), valid)
+    few = hardest_negatives(
+        scores, positive, torch.tensor([[1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0]]).bool(), 2
+    )
+    assert few.tolist() == [[1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0]]  # fewer than n: all of them, no more
+    loss_all, _, _ = supcon_sum(scores, positive, valid, 1.0)
+    loss_mined, _, _ = supcon_sum(scores, positive, kept, 1.0)
+    assert loss_mined < loss_all  # easy negatives left the denominator
 
 
 def test_false_negative_mask_hand_built():

@@ -310,6 +310,28 @@ def test_score_tokens_score_only_the_start_of_each_continuation():
     torch.testing.assert_close(wide, out[0, "same"])
 
 
+def test_hard_negatives_keep_what_the_model_scores_highest_in_the_loss():
+    """contrastive.hard_negatives=1: each context's InfoNCE denominator keeps its positives and the one
+    negative the model scores highest, so the term is smaller than with both negatives drawn, and as
+    large as with 2 (both kept)."""
+    from stablekd.launcher.config import load_config
+    from stablekd.launcher.stages.contrastive import make_loss
+
+    model = _TokenLM(50)
+    batch = _groups([1, 2, 1, 2])
+    lm = torch.randint(1, 50, (4, 6))
+    infonce = {}
+    for n in (0, 1, 2):
+        cfg = load_config(
+            None, ["contrastive.lm=ce", "contrastive.negatives=2", f"contrastive.hard_negatives={n}"]
+        )
+        torch.manual_seed(1)  # the same negatives
+        infonce[n] = float(
+            make_loss(cfg)(model, {**batch, "lm_input_ids": lm, "lm_labels": lm}).sums["infonce"]
+        )
+    assert infonce[1] < infonce[0] and infonce[2] == pytest.approx(infonce[0])
+
+
 def test_groups_of_a_user_corpus_are_labelled_by_reference_or_majority(tmp_path):
     """The stage's wiring of data_pipeline/answers.py: the record's reference flag picks the rule, the
     teacher's M samples vote, the gold row is left out of a vote, and the summary counts what happened."""

@@ -269,6 +269,11 @@ class ContrastiveConfig(TrainConfig):
         "likelihood scorer: draw negatives from contexts asking about the same attribute first (bios), "
         "the other people's answers a model confuses with the truth; false = uniformly from the batch",
     )
+    hard_negatives: int = _f(
+        0,
+        "likelihood scorer: of each context's negatives (its own wrong continuations and other contexts'), "
+        "only the N it scores highest enter its InfoNCE denominator (model-scored mining); 0 = all",
+    )
     score_tokens: int = _f(
         0,
         "likelihood scorer: score the first N tokens of each continuation (where a question's answer is); "
@@ -295,6 +300,10 @@ class ContrastiveConfig(TrainConfig):
             raise ConfigError(f"lm: expected 'kd' or 'ce', got {self.lm!r}")
         if self.labels not in LABEL_RULES:
             raise ConfigError(f"labels: expected one of {', '.join(LABEL_RULES)}, got {self.labels!r}")
+        if self.hard_negatives < 0 or (self.hard_negatives and self.scorer != "likelihood"):
+            raise ConfigError(
+                f"hard_negatives: expected >= 0, and 0 with the {self.scorer} scorer, got {self.hard_negatives}"
+            )
         if self.tau <= 0 or self.lam < 0 or self.margin < 0:
             raise ConfigError(
                 f"tau > 0, lam >= 0, margin >= 0 expected, got {self.tau}, {self.lam}, {self.margin}"

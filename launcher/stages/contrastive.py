@@ -79,6 +79,7 @@ from stablekd.objectives.contrastive import (
     embedding_scores,
     gather_no_grad,
     global_width,
+    hardest_negatives,
     pool_continuation,
     simctg_sum,
     supcon_sum,
@@ -320,6 +321,7 @@ def make_loss(cfg: ExperimentConfig, vmap: torch.Tensor | None = None):
     def loss(model, batch: dict) -> Loss:
         if c.scorer == "likelihood":
             scores, positive, valid = _likelihood_scores(model, batch, c)
+            valid = hardest_negatives(scores, positive, valid, c.hard_negatives)
         else:
             scores, positive, valid = _embedding_scores(model, batch)
         nce, _, stats = supcon_sum(scores, positive, valid, c.tau)
