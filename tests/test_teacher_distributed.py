@@ -40,8 +40,9 @@ pytestmark = pytest.mark.distributed
 STEPS = 10  # 10 × 2 micro-batches × 4 × 32 tokens per rank: more than one pass over the user corpus
 
 
-def reference_losses(run_dir: Path, steps: int, accum: int) -> list[float]:
-    """The same teacher trained in one plain process: both ranks' shards form each global batch."""
+def reference_losses(run_dir: Path, steps: int, accum: int, lrs: list[float] | None = None) -> list[float]:
+    """The same teacher trained in one plain process: both ranks' shards form each global batch. `lrs`
+    gets the learning rate each step's update used."""
     cfg = load_config(run_dir / "config.yaml")
     t = cfg.teacher
     tok_dir = run_dir / "tokenizer"
@@ -74,6 +75,8 @@ def reference_losses(run_dir: Path, steps: int, accum: int) -> list[float]:
         for p in model.parameters():
             p.grad /= count  # mean over every counted token of the global batch
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if lrs is not None:
+            lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
         losses.append(total / count)
@@ -132,10 +135,13 @@ def test_zero3_two_ranks_match_plain_pytorch(zero3_run):
     assert ds["train_batch_size"] == 4 * 2 * 2  # micro 4 × accum 2 × 2 ranks
 
     got = tb_scalars(run / "tb" / "teacher", "train/loss")
-    want = reference_losses(run, STEPS, accum=2)
+    want = reference_losses(run, STEPS, accum=2, lrs=(lrs := []))
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in range(1, STEPS + 1)] == pytest.approx(want, rel=2e-4)
     assert got[STEPS] < got[1]
+    # the learning rate each step's update used (the scheduler has moved on after it)
+    logged = tb_scalars(run / "tb" / "teacher", "train/lr")
+    assert [logged[s] for s in range(1, STEPS + 1)] == pytest.approx(lrs, rel=1e-6) and len(set(lrs)) > 2
     for tag in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "perf/step_time_s"):
         assert tb_scalars(run / "tb" / "teacher", tag), f"{tag} missing from TensorBoard"
 

@@ -309,6 +309,7 @@ def train(
     eval_loss: float | None = None
     said_no_eval = False
     while step < cfg.max_steps:
+        lr = engine.get_lr()[0]  # what this step's update uses (after it, the scheduler has moved on)
         micro = [next(batches) for _ in range(accum)]
         if trace:
             trace.write("".join(f"{step + 1}\t{i}\t{batch_digest(b)}\n" for i, b in enumerate(micro)))
@@ -356,7 +357,7 @@ def train(
             term_means = {t: window[f"{t}/sum"] / window[f"{t}/count"] for t in terms if window[f"{t}/count"]}
             scalars = {
                 "train/loss": sum(stage.weights[t] * v for t, v in term_means.items()),
-                "train/lr": engine.get_lr()[0],
+                "train/lr": lr,
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/tokens": tokens,
                 "perf/tokens_per_s": tok_s,
