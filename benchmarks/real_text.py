@@ -20,8 +20,8 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
    benchmarks/cross_tokenizer.py's `bpe_student`, OUT/arms/bpe_student), its records realigned from the
    teacher's (distill.cross_tokenizer=hybrid): `xtok_ce` (alpha 0) and `xtok_hybrid` (alpha XTOK_ALPHA);
 6. the on-policy arms (issue #28): `on_policy`, `on_policy_cold[_long]`, `on_policy_rkl`, `on_policy_gjsd` (the
-   divergence on its samples: reverse KL, generalised JSD at distill.beta), `on_policy_tasks` (continuing
-   task prompts): the `student` arm's export fine-tuned on its soft labels with distill.on_policy (GKD: a
+   divergence on its samples: reverse KL, generalised JSD at distill.beta), `on_policy_all` (λ 1),
+   `on_policy_tasks` (continuing task prompts): the `student` arm's export fine-tuned on its soft labels with distill.on_policy (GKD: a
    share λ of the micro-batches are its own continuations of record starts, scored by the teacher, loaded
    once at world size 1); `on_policy_scratch` trains the student from its initialisation that way, λ
    ramped up (distill.on_policy_warmup_steps); in OUT/arms/<arm> as in 5;
@@ -126,6 +126,8 @@ ON_POLICY = {
     # the divergence on its own samples (GKD's finding: mode-seeking ones help on-policy), else as _cold
     "on_policy_rkl": ("student", 256, [*_ON_POLICY_RUN, *_COLD, "distill.on_policy_kind=rkl"]),
     "on_policy_gjsd": ("student", 256, [*_ON_POLICY_RUN, *_COLD, "distill.on_policy_kind=gjsd"]),
+    # λ 1 (GKD's fully on-policy setting): every micro-batch is the student's own sample, else as _cold
+    "on_policy_all": ("student", 256, ["distill.on_policy=1.0", *_ON_POLICY_RUN[1:], *_COLD]),
     # the prompt source: the questions of mixed.jsonl's task records (its training questions, none held out)
     # instead of record starts: the teacher scores the student's own answers; else as _cold
     "on_policy_tasks": ("student", 256, [*_ON_POLICY_RUN, *_COLD, "distill.on_policy_prompts=tasks"]),

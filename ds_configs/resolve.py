@@ -81,8 +81,8 @@ def _find_auto(node: Any, prefix: str = "") -> list[str]:
 
 def cuda_available() -> bool:
     """torch.cuda.is_available(), without importing torch (~1.6 s of every launch) on a machine that has
-    no GPU driver's device files (/dev/nvidia0..., ROCm's /dev/kfd): there it is False."""
-    if not (any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists()):
+    no GPU driver's device files (/dev/nvidia0..., ROCm's /dev/kfd, WSL's /dev/dxg): there it is False."""
+    if not (any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists() or Path("/dev/dxg").exists()):
         return False
     import torch
 
