@@ -467,11 +467,17 @@ def summary(result: dict) -> str:
     )
 
 
-def models_table(result: dict) -> str:
-    """One row per model (the README's table): the scores, and the minutes its own training took (the arms';
+# The README's rows: the teacher and the students of ARMS; the on-policy and contrastive arms are in
+# docs/results.md's whole table (a row per arm kept the README growing past a screen).
+README_MODELS = ("teacher_pretrained", "teacher", *ARMS)
+
+
+def models_table(result: dict, names: tuple[str, ...] | None = None) -> str:
+    """One row per model (all, or `names`): the scores, and the minutes its own training took (the arms';
     a contrastive or on-policy arm's on top of the arm it starts from)."""
     rows = []
-    for name, m in result["models"].items():
+    for name in names or result["models"]:
+        m = result["models"][name]
         wall = result["students"].get(name, {}).get("train_wall_s")
         scaled = {**m, "params": m["params"] / 1e6}
         cells = [provenance.cell(scaled.get(key), fmt) for key, _, fmt in COLUMNS]

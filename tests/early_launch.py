@@ -2,8 +2,9 @@
 the tests, in the order the selected tests first need them. A 2-rank launch keeps ~1 of 2 cores busy (its
 start-up imports in one process at a time: the CLI, then DeepSpeed's launcher), so the tests' own launches
 run beside these for little more than their own time. Only the runs the selected tests use are launched;
-each has its own directory. A test that a launch beside it would upset (one that compares wall times)
-asks for `no_early_launches` first.
+each has its own directory. The test modules that use them run after those that do not (`ordered`),
+so the runs are mostly done when asked for. A test that a launch beside it would upset (one that compares
+wall times) asks for `no_early_launches` first.
 
 A module of its own: pytest loads tests/conftest.py as `conftest` and the test modules import it again as
 `tests.conftest`; both copies must see one registry.
