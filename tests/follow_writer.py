@@ -6,7 +6,8 @@ One rank (world size 1) writes <shards> shards of RECORDS_PER_SHARD records thro
 `SoftLabelWriter`, one record every INTERVAL_S / RECORDS_PER_SHARD seconds, so one shard is committed
 every INTERVAL_S and between two commits it holds uncommitted records (what a kill loses). After the last
 shard it touches <marker>, then closes and finalizes. Record i has input_ids[0] = i.
-Imports only the shard format (a process importing the launcher would take seconds longer to start).
+Imports only the shard format and torch (a process importing the launcher would take seconds longer to
+start).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+# torch as a soft_labels rank has it loaded: else the writer imports it at its first batch, ~1.6 s after its
+# rank manifest, past the follow test's 2 s timeout on loaded cores
 import numpy as np
+import torch  # noqa: F401
 
 from stablekd.data_pipeline.soft_labels import SoftLabelWriter, finalize_soft_labels
 
