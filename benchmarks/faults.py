@@ -35,11 +35,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 
+from stablekd.launcher.config import load_config
+from stablekd.launcher.driver.data_order import in_progress
 from stablekd.launcher.rank.monitor import read_scalars
 from stablekd.launcher.stages import NAMES, spec
 
@@ -73,20 +76,21 @@ def command(run: Path, stage: str, extra: list[str]) -> list[str]:
             f"run.out_dir={run}", *OVERRIDES, *extra]  # fmt: skip
 
 
-def progressed(run: Path, stage: str) -> bool:
-    """The stage has something a rerun resumes from: a complete checkpoint, a soft-label rank manifest."""
-    out = run / spec(stage).out_dir
-    return (out / "ckpt" / "complete.json").exists() or any(out.glob("**/manifest.r*.json"))
+def progress_check(run: Path, stage: str, extra: list[str]) -> Callable[[], bool]:
+    """Whether `command(run, stage, extra)` has progress a rerun resumes from (a complete checkpoint, a
+    soft-label rank manifest) and has not finished: the rule a resume is judged by (data_order.in_progress)."""
+    cfg = load_config(QUICKSTART, [f"run.out_dir={run}", *OVERRIDES, *extra])
+    return lambda: in_progress(cfg, stage)
 
 
 def run_stage(run: Path, stage: str, extra: list[str]) -> tuple[float, float]:
     """Run `stage` to its end: its wall time, and when it first had progress to resume from (its wall time
     if never). Raises with the output's tail if it fails."""
-    t0, first = time.perf_counter(), None
+    t0, first, progressed = time.perf_counter(), None, progress_check(run, stage, extra)
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(command(run, stage, extra), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            if first is None and progressed(run, stage):
+            if first is None and progressed():
                 first = time.perf_counter() - t0
             time.sleep(0.02)
         if proc.returncode != 0:
@@ -188,7 +192,7 @@ def campaign(
     while kills < cycles:
         run = work / f"{stage}-round{len(rounds)}"
         fresh_copy(ref, run, stage)
-        round_kills = 0
+        round_kills, progressed = 0, progress_check(run, stage, extra)
         while not (run / spec(stage).out_dir / "DONE.json").exists():
             if kills >= cycles:  # the last round: let it finish
                 run_stage(run, stage, extra)
@@ -197,7 +201,7 @@ def campaign(
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             try:
                 # --after-progress: from the run's first checkpoint on, as long as the reference's lasted
-                while args.after_progress and proc.poll() is None and not progressed(run, stage):
+                while args.after_progress and proc.poll() is None and not progressed():
                     time.sleep(0.02)
                 proc.wait(timeout=rng.uniform(0, total - first if args.after_progress else total))
             except subprocess.TimeoutExpired:

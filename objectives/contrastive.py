@@ -121,9 +121,9 @@ def hardest_negatives(
     mining (the continuations the model finds most plausible while they contradict the truth are the ones
     whose probability the loss should push down; the rest add little but noise to the denominator).
     Positives are untouched; n = 0 keeps every negative. Chosen on the detached scores."""
-    negative = valid.bool() & ~positive.bool()
     if n <= 0 or n >= scores.shape[1]:
         return valid
+    negative = valid.bool() & ~positive.bool()
     ranked = scores.detach().float().masked_fill(~negative, float("-inf"))
     top = ranked.topk(n, dim=1).indices
     keep = torch.zeros_like(negative).scatter_(1, top, True) & negative

@@ -50,11 +50,10 @@ def ordered(items: list[pytest.Item]) -> None:
         names = set(item.fixturenames)
         return 2 if "no_early_launches" in names else int(any(n in _MAKERS for n in names))
 
-    group: dict[str, int] = {}
+    group: dict[object, int] = {}
     for item in items:
-        module = item.nodeid.split("::")[0]
-        group[module] = max(group.get(module, 0), rank(item))
-    items.sort(key=lambda item: group[item.nodeid.split("::")[0]])
+        group[item.path] = max(group.get(item.path, 0), rank(item))
+    items.sort(key=lambda item: group[item.path])
 
 
 def _first_needed(items: Sequence[pytest.Item]) -> list[str]:

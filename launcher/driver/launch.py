@@ -82,10 +82,10 @@ def runner_command(cfg: ExperimentConfig, stage: str) -> list[str]:
     """
     launch, placed = cfg.launch, placement.slots(cfg, stage)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    srun = slurm_runner(cfg)
-    if placed is None and not (srun and not cuda_available()):
+    srun, cuda = slurm_runner(cfg), cuda_available()
+    if placed is None and not (srun and not cuda):
         cmd += [
-            "--num_gpus" if cuda_available() else "--num_accelerators",
+            "--num_gpus" if cuda else "--num_accelerators",
             str(launch.nproc_per_node),
         ]
     elif placed is not None:
