@@ -155,6 +155,14 @@ CONTRASTIVE = {
     # 8 other contexts') the student scores highest count: the answers it would give, not the easy ones
     "contrastive_mined": ("candidates", "student", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
                                                     "contrastive.negatives=8", "contrastive.hard_negatives=3"]),
+    # the student's own samples as candidates (contrastive.own_samples): 4 per context per micro-batch, drawn as
+    # the probe draws (T 1, top_p 0.95), judged by the reference: its own wrong answers are its hard negatives;
+    # else as `contrastive`, and with the mining of `contrastive_mined`
+    "contrastive_own": ("candidates", "student", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
+                                                  "contrastive.negatives=8", "contrastive.own_samples=4"]),
+    "contrastive_own_mined": ("candidates", "student", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
+                                                        "contrastive.negatives=8", "contrastive.own_samples=4",
+                                                        "contrastive.hard_negatives=3"]),
     "on_policy_contrastive": ("candidates", "on_policy", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
                                                           "contrastive.negatives=8"]),
     # the student with its own tokenizer: candidate groups and the KD anchor realigned to its ids

@@ -11,10 +11,11 @@ A group's labels (`Judgement`), one rule per group:
   answer equals the reference's are positives (+1, the gold row among them), other answers hard negatives
   (−1), rows without an answer left out (0).
 - majority (self-consistency as the label, after ScPO): the teacher's M samples vote; the answer given
-  by the most samples, at least 2 of them and no tie, is the group's: samples giving it are positives,
-  other answers hard negatives. The gold row does not vote and is left out (corpus text, not a teacher
-  answer: it may state more or other than the first sentence the others are compared on). Ties,
-  all-different samples and groups with no answer are unlabelled: every row left out.
+  by the most samples, at least 2 of them and no tie, is the group's: rows giving it are positives,
+  other answers hard negatives (rows after the voters, such as the student's own samples, are judged but
+  do not vote). The gold row does not vote and is left out (corpus text, not a teacher answer: it may
+  state more or other than the first sentence the others are compared on). Ties, all-different samples
+  and groups with no answer are unlabelled: every row left out.
 Answer keys (crc32 of the normal form) let the contrastive loss drop another context's row that gives
 this context's answer from its negatives.
 """
@@ -88,19 +89,22 @@ def by_reference(answers: Sequence[str | None], reference: str | None) -> Judgem
     return _against(answers, reference, "reference", [False] * len(answers))
 
 
-def majority(answers: Sequence[str | None], voters: int) -> Judgement:
+def majority(answers: Sequence[str | None], voters: int, gold: bool) -> Judgement:
     """Label rows by the answer most of the first `voters` rows give (>= 2 votes, no tie); the rows after
-    them (the gold row) are left out. Unlabelled on a tie, all-different answers or none."""
+    them are judged by it, but the gold row (the last, with `gold`) is left out. Unlabelled on a tie,
+    all-different answers or none."""
     votes = Counter(a for a in answers[:voters] if a is not None).most_common(2)
     if not votes or votes[0][1] < 2 or (len(votes) == 2 and votes[1][1] == votes[0][1]):
         return _unlabelled(answers)
-    return _against(answers, votes[0][0], "majority", [i >= voters for i in range(len(answers))])
+    leave_out = [gold and i == len(answers) - 1 for i in range(len(answers))]
+    return _against(answers, votes[0][0], "majority", leave_out)
 
 
 def judge_answers(
-    texts: Sequence[str], voters: int, reference: bool, rule: str, stop: str = ANSWER_STOP
+    texts: Sequence[str], voters: int, gold: bool, reference: bool, rule: str, stop: str = ANSWER_STOP
 ) -> Judgement:
-    """Label one group's rows (texts: the M teacher samples, then the gold row when there is one).
+    """Label one group's rows (texts: the M teacher samples, any further samples to judge, then the gold
+    row when `gold`).
 
     rule "auto": by the reference when the group has one (`reference`: the gold row is a task record's
     reference response), else by majority; "reference": groups without one are unlabelled; "majority":
@@ -108,7 +112,7 @@ def judge_answers(
     """
     answers = [answer(t, stop) for t in texts]
     if rule == "majority" or (rule == "auto" and not reference):
-        return majority(answers, voters)
+        return majority(answers, voters, gold)
     if not reference:
         return _unlabelled(answers)
     return by_reference(answers, answers[-1])

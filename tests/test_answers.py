@@ -30,31 +30,35 @@ def _texts(*rows: str) -> list[str]:
 def test_reference_labels_matching_samples_positive_and_others_hard_negatives():
     # four teacher samples, then the gold row: the task record's reference response
     texts = _texts(" Enos.", " enos", " Cainan.", "\n", " Enos.")
-    j = judge_answers(texts, voters=4, reference=True, rule="auto")
+    j = judge_answers(texts, voters=4, gold=True, reference=True, rule="auto")
     assert j.rule == "reference" and j.known
     assert j.verdicts == [1, 1, -1, 0, 1]  # match, match (normalised), contradiction, no answer, the gold
     assert j.truth_key == answer_key("enos") == j.keys[0] == j.keys[1] and j.keys[3] == -1
     # rule=reference leaves a group without one unlabelled; rule=majority ignores the reference
-    assert judge_answers(texts, 4, False, "reference").rule == "unlabelled"
-    m = judge_answers(_texts(" Cainan.", " Cainan", " Enos.", " x", " Enos."), 4, True, "majority")
+    assert judge_answers(texts, 4, True, False, "reference").rule == "unlabelled"
+    m = judge_answers(_texts(" Cainan.", " Cainan", " Enos.", " x", " Enos."), 4, True, True, "majority")
     assert m.rule == "majority" and m.verdicts == [1, 1, -1, -1, 0]  # the gold row neither votes nor counts
 
 
 def test_majority_vote_on_hand_made_groups():
     # a clear majority: agreeing samples positive, the minority hard negatives, no answer left out
-    j = majority(["enos", "enos", "cainan", None, "enos"], voters=4)
+    j = majority(["enos", "enos", "cainan", None, "enos"], voters=4, gold=True)
     assert j.rule == "majority" and j.verdicts == [1, 1, -1, 0, 0] and j.truth_key == answer_key("enos")
     # a tie at the top: unlabelled, every row left out
-    tie = majority(["enos", "cainan", "enos", "cainan"], voters=4)
+    tie = majority(["enos", "cainan", "enos", "cainan"], voters=4, gold=False)
     assert tie.rule == "unlabelled" and tie.verdicts == [0] * 4 and tie.truth_key == -1 and tie.known
     # all different: no answer has two votes
-    assert majority(["a", "b", "c", "d"], voters=4).rule == "unlabelled"
+    assert majority(["a", "b", "c", "d"], voters=4, gold=False).rule == "unlabelled"
     # nothing parseable
-    assert majority([None, None, None, None], voters=4).rule == "unlabelled"
+    assert majority([None, None, None, None], voters=4, gold=False).rule == "unlabelled"
     # a plurality is enough when the runner-up has fewer votes
-    assert majority(["a", "a", "b", "c"], voters=4).verdicts == [1, 1, -1, -1]
+    assert majority(["a", "a", "b", "c"], voters=4, gold=False).verdicts == [1, 1, -1, -1]
     # only the voters vote: the gold row's answer cannot break a tie
-    assert majority(["a", "b", "a", "b", "a"], voters=4).rule == "unlabelled"
+    assert majority(["a", "b", "a", "b", "a"], voters=4, gold=True).rule == "unlabelled"
+    # rows after the voters (the student's own samples) are judged without voting; the gold row is not
+    own = majority(["a", "a", "b", "a", "c", None, "a"], voters=3, gold=True)
+    assert own.verdicts == [1, 1, -1, 1, -1, 0, 0]
+    assert majority(["a", "b", "c", "a", "a"], voters=3, gold=False).rule == "unlabelled"
     # keys still let other contexts' rows drop out as false negatives in an unlabelled group
     assert tie.keys == [answer_key("enos"), answer_key("cainan")] * 2
 

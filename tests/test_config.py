@@ -155,6 +155,7 @@ def test_every_key_is_documented():
             "distill.on_policy_warmup_steps: expected >= 0, and 0 without distill.on_policy, got 10",
         ),
         ("contrastive.hard_negatives=-1", "contrastive.hard_negatives: expected >= 0, and 0 with the"),
+        ("contrastive.own_samples=-1", "contrastive.own_samples: expected an integer >= 0, got -1"),
         ("evaluate.top_p=1.01", "evaluate.top_p: expected a value in (0, 1], got 1.01"),
         ("evaluate.temperature=-1", "evaluate.temperature: expected a value > 0, got -1.0"),
         ("evaluate.samples=0", "evaluate.samples: expected an integer >= 1, got 0"),

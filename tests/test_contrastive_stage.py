@@ -51,6 +51,9 @@ CONTRASTIVE = [
     "contrastive.dtype=fp32",
 ]
 
+# The likelihood run and its kill/resume: the student's own samples join the groups (2 per context)
+OWN = ["contrastive.own_samples=2"]
+
 
 def _args(run: Path, *extra: str) -> list[str]:
     return [
@@ -68,7 +71,7 @@ def _args(run: Path, *extra: str) -> list[str]:
 @early_launch.fixture("distilled")
 def tuned(tmp_path_factory, distilled: Path) -> Path:
     run = copy_run(distilled, tmp_path_factory.mktemp("tuned") / "run")
-    run_stablekd(*_args(run))
+    run_stablekd(*_args(run, *OWN))
     return run
 
 
@@ -81,6 +84,8 @@ def test_likelihood_run_logs_and_exports(tuned):
     assert all(loss[s] == pytest.approx(nce[s] + 1.0 * lm[s], rel=1e-6) for s in loss)  # lam = 1
     acc = read_scalars(tb, "train/acc1")
     assert all(0.0 <= v <= 1.0 for v in acc.values()) and len(set(acc.values())) > 1  # a real, varying share
+    own = read_scalars(tb, "train/own_right")  # the share of its own samples the truth judges right
+    assert len(own) == 8 and all(0.0 <= v <= 1.0 for v in own.values())
     done = json.loads((tuned / "contrastive" / "DONE.json").read_text())
     assert done["produced"]["steps"] == 8 and done["produced"]["scorer"] == "likelihood"
     assert done["inputs"]["start"].endswith("student/hf")
@@ -94,14 +99,14 @@ def test_likelihood_run_logs_and_exports(tuned):
 def test_kill_and_resume_continues_the_same_curve(distilled, tuned, tmp_path):
     run = copy_run(distilled, tmp_path / "run")
     proc = subprocess.Popen(
-        stablekd_cmd(*_args(run)), cwd=REPO, start_new_session=True,
+        stablekd_cmd(*_args(run, *OWN)), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     resumed_from = kill_after_checkpoint(proc, run / "contrastive", 2)
     assert resumed_from < 8
-    out = run_stablekd(*_args(run))
+    out = run_stablekd(*_args(run, *OWN))
     assert f"at step {resumed_from}" in out.stderr + out.stdout
-    # Same groups position, LM stream position, negatives (torch RNG restored), model and optimizer.
+    # Same groups position, LM stream position, own samples, negatives (torch RNG restored), model and optimizer.
     full = read_scalars(tuned / "tb" / "contrastive", "train/loss")
     after = read_scalars(run / "tb" / "contrastive", "train/loss")
     steps = range(resumed_from + 1, 9)
@@ -354,7 +359,7 @@ def test_groups_of_a_user_corpus_are_labelled_by_reference_or_majority(tmp_path)
         k: torch.as_tensor(v) for k, v in pack_groups([ctx] * 3, groups, 16, 8, [True, False, False]).items()
     }
     cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path}]"])
-    label = labeller(cfg, tok, voters=3)
+    label = labeller(cfg, tok, voters=3, gold=True)
     summary = label_summary([batch], label)
     assert summary == {
         "groups": {"reference": 1, "majority": 1, "unlabelled": 1},
@@ -368,7 +373,7 @@ def test_groups_of_a_user_corpus_are_labelled_by_reference_or_majority(tmp_path)
     none = load_config(
         None, [f"run.out_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path}]", "contrastive.labels=none"]
     )
-    (n,) = list(GroupsWithLM([batch], [{"input_ids": torch.zeros(3, 4)}], labeller(none, tok, 3)))
+    (n,) = list(GroupsWithLM([batch], [{"input_ids": torch.zeros(3, 4)}], labeller(none, tok, 3, True)))
     assert _positive(n).all()  # labels=none: every continuation of a context is its positive
 
 
@@ -395,7 +400,7 @@ def test_a_student_with_its_own_tokenizer_gets_the_groups_in_its_ids_with_the_te
     groups = [[encode(tok, [t])[0] + [tok.eos_token_id] for t in g] for g in texts]
     batch = {k: torch.as_tensor(v) for k, v in pack_groups([ctx] * 2, groups, 16, 8, [True, False]).items()}
     cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path}]"])
-    label = labeller(cfg, tok, voters=3)
+    label = labeller(cfg, tok, voters=3, gold=True)
     lm = [{"input_ids": torch.zeros(2, 4)}]
     aligner = Aligner(TokenBytes.from_tokenizer(tok), student, 32)
     retokenize = functools.partial(realign_groups, aligner=aligner, ctx_len=16, cont_len=16)
@@ -411,3 +416,64 @@ def test_a_student_with_its_own_tokenizer_gets_the_groups_in_its_ids_with_the_te
         )]  # fmt: skip
         s_ctx = across["context_ids"][b, -int(across["context_len"][b]) :].tolist()
         assert continuation_texts(student, s_ctx, rows[0]) == continuation_texts(tok, ctx, rows[1])
+
+
+def test_own_samples_join_each_group_before_the_gold_row_are_judged_and_resume_alike(tmp_path):
+    """contrastive.own_samples (OwnSamples in GroupsWithLM): the model samples n continuations of every
+    (left-padded) context, inserted between the teacher's rows and the gold row and judged by the same
+    labeller without voting; a resumed source samples what the uninterrupted one did, and the training
+    RNG is untouched."""
+    from stablekd.data_pipeline.candidates import pack_groups
+    from stablekd.launcher.config import ConfigError, load_config
+    from stablekd.launcher.rank.distill_parts import sampler
+    from stablekd.launcher.stages.contrastive import GroupsWithLM, OwnSamples, labeller
+    from stablekd.model.build import build_model
+    from tests.hf_models import byte_level_tokenizer
+    from tests.test_on_policy import Records
+
+    tok = byte_level_tokenizer(tmp_path / "tok")
+    model = build_model("tiny-student", tok, 32, 0)
+    eos, T, n = tok.eos_token_id, 5, 2
+    ctx = [[eos, *encode(tok, [q])[0]] for q in ("Q: Whom did Seth beget?\nA:", "Q: Who?\nA:")]
+    teacher_rows = [encode(tok, [t])[0] + [eos] for t in (" Enos.", " Cainan.", " Enos.")]  # m = 2 + gold
+    packed = pack_groups(ctx, [teacher_rows] * 2, 16, T, [True, True])
+    batch = {k: torch.as_tensor(v) for k, v in packed.items()}
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path}]"])
+    label = labeller(cfg, tok, voters=2, gold=True)
+
+    def source(temperature: float) -> GroupsWithLM:
+        own = OwnSamples(sampler(model, tok, T, temperature, synced=False), n, 7, 0, eos, gold=True)
+        lm = Records([{"input_ids": torch.zeros(2, 4)}])
+        return GroupsWithLM(Records([batch]), lm, label, own=own)
+
+    rng = torch.get_rng_state()
+    first = [b for _, b in zip(range(3), source(1.0), strict=False)]
+    assert torch.equal(torch.get_rng_state(), rng)
+    b = first[0]
+    assert (
+        b["cand_ids"].shape == (2, 3 + n, T) and b["own"].tolist() == [[False, False, True, True, False]] * 2
+    )
+    assert torch.equal(b["cand_ids"][:, :2], batch["cand_ids"][:, :2])  # the teacher's rows, then ...
+    assert torch.equal(b["cand_ids"][:, -1], batch["cand_ids"][:, -1])  # ... the gold row stays last
+    # The model's rows are judged against the reference like the teacher's (a random model: contradictions).
+    for g in range(2):
+        rows = [b["cand_ids"][g, j, : int(b["cand_len"][g, j])].tolist() for j in range(3 + n)]
+        assert b["verdict"][g].tolist() == label(ctx[g], rows, True).verdicts
+        assert b["verdict"][g, :2].tolist() == [1, -1] and all(v in (-1, 0) for v in b["verdict"][g, 2:4])
+    assert any(not torch.equal(x["cand_ids"], first[0]["cand_ids"]) for x in first[1:])  # seeded per batch
+    src = source(1.0)
+    it = iter(src)
+    next(it), next(it)
+    resumed = source(1.0)
+    resumed.load_state_dict(src.state_dict())
+    assert torch.equal(next(iter(resumed))["cand_ids"], first[2]["cand_ids"])
+    # Across tokenizers the groups are judged in the teacher's ids, the student samples in its own: refused.
+    with pytest.raises(ConfigError, match="contrastive.own_samples with distill.cross_tokenizer"):
+        load_config(None, ["contrastive.own_samples=2", "distill.cross_tokenizer=hybrid"])
+    # Left padding is masked: near-greedy rows of the shorter context are those of it alone, unpadded.
+    greedy = next(iter(source(1e-4)))
+    alone = sampler(model, tok, T, 1e-4, synced=False)(torch.tensor([ctx[1]]), 0)[0, len(ctx[1]) :]
+    for j in (2, 3):
+        assert (
+            greedy["cand_ids"][1, j, : len(alone)].tolist() == alone.tolist()[: int(greedy["cand_len"][1, j])]
+        )

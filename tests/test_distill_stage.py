@@ -84,7 +84,9 @@ def reference_losses(run: Path, steps: int, student_tok: Path | None = None) -> 
         teacher = build_model(cfg.teacher.model, tok, cfg.data.seq_len, seed=12345)  # weights from the load
         tag = json.loads((ckpt / "complete.json").read_text())["tag"]
         teacher.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag))
-        sample = distill_parts.sampler(model, tok, cfg, synced=False)
+        sample = distill_parts.sampler(
+            model, tok, d.on_policy_new_tokens, d.on_policy_temperature, synced=False
+        )
         if (
             d.online
         ):  # each rank's looping stream, labelled by the consolidated teacher as the job's labels it

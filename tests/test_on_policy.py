@@ -81,11 +81,9 @@ def parts(tmp_path_factory):
     teacher = PlainTeacher(build_model("tiny", tok, L, 1).eval())
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(1, len(tok), (B, L), generator=g)} for _ in range(4)]
-    cfg = load_config(QUICKSTART, ["data.seq_len=16", f"distill.on_policy_prompt_tokens={P}",
-                                   f"distill.on_policy_new_tokens={N}"])  # fmt: skip
 
     def make(share=0.5, rank=0):
-        sample = distill_parts.sampler(student, tok, cfg, synced=False)
+        sample = distill_parts.sampler(student, tok, N, 1.0, synced=False)
         return OnPolicy(Records(batches), sample, teacher, share, P, 7, rank, tok.eos_token_id)
 
     return tok, student, teacher, batches, make
@@ -157,11 +155,8 @@ def test_task_prompts_batch_one_length_and_a_resume_draws_the_same(parts):
     share = {n: sum(d.shape[1] == n for d in draws) / len(draws) for n in (2, 3, 4)}
     assert share == pytest.approx({2: 0.4, 3: 0.4, 4: 0.2}, abs=0.08)
 
-    cfg = load_config(QUICKSTART, ["data.seq_len=16", f"distill.on_policy_prompt_tokens={P}",
-                                   f"distill.on_policy_new_tokens={N}"])  # fmt: skip
-
     def make(rank=0):
-        sample = distill_parts.sampler(student, tok, cfg, synced=False)
+        sample = distill_parts.sampler(student, tok, N, 1.0, synced=False)
         return OnPolicy(Records(batches), sample, teacher, 0.5, P, 7, rank, tok.eos_token_id, prompts=bank)
 
     first = [b for _, b in zip(range(4), make(), strict=False)]
@@ -214,6 +209,11 @@ def test_gumbel_sampling_draws_from_the_tempered_distribution():
         freq = torch.bincount(pick, minlength=5) / draws
         expected = torch.softmax(logits / temperature, -1)
         assert freq[4] == 0 and torch.allclose(freq, expected, atol=0.01), (temperature, freq, expected)
+    # top_p 0.8: the nucleus is the two likeliest ids (0.64 + 0.24 of the mass), renormalised
+    pick = distill_parts.GumbelSampling(3, 1.0, top_p=0.8)(None, logits.expand(draws, -1)).argmax(-1)
+    freq = torch.bincount(pick, minlength=5) / draws
+    nucleus = torch.softmax(logits[:2], -1)
+    assert freq[2:].sum() == 0 and torch.allclose(freq[:2], nucleus, atol=0.01), freq
 
 
 def test_loss_is_kd_sum_on_the_generated_tokens_and_offline_batches_pass_through(parts):

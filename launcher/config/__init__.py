@@ -92,6 +92,11 @@ class ExperimentConfig:
                 "distill.on_policy_prompts: tasks draws the prompts of data.paths' task records; the bios "
                 "corpus (no data.paths) has none: use records"
             )
+        if self.contrastive.own_samples and d.cross_tokenizer != "off":
+            raise ConfigError(
+                "contrastive.own_samples with distill.cross_tokenizer: groups are labelled in the teacher's "
+                "ids and the student samples in its own (set own_samples=0 or cross_tokenizer=off)"
+            )
         if d.on_policy and d.on_policy_prompt_tokens + d.on_policy_new_tokens > self.data.seq_len:
             raise ConfigError(
                 f"distill.on_policy_prompt_tokens + on_policy_new_tokens = "

@@ -274,6 +274,12 @@ class ContrastiveConfig(TrainConfig):
         "likelihood scorer: of each context's negatives (its own wrong continuations and other contexts'), "
         "only the N it scores highest enter its InfoNCE denominator (model-scored mining); 0 = all",
     )
+    own_samples: int = _f(
+        0,
+        "the model being trained samples N continuations of each context per micro-batch (at the candidates' "
+        "temperature and top_p), labelled like the teacher's (they do not vote): its own wrong answers "
+        "become hard negatives, its right ones positives; 0 = the teacher's samples only",
+    )
     score_tokens: int = _f(
         0,
         "likelihood scorer: score the first N tokens of each continuation (where a question's answer is); "
@@ -310,6 +316,7 @@ class ContrastiveConfig(TrainConfig):
             )
         if self.score_tokens < 0:
             raise ConfigError(f"score_tokens: expected >= 0, got {self.score_tokens}")
+        _at_least(self, 0, "own_samples")
         if self.negatives < 0 or self.head_dim < 1:
             raise ConfigError(
                 f"negatives >= 0 and head_dim >= 1 expected, got {self.negatives}, {self.head_dim}"

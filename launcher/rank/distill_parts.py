@@ -44,9 +44,9 @@ def teacher_token_bytes(cfg: ExperimentConfig, teacher: Any = None) -> TokenByte
 
 
 class GumbelSampling:
-    """A logits processor that makes greedy decoding draw from softmax(scores / temperature) with a
-    torch.Generator of its own (Gumbel-max: argmax(log p + G) is a draw from p), seeded with `seed` on the
-    scores' device at the first step.
+    """A logits processor that makes greedy decoding draw from softmax(scores / temperature), cut to its
+    top_p nucleus, with a torch.Generator of its own (Gumbel-max: argmax(log p + G) is a draw from p),
+    seeded with `seed` on the scores' device at the first step.
 
     Why not generate's own sampling: it draws with torch.multinomial from the global RNG, which only
     reseeding can make reproducible, and torch.manual_seed reseeds every CUDA generator too (fork_rng
@@ -54,39 +54,51 @@ class GumbelSampling:
     greedy and touches no global generator. Padded rows and other ids earlier processors set to −inf stay
     out."""
 
-    def __init__(self, seed: int, temperature: float) -> None:
-        self.seed, self.temperature = seed, temperature
+    def __init__(self, seed: int, temperature: float, top_p: float = 1.0) -> None:
+        self.seed, self.temperature, self.top_p = seed, temperature, top_p
         self.generator: torch.Generator | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.generator is None:
             self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
         lp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1:  # the smallest set of most likely ids whose mass reaches top_p (generate's rule)
+            top, order = lp.sort(dim=-1, descending=True)
+            before = top.exp().cumsum(-1) - top.exp()  # the mass of the ids ranked above each
+            outside = before >= self.top_p  # in ranked order; scattered back to the ids' own places
+            lp = lp.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
         # Exponential(1) draws E: −log E is Gumbel(0, 1); argmax(lp − log E) is a draw from exp(lp).
         race = torch.empty_like(lp).exponential_(generator=self.generator)
         return lp - race.log()
 
 
-def sampler(student: torch.nn.Module, tokenizer: Any, cfg: ExperimentConfig, synced: bool) -> Callable:
-    """(prompts (B, P), seed) -> the student's sampled continuations (B, P + distill.on_policy_new_tokens):
-    the full distribution at distill.on_policy_temperature (no top-k/top-p cut), drawn with a generator of
-    its own seeded by `seed` (GumbelSampling: the global and CUDA RNGs are neither used nor reseeded), in
-    eval mode (no dropout); `synced` (a ZeRO-3 student on several ranks): every rank forwards until all
-    have finished."""
-    d = cfg.distill
-    config = generation_config(tokenizer, max_new_tokens=d.on_policy_new_tokens, do_sample=False)
+def sampler(
+    student: torch.nn.Module,
+    tokenizer: Any,
+    new_tokens: int,
+    temperature: float,
+    synced: bool,
+    top_p: float = 1.0,
+) -> Callable:
+    """(prompts (B, P), seed, attention_mask (B, P) or None for none padded) -> the student's sampled
+    continuations (B, P + new_tokens): softmax at `temperature` cut to its `top_p` nucleus, drawn with a
+    generator of its own seeded by `seed` (GumbelSampling: the global and CUDA RNGs are neither used nor
+    reseeded), in eval mode (no dropout); `synced` (a ZeRO-3 student on several ranks): every rank
+    forwards until all have finished. Left-padded prompts need their attention mask."""
+    config = generation_config(tokenizer, max_new_tokens=new_tokens, do_sample=False)
 
-    def sample(prompts: torch.Tensor, seed: int) -> torch.Tensor:
+    def sample(prompts: torch.Tensor, seed: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         from transformers import LogitsProcessorList
 
         device = next(student.parameters()).device
+        mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
         was_training = student.training
         student.eval()
         try:
             return student.generate(
-                input_ids=prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
-                synced_gpus=synced, generation_config=config,
-                logits_processor=LogitsProcessorList([GumbelSampling(seed, d.on_policy_temperature)]),
+                input_ids=prompts.to(device), attention_mask=mask.to(device), synced_gpus=synced,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([GumbelSampling(seed, temperature, top_p)]),
             )  # fmt: skip
         finally:
             student.train(was_training)
@@ -133,7 +145,9 @@ def student_batches(
         )
         return Realign(batches, aligner), aligner
     if d.on_policy:
-        sample = sampler(student, tokenizer, cfg, zero3 and world > 1)
+        sample = sampler(
+            student, tokenizer, d.on_policy_new_tokens, d.on_policy_temperature, zero3 and world > 1
+        )
         batches = OnPolicy(
             batches, sample, teacher, d.on_policy, d.on_policy_prompt_tokens, cfg.run.seed, rank,
             tokenizer.eos_token_id, d.on_policy_warmup_steps * d.grad_accum,

@@ -28,7 +28,9 @@ its own context's scores by the likelihood scorer (the embedding scorer makes it
 anchor), since rewarding it would train the model to answer nothing; another context's row giving the
 anchor's answer is a false negative and leaves the denominator. With labels=none every continuation of
 a context is its positive. How many groups each rule labelled goes into DONE.json (`labels`) and the
-report. Bios contexts ask with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others, and
+report. With contrastive.own_samples = n the model being trained samples n continuations of each context
+of every micro-batch (`OwnSamples`, as the teacher sampled them), judged by the same rule without voting:
+its own wrong answers become its hard negatives, on-policy (train/own_right: the share it gets right). Bios contexts ask with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others, and
 on a user corpus it asks held-out records (no leakage).
 
 A student with its own tokenizer (distill.cross_tokenizer, student/hf exported with it): each group is
@@ -38,7 +40,7 @@ through its cross-tokenizer loss (objectives/kd_losses.py `cross_head_loss`: dis
 counted over the aligned positions), the CE term and the eval loss read the corpus in its tokens.
 
 Leaves contrastive/ckpt, contrastive/hf and contrastive/DONE.json. TensorBoard tb/contrastive: train/infonce,
-train/lm, train/pos_sim, train/neg_sim, train/acc1 (a positive scores highest), perf/*.
+train/lm, train/pos_sim, train/neg_sim, train/acc1 (a positive scores highest), train/own_right, perf/*.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from stablekd.data_pipeline.candidates import (
     candidate_reader,
     flat_candidates,
     training_groups,
+    trim_generated,
 )
 from stablekd.data_pipeline.contexts import bios_truth, judge_continuations
 from stablekd.data_pipeline.shards.format import CANDIDATES
@@ -109,9 +112,10 @@ class LMWithHead(torch.nn.Module):
 Labeller = Callable[[list[int], list[list[int]], bool], Judgement]
 
 
-def labeller(cfg: ExperimentConfig, tokenizer, voters: int) -> Labeller:
+def labeller(cfg: ExperimentConfig, tokenizer, voters: int, gold: bool) -> Labeller:
     """(context ids, row ids, the last row is a reference) -> the group's Judgement under
-    contrastive.labels; `voters` = the teacher's samples per group (the rows before the gold one)."""
+    contrastive.labels; `voters` = the teacher's samples per group (the first rows), `gold`: the last row
+    is the gold one (rows between are the student's own samples)."""
     rule = cfg.contrastive.labels
     if rule == "none":
         return lambda ctx, rows, ref: Judgement([0] * len(rows), [-1] * len(rows), -1, False, -1, "none")
@@ -120,7 +124,7 @@ def labeller(cfg: ExperimentConfig, tokenizer, voters: int) -> Labeller:
         return lambda ctx, rows, ref: judge_continuations(tokenizer, ctx, rows, truth)
     stop = cfg.data.answer_stop
     return lambda ctx, rows, ref: judge_answers(
-        continuation_texts(tokenizer, ctx, rows), voters, ref, rule, stop
+        continuation_texts(tokenizer, ctx, rows), voters, gold, ref, rule, stop
     )
 
 
@@ -144,16 +148,66 @@ def label_summary(groups, label: Labeller) -> dict:
     return {"groups": dict(rules), "rows": dict(rows)}
 
 
-class GroupsWithLM:
-    """Candidate groups (each labelled) zipped with LM batches; one resumable position. With `retokenize`
-    (a student with its own tokenizer: data_pipeline/candidate_realign.py) the groups are labelled on the
-    teacher's ids, which the labeller's tokenizer reads, then re-tokenised row for row."""
+class OwnSamples:
+    """contrastive.own_samples: N continuations of each context of a batch of groups, sampled by the model
+    being trained, as rows of the groups (before the gold row), so the labeller judges them like the
+    teacher's: what the student itself answers wrong becomes a hard negative, on-policy.
 
-    def __init__(self, groups, lm, label: Labeller, retokenize: Callable[[dict], dict] | None = None) -> None:
-        self.groups, self.lm, self.label, self.retokenize = groups, lm, label, retokenize
+    Drawn as the candidates were (their meta's temperature, top_p and max_new_tokens) with a generator of
+    their own seeded by (seed, the micro-batch's number, rank): a resumed run, whose weights and position
+    are the uninterrupted run's, draws the same rows, and the training RNG is not touched. `sample` is
+    distill_parts.sampler's (ZeRO-3 on several ranks: every rank samples once per micro-batch, in lockstep).
+    """
+
+    def __init__(self, sample: Callable, n: int, seed: int, rank: int, eos_id: int, gold: bool) -> None:
+        self.sample, self.n, self.seed, self.rank = sample, n, seed, rank
+        self.eos_id, self.gold = eos_id, gold
+
+    def __call__(self, g: dict, index: int) -> dict:
+        B, G, T = g["cand_ids"].shape
+        C = g["context_ids"].shape[1]
+        # The stored contexts are left-padded (data_pipeline/candidates.py): generate needs their mask.
+        mask = (torch.arange(C)[None, :] >= C - g["context_len"].long()[:, None]).long()  # [B, C]
+        seed = (self.seed * 1_000_003 + index) * 1_009 + self.rank
+        with torch.no_grad():
+            seqs = self.sample(
+                g["context_ids"].long().repeat_interleave(self.n, 0), seed, mask.repeat_interleave(self.n, 0)
+            )  # [B·n, C + ≤T]: context b's rows are b·n .. b·n + n − 1
+        cand, lens = trim_generated(seqs[:, C:].cpu(), self.eos_id, T)
+        at = G - int(self.gold)  # the teacher's rows, the student's, then the gold row
+        own = torch.zeros(B, G + self.n, dtype=torch.bool)
+        own[:, at : at + self.n] = True
+        return {
+            **g,
+            "cand_ids": torch.cat([g["cand_ids"][:, :at], cand.view(B, self.n, T), g["cand_ids"][:, at:]], 1),
+            "cand_len": torch.cat([g["cand_len"][:, :at], lens.view(B, self.n), g["cand_len"][:, at:]], 1),
+            "own": own,  # [B, G + n] the student's rows
+        }
+
+
+class GroupsWithLM:
+    """Candidate groups (each labelled) zipped with LM batches; one resumable position. With `own` the
+    model's own samples join each group first (`OwnSamples`). With `retokenize` (a student with its own
+    tokenizer: data_pipeline/candidate_realign.py) the groups are labelled on the teacher's ids, which the
+    labeller's tokenizer reads, then re-tokenised row for row."""
+
+    def __init__(
+        self,
+        groups,
+        lm,
+        label: Labeller,
+        retokenize: Callable[[dict], dict] | None = None,
+        own: OwnSamples | None = None,
+    ) -> None:
+        self.groups, self.lm, self.label, self.retokenize, self.own = groups, lm, label, retokenize, own
+        self.index = 0  # micro-batches drawn so far: the next one's number (seeds the own samples)
 
     def __iter__(self) -> Iterator[dict]:
         for g, lm in zip(self.groups, self.lm, strict=True):
+            index = self.index
+            self.index += 1
+            if self.own is not None:
+                g = self.own(g, index)
             B, G, _ = g["cand_ids"].shape
             verdicts, keys = torch.zeros(B, G, dtype=torch.long), torch.full((B, G), -1)
             truth_keys, asked = torch.full((B,), -1), torch.full((B,), -1)
@@ -175,11 +229,12 @@ class GroupsWithLM:
             }
 
     def state_dict(self) -> dict:
-        return {"groups": self.groups.state_dict(), "lm": self.lm.state_dict()}
+        return {"groups": self.groups.state_dict(), "lm": self.lm.state_dict(), "index": self.index}
 
     def load_state_dict(self, state: dict) -> None:
         self.groups.load_state_dict(state["groups"])
         self.lm.load_state_dict(state["lm"])
+        self.index = int(state.get("index", 0))  # a checkpoint of an earlier version drew no own samples
 
 
 def _positive(batch: dict) -> torch.Tensor:
@@ -348,6 +403,11 @@ def make_loss(cfg: ExperimentConfig, vmap: torch.Tensor | None = None):
             "neg_sim": (float(stats["neg_sim"]), float(stats["neg_anchors"])),
             "acc1": (float(stats["acc1"]), anchors),
         }
+        if (
+            "own" in batch
+        ):  # the share of the model's own samples in labelled groups giving the group's answer
+            own = batch["own"] & batch["known"][:, None]
+            metrics["own_right"] = (float((own & (batch["verdict"] > 0)).sum()), float(own.sum()))
         return Loss(sums, metrics)
 
     return loss
@@ -388,7 +448,7 @@ def run(cfg: ExperimentConfig) -> None:
         cand_dir, {"tokenizer_hash": tokenizer_hash(run_tok)}, micro, rank, world, cfg.data.num_workers
     )
     meta = read_manifest(cand_dir, CANDIDATES)["meta"]
-    label = labeller(cfg, teacher_tokenizer, meta["m"])
+    label = labeller(cfg, teacher_tokenizer, meta["m"], meta["gold"])
     labels = {"rule": c.labels}
     if rank == 0:  # the whole candidate set, once: what DONE.json and the report say of the labels
         labels.update(label_summary(ShardLoader(candidate_reader(cand_dir), 64), label))
@@ -401,7 +461,13 @@ def run(cfg: ExperimentConfig) -> None:
         retokenize = functools.partial(
             realign_groups, aligner=aligner, ctx_len=meta["ctx_len"], cont_len=seq_len - meta["ctx_len"]
         )
-    batches = GroupsWithLM(groups, lm_batches, label, retokenize)
+    own = None
+    if c.own_samples:  # the student samples as the teacher did (config refuses it across tokenizers)
+        sample = distill_parts.sampler(
+            lm, tokenizer, meta["max_new_tokens"], meta["temperature"], zero3 and world > 1, meta["top_p"]
+        )
+        own = OwnSamples(sample, c.own_samples, cfg.run.seed, rank, tokenizer.eos_token_id, meta["gold"])
+    batches = GroupsWithLM(groups, lm_batches, label, retokenize, own)
     evals = eval_batches(rundir.eval_files(cfg), tok_dir, seq_len, micro, c.eval_batches, rank, world)
     weights = {"infonce": 1.0, "lm": c.lam, **({"simctg": 1.0} if c.margin > 0 else {})}
     stage = engine.Stage(
