@@ -163,6 +163,11 @@ CONTRASTIVE = {
     "contrastive_own_mined": ("candidates", "student", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
                                                         "contrastive.negatives=8", "contrastive.own_samples=4",
                                                         "contrastive.hard_negatives=3"]),
+    # the KD anchor at lam 0.3: at lam 1 it holds the student's answers at the teacher's spread (the teacher's
+    # own samples disagree on 0.96 of the questions); else as contrastive_own_mined
+    "contrastive_own_loose": ("candidates", "student", [*_CONTRASTIVE_RUN, "contrastive.lam=0.3",
+                                                        "contrastive.negatives=8", "contrastive.own_samples=4",
+                                                        "contrastive.hard_negatives=3"]),
     "on_policy_contrastive": ("candidates", "on_policy", [*_CONTRASTIVE_RUN, "contrastive.lam=1.0",
                                                           "contrastive.negatives=8"]),
     # the student with its own tokenizer: candidate groups and the KD anchor realigned to its ids
