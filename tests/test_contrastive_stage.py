@@ -2,7 +2,8 @@
 ground-truth judging and no-leakage rules it relies on (no launches).
 
 Launches: from the conftest `distilled` student (tests/test_distill_stage.py's), an 8-step likelihood-scorer
-run, the same run killed with SIGKILL after a checkpoint and rerun, and 2 steps of the embedding scorer with
+run of a ZeRO-3 student that samples candidates of its own (contrastive.own_samples), the same run killed
+with SIGKILL after a checkpoint and rerun, and 2 steps of the embedding scorer with
 the SimCTG term. Across tokenizers: from the conftest `xtok_distilled` student (a Llama student with a
 byte-level BPE tokenizer of its own, hybrid KD), its 8-step contrastive run (groups re-tokenised, KD anchor
 across tokenizers) uninterrupted and killed and rerun. The 2-rank gather of the InfoNCE loss and its gradients is checked
@@ -51,8 +52,9 @@ CONTRASTIVE = [
     "contrastive.dtype=fp32",
 ]
 
-# The likelihood run and its kill/resume: the student's own samples join the groups (2 per context)
-OWN = ["contrastive.own_samples=2"]
+# The likelihood run and its kill/resume: the student's own samples join the groups (2 per context), sampled
+# by a ZeRO-3 student partitioned over the 2 ranks (generate in lockstep)
+OWN = ["contrastive.own_samples=2", "contrastive.ds_config=zero3.json"]
 
 
 def _args(run: Path, *extra: str) -> list[str]:
@@ -88,6 +90,7 @@ def test_likelihood_run_logs_and_exports(tuned):
     assert len(own) == 8 and all(0.0 <= v <= 1.0 for v in own.values())
     done = json.loads((tuned / "contrastive" / "DONE.json").read_text())
     assert done["produced"]["steps"] == 8 and done["produced"]["scorer"] == "likelihood"
+    assert done["produced"]["zero_stage"] == 3 and done["produced"]["world_size"] == 2
     assert done["inputs"]["start"].endswith("student/hf")
     model = AutoModelForCausalLM.from_pretrained(tuned / "contrastive" / "hf")
     start = AutoModelForCausalLM.from_pretrained(tuned / "student" / "hf")
