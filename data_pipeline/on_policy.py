@@ -61,6 +61,13 @@ def generated_labels(ids: torch.Tensor, prompt_len: int, eos_id: int) -> torch.T
     return labels
 
 
+def sample_seed(seed: int, index: int, rank: int) -> int:
+    """The seed of the samples a rank draws for micro-batch `index` of a run seeded with `seed`: fixed by
+    the run's position, so a resumed run draws what the uninterrupted one would (launcher/stages/
+    contrastive.py's own samples draw theirs alike)."""
+    return (seed * 1_000_003 + index) * 1_009 + rank
+
+
 class TaskPrompts:
     """Task prompts to draw on-policy micro-batches from (distill.on_policy_prompts=tasks): the question a
     task record asks, so the student learns from the teacher on its own answers, not only on its own prose.
@@ -133,7 +140,7 @@ class OnPolicy:
         self.index = 0  # micro-batches drawn so far: the next one's number
 
     def seed_of(self, index: int) -> int:
-        return (self.seed * 1_000_003 + index) * 1_009 + self.rank
+        return sample_seed(self.seed, index, self.rank)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.batches:

@@ -30,8 +30,9 @@ anchor's answer is a false negative and leaves the denominator. With labels=none
 a context is its positive. How many groups each rule labelled goes into DONE.json (`labels`) and the
 report. With contrastive.own_samples = n the model being trained samples n continuations of each context
 of every micro-batch (`OwnSamples`, as the teacher sampled them), judged by the same rule without voting:
-its own wrong answers become its hard negatives, on-policy (train/own_right: the share it gets right). Bios contexts ask with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others, and
-on a user corpus it asks held-out records (no leakage).
+its own wrong answers become its hard negatives, on-policy (train/own_right: the share it gets right).
+Bios contexts ask with bios.CONTEXT_TEMPLATES only; the report's probe asks with the others, and on a
+user corpus it asks held-out records (no leakage).
 
 A student with its own tokenizer (distill.cross_tokenizer, student/hf exported with it): each group is
 labelled on the teacher's ids, then re-tokenised for the student by text (data_pipeline/candidate_realign.py);
@@ -66,6 +67,7 @@ from stablekd.data_pipeline.candidates import (
     trim_generated,
 )
 from stablekd.data_pipeline.contexts import bios_truth, judge_continuations
+from stablekd.data_pipeline.on_policy import sample_seed
 from stablekd.data_pipeline.shards.format import CANDIDATES
 from stablekd.data_pipeline.shards.loader import ShardLoader
 from stablekd.data_pipeline.shards.manifest import read_manifest
@@ -168,11 +170,9 @@ class OwnSamples:
         C = g["context_ids"].shape[1]
         # The stored contexts are left-padded (data_pipeline/candidates.py): generate needs their mask.
         mask = (torch.arange(C)[None, :] >= C - g["context_len"].long()[:, None]).long()  # [B, C]
-        seed = (self.seed * 1_000_003 + index) * 1_009 + self.rank
-        with torch.no_grad():
-            seqs = self.sample(
-                g["context_ids"].long().repeat_interleave(self.n, 0), seed, mask.repeat_interleave(self.n, 0)
-            )  # [B·n, C + ≤T]: context b's rows are b·n .. b·n + n − 1
+        ids, mask = g["context_ids"].long().repeat_interleave(self.n, 0), mask.repeat_interleave(self.n, 0)
+        with torch.no_grad():  # [B·n, C + ≤T]: context b's rows are b·n .. b·n + n − 1
+            seqs = self.sample(ids, sample_seed(self.seed, index, self.rank), mask)
         cand, lens = trim_generated(seqs[:, C:].cpu(), self.eos_id, T)
         at = G - int(self.gold)  # the teacher's rows, the student's, then the gold row
         own = torch.zeros(B, G + self.n, dtype=torch.bool)
