@@ -489,7 +489,7 @@ def summary(result: dict) -> str:
 # The README's rows: the teacher, the students of ARMS and issue #28's one table (the student + contrastive
 # (the first recipe and the best), + on-policy, + both; the cross-tokenizer student + contrastive); every
 # other arm is in docs/results.md's whole table (a row per arm kept the README growing past a screen).
-README_MODELS = ("teacher", *ARMS, "contrastive", "contrastive_own_mined", "on_policy", "on_policy_contrastive",
+README_MODELS = ("teacher", *ARMS, "contrastive", "contrastive_own_long", "on_policy", "on_policy_contrastive",
                  "xtok_contrastive")  # fmt: skip
 
 
