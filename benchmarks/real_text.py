@@ -309,6 +309,17 @@ def contrastive_arms(runs: dict[str, Path], out: Path, corpus: Path, arms: dict)
     return info
 
 
+def export_dirs(out: Path, on_policy: dict = ON_POLICY, contrastive: dict = CONTRASTIVE) -> dict[str, Path]:
+    """Each model's exported Hugging Face directory in OUT (the teachers, ARMS and the given on-policy and
+    contrastive arms), in the table's order."""
+    return {
+        "teacher_pretrained": out / "pretrain" / "teacher" / "hf",
+        "teacher": out / "teacher" / "teacher" / "hf",
+        **{arm: out / "arms" / arm / "student" / "hf" for arm in [*ARMS, *on_policy]},
+        **{arm: out / "arms" / arm / "contrastive" / "hf" for arm in contrastive},
+    }
+
+
 def contrastive_goals(models: dict[str, dict], arm: str) -> dict[str, bool]:
     """Issue #28's goals of one contrastive arm against the arm it starts from (module doc)."""
     start = CONTRASTIVE[arm][1]
@@ -385,15 +396,9 @@ def main() -> None:
     students.update(contrastive_arms(runs, out, corpus, contrastive))
     walls["contrastive_s"] = time.perf_counter() - t0
 
-    exports = {
-        "teacher_pretrained": pre / "teacher" / "hf",
-        "teacher": teacher / "teacher" / "hf",
-        **{arm: out / "arms" / arm / "student" / "hf" for arm in [*ARMS, *on_policy]},
-        **{arm: out / "arms" / arm / "contrastive" / "hf" for arm in contrastive},
-    }
     t0 = time.perf_counter()
     models = {}
-    for arm, hf in exports.items():
+    for arm, hf in export_dirs(out, on_policy, contrastive).items():
         models[arm] = scored(arm, hf, cfg, corpus, out)
     walls["scoring_s"] = time.perf_counter() - t0
     train_text = compressors.read_text([corpus / "train"])
@@ -469,7 +474,8 @@ def main() -> None:
 COLUMNS = [
     ("params", "params (M)", ".2f"), ("bpb", "bits/byte", ".3f"), ("ece", "ECE", ".3f"),
     ("fact_em_rephrased", "fact EM (a)", ".3f"), ("fact_em_unasked", "fact EM (b)", ".3f"),
-    ("task_contradiction", "contradiction (a)", ".3f"), ("task_paraphrase_contradiction", "paraphrase contra. (a)", ".3f"),
+    ("task_contradiction", "contradiction (a)", ".3f"), ("fact_agreement_rephrased", "agreement (a)", ".3f"),
+    ("task_paraphrase_contradiction", "paraphrase contra. (a)", ".3f"),
     ("rep_4", "rep-4 %", ".1f"), ("distinct_2", "distinct-2", ".3f"), ("gen_tokens_per_s", "gen tok/s", ",.0f"),
 ]  # fmt: skip
 
