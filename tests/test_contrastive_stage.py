@@ -6,7 +6,7 @@ run of a ZeRO-3 student that samples candidates of its own (contrastive.own_samp
 with SIGKILL after a checkpoint and rerun, and 2 steps of the embedding scorer with
 the SimCTG term. Across tokenizers: from the conftest `xtok_distilled` student (a Llama student with a
 byte-level BPE tokenizer of its own, hybrid KD), its 8-step contrastive run (groups re-tokenised, KD anchor
-across tokenizers) uninterrupted and killed and rerun, then the evaluate stage on it. The 2-rank gather of the InfoNCE loss and its gradients is checked
+across tokenizers) uninterrupted, then evaluated, and killed and rerun. The 2-rank gather of the InfoNCE loss and its gradients is checked
 against one process in tests/test_contrastive_loss.py.
 """
 
@@ -146,9 +146,12 @@ def _xtok(run: Path, student: Path) -> list[str]:
 
 @early_launch.fixture("xtok_distilled")
 def xtok_tuned(tmp_path_factory, xtok_distilled: SimpleNamespace) -> Path:
-    """`xtok_distilled` after an uninterrupted contrastive stage."""
+    """`xtok_distilled` after an uninterrupted contrastive stage and the evaluate stage: all five stages."""
+    from tests.test_evaluate import EVAL
+
     run = copy_run(xtok_distilled.run, tmp_path_factory.mktemp("xtok_tuned") / "run")
     run_stablekd(*_xtok(run, xtok_distilled.student))
+    run_stablekd("stage", "evaluate", *_xtok(run, xtok_distilled.student)[2:], *EVAL)  # the same arguments
     return run
 
 
@@ -158,8 +161,8 @@ def test_a_student_with_its_own_tokenizer_is_killed_resumed_and_ends_as_an_unint
 ):
     """Candidate groups re-tokenised for the student, the KD anchor through the distill stage's hybrid loss
     on realigned soft labels: killed with SIGKILL after a checkpoint and rerun, the curve after the resume
-    is that of an uninterrupted run (same groups, same realigned LM batches, same negatives). Then the
-    evaluate stage reports the teacher and both students of the run, each in its own tokenizer."""
+    is that of an uninterrupted run (same groups, same realigned LM batches, same negatives). The
+    uninterrupted run's evaluate stage reports the teacher and both students, each in its own tokenizer."""
     student_run, student, full = xtok_distilled.run, xtok_distilled.student, xtok_tuned
     run = copy_run(student_run, tmp_path / "run")
     proc = subprocess.Popen(
@@ -188,11 +191,9 @@ def test_a_student_with_its_own_tokenizer_is_killed_resumed_and_ends_as_an_unint
     model = AutoModelForCausalLM.from_pretrained(run / "contrastive" / "hf")
     start = AutoModelForCausalLM.from_pretrained(student_run / "student" / "hf")
     assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), start.parameters(), strict=True))
-    # The fifth stage: the report scores each model in its own tokenizer; bits per byte compare across them.
-    from tests.test_evaluate import EVAL
-
-    run_stablekd("stage", "evaluate", *_xtok(run, student)[2:], *EVAL)  # the contrastive stage's arguments
-    scored = json.loads((run / "eval" / "report.json").read_text())["models"]
+    # The fifth stage (on the uninterrupted run): the report scores each model in its own tokenizer; bits
+    # per byte compare across them.
+    scored = json.loads((full / "eval" / "report.json").read_text())["models"]
     assert set(scored) == {"teacher", "student", "contrastive"}
     assert all(0 < scored[m]["bpb"] < 20 and 0 <= scored[m]["bios_accuracy"] <= 1 for m in scored)
 
