@@ -49,6 +49,8 @@ Phases (each skipped when its output is complete, so a killed benchmark reruns w
 Prints the table and writes benchmarks/results/real_text.json (commit, cpu, command, compressors,
 models: arm -> metrics, settings, goals, wall time of each phase).
 
+Every phase's overrides and every arm's recipe are plain data in benchmarks/real_text_recipes.py.
+
 Goals (issue "a teacher that knows the language"): teacher bits per byte <= 0.8 x the best compressor's;
 student <= ce_twin and <= teacher in bits per byte; student rep-4 <= teacher's; teacher fact_em_rephrased
 >= 0.6 and student's >= 0.95 x the teacher's. Across tokenizers: xtok_hybrid gains over xtok_ce at least
